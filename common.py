@@ -566,6 +566,9 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
             save_backbone(os.path.join(run.out_dir, "backbone.pth"), backbone,
                           dict(backbone_meta or {}, step=step, epoch=epoch, args=vars(args)))
 
+    if step >= last_step:
+        run.print(f"the run in {run.out_dir} is already complete at step {step}: nothing to train "
+                  f"(raise --epochs or --max-steps to continue, or --resume none to start afresh)")
     writer = _tensorboard_writer(run)
     metrics_file = open(os.path.join(run.out_dir, "metrics.jsonl"), "a") if run.is_main else None
     window = defaultdict(float)
