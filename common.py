@@ -211,12 +211,13 @@ class BasicBlock3D(nn.Module):
         self.bn2 = nn.BatchNorm3d(planes, eps=bn_eps)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.final_relu = True
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + identity)
+        out = self.bn2(self.conv2(out)) + identity
+        return self.relu(out) if self.final_relu else out
 
 
 class ResNeXtBottleneck3D(nn.Module):
@@ -234,25 +235,28 @@ class ResNeXtBottleneck3D(nn.Module):
         self.bn3 = nn.BatchNorm3d(planes * self.expansion, eps=bn_eps)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
+        self.final_relu = True
 
     def forward(self, x):
         identity = x if self.downsample is None else self.downsample(x)
         out = self.relu(self.bn1(self.conv1(x)))
         out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out))
-        return self.relu(out + identity)
+        out = self.bn3(self.conv3(out)) + identity
+        return self.relu(out) if self.final_relu else out
 
 
 class ResNet3D(nn.Module):
     """ResNet with stem conv1/bn1/maxpool and layer1..4 (Hara et al. 3D-ResNets key names, shortcut type B).
 
     Used for `resnet3d_18` (thesis Sec. 2.4.3 depth student, `in_channels` configurable), `resnext3d_101`
-    (Sec. 2.4.3 Kinetics teacher, Hara's resnext-101-kinetics.pth layout) and `r2d3d_18` (DPC's ResNet-2D3D-18:
-    1x7x7 stem, 2D blocks (1x3x3) in layer1-2 with spatial-only stride, 3D blocks in layer3-4).
+    (Sec. 2.4.3 Kinetics teacher, Hara's resnext-101-kinetics.pth layout) and `r2d3d_18` (DPC's ResNet-2D3D-18,
+    TengdaHan/DPC backbone/resnet_2d3d.py: 1x7x7 stem, 2D blocks (1x3x3) in layer1-2 with spatial-only stride,
+    3D blocks in layer3-4, layer4 narrowed to 256 channels and no ReLU after its last block).
     """
 
     def __init__(self, block, layers, in_channels=3, widths=(64, 128, 256, 512), cardinality=1,
-                 stem_kernel=(7, 7, 7), block_kernels=(3, 3, 3, 3), temporal_strides=(1, 2, 2, 2), bn_eps=1e-5):
+                 stem_kernel=(7, 7, 7), block_kernels=(3, 3, 3, 3), temporal_strides=(1, 2, 2, 2), final_relu=True,
+                 bn_eps=1e-5):
         super().__init__()
         self.conv1 = nn.Conv3d(in_channels, 64, stem_kernel, (1, 2, 2), tuple(k // 2 for k in stem_kernel),
                                bias=False)
@@ -271,6 +275,7 @@ class ResNet3D(nn.Module):
             cin = planes * block.expansion
             blocks += [block(cin, planes, 1, None, block_kernels[i], cardinality, bn_eps) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        blocks[-1].final_relu = final_relu
         self.feature_dim = cin
         for m in self.modules():
             if isinstance(m, nn.Conv3d):
@@ -645,29 +650,39 @@ class STGCN(nn.Module):
 class SkeleMotionCNN(nn.Module):
     """P-HLVC SkeleMotion backbone (P-HLVC supp. Listing 1; cvpranon42/phlvc model_3d.py SkeleMotionBackbone).
 
-    Input (N, 6, T, 49) SkeleMotion images (`skelemotion_image`); no BatchNorm. For T = 32 the map after the
-    last block is (64, 4, 8) -> 2048 -> FC1 512 -> ReLU -> FC2 512 (feature_dim 512). Orthogonal init, zero bias.
+    Input (N, 6, T, 49) SkeleMotion images (`skelemotion_image`); no BatchNorm (commented out in the original).
+    Layer names as the original (conv1..4, linear1..2). For T = 32 the map after conv4 is (64, 4, 8) -> 2048 ->
+    linear1 512 -> ReLU -> linear2 512 (feature_dim 512); T = 30 -> 1536. Orthogonal init, zero bias.
     """
 
     def __init__(self, in_channels=6, frames=32, joints=49, hidden=512):
         super().__init__()
-        self.conv = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 3), nn.ReLU(),
-            nn.Conv2d(16, 32, 3), nn.MaxPool2d(3, stride=1), nn.ReLU(),
-            nn.Conv2d(32, 32, (3, 5)), nn.MaxPool2d(3, stride=2), nn.ReLU(),
-            nn.Conv2d(32, 64, 3), nn.MaxPool2d(3, stride=2), nn.ReLU())
+        self.conv1 = nn.Conv2d(in_channels, 16, 3)
+        self.conv2 = nn.Conv2d(16, 32, 3)
+        self.maxpool2 = nn.MaxPool2d(3, stride=1)
+        self.conv3 = nn.Conv2d(32, 32, (3, 5))
+        self.maxpool3 = nn.MaxPool2d(3, stride=2)
+        self.conv4 = nn.Conv2d(32, 64, 3)
+        self.maxpool4 = nn.MaxPool2d(3, stride=2)
         with torch.no_grad():
-            flat = self.conv(torch.zeros(1, in_channels, frames, joints)).numel()
-        self.fc = nn.Sequential(nn.Linear(flat, hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+            flat = self._conv(torch.zeros(1, in_channels, frames, joints)).numel()
+        self.linear1 = nn.Linear(flat, hidden)
+        self.linear2 = nn.Linear(hidden, hidden)
         self.feature_dim = hidden
         for m in self.modules():
             if isinstance(m, (nn.Conv2d, nn.Linear)):
                 nn.init.orthogonal_(m.weight)
                 nn.init.zeros_(m.bias)
 
+    def _conv(self, x):
+        x = F.relu(self.conv1(x))  # (N, 16, T-2, 47)
+        x = F.relu(self.maxpool2(self.conv2(x)))  # (N, 32, T-6, 43)
+        x = F.relu(self.maxpool3(self.conv3(x)))  # (N, 32, 11, 19) for T = 32
+        return F.relu(self.maxpool4(self.conv4(x)))  # (N, 64, 4, 8) for T = 32
+
     def forward(self, x, return_map=False):
-        x = self.conv(x)  # (N, 64, 4, 8) for (N, 6, 32, 49)
-        return x if return_map else self.fc(x.flatten(1))
+        x = self._conv(x)
+        return x if return_map else self.linear2(F.relu(self.linear1(x.flatten(1))))
 
 
 VIDEO_ARCHS = ("r2plus1d_18", "r3d_18", "mc3_18", "s3d", "r2d3d_18", "i3d", "resnet3d_18", "resnext3d_101",
@@ -710,7 +725,8 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
                          **eps, **options)
     elif arch == "r2d3d_18":
         model = ResNet3D(BasicBlock3D, (2, 2, 2, 2), c, stem_kernel=(1, 7, 7),
-                         block_kernels=((1, 3, 3), (1, 3, 3), 3, 3), temporal_strides=(1, 1, 2, 2), **eps, **options)
+                         widths=(64, 128, 256, 256), block_kernels=((1, 3, 3), (1, 3, 3), 3, 3),
+                         temporal_strides=(1, 1, 2, 2), final_relu=False, **eps, **options)
     elif arch == "bigru":
         model = BiGRU(**options)
     elif arch == "hcn":

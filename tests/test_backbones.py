@@ -43,7 +43,7 @@ def test_tiny3d_is_small():
 # ---------------------------------------------------------------------------------------------- video shapes
 VIDEO_MAPS = {  # arch -> (feature_dim, map shape for 1x3x8x32x32)
     "r2plus1d_18": (512, (512, 1, 2, 2)), "r3d_18": (512, (512, 1, 2, 2)), "mc3_18": (512, (512, 8, 2, 2)),  # 2D convs after layer1: no temporal stride
-    "s3d": (1024, (1024, 1, 1, 1)), "i3d": (1024, (1024, 1, 1, 1)), "r2d3d_18": (512, (512, 2, 1, 1)),
+    "s3d": (1024, (1024, 1, 1, 1)), "i3d": (1024, (1024, 1, 1, 1)), "r2d3d_18": (256, (256, 2, 1, 1)),
     "resnet3d_18": (512, (512, 1, 1, 1)), "resnext3d_101": (2048, (2048, 1, 1, 1)), "tiny3d": (128, (128, 2, 2, 2)),
 }
 
@@ -227,8 +227,8 @@ def test_bigru_stepwise_all_steps_match_hand_loop():
 def test_skelemotion_cnn_listing1_shapes():
     model = built("skelemotion_cnn")
     shapes = []
-    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[1:]))) for m in model.conv
-             if not isinstance(m, torch.nn.ReLU)]
+    layers = [model.conv1, model.conv2, model.maxpool2, model.conv3, model.maxpool3, model.conv4, model.maxpool4]
+    hooks = [m.register_forward_hook(lambda m, i, o: shapes.append(tuple(o.shape[1:]))) for m in layers]
     with torch.no_grad():
         out = model(torch.randn(2, 6, 32, 49))
     for h in hooks:
@@ -236,8 +236,8 @@ def test_skelemotion_cnn_listing1_shapes():
     # P-HLVC supp. Listing 1 (batch dimension dropped)
     assert shapes == [(16, 30, 47), (32, 28, 45), (32, 26, 43), (32, 24, 39), (32, 11, 19), (64, 9, 17),
                       (64, 4, 8)]
-    assert model.fc[0].in_features == 2048 and out.shape == (2, 512)
-    assert common.build_backbone("skelemotion_cnn", frames=30).fc[0].in_features == 1536
+    assert model.linear1.in_features == 2048 and out.shape == (2, 512)
+    assert common.build_backbone("skelemotion_cnn", frames=30).linear1.in_features == 1536
 
 
 def test_skelemotion_orders():
@@ -457,3 +457,34 @@ def test_skeleton_contrast_inter_layout_bigru_and_agcn():
     assert r2["unexpected"] == [] and "encoder_r.fc.weight" in r2["skipped"]
     with pytest.raises(ValueError, match="missing"):
         common.load_backbone_weights(agcn, state, prefix="encoder_q.")
+
+
+def test_r2d3d_18_dpc_structure():
+    model = built("r2d3d_18")
+    assert model.conv1.weight.shape == (64, 3, 1, 7, 7)
+    assert model.layer2[0].conv1.weight.shape[2:] == (1, 3, 3) and model.layer3[0].conv1.weight.shape[2:] == (3, 3, 3)
+    assert not model.layer4[-1].final_relu and model.layer4[0].final_relu
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 8, 32, 32), return_map=True).min() < 0  # no ReLU after the last block
+
+
+def test_hara_resnext101_kinetics_layout():
+    ref = built("resnext3d_101")
+    src = {k: v + 1 if v.is_floating_point() else v for k, v in ref.state_dict().items()}
+    state = {"module." + k: v for k, v in src.items()} | {"module.fc.weight": torch.ones(400, 2048)}
+    model = common.build_backbone("resnext3d_101")
+    report = common.load_backbone_weights(model, {"state_dict": state, "arch": "resnext-101", "epoch": 200})
+    _assert_loaded(model, src)
+    assert report["skipped"] == ["module.fc.weight"] and "layer3.22.conv2.weight" in report["loaded"]
+    assert model.layer1[0].conv2.groups == 32 and model.layer1[0].conv2.weight.shape == (128, 4, 3, 3, 3)
+
+
+def test_phlvc_skelemotion_layout():
+    ref = built("skelemotion_cnn")
+    src = {k: v + 1 for k, v in ref.state_dict().items()}
+    state = {"sk_backbone." + k: v for k, v in src.items()} | {"sk_fc_rep.1.weight": torch.ones(256, 512)}
+    assert "sk_backbone.linear1.weight" in state and "sk_backbone.conv4.bias" in state  # P-HLVC model_3d.py names
+    model = common.build_backbone("skelemotion_cnn")
+    report = common.load_backbone_weights(model, state)
+    _assert_loaded(model, src)
+    assert report["skipped"] == ["sk_fc_rep.1.weight"]
