@@ -466,7 +466,7 @@ class HCN(nn.Module):
 
     def __init__(self, in_channels=3, num_joints=25, num_persons=2, hidden=64, window_size=64):
         super().__init__()
-        self.num_persons = num_persons
+        self.num_persons, self.window_size = num_persons, window_size
         h = hidden
         for s in ("", "m"):
             setattr(self, "conv1" + s, nn.Sequential(nn.Conv2d(in_channels, h, 1), nn.ReLU()))
@@ -489,6 +489,8 @@ class HCN(nn.Module):
 
     def forward(self, x, return_map=False):
         n, c, t, v, m = x.shape
+        if t != self.window_size:  # the flattened feature size depends on T
+            raise ValueError(f"common.py: HCN built for T = window_size = {self.window_size}, got input {tuple(x.shape)}")
         motion = x[:, :, 1:] - x[:, :, :-1]  # (N, C, T-1, V, M)
         motion = motion.permute(0, 1, 4, 2, 3).reshape(n, c * m, t - 1, v)
         motion = F.interpolate(motion, size=(t, v), mode="bilinear", align_corners=False)

@@ -488,3 +488,17 @@ def test_phlvc_skelemotion_layout():
     report = common.load_backbone_weights(model, state)
     _assert_loaded(model, src)
     assert report["skipped"] == ["sk_fc_rep.1.weight"]
+
+
+def test_stgcn_layout_and_hcn_window_check():
+    torch.manual_seed(0)
+    ref = common.build_backbone("stgcn", hidden=4)
+    src = _randomised(ref)
+    assert "st_gcn_networks.1.gcn.conv.weight" in src and "edge_importance.9" in src and "A" in src
+    state = {"module." + k: v for k, v in src.items()} | {"module.fcn.weight": torch.ones(60, 16, 1, 1)}
+    model = common.build_backbone("stgcn", hidden=4)
+    report = common.load_backbone_weights(model, {"state_dict": state})
+    _assert_loaded(model, src)
+    assert report["skipped"] == ["module.fcn.weight"]
+    with pytest.raises(ValueError, match="window_size = 16"):
+        common.build_backbone("hcn", hidden=8, window_size=16)(torch.randn(1, 3, 32, 25, 2))
