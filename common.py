@@ -340,7 +340,7 @@ def agcn_adjacency(layout="ntu25"):
 
 
 def stgcn_adjacency(layout="ntu25"):
-    """ST-GCN 'spatial' partition (max_hop 1) (3, V, V): root, centripetal, centrifugal (Yan et al. 2018)."""
+    """ST-GCN 'spatial' partition (max_hop 1) (3, V, V): self, same/farther from centre, nearer (Yan et al. 2018)."""
     v, inward, center = SKELETON_GRAPHS[layout]
     a = np.eye(v)
     for i, j in inward:
@@ -348,23 +348,19 @@ def stgcn_adjacency(layout="ntu25"):
     hop = np.full((v, v), np.inf)
     hop[a > 0] = 1
     hop[np.eye(v) > 0] = 0
-    # hop distance to the centre (BFS over the tree) for the centripetal / centrifugal split
-    dist = np.full(v, np.inf)
-    dist[center] = 0
-    for _ in range(v):
-        for i, j in inward:
-            dist[i] = min(dist[i], dist[j] + 1)
-            dist[j] = min(dist[j], dist[i] + 1)
+    # Distance to the centre as in st-gcn's get_adjacency: hop_dis[:, center] with max_hop = 1, i.e. infinite
+    # for joints more than one hop away, so most limb edges compare inf == inf and fall in the root/close
+    # partition. This is the original's behaviour (kept so that its checkpoints mean the same thing).
+    dist = hop[:, center]
     norm = _normalize_digraph((hop <= 1).astype(np.float64))
+    # net/utils/graph.py get_adjacency('spatial'): A = [hop-0 root, hop-1 root + close, hop-1 further]
     root, close, further = np.zeros((v, v)), np.zeros((v, v)), np.zeros((v, v))
     for i in range(v):
         for j in range(v):
             if hop[j, i] == 0:
                 root[j, i] = norm[j, i]
             elif hop[j, i] == 1:
-                if dist[j] == dist[i]:
-                    root[j, i] = norm[j, i]
-                elif dist[j] > dist[i]:
+                if dist[j] >= dist[i]:
                     close[j, i] = norm[j, i]
                 else:
                     further[j, i] = norm[j, i]

@@ -156,6 +156,20 @@ def test_graph_adjacencies(layout, v):
     s = common.stgcn_adjacency(layout)
     assert s.shape == (3, v, v)
     assert np.allclose(s.sum(0).sum(0), 1.0)  # the 3 partitions split the normalised neighbourhood (self included)
+    assert np.count_nonzero(s[0]) == v and np.count_nonzero(s[0] - np.diag(np.diag(s[0]))) == 0
+
+
+def test_stgcn_partition_hand_checked_ntu():
+    s = common.stgcn_adjacency("ntu25")
+    # centre = joint 21 (index 20, spine shoulder); its neighbours 1, 2, 4, 8 (0-based) have 2 edges each...
+    # column i = receiving joint i: A[j, i] for neighbour j. Joint 1 (spine mid, neighbours 0 and 20):
+    # degree 3 with self -> 1/3 each; neighbour 20 (the centre, distance 0 < 1) is "nearer" -> partition 2;
+    # neighbour 0 (base of spine, 2 hops from centre -> inf in st-gcn) is "farther" -> partition 1.
+    assert s[0, 1, 1] == pytest.approx(1 / 3)
+    assert s[2, 20, 1] == pytest.approx(1 / 3) and s[1, 20, 1] == 0
+    assert s[1, 0, 1] == pytest.approx(1 / 3) and s[2, 0, 1] == 0
+    # a hand joint far from the centre: 7 (hand) and 6 (wrist) are both inf away -> same partition 1
+    assert s[1, 6, 7] > 0 and s[1, 7, 6] > 0 and s[2, 6, 7] == 0
 
 
 def test_skeleton_to_sequence_order():
