@@ -28,6 +28,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 
 # ==================================================================================================== DISTRIBUTED
@@ -83,9 +84,8 @@ def _pool_video_map(x):
 
 def _torchvision_kinetics_state_dict(arch):
     """Download (or read from the torch hub cache) torchvision's Kinetics-400 weights for `arch`."""
-    import torchvision.models.video as tvv
     enum_name, file_name = TORCHVISION_VIDEO_WEIGHTS[arch]
-    weights = getattr(tvv, enum_name).KINETICS400_V1
+    weights = getattr(torchvision.models.video, enum_name).KINETICS400_V1
     try:
         return weights.get_state_dict(progress=False)
     except Exception as e:  # no internet: urllib.error.URLError, socket errors, ...
@@ -105,8 +105,7 @@ class VideoResNet(nn.Module):
 
     def __init__(self, arch="r2plus1d_18", bn_eps=1e-5):
         super().__init__()
-        import torchvision.models.video as tvv
-        net = getattr(tvv, arch)(weights=None)
+        net = getattr(torchvision.models.video, arch)(weights=None)
         self.stem, self.layer1, self.layer2, self.layer3, self.layer4 = (
             net.stem, net.layer1, net.layer2, net.layer3, net.layer4)
         self.feature_dim = 512
@@ -128,8 +127,7 @@ class S3D(nn.Module):
 
     def __init__(self, bn_eps=1e-5, bn_momentum=0.1):
         super().__init__()
-        from torchvision.models.video.s3d import S3D as TorchvisionS3D
-        net = TorchvisionS3D(norm_layer=lambda c: nn.BatchNorm3d(c, eps=bn_eps, momentum=bn_momentum))
+        net = torchvision.models.video.S3D(norm_layer=lambda c: nn.BatchNorm3d(c, eps=bn_eps, momentum=bn_momentum))
         self.features = net.features
         self.feature_dim = 1024
         for m in self.modules():  # CoCLR backbone/s3dg.py: conv weights N(0, 0.01)
@@ -693,7 +691,7 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
 
     pretrained: None, "kinetics400" (torchvision weights for r2plus1d_18 / r3d_18 / mc3_18 / s3d; downloaded
     into the torch hub cache) or a path loaded with `load_backbone_weights`.
-    bn_eps: BatchNorm eps (video nets). in_channels: input channels (default 3; 6 for skelemotion_cnn).
+    bn_eps: eps of every BatchNorm (default: the source's). in_channels: input channels (default 3; 6 for skelemotion_cnn).
     Other options per arch:
         tiny3d: width (16). s3d: bn_momentum.
         bigru: input_dim (150 = V*C*M), hidden (1024), layers (3), stepwise (False).
@@ -737,6 +735,8 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
         model = SkeleMotionCNN(6 if in_channels is None else in_channels, **options)
     else:
         raise ValueError(f"common.py: unknown backbone '{arch}'; expected one of {VIDEO_ARCHS + SKELETON_ARCHS}")
+    if bn_eps is not None:  # skeleton nets take it here too (their constructors keep PyTorch's default)
+        set_bn_eps(model, bn_eps)
     model.arch = arch
     if pretrained == "kinetics400":
         if arch not in TORCHVISION_VIDEO_WEIGHTS:
