@@ -163,12 +163,14 @@ class InceptionBlock3D(nn.Module):
 class I3D(nn.Module):
     """Inception-I3D (Carreira & Zisserman 2017; tubelet-contrast App. C.2, thesis) without logits.
 
-    Same widths and pooling as S3D but full k x k x k convolutions; symmetric padding instead of TF "SAME"
-    padding (deviation from the piergiaj/pytorch-i3d port, whose keys are not mapped here). 16x224x224 ->
-    map 1024 x 2 x 7 x 7.
+    Same widths and pooling as S3D but full k x k x k convolutions. Tubelet-contrast's I3D
+    (pyvrl/models/backbones/i3d.py, the hassony2 port: conv3d_1a_7x7, mixed_3b.branch_1.0.conv3d, ...) is
+    renamed on loading (I3D_RENAMES); BN eps 1e-5 as there. Deviation: symmetric padding instead of TF "SAME"
+    padding, which pads one more on the bottom/right at the strided 7x7x7 conv and max-pools (same output sizes,
+    features shifted by one position). 16x224x224 -> map 1024 x 2 x 7 x 7.
     """
 
-    def __init__(self, in_channels=3, bn_eps=1e-3):
+    def __init__(self, in_channels=3, bn_eps=1e-5):
         super().__init__()
         e = dict(bn_eps=bn_eps)
         self.features = nn.Sequential(
@@ -484,7 +486,8 @@ class HCN(nn.Module):
     def forward(self, x, return_map=False):
         n, c, t, v, m = x.shape
         if t != self.window_size:  # the flattened feature size depends on T
-            raise ValueError(f"common.py: HCN built for T = window_size = {self.window_size}, got input {tuple(x.shape)}")
+            raise ValueError(f"common.py: HCN built for T = window_size = {self.window_size}, "
+                             f"got input {tuple(x.shape)}")
         motion = x[:, :, 1:] - x[:, :, :-1]  # (N, C, T-1, V, M)
         motion = motion.permute(0, 1, 4, 2, 3).reshape(n, c * m, t - 1, v)
         motion = F.interpolate(motion, size=(t, v), mode="bilinear", align_corners=False)
@@ -691,7 +694,8 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
 
     pretrained: None, "kinetics400" (torchvision weights for r2plus1d_18 / r3d_18 / mc3_18 / s3d; downloaded
     into the torch hub cache) or a path loaded with `load_backbone_weights`.
-    bn_eps: eps of every BatchNorm (default: the source's). in_channels: input channels (default 3; 6 for skelemotion_cnn).
+    bn_eps: eps of every BatchNorm (default: the source's).
+    in_channels: input channels (default 3; 6 for skelemotion_cnn).
     Other options per arch:
         tiny3d: width (16). s3d: bn_momentum.
         bigru: input_dim (150 = V*C*M), hidden (1024), layers (3), stepwise (False).
@@ -752,8 +756,9 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
 # One loader for our backbone.pth ({"state_dict", "meta"}), our checkpoint.pth ({"model": ...}), torchvision
 # state dicts and the authors' layouts. Keys are matched by suffix after an automatically found prefix
 # ("module.", "encoder_q.", "encoder_q.0.", "backbone.", "encoder.", "model.", "module.encoder_q.", ...), with
-# the CtP R(2+1)D/R3D and CoCLR S3D names renamed to ours. Every backbone key must be found: anything missing
-# (other than BN's num_batches_tracked counters) raises. Heads, queues and key encoders are skipped by name.
+# the CtP R(2+1)D/R3D, CoCLR S3D and tubelet-contrast I3D names renamed to ours. Every backbone key must be
+# found: anything missing (other than BN's num_batches_tracked counters) raises. Heads, queues and key encoders
+# are skipped by name.
 
 # Prefixes of encoders that are never the one to load: MoCo key encoders (encoder_k, skeleton-contrast's
 # encoder_l for the second representation), EMA copies and teachers.
@@ -769,10 +774,12 @@ CTP_RENAMES = [
     (r"(^|\.)stem\.conv_s\.", r"\1stem.0."), (r"(^|\.)stem\.bn_s\.", r"\1stem.1."),
     (r"(^|\.)stem\.conv_t\.", r"\1stem.3."), (r"(^|\.)stem\.bn_t\.", r"\1stem.4."),
     (r"(^|\.)stem\.conv\.", r"\1stem.0."), (r"(^|\.)stem\.bn\.", r"\1stem.1."),
-    (r"(layer\d\.\d+)\.conv(\d)\.conv_s\.", r"\1.conv\2.0.0."), (r"(layer\d\.\d+)\.conv(\d)\.bn_s\.", r"\1.conv\2.0.1."),
+    (r"(layer\d\.\d+)\.conv(\d)\.conv_s\.", r"\1.conv\2.0.0."),
+    (r"(layer\d\.\d+)\.conv(\d)\.bn_s\.", r"\1.conv\2.0.1."),
     (r"(layer\d\.\d+)\.conv(\d)\.conv_t\.", r"\1.conv\2.0.3."), (r"(layer\d\.\d+)\.conv(\d)\.conv\.", r"\1.conv\2.0."),
     (r"(layer\d\.\d+)\.bn(\d)\.", r"\1.conv\2.1."),
-    (r"(layer\d\.\d+)\.downsample\.conv\.", r"\1.downsample.0."), (r"(layer\d\.\d+)\.downsample\.weight$", r"\1.downsample.0.weight"),
+    (r"(layer\d\.\d+)\.downsample\.conv\.", r"\1.downsample.0."),
+    (r"(layer\d\.\d+)\.downsample\.weight$", r"\1.downsample.0.weight"),
     (r"(layer\d\.\d+)\.downsample_bn\.", r"\1.downsample.1."),
 ]
 # CoCLR / ViCC backbone/s3dg.py names -> torchvision S3D (`base.N` = `features.N`, same order of layers).
@@ -782,6 +789,17 @@ COCLR_S3D_RENAMES = [
     (r"(features\.\d+)\.conv\.", r"\1.0."), (r"(features\.\d+)\.bn\.", r"\1.1."),
     (r"(branch0)\.0\.conv\.", r"\1.0."), (r"(branch0)\.0\.bn\.", r"\1.1."),
     (r"(branch\d\.\d)\.conv\.", r"\1.0."), (r"(branch\d\.\d)\.bn\.", r"\1.1."),
+]
+
+# Tubelet-contrast / hassony2 I3D names -> ours (`features.N` in the order of I3D.features).
+I3D_RENAMES = [
+    (r"(^|\.)conv3d_1a_7x7\.", r"\1features.0."), (r"(^|\.)conv3d_2b_1x1\.", r"\1features.2."),
+    (r"(^|\.)conv3d_2c_3x3\.", r"\1features.3."), (r"(^|\.)mixed_3b\.", r"\1features.5."),
+    (r"(^|\.)mixed_3c\.", r"\1features.6."), (r"(^|\.)mixed_4b\.", r"\1features.8."),
+    (r"(^|\.)mixed_4c\.", r"\1features.9."), (r"(^|\.)mixed_4d\.", r"\1features.10."),
+    (r"(^|\.)mixed_4e\.", r"\1features.11."), (r"(^|\.)mixed_4f\.", r"\1features.12."),
+    (r"(^|\.)mixed_5b\.", r"\1features.14."), (r"(^|\.)mixed_5c\.", r"\1features.15."),
+    (r"\.branch_(\d)\.", r".branch\1."), (r"\.conv3d\.", ".0."), (r"\.batch3d\.", ".1."),
 ]
 
 
@@ -836,7 +854,8 @@ def _match_prefix(ckpt_keys, model_keys):
     if not counts:
         return "", {}
     prefix = max(counts, key=lambda p: (counts[p], -len(p)))
-    return prefix, {ck[len(prefix):]: ck for ck in ckpt_keys if ck.startswith(prefix) and ck[len(prefix):] in model_keys}
+    n = len(prefix)
+    return prefix, {ck[n:]: ck for ck in ckpt_keys if ck.startswith(prefix) and ck[n:] in model_keys}
 
 
 def load_backbone_weights(model, path_or_state_dict, prefix=None):
@@ -850,7 +869,7 @@ def load_backbone_weights(model, path_or_state_dict, prefix=None):
     target = model.state_dict()
     model_keys = set(target)
     best = None
-    for renames in (None, CTP_RENAMES, COCLR_S3D_RENAMES):
+    for renames in (None, CTP_RENAMES, COCLR_S3D_RENAMES, I3D_RENAMES):
         names = {k: k for k in state} if renames is None else _rename_keys(state, renames)
         renamed = {new: old for old, new in names.items()}
         if prefix is None:

@@ -42,7 +42,8 @@ def test_tiny3d_is_small():
 
 # ---------------------------------------------------------------------------------------------- video shapes
 VIDEO_MAPS = {  # arch -> (feature_dim, map shape for 1x3x8x32x32)
-    "r2plus1d_18": (512, (512, 1, 2, 2)), "r3d_18": (512, (512, 1, 2, 2)), "mc3_18": (512, (512, 8, 2, 2)),  # 2D convs after layer1: no temporal stride
+    "r2plus1d_18": (512, (512, 1, 2, 2)), "r3d_18": (512, (512, 1, 2, 2)),
+    "mc3_18": (512, (512, 8, 2, 2)),  # 2D convs after layer1: no temporal stride
     "s3d": (1024, (1024, 1, 1, 1)), "i3d": (1024, (1024, 1, 1, 1)), "r2d3d_18": (256, (256, 2, 1, 1)),
     "resnet3d_18": (512, (512, 1, 1, 1)), "resnext3d_101": (2048, (2048, 1, 1, 1)), "tiny3d": (128, (128, 2, 2, 2)),
 }
@@ -516,3 +517,32 @@ def test_stgcn_layout_and_hcn_window_check():
     assert report["skipped"] == ["module.fcn.weight"]
     with pytest.raises(ValueError, match="window_size = 16"):
         common.build_backbone("hcn", hidden=8, window_size=16)(torch.randn(1, 3, 32, 25, 2))
+
+
+def _to_tubelet_i3d(key):
+    """Our I3D name -> tubelet-contrast pyvrl/hassony2 I3D name (conv3d_1a_7x7.conv3d, mixed_4b.branch_1.0.batch3d)."""
+    names = {0: "conv3d_1a_7x7", 2: "conv3d_2b_1x1", 3: "conv3d_2c_3x3", 5: "mixed_3b", 6: "mixed_3c", 8: "mixed_4b",
+             9: "mixed_4c", 10: "mixed_4d", 11: "mixed_4e", 12: "mixed_4f", 14: "mixed_5b", 15: "mixed_5c"}
+    parts = key.split(".")
+    out = [names[int(parts[1])]]
+    rest = parts[2:]
+    if rest[0].startswith("branch"):
+        out.append("branch_" + rest[0][-1])
+        rest = rest[1:]
+        if out[-1] in ("branch_1", "branch_2", "branch_3"):
+            out.append(rest[0])
+            rest = rest[1:]
+    out.append({"0": "conv3d", "1": "batch3d"}[rest[0]])
+    return ".".join(out + rest[1:])
+
+
+def test_tubelet_contrast_i3d_layout():
+    ref = built("i3d")
+    src = {k: v + 1 if v.is_floating_point() else v for k, v in ref.state_dict().items()}
+    state = {"backbone." + _to_tubelet_i3d(k): v for k, v in src.items()}
+    assert "backbone.mixed_4b.branch_1.1.conv3d.weight" in state and "backbone.conv3d_1a_7x7.batch3d.bias" in state
+    state |= {"cls_head.fc.weight": torch.ones(2)}
+    model = common.build_backbone("i3d")
+    report = common.load_backbone_weights(model, {"state_dict": state})
+    _assert_loaded(model, src)
+    assert report["unexpected"] == [] and report["skipped"] == ["cls_head.fc.weight"]
