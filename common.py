@@ -760,9 +760,10 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
 # found: anything missing (other than BN's num_batches_tracked counters) raises. Heads, queues and key encoders
 # are skipped by name.
 
-# Prefixes of encoders that are never the one to load: MoCo key encoders (encoder_k, skeleton-contrast's
-# encoder_l for the second representation), EMA copies and teachers.
-CHECKPOINT_EXCLUDED_PREFIXES = ("encoder_k", "encoder_l", "key_encoder", "model_ema", "ema", "teacher", "momentum")
+# Key-path components of encoders that are never the one to load: MoCo key encoders (encoder_k,
+# skeleton-contrast's encoder_l for the second representation), EMA / momentum / target copies and teachers.
+CHECKPOINT_EXCLUDED_PREFIXES = ("encoder_k", "encoder_l", "key_encoder", "backbone_k", "model_k", "model_ema", "ema",
+                                "ema_model", "momentum", "momentum_encoder", "target", "target_encoder", "teacher")
 # Checkpoint entries that are heads or training state, reported as `skipped`, never as `unexpected`.
 CHECKPOINT_HEAD_NAMES = ("fc", "fc7", "fc8", "fcn", "head", "heads", "classifier", "proj", "projector",
                          "projection", "mlp", "prototypes", "queue", "queue_ptr", "queue_second", "logits",
@@ -853,7 +854,7 @@ def _match_prefix(ckpt_keys, model_keys):
                 break
     if not counts:
         return "", {}
-    prefix = max(counts, key=lambda p: (counts[p], -len(p)))
+    prefix = max(counts, key=lambda p: (counts[p], -len(p), p))
     n = len(prefix)
     return prefix, {ck[n:]: ck for ck in ckpt_keys if ck.startswith(prefix) and ck[n:] in model_keys}
 

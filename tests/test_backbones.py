@@ -546,3 +546,14 @@ def test_tubelet_contrast_i3d_layout():
     report = common.load_backbone_weights(model, {"state_dict": state})
     _assert_loaded(model, src)
     assert report["unexpected"] == [] and report["skipped"] == ["cls_head.fc.weight"]
+
+
+def test_key_encoder_copies_are_never_chosen():
+    q = _randomised(_tiny())
+    for other in ("backbone_k.", "target.", "teacher.", "model_ema."):
+        state = {other + k: v * 0 for k, v in q.items()} | {"online." + k: v for k, v in q.items()}
+        model = _tiny()
+        assert common.load_backbone_weights(model, state)["prefix"] == "online."
+        _assert_loaded(model, q)
+        with pytest.raises(ValueError, match="missing"):
+            common.load_backbone_weights(_tiny(), {other + k: v for k, v in q.items()})
