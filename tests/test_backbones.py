@@ -557,3 +557,24 @@ def test_key_encoder_copies_are_never_chosen():
         _assert_loaded(model, q)
         with pytest.raises(ValueError, match="missing"):
             common.load_backbone_weights(_tiny(), {other + k: v for k, v in q.items()})
+
+
+def test_agcn_unit_gcn_hand_computed():
+    torch.manual_seed(0)
+    a = common.agcn_adjacency("ntu25")
+    unit = common.AGCNUnitGCN(3, 8, a).eval()
+    with torch.no_grad():
+        for conv in list(unit.conv_a) + list(unit.conv_b):  # zero embeddings -> attention softmax(0) = 1/V
+            conv.weight.zero_()
+            conv.bias.zero_()
+        unit.bn.weight.fill_(1.0)
+        unit.PA.normal_()
+        x = torch.randn(2, 3, 4, 25)
+        out = unit(x)
+        y = 0
+        for k in range(3):
+            adj = torch.from_numpy(a[k]) + unit.PA[k] + 1.0 / 25  # A_k + B_k + C_k
+            y = y + unit.conv_d[k](torch.einsum("nctv,vw->nctw", x, adj))
+        bn_down = unit.down(x)
+        expect = torch.relu(unit.bn(y) + bn_down)
+    assert torch.allclose(out, expect, atol=1e-5)
