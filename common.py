@@ -388,7 +388,8 @@ def skelemotion_image(pose, layout="ntu25", tau=1, mag_threshold=0.004):
     """SkeleMotion image (Caetano et al. AVSS 2019) of one body, as P-HLVC feeds it: (6, T, 49) float32.
 
     pose: (C, T, V) with C = 3 (x, y, z) or 2 (x, y; z = 0 as in the OpenPose fork). A frame whose joints are
-    all zero counts as absent. d_t = p_t - p_{t+tau} (zero when frame t+tau is absent or out of range).
+    all zero counts as absent; its column stays all zero. d_t = p_t - p_{t+tau} (zero when frame t+tau is absent
+    or out of range).
     Channels 0-2: orientation atan2(dy,dx), atan2(dy,dz), atan2(dz,dx) in degrees mapped by the original
     `ImgType.normalize(v, -180, 180, 1, -1)`, which computes (v + 180) / 360, i.e. [0, 1] (not [-1, 1]);
     1.1 where the magnitude < mag_threshold * tau. Channels 3-5: magnitude ||d||_2 clipped to [0, 1], repeated
@@ -410,6 +411,7 @@ def skelemotion_image(pose, layout="ntu25", tau=1, mag_threshold=0.004):
     ori = torch.stack([torch.atan2(dy, dx), torch.atan2(dy, dz), torch.atan2(dz, dx)])
     ori = (torch.rad2deg(ori) + 180.0) / 360.0
     ori = torch.where(mag[None] < mag_threshold * tau, torch.full_like(ori, 1.1), ori)
+    ori = ori * present.float()[None, :, None]  # frames without the body stay all-zero in the original
     return torch.cat([ori, mag[None].expand(3, -1, -1)])  # (6, T, 49): orientation first (P-HLVC loader)
 
 

@@ -290,6 +290,7 @@ def test_skelemotion_image_absent_body_and_2d_coco():
     img = common.skelemotion_image(pose, "coco18")
     assert img.shape == (6, 5, 49)
     assert torch.all(img[3:, 1] == 0) and torch.all(img[3:, 2] == 0)  # d_1 and d_2 touch the missing frame
+    assert torch.all(img[:3, 1] == 1.1) and torch.all(img[:3, 2] == 0)  # ImgType: absent frame left at zero
     assert torch.all(img[3:, 0] > 0)
     assert torch.all((img[:3] >= 0) & (img[:3] <= 1.1))
 
