@@ -421,7 +421,8 @@ class BiGRU(nn.Module):
 
     Input (N, C, T, V, M) (flattened by `skeleton_to_sequence`) or (N, T, D). Output 2 * hidden (2048-d).
     stepwise=False (default, the paper's BiGRU): one call over the whole sequence; feature = [forward state
-    after the last frame, backward state after the first frame] (the final hidden states h_n of the top layer).
+    after the last frame, backward state after the first frame] (the final hidden states h_n of the top layer;
+    the per-step output at the last frame would give the backward direction only one frame of context).
     stepwise=True (the authors' code): the GRU is called once per time step with the carried hidden state and
     the top-layer output of the last call is returned. A length-1 call runs the "reverse" direction over that
     single step too, so both directions process frames in forward time order (two causal GRUs per layer with
@@ -434,7 +435,7 @@ class BiGRU(nn.Module):
         self.gru = nn.GRU(input_dim, hidden, num_layers=layers, bidirectional=True, batch_first=True)
         self.hidden, self.layers, self.stepwise = hidden, layers, stepwise
         self.feature_dim = 2 * hidden
-        for name, p in self.gru.named_parameters():  # xavier-uniform on 2-D weights (moco/builder_*.py)
+        for p in self.gru.parameters():  # xavier-uniform on 2-D weights (skeleton-contrast, reference notes 2.4)
             if p.dim() == 2:
                 nn.init.xavier_uniform_(p)
 
