@@ -159,7 +159,9 @@ def _read_pyav(path, index_fn, size):
                 break
     if not frames:
         raise VideoReadError(f"{path}: no frame could be decoded (expected {n})")
-    real_last = max(frames)  # indices past the real end (over-reported length) repeat the last decoded frame
+    real_last = max(frames)
+    if last - real_last > max(8, n // 10):  # a few missing frames: over-reported length; many: truncated file
+        raise VideoReadError(f"{path}: truncated: decoding stopped at frame {real_last}, expected {n} frames")  # indices past the real end (over-reported length) repeat the last decoded frame
     out = np.stack([frames[min(i, real_last)] if i in frames else frames[real_last] for i in indices.tolist()])
     return _resize_frames(out, size) if isinstance(size, int) else out
 
@@ -188,10 +190,15 @@ def _read_frames(path, index_fn, decoder="auto", size=None):
     read = {"decord": _read_decord, "pyav": _read_pyav, "torchcodec": _read_torchcodec}[backend]
     try:
         return read(path, index_fn, size)
-    except VideoReadError:
-        raise
     except Exception as e:  # decoder-specific exception types, all reported the same way
-        raise VideoReadError(f"{path}: {backend} failed: {type(e).__name__}: {e}") from None
+        reason = str(e) if isinstance(e, VideoReadError) else f"{path}: {backend} failed: {type(e).__name__}: {e}"
+    if decoder == "auto" and backend != "pyav" and _have("av"):
+        # decord fails on some valid files (e.g. 48-pixel-wide frames: a buffer size check); PyAV gets a second try
+        try:
+            return _read_pyav(path, index_fn, size)
+        except Exception as e:
+            reason += f"; pyav: {type(e).__name__}: {str(e).replace(path + ': ', '')}"
+    raise VideoReadError(reason)
 
 
 def read_video_frames(path, indices, decoder="auto", size=None):
@@ -247,12 +254,13 @@ def read_flow_frames(folder, indices, size=None):
     return flow
 
 
-def write_video(path, frames, fps=8, crf=18, gop=16):
-    """uint8 (T, H, W, 3), H and W even -> H.264 mp4 with PyAV's bundled libx264 (single thread: deterministic)."""
+def write_video(path, frames, fps=8, crf=18, gop=16, faststart=False):
+    """uint8 (T, H, W, 3), H and W even -> H.264 mp4 with PyAV's bundled libx264 (single thread: deterministic).
+    faststart=True puts the index (moov) before the data, as web downloads have it."""
     import av
     frames = np.asarray(frames, dtype=np.uint8)
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with av.open(path, "w") as container:
+    with av.open(path, "w", options={"movflags": "faststart"} if faststart else {}) as container:
         stream = container.add_stream("libx264", rate=fps)
         stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
         stream.options = {"crf": str(crf), "g": str(gop), "threads": "1", "preset": "fast"}
@@ -274,7 +282,7 @@ def sample_random_clip(num_frames, clip_len, strides=(1,), rng=None, jitter=Fals
     rng = np.random.default_rng() if rng is None else rng
     strides = [strides] if np.isscalar(strides) else list(strides)
     stride = int(strides[rng.integers(len(strides))])
-    span = (clip_len - 1) * stride + 1
+    span = clip_len * stride if jitter else (clip_len - 1) * stride + 1  # with jitter each frame owns a slot
     start = int(rng.integers(0, max(num_frames - span, 0) + 1))
     indices = start + stride * np.arange(clip_len, dtype=np.int64)
     if jitter and stride > 1:
