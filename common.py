@@ -958,6 +958,91 @@ class KineticsSkeletonDataset(torch.utils.data.Dataset):
         return _load_or_replace(self, index, self._load)
 
 
+def read_depth_frames(folder, indices):
+    """16-bit depth PNGs (NTU masked depth: MDepth-%08d.png, any sorted *.png works) -> float32 (T, H, W) metres
+    (stored millimetres / 1000; 0 = no depth), indices clamped."""
+    from PIL import Image
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".png"))
+    except OSError as e:
+        raise VideoReadError(f"{folder}: cannot list depth folder ({e.strerror})") from None
+    if not names:
+        raise VideoReadError(f"{folder}: expected MDepth-00000001.png ... depth frames, found none")
+    out = []
+    for i in _clamp(indices, len(names)).tolist():
+        path = os.path.join(folder, names[i])
+        try:
+            with Image.open(path) as img:
+                out.append(np.asarray(img).astype(np.float32) / 1000.0)
+        except (OSError, ValueError) as e:
+            raise VideoReadError(f"{path}: cannot decode PNG ({e})") from None
+    return np.stack(out)
+
+
+class PairedDataset(torch.utils.data.Dataset):
+    """Temporally aligned modalities of one sample (layout of make_toy_paired): one clip of indices is drawn
+    from the valid length and every modality is read at exactly those frames. Items: "video" uint8 (C, T, H, W),
+    "depth" float32 (1, T, H, W) metres, "skeleton" float32 (3, T, 25, M), "pose2d" float32 (3, T, 18, M)
+    (x - 0.5, y - 0.5, score), "flow" float32 (2, T, H, W) pixels, "label", "index", "frame_indices"."""
+
+    MODALITIES = ("video", "depth", "skeleton", "pose2d", "flow")
+
+    def __init__(self, root, split, clip_len=16, frame_strides=(1,), sampling="random", transform=None,
+                 modalities=None, decoder="auto", strict=False, bad_files_path=None, jitter=False):
+        split = _split_name(split)
+        self.root, self.split = root, split
+        self.skeletons = SkeletonDataset(os.path.join(root, "skeleton", f"{split}_data_joint.npy"),
+                                         os.path.join(root, "skeleton", f"{split}_label.pkl"),
+                                         os.path.join(root, "skeleton", f"{split}_num_frame.npy"))
+        self.modalities = tuple(modalities or self.MODALITIES)
+        unknown = set(self.modalities) - set(self.MODALITIES)
+        if unknown:
+            raise ValueError(f"modalities: unknown {sorted(unknown)}, expected a subset of {self.MODALITIES}")
+        self.clip_len, self.frame_strides, self.sampling, self.jitter = clip_len, frame_strides, sampling, jitter
+        self.transform, self.decoder = transform, decoder
+        self.labels = self.skeletons.labels
+        self.num_classes = max(len(TOY_SKELETON_ACTIONS), int(self.labels.max()) + 1)
+        self.class_names = (TOY_SKELETON_ACTIONS + [str(i) for i in range(len(TOY_SKELETON_ACTIONS),
+                                                                          self.num_classes)])[:self.num_classes]
+        self.strict, self.bad_files_path, self.bad_files = strict, bad_files_path, {}
+
+    def __len__(self):
+        return len(self.skeletons)
+
+    def sample_path(self, i):
+        return os.path.join(self.root, "rgb", f"{self.skeletons.sample_names[self.skeletons.indices[i]]}.mp4")
+
+    def _load(self, i):
+        j = int(self.skeletons.indices[i])  # position in the stored arrays (subsets keep a list of positions)
+        name, length = self.skeletons.sample_names[j], int(self.skeletons.lengths[j])
+        idx = sample_clip_indices(length, self.clip_len, self.frame_strides, 1, self.sampling, _seed_rng(),
+                                  self.jitter)[0]
+        idx = np.minimum(idx, length - 1)
+        item = {}
+        if "video" in self.modalities:
+            frames = read_video_frames(os.path.join(self.root, "rgb", f"{name}.mp4"), idx, self.decoder)
+            item["video"] = torch.from_numpy(frames).permute(3, 0, 1, 2)
+        if "depth" in self.modalities:
+            item["depth"] = torch.from_numpy(read_depth_frames(os.path.join(self.root, "depth", name), idx))[None]
+        if "skeleton" in self.modalities:
+            item["skeleton"] = torch.from_numpy(np.array(self.skeletons.data[j][:, idx], dtype=np.float32))
+        if "pose2d" in self.modalities:
+            pose, _ = read_kinetics_skeleton_json(
+                os.path.join(self.root, "pose2d", f"kinetics_{self.split}", f"{name}.json"), max(length, 1))
+            item["pose2d"] = torch.from_numpy(np.ascontiguousarray(pose[:, idx]))
+        if "flow" in self.modalities:
+            flow = read_flow_frames(os.path.join(self.root, "flow", name), idx)
+            item["flow"] = torch.from_numpy(flow).permute(3, 0, 1, 2)
+        if self.transform is not None:
+            item = self.transform(item)
+        item.update(label=torch.tensor(self.labels[j]), index=torch.tensor(i, dtype=torch.int64),
+                    frame_indices=torch.from_numpy(idx))
+        return item
+
+    def __getitem__(self, index):
+        return _load_or_replace(self, index, self._load)
+
+
 def read_ntu_skeleton(path, max_bodies=2):
     """Raw NTU RGB+D .skeleton text -> float32 (3, T, 25, max_bodies) x, y, z in metres. Bodies are tracked by
     bodyID and the max_bodies most active (largest summed std of the non-zero joint coordinates, as 2s-AGCN's
@@ -1147,6 +1232,12 @@ def build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides=
         ds = _skeleton_set(out, split, lambda: convert_pku_mmd(root, out, bench), **skel_kwargs)
     elif name == "kinetics-skeleton":
         ds = KineticsSkeletonDataset(root, split, **skel_kwargs)
+    elif name in ("toy-paired", "paired"):
+        if name == "toy-paired":
+            make_toy_paired(root, seed=dataset_options.get("toy_seed", 0))
+        ds = PairedDataset(root, split, clip_len=clip_len, frame_strides=frame_strides, sampling=sampling,
+                           modalities=modalities, decoder=decoder, jitter=dataset_options.get("jitter", False),
+                           **skel_kwargs)
     else:
         samples, classes = _parse_video_set(name, root, split, dataset_options)
         if dataset_options.get("check_exists", True):
@@ -1169,10 +1260,11 @@ def build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides=
                             strict=strict, bad_files_path=bad_files_path, size=dataset_options.get("size"),
                             jitter=dataset_options.get("jitter", False), step=dataset_options.get("step"))
     if fraction < 1.0 or per_class is not None:
-        labels = ds.labels[ds.indices] if isinstance(ds, SkeletonDataset) else [y for _, y in ds.samples]
+        inner = ds.skeletons if isinstance(ds, PairedDataset) else ds
+        labels = inner.labels[inner.indices] if isinstance(inner, SkeletonDataset) else [y for _, y in ds.samples]
         keep = stratified_subset(labels, fraction, per_class, seed)
-        if isinstance(ds, SkeletonDataset):
-            ds.indices = ds.indices[keep]
+        if isinstance(inner, SkeletonDataset):
+            inner.indices = inner.indices[keep]
         else:
             ds.samples = [ds.samples[i] for i in keep]
     return ds
@@ -1209,6 +1301,7 @@ def check_data(name, root=None, decoder="auto", splits=("train", "val"), out=pri
     """Open every sample of every split; print sizes, classes, frame counts and the bad files. Returns
     {split: {"size": int, "bad": [(path, reason)]}}."""
     report = {}
+    options.setdefault("check_exists", False)  # list missing files as bad instead of dropping them
     for split in splits:
         try:
             ds = build_dataset(name, root, split, decoder=decoder, **options)
@@ -1437,40 +1530,151 @@ def toy_skeleton_pose(action, s, rng):
     return np.stack([P, Q])
 
 
+def toy_skeleton_sample(seed, subject, action, rep, num_frames=64, min_frames=40):
+    """One toy-skeleton sample -> (float32 (3, num_frames, 25, 2) zero-padded, NTU-style name, valid length).
+    Random: view rotation about y (+-60 deg), scale (subject x sample), speed, start offset, valid length,
+    lateral position and camera distance (2.5-3.5 m), joint noise (1 cm)."""
+    subject_scale = np.random.default_rng([seed, 1000, subject]).uniform(0.85, 1.15)
+    rng = np.random.default_rng([seed, subject, action, rep])
+    length = int(rng.integers(min_frames, num_frames + 1))
+    offset = int(rng.integers(0, 9))
+    speed = rng.uniform(0.8, 1.25)
+    s = np.clip((np.arange(length) - offset) * speed / (length - offset), 0, 1)
+    pose = toy_skeleton_pose(action, s, rng)  # (2, L, 25, 3)
+    present = np.abs(pose).sum(axis=(1, 2, 3)) > 0
+    view = rng.uniform(-np.pi / 3, np.pi / 3)
+    c, sn = np.cos(view), np.sin(view)
+    rot = np.array([[c, 0, sn], [0, 1, 0], [-sn, 0, c]])
+    pose = pose * subject_scale * rng.uniform(0.95, 1.05) @ rot.T
+    pose = pose + np.array([rng.uniform(-0.3, 0.3), -0.9, rng.uniform(2.5, 3.5)])
+    pose = pose + rng.normal(0, 0.01, pose.shape)
+    pose[~present] = 0
+    x = np.zeros((3, num_frames, 25, 2), dtype=np.float32)
+    x[:, :length] = pose.transpose(3, 1, 2, 0)
+    camera = 1 + min(2, int((view + np.pi / 3) / (2 * np.pi / 9)))  # 3 view bins
+    return x, f"S001C{camera:03d}P{subject:03d}R{rep + 1:03d}A{action + 1:03d}", length
+
+
 def make_toy_skeleton(root, seed=0, num_frames=64, subjects=10, train_subjects=7, per_subject=3):
     """NTU layout: {train,val}_data_joint.npy float32 (N, 3, 64, 25, 2), {train,val}_label.pkl (names, labels),
     {train,val}_num_frame.npy. Names S001C<view>P<subject>R<rep>A<action>; subjects 1..train_subjects train,
-    the rest val (cross-subject). Random per sample: view rotation about y (+-60 deg), scale (subject x sample),
-    speed, start offset, valid length (40..64 frames), camera distance and joint noise (1 cm)."""
+    the rest val (cross-subject); valid lengths 40..64 frames (see toy_skeleton_sample)."""
     def make(tmp):
         out = {"train": ([], [], [], []), "val": ([], [], [], [])}
         for subject in range(1, subjects + 1):
-            subject_scale = np.random.default_rng([seed, 1000, subject]).uniform(0.85, 1.15)
             for action in range(len(TOY_SKELETON_ACTIONS)):
                 for rep in range(per_subject):
-                    rng = np.random.default_rng([seed, subject, action, rep])
-                    length = int(rng.integers(40, num_frames + 1))
-                    offset = int(rng.integers(0, 9))
-                    speed = rng.uniform(0.8, 1.25)
-                    s = np.clip((np.arange(length) - offset) * speed / (length - offset), 0, 1)
-                    pose = toy_skeleton_pose(action, s, rng)  # (2, L, 25, 3)
-                    present = np.abs(pose).sum(axis=(1, 2, 3)) > 0
-                    view = rng.uniform(-np.pi / 3, np.pi / 3)
-                    c, sn = np.cos(view), np.sin(view)
-                    rot = np.array([[c, 0, sn], [0, 1, 0], [-sn, 0, c]])
-                    pose = pose * subject_scale * rng.uniform(0.95, 1.05) @ rot.T
-                    pose = pose + np.array([rng.uniform(-0.3, 0.3), -0.9, rng.uniform(2.5, 3.5)])
-                    pose = pose + rng.normal(0, 0.01, pose.shape)
-                    pose[~present] = 0
-                    x = np.zeros((3, num_frames, 25, 2), dtype=np.float32)
-                    x[:, :length] = pose.transpose(3, 1, 2, 0)
-                    camera = 1 + int((view + np.pi / 3) / (2 * np.pi / 9))  # 3 view bins
-                    name = f"S001C{camera:03d}P{subject:03d}R{rep + 1:03d}A{action + 1:03d}"
+                    x, name, length = toy_skeleton_sample(seed, subject, action, rep, num_frames)
                     lists = out["train" if subject <= train_subjects else "val"]
                     for lst, value in zip(lists, (x, name, action, length)):
                         lst.append(value)
         for split, (arrays, names, labels, lengths) in out.items():
             _write_ntu_layout(tmp, split, arrays, names, labels, lengths)
+    return _build_once(root, make)
+
+
+_NTU_BONES = np.array([(0, 1), (1, 20), (20, 2), (2, 3), (20, 4), (4, 5), (5, 6), (6, 7), (20, 8), (8, 9),
+                       (9, 10), (10, 11), (0, 12), (12, 13), (13, 14), (14, 15), (0, 16), (16, 17), (17, 18),
+                       (18, 19), (7, 21), (11, 23)])
+NTU_TO_COCO18 = [3, 2, 8, 9, 10, 4, 5, 6, 16, 17, 18, 12, 13, 14, 3, 3, 3, 3]  # eyes/ears from the head joint
+_COCO18_HEAD_OFFSETS = {14: (-0.03, 0.03), 15: (0.03, 0.03), 16: (-0.07, 0.0), 17: (0.07, 0.0)}  # metres
+
+
+def _render_toy_body(x, size, focal, bg, colours, thickness=2.2):
+    """Render the 3D skeletons x (3, L, 25, M) (camera coordinates, metres) as thick bones.
+    Returns rgb uint8 (L, S, S, 3), depth uint16 (L, S, S) in mm (0 = background, NTU masked depth) and flow
+    float32 (L-1, S, S, 2): the image motion of the bone point under each body pixel from frame t to t+1."""
+    length, num_bodies = x.shape[1], x.shape[3]
+    pts = x.transpose(1, 3, 2, 0)  # (L, M, 25, 3)
+    z = np.where(pts[..., 2] > 0.1, pts[..., 2], 1.0)
+    uv = np.stack([size / 2 + focal * pts[..., 0] / z, size / 2 - focal * pts[..., 1] / z], -1)  # (L, M, 25, 2)
+    grid = np.stack(np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5, indexing="xy"), -1).reshape(-1, 2)
+    rgb = np.repeat(bg[None], length, 0)
+    depth = np.zeros((length, size * size), dtype=np.uint16)
+    flow = np.zeros((max(length - 1, 0), size * size, 2), dtype=np.float32)
+    a_idx, b_idx = _NTU_BONES[:, 0], _NTU_BONES[:, 1]
+    for t in range(length):
+        best = np.full(size * size, np.inf)
+        for m in range(num_bodies):
+            if not np.any(pts[t, m]):
+                continue
+            a, b = uv[t, m, a_idx], uv[t, m, b_idx]  # (B, 2)
+            lo, hi = uv[t, m].min(0) - thickness - 1, uv[t, m].max(0) + thickness + 1
+            sel = np.flatnonzero(((grid >= lo) & (grid <= hi)).all(1))  # pixels in the body's bounding box
+            g = grid[sel]
+            ab = b - a
+            u = np.clip(((g[:, None] - a[None]) * ab[None]).sum(-1) / ((ab ** 2).sum(-1) + 1e-6), 0, 1)  # (P, B)
+            dist2 = ((g[:, None] - (a[None] + u[..., None] * ab[None])) ** 2).sum(-1)  # (P, B) squared
+            bone = dist2.argmin(1)
+            d, ub = np.sqrt(dist2[np.arange(len(g)), bone]), u[np.arange(len(g)), bone]
+            zb = (1 - ub) * pts[t, m, a_idx[bone], 2] + ub * pts[t, m, b_idx[bone], 2]
+            inside = (d <= thickness) & (zb * 1000 < best[sel])
+            hit, bone, d, ub, zb = sel[inside], bone[inside], d[inside], ub[inside], zb[inside]
+            best[hit] = zb * 1000
+            rgb[t].reshape(-1, 3)[hit] = colours[m] * (0.75 + 0.25 * (1 - d / thickness))[:, None]
+            depth[t, hit] = np.round(zb * 1000).astype(np.uint16)
+            if t + 1 < length and np.any(pts[t + 1, m]):
+                nxt = (1 - ub[:, None]) * uv[t + 1, m, a_idx[bone]] + ub[:, None] * uv[t + 1, m, b_idx[bone]]
+                now = (1 - ub[:, None]) * uv[t, m, a_idx[bone]] + ub[:, None] * uv[t, m, b_idx[bone]]
+                flow[t, hit] = nxt - now
+    return (np.clip(rgb, 0, 255).astype(np.uint8), depth.reshape(length, size, size),
+            flow.reshape(-1, size, size, 2), uv)
+
+
+def make_toy_paired(root, seed=0, size=64, num_frames=24, subjects=5, train_subjects=4):
+    """The toy-skeleton actions rendered to temporally aligned modalities (one sample per subject and action):
+        rgb/<name>.mp4                      the bodies drawn over a random texture (H.264, size x size)
+        depth/<name>/MDepth-%08d.png        16-bit depth in mm, 0 off the body (NTU masked depth)
+        skeleton/{train,val}_data_joint.npy, _label.pkl, _num_frame.npy   the 3D skeletons (NTU layout)
+        pose2d/kinetics_{train,val}/<name>.json, kinetics_{train,val}_label.json   COCO-18 2D pose, normalised
+                                            to [0, 1] (Kinetics-Skeleton JSON), score 0 outside the frame
+        flow/<name>/flow_%05d.jpg           the true image motion of the body (CoCLR layout, L - 1 frames)
+    Frame t of every modality is the same instant."""
+    import json
+    from PIL import Image
+
+    def make(tmp):
+        focal = size * 1.25
+        out = {"train": ([], [], [], []), "val": ([], [], [], [])}
+        labels_json = {"train": {}, "val": {}}
+        for subject in range(1, subjects + 1):
+            for action in range(len(TOY_SKELETON_ACTIONS)):
+                x, name, length = toy_skeleton_sample(seed, subject, action, 0, num_frames, min_frames=16)
+                split = "train" if subject <= train_subjects else "val"
+                rng = np.random.default_rng([seed, 2000, subject, action])
+                bg = _toy_background(rng, size)
+                colours = rng.uniform(60, 255, (2, 3)).astype(np.float32)
+                rgb, depth, flow, uv = _render_toy_body(x[:, :length], size, focal, bg, colours)
+                write_video(os.path.join(tmp, "rgb", f"{name}.mp4"), rgb, fps=8)
+                os.makedirs(os.path.join(tmp, "depth", name))
+                for t in range(length):
+                    Image.fromarray(depth[t]).save(os.path.join(tmp, "depth", name, f"MDepth-{t + 1:08d}.png"))
+                write_flow_frames(flow, os.path.join(tmp, "flow", name))
+                frames = []
+                for t in range(length):
+                    people = []
+                    for m in range(2):
+                        if not np.any(x[:, t, :, m]):
+                            continue
+                        xy = uv[t, m, NTU_TO_COCO18] / size  # (18, 2)
+                        for k, (dx, dy) in _COCO18_HEAD_OFFSETS.items():
+                            xy[k] += np.array([dx, -dy]) * focal / max(x[2, t, 3, m], 0.1) / size
+                        inside = ((xy >= 0) & (xy <= 1)).all(1)
+                        people.append({"pose": np.round(xy, 4).reshape(-1).tolist(),
+                                       "score": inside.astype(float).tolist()})
+                    frames.append({"frame_index": t, "skeleton": people})
+                folder = os.path.join(tmp, "pose2d", f"kinetics_{split}")
+                os.makedirs(folder, exist_ok=True)
+                with open(os.path.join(folder, f"{name}.json"), "w") as f:
+                    json.dump({"data": frames, "label": TOY_SKELETON_ACTIONS[action], "label_index": action}, f)
+                labels_json[split][name] = {"has_skeleton": True, "label": TOY_SKELETON_ACTIONS[action],
+                                            "label_index": action}
+                for lst, value in zip(out[split], (x, name, action, length)):
+                    lst.append(value)
+        for split, (arrays, names, labels, lengths) in out.items():
+            _write_ntu_layout(os.path.join(tmp, "skeleton"), split, arrays, names, labels, lengths)
+            with open(os.path.join(tmp, "pose2d", f"kinetics_{split}_label.json"), "w") as f:
+                json.dump(labels_json[split], f)
     return _build_once(root, make)
 
 

@@ -647,3 +647,31 @@ def test_toy_skeleton_actions_are_distinguishable(toy_skeleton):
     means = np.stack([f_train[y_train == c].mean(0) for c in range(12)])
     pred = np.argmin(((f_val[:, None] - means[None]) ** 2).sum(-1), 1)
     assert (pred == y_val).mean() > 0.5
+
+
+@pytest.mark.slow  # generating toy-paired takes ~10 s on 2 cores
+def test_toy_paired_modalities_are_aligned(tmp_path):
+    root = str(tmp_path / "toy-paired")
+    ds = common.build_dataset("toy-paired", root, "train", clip_len=6, frame_strides=(2,))
+    assert len(ds) == 4 * 12 and ds.num_classes == 12
+    assert len(common.build_dataset("toy-paired", root, "val")) == 12
+    focal, hits, depth_err = 64 * 1.25, 0, []
+    for i in range(0, len(ds), 7):
+        item = ds[i]
+        idx = item["frame_indices"].numpy()
+        t = len(idx)
+        assert item["video"].shape == (3, t, 64, 64) and item["depth"].shape == (1, t, 64, 64)
+        assert item["skeleton"].shape == (3, t, 25, 2) and item["pose2d"].shape == (3, t, 18, 2)
+        assert item["flow"].shape == (2, t, 64, 64)
+        stored = np.asarray(ds.skeletons.data[ds.skeletons.indices[i]])[:, idx]
+        assert np.array_equal(item["skeleton"].numpy(), stored)  # the skeleton at the same frame indices
+        skel, pose, depth = item["skeleton"].numpy(), item["pose2d"].numpy(), item["depth"][0].numpy()
+        for k in range(t):
+            for coco, ntu in ((1, 2), (8, 16), (11, 12)):  # neck, right hip, left hip: on the torso
+                x, y, z = skel[:, k, ntu, 0]
+                u, v = 32 + focal * x / z, 32 - focal * y / z
+                assert abs(pose[0, k, coco, 0] + 0.5 - u / 64) < 2e-3 and abs(pose[1, k, coco, 0] + 0.5 - v / 64) < 2e-3
+                if 0 <= u < 64 and 0 <= v < 64 and depth[k, int(v), int(u)] > 0:
+                    hits += 1
+                    depth_err.append(abs(depth[k, int(v), int(u)] - z))
+    assert hits > 20 and np.median(depth_err) < 0.05  # depth under a joint = the joint's distance (metres)
