@@ -433,7 +433,7 @@ def resize_short_side(x, size):
 def horizontal_flip(x, p=0.5, generator=None, flow=False):
     """Flip each clip with probability p. flow=True: channel 0 is the horizontal displacement and changes sign."""
     clips, lead = _clips(x)
-    flip = torch.rand(clips.shape[0], generator=generator) < p
+    flip = (torch.rand(clips.shape[0], generator=generator) < p).to(x.device)
     out = clips.clone()
     if flip.any():
         out[flip] = out[flip].flip(-1)
@@ -846,10 +846,7 @@ class SkeletonDataset(torch.utils.data.Dataset):
     def __init__(self, data_path, label_path, num_frame_path=None, class_names=None, indices=None,
                  transform=None, strict=False, bad_files_path=None):
         import pickle
-        try:
-            self.data = np.load(_need(data_path, "float32 array (N, 3, T, V, M)"), mmap_mode="r")
-        except ValueError as e:
-            raise VideoReadError(f"{data_path}: not a numpy array ({e})") from None
+        self.data_path, self._data = _need(data_path, "float32 array (N, 3, T, V, M)"), None
         with open(_need(label_path, "pickle of (sample_names, labels)"), "rb") as f:
             self.sample_names, labels = pickle.load(f)
         self.labels = np.asarray(labels, dtype=np.int64)
@@ -864,6 +861,19 @@ class SkeletonDataset(torch.utils.data.Dataset):
         self.num_classes = int(self.labels.max()) + 1 if class_names is None else len(class_names)
         self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(self.num_classes)]
         self.transform, self.strict, self.bad_files_path, self.bad_files = transform, strict, bad_files_path, {}
+
+    @property
+    def data(self):
+        """The memory map, opened lazily so that DataLoader workers re-open it instead of receiving a copy."""
+        if self._data is None:
+            try:
+                self._data = np.load(_need(self.data_path, "float32 array (N, 3, T, V, M)"), mmap_mode="r")
+            except ValueError as e:
+                raise VideoReadError(f"{self.data_path}: not a numpy array ({e})") from None
+        return self._data
+
+    def __getstate__(self):
+        return {**self.__dict__, "_data": None}
 
     def __len__(self):
         return len(self.indices)

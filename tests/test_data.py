@@ -675,3 +675,25 @@ def test_toy_paired_modalities_are_aligned(tmp_path):
                     hits += 1
                     depth_err.append(abs(depth[k, int(v), int(u)] - z))
     assert hits > 20 and np.median(depth_err) < 0.05  # depth under a joint = the joint's distance (metres)
+
+
+def test_datasets_pickle_and_collate(toy_skeleton, toy_motion):
+    skel = common.build_dataset("toy-skeleton", toy_skeleton, "val")
+    clone = pickle.loads(pickle.dumps(skel))
+    assert clone._data is None and len(pickle.dumps(skel)) < 100_000  # the array is re-opened, not copied
+    assert torch.equal(clone[3]["skeleton"], skel[3]["skeleton"])
+    batch = next(iter(torch.utils.data.DataLoader(skel, batch_size=4)))
+    assert batch["skeleton"].shape == (4, 3, 64, 25, 2) and batch["label"].dtype == torch.int64
+    video = common.build_dataset("toy-motion", toy_motion, "val", clip_len=8, num_clips=2,
+                                 transform=lambda item: {"video": common.center_crop(item["video"], 56)})
+    batch = next(iter(torch.utils.data.DataLoader(video, batch_size=3)))
+    assert batch["video"].shape == (3, 2, 3, 8, 56, 56) and batch["frame_indices"].shape == (3, 2, 8)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_transforms_on_gpu_batch():
+    x = _static_clips(4).cuda()
+    g = torch.Generator().manual_seed(0)
+    out = common.normalize(common.color_jitter(common.horizontal_flip(
+        common.random_resized_crop_clip(x, 16, generator=g), 0.5, g), p=1.0, generator=g))
+    assert out.is_cuda and out.shape == (4, 3, 4, 16, 16) and _frames_equal(out)
