@@ -161,8 +161,9 @@ def _read_pyav(path, index_fn, size):
         raise VideoReadError(f"{path}: no frame could be decoded (expected {n})")
     real_last = max(frames)
     if last - real_last > max(8, n // 10):  # a few missing frames: over-reported length; many: truncated file
-        raise VideoReadError(f"{path}: truncated: decoding stopped at frame {real_last}, expected {n} frames")  # indices past the real end (over-reported length) repeat the last decoded frame
-    out = np.stack([frames[min(i, real_last)] if i in frames else frames[real_last] for i in indices.tolist()])
+        raise VideoReadError(f"{path}: truncated: decoding stopped at frame {real_last}, expected {n} frames")
+    # indices past the real end (over-reported length) repeat the last decoded frame
+    out = np.stack([frames[i] if i in frames else frames[real_last] for i in indices.tolist()])
     return _resize_frames(out, size) if isinstance(size, int) else out
 
 
@@ -1491,10 +1492,12 @@ def toy_skeleton_pose(action, s, rng):
                  _limb_dir(0.05 + bump * (0.8 * np.pi + 0.25 * osc), 0.1, side))
     elif name == "raise_both_hands":
         for side in (1, -1):
-            _set_arm(P, side, _limb_dir(0.05 + 0.9 * np.pi * bump, 0.3, side), _limb_dir(0.05 + 0.92 * np.pi * bump, 0.3, side))
+            _set_arm(P, side, _limb_dir(0.05 + 0.9 * np.pi * bump, 0.3, side),
+                     _limb_dir(0.05 + 0.92 * np.pi * bump, 0.3, side))
     elif name == "kick_right":
         lift = np.clip(np.sin(2 * np.pi * reps / 2 * s), 0, None)
-        _set_leg(P, -1, _limb_dir(0.5 * np.pi * lift, np.pi / 2, -1), _limb_dir(0.45 * np.pi * lift, np.pi / 2, -1))
+        _set_leg(P, -1, _limb_dir(0.5 * np.pi * lift, np.pi / 2, -1),
+                 _limb_dir(0.45 * np.pi * lift, np.pi / 2, -1))
     elif name in ("squat", "jump"):
         if name == "squat":
             drop = 0.35 * np.clip(np.abs(osc) * 1.2, 0, 1) * bump
@@ -1502,7 +1505,8 @@ def toy_skeleton_pose(action, s, rng):
             P[:, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 16, 20, 21, 22, 23, 24], 1] -= drop[:, None]
             for side in (1, -1):
                 _set_leg(P, side, _limb_dir(knee, np.pi / 2, side), _limb_dir(knee, -np.pi / 2, side))
-                _set_arm(P, side, _limb_dir(0.5 * np.pi * bump, np.pi / 2, side), _limb_dir(0.5 * np.pi * bump, np.pi / 2, side))
+                arm = _limb_dir(0.5 * np.pi * bump, np.pi / 2, side)  # arms forward for balance
+                _set_arm(P, side, arm, arm)
         else:
             P[:, :, 1] += 0.3 * np.clip(osc, 0, None)[:, None]
             for side in (1, -1):
@@ -1522,11 +1526,13 @@ def toy_skeleton_pose(action, s, rng):
                      _limb_dir(0.5 * np.pi, np.pi - 0.4 - 0.6 * gap, side))
     elif name == "punch_right":
         ext = np.clip(np.sin(2 * np.pi * reps * s), 0, None)
-        _set_arm(P, -1, _limb_dir(0.3 * np.pi + 0.2 * np.pi * ext, np.pi / 2, -1), _limb_dir(0.5 * np.pi, np.pi / 2 + (1 - ext) * 0.9, -1))
+        _set_arm(P, -1, _limb_dir(0.3 * np.pi + 0.2 * np.pi * ext, np.pi / 2, -1),
+                 _limb_dir(0.5 * np.pi, np.pi / 2 + (1 - ext) * 0.9, -1))
         _set_arm(P, 1, _limb_dir(0.3 * np.pi, np.pi / 2, 1), _limb_dir(0.75 * np.pi, np.pi / 2, 1))
     elif name == "touch_head":
         for side in (1, -1):
-            _set_arm(P, side, _limb_dir(0.05 + 0.7 * np.pi * bump, 0.2, side), _limb_dir(0.05 + 0.95 * np.pi * bump, np.pi - 0.2, side))
+            _set_arm(P, side, _limb_dir(0.05 + 0.7 * np.pi * bump, 0.2, side),
+                     _limb_dir(0.05 + 0.95 * np.pi * bump, np.pi - 0.2, side))
     else:  # two-person actions: the partner faces the subject 0.9 m away (rotated by pi about y)
         Q = np.repeat(_TOY_REST[None], T, 0)
         for B, sign in ((P, 1), (Q, -1)):

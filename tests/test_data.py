@@ -291,7 +291,8 @@ def test_ssv2_diving48_finegym_charades(tmp_path):
 
     root = tmp_path / "diving"
     root.mkdir()
-    (root / "Diving48_vocab.json").write_text(json.dumps([["Back", "15som", "05Twis", "FREE"], ["Back", "15som", "15Twis", "FREE"]]))
+    (root / "Diving48_vocab.json").write_text(json.dumps([["Back", "15som", "05Twis", "FREE"],
+                                                          ["Back", "15som", "15Twis", "FREE"]]))
     (root / "Diving48_V2_test.json").write_text(json.dumps([{"vid_name": "_8Vy3dlHg2w_00000", "label": 1,
                                                              "start_frame": 0, "end_frame": 52}]))
     samples, classes = common.parse_diving48(str(root), "val")
