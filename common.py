@@ -1338,6 +1338,15 @@ def check_data(name, root=None, decoder="auto", splits=("train", "val"), out=pri
         published = PUBLISHED_SIZES.get(name, {}).get(_split_name(split))
         out(f"[{split}] {len(ds)} samples" + (f" (published: {published})" if published else "")
             + f", {ds.num_classes} classes, {len(bad)} unreadable")
+        if isinstance(ds, (VideoDataset, KineticsSkeletonDataset)):
+            labels = [y for _, y in ds.samples if np.ndim(y) == 0 and not isinstance(y, float)]
+        else:
+            inner = ds.skeletons if isinstance(ds, PairedDataset) else ds
+            labels = inner.labels[inner.indices].tolist()
+        if labels:
+            counts = np.bincount(labels, minlength=ds.num_classes)
+            out(f"[{split}] labels {min(labels)}..{max(labels)}, per class: min {counts.min()}, max {counts.max()}, "
+                f"{int((counts == 0).sum())} classes without samples")
         if frames:
             out(f"[{split}] frames per video: min {min(frames)}, median {int(np.median(frames))}, max {max(frames)}")
         for path, reason in bad:
