@@ -698,3 +698,14 @@ def test_transforms_on_gpu_batch():
     out = common.normalize(common.color_jitter(common.horizontal_flip(
         common.random_resized_crop_clip(x, 16, generator=g), 0.5, g), p=1.0, generator=g))
     assert out.is_cuda and out.shape == (4, 3, 4, 16, 16) and _frames_equal(out)
+
+
+def test_pyav_seek_matches_decord_far_into_a_video(tmp_path):
+    path = str(tmp_path / "long.mp4")
+    common.write_video(path, common.render_toy_motion(np.random.default_rng(0), 4, 64, 160), gop=16)
+    sequential = common.read_video_frames(path, range(160), "pyav")  # first index 0: no seek
+    for idx in ([100, 101, 102, 150], [60, 159, 159, 200], [49, 49, 120]):
+        frames = common.read_video_frames(path, idx, "pyav")  # first index > 48: seeks
+        assert np.array_equal(frames, sequential[np.minimum(idx, 159)])
+        if HAVE_DECORD:
+            assert np.array_equal(frames, common.read_video_frames(path, idx, "decord"))
