@@ -1252,9 +1252,11 @@ def _skeleton_set(root, split, convert, **kwargs):
 def build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides=(1,), num_clips=1,
                   sampling="random", transform=None, modalities=None, fraction=1.0, per_class=None, seed=0,
                   decoder="auto", strict=False, bad_files_path=None, **dataset_options):
-    """The one entry point (see the README "Datasets" section for every layout). dataset_options: fold (UCF101,
-    HMDB51), ext (SSv2), list_file (videolist), size, jitter, step (VideoDataset), pre_normalize (NTU raw),
-    benchmark and num_videos (toy sets)."""
+    """The one entry point (see the README "Datasets" section for every layout).
+    transform(item: dict) -> dict gets the modality tensors of one sample ("video" uint8 (C, T, H, W), "flow",
+    "skeleton", ...) before "label", "index" and "frame_indices" are added. dataset_options: fold (UCF101, HMDB51),
+    ext (SSv2), list_file (videolist), size, jitter, step (VideoDataset), check_exists (drop listed but missing
+    videos, default True), pre_normalize (NTU raw), toy_seed (toy sets)."""
     root = root or os.path.join("data", name)
     skel_kwargs = dict(transform=transform, strict=strict, bad_files_path=bad_files_path)
     if name == "toy-skeleton":
