@@ -973,8 +973,17 @@ def _report_bad(dataset, path, reason):
         dataset.bad_files[path] = reason
         warnings.warn(f"skipping unreadable sample {path}: {reason}", stacklevel=3)
         if dataset.bad_files_path:
-            with open(dataset.bad_files_path, "a") as f:
-                f.write(f"{path}\t{reason}\n")
+            append_bad_files(dataset.bad_files_path, [(path, reason)])
+
+
+def append_bad_files(bad_files_path, entries):
+    """Append (path, reason) lines to bad_files.txt, skipping paths already listed (workers restart every epoch)."""
+    listed = set()
+    if os.path.exists(bad_files_path):
+        with open(bad_files_path) as f:
+            listed = {line.split("\t", 1)[0] for line in f}
+    with open(bad_files_path, "a") as f:
+        f.writelines(f"{p}\t{r}\n" for p, r in entries if p not in listed)
 
 
 def _load_or_replace(dataset, index, load):
@@ -1470,8 +1479,7 @@ def build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides=
                 if strict:
                     raise VideoReadError(f"{missing[0]}: file not found (and {len(missing) - 1} more; --strict-data)")
                 if bad_files_path:
-                    with open(bad_files_path, "a") as f:
-                        f.writelines(f"{p}\tfile not found\n" for p in missing)
+                    append_bad_files(bad_files_path, [(p, "file not found") for p in missing])
                 missing = set(missing)
                 samples = [s for s in samples if s[0] not in missing]
         if fraction < 1.0 or per_class is not None:

@@ -490,6 +490,11 @@ def test_bad_videos_are_replaced_logged_and_strict_raises(tmp_path, ramp_mp4):
     assert "0 bytes" in lines[0]
     ds[0]
     assert len(log.read_text().splitlines()) == 2  # logged once per file
+    restarted = common.build_dataset("videofolder", str(tmp_path / "vf"), "train", clip_len=4, sampling="uniform",
+                                     decoder="pyav", bad_files_path=str(log))  # a worker of the next epoch
+    with pytest.warns(UserWarning):
+        restarted[0]
+    assert len(log.read_text().splitlines()) == 2  # still once per file, not once per worker and epoch
     strict = common.build_dataset("videofolder", str(tmp_path / "vf"), "train", clip_len=4, decoder="pyav",
                                   strict=True)
     with pytest.raises(common.VideoReadError, match="empty.mp4"):
