@@ -356,10 +356,11 @@ def window_sides(tubelets):
     return (2 * extent.amax(dim=(2, 3))).ceil().long() + 3
 
 
-def render_windows(source, tubelets, side):
+def render_windows(source, tubelets, side, shape_id):
     """Patch pixels and alpha of n tubelets in per-frame windows of side S around their centres.
 
-    source (n, C, H, W): the frame of clip 1 the patches are cut from. tubelets: (n, ...) tensors.
+    source (n, C, H, W): the frame of clip 1 the patches are cut from. tubelets: (n, ...) tensors, all of shape
+    shape_id (index into SHAPES).
     Returns origin (n, T, 2) long (x, y of the window's top-left pixel), patch (n, C, T, S, S), alpha (n, T, S, S).
     Each window pixel p is mapped back into the patch, u = A_t^{-1} (p - c_t), and sampled from clip 1 at
     source_centre + u with one grid_sample for all tubelets and frames (Eq. 5.3 with the F(p, θ^t) of Eq. 5.7)."""
@@ -373,22 +374,22 @@ def render_windows(source, tubelets, side):
     j = torch.arange(side, dtype=torch.float, device=source.device).view(1, 1, 1, side)  # window columns
     i = j.view(1, 1, side, 1)  # window rows
 
-    def affine(scale, offset):  # (n, T, 2) per-axis factor and offset -> (n, T, S, S, 2) = scale * u + offset
-        out = [(offset[..., a, None, None] + scale[..., a, None, None] * u0[..., a, None, None])
-               + (scale[..., a, None, None] * inverse[..., a, 0, None, None]) * j
-               + (scale[..., a, None, None] * inverse[..., a, 1, None, None]) * i for a in (0, 1)]
-        return torch.stack(out, dim=-1)
+    def affine(scale, offset):  # (n, T, 2) per-axis factor and offset -> [x, y] of scale * u + offset, (n, T, S, S)
+        k = lambda v: v[..., None, None]
+        return [k(offset[..., a] + scale[..., a] * u0[..., a]) + k(scale[..., a] * inverse[..., a, 0]) * j
+                + k(scale[..., a] * inverse[..., a, 1]) * i for a in (0, 1)]
 
     to_source = 2 / torch.tensor([w, h], dtype=torch.float, device=source.device)  # pixels -> [-1, 1]
     source_0 = tubelets["source_centre"] * to_source - 1  # (n, 2), grid_sample's align_corners=False convention
-    grid = affine(to_source.expand(n, t, 2), source_0[:, None].expand(n, t, 2))  # (n, T, S, S, 2)
+    grid = torch.stack(affine(to_source.expand(n, t, 2), source_0[:, None].expand(n, t, 2)), -1)  # (n, T, S, S, 2)
     patch = F.grid_sample(source, grid.view(n, t * side, side, 2), mode="bilinear", padding_mode="zeros",
                           align_corners=False)  # (n, C, T*S, S)
     patch = patch.view(n, c, t, side, side)  # (n, C, T, S, S)
-    r = affine(2 / tubelets["size"][:, None].expand(n, t, 2), torch.zeros(n, t, 2, device=source.device)).abs()
-    shape = tubelets["shape"].view(n, 1, 1, 1)  # |u| / half-size in r is 1 on the patch border
-    d = torch.where(shape == 0, r.amax(-1), torch.where(shape == 1, r.norm(dim=-1), r.sum(-1)))  # (n, T, S, S)
-    # rectangle: L_inf, ellipse: L2, rhombus: L1 distance from the patch centre
+    rx, ry = (v.abs_() for v in affine(2 / tubelets["size"][:, None].expand(n, t, 2), torch.zeros(n, t, 2,
+                                                                                                  device=source.device)))
+    # |u| / half-size per axis, 1 on the patch border; distance from the centre per shape (one shape per call):
+    d = {0: lambda: torch.maximum(rx, ry), 1: lambda: torch.hypot(rx, ry), 2: lambda: rx + ry}[shape_id]()
+    # rectangle: L_inf, ellipse: L2, rhombus: L1
     soft = tubelets["soft"].view(n, 1, 1, 1)
     alpha = torch.where(soft < 1, ((1 - d) / (1 - soft).clamp_min(1e-6)).clamp(0, 1), (d < 1).float())
     return origin, patch, alpha * tubelets["opacity"][:, :, None, None]
@@ -398,7 +399,8 @@ def paste_tubelets(clip_1, clip_2, tubelets):
     """Eq. (5.4): v̂_i = v_i ⊙ {Tubelet_p1 .. Tubelet_pM}, the same patches, paths, masks and transforms on both.
 
     clip_1, clip_2 (B, C, T, H, W) uint8 or float; the patches are cut from clip_1. Returns float (B, C, T, H, W)
-    in the input's value range. Tubelets are grouped by window side (a few groups), not looped per sample/frame."""
+    in the input's value range. Tubelets are grouped by window side and shape (a few groups of many
+    tubelets each), never looped per sample or frame."""
     b, c, t, h, w = clip_1.shape
     m = tubelets["size"].shape[1]
     sides = window_sides(tubelets)  # (B, M)
@@ -409,11 +411,12 @@ def paste_tubelets(clip_1, clip_2, tubelets):
     canvas[0], canvas[1] = clip_1, clip_2  # (2, B, C, T, H, W) float
     plane = torch.arange(c * t, device=flat.device).view(1, c, t, 1, 1) * (h * w)  # (1, C, T, 1, 1)
     for j in range(m):  # tubelet j of every sample is pasted over tubelets 0 .. j - 1
-        for side in sides[:, j].unique().tolist():
-            batch = (sides[:, j] == side).nonzero()[:, 0]  # (n,)
+        groups = torch.unique(sides[:, j] * len(SHAPES) + tubelets["shape"][:, j]).tolist()
+        for side, shape_id in ((g // len(SHAPES), g % len(SHAPES)) for g in groups):  # same window side and shape
+            batch = ((sides[:, j] == side) & (tubelets["shape"][:, j] == shape_id)).nonzero()[:, 0]  # (n,)
             tube = {k: v[batch, j] for k, v in tubelets.items()}
             source = clip_1[batch, :, tube["source_frame"]].float()  # (n, C, H, W), the unpasted clip 1
-            origin, patch, alpha = render_windows(source, tube, side)  # (n,T,2), (n,C,T,S,S), (n,T,S,S)
+            origin, patch, alpha = render_windows(source, tube, side, shape_id)  # (n,T,2), (n,C,T,S,S), (n,T,S,S)
             grid = torch.arange(side, device=flat.device)
             y = origin[..., 1, None, None] + grid[:, None]  # (n, T, S, 1)
             x = origin[..., 0, None, None] + grid[None, :]  # (n, T, 1, S)
@@ -457,6 +460,27 @@ class TubeletCollate:
         batch = default_collate(items)
         batch["clip_q"], batch["clip_k"], _ = tubelet_pairs(batch.pop("video"), self.args)
         return batch
+
+
+def save_visualization(clip_q, clip_k, out_dir, num_pairs):
+    """--visualize N: PNG grid (rows: clip 1 and clip 2 of each pair, columns: frames) and an animated GIF.
+
+    clip_q, clip_k (B, C, T, H, W) in [0, 255], before colour jitter and normalisation. Returns the written paths."""
+    import os
+
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    n, t = min(num_pairs, clip_q.shape[0]), clip_q.shape[2]
+    rows = torch.stack([clip_q[:n], clip_k[:n]], dim=1).flatten(0, 1)  # (2N, C, T, H, W): pair i = rows 2i, 2i + 1
+    frames = rows.permute(0, 2, 1, 3, 4).flatten(0, 1) / 255  # (2N * T, C, H, W)
+    grid = make_grid(frames, nrow=t, padding=2, pad_value=1.0)  # (C, H', W')
+    to_image = lambda x: Image.fromarray((x.clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy())
+    png, gif = os.path.join(out_dir, "tubelet_pairs.png"), os.path.join(out_dir, "tubelet_pairs.gif")
+    to_image(grid).save(png)
+    movie = [to_image(make_grid(rows[:, :, f] / 255, nrow=2, padding=2, pad_value=1.0)) for f in range(t)]
+    movie[0].save(gif, save_all=True, append_images=movie[1:], duration=150, loop=0)
+    return png, gif
 
 
 # ==================================================================================================== TRAIN STEP

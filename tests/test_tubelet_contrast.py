@@ -310,3 +310,13 @@ def test_tubelet_collate_makes_pairs_in_workers():
              for i in range(3)]
     batch = tc.TubeletCollate(make_args())(items)
     assert batch["clip_q"].shape == batch["clip_k"].shape == (3, 3, 4, 32, 32) and "video" not in batch
+
+
+def test_visualization_writes_png_and_gif(tmp_path):
+    clip_1, clip_2, _ = tc.tubelet_pairs(torch.randint(0, 256, (3, 3, 4, 32, 32), dtype=torch.uint8), make_args())
+    png, gif = tc.save_visualization(clip_1, clip_2, str(tmp_path), 2)
+    from PIL import Image
+    with Image.open(png) as im:
+        assert im.size == (4 * 34 + 2, 4 * 34 + 2)  # 4 frames wide, 2 pairs x 2 clips high, 2 px padding
+    with Image.open(gif) as im:
+        assert im.n_frames == 4
