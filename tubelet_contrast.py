@@ -385,8 +385,8 @@ def render_windows(source, tubelets, side, shape_id):
     patch = F.grid_sample(source, grid.view(n, t * side, side, 2), mode="bilinear", padding_mode="zeros",
                           align_corners=False)  # (n, C, T*S, S)
     patch = patch.view(n, c, t, side, side)  # (n, C, T, S, S)
-    rx, ry = (v.abs_() for v in affine(2 / tubelets["size"][:, None].expand(n, t, 2), torch.zeros(n, t, 2,
-                                                                                                  device=source.device)))
+    zero = torch.zeros(n, t, 2, device=source.device)
+    rx, ry = (v.abs_() for v in affine(2 / tubelets["size"][:, None].expand(n, t, 2), zero))  # each (n, T, S, S)
     # |u| / half-size per axis, 1 on the patch border; distance from the centre per shape (one shape per call):
     d = {0: lambda: torch.maximum(rx, ry), 1: lambda: torch.hypot(rx, ry), 2: lambda: rx + ry}[shape_id]()
     # rectangle: L_inf, ellipse: L2, rhombus: L1

@@ -99,7 +99,8 @@ def main():
         ref_1, ref_2 = paste_loop(video.cpu(), clip_2.cpu(), tub_cpu)
         out_1, out_2 = tc.paste_tubelets(video, clip_2, tub)
         diff = max((out_1.cpu() - ref_1).abs().max().item(), (out_2.cpu() - ref_2).abs().max().item())
-        result.update({"loop_ms": round(1000 * t_loop, 1), "loop_pairs_per_s": round(opts.batch_size / (t_sample + t_loop), 1),
+        result.update({"loop_ms": round(1000 * t_loop, 1),
+                       "loop_pairs_per_s": round(opts.batch_size / (t_sample + t_loop), 1),
                        "speedup": round((t_sample + t_loop) / (t_sample + t_batched), 1),
                        "max_abs_diff_0_255": round(diff, 4)})
     for k in [k for k in result if k.endswith("pairs_per_s")]:
