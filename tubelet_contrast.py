@@ -504,6 +504,10 @@ def make_train_step(model, optimizer, run, args, prepare):
             z_q, z_k, negatives = model(clip_q, clip_k)
         loss, accuracy = info_nce(z_q.float(), z_k.float(), negatives, args.temperature)  # Eq. (5.1) in fp32
         run.step(loss, optimizer)
-        return {"loss": loss.detach(), "inst_acc": accuracy}
+        # in-batch instance discrimination: is k_i the closest of this batch's keys to q_i? Unlike inst_acc it
+        # cannot be won from a stale queue or from batch-norm statistics shared by the batch (chance 1/B)
+        with torch.no_grad():
+            batch_acc = ((z_q.float() @ z_k.float().t()).argmax(dim=1) == torch.arange(len(z_q), device=z_q.device))
+        return {"loss": loss.detach(), "inst_acc": accuracy, "batch_acc": batch_acc.float().mean()}
 
     return train_step

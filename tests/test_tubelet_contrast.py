@@ -299,7 +299,8 @@ def test_train_step_runs_tubelet_and_temporal():
     step = tc.make_train_step(model, opt, run, args, prepare)
     w0 = model.backbone.fc.weight.clone()
     out = step({"video": torch.randint(0, 256, (4, 3, 4, 32, 32), dtype=torch.uint8)})
-    assert set(out) >= {"loss", "inst_acc"} and torch.isfinite(out["loss"]) and run.steps == 1
+    assert set(out) >= {"loss", "inst_acc", "batch_acc"} and torch.isfinite(out["loss"]) and run.steps == 1
+    assert 0 <= out["batch_acc"] <= 1
     assert not torch.equal(w0, model.backbone.fc.weight) and model.queue_ptr.item() == 4
     args.baseline = "temporal"
     out = step({"video": torch.randint(0, 256, (4, 2, 3, 4, 32, 32), dtype=torch.uint8)})
