@@ -115,7 +115,7 @@ def finalize_method_args(args):
     if args.queue_size is None:
         data = str(getattr(args, "data", "toy"))
         args.queue_size = 1024 if toy else 16384 if data == "minik" else 65536 if data.startswith("k") else 16384
-    args.frame_strides = tuple(int(s) for s in str(args.frame_strides).split(","))
+    args.frame_strides = tuple(int(s) for s in str(args.frame_strides).strip("()").split(",") if s.strip())
     args.transforms = () if args.transform == "none" else tuple(t.strip() for t in args.transform.split(","))
     args.shape_ids = tuple(SHAPES.index(s.strip()) if s.strip() in SHAPES else -1 for s in args.shapes.split(","))
     checks = [
@@ -486,6 +486,20 @@ def save_visualization(clip_q, clip_k, out_dir, num_pairs):
 # ==================================================================================================== TRAIN STEP
 
 
+@torch.no_grad()
+def batch_accuracy(z_q, z_k, args):
+    """In-batch instance discrimination: is k_i the closest of the batch's keys to q_i (chance 1/(B-1) with
+    tubelets, 1/B for the baseline)? Unlike inst_acc it cannot be won from a stale queue or from batch-norm
+    statistics shared by the batch. With tubelets, k_(i-1) is pasted on q_i's own background (tubelet_pairs), so
+    it is left out: it would reward appearance, not the tubelets."""
+    similarity = z_q.float() @ z_k.float().t()  # (B, B)
+    b = similarity.shape[0]
+    if args.baseline == "none":
+        same_background = torch.arange(b, device=z_q.device).roll(1)  # key i - 1 has q_i's background
+        similarity[torch.arange(b), same_background] = float("-inf")
+    return (similarity.argmax(dim=1) == torch.arange(b, device=z_q.device)).float().mean()
+
+
 def make_train_step(model, optimizer, run, args, prepare):
     """One MoCo step on tubelet pairs (or temporal pairs with --baseline temporal).
 
@@ -504,10 +518,6 @@ def make_train_step(model, optimizer, run, args, prepare):
             z_q, z_k, negatives = model(clip_q, clip_k)
         loss, accuracy = info_nce(z_q.float(), z_k.float(), negatives, args.temperature)  # Eq. (5.1) in fp32
         run.step(loss, optimizer)
-        # in-batch instance discrimination: is k_i the closest of this batch's keys to q_i? Unlike inst_acc it
-        # cannot be won from a stale queue or from batch-norm statistics shared by the batch (chance 1/B)
-        with torch.no_grad():
-            batch_acc = ((z_q.float() @ z_k.float().t()).argmax(dim=1) == torch.arange(len(z_q), device=z_q.device))
-        return {"loss": loss.detach(), "inst_acc": accuracy, "batch_acc": batch_acc.float().mean()}
+        return {"loss": loss.detach(), "inst_acc": accuracy, "batch_acc": batch_accuracy(z_q, z_k, args)}
 
     return train_step

@@ -322,3 +322,12 @@ def test_visualization_writes_png_and_gif(tmp_path):
         assert im.size == (4 * 34 + 2, 4 * 34 + 2)  # 4 frames wide, 2 pairs x 2 clips high, 2 px padding
     with Image.open(gif) as im:
         assert im.n_frames == 4
+
+
+def test_batch_accuracy_ignores_the_key_that_shares_the_background():
+    z_q = torch.eye(4)
+    z_k = 0.9 * torch.eye(4).roll(-1, dims=0) + 0.1 * torch.eye(4)  # k_j ~ q_(j+1): k_(i-1) looks most like q_i
+    args = make_args()
+    assert tc.batch_accuracy(z_q, z_k, args) == 1.0  # k_(i-1) is left out, k_i is then the best match
+    args.baseline = "temporal"
+    assert tc.batch_accuracy(z_q, z_k, args) == 0.0  # nothing left out for the baseline
