@@ -18,45 +18,3297 @@ Sections (search for the banners):
     TRAINING LOOP    seeding, AMP, LR schedules, atomic checkpoints, auto-resume, logs, kNN monitor, `fit`
 """
 import argparse
+import json
+import math
 import os
+import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
 import sys
+import tempfile
+import threading
+import time
+import warnings
+from collections import defaultdict
 
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
+import torchvision.transforms.v2.functional as TF
 
 
 # ==================================================================================================== DISTRIBUTED
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def get_rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def is_main_process():
+    return get_rank() == 0
+
+
+@torch.no_grad()
+def all_gather_nograd(x):
+    """Concatenate `x` from every process along dim 0 (no gradient). The identity at world size 1."""
+    if get_world_size() == 1:
+        return x
+    gathered = [torch.empty_like(x) for _ in range(get_world_size())]
+    dist.all_gather(gathered, x.contiguous())
+    return torch.cat(gathered, dim=0)
+
+
+@torch.no_grad()
+def all_reduce(x, op="sum"):
+    """Sum or mean of `x` over processes, returned as a new tensor. The identity at world size 1."""
+    if op not in ("sum", "mean"):
+        raise ValueError(f"all_reduce: op must be 'sum' or 'mean', got {op!r}")
+    if get_world_size() == 1:
+        return x
+    x = x.clone()
+    dist.all_reduce(x)
+    return x / get_world_size() if op == "mean" else x
+
+
+def all_gather_objects(obj):
+    """A list with `obj` from every process (pickled; for small things such as RNG states)."""
+    if get_world_size() == 1:
+        return [obj]
+    gathered = [None] * get_world_size()
+    dist.all_gather_object(gathered, obj)
+    return gathered
+
+
+def _find_free_port():
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launched_by_torchrun():
+    return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def resolve_device_and_processes(args):
+    """Returns ("cuda" | "cpu", number of local processes) from --device and --gpus, with clear errors."""
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    device = args.device
+    if device == "auto":
+        device = "cuda" if visible > 0 and args.gpus != 0 else "cpu"
+        if device == "cpu" and args.gpus:
+            raise RuntimeError(f"--gpus {args.gpus} asks for more GPUs than are visible: 0. "
+                               f"For {args.gpus} CPU processes (gloo) pass --device cpu --gpus {args.gpus}")
+    if device == "cuda" and visible == 0:
+        raise RuntimeError("--device cuda was requested but no CUDA GPU is visible (torch.cuda.device_count() == 0); "
+                           "use --device cpu or --gpus 0")
+    if device == "cuda":
+        gpus = visible if args.gpus is None else args.gpus
+        if gpus > visible:
+            raise RuntimeError(f"--gpus {gpus} asks for more GPUs than are visible: {visible} "
+                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+        return device, max(gpus, 1)
+    # On CPU, --gpus N > 1 means N gloo processes: the distributed path, testable without GPUs.
+    return device, max(args.gpus or 1, 1)
+
+
+def launch(main_worker, args):
+    """Run `main_worker(args)` in 1..N processes: under torchrun, as N spawned local workers, or in-process.
+
+    torchrun (any number of nodes): every process already runs this script; `setup` reads its environment.
+    `--gpus N > 1` without torchrun: spawn N local workers on a free port (Barlow Twins' pattern).
+    Otherwise: run in this process, without a process group."""
+    if _launched_by_torchrun():
+        return main_worker(args)
+    device, nprocs = resolve_device_and_processes(args)
+    if nprocs == 1:
+        return main_worker(args)
+    port = _find_free_port()
+    print(f"launch: spawning {nprocs} {device.upper()} worker processes on 127.0.0.1:{port}", flush=True)
+    mp.spawn(_spawned_worker, args=(main_worker, args, nprocs, port), nprocs=nprocs, join=True)
+
+
+def _spawned_worker(local_rank, main_worker, args, world_size, port):
+    os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    main_worker(args)
+
 
 
 # ==================================================================================================== FLAGS
+def get_common_parser():
+    """The flags every script shares. A script extends it:
+
+        parser = argparse.ArgumentParser(description=__doc__, parents=[common.get_common_parser()])
+        group = parser.add_argument_group("method")  # the method's own flags
+        parser.set_defaults(lr=0.01, epochs=100)     # the method's paper defaults
+    """
+    parser = argparse.ArgumentParser(add_help=False, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = parser.add_argument_group("data")
+    g.add_argument("--data", default="toy", help="dataset name (see README 'Datasets'); 'toy' = this script's "
+                   "embedded toy set, written to --data-root on first use")
+    g.add_argument("--data-root", default=None, help="dataset folder (default: data/<dataset name>)")
+    g.add_argument("--decoder", default="auto", choices=["auto", "decord", "pyav", "torchcodec"],
+                   help="video decoder; auto = decord where installed, else PyAV")
+    g.add_argument("--data-fraction", type=float, default=1.0,
+                   help="stratified fraction of the training set, drawn with --seed (thesis Fig. 5.6 uses 0.05-0.5)")
+    g.add_argument("--strict-data", action="store_true",
+                   help="fail on an unreadable file instead of skipping it (skips are listed in bad_files.txt)")
+    g.add_argument("--workers", type=int, default=4, help="data-loading worker processes PER process; "
+                   "video decoding is usually the bottleneck: use 6-10 per GPU where cores allow")
+
+    g = parser.add_argument_group("hardware")
+    g.add_argument("--gpus", type=int, default=None, help="number of local GPUs (processes); 0 = CPU; "
+                   "default: all visible GPUs, else CPU. With --device cpu, N>1 runs N gloo processes")
+    g.add_argument("--device", default="auto", choices=["auto", "cuda", "cpu"])
+    g.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "off"],
+                   help="mixed precision; auto = bf16 on CUDA that supports it, fp16 + GradScaler on older CUDA, "
+                   "off on CPU")
+    g.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format (faster convs)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="SyncBatchNorm across processes (tubelet-contrast pretrains with it: 8 clips/GPU)")
+    g.add_argument("--deterministic", action="store_true",
+                   help="deterministic algorithms and cuDNN (slower); seeds are always set")
+
+    g = parser.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=100, help="epochs (the scripts set their paper's value)")
+    g.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many optimizer steps (smoke runs); the LR schedule still spans --epochs")
+    g.add_argument("--batch-size", type=int, default=32,
+                   help="GLOBAL batch size over all processes; each process gets batch-size / world-size")
+    g.add_argument("--lr", type=float, default=0.01, help="base learning rate for --batch-size (not rescaled)")
+    g.add_argument("--wd", type=float, default=1e-4, help="weight decay")
+    g.add_argument("--schedule", default="cosine", choices=["cosine", "multistep", "constant"],
+                   help="per-step learning-rate schedule")
+    g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up from 0 (cosine schedule)")
+    g.add_argument("--final-lr", type=float, default=0.0, help="learning rate at the end of the cosine schedule")
+    g.add_argument("--milestones", type=float, nargs="*", default=[],
+                   help="epochs at which the multistep schedule multiplies the LR by --lr-gamma")
+    g.add_argument("--lr-gamma", type=float, default=0.1)
+    g.add_argument("--clip-grad", type=float, default=None, help="clip the global gradient norm to this value")
+    g.add_argument("--seed", type=int, default=0, help="seed; process r uses seed + r (weights are synchronised)")
+
+    g = parser.add_argument_group("run folder")
+    g.add_argument("--out-dir", default=None, help="run folder (default: runs/<script>-<data>); "
+                   "rerunning with the same folder resumes")
+    g.add_argument("--resume", default="auto",
+                   help="auto = resume from <out-dir>/checkpoint.pth if it exists; none = start afresh; or a path")
+    g.add_argument("--log-every", type=int, default=20, help="optimizer steps between metrics.jsonl lines")
+    g.add_argument("--ckpt-every", type=int, default=500,
+                   help="optimizer steps between checkpoints (also at every epoch end and at the end)")
+    g.add_argument("--keep-every", type=int, default=0,
+                   help="keep a copy checkpoint_<epoch>.pth every N epochs (0 = never)")
+    g.add_argument("--knn-every", type=int, default=1,
+                   help="epochs between online kNN monitors (when the script has labelled data; 0 = off)")
+    return parser
+
 
 
 # ==================================================================================================== VIDEO DECODING
+# One reader per call, one decoder thread, indices clamped to the real frame count (decord can spin forever past
+# the end, dmlc/decord#373). Frame folders follow the CoCLR/ViCC layout: image_%05d.jpg and flow_%05d.jpg, 1-based.
+
+KINETICS_MEAN = (0.43216, 0.394666, 0.37645)  # torchvision video models (Kinetics-400)
+KINETICS_STD = (0.22803, 0.22145, 0.216989)
+FLOW_BOUND = 20.0  # CoCLR/ViCC/I3D: flow clipped to +-20 px and mapped linearly to 0..255
+
+
+class VideoReadError(RuntimeError):
+    """A video, frame folder or annotation file could not be read; the message names the file and the reason."""
+
+
+def _have(module):
+    try:
+        __import__(module)
+        return True
+    except Exception:  # a broken install (e.g. torchcodec without FFmpeg) counts as absent
+        return False
+
+
+def resolve_decoder(decoder="auto"):
+    """auto -> decord where installed (the declared default), else torchcodec, else PyAV (always installable)."""
+    if decoder != "auto":
+        if decoder not in ("decord", "pyav", "torchcodec"):
+            raise ValueError(f"--decoder: expected auto, decord, pyav or torchcodec, got {decoder!r}")
+        return decoder
+    for name, module in (("decord", "decord"), ("torchcodec", "torchcodec.decoders"), ("pyav", "av")):
+        if _have(module):
+            return name
+    raise VideoReadError("no video decoder: install one of decord, torchcodec, av (pip install av)")
+
+
+def _clamp(indices, num_frames):
+    return np.clip(np.asarray(indices, dtype=np.int64).reshape(-1), 0, max(num_frames - 1, 0))
+
+
+def _resize_frames(frames, size):
+    """frames uint8 (T, H, W, C); size (H, W) or int (short side). Bilinear with antialiasing."""
+    if size is None:
+        return frames
+    h, w = frames.shape[1:3]
+    if isinstance(size, int):
+        size = (size, max(1, round(w * size / h))) if h <= w else (max(1, round(h * size / w)), size)
+    if tuple(size) == (h, w):
+        return frames
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (T, C, H, W)
+    x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def _frame_files(folder, prefix):
+    try:
+        names = os.listdir(folder)
+    except OSError as e:
+        raise VideoReadError(f"{folder}: cannot list frame folder ({e.strerror})") from None
+    return sorted(n for n in names if n.startswith(prefix + "_") and n.endswith(".jpg"))
+
+
+def _read_jpegs(folder, prefix, index_fn, size, mode="RGB"):
+    from PIL import Image
+    n = len(_frame_files(folder, prefix))
+    if n == 0:
+        raise VideoReadError(f"{folder}: expected {prefix}_00001.jpg ... frames, found none")
+    indices = _clamp(index_fn(n), n)
+    cache, out = {}, []
+    for i in indices.tolist():
+        if i not in cache:
+            path = os.path.join(folder, f"{prefix}_{i + 1:05d}.jpg")
+            try:
+                with Image.open(path) as img:
+                    img = img.convert(mode)
+                    if size is not None and not isinstance(size, int):
+                        img = img.resize((size[1], size[0]), Image.BILINEAR)
+                    cache[i] = np.asarray(img)
+            except (OSError, ValueError) as e:
+                raise VideoReadError(f"{path}: cannot decode JPEG ({e})") from None
+        out.append(cache[i])
+    frames = np.stack(out)
+    return _resize_frames(frames, size) if isinstance(size, int) else frames
+
+
+def _read_decord(path, index_fn, size):
+    import decord
+    kwargs = {"width": size[1], "height": size[0]} if size is not None and not isinstance(size, int) else {}
+    vr = decord.VideoReader(path, ctx=decord.cpu(0), num_threads=1, **kwargs)
+    n = len(vr)
+    if n <= 0:
+        raise VideoReadError(f"{path}: decord reports 0 frames")
+    indices = _clamp(index_fn(n), n)
+    try:
+        frames = vr.get_batch(indices.tolist()).asnumpy()
+    except Exception:  # the container over-reported its length: retry with the tail pulled in (sec. A1.6)
+        frames = vr.get_batch(_clamp(indices, max(1, n - 8)).tolist()).asnumpy()
+    return _resize_frames(frames, size) if isinstance(size, int) else frames
+
+
+def _pyav_decode(container, stream, wanted, last, seek_to):
+    """Decode frames with indices in `wanted` up to `last` -> ({index: av frame}, index of the last decoded frame).
+    seek_to=None counts frames from the start (exact on every container); otherwise seek to the keyframe before
+    frame seek_to and derive indices from pts (constant frame rate assumed)."""
+    frames, i = {}, -1
+    if seek_to is None:
+        container.seek(0)
+        for i, frame in enumerate(container.decode(stream)):
+            if i in wanted:
+                frames[i] = frame
+            if i >= last:
+                break
+        return frames, i
+    start, rate, tb = stream.start_time or 0, stream.average_rate, stream.time_base
+    container.seek(start + int(seek_to / rate / tb), stream=stream, backward=True, any_frame=False)
+    for frame in container.decode(stream):
+        if frame.pts is None:
+            return None, -1
+        i = int(round(float((frame.pts - start) * tb * rate)))
+        if i in wanted:
+            frames[i] = frame
+        if i >= last:
+            break
+    return frames, i
+
+
+def _read_pyav(path, index_fn, size):
+    import av
+    with av.open(path) as container:
+        if not container.streams.video:
+            raise VideoReadError(f"{path}: no video stream")
+        stream = container.streams.video[0]
+        stream.codec_context.thread_count = 1
+        n = stream.frames
+        if n <= 0 and stream.duration and stream.average_rate:  # webm/mkv carry no frame count
+            n = int(round(float(stream.duration * stream.time_base * stream.average_rate)))
+        if n <= 0:
+            raise VideoReadError(f"{path}: PyAV cannot determine the frame count")
+        indices = _clamp(index_fn(n), n)
+        wanted, first, last = set(indices.tolist()), int(indices.min()), int(indices.max())
+        frames = None
+        # Clips far into the video: seek to the keyframe before the first frame (decoding the prefix costs
+        # ~0.5 ms/frame at 340x256, sec. A1.5); the result is used only if it holds every wanted frame that
+        # exists, else (variable frame rate, odd pts) the video is decoded from the start, counting frames.
+        if first > 48 and stream.average_rate and stream.time_base:
+            frames, decoded_last = _pyav_decode(container, stream, wanted, last, first)
+            if frames is not None and any(i not in frames for i in wanted if i <= decoded_last):
+                frames = None
+        if frames is None:
+            frames, decoded_last = _pyav_decode(container, stream, wanted, last, None)
+        if not frames:
+            raise VideoReadError(f"{path}: no frame could be decoded (expected {n})")
+        if last - decoded_last > max(8, n // 10):  # a few missing frames: over-reported length; many: truncated
+            raise VideoReadError(f"{path}: truncated: decoding stopped at frame {decoded_last}, expected {n} frames")
+        kwargs = {"width": size[1], "height": size[0]} if size is not None and not isinstance(size, int) else {}
+        arrays = {i: f.to_ndarray(format="rgb24", **kwargs) for i, f in frames.items()}
+    # indices past the real end (over-reported length) repeat the last wanted frame that was decoded
+    fallback = arrays[max(arrays)]
+    out = np.stack([arrays.get(i, fallback) for i in indices.tolist()])
+    return _resize_frames(out, size) if isinstance(size, int) else out
+
+
+def _read_torchcodec(path, index_fn, size):
+    from torchcodec.decoders import VideoDecoder
+    dec = VideoDecoder(path, dimension_order="NHWC", num_ffmpeg_threads=1, seek_mode="exact")
+    n = dec.metadata.num_frames
+    if not n:
+        raise VideoReadError(f"{path}: torchcodec reports 0 frames")
+    indices = _clamp(index_fn(n), n)
+    frames = dec.get_frames_at(indices=indices.tolist()).data.numpy()
+    return _resize_frames(frames, size)
+
+
+def _read_frames(path, index_fn, decoder="auto", size=None):
+    """index_fn(num_frames) -> indices: lets one reader both count and read (one open per sample)."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return _read_jpegs(path, "image", index_fn, size)
+    if not os.path.exists(path):
+        raise VideoReadError(f"{path}: file not found")
+    if os.path.getsize(path) == 0:
+        raise VideoReadError(f"{path}: empty file (0 bytes)")
+    backend = resolve_decoder(decoder)
+    read = {"decord": _read_decord, "pyav": _read_pyav, "torchcodec": _read_torchcodec}[backend]
+    try:
+        return read(path, index_fn, size)
+    except Exception as e:  # decoder-specific exception types, all reported the same way
+        reason = str(e) if isinstance(e, VideoReadError) else f"{path}: {backend} failed: {type(e).__name__}: {e}"
+    if decoder == "auto" and backend != "pyav" and _have("av"):
+        # decord fails on some valid files (e.g. 48-pixel-wide frames: a buffer size check); PyAV gets a second try
+        try:
+            return _read_pyav(path, index_fn, size)
+        except Exception as e:
+            reason += f"; pyav: {type(e).__name__}: {str(e).replace(path + ': ', '')}"
+    raise VideoReadError(reason)
+
+
+def read_video_frames(path, indices, decoder="auto", size=None):
+    """Frames `indices` of a video file or image_%05d.jpg folder -> uint8 (T, H, W, C), indices clamped.
+
+    size: None, (H, W) (resized inside the decoder where it can) or int (short side)."""
+    return _read_frames(path, lambda n: indices, decoder, size)
+
+
+def count_frames(path, decoder="auto"):
+    """Number of frames of a video file (as the container/decoder reports it) or of a frame folder."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        return len(_frame_files(path, "image")) or len(_frame_files(path, "flow"))
+    result = []
+    _read_frames(path, lambda n: result.append(n) or [0], decoder)
+    return result[0]
+
+
+def flow_to_uint8(flow):
+    """float flow (..., 2) in pixels -> uint8 (..., 3): u, v in channels 0, 1, channel 2 = 128 (CoCLR/ViCC)."""
+    q = np.round((np.clip(flow, -FLOW_BOUND, FLOW_BOUND) + FLOW_BOUND) * 255.0 / (2 * FLOW_BOUND))
+    out = np.full(flow.shape[:-1] + (3,), 128, dtype=np.uint8)
+    out[..., :2] = q.astype(np.uint8)
+    return out
+
+
+def uint8_to_flow(img):
+    """uint8 (..., >=2) flow image -> float32 (..., 2) pixels in [-20, 20]."""
+    return img[..., :2].astype(np.float32) * (2 * FLOW_BOUND / 255.0) - FLOW_BOUND
+
+
+def write_flow_frames(flow, folder, start=1):
+    """flow float (T, H, W, 2) -> folder/flow_%05d.jpg (JPEG quality 100, 4:4:4 so u and v do not bleed)."""
+    from PIL import Image
+    os.makedirs(folder, exist_ok=True)
+    for t, img in enumerate(flow_to_uint8(np.asarray(flow, dtype=np.float32))):
+        Image.fromarray(img).save(os.path.join(folder, f"flow_{t + start:05d}.jpg"), quality=100, subsampling=0)
+
+
+def read_flow_frames(folder, indices, size=None):
+    """flow_%05d.jpg frames -> float32 (T, H, W, 2) in pixels. With size=(H, W) the vectors are rescaled too."""
+    frames = _read_jpegs(folder, "flow", lambda n: indices, None)
+    flow = uint8_to_flow(frames)
+    if size is not None:
+        h, w = flow.shape[1:3]
+        if isinstance(size, int):
+            size = (size, max(1, round(w * size / h))) if h <= w else (max(1, round(h * size / w)), size)
+        x = F.interpolate(torch.from_numpy(flow).permute(0, 3, 1, 2), size=tuple(size), mode="bilinear",
+                          align_corners=False, antialias=True)  # (T, 2, H', W')
+        x = x * torch.tensor([size[1] / w, size[0] / h]).view(1, 2, 1, 1)  # displacements scale with the image
+        flow = x.permute(0, 2, 3, 1).contiguous().numpy()
+    return flow
+
+
+def write_video(path, frames, fps=8, crf=18, gop=16, faststart=False):
+    """uint8 (T, H, W, 3), H and W even -> H.264 mp4 with PyAV's bundled libx264 (single thread: deterministic).
+    faststart=True puts the index (moov) before the data, as web downloads have it."""
+    import av
+    frames = np.asarray(frames, dtype=np.uint8)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with av.open(path, "w", options={"movflags": "faststart"} if faststart else {}) as container:
+        stream = container.add_stream("libx264", rate=fps)
+        stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+        stream.options = {"crf": str(crf), "g": str(gop), "threads": "1", "preset": "fast"}
+        for img in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
 
 
 # ==================================================================================================== CLIP SAMPLING
+# All samplers return int64 frame indices; the readers clamp them to the real length, so a clip longer than the
+# video repeats its last frame. Paired modalities read the same index array (identical temporal positions).
+
+
+def sample_random_clip(num_frames, clip_len, strides=(1,), rng=None, jitter=False):
+    """One random clip (clip_len,): a stride drawn from `strides`, a uniform start; jitter=True moves every frame
+    by a random offset inside its stride slot (temporal jitter; indices stay increasing)."""
+    rng = np.random.default_rng() if rng is None else rng
+    strides = [strides] if np.isscalar(strides) else list(strides)
+    stride = int(strides[rng.integers(len(strides))])
+    span = clip_len * stride if jitter else (clip_len - 1) * stride + 1  # with jitter each frame owns a slot
+    start = int(rng.integers(0, max(num_frames - span, 0) + 1))
+    indices = start + stride * np.arange(clip_len, dtype=np.int64)
+    if jitter and stride > 1:
+        indices = indices + rng.integers(0, stride, size=clip_len)
+    return indices
+
+
+def sample_uniform_clips(num_frames, clip_len, stride=1, num_clips=1):
+    """num_clips evenly spaced clips covering the video (test-time multi-clip) -> (num_clips, clip_len)."""
+    span = (clip_len - 1) * stride + 1
+    starts = np.linspace(0, max(num_frames - span, 0), num_clips).round().astype(np.int64)
+    return starts[:, None] + stride * np.arange(clip_len, dtype=np.int64)[None, :]
+
+
+def sample_sliding_windows(num_frames, clip_len, stride=1, step=None):
+    """Dense sliding windows every `step` frames (default: one clip span, no overlap) -> (K, clip_len); the last
+    window is aligned with the end of the video so every frame is covered."""
+    span = (clip_len - 1) * stride + 1
+    step = span if step is None else step
+    starts = list(range(0, max(num_frames - span, 0) + 1, step))
+    if num_frames > span and starts[-1] != num_frames - span:
+        starts.append(num_frames - span)
+    return np.asarray(starts, dtype=np.int64)[:, None] + stride * np.arange(clip_len, dtype=np.int64)[None, :]
+
+
+def sample_consecutive_clips(num_frames, clip_len, stride=1):
+    """The whole video as consecutive non-overlapping clips (video-level features) -> (ceil(N/(T*s)), clip_len);
+    the last clip is padded by repeating the last frame."""
+    k = max(1, -(-num_frames // (clip_len * stride)))
+    indices = np.arange(k * clip_len, dtype=np.int64).reshape(k, clip_len) * stride
+    return np.minimum(indices, num_frames - 1)
+
+
+def sample_clip_indices(num_frames, clip_len, strides=(1,), num_clips=1, sampling="random", rng=None,
+                        jitter=False, step=None):
+    """Dispatcher used by the datasets -> (K, clip_len). sampling: random | uniform | sliding | consecutive."""
+    strides = [strides] if np.isscalar(strides) else list(strides)
+    if sampling == "random":
+        rng = np.random.default_rng() if rng is None else rng
+        return np.stack([sample_random_clip(num_frames, clip_len, strides, rng, jitter) for _ in range(num_clips)])
+    if sampling == "uniform":
+        return sample_uniform_clips(num_frames, clip_len, strides[0], num_clips)
+    if sampling == "sliding":
+        return sample_sliding_windows(num_frames, clip_len, strides[0], step)
+    if sampling == "consecutive":
+        return sample_consecutive_clips(num_frames, clip_len, strides[0])
+    raise ValueError(f"sampling: expected random, uniform, sliding or consecutive, got {sampling!r}")
 
 
 # ==================================================================================================== TRANSFORMS
+# Layout (..., C, T, H, W), uint8 or float in [0, 1]; every leading index is one clip and gets its own random
+# parameters, shared by all its frames (clip-consistent). Pass generators seeded alike to apply identical
+# parameters to paired modalities of equal H, W (e.g. RGB and depth), or stack clips and use shared=True.
+
+
+def _uniform(lo, hi, generator=None):
+    return lo + (hi - lo) * torch.rand((), generator=generator).item()
+
+
+def _clips(x):
+    """(..., C, T, H, W) -> (N, C, T, H, W) view and the leading shape."""
+    if x.dim() < 4:
+        raise ValueError(f"expected a clip tensor (..., C, T, H, W), got shape {tuple(x.shape)}")
+    return x.reshape(-1, *x.shape[-4:]), x.shape[:-4]
+
+
+def _resize_clip(clip, size):
+    """(C, T, h, w) -> (C, T, size[0], size[1]), bilinear with antialiasing, dtype kept."""
+    x = clip.transpose(0, 1).float()  # (T, C, h, w)
+    x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+    if clip.dtype == torch.uint8:
+        x = x.round_().clamp_(0, 255).to(torch.uint8)
+    return x.transpose(0, 1).to(clip.dtype)
+
+
+def _pair(size):
+    return (size, size) if isinstance(size, int) else tuple(size)
+
+
+def random_resized_crop_clip(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
+    """torchvision RandomResizedCrop parameters (10 tries, then a centre crop), one box per clip."""
+    clips, lead = _clips(x)
+    height, width = clips.shape[-2:]
+    out = []
+    for clip in clips:
+        for _ in range(10):
+            area = height * width * _uniform(scale[0], scale[1], generator)
+            aspect = math.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), generator))
+            w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+            if 0 < w <= width and 0 < h <= height:
+                i = int(torch.randint(0, height - h + 1, (), generator=generator))
+                j = int(torch.randint(0, width - w + 1, (), generator=generator))
+                break
+        else:
+            aspect_in = width / height
+            if aspect_in < min(ratio):
+                w, h = width, int(round(width / min(ratio)))
+            elif aspect_in > max(ratio):
+                h, w = height, int(round(height * max(ratio)))
+            else:
+                w, h = width, height
+            i, j = (height - h) // 2, (width - w) // 2
+        out.append(_resize_clip(clip[..., i:i + h, j:j + w], _pair(size)))
+    return torch.stack(out).reshape(*lead, *out[0].shape)
+
+
+def multiscale_corner_crop(x, size, scales=(1.0, 0.875, 0.75, 0.66), generator=None):
+    """TSN multi-scale crop: crop width and height each min(H, W) * a scale from `scales` (|i - j| <= 1 in the
+    scale list), placed at one of 4 corners or the centre, resized to size."""
+    clips, lead = _clips(x)
+    height, width = clips.shape[-2:]
+    base = min(height, width)
+    out = []
+    for clip in clips:
+        while True:
+            si, sj = (int(torch.randint(0, len(scales), (), generator=generator)) for _ in range(2))
+            if abs(si - sj) <= 1:
+                break
+        h, w = int(base * scales[si]), int(base * scales[sj])
+        corner = int(torch.randint(0, 5, (), generator=generator))
+        i, j = [(0, 0), (0, width - w), (height - h, 0), (height - h, width - w),
+                ((height - h) // 2, (width - w) // 2)][corner]
+        out.append(_resize_clip(clip[..., i:i + h, j:j + w], _pair(size)))
+    return torch.stack(out).reshape(*lead, *out[0].shape)
+
+
+def center_crop(x, size):
+    h, w = _pair(size)
+    height, width = x.shape[-2:]
+    if h > height or w > width:
+        raise ValueError(f"center_crop: crop {h}x{w} larger than the clip {height}x{width}")
+    i, j = (height - h) // 2, (width - w) // 2
+    return x[..., i:i + h, j:j + w]
+
+
+def resize_short_side(x, size):
+    """Resize so that min(H, W) == size, keeping the aspect ratio."""
+    height, width = x.shape[-2:]
+    if height <= width:
+        new = (size, max(1, int(round(width * size / height))))
+    else:
+        new = (max(1, int(round(height * size / width))), size)
+    clips, lead = _clips(x)
+    out = torch.stack([_resize_clip(c, new) for c in clips])
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def horizontal_flip(x, p=0.5, generator=None, flow=False):
+    """Flip each clip with probability p. flow=True: channel 0 is the horizontal displacement and changes sign."""
+    clips, lead = _clips(x)
+    flip = (torch.rand(clips.shape[0], generator=generator) < p).to(x.device)
+    out = clips.clone()
+    if flip.any():
+        out[flip] = out[flip].flip(-1)
+        if flow:
+            out[flip, 0] = -out[flip, 0]
+    return out.reshape(x.shape)
+
+
+def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8, shared=False, generator=None):
+    """Colour jitter (torchvision factors, random order) on RGB clips, applied with probability p per clip.
+    shared=True draws one set of parameters for every clip in x (e.g. torch.stack of two views)."""
+    clips, lead = _clips(x)
+    if clips.shape[1] != 3:
+        raise ValueError(f"color_jitter: expected 3 channels, got shape {tuple(x.shape)}")
+    out, params = [], None
+    for clip in clips:
+        if params is None or not shared:
+            params = (torch.rand((), generator=generator).item() < p,
+                      _uniform(max(0, 1 - brightness), 1 + brightness, generator),
+                      _uniform(max(0, 1 - contrast), 1 + contrast, generator),
+                      _uniform(max(0, 1 - saturation), 1 + saturation, generator),
+                      _uniform(-hue, hue, generator), torch.randperm(4, generator=generator).tolist())
+        apply, b, c, s, h, order = params
+        img = clip.transpose(0, 1)  # (T, C, H, W): torchvision's image layout
+        if apply:
+            for k in order:
+                if k == 0:
+                    img = TF.adjust_brightness(img, b)
+                elif k == 1:
+                    img = TF.adjust_contrast(img, c)
+                elif k == 2:
+                    img = TF.adjust_saturation(img, s)
+                else:
+                    img = TF.adjust_hue(img, h)
+        out.append(img.transpose(0, 1))
+    return torch.stack(out).reshape(x.shape)
+
+
+def random_grayscale(x, p=0.2, generator=None):
+    """Replace RGB by its luma (ITU-R 601, 3 channels kept) with probability p per clip."""
+    clips, lead = _clips(x)
+    out = clips.clone()
+    gray = torch.rand(clips.shape[0], generator=generator) < p
+    for n in torch.nonzero(gray).flatten().tolist():
+        out[n] = TF.rgb_to_grayscale(clips[n].transpose(0, 1), num_output_channels=3).transpose(0, 1)
+    return out.reshape(x.shape)
+
+
+def gaussian_blur(x, sigma=(0.1, 2.0), p=0.5, kernel_size=None, generator=None):
+    """Gaussian blur with sigma ~ U(sigma) per clip with probability p (SimCLR: kernel ~ 10 % of the side)."""
+    clips, lead = _clips(x)
+    if kernel_size is None:
+        kernel_size = max(3, int(0.1 * min(clips.shape[-2:])) // 2 * 2 + 1)
+    out = clips.clone()
+    for n in range(clips.shape[0]):
+        s = _uniform(sigma[0], sigma[1], generator)
+        if torch.rand((), generator=generator).item() < p:
+            out[n] = TF.gaussian_blur(clips[n].transpose(0, 1), [kernel_size, kernel_size], [s, s]).transpose(0, 1)
+    return out.reshape(x.shape)
+
+
+def normalize(x, mean=KINETICS_MEAN, std=KINETICS_STD):
+    """uint8 (0..255) or float (0..1) clips -> float32 (x - mean) / std per channel (dim -4)."""
+    x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
+    mean = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
+    std = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(-1, 1, 1, 1)
+    return (x - mean) / std
 
 
 # ==================================================================================================== DATASETS
+# build_dataset(name, root, split, ...) -> Dataset of dicts. Parsers turn the official annotation files into a
+# list of (path, label); three small Dataset classes read videos, skeleton arrays or Kinetics-Skeleton JSON.
+# Bad data: a sample that cannot be read is replaced by the next one (index + 1, + 2, ...), named in a warning
+# once per file and process, and appended as "path<TAB>reason" to bad_files_path; strict=True raises instead.
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v")
+PUBLISHED_SIZES = {  # split sizes stated by the papers (thesis Table 5.1; NTU README); check-data compares
+    "ucf101": {"train": 9537, "val": 3783}, "hmdb51": {"train": 3570, "val": 1530},
+    "ssv2": {"train": 168913, "val": 24777}, "gym99": {"train": 20484, "val": 8521},
+    "fx-s1": {"train": 1882, "val": 777}, "ub-s1": {"train": 3511, "val": 1471},
+    "charades": {"train": 7985, "val": 1863}, "ucfrep": {"train": 421, "val": 105},
+    "k400": {"train": 246535, "val": 19907},  # full YouTube list; local copies miss ~6-10 % (sec. A2)
+    "ntu60-xsub": {"train": 40320, "val": 16560}, "ntu60-xview": {"train": 37920, "val": 18960},
+}
+# FineGym-99 label ranges per event (gym99_categories: VT 0-5, FX 6-40, BB 41-73, UB 74-98); FX-S1 = 6-16
+# (leaps-jumps-hops), UB-S1 = 74-88 (circles) as in SEVERE, relabelled from 0.
+GYM_SUBSETS = {"gym-vault": range(0, 6), "gym-floor": range(6, 41), "fx-s1": range(6, 17), "ub-s1": range(74, 89)}
+NTU_XSUB_TRAIN = (1, 2, 4, 5, 8, 9, 13, 14, 15, 16, 17, 18, 19, 25, 27, 28, 31, 34, 35, 38)
+NTU120_XSUB_TRAIN = NTU_XSUB_TRAIN + (45, 46, 47, 49, 50, 52, 53, 54, 55, 56, 57, 58, 59, 70, 74, 78, 80, 81, 82,
+                                      83, 84, 85, 86, 89, 91, 92, 93, 94, 95, 97, 98, 100, 103)
+
+
+def _need(path, what):
+    if not os.path.exists(path):
+        raise VideoReadError(f"{path}: missing; expected {what}")
+    return path
+
+
+def _read_lines(path, what):
+    with open(_need(path, what)) as f:
+        return [line.strip() for line in f if line.strip()]
+
+
+def normalize_label(name):
+    """torchvision's Kinetics folder names: spaces -> '_', quotes and parentheses removed."""
+    return name.replace(" ", "_").replace("'", "").replace("(", "").replace(")", "").strip()
+
+
+def _split_name(split, val="val"):
+    if split in ("val", "test", "validation"):
+        return val
+    if split != "train":
+        raise ValueError(f"split: expected train or val, got {split!r}")
+    return "train"
+
+
+def parse_kinetics(root, split):
+    """root/annotations/{train,val}.csv (label,youtube_id,time_start,time_end,split) +
+    root/{train,val}/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4; classes = sorted train labels."""
+    import csv
+    split = _split_name(split)
+
+    def rows(s):
+        path = _need(os.path.join(root, "annotations", f"{s}.csv"), "the Kinetics annotation CSV")
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            missing = {"label", "youtube_id", "time_start", "time_end"} - set(reader.fieldnames or [])
+            if missing:
+                raise VideoReadError(f"{path}: missing column(s) {sorted(missing)}; header is {reader.fieldnames}")
+            return list(reader)
+    classes = sorted({normalize_label(r["label"]) for r in rows("train")})
+    index = {c: i for i, c in enumerate(classes)}
+    samples = []
+    for r in rows(split):
+        label = normalize_label(r["label"])
+        name = f"{r['youtube_id']}_{int(float(r['time_start'])):06d}_{int(float(r['time_end'])):06d}.mp4"
+        samples.append((os.path.join(root, split, label, name), index[label]))
+    return samples, classes
+
+
+def parse_ucf101(root, split, fold=1):
+    """root/ucfTrainTestlist/{classInd.txt, trainlist0F.txt, testlist0F.txt} + root/UCF-101/<Class>/<v_...>.avi."""
+    lists = os.path.join(root, "ucfTrainTestlist")
+    classes = [line.split()[1] for line in _read_lines(os.path.join(lists, "classInd.txt"), "'1 ApplyEyeMakeup' lines")]
+    index = {c: i for i, c in enumerate(classes)}
+    name = f"{'trainlist' if _split_name(split) == 'train' else 'testlist'}{fold:02d}.txt"
+    samples = []
+    for line in _read_lines(os.path.join(lists, name), "UCF101 split list"):
+        rel = line.split()[0]
+        samples.append((os.path.join(root, "UCF-101", rel), index[rel.split("/")[0]]))
+    return samples, classes
+
+
+def parse_hmdb51(root, split, fold=1):
+    """root/testTrainMulti_7030_splits/<class>_test_split{F}.txt ('<video>.avi <tag>', 1 train, 2 test) +
+    root/hmdb51_org/<class>/<video>.avi."""
+    lists = os.path.join(root, "testTrainMulti_7030_splits")
+    suffix = f"_test_split{fold}.txt"
+    files = sorted(f for f in os.listdir(_need(lists, "HMDB51 split folder")) if f.endswith(suffix))
+    if not files:
+        raise VideoReadError(f"{lists}: expected <class>{suffix} files, found none")
+    classes = [f[:-len(suffix)] for f in files]
+    tag = "1" if _split_name(split) == "train" else "2"
+    samples = []
+    for label, (c, f) in enumerate(zip(classes, files)):
+        for line in _read_lines(os.path.join(lists, f), "HMDB51 split file"):
+            video, t = line.split()[:2]
+            if t == tag:
+                samples.append((os.path.join(root, "hmdb51_org", c, video), label))
+    return samples, classes
+
+
+def parse_ssv2(root, split, ext="webm"):
+    """root/labels/something-something-v2-{train,validation,labels}.json + root/videos/<id>.<ext>."""
+    import json
+    labels_path = _need(os.path.join(root, "labels", "something-something-v2-labels.json"), "template -> index JSON")
+    with open(labels_path) as f:
+        index = {k: int(v) for k, v in json.load(f).items()}
+    classes = [None] * len(index)
+    for k, v in index.items():
+        classes[v] = k
+    name = "train" if _split_name(split) == "train" else "validation"
+    with open(_need(os.path.join(root, "labels", f"something-something-v2-{name}.json"), "SSv2 list JSON")) as f:
+        items = json.load(f)
+    samples = [(os.path.join(root, "videos", f"{it['id']}.{ext}"),
+                index[it["template"].replace("[", "").replace("]", "")]) for it in items]
+    return samples, classes
+
+
+def parse_finegym(root, split, name="gym99"):
+    """root/annotations/{gym99,gym288}_{train,val}.txt ('<clip>[.mp4] <label>') + root/subactions/<clip>.mp4.
+    Subsets (gym-vault, gym-floor, fx-s1, ub-s1) keep their gym99 label range, relabelled from 0."""
+    base = "gym288" if name == "gym288" else "gym99"
+    path = os.path.join(root, "annotations", f"{base}_{_split_name(split)}.txt")
+    samples, labels = [], set()
+    for line in _read_lines(path, f"'<clip> <label>' lines of {base}"):
+        clip, label = line.split()[:2]
+        clip = clip if os.path.splitext(clip)[1] in VIDEO_EXTENSIONS else clip + ".mp4"
+        samples.append((os.path.join(root, "subactions", clip), int(label)))
+        labels.add(int(label))
+    if name in GYM_SUBSETS:
+        keep = list(GYM_SUBSETS[name])
+        samples = [(p, keep.index(y)) for p, y in samples if y in keep]
+        return samples, [f"{base}_{y}" for y in keep]
+    num = 288 if base == "gym288" else 99
+    return samples, [f"{base}_{y}" for y in range(num)]
+
+
+def parse_diving48(root, split):
+    """root/Diving48_V2_{train,test}.json ([{vid_name, label, ...}]) + Diving48_vocab.json + root/rgb/<vid>.mp4."""
+    import json
+    with open(_need(os.path.join(root, "Diving48_vocab.json"), "the 48 label tuples")) as f:
+        classes = ["-".join(v) if isinstance(v, list) else str(v) for v in json.load(f)]
+    name = "train" if _split_name(split) == "train" else "test"
+    with open(_need(os.path.join(root, f"Diving48_V2_{name}.json"), "Diving48 list JSON")) as f:
+        items = json.load(f)
+    return [(os.path.join(root, "rgb", f"{it['vid_name']}.mp4"), int(it["label"])) for it in items], classes
+
+
+def parse_charades(root, split):
+    """root/Charades_v1_{train,test}.csv (id,...,actions='c092 11.90 21.20;...') + Charades_v1_classes.txt +
+    root/Charades_v1_480/<id>.mp4; label = multi-hot float32 (157,); action times kept in `segments`."""
+    import csv
+    classes = [line.split(" ", 1)[1] for line in
+               _read_lines(os.path.join(root, "Charades_v1_classes.txt"), "'c000 <name>' lines")]
+    name = "train" if _split_name(split) == "train" else "test"
+    path = _need(os.path.join(root, f"Charades_v1_{name}.csv"), "Charades annotation CSV")
+    samples = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if not {"id", "actions"} <= set(reader.fieldnames or []):
+            raise VideoReadError(f"{path}: expected columns id and actions; header is {reader.fieldnames}")
+        for r in reader:
+            y = np.zeros(len(classes), dtype=np.float32)
+            for act in filter(None, r["actions"].split(";")):
+                y[int(act.split()[0][1:])] = 1.0
+            samples.append((os.path.join(root, "Charades_v1_480", f"{r['id']}.mp4"), y))
+    return samples, classes
+
+
+def parse_ucfrep(root, split):
+    """root/annotations/{train,val}/<video>.mat (temporal_bound; needs scipy) or <video>.json
+    ({"temporal_bound": [...]}) + frames root/frames/<video>/image_%05d.jpg; label = len(temporal_bound) - 1."""
+    import json
+    folder = _need(os.path.join(root, "annotations", _split_name(split)), "UCFRep annotation folder")
+    samples = []
+    for f in sorted(os.listdir(folder)):
+        name, ext = os.path.splitext(f)
+        if ext == ".json":
+            with open(os.path.join(folder, f)) as fh:
+                bounds = json.load(fh)["temporal_bound"]
+        elif ext == ".mat":
+            try:
+                import scipy.io
+            except ImportError:
+                raise VideoReadError(f"{folder}/{f}: reading .mat needs scipy (pip install scipy) "
+                                     f"or convert to .json with a temporal_bound list") from None
+            bounds = scipy.io.loadmat(os.path.join(folder, f))["temporal_bound"].reshape(-1)
+        else:
+            continue
+        samples.append((os.path.join(root, "frames", name), float(len(bounds) - 1)))
+    return samples, ["count"]
+
+
+def parse_videofolder(root, split):
+    """root/{train,val}/<class>/<video file or frame folder>; classes = sorted folder names."""
+    folder = _need(os.path.join(root, _split_name(split)), "a folder of class folders")
+    classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
+    samples = []
+    for label, c in enumerate(classes):
+        for f in sorted(os.listdir(os.path.join(folder, c))):
+            path = os.path.join(folder, c, f)
+            if os.path.isdir(path) or os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS:
+                samples.append((path, label))
+    return samples, classes
+
+
+def parse_videolist(root, split, list_file=None):
+    """A text file (default root/{train,val}.txt) of 'path label' or 'path,label' lines (separator
+    auto-detected; mmaction's 'path num_frames label' also works: the label is the last field). Relative paths
+    are relative to root; an optional root/classes.txt names the classes."""
+    path = list_file or os.path.join(root, f"{_split_name(split)}.txt")
+    samples = []
+    for n, line in enumerate(_read_lines(path, "'path label' lines")):
+        fields = [x.strip() for x in line.split(",")] if "," in line else line.split()
+        if len(fields) < 2:
+            raise VideoReadError(f"{path}:{n + 1}: expected 'path label' or 'path,label', got {line!r}")
+        try:
+            label = int(fields[-1])
+        except ValueError:
+            raise VideoReadError(f"{path}:{n + 1}: label {fields[-1]!r} is not an integer") from None
+        samples.append((fields[0] if os.path.isabs(fields[0]) else os.path.join(root, fields[0]), label))
+    names_path = os.path.join(root, "classes.txt")
+    if os.path.exists(names_path):
+        classes = _read_lines(names_path, "one class name per line")
+    else:
+        classes = [str(i) for i in range(max(y for _, y in samples) + 1)] if samples else []
+    return samples, classes
+
+
+def stratified_subset(labels, fraction=1.0, per_class=None, seed=0):
+    """Indices of a class-stratified subset: per class round(fraction * n_c) (at least 1) samples, or a quota
+    of per_class samples (SEVERE's "1000 examples": per_class = ceil(1000 / C)). Sorted, deterministic by seed."""
+    labels = np.asarray(labels)
+    if labels.ndim > 1:  # multi-label: stratify by the first positive class
+        labels = labels.argmax(1)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        k = len(idx) if per_class is None else min(len(idx), int(per_class))
+        if fraction < 1.0:
+            k = min(k, max(1, int(round(fraction * len(idx)))))
+        keep.append(rng.permutation(idx)[:k])
+    return np.sort(np.concatenate(keep)) if keep else np.zeros(0, dtype=np.int64)
+
+
+def _seed_rng():
+    """numpy Generator from torch's RNG: distinct and reproducible per DataLoader worker (torch seeds them)."""
+    return np.random.default_rng(int(torch.randint(0, 2 ** 62, ())))
+
+
+def _report_bad(dataset, path, reason):
+    if dataset.strict:
+        raise VideoReadError(f"{path}: {reason} (--strict-data)")
+    if path not in dataset.bad_files:
+        dataset.bad_files[path] = reason
+        warnings.warn(f"skipping unreadable sample {path}: {reason}", stacklevel=3)
+        if dataset.bad_files_path:
+            append_bad_files(dataset.bad_files_path, [(path, reason)])
+
+
+def append_bad_files(bad_files_path, entries):
+    """Append (path, reason) lines to bad_files.txt, skipping paths already listed (workers restart every epoch)."""
+    listed = set()
+    if os.path.exists(bad_files_path):
+        with open(bad_files_path) as f:
+            listed = {line.split("\t", 1)[0] for line in f}
+    with open(bad_files_path, "a") as f:
+        f.writelines(f"{p}\t{r}\n" for p, r in entries if p not in listed)
+
+
+def _load_or_replace(dataset, index, load):
+    """load(i) for index, index + 1, ... until one reads (deterministic replacement); at most 20 tries."""
+    n = len(dataset)
+    for attempt in range(min(n, 20)):
+        i = (index + attempt) % n
+        try:
+            return load(i)
+        except (VideoReadError, OSError, ValueError, EOFError) as e:
+            path = dataset.sample_path(i)
+            _report_bad(dataset, path, str(e).replace(f"{path}: ", "").replace("\n", " ").replace("\t", " "))
+    raise VideoReadError(f"{dataset.sample_path(index)}: this and the next {min(n, 20) - 1} samples are unreadable")
+
+
+class VideoDataset(torch.utils.data.Dataset):
+    """(path, label) samples -> {"video": uint8 (C, T, H, W) or (K, C, T, H, W), "label", "index"}.
+
+    sampling: random (num_clips independent clips, stride drawn from frame_strides, optional temporal jitter),
+    uniform (num_clips evenly spaced), sliding / consecutive (all windows; K varies per video).
+    modalities: ("video",), ("flow",) or ("video", "flow") for frame folders with flow_%05d.jpg next to the
+    images: "flow" float32 (2, T, H, W) in pixels at the same indices as "video"."""
+
+    def __init__(self, samples, class_names, clip_len=16, frame_strides=(1,), num_clips=1, sampling="random",
+                 transform=None, modalities=None, decoder="auto", strict=False, bad_files_path=None, size=None,
+                 jitter=False, step=None):
+        self.samples, self.class_names = list(samples), list(class_names)
+        self.num_classes = len(self.class_names)
+        self.clip_len, self.frame_strides, self.num_clips = clip_len, frame_strides, num_clips
+        self.sampling, self.transform, self.decoder, self.size = sampling, transform, decoder, size
+        self.modalities = tuple(modalities or ("video",))
+        self.jitter, self.step = jitter, step
+        self.strict, self.bad_files_path, self.bad_files = strict, bad_files_path, {}
+
+    def __len__(self):
+        return len(self.samples)
+
+    def sample_path(self, i):
+        return self.samples[i][0]
+
+    def _indices(self, n, store):
+        store["indices"] = sample_clip_indices(n, self.clip_len, self.frame_strides, self.num_clips, self.sampling,
+                                               _seed_rng(), self.jitter, self.step)
+        return store["indices"].reshape(-1)
+
+    def _load(self, i):
+        path, label = self.samples[i]
+        item, store = {}, {}
+        if "video" in self.modalities:
+            frames = _read_frames(path, lambda n: self._indices(n, store), self.decoder, self.size)
+            k = store["indices"].shape[0]
+            video = torch.from_numpy(frames).view(k, self.clip_len, *frames.shape[1:]).permute(0, 4, 1, 2, 3)
+            item["video"] = video[0] if self.sampling in ("random", "uniform") and self.num_clips == 1 else video
+        if "flow" in self.modalities:
+            flow_dir = path if os.path.isdir(path) else os.path.splitext(path)[0]
+            if "indices" not in store:
+                self._indices(len(_frame_files(flow_dir, "flow")), store)
+            flow = read_flow_frames(flow_dir, store["indices"].reshape(-1), self.size)
+            k = store["indices"].shape[0]
+            flow = torch.from_numpy(flow).view(k, self.clip_len, *flow.shape[1:]).permute(0, 4, 1, 2, 3)
+            item["flow"] = flow[0] if self.sampling in ("random", "uniform") and self.num_clips == 1 else flow
+        if self.transform is not None:
+            item = self.transform(item)
+        item["label"] = torch.as_tensor(label, dtype=torch.float32 if np.ndim(label) or isinstance(label, float)
+                                        else torch.int64)
+        item["index"] = torch.tensor(i, dtype=torch.int64)
+        single = self.sampling in ("random", "uniform") and self.num_clips == 1
+        item["frame_indices"] = torch.from_numpy(store["indices"][0] if single else store["indices"])
+        return item
+
+    def __getitem__(self, index):
+        return _load_or_replace(self, index, self._load)
+
+
+class SkeletonDataset(torch.utils.data.Dataset):
+    """NTU layout: data (N, 3, T, V, M) float32 (memory-mapped), labels, optional valid lengths ->
+    {"skeleton": float32 (C, T, V, M), "label", "index", "length"}; the whole sequence, zero-padded as stored."""
+
+    def __init__(self, data_path, label_path, num_frame_path=None, class_names=None, indices=None,
+                 transform=None, strict=False, bad_files_path=None):
+        import pickle
+        self.data_path, self._data = _need(data_path, "float32 array (N, 3, T, V, M)"), None
+        with open(_need(label_path, "pickle of (sample_names, labels)"), "rb") as f:
+            self.sample_names, labels = pickle.load(f)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        if self.data.ndim != 5 or len(self.data) != len(self.labels):
+            raise VideoReadError(f"{data_path}: expected (N, 3, T, V, M) with N = {len(self.labels)} labels from "
+                                 f"{label_path}, got shape {self.data.shape}")
+        if num_frame_path and os.path.exists(num_frame_path):
+            self.lengths = np.load(num_frame_path).astype(np.int64)
+        else:  # valid length = last frame with any non-zero coordinate
+            self.lengths = None
+        self.indices = np.arange(len(self.labels)) if indices is None else np.asarray(indices)
+        self.num_classes = int(self.labels.max()) + 1 if class_names is None else len(class_names)
+        self.class_names = list(class_names) if class_names is not None else [str(i) for i in range(self.num_classes)]
+        self.transform, self.strict, self.bad_files_path, self.bad_files = transform, strict, bad_files_path, {}
+
+    @property
+    def data(self):
+        """The memory map, opened lazily so that DataLoader workers re-open it instead of receiving a copy."""
+        if self._data is None:
+            try:
+                self._data = np.load(_need(self.data_path, "float32 array (N, 3, T, V, M)"), mmap_mode="r")
+            except ValueError as e:
+                raise VideoReadError(f"{self.data_path}: not a numpy array ({e})") from None
+        return self._data
+
+    def __getstate__(self):
+        return {**self.__dict__, "_data": None}
+
+    def __len__(self):
+        return len(self.indices)
+
+    def sample_path(self, i):
+        return str(self.sample_names[self.indices[i]])
+
+    def _load(self, i):
+        j = self.indices[i]
+        x = np.array(self.data[j], dtype=np.float32)  # (C, T, V, M), copied out of the memory map
+        if not np.isfinite(x).all():
+            raise ValueError("non-finite coordinates")
+        if self.lengths is not None:
+            length = int(self.lengths[j])
+        else:
+            nonzero = np.flatnonzero(np.abs(x).sum(axis=(0, 2, 3)) > 0)
+            length = int(nonzero[-1]) + 1 if len(nonzero) else 0
+        item = {"skeleton": torch.from_numpy(x)}
+        if self.transform is not None:
+            item = self.transform(item)
+        item.update(label=torch.tensor(self.labels[j]), index=torch.tensor(i, dtype=torch.int64),
+                    length=torch.tensor(length, dtype=torch.int64))
+        return item
+
+    def __getitem__(self, index):
+        return _load_or_replace(self, index, self._load)
+
+
+def read_kinetics_skeleton_json(path, max_frames=300, people_in=5, people_out=2):
+    """ST-GCN Kinetics-Skeleton JSON -> (float32 (3, T, 18, people_out) = (x - 0.5, y - 0.5, score), label_index).
+    As st-gcn's Feeder_kinetics: up to people_in people per frame, coordinates zeroed where score == 0, people
+    sorted per frame by total score, the first people_out kept."""
+    import json
+    try:
+        with open(path) as f:
+            video = json.load(f)
+        data = np.zeros((3, max_frames, 18, people_in), dtype=np.float32)
+        for frame in video["data"]:
+            t = int(frame["frame_index"])
+            if t >= max_frames:
+                continue
+            for m, person in enumerate(frame["skeleton"][:people_in]):
+                data[0, t, :, m] = person["pose"][0::2]
+                data[1, t, :, m] = person["pose"][1::2]
+                data[2, t, :, m] = person["score"]
+        label = int(video.get("label_index", -1))
+    except (KeyError, TypeError, IndexError, json.JSONDecodeError) as e:
+        raise VideoReadError(f"{path}: not a Kinetics-Skeleton JSON ({type(e).__name__}: {e})") from None
+    data[0:2] -= 0.5
+    data[0][data[2] == 0] = 0
+    data[1][data[2] == 0] = 0
+    order = (-data[2].sum(axis=1)).argsort(axis=1)  # (T, M): people by descending total score per frame
+    for t in range(max_frames):
+        data[:, t] = data[:, t][:, :, order[t]]
+    return data[:, :, :, :people_out], label
+
+
+class KineticsSkeletonDataset(torch.utils.data.Dataset):
+    """root/kinetics_{train,val}/<id>.json + root/kinetics_{train,val}_label.json ({id: {has_skeleton, label,
+    label_index}}) -> {"skeleton": (3, 300, 18, 2), "label", "index"}; clips without skeleton are left out."""
+
+    def __init__(self, root, split, transform=None, strict=False, bad_files_path=None, max_frames=300):
+        import json
+        split = _split_name(split)
+        with open(_need(os.path.join(root, f"kinetics_{split}_label.json"), "{id: {label_index, ...}}")) as f:
+            info = json.load(f)
+        ids = sorted(k for k, v in info.items() if v.get("has_skeleton", True))
+        self.samples = [(os.path.join(root, f"kinetics_{split}", f"{k}.json"), int(info[k]["label_index"]))
+                        for k in ids]
+        names = {int(v["label_index"]): v.get("label", str(v["label_index"])) for v in info.values()}
+        self.num_classes = max(names) + 1 if names else 0
+        self.class_names = [names.get(i, str(i)) for i in range(self.num_classes)]
+        self.transform, self.max_frames = transform, max_frames
+        self.strict, self.bad_files_path, self.bad_files = strict, bad_files_path, {}
+
+    def __len__(self):
+        return len(self.samples)
+
+    def sample_path(self, i):
+        return self.samples[i][0]
+
+    def _load(self, i):
+        path, label = self.samples[i]
+        x, _ = read_kinetics_skeleton_json(path, self.max_frames)
+        item = {"skeleton": torch.from_numpy(x)}
+        if self.transform is not None:
+            item = self.transform(item)
+        item.update(label=torch.tensor(label), index=torch.tensor(i, dtype=torch.int64))
+        return item
+
+    def __getitem__(self, index):
+        return _load_or_replace(self, index, self._load)
+
+
+def read_depth_frames(folder, indices):
+    """16-bit depth PNGs (NTU masked depth: MDepth-%08d.png, any sorted *.png works) -> float32 (T, H, W) metres
+    (stored millimetres / 1000; 0 = no depth), indices clamped."""
+    from PIL import Image
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.endswith(".png"))
+    except OSError as e:
+        raise VideoReadError(f"{folder}: cannot list depth folder ({e.strerror})") from None
+    if not names:
+        raise VideoReadError(f"{folder}: expected MDepth-00000001.png ... depth frames, found none")
+    out = []
+    for i in _clamp(indices, len(names)).tolist():
+        path = os.path.join(folder, names[i])
+        try:
+            with Image.open(path) as img:
+                out.append(np.asarray(img).astype(np.float32) / 1000.0)
+        except (OSError, ValueError) as e:
+            raise VideoReadError(f"{path}: cannot decode PNG ({e})") from None
+    return np.stack(out)
+
+
+class PairedDataset(torch.utils.data.Dataset):
+    """Temporally aligned modalities of one sample (layout of make_toy_paired): one clip of indices is drawn
+    from the valid length and every modality is read at exactly those frames. Items: "video" uint8 (C, T, H, W),
+    "depth" float32 (1, T, H, W) metres, "skeleton" float32 (3, T, 25, M), "pose2d" float32 (3, T, 18, M)
+    (x - 0.5, y - 0.5, score), "flow" float32 (2, T, H, W) pixels, "label", "index", "frame_indices"."""
+
+    MODALITIES = ("video", "depth", "skeleton", "pose2d", "flow")
+
+    def __init__(self, root, split, clip_len=16, frame_strides=(1,), sampling="random", transform=None,
+                 modalities=None, decoder="auto", strict=False, bad_files_path=None, jitter=False):
+        split = _split_name(split)
+        self.root, self.split = root, split
+        self.skeletons = SkeletonDataset(os.path.join(root, "skeleton", f"{split}_data_joint.npy"),
+                                         os.path.join(root, "skeleton", f"{split}_label.pkl"),
+                                         os.path.join(root, "skeleton", f"{split}_num_frame.npy"))
+        self.modalities = tuple(modalities or self.MODALITIES)
+        unknown = set(self.modalities) - set(self.MODALITIES)
+        if unknown:
+            raise ValueError(f"modalities: unknown {sorted(unknown)}, expected a subset of {self.MODALITIES}")
+        self.clip_len, self.frame_strides, self.sampling, self.jitter = clip_len, frame_strides, sampling, jitter
+        self.transform, self.decoder = transform, decoder
+        self.labels = self.skeletons.labels
+        self.num_classes = max(len(TOY_SKELETON_ACTIONS), int(self.labels.max()) + 1)
+        self.class_names = (TOY_SKELETON_ACTIONS + [str(i) for i in range(len(TOY_SKELETON_ACTIONS),
+                                                                          self.num_classes)])[:self.num_classes]
+        self.strict, self.bad_files_path, self.bad_files = strict, bad_files_path, {}
+
+    def __len__(self):
+        return len(self.skeletons)
+
+    def sample_path(self, i):
+        return os.path.join(self.root, "rgb", f"{self.skeletons.sample_names[self.skeletons.indices[i]]}.mp4")
+
+    def _load(self, i):
+        j = int(self.skeletons.indices[i])  # position in the stored arrays (subsets keep a list of positions)
+        name, length = self.skeletons.sample_names[j], int(self.skeletons.lengths[j])
+        idx = sample_clip_indices(length, self.clip_len, self.frame_strides, 1, self.sampling, _seed_rng(),
+                                  self.jitter)[0]
+        idx = np.minimum(idx, length - 1)
+        item = {}
+        if "video" in self.modalities:
+            frames = read_video_frames(os.path.join(self.root, "rgb", f"{name}.mp4"), idx, self.decoder)
+            item["video"] = torch.from_numpy(frames).permute(3, 0, 1, 2)
+        if "depth" in self.modalities:
+            item["depth"] = torch.from_numpy(read_depth_frames(os.path.join(self.root, "depth", name), idx))[None]
+        if "skeleton" in self.modalities:
+            item["skeleton"] = torch.from_numpy(np.array(self.skeletons.data[j][:, idx], dtype=np.float32))
+        if "pose2d" in self.modalities:
+            pose, _ = read_kinetics_skeleton_json(
+                os.path.join(self.root, "pose2d", f"kinetics_{self.split}", f"{name}.json"), max(length, 1))
+            item["pose2d"] = torch.from_numpy(np.ascontiguousarray(pose[:, idx]))
+        if "flow" in self.modalities:
+            flow = read_flow_frames(os.path.join(self.root, "flow", name), idx)
+            item["flow"] = torch.from_numpy(flow).permute(3, 0, 1, 2)
+        if self.transform is not None:
+            item = self.transform(item)
+        item.update(label=torch.tensor(self.labels[j]), index=torch.tensor(i, dtype=torch.int64),
+                    frame_indices=torch.from_numpy(idx))
+        return item
+
+    def __getitem__(self, index):
+        return _load_or_replace(self, index, self._load)
+
+
+def read_ntu_skeleton(path, max_bodies=2):
+    """Raw NTU RGB+D .skeleton text -> float32 (3, T, 25, max_bodies) x, y, z in metres. Bodies are tracked by
+    bodyID and the max_bodies most active (largest summed std of the non-zero joint coordinates, as 2s-AGCN's
+    get_nonzero_std) are kept, most active first; absent bodies are zero."""
+    try:
+        with open(path) as f:
+            tokens = f.read().split("\n")
+        pos = 0
+
+        def line():
+            nonlocal pos
+            pos += 1
+            return tokens[pos - 1].split()
+        num_frames = int(line()[0])
+        bodies = {}
+        for t in range(num_frames):
+            for _ in range(int(line()[0])):
+                body_id = line()[0]
+                num_joints = int(line()[0])
+                joints = np.array([line()[:3] for _ in range(num_joints)], dtype=np.float32)  # (25, 3)
+                bodies.setdefault(body_id, np.zeros((num_frames, 25, 3), dtype=np.float32))[t] = joints[:25]
+    except (ValueError, IndexError) as e:
+        raise VideoReadError(f"{path}: not an NTU .skeleton file ({type(e).__name__}: {e})") from None
+    out = np.zeros((3, num_frames, 25, max_bodies), dtype=np.float32)
+
+    def activity(b):
+        valid = b[np.abs(b).sum(axis=(1, 2)) != 0]  # (T', 25, 3)
+        return valid.reshape(len(valid), -1).std(axis=0).sum() if len(valid) > 1 else 0.0
+    ranked = sorted(bodies.values(), key=activity, reverse=True)
+    for m, b in enumerate(ranked[:max_bodies]):
+        out[:, :, :, m] = b.transpose(2, 0, 1)
+    return out
+
+
+def _rotation_to(a, b):
+    """Rotation matrix turning vector a onto vector b (Rodrigues)."""
+    a, b = a / (np.linalg.norm(a) + 1e-8), b / (np.linalg.norm(b) + 1e-8)
+    v, c = np.cross(a, b), float(np.dot(a, b))
+    if np.linalg.norm(v) < 1e-8:
+        return np.eye(3) if c > 0 else -np.eye(3)
+    k = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
+    return np.eye(3) + k + k @ k * (1 - c) / (np.linalg.norm(v) ** 2)
+
+
+def ntu_pre_normalize(x):
+    """2s-AGCN pre_normalization on (3, T, 25, M): subtract the spine-middle joint (1) of the first body per
+    frame, rotate so hip(0)->spine(1) of the first frame is parallel to z, then right(8)->left(4) shoulder to x.
+    (2s-AGCN also pads null frames by repetition; here padding stays zero, the valid length is stored.)"""
+    x = x.copy()
+    mask = np.abs(x).sum(0, keepdims=True) != 0  # (1, T, 25, M) valid joints
+    x = np.where(mask, x - x[:, :, 1:2, 0:1], 0.0)
+    first = x[:, 0, :, 0]  # (3, 25)
+    for a, b, axis in ((0, 1, np.array([0.0, 0.0, 1.0])), (8, 4, np.array([1.0, 0.0, 0.0]))):
+        rot = _rotation_to(first[:, b] - first[:, a], axis)
+        x = np.einsum("ij,jtvm->itvm", rot, x).astype(np.float32)
+        first = x[:, 0, :, 0]
+    return np.where(mask, x, 0.0).astype(np.float32)
+
+
+def _write_ntu_layout(out_dir, split, arrays, names, labels, lengths):
+    import pickle
+    os.makedirs(out_dir, exist_ok=True)
+    np.save(os.path.join(out_dir, f"{split}_data_joint.npy"), np.stack(arrays).astype(np.float32))
+    with open(os.path.join(out_dir, f"{split}_label.pkl"), "wb") as f:
+        pickle.dump((list(names), [int(y) for y in labels]), f)
+    np.save(os.path.join(out_dir, f"{split}_num_frame.npy"), np.asarray(lengths, dtype=np.int64))
+
+
+def _fit_frames(x, max_frames):
+    """(3, T, V, M) -> (3, max_frames, V, M): truncated or zero-padded; returns (array, valid length)."""
+    out = np.zeros(x.shape[:1] + (max_frames,) + x.shape[2:], dtype=np.float32)
+    length = min(x.shape[1], max_frames)
+    out[:, :length] = x[:, :length]
+    return out, length
+
+
+def convert_ntu_skeletons(raw_dir, out_dir, benchmark="ntu60-xsub", max_frames=300, missing_file=None,
+                          pre_normalize=False):
+    """Raw S001C001P001R001A001.skeleton files -> out_dir/{train,val}_data_joint.npy (N, 3, max_frames, 25, 2),
+    {train,val}_label.pkl (names, 0-based labels), {train,val}_num_frame.npy. benchmark: ntu60-xsub, ntu60-xview
+    (train cameras 2, 3), ntu120-xsub, ntu120-xset (even setups train). missing_file: the official list of
+    samples with missing skeletons, left out."""
+    import re
+    skip = set(_read_lines(missing_file, "sample names")) if missing_file else set()
+    files = sorted(f for f in os.listdir(_need(raw_dir, "a folder of .skeleton files")) if f.endswith(".skeleton"))
+    pattern = re.compile(r"S(\d{3})C(\d{3})P(\d{3})R(\d{3})A(\d{3})")
+    out = {"train": ([], [], [], []), "val": ([], [], [], [])}
+    for f in files:
+        name = f[:-len(".skeleton")]
+        match = pattern.match(name)
+        if not match or name in skip:
+            continue
+        setup, camera, subject, _, action = (int(g) for g in match.groups())
+        if benchmark.startswith("ntu60") and (setup > 17 or action > 60):
+            continue
+        train = {"ntu60-xsub": subject in NTU_XSUB_TRAIN, "ntu60-xview": camera in (2, 3),
+                 "ntu120-xsub": subject in NTU120_XSUB_TRAIN, "ntu120-xset": setup % 2 == 0}[benchmark]
+        x = read_ntu_skeleton(os.path.join(raw_dir, f))
+        if pre_normalize:
+            x = ntu_pre_normalize(x)
+        x, length = _fit_frames(x, max_frames)
+        lists = out["train" if train else "val"]
+        for lst, value in zip(lists, (x, name, action - 1, length)):
+            lst.append(value)
+    for split, (arrays, names, labels, lengths) in out.items():
+        if arrays:
+            _write_ntu_layout(out_dir, split, arrays, names, labels, lengths)
+    return {split: len(v[0]) for split, v in out.items()}
+
+
+def _first_existing(root, names, what):
+    for n in names:
+        if os.path.exists(os.path.join(root, n)):
+            return os.path.join(root, n)
+    raise VideoReadError(f"{os.path.join(root, names[0])}: missing; expected {what}")
+
+
+def convert_pku_mmd(root, out_dir, benchmark="xsub", max_frames=300):
+    """PKU-MMD (I or II): root/PKU_Skeleton_Renew/<seq>.txt (one row of 150 floats per frame: 2 bodies x 25 joints
+    x xyz), root/Train_Label_PKU_final/<seq>.txt ('label,start,end,confidence', 1-based labels),
+    root/Split/cross-subject.txt or cross-view.txt ('Training videos:' line, list, 'Validation videos:' line,
+    list) -> the NTU layout in out_dir, one sample per labelled instance."""
+    skel_dir = _first_existing(root, ["PKU_Skeleton_Renew", "skeleton"], "per-sequence skeleton .txt files")
+    label_dir = _first_existing(root, ["Train_Label_PKU_final", "label"], "per-sequence label .txt files")
+    split_dir = _first_existing(root, ["Split", "split"], "cross-subject.txt / cross-view.txt")
+    split_path = os.path.join(split_dir, "cross-subject.txt" if benchmark == "xsub" else "cross-view.txt")
+    lines = _read_lines(split_path, "'Training videos:' / 'Validation videos:' blocks")
+    lists, current = {"train": [], "val": []}, None
+    for line in lines:
+        low = line.lower()
+        if low.startswith("training"):
+            current = "train"
+        elif low.startswith("validat") or low.startswith("testing"):
+            current = "val"
+        elif current:
+            lists[current] += [s.strip() for s in line.split(",") if s.strip()]
+    counts = {}
+    for split, seqs in lists.items():
+        arrays, names, labels, lengths = [], [], [], []
+        for seq in seqs:
+            path = os.path.join(skel_dir, f"{seq}.txt")
+            raw = np.loadtxt(path, dtype=np.float32, ndmin=2)
+            if raw.shape[1] != 150:
+                raise VideoReadError(f"{path}: expected 150 floats per row, got {raw.shape[1]}")
+            seq_x = raw.reshape(-1, 2, 25, 3).transpose(3, 0, 2, 1)  # (3, T, 25, 2)
+            for row in _read_lines(os.path.join(label_dir, f"{seq}.txt"), "'label,start,end,confidence' rows"):
+                label, start, end = (int(float(v)) for v in row.split(",")[:3])
+                x, length = _fit_frames(seq_x[:, start:end + 1], max_frames)
+                arrays.append(x), names.append(f"{seq}_{start}_{end}"), labels.append(label - 1)
+                lengths.append(length)
+        if arrays:
+            _write_ntu_layout(out_dir, split, arrays, names, labels, lengths)
+        counts[split] = len(arrays)
+    return counts
+
+
+def _skeleton_set(root, split, convert, **kwargs):
+    split = _split_name(split)
+    data = os.path.join(root, f"{split}_data_joint.npy")
+    if not os.path.exists(data) and convert is not None:
+        convert()
+    return SkeletonDataset(data, os.path.join(root, f"{split}_label.pkl"),
+                           os.path.join(root, f"{split}_num_frame.npy"), **kwargs)
+
+
+def build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides=(1,), num_clips=1,
+                  sampling="random", transform=None, modalities=None, fraction=1.0, per_class=None, seed=0,
+                  decoder="auto", strict=False, bad_files_path=None, **dataset_options):
+    """The one entry point (see the README "Datasets" section for every layout).
+    transform(item: dict) -> dict gets the modality tensors of one sample ("video" uint8 (C, T, H, W), "flow",
+    "skeleton", ...) before "label", "index" and "frame_indices" are added. dataset_options: fold (UCF101, HMDB51),
+    ext (SSv2), list_file (videolist), size, jitter, step (VideoDataset), check_exists (drop listed but missing
+    videos, default True), pre_normalize (NTU raw), toy_seed (toy sets)."""
+    root = root or os.path.join("data", name)
+    skel_kwargs = dict(transform=transform, strict=strict, bad_files_path=bad_files_path)
+    if name == "toy-skeleton":
+        make_toy_skeleton(root, seed=dataset_options.get("toy_seed", 0))
+        ds = _skeleton_set(root, split, None, class_names=TOY_SKELETON_ACTIONS, **skel_kwargs)
+    elif name.startswith("ntu"):
+        if name not in ("ntu60-xsub", "ntu60-xview", "ntu120-xsub", "ntu120-xset"):
+            raise ValueError(f"unknown NTU benchmark {name!r}")
+        raw = os.path.join(root, "nturgb+d_skeletons")
+        convert = (lambda: convert_ntu_skeletons(raw, root, name, pre_normalize=dataset_options.get(
+            "pre_normalize", False))) if os.path.isdir(raw) else None
+        ds = _skeleton_set(root, split, convert, **skel_kwargs)
+    elif name.startswith("pku"):
+        bench = "xview" if name.endswith("xview") else "xsub"
+        out = os.path.join(root, f"processed-{bench}")
+        ds = _skeleton_set(out, split, lambda: convert_pku_mmd(root, out, bench), **skel_kwargs)
+    elif name == "kinetics-skeleton":
+        ds = KineticsSkeletonDataset(root, split, **skel_kwargs)
+    elif name in ("toy-paired", "paired"):
+        if name == "toy-paired":
+            make_toy_paired(root, seed=dataset_options.get("toy_seed", 0))
+        ds = PairedDataset(root, split, clip_len=clip_len, frame_strides=frame_strides, sampling=sampling,
+                           modalities=modalities, decoder=decoder, jitter=dataset_options.get("jitter", False),
+                           **skel_kwargs)
+    else:
+        samples, classes = _parse_video_set(name, root, split, dataset_options)
+        if dataset_options.get("check_exists", True):
+            missing = [p for p, _ in samples if not os.path.exists(p)]
+            if missing:
+                warnings.warn(f"{name}: {len(missing)} of {len(samples)} listed {split} videos are missing "
+                              f"(first: {missing[0]}); they are left out")
+                if strict:
+                    raise VideoReadError(f"{missing[0]}: file not found (and {len(missing) - 1} more; --strict-data)")
+                if bad_files_path:
+                    append_bad_files(bad_files_path, [(p, "file not found") for p in missing])
+                missing = set(missing)
+                samples = [s for s in samples if s[0] not in missing]
+        if fraction < 1.0 or per_class is not None:
+            labels = [y if np.ndim(y) else (y if isinstance(y, int) else 0) for _, y in samples]
+            samples = [samples[i] for i in stratified_subset(labels, fraction, per_class, seed)]
+        return VideoDataset(samples, classes, clip_len=clip_len, frame_strides=frame_strides, num_clips=num_clips,
+                            sampling=sampling, transform=transform, modalities=modalities, decoder=decoder,
+                            strict=strict, bad_files_path=bad_files_path, size=dataset_options.get("size"),
+                            jitter=dataset_options.get("jitter", False), step=dataset_options.get("step"))
+    if fraction < 1.0 or per_class is not None:
+        inner = ds.skeletons if isinstance(ds, PairedDataset) else ds
+        labels = inner.labels[inner.indices] if isinstance(inner, SkeletonDataset) else [y for _, y in ds.samples]
+        keep = stratified_subset(labels, fraction, per_class, seed)
+        if isinstance(inner, SkeletonDataset):
+            inner.indices = inner.indices[keep]
+        else:
+            ds.samples = [ds.samples[i] for i in keep]
+    return ds
+
+
+def _parse_video_set(name, root, split, options):
+    if name == "toy-motion":
+        make_toy_motion(root, seed=options.get("toy_seed", 0))
+        return parse_videofolder(root, split)
+    if name in ("k400", "k600", "k700", "minik", "kinetics"):
+        return parse_kinetics(root, split)
+    if name == "ucf101":
+        return parse_ucf101(root, split, options.get("fold", 1))
+    if name == "hmdb51":
+        return parse_hmdb51(root, split, options.get("fold", 1))
+    if name == "ssv2":
+        return parse_ssv2(root, split, options.get("ext", "webm"))
+    if name in ("gym99", "gym288") or name in GYM_SUBSETS:
+        return parse_finegym(root, split, name)
+    if name == "diving48":
+        return parse_diving48(root, split)
+    if name == "charades":
+        return parse_charades(root, split)
+    if name == "ucfrep":
+        return parse_ucfrep(root, split)
+    if name == "videofolder":
+        return parse_videofolder(root, split)
+    if name == "videolist":
+        return parse_videolist(root, split, options.get("list_file"))
+    raise ValueError(f"--data: unknown dataset {name!r}")
+
+
+def check_data(name, root=None, decoder="auto", splits=("train", "val"), out=print, **options):
+    """Open every sample of every split; print sizes, classes, frame counts and the bad files. Returns
+    {split: {"size": int, "bad": [(path, reason)]}}."""
+    report = {}
+    options.setdefault("check_exists", False)  # list missing files as bad instead of dropping them
+    for split in splits:
+        try:
+            ds = build_dataset(name, root, split, decoder=decoder, **options)
+        except (VideoReadError, OSError) as e:
+            out(f"[{split}] cannot build: {e}")
+            report[split] = {"size": 0, "bad": [("<annotations>", str(e))]}
+            continue
+        bad, frames = [], []
+        for i in range(len(ds)):
+            if isinstance(ds, VideoDataset):
+                path = ds.samples[i][0]
+                try:
+                    n = count_frames(path, decoder)
+                    read_video_frames(path, [0, n - 1], decoder)  # the last frame catches truncated files
+                    frames.append(n)
+                except VideoReadError as e:
+                    bad.append((path, str(e)))
+            else:
+                try:
+                    ds._load(i)
+                except (VideoReadError, OSError, ValueError) as e:
+                    bad.append((ds.sample_path(i), str(e)))
+        published = PUBLISHED_SIZES.get(name, {}).get(_split_name(split))
+        out(f"[{split}] {len(ds)} samples" + (f" (published: {published})" if published else "")
+            + f", {ds.num_classes} classes, {len(bad)} unreadable")
+        if isinstance(ds, (VideoDataset, KineticsSkeletonDataset)):
+            labels = [y for _, y in ds.samples if np.ndim(y) == 0 and not isinstance(y, float)]
+        else:
+            inner = ds.skeletons if isinstance(ds, PairedDataset) else ds
+            labels = inner.labels[inner.indices].tolist()
+        if labels:
+            counts = np.bincount(labels, minlength=ds.num_classes)
+            out(f"[{split}] labels {min(labels)}..{max(labels)}, per class: min {counts.min()}, max {counts.max()}, "
+                f"{int((counts == 0).sum())} classes without samples")
+        if frames:
+            out(f"[{split}] frames per video: min {min(frames)}, median {int(np.median(frames))}, max {max(frames)}")
+        for path, reason in bad:
+            out(f"  BAD {path}\t{reason}")
+        report[split] = {"size": len(ds), "bad": bad}
+    return report
 
 
 # ==================================================================================================== TOY DATASETS
+# Written once under root as real files in the real formats and read by the same classes as real data. Built in
+# a temporary folder and renamed into place, so concurrent processes (DDP ranks) never see half a dataset.
+# Every random draw comes from np.random.default_rng([seed, ...]): same seed, same files.
+
+TOY_MOTION_CLASSES = ["right", "left", "down", "up", "circle_cw", "circle_ccw", "zigzag", "shake_vertical"]
+TOY_SKELETON_ACTIONS = ["wave_right", "wave_left", "raise_both_hands", "kick_right", "squat", "jump", "bow",
+                        "clap", "punch_right", "touch_head", "handshake", "high_five"]
+
+
+def _build_once(root, make):
+    """make(tmp_dir) fills a fresh folder that is then renamed to root; a no-op when root/.complete exists."""
+    if os.path.exists(os.path.join(root, ".complete")):
+        return root
+    parent = os.path.dirname(os.path.abspath(root))
+    os.makedirs(parent, exist_ok=True)
+    tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(root))}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    make(tmp)
+    open(os.path.join(tmp, ".complete"), "w").close()
+    if os.path.exists(os.path.join(root, ".complete")):  # another process finished first
+        shutil.rmtree(tmp, ignore_errors=True)
+        return root
+    if os.path.isdir(root) and not os.listdir(root):
+        os.rmdir(root)
+    try:
+        os.rename(tmp, root)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not os.path.exists(os.path.join(root, ".complete")):
+            raise VideoReadError(f"{root}: exists but is not a complete toy dataset; delete it to regenerate")
+    return root
+
+
+def _toy_background(rng, size):
+    """Smooth random colour field (8x8 noise, bilinear) plus fine grain -> float (size, size, 3)."""
+    coarse = torch.from_numpy(rng.uniform(0, 255, (1, 3, 8, 8)).astype(np.float32))
+    smooth = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+    return smooth.numpy() + rng.normal(0, 10, (size, size, 3)).astype(np.float32)
+
+
+def render_toy_motion(rng, label, size=64, num_frames=16):
+    """uint8 (T, size, size, 3): one object moving with pattern TOY_MOTION_CLASSES[label] on a static textured
+    background. Positions wrap around the frame (a torus) and start uniformly at random, so in every single frame
+    the object position, like its shape, size and colour, has the same distribution for every class."""
+    bg = _toy_background(rng, size)
+    colour = rng.uniform(0, 255, 3).astype(np.float32)
+    radius, shape = rng.uniform(4, 8), int(rng.integers(3))  # disc, square, diamond
+    t = np.arange(num_frames, dtype=np.float64)
+    p0 = rng.uniform(0, size, 2)  # (x, y)
+    speed = rng.uniform(2.0, 3.5)
+    name = TOY_MOTION_CLASSES[label]
+    if name in ("right", "left", "down", "up"):
+        d = {"right": (1, 0), "left": (-1, 0), "down": (0, 1), "up": (0, -1)}[name]
+        x, y = p0[0] + d[0] * speed * t, p0[1] + d[1] * speed * t
+    elif name in ("circle_cw", "circle_ccw"):  # image y points down: increasing angle turns clockwise on screen
+        r, omega, phase = rng.uniform(8, 14), rng.uniform(0.35, 0.55), rng.uniform(0, 2 * np.pi)
+        angle = phase + (omega if name == "circle_cw" else -omega) * t
+        x, y = p0[0] + r * np.cos(angle), p0[1] + r * np.sin(angle)
+    elif name == "zigzag":  # rightwards with a triangular vertical swing
+        amp, period, phase = rng.uniform(6, 10), rng.uniform(5, 7), rng.uniform(0, 1)
+        tri = 2 * np.abs(2 * ((t / period + phase) % 1) - 1) - 1
+        x, y = p0[0] + speed * t, p0[1] + amp * tri
+    else:  # shake_vertical: fast up-down oscillation in place
+        amp, period, phase = rng.uniform(6, 10), rng.uniform(4, 6), rng.uniform(0, 2 * np.pi)
+        x, y = p0[0] + 0 * t, p0[1] + amp * np.sin(2 * np.pi * t / period + phase)
+    grid = np.arange(size, dtype=np.float64)
+    frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
+    for k in range(num_frames):
+        dx = (grid[None, :] - x[k] + size / 2) % size - size / 2  # wrapped offsets (1, W)
+        dy = (grid[:, None] - y[k] + size / 2) % size - size / 2  # (H, 1)
+        if shape == 0:
+            mask = dx ** 2 + dy ** 2 <= radius ** 2
+        elif shape == 1:
+            mask = (np.abs(dx) <= radius * 0.85) & (np.abs(dy) <= radius * 0.85)
+        else:
+            mask = np.abs(dx) + np.abs(dy) <= radius * 1.2
+        img = bg.copy()
+        img[mask] = colour
+        frames[k] = np.clip(img, 0, 255).astype(np.uint8)
+    return frames
+
+
+def make_toy_motion(root, seed=0, size=64, num_frames=16, train_per_class=24, val_per_class=8):
+    """root/{train,val}/<class>/<class>_<k:04d>.mp4 (H.264, 8 fps): the videofolder layout; 8 classes."""
+    def make(tmp):
+        for split, count in (("train", train_per_class), ("val", val_per_class)):
+            for label, name in enumerate(TOY_MOTION_CLASSES):
+                for k in range(count):
+                    rng = np.random.default_rng([seed, split == "val", label, k])
+                    frames = render_toy_motion(rng, label, size, num_frames)
+                    write_video(os.path.join(tmp, split, name, f"{name}_{k:04d}.mp4"), frames, fps=8)
+    return _build_once(root, make)
+
+
+# NTU joints (0-based): 0 spine base, 1 spine mid, 2 neck, 3 head, 4-7 left shoulder/elbow/wrist/hand,
+# 8-11 right shoulder/elbow/wrist/hand, 12-15 left hip/knee/ankle/foot, 16-19 right hip/knee/ankle/foot,
+# 20 spine shoulder, 21/22 left hand tip/thumb, 23/24 right hand tip/thumb. Body frame: x left, y up, z back.
+_TOY_REST = np.array([
+    [0, 1.0, 0], [0, 1.25, 0], [0, 1.5, 0], [0, 1.65, 0],
+    [0.18, 1.45, 0], [0.2, 1.18, 0], [0.22, 0.95, 0], [0.22, 0.88, 0],
+    [-0.18, 1.45, 0], [-0.2, 1.18, 0], [-0.22, 0.95, 0], [-0.22, 0.88, 0],
+    [0.1, 0.95, 0], [0.1, 0.52, 0], [0.1, 0.08, 0], [0.1, 0.0, -0.1],
+    [-0.1, 0.95, 0], [-0.1, 0.52, 0], [-0.1, 0.08, 0], [-0.1, 0.0, -0.1],
+    [0, 1.45, 0], [0.22, 0.81, 0], [0.25, 0.87, 0], [-0.22, 0.81, 0], [-0.25, 0.87, 0]], dtype=np.float64)
+
+
+def _limb_dir(elev, azim, side):
+    """Unit vectors (T, 3): elev from straight down (0) to straight up (pi); azim 0 = sideways out, pi/2 =
+    forward (-z). side +1 left, -1 right."""
+    elev, azim = np.broadcast_arrays(np.asarray(elev, dtype=np.float64), np.asarray(azim, dtype=np.float64))
+    return np.stack([side * np.sin(elev) * np.cos(azim), -np.cos(elev), -np.sin(elev) * np.sin(azim)], -1)
+
+
+def _set_arm(P, side, upper, fore):
+    s, e, w, h, tip, thumb = (4, 5, 6, 7, 21, 22) if side > 0 else (8, 9, 10, 11, 23, 24)
+    P[:, e] = P[:, s] + 0.27 * upper
+    P[:, w] = P[:, e] + 0.24 * fore
+    P[:, h], P[:, tip] = P[:, w] + 0.07 * fore, P[:, w] + 0.14 * fore
+    P[:, thumb] = P[:, w] + 0.06 * fore + np.array([side * 0.03, 0, -0.02])
+
+
+def _set_leg(P, side, thigh, shin):
+    hip, knee, ankle, foot = (12, 13, 14, 15) if side > 0 else (16, 17, 18, 19)
+    P[:, knee] = P[:, hip] + 0.43 * thigh
+    P[:, ankle] = P[:, knee] + 0.44 * shin
+    P[:, foot] = P[:, ankle] + np.array([0, -0.08, -0.1])
+
+
+def toy_skeleton_pose(action, s, rng):
+    """Joint positions (M=2, T, 25, 3) in the body frame for phase s (T,) in [0, 1]."""
+    T = len(s)
+    P = np.repeat(_TOY_REST[None], T, 0)  # (T, 25, 3)
+    Q = np.zeros_like(P)
+    reps = rng.uniform(2, 3)
+    osc = np.sin(2 * np.pi * reps * s)
+    bump = np.sin(np.pi * s)  # 0 -> 1 -> 0
+    down = lambda: _limb_dir(np.full(T, 0.05), 0, 1)  # noqa: E731
+    name = TOY_SKELETON_ACTIONS[action]
+    if name in ("wave_right", "wave_left"):
+        side = -1 if name == "wave_right" else 1
+        _set_arm(P, side, _limb_dir(0.55 * np.pi * bump + 0.05, 0.2, side),
+                 _limb_dir(0.05 + bump * (0.8 * np.pi + 0.25 * osc), 0.1, side))
+    elif name == "raise_both_hands":
+        for side in (1, -1):
+            _set_arm(P, side, _limb_dir(0.05 + 0.9 * np.pi * bump, 0.3, side),
+                     _limb_dir(0.05 + 0.92 * np.pi * bump, 0.3, side))
+    elif name == "kick_right":
+        lift = np.clip(np.sin(2 * np.pi * reps / 2 * s), 0, None)
+        _set_leg(P, -1, _limb_dir(0.5 * np.pi * lift, np.pi / 2, -1),
+                 _limb_dir(0.45 * np.pi * lift, np.pi / 2, -1))
+    elif name in ("squat", "jump"):
+        if name == "squat":
+            drop = 0.35 * np.clip(np.abs(osc) * 1.2, 0, 1) * bump
+            knee = np.arccos(np.clip((0.87 - drop) / 0.87, -1, 1))
+            P[:, [0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 16, 20, 21, 22, 23, 24], 1] -= drop[:, None]
+            for side in (1, -1):
+                _set_leg(P, side, _limb_dir(knee, np.pi / 2, side), _limb_dir(knee, -np.pi / 2, side))
+                arm = _limb_dir(0.5 * np.pi * bump, np.pi / 2, side)  # arms forward for balance
+                _set_arm(P, side, arm, arm)
+        else:
+            P[:, :, 1] += 0.3 * np.clip(osc, 0, None)[:, None]
+            for side in (1, -1):
+                _set_arm(P, side, _limb_dir(0.1 + 0.4 * np.clip(osc, 0, None), 0, side), down())
+    elif name == "bow":
+        angle = 0.9 * bump
+        upper = [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 20, 21, 22, 23, 24]
+        rel = P[:, upper] - P[:, :1]
+        c, sn = np.cos(angle)[:, None], np.sin(angle)[:, None]
+        y, z = rel[..., 1].copy(), rel[..., 2].copy()
+        rel[..., 1], rel[..., 2] = c * y + sn * z, -sn * y + c * z  # forward (-z) rotation about x
+        P[:, upper] = P[:, :1] + rel
+    elif name == "clap":
+        gap = 0.5 * (1 + np.cos(2 * np.pi * reps * s))  # 1 = open, 0 = hands together
+        for side in (1, -1):
+            _set_arm(P, side, _limb_dir(0.4 * np.pi, np.pi / 2 - 0.3 * gap, side),
+                     _limb_dir(0.5 * np.pi, np.pi - 0.4 - 0.6 * gap, side))
+    elif name == "punch_right":
+        ext = np.clip(np.sin(2 * np.pi * reps * s), 0, None)
+        _set_arm(P, -1, _limb_dir(0.3 * np.pi + 0.2 * np.pi * ext, np.pi / 2, -1),
+                 _limb_dir(0.5 * np.pi, np.pi / 2 + (1 - ext) * 0.9, -1))
+        _set_arm(P, 1, _limb_dir(0.3 * np.pi, np.pi / 2, 1), _limb_dir(0.75 * np.pi, np.pi / 2, 1))
+    elif name == "touch_head":
+        for side in (1, -1):
+            _set_arm(P, side, _limb_dir(0.05 + 0.7 * np.pi * bump, 0.2, side),
+                     _limb_dir(0.05 + 0.95 * np.pi * bump, np.pi - 0.2, side))
+    else:  # two-person actions: the partner faces the subject 0.9 m away (rotated by pi about y)
+        Q = np.repeat(_TOY_REST[None], T, 0)
+        for B, sign in ((P, 1), (Q, -1)):
+            if name == "handshake":
+                _set_arm(B, -1, _limb_dir(0.3 * np.pi * bump, np.pi / 2 - 0.3, -1),
+                         _limb_dir(0.45 * np.pi * bump + 0.08 * osc * bump, np.pi / 2 + 0.6, -1))
+            else:  # high_five
+                _set_arm(B, -1, _limb_dir(0.05 + 0.8 * np.pi * bump, np.pi / 2 - 0.5, -1),
+                         _limb_dir(0.05 + 0.95 * np.pi * bump, np.pi / 2 - 0.3, -1))
+        Q = Q * np.array([-1, 1, -1]) + np.array([0, 0, -0.9])
+    return np.stack([P, Q])
+
+
+def toy_skeleton_sample(seed, subject, action, rep, num_frames=64, min_frames=40):
+    """One toy-skeleton sample -> (float32 (3, num_frames, 25, 2) zero-padded, NTU-style name, valid length).
+    Random: view rotation about y (+-60 deg), scale (subject x sample), speed, start offset, valid length,
+    lateral position and camera distance (2.5-3.5 m), joint noise (1 cm)."""
+    subject_scale = np.random.default_rng([seed, 1000, subject]).uniform(0.85, 1.15)
+    rng = np.random.default_rng([seed, subject, action, rep])
+    length = int(rng.integers(min_frames, num_frames + 1))
+    offset = int(rng.integers(0, 9))
+    speed = rng.uniform(0.8, 1.25)
+    s = np.clip((np.arange(length) - offset) * speed / (length - offset), 0, 1)
+    pose = toy_skeleton_pose(action, s, rng)  # (2, L, 25, 3)
+    present = np.abs(pose).sum(axis=(1, 2, 3)) > 0
+    view = rng.uniform(-np.pi / 3, np.pi / 3)
+    c, sn = np.cos(view), np.sin(view)
+    rot = np.array([[c, 0, sn], [0, 1, 0], [-sn, 0, c]])
+    pose = pose * subject_scale * rng.uniform(0.95, 1.05) @ rot.T
+    pose = pose + np.array([rng.uniform(-0.3, 0.3), -0.9, rng.uniform(2.5, 3.5)])
+    pose = pose + rng.normal(0, 0.01, pose.shape)
+    pose[~present] = 0
+    x = np.zeros((3, num_frames, 25, 2), dtype=np.float32)
+    x[:, :length] = pose.transpose(3, 1, 2, 0)
+    camera = 1 + min(2, int((view + np.pi / 3) / (2 * np.pi / 9)))  # 3 view bins
+    return x, f"S001C{camera:03d}P{subject:03d}R{rep + 1:03d}A{action + 1:03d}", length
+
+
+def make_toy_skeleton(root, seed=0, num_frames=64, subjects=10, train_subjects=7, per_subject=3):
+    """NTU layout: {train,val}_data_joint.npy float32 (N, 3, 64, 25, 2), {train,val}_label.pkl (names, labels),
+    {train,val}_num_frame.npy. Names S001C<view>P<subject>R<rep>A<action>; subjects 1..train_subjects train,
+    the rest val (cross-subject); valid lengths 40..64 frames (see toy_skeleton_sample)."""
+    def make(tmp):
+        out = {"train": ([], [], [], []), "val": ([], [], [], [])}
+        for subject in range(1, subjects + 1):
+            for action in range(len(TOY_SKELETON_ACTIONS)):
+                for rep in range(per_subject):
+                    x, name, length = toy_skeleton_sample(seed, subject, action, rep, num_frames)
+                    lists = out["train" if subject <= train_subjects else "val"]
+                    for lst, value in zip(lists, (x, name, action, length)):
+                        lst.append(value)
+        for split, (arrays, names, labels, lengths) in out.items():
+            _write_ntu_layout(tmp, split, arrays, names, labels, lengths)
+    return _build_once(root, make)
+
+
+_NTU_BONES = np.array([(0, 1), (1, 20), (20, 2), (2, 3), (20, 4), (4, 5), (5, 6), (6, 7), (20, 8), (8, 9),
+                       (9, 10), (10, 11), (0, 12), (12, 13), (13, 14), (14, 15), (0, 16), (16, 17), (17, 18),
+                       (18, 19), (7, 21), (11, 23)])
+NTU_TO_COCO18 = [3, 2, 8, 9, 10, 4, 5, 6, 16, 17, 18, 12, 13, 14, 3, 3, 3, 3]  # eyes/ears from the head joint
+_COCO18_HEAD_OFFSETS = {14: (-0.03, 0.03), 15: (0.03, 0.03), 16: (-0.07, 0.0), 17: (0.07, 0.0)}  # metres
+
+
+def _render_toy_body(x, size, focal, bg, colours, thickness=2.2):
+    """Render the 3D skeletons x (3, L, 25, M) (camera coordinates, metres) as thick bones.
+    Returns rgb uint8 (L, S, S, 3), depth uint16 (L, S, S) in mm (0 = background, NTU masked depth) and flow
+    float32 (L-1, S, S, 2): the image motion of the bone point under each body pixel from frame t to t+1."""
+    length, num_bodies = x.shape[1], x.shape[3]
+    pts = x.transpose(1, 3, 2, 0)  # (L, M, 25, 3)
+    z = np.where(pts[..., 2] > 0.1, pts[..., 2], 1.0)
+    uv = np.stack([size / 2 + focal * pts[..., 0] / z, size / 2 - focal * pts[..., 1] / z], -1)  # (L, M, 25, 2)
+    grid = np.stack(np.meshgrid(np.arange(size) + 0.5, np.arange(size) + 0.5, indexing="xy"), -1).reshape(-1, 2)
+    rgb = np.repeat(bg[None], length, 0)
+    depth = np.zeros((length, size * size), dtype=np.uint16)
+    flow = np.zeros((max(length - 1, 0), size * size, 2), dtype=np.float32)
+    a_idx, b_idx = _NTU_BONES[:, 0], _NTU_BONES[:, 1]
+    for t in range(length):
+        best = np.full(size * size, np.inf)
+        for m in range(num_bodies):
+            if not np.any(pts[t, m]):
+                continue
+            a, b = uv[t, m, a_idx], uv[t, m, b_idx]  # (B, 2)
+            lo, hi = uv[t, m].min(0) - thickness - 1, uv[t, m].max(0) + thickness + 1
+            sel = np.flatnonzero(((grid >= lo) & (grid <= hi)).all(1))  # pixels in the body's bounding box
+            g = grid[sel]
+            ab = b - a
+            u = np.clip(((g[:, None] - a[None]) * ab[None]).sum(-1) / ((ab ** 2).sum(-1) + 1e-6), 0, 1)  # (P, B)
+            dist2 = ((g[:, None] - (a[None] + u[..., None] * ab[None])) ** 2).sum(-1)  # (P, B) squared
+            bone = dist2.argmin(1)
+            d, ub = np.sqrt(dist2[np.arange(len(g)), bone]), u[np.arange(len(g)), bone]
+            zb = (1 - ub) * pts[t, m, a_idx[bone], 2] + ub * pts[t, m, b_idx[bone], 2]
+            inside = (d <= thickness) & (zb * 1000 < best[sel])
+            hit, bone, d, ub, zb = sel[inside], bone[inside], d[inside], ub[inside], zb[inside]
+            best[hit] = zb * 1000
+            rgb[t].reshape(-1, 3)[hit] = colours[m] * (0.75 + 0.25 * (1 - d / thickness))[:, None]
+            depth[t, hit] = np.round(zb * 1000).astype(np.uint16)
+            if t + 1 < length and np.any(pts[t + 1, m]):
+                nxt = (1 - ub[:, None]) * uv[t + 1, m, a_idx[bone]] + ub[:, None] * uv[t + 1, m, b_idx[bone]]
+                now = (1 - ub[:, None]) * uv[t, m, a_idx[bone]] + ub[:, None] * uv[t, m, b_idx[bone]]
+                flow[t, hit] = nxt - now
+    return (np.clip(rgb, 0, 255).astype(np.uint8), depth.reshape(length, size, size),
+            flow.reshape(-1, size, size, 2), uv)
+
+
+def make_toy_paired(root, seed=0, size=64, num_frames=24, subjects=5, train_subjects=4):
+    """The toy-skeleton actions rendered to temporally aligned modalities (one sample per subject and action):
+        rgb/<name>.mp4                      the bodies drawn over a random texture (H.264, size x size)
+        depth/<name>/MDepth-%08d.png        16-bit depth in mm, 0 off the body (NTU masked depth)
+        skeleton/{train,val}_data_joint.npy, _label.pkl, _num_frame.npy   the 3D skeletons (NTU layout)
+        pose2d/kinetics_{train,val}/<name>.json, kinetics_{train,val}_label.json   COCO-18 2D pose, normalised
+                                            to [0, 1] (Kinetics-Skeleton JSON), score 0 outside the frame
+        flow/<name>/flow_%05d.jpg           the true image motion of the body (CoCLR layout, L - 1 frames)
+    Frame t of every modality is the same instant."""
+    import json
+    from PIL import Image
+
+    def make(tmp):
+        focal = size * 1.25
+        out = {"train": ([], [], [], []), "val": ([], [], [], [])}
+        labels_json = {"train": {}, "val": {}}
+        for subject in range(1, subjects + 1):
+            for action in range(len(TOY_SKELETON_ACTIONS)):
+                x, name, length = toy_skeleton_sample(seed, subject, action, 0, num_frames, min_frames=16)
+                split = "train" if subject <= train_subjects else "val"
+                rng = np.random.default_rng([seed, 2000, subject, action])
+                bg = _toy_background(rng, size)
+                colours = rng.uniform(60, 255, (2, 3)).astype(np.float32)
+                rgb, depth, flow, uv = _render_toy_body(x[:, :length], size, focal, bg, colours)
+                write_video(os.path.join(tmp, "rgb", f"{name}.mp4"), rgb, fps=8)
+                os.makedirs(os.path.join(tmp, "depth", name))
+                for t in range(length):
+                    Image.fromarray(depth[t]).save(os.path.join(tmp, "depth", name, f"MDepth-{t + 1:08d}.png"))
+                write_flow_frames(flow, os.path.join(tmp, "flow", name))
+                frames = []
+                for t in range(length):
+                    people = []
+                    for m in range(2):
+                        if not np.any(x[:, t, :, m]):
+                            continue
+                        xy = uv[t, m, NTU_TO_COCO18] / size  # (18, 2)
+                        for k, (dx, dy) in _COCO18_HEAD_OFFSETS.items():
+                            xy[k] += np.array([dx, -dy]) * focal / max(x[2, t, 3, m], 0.1) / size
+                        inside = ((xy >= 0) & (xy <= 1)).all(1)
+                        people.append({"pose": np.round(xy, 4).reshape(-1).tolist(),
+                                       "score": inside.astype(float).tolist()})
+                    frames.append({"frame_index": t, "skeleton": people})
+                folder = os.path.join(tmp, "pose2d", f"kinetics_{split}")
+                os.makedirs(folder, exist_ok=True)
+                with open(os.path.join(folder, f"{name}.json"), "w") as f:
+                    json.dump({"data": frames, "label": TOY_SKELETON_ACTIONS[action], "label_index": action}, f)
+                labels_json[split][name] = {"has_skeleton": True, "label": TOY_SKELETON_ACTIONS[action],
+                                            "label_index": action}
+                for lst, value in zip(out[split], (x, name, action, length)):
+                    lst.append(value)
+        for split, (arrays, names, labels, lengths) in out.items():
+            _write_ntu_layout(os.path.join(tmp, "skeleton"), split, arrays, names, labels, lengths)
+            with open(os.path.join(tmp, "pose2d", f"kinetics_{split}_label.json"), "w") as f:
+                json.dump(labels_json[split], f)
+    return _build_once(root, make)
 
 
 # ==================================================================================================== BACKBONES
+# Video input (N, C, T, H, W) float, normalised; skeleton input (N, C, T, V, M) float. Every backbone has
+# `feature_dim`; forward(x) -> (N, feature_dim); forward(x, return_map=True) -> the unpooled feature map.
+# Submodule names mirror the source implementation (torchvision, 2s-AGCN, ST-GCN, skeleton-contrast, Hara's
+# 3D-ResNets, P-HLVC) so their state dicts load without renaming.
+
+TORCHVISION_VIDEO_WEIGHTS = {  # arch -> (torchvision weights enum name, file name in the torch hub cache)
+    "r2plus1d_18": ("R2Plus1D_18_Weights", "r2plus1d_18-91a641e6.pth"),
+    "r3d_18": ("R3D_18_Weights", "r3d_18-b3b3357e.pth"),
+    "mc3_18": ("MC3_18_Weights", "mc3_18-a90a0ba3.pth"),
+    "s3d": ("S3D_Weights", "s3d-d76dad2f.pth"),
+}
+
+
+def set_bn_eps(model, eps):
+    """Set eps of every BatchNorm layer (tubelet-contrast pretrains with 1e-3, torchvision uses 1e-5)."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.eps = eps
+    return model
+
+
+def count_parameters(model):
+    return sum(p.numel() for p in model.parameters())
+
+
+def _pool_video_map(x):
+    return x.mean(dim=(2, 3, 4))  # (N, C, T, H, W) -> (N, C)
+
+
+def _torchvision_kinetics_state_dict(arch):
+    """Download (or read from the torch hub cache) torchvision's Kinetics-400 weights for `arch`."""
+    enum_name, file_name = TORCHVISION_VIDEO_WEIGHTS[arch]
+    weights = getattr(torchvision.models.video, enum_name).KINETICS400_V1
+    try:
+        return weights.get_state_dict(progress=False)
+    except Exception as e:  # no internet: urllib.error.URLError, socket errors, ...
+        cache = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
+        raise RuntimeError(
+            f"common.py: cannot download torchvision Kinetics-400 weights for {arch} from {weights.url} ({e}). "
+            f"Offline: copy that file to {cache}, or pass the local file, e.g. "
+            f"build_backbone('{arch}', pretrained='/path/to/{file_name}')") from e
+
+
+class VideoResNet(nn.Module):
+    """torchvision's R(2+1)D-18 / R3D-18 / MC3-18 without the fc; keys stem.*, layer1..4.* as in torchvision.
+
+    Tubelet-contrast (CtP code) builds the same topology; its BN eps is 1e-3 (pass bn_eps=1e-3).
+    16x112x112 input -> map (512, 2, 7, 7).
+    """
+
+    def __init__(self, arch="r2plus1d_18", bn_eps=1e-5):
+        super().__init__()
+        net = getattr(torchvision.models.video, arch)(weights=None)
+        self.stem, self.layer1, self.layer2, self.layer3, self.layer4 = (
+            net.stem, net.layer1, net.layer2, net.layer3, net.layer4)
+        self.feature_dim = 512
+        set_bn_eps(self, bn_eps)
+
+    def forward(self, x, return_map=False):
+        x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))  # (N, 512, T/8, H/16, W/16)
+        return x if return_map else _pool_video_map(x)
+
+
+class S3D(nn.Module):
+    """S3D (Xie et al. 2018) as used by CoCLR / ViCC / P-HLVC, with torchvision's module layout (`features.*`).
+
+    torchvision's S3D pools with a fixed AvgPool3d(2, 7, 7) and fails below 224 px; we average the map
+    adaptively, so 32x128x128 works (map 1024 x 4 x 4 x 4). BN eps: CoCLR/ViCC use PyTorch's default (1e-5),
+    torchvision and P-HLVC (kylemin S3D) 1e-3 with momentum 1e-3 (`bn_eps`, `bn_momentum`).
+    CoCLR checkpoints name the same layers `base.N.conv_s/bn_s/conv_t/bn_t/conv/bn` (renamed on loading).
+    """
+
+    def __init__(self, bn_eps=1e-5, bn_momentum=0.1):
+        super().__init__()
+        net = torchvision.models.video.S3D(norm_layer=lambda c: nn.BatchNorm3d(c, eps=bn_eps, momentum=bn_momentum))
+        self.features = net.features
+        self.feature_dim = 1024
+        for m in self.modules():  # CoCLR backbone/s3dg.py: conv weights N(0, 0.01)
+            if isinstance(m, nn.Conv3d):
+                nn.init.normal_(m.weight, 0.0, 0.01)
+
+    def forward(self, x, return_map=False):
+        x = self.features(x)  # (N, 1024, T/8, H/32, W/32)
+        return x if return_map else _pool_video_map(x)
+
+
+def _conv3d_bn_relu(cin, cout, kernel, stride=1, padding=0, bn_eps=1e-3):
+    return nn.Sequential(nn.Conv3d(cin, cout, kernel, stride, padding, bias=False),
+                         nn.BatchNorm3d(cout, eps=bn_eps), nn.ReLU(inplace=True))
+
+
+class InceptionBlock3D(nn.Module):
+    """I3D Inception block (full 3x3x3 convs); branch names as torchvision's SepInceptionBlock3D."""
+
+    def __init__(self, cin, b0, b1a, b1b, b2a, b2b, b3, bn_eps=1e-3):
+        super().__init__()
+        self.branch0 = _conv3d_bn_relu(cin, b0, 1, bn_eps=bn_eps)
+        self.branch1 = nn.Sequential(_conv3d_bn_relu(cin, b1a, 1, bn_eps=bn_eps),
+                                     _conv3d_bn_relu(b1a, b1b, 3, padding=1, bn_eps=bn_eps))
+        self.branch2 = nn.Sequential(_conv3d_bn_relu(cin, b2a, 1, bn_eps=bn_eps),
+                                     _conv3d_bn_relu(b2a, b2b, 3, padding=1, bn_eps=bn_eps))
+        self.branch3 = nn.Sequential(nn.MaxPool3d(3, stride=1, padding=1), _conv3d_bn_relu(cin, b3, 1, bn_eps=bn_eps))
+
+    def forward(self, x):
+        return torch.cat([self.branch0(x), self.branch1(x), self.branch2(x), self.branch3(x)], dim=1)
+
+
+class I3D(nn.Module):
+    """Inception-I3D (Carreira & Zisserman 2017; tubelet-contrast App. C.2, thesis) without logits.
+
+    Same widths and pooling as S3D but full k x k x k convolutions. Tubelet-contrast's I3D
+    (pyvrl/models/backbones/i3d.py, the hassony2 port: conv3d_1a_7x7, mixed_3b.branch_1.0.conv3d, ...) is
+    renamed on loading (I3D_RENAMES); BN eps 1e-5 as there. Deviation: symmetric padding instead of TF "SAME"
+    padding, which pads one more on the bottom/right at the strided 7x7x7 conv and max-pools (same output sizes,
+    features shifted by one position). 16x224x224 -> map 1024 x 2 x 7 x 7.
+    """
+
+    def __init__(self, in_channels=3, bn_eps=1e-5):
+        super().__init__()
+        e = dict(bn_eps=bn_eps)
+        self.features = nn.Sequential(
+            _conv3d_bn_relu(in_channels, 64, 7, stride=2, padding=3, **e),
+            nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
+            _conv3d_bn_relu(64, 64, 1, **e),
+            _conv3d_bn_relu(64, 192, 3, padding=1, **e),
+            nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
+            InceptionBlock3D(192, 64, 96, 128, 16, 32, 32, **e),
+            InceptionBlock3D(256, 128, 128, 192, 32, 96, 64, **e),
+            nn.MaxPool3d(3, stride=2, padding=1),
+            InceptionBlock3D(480, 192, 96, 208, 16, 48, 64, **e),
+            InceptionBlock3D(512, 160, 112, 224, 24, 64, 64, **e),
+            InceptionBlock3D(512, 128, 128, 256, 24, 64, 64, **e),
+            InceptionBlock3D(512, 112, 144, 288, 32, 64, 64, **e),
+            InceptionBlock3D(528, 256, 160, 320, 32, 128, 128, **e),
+            nn.MaxPool3d(2, stride=2),
+            InceptionBlock3D(832, 256, 160, 320, 32, 128, 128, **e),
+            InceptionBlock3D(832, 384, 192, 384, 48, 128, 128, **e),
+        )
+        self.feature_dim = 1024
+
+    def forward(self, x, return_map=False):
+        x = self.features(x)  # (N, 1024, T/8, H/32, W/32)
+        return x if return_map else _pool_video_map(x)
+
+
+class BasicBlock3D(nn.Module):
+    """ResNet basic block with a given conv kernel ((1,3,3) = 2D block of R2D3D, 3 = 3D block); names conv1/bn1."""
+    expansion = 1
+
+    def __init__(self, cin, planes, stride=1, downsample=None, kernel=3, cardinality=1, bn_eps=1e-5):
+        super().__init__()
+        pad = tuple(k // 2 for k in kernel) if isinstance(kernel, tuple) else kernel // 2
+        self.conv1 = nn.Conv3d(cin, planes, kernel, stride, pad, bias=False)
+        self.bn1 = nn.BatchNorm3d(planes, eps=bn_eps)
+        self.conv2 = nn.Conv3d(planes, planes, kernel, 1, pad, bias=False)
+        self.bn2 = nn.BatchNorm3d(planes, eps=bn_eps)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.final_relu = True
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out)) + identity
+        return self.relu(out) if self.final_relu else out
+
+
+class ResNeXtBottleneck3D(nn.Module):
+    """Hara et al.'s ResNeXt bottleneck (expansion 2, grouped 3x3x3 conv, mid = cardinality * planes / 32)."""
+    expansion = 2
+
+    def __init__(self, cin, planes, stride=1, downsample=None, kernel=3, cardinality=32, bn_eps=1e-5):
+        super().__init__()
+        mid = cardinality * (planes // 32)
+        self.conv1 = nn.Conv3d(cin, mid, 1, bias=False)
+        self.bn1 = nn.BatchNorm3d(mid, eps=bn_eps)
+        self.conv2 = nn.Conv3d(mid, mid, 3, stride, 1, groups=cardinality, bias=False)
+        self.bn2 = nn.BatchNorm3d(mid, eps=bn_eps)
+        self.conv3 = nn.Conv3d(mid, planes * self.expansion, 1, bias=False)
+        self.bn3 = nn.BatchNorm3d(planes * self.expansion, eps=bn_eps)
+        self.relu = nn.ReLU(inplace=True)
+        self.downsample = downsample
+        self.final_relu = True
+
+    def forward(self, x):
+        identity = x if self.downsample is None else self.downsample(x)
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out)) + identity
+        return self.relu(out) if self.final_relu else out
+
+
+class ResNet3D(nn.Module):
+    """ResNet with stem conv1/bn1/maxpool and layer1..4 (Hara et al. 3D-ResNets key names, shortcut type B).
+
+    Used for `resnet3d_18` (thesis Sec. 2.4.3 depth student, `in_channels` configurable), `resnext3d_101`
+    (Sec. 2.4.3 Kinetics teacher, Hara's resnext-101-kinetics.pth layout) and `r2d3d_18` (DPC's ResNet-2D3D-18,
+    TengdaHan/DPC backbone/resnet_2d3d.py: 1x7x7 stem, 2D blocks (1x3x3) in layer1-2 with spatial-only stride,
+    3D blocks in layer3-4, layer4 narrowed to 256 channels and no ReLU after its last block).
+    """
+
+    def __init__(self, block, layers, in_channels=3, widths=(64, 128, 256, 512), cardinality=1,
+                 stem_kernel=(7, 7, 7), block_kernels=(3, 3, 3, 3), temporal_strides=(1, 2, 2, 2), final_relu=True,
+                 bn_eps=1e-5):
+        super().__init__()
+        self.conv1 = nn.Conv3d(in_channels, 64, stem_kernel, (1, 2, 2), tuple(k // 2 for k in stem_kernel),
+                               bias=False)
+        self.bn1 = nn.BatchNorm3d(64, eps=bn_eps)
+        self.relu = nn.ReLU(inplace=True)
+        pool_t = 3 if stem_kernel[0] > 1 else 1
+        self.maxpool = nn.MaxPool3d((pool_t, 3, 3), (2 if pool_t > 1 else 1, 2, 2), (pool_t // 2, 1, 1))
+        cin = 64
+        for i, (planes, n) in enumerate(zip(widths, layers)):
+            stride = (temporal_strides[i], 1 if i == 0 else 2, 1 if i == 0 else 2)
+            downsample = None
+            if stride != (1, 1, 1) or cin != planes * block.expansion:
+                downsample = nn.Sequential(nn.Conv3d(cin, planes * block.expansion, 1, stride, bias=False),
+                                           nn.BatchNorm3d(planes * block.expansion, eps=bn_eps))
+            blocks = [block(cin, planes, stride, downsample, block_kernels[i], cardinality, bn_eps)]
+            cin = planes * block.expansion
+            blocks += [block(cin, planes, 1, None, block_kernels[i], cardinality, bn_eps) for _ in range(n - 1)]
+            setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
+        blocks[-1].final_relu = final_relu
+        self.feature_dim = cin
+        for m in self.modules():
+            if isinstance(m, nn.Conv3d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+
+    def forward(self, x, return_map=False):
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))  # (N, feature_dim, T', H/32, W/32)
+        return x if return_map else _pool_video_map(x)
+
+
+class Tiny3D(nn.Module):
+    """A small 3D CNN for CPU smoke runs and tests (~0.3 M parameters at width 16; not from any paper).
+
+    16x64x64 -> map (8*width, 4, 4, 4); 16x112x112 -> (8*width, 4, 7, 7).
+    """
+
+    def __init__(self, in_channels=3, width=16, bn_eps=1e-5):
+        super().__init__()
+        w = width
+        self.features = nn.Sequential(
+            _conv3d_bn_relu(in_channels, w, 3, stride=(1, 2, 2), padding=1, bn_eps=bn_eps),
+            _conv3d_bn_relu(w, 2 * w, 3, stride=2, padding=1, bn_eps=bn_eps),
+            _conv3d_bn_relu(2 * w, 4 * w, 3, stride=2, padding=1, bn_eps=bn_eps),
+            _conv3d_bn_relu(4 * w, 8 * w, 3, stride=(1, 2, 2), padding=1, bn_eps=bn_eps),
+        )
+        self.feature_dim = 8 * w
+
+    def forward(self, x, return_map=False):
+        x = self.features(x)  # (N, 8w, T/4, H/16, W/16)
+        return x if return_map else _pool_video_map(x)
+
+
+# ---------------------------------------------------------------------------------------------- skeleton graphs
+# NTU RGB+D 25 joints (1-based pairs child -> parent toward the spine), 2s-AGCN graph/ntu_rgb_d.py, ST-GCN.
+NTU25_INWARD = [(1, 2), (2, 21), (3, 21), (4, 3), (5, 21), (6, 5), (7, 6), (8, 7), (9, 21), (10, 9), (11, 10),
+                (12, 11), (13, 1), (14, 13), (15, 14), (16, 15), (17, 1), (18, 17), (19, 18), (20, 19),
+                (22, 23), (23, 8), (24, 25), (25, 12)]
+NTU25_INWARD = [(i - 1, j - 1) for i, j in NTU25_INWARD]
+# OpenPose COCO-18 (0-based), 2s-AGCN graph/kinetics.py, ST-GCN 'openpose' layout.
+COCO18_INWARD = [(4, 3), (3, 2), (7, 6), (6, 5), (13, 12), (12, 11), (10, 9), (9, 8), (11, 5), (8, 2), (5, 1),
+                 (2, 1), (0, 1), (15, 0), (14, 0), (17, 15), (16, 14)]
+SKELETON_GRAPHS = {"ntu25": (25, NTU25_INWARD, 20), "coco18": (18, COCO18_INWARD, 1)}  # (V, edges, centre)
+
+
+def _normalize_digraph(a):
+    deg = a.sum(0)
+    return a @ np.diag(np.where(deg > 0, 1.0 / np.maximum(deg, 1e-12), 0.0))  # column-normalised
+
+
+def agcn_adjacency(layout="ntu25"):
+    """2s-AGCN spatial graph (3, V, V): [identity, in-normalised inward, in-normalised outward]."""
+    v, inward, _ = SKELETON_GRAPHS[layout]
+    def edge2mat(edges):
+        a = np.zeros((v, v))
+        for i, j in edges:
+            a[j, i] = 1
+        return a
+    outward = [(j, i) for i, j in inward]
+    return np.stack([edge2mat([(i, i) for i in range(v)]), _normalize_digraph(edge2mat(inward)),
+                     _normalize_digraph(edge2mat(outward))]).astype(np.float32)
+
+
+def stgcn_adjacency(layout="ntu25"):
+    """ST-GCN 'spatial' partition (max_hop 1) (3, V, V): self, same/farther from centre, nearer (Yan et al. 2018)."""
+    v, inward, center = SKELETON_GRAPHS[layout]
+    a = np.eye(v)
+    for i, j in inward:
+        a[i, j] = a[j, i] = 1
+    hop = np.full((v, v), np.inf)
+    hop[a > 0] = 1
+    hop[np.eye(v) > 0] = 0
+    # Distance to the centre as in st-gcn's get_adjacency: hop_dis[:, center] with max_hop = 1, i.e. infinite
+    # for joints more than one hop away, so most limb edges compare inf == inf and fall in the root/close
+    # partition. This is the original's behaviour (kept so that its checkpoints mean the same thing).
+    dist = hop[:, center]
+    norm = _normalize_digraph((hop <= 1).astype(np.float64))
+    # net/utils/graph.py get_adjacency('spatial'): A = [hop-0 root, hop-1 root + close, hop-1 further]
+    root, close, further = np.zeros((v, v)), np.zeros((v, v)), np.zeros((v, v))
+    for i in range(v):
+        for j in range(v):
+            if hop[j, i] == 0:
+                root[j, i] = norm[j, i]
+            elif hop[j, i] == 1:
+                if dist[j] >= dist[i]:
+                    close[j, i] = norm[j, i]
+                else:
+                    further[j, i] = norm[j, i]
+    return np.stack([root, close, further]).astype(np.float32)
+
+
+# ------------------------------------------------------------------------------------ skeleton representations
+def skeleton_to_sequence(x):
+    """(N, C, T, V, M) -> (N, T, V*C*M): per frame joint-major, then xyz, then person (skeleton-contrast)."""
+    n, c, t, v, m = x.shape
+    return x.permute(0, 2, 3, 1, 4).reshape(n, t, v * c * m)
+
+
+# SkeleMotion joint chaining (depth-first traversal, 49 entries). NTU-25: carloscaetano/skeleton-images
+# ImgType.depth_first_traversal_skl_NTU (0-based). COCO-18: P-HLVC supp. Sec. 7.5 (OpenPose joint ids).
+SKELEMOTION_ORDER = {
+    "ntu25": [1, 20, 2, 3, 2, 20, 4, 5, 6, 7, 21, 22, 21, 7, 6, 5, 4, 20, 8, 9, 10, 11, 23, 24, 23, 11, 10, 9, 8,
+              20, 1, 0, 12, 13, 14, 15, 14, 13, 12, 0, 16, 17, 18, 19, 18, 17, 16, 0, 1],
+    "coco18": [8, 1, 11, 1, 0, 1, 1, 5, 5, 6, 6, 7, 7, 5, 7, 1, 6, 1, 1, 2, 2, 3, 3, 4, 4, 2, 4, 1, 3, 1, 1, 11,
+               11, 12, 12, 13, 1, 8, 8, 9, 9, 10, 4, 0, 7, 4, 10, 13, 7],
+}
+
+
+def skelemotion_image(pose, layout="ntu25", tau=1, mag_threshold=0.004):
+    """SkeleMotion image (Caetano et al. AVSS 2019) of one body, as P-HLVC feeds it: (6, T, 49) float32.
+
+    pose: (C, T, V) with C = 3 (x, y, z) or 2 (x, y; z = 0 as in the OpenPose fork). A frame whose joints are
+    all zero counts as absent; its column stays all zero. d_t = p_t - p_{t+tau} (zero when frame t+tau is absent
+    or out of range).
+    Channels 0-2: orientation atan2(dy,dx), atan2(dy,dz), atan2(dz,dx) in degrees mapped by the original
+    `ImgType.normalize(v, -180, 180, 1, -1)`, which computes (v + 180) / 360, i.e. [0, 1] (not [-1, 1]);
+    1.1 where the magnitude < mag_threshold * tau. Channels 3-5: magnitude ||d||_2 clipped to [0, 1], repeated
+    3 times (a single temporal scale, as in the simplexsigil fork P-HLVC uses). No resizing to width 100.
+    """
+    pose = torch.as_tensor(pose, dtype=torch.float32)
+    if pose.shape[0] == 2:
+        pose = torch.cat([pose, torch.zeros_like(pose[:1])])
+    order = SKELEMOTION_ORDER[layout]
+    c, t, v = pose.shape
+    present = pose.abs().sum(dim=(0, 2)) > 0  # (T,)
+    d = torch.zeros(3, t, v)
+    if t > tau:
+        d[:, :-tau] = pose[:, :-tau] - pose[:, tau:]
+        d[:, :-tau] *= (present[:-tau] & present[tau:]).float()[None, :, None]
+    d = d[:, :, order]  # (3, T, 49)
+    mag = d.norm(dim=0).clamp(0, 1)  # (T, 49)
+    dx, dy, dz = d
+    ori = torch.stack([torch.atan2(dy, dx), torch.atan2(dy, dz), torch.atan2(dz, dx)])
+    ori = (torch.rad2deg(ori) + 180.0) / 360.0
+    ori = torch.where(mag[None] < mag_threshold * tau, torch.full_like(ori, 1.1), ori)
+    ori = ori * present.float()[None, :, None]  # frames without the body stay all-zero in the original
+    return torch.cat([ori, mag[None].expand(3, -1, -1)])  # (6, T, 49): orientation first (P-HLVC loader)
+
+
+# ---------------------------------------------------------------------------------------- skeleton backbones
+class BiGRU(nn.Module):
+    """Sequence encoder of thesis Sec. 3.4.2 (skeleton-contrast moco/GRU.py): 3-layer bidirectional GRU, 1024 units.
+
+    Input (N, C, T, V, M) (flattened by `skeleton_to_sequence`) or (N, T, D). Output 2 * hidden (2048-d).
+    stepwise=False (default, the paper's BiGRU): one call over the whole sequence; feature = [forward state
+    after the last frame, backward state after the first frame] (the final hidden states h_n of the top layer;
+    the per-step output at the last frame would give the backward direction only one frame of context).
+    stepwise=True (the authors' code): the GRU is called once per time step with the carried hidden state and
+    the top-layer output of the last call is returned. A length-1 call runs the "reverse" direction over that
+    single step too, so both directions process frames in forward time order (two causal GRUs per layer with
+    different weights); the backward direction never sees the sequence reversed, so the two modes give
+    different features for the same weights. Checkpoints of the authors' code should be run with stepwise=True.
+    """
+
+    def __init__(self, input_dim=150, hidden=1024, layers=3, stepwise=False):
+        super().__init__()
+        self.gru = nn.GRU(input_dim, hidden, num_layers=layers, bidirectional=True, batch_first=True)
+        self.hidden, self.layers, self.stepwise = hidden, layers, stepwise
+        self.feature_dim = 2 * hidden
+        for p in self.gru.parameters():  # xavier-uniform on 2-D weights (skeleton-contrast, reference notes 2.4)
+            if p.dim() == 2:
+                nn.init.xavier_uniform_(p)
+
+    def forward(self, x, return_map=False):
+        if x.dim() == 5:
+            x = skeleton_to_sequence(x)  # (N, T, V*C*M)
+        if self.stepwise:
+            h, outs = None, []
+            for t in range(x.shape[1]):
+                out, h = self.gru(x[:, t:t + 1], h)  # out (N, 1, 2H)
+                outs.append(out)
+            seq = torch.cat(outs, dim=1)  # (N, T, 2H)
+            feat = seq[:, -1]
+        else:
+            seq, h = self.gru(x)  # seq (N, T, 2H), h (2*layers, N, H)
+            feat = torch.cat([h[-2], h[-1]], dim=1)  # (N, 2H)
+        return seq if return_map else feat
+
+
+class HCN(nn.Module):
+    """Hierarchical Co-occurrence Network (Li et al. 2018) as in skeleton-contrast moco/HCN.py, without fc.
+
+    Position and motion streams: 1x1 conv, (3x1) conv, joints moved to channels, then co-occurrence convs;
+    element-wise max over persons; map (N, 4*hidden, T/16, window/16), flattened feature 4096 for T = 64.
+    Dropout2d(0.5) inside the trunk as in the original (active in train mode).
+    """
+
+    def __init__(self, in_channels=3, num_joints=25, num_persons=2, hidden=64, window_size=64):
+        super().__init__()
+        self.num_persons, self.window_size = num_persons, window_size
+        h = hidden
+        for s in ("", "m"):
+            setattr(self, "conv1" + s, nn.Sequential(nn.Conv2d(in_channels, h, 1), nn.ReLU()))
+            setattr(self, "conv2" + s, nn.Conv2d(h, window_size, (3, 1), padding=(1, 0)))
+            setattr(self, "conv3" + s, nn.Sequential(nn.Conv2d(num_joints, h // 2, 3, padding=1), nn.MaxPool2d(2)))
+            setattr(self, "conv4" + s, nn.Sequential(nn.Conv2d(h // 2, h, 3, padding=1), nn.Dropout2d(0.5),
+                                                     nn.MaxPool2d(2)))
+        self.conv5 = nn.Sequential(nn.Conv2d(2 * h, 2 * h, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.5), nn.MaxPool2d(2))
+        self.conv6 = nn.Sequential(nn.Conv2d(2 * h, 4 * h, 3, padding=1), nn.ReLU(), nn.Dropout2d(0.5), nn.MaxPool2d(2))
+        self.feature_dim = 4 * h * (window_size // 16) * (window_size // 16)
+        for m in self.modules():  # HCN.py weights_init: Glorot-uniform, zero bias
+            if isinstance(m, nn.Conv2d):
+                nn.init.xavier_uniform_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _stream(self, x, s):
+        out = getattr(self, "conv2" + s)(getattr(self, "conv1" + s)(x))  # (N, window, T, V)
+        out = out.permute(0, 3, 2, 1).contiguous()  # (N, V, T, window): joints become channels
+        return getattr(self, "conv4" + s)(getattr(self, "conv3" + s)(out))
+
+    def forward(self, x, return_map=False):
+        n, c, t, v, m = x.shape
+        if t != self.window_size:  # the flattened feature size depends on T
+            raise ValueError(f"common.py: HCN built for T = window_size = {self.window_size}, "
+                             f"got input {tuple(x.shape)}")
+        motion = x[:, :, 1:] - x[:, :, :-1]  # (N, C, T-1, V, M)
+        motion = motion.permute(0, 1, 4, 2, 3).reshape(n, c * m, t - 1, v)
+        motion = F.interpolate(motion, size=(t, v), mode="bilinear", align_corners=False)
+        motion = motion.view(n, c, m, t, v).permute(0, 1, 3, 4, 2)  # (N, C, T, V, M)
+        out = None
+        for i in range(self.num_persons):
+            o = torch.cat([self._stream(x[..., i], ""), self._stream(motion[..., i], "m")], dim=1)
+            o = self.conv6(self.conv5(o))  # (N, 4h, T/16, window/16)
+            out = o if out is None else torch.max(out, o)
+        return out if return_map else out.flatten(1)
+
+
+class AGCNUnitGCN(nn.Module):
+    """2s-AGCN unit_gcn: A_k + learnable PA_k + data-dependent attention C_k, k = 1..3 (Shi et al. 2019)."""
+
+    def __init__(self, cin, cout, adjacency, coff_embedding=4):
+        super().__init__()
+        k = adjacency.shape[0]
+        self.inter_c = cout // coff_embedding
+        self.register_buffer("A", torch.from_numpy(adjacency), persistent=False)  # fixed graph, not in checkpoints
+        self.PA = nn.Parameter(torch.full_like(torch.from_numpy(adjacency), 1e-6))
+        self.conv_a = nn.ModuleList([nn.Conv2d(cin, self.inter_c, 1) for _ in range(k)])
+        self.conv_b = nn.ModuleList([nn.Conv2d(cin, self.inter_c, 1) for _ in range(k)])
+        self.conv_d = nn.ModuleList([nn.Conv2d(cin, cout, 1) for _ in range(k)])
+        self.down = nn.Sequential(nn.Conv2d(cin, cout, 1), nn.BatchNorm2d(cout)) if cin != cout else None
+        self.bn = nn.BatchNorm2d(cout)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out")
+                nn.init.zeros_(m.bias)
+        for conv in self.conv_d:  # conv_branch_init
+            nn.init.normal_(conv.weight, 0, math.sqrt(2.0 / (cout * cin * k)))
+        nn.init.constant_(self.bn.weight, 1e-6)
+
+    def forward(self, x):
+        n, c, t, v = x.shape
+        a = self.A + self.PA
+        y = 0
+        for i in range(len(self.conv_d)):
+            a1 = self.conv_a[i](x).permute(0, 3, 1, 2).reshape(n, v, self.inter_c * t)
+            a2 = self.conv_b[i](x).view(n, self.inter_c * t, v)
+            att = torch.softmax(torch.matmul(a1, a2) / a1.size(-1), dim=-2) + a[i]  # (N, V, V)
+            y = y + self.conv_d[i](torch.matmul(x.reshape(n, c * t, v), att).view(n, c, t, v))
+        y = self.bn(y) + (x if self.down is None else self.down(x))
+        return F.relu(y)
+
+
+class AGCNUnitTCN(nn.Module):
+    def __init__(self, cin, cout, kernel=9, stride=1):
+        super().__init__()
+        self.conv = nn.Conv2d(cin, cout, (kernel, 1), (stride, 1), ((kernel - 1) // 2, 0))
+        self.bn = nn.BatchNorm2d(cout)
+        nn.init.kaiming_normal_(self.conv.weight, mode="fan_out")
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+class AGCNBlock(nn.Module):
+    """2s-AGCN TCN_GCN_unit: gcn1 -> tcn1 plus residual (none / identity / strided 1x1 unit_tcn)."""
+
+    def __init__(self, cin, cout, adjacency, stride=1, residual=True):
+        super().__init__()
+        self.gcn1 = AGCNUnitGCN(cin, cout, adjacency)
+        self.tcn1 = AGCNUnitTCN(cout, cout, stride=stride)
+        self.residual_mode = "none" if not residual else ("identity" if cin == cout and stride == 1 else "conv")
+        if self.residual_mode == "conv":
+            self.residual = AGCNUnitTCN(cin, cout, kernel=1, stride=stride)
+
+    def forward(self, x):
+        res = 0 if self.residual_mode == "none" else (x if self.residual_mode == "identity" else self.residual(x))
+        return F.relu(self.tcn1(self.gcn1(x)) + res)
+
+
+def _graph_widths(hidden):
+    h = hidden
+    return [(None, h, 1, False), (h, h, 1, True), (h, h, 1, True), (h, h, 1, True), (h, 2 * h, 2, True),
+            (2 * h, 2 * h, 1, True), (2 * h, 2 * h, 1, True), (2 * h, 4 * h, 2, True), (4 * h, 4 * h, 1, True),
+            (4 * h, 4 * h, 1, True)]
+
+
+class AGCN(nn.Module):
+    """2s-AGCN joint stream (skeleton-contrast moco/AGCN.py) without fc: data_bn, l1..l10, mean over T, V, M.
+
+    Keys (data_bn, l1.gcn1.PA, ...) match the authors' checkpoints. Output 4*hidden (256-d).
+    """
+
+    def __init__(self, in_channels=3, num_joints=25, num_persons=2, layout="ntu25", hidden=64):
+        super().__init__()
+        adjacency = agcn_adjacency(layout)
+        self.data_bn = nn.BatchNorm1d(num_persons * in_channels * num_joints)
+        for i, (cin, cout, stride, residual) in enumerate(_graph_widths(hidden)):
+            setattr(self, f"l{i + 1}", AGCNBlock(cin or in_channels, cout, adjacency, stride, residual))
+        self.feature_dim = 4 * hidden
+
+    def forward(self, x, return_map=False):
+        n, c, t, v, m = x.shape
+        x = self.data_bn(x.permute(0, 4, 3, 1, 2).reshape(n, m * v * c, t))
+        x = x.view(n, m, v, c, t).permute(0, 1, 3, 4, 2).reshape(n * m, c, t, v)
+        for i in range(10):
+            x = getattr(self, f"l{i + 1}")(x)  # (N*M, C', T', V)
+        x = x.view(n, m, x.shape[1], x.shape[2], v)
+        return x if return_map else x.mean(dim=(3, 4)).mean(dim=1)  # map (N, M, C', T', V)
+
+
+class STGCNBlock(nn.Module):
+    """ST-GCN st_gcn block (yysijie/st-gcn net/st_gcn.py): graph conv (K partitions) -> BN-ReLU-tconv-BN."""
+
+    def __init__(self, cin, cout, k, stride=1, residual=True, dropout=0.0):
+        super().__init__()
+        self.k = k
+        self.gcn = nn.Module()
+        self.gcn.conv = nn.Conv2d(cin, cout * k, 1)
+        self.tcn = nn.Sequential(nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
+                                 nn.Conv2d(cout, cout, (9, 1), (stride, 1), (4, 0)), nn.BatchNorm2d(cout),
+                                 nn.Dropout(dropout))
+        self.residual_mode = "none" if not residual else ("identity" if cin == cout and stride == 1 else "conv")
+        if self.residual_mode == "conv":
+            self.residual = nn.Sequential(nn.Conv2d(cin, cout, 1, (stride, 1)), nn.BatchNorm2d(cout))
+
+    def forward(self, x, a):
+        res = 0 if self.residual_mode == "none" else (x if self.residual_mode == "identity" else self.residual(x))
+        y = self.gcn.conv(x)
+        n, kc, t, v = y.shape
+        y = torch.einsum("nkctv,kvw->nctw", y.view(n, self.k, kc // self.k, t, v), a)
+        return F.relu(self.tcn(y) + res)
+
+
+class STGCN(nn.Module):
+    """ST-GCN (Yan et al. 2018) without the fcn: spatial partition graph, edge-importance weighting, 256-d.
+
+    The cross-modal skeleton student of thesis Sec. 2.4.3. Keys (data_bn, st_gcn_networks.i, edge_importance.i)
+    match yysijie/st-gcn checkpoints.
+    """
+
+    def __init__(self, in_channels=3, num_joints=25, layout="ntu25", hidden=64, dropout=0.0):
+        super().__init__()
+        self.register_buffer("A", torch.from_numpy(stgcn_adjacency(layout)))
+        k = self.A.shape[0]
+        self.data_bn = nn.BatchNorm1d(in_channels * num_joints)
+        self.st_gcn_networks = nn.ModuleList([
+            STGCNBlock(cin or in_channels, cout, k, stride, residual, 0.0 if cin is None else dropout)
+            for cin, cout, stride, residual in _graph_widths(hidden)])
+        self.edge_importance = nn.ParameterList([nn.Parameter(torch.ones_like(self.A))
+                                                 for _ in self.st_gcn_networks])
+        self.feature_dim = 4 * hidden
+
+    def forward(self, x, return_map=False):
+        n, c, t, v, m = x.shape
+        x = self.data_bn(x.permute(0, 4, 3, 1, 2).reshape(n * m, v * c, t))
+        x = x.view(n, m, v, c, t).permute(0, 1, 3, 4, 2).reshape(n * m, c, t, v)
+        for block, importance in zip(self.st_gcn_networks, self.edge_importance):
+            x = block(x, self.A * importance)  # (N*M, C', T', V)
+        x = x.view(n, m, x.shape[1], x.shape[2], v)
+        return x if return_map else x.mean(dim=(3, 4)).mean(dim=1)  # map (N, M, C', T', V)
+
+
+class SkeleMotionCNN(nn.Module):
+    """P-HLVC SkeleMotion backbone (P-HLVC supp. Listing 1; cvpranon42/phlvc model_3d.py SkeleMotionBackbone).
+
+    Input (N, 6, T, 49) SkeleMotion images (`skelemotion_image`); no BatchNorm (commented out in the original).
+    Layer names as the original (conv1..4, linear1..2). For T = 32 the map after conv4 is (64, 4, 8) -> 2048 ->
+    linear1 512 -> ReLU -> linear2 512 (feature_dim 512); T = 30 -> 1536. Orthogonal init, zero bias.
+    """
+
+    def __init__(self, in_channels=6, frames=32, joints=49, hidden=512):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 16, 3)
+        self.conv2 = nn.Conv2d(16, 32, 3)
+        self.maxpool2 = nn.MaxPool2d(3, stride=1)
+        self.conv3 = nn.Conv2d(32, 32, (3, 5))
+        self.maxpool3 = nn.MaxPool2d(3, stride=2)
+        self.conv4 = nn.Conv2d(32, 64, 3)
+        self.maxpool4 = nn.MaxPool2d(3, stride=2)
+        with torch.no_grad():
+            flat = self._conv(torch.zeros(1, in_channels, frames, joints)).numel()
+        self.linear1 = nn.Linear(flat, hidden)
+        self.linear2 = nn.Linear(hidden, hidden)
+        self.feature_dim = hidden
+        for m in self.modules():
+            if isinstance(m, (nn.Conv2d, nn.Linear)):
+                nn.init.orthogonal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def _conv(self, x):
+        x = F.relu(self.conv1(x))  # (N, 16, T-2, 47)
+        x = F.relu(self.maxpool2(self.conv2(x)))  # (N, 32, T-6, 43)
+        x = F.relu(self.maxpool3(self.conv3(x)))  # (N, 32, 11, 19) for T = 32
+        return F.relu(self.maxpool4(self.conv4(x)))  # (N, 64, 4, 8) for T = 32
+
+    def forward(self, x, return_map=False):
+        x = self._conv(x)
+        return x if return_map else self.linear2(F.relu(self.linear1(x.flatten(1))))
+
+
+VIDEO_ARCHS = ("r2plus1d_18", "r3d_18", "mc3_18", "s3d", "r2d3d_18", "i3d", "resnet3d_18", "resnext3d_101",
+               "tiny3d")
+SKELETON_ARCHS = ("bigru", "hcn", "agcn", "stgcn", "skelemotion_cnn")
+
+
+def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **options):
+    """Build a backbone by name (see VIDEO_ARCHS, SKELETON_ARCHS); returns an nn.Module with `.feature_dim`.
+
+    pretrained: None, "kinetics400" (torchvision weights for r2plus1d_18 / r3d_18 / mc3_18 / s3d; downloaded
+    into the torch hub cache) or a path loaded with `load_backbone_weights`.
+    bn_eps: eps of every BatchNorm (default: the source's).
+    in_channels: input channels (default 3; 6 for skelemotion_cnn).
+    Other options per arch:
+        tiny3d: width (16). s3d: bn_momentum.
+        bigru: input_dim (150 = V*C*M), hidden (1024), layers (3), stepwise (False).
+        hcn: num_joints (25), num_persons (2), hidden (64), window_size (64 = T).
+        agcn: num_joints, num_persons, layout ("ntu25" | "coco18"), hidden (64). stgcn: same + dropout.
+        skelemotion_cnn: frames (32), joints (49), hidden (512).
+    """
+    c = 3 if in_channels is None else in_channels
+    eps = {} if bn_eps is None else {"bn_eps": bn_eps}
+    if arch in ("r2plus1d_18", "r3d_18", "mc3_18"):
+        if c != 3:
+            raise ValueError(f"common.py: {arch} expects in_channels=3 (torchvision stem), got {c}")
+        model = VideoResNet(arch, **eps, **options)
+    elif arch == "s3d":
+        if pretrained == "kinetics400":  # torchvision's S3D was trained with eps 1e-3, momentum 1e-3
+            options = {"bn_momentum": 1e-3, **options}
+            eps = eps or {"bn_eps": 1e-3}
+        model = S3D(**eps, **options)
+    elif arch == "i3d":
+        model = I3D(c, **eps, **options)
+    elif arch == "tiny3d":
+        model = Tiny3D(c, **eps, **options)
+    elif arch == "resnet3d_18":
+        model = ResNet3D(BasicBlock3D, (2, 2, 2, 2), c, **eps, **options)
+    elif arch == "resnext3d_101":
+        model = ResNet3D(ResNeXtBottleneck3D, (3, 4, 23, 3), c, widths=(128, 256, 512, 1024), cardinality=32,
+                         **eps, **options)
+    elif arch == "r2d3d_18":
+        model = ResNet3D(BasicBlock3D, (2, 2, 2, 2), c, stem_kernel=(1, 7, 7),
+                         widths=(64, 128, 256, 256), block_kernels=((1, 3, 3), (1, 3, 3), 3, 3),
+                         temporal_strides=(1, 1, 2, 2), final_relu=False, **eps, **options)
+    elif arch == "bigru":
+        model = BiGRU(**options)
+    elif arch == "hcn":
+        model = HCN(c, **options)
+    elif arch == "agcn":
+        model = AGCN(c, **options)
+    elif arch == "stgcn":
+        model = STGCN(c, **options)
+    elif arch == "skelemotion_cnn":
+        model = SkeleMotionCNN(6 if in_channels is None else in_channels, **options)
+    else:
+        raise ValueError(f"common.py: unknown backbone '{arch}'; expected one of {VIDEO_ARCHS + SKELETON_ARCHS}")
+    if bn_eps is not None:  # skeleton nets take it here too (their constructors keep PyTorch's default)
+        set_bn_eps(model, bn_eps)
+    model.arch = arch
+    if pretrained == "kinetics400":
+        if arch not in TORCHVISION_VIDEO_WEIGHTS:
+            raise ValueError(f"common.py: no torchvision Kinetics-400 weights for '{arch}'; "
+                             f"available for {sorted(TORCHVISION_VIDEO_WEIGHTS)}; pass a file path instead")
+        load_backbone_weights(model, _torchvision_kinetics_state_dict(arch))
+    elif pretrained:
+        load_backbone_weights(model, pretrained)
+    return model
 
 
 # ==================================================================================================== CHECKPOINTS
+# One loader for our backbone.pth ({"state_dict", "meta"}), our checkpoint.pth ({"model": ...}), torchvision
+# state dicts and the authors' layouts. Keys are matched by suffix after an automatically found prefix
+# ("module.", "encoder_q.", "encoder_q.0.", "backbone.", "encoder.", "model.", "module.encoder_q.", ...), with
+# the CtP R(2+1)D/R3D, CoCLR S3D and tubelet-contrast I3D names renamed to ours. Every backbone key must be
+# found: anything missing (other than BN's num_batches_tracked counters) raises. Heads, queues and key encoders
+# are skipped by name.
+
+# Key-path components of encoders that are never the one to load: MoCo key encoders (encoder_k,
+# skeleton-contrast's encoder_l for the second representation), EMA / momentum / target copies and teachers.
+CHECKPOINT_EXCLUDED_PREFIXES = ("encoder_k", "encoder_l", "key_encoder", "backbone_k", "model_k", "model_ema", "ema",
+                                "ema_model", "momentum", "momentum_encoder", "target", "target_encoder", "teacher")
+# Checkpoint entries that are heads or training state, reported as `skipped`, never as `unexpected`.
+CHECKPOINT_HEAD_NAMES = ("fc", "fc7", "fc8", "fcn", "head", "heads", "classifier", "proj", "projector",
+                         "projection", "mlp", "prototypes", "queue", "queue_ptr", "queue_second", "logits",
+                         "vid_fc2", "vid_fc_rep", "sk_fc_rep", "final", "final_fc", "cls_head")
+
+# CtP / tubelet-contrast R(2+1)D and R3D names -> torchvision (reference notes Sec. 1.9,
+# SEVERE-BENCHMARK backbones.py load_tubelet_contrast_checkpoint).
+CTP_RENAMES = [
+    (r"(^|\.)stem\.conv_s\.", r"\1stem.0."), (r"(^|\.)stem\.bn_s\.", r"\1stem.1."),
+    (r"(^|\.)stem\.conv_t\.", r"\1stem.3."), (r"(^|\.)stem\.bn_t\.", r"\1stem.4."),
+    (r"(^|\.)stem\.conv\.", r"\1stem.0."), (r"(^|\.)stem\.bn\.", r"\1stem.1."),
+    (r"(layer\d\.\d+)\.conv(\d)\.conv_s\.", r"\1.conv\2.0.0."),
+    (r"(layer\d\.\d+)\.conv(\d)\.bn_s\.", r"\1.conv\2.0.1."),
+    (r"(layer\d\.\d+)\.conv(\d)\.conv_t\.", r"\1.conv\2.0.3."), (r"(layer\d\.\d+)\.conv(\d)\.conv\.", r"\1.conv\2.0."),
+    (r"(layer\d\.\d+)\.bn(\d)\.", r"\1.conv\2.1."),
+    (r"(layer\d\.\d+)\.downsample\.conv\.", r"\1.downsample.0."),
+    (r"(layer\d\.\d+)\.downsample\.weight$", r"\1.downsample.0.weight"),
+    (r"(layer\d\.\d+)\.downsample_bn\.", r"\1.downsample.1."),
+]
+# CoCLR / ViCC backbone/s3dg.py names -> torchvision S3D (`base.N` = `features.N`, same order of layers).
+COCLR_S3D_RENAMES = [
+    (r"(^|\.)base\.(\d+)\.", r"\1features.\2."),
+    (r"\.conv_s\.", ".0.0."), (r"\.bn_s\.", ".0.1."), (r"\.conv_t\.", ".1.0."), (r"\.bn_t\.", ".1.1."),
+    (r"(features\.\d+)\.conv\.", r"\1.0."), (r"(features\.\d+)\.bn\.", r"\1.1."),
+    (r"(branch0)\.0\.conv\.", r"\1.0."), (r"(branch0)\.0\.bn\.", r"\1.1."),
+    (r"(branch\d\.\d)\.conv\.", r"\1.0."), (r"(branch\d\.\d)\.bn\.", r"\1.1."),
+]
+
+# Tubelet-contrast / hassony2 I3D names -> ours (`features.N` in the order of I3D.features).
+I3D_RENAMES = [
+    (r"(^|\.)conv3d_1a_7x7\.", r"\1features.0."), (r"(^|\.)conv3d_2b_1x1\.", r"\1features.2."),
+    (r"(^|\.)conv3d_2c_3x3\.", r"\1features.3."), (r"(^|\.)mixed_3b\.", r"\1features.5."),
+    (r"(^|\.)mixed_3c\.", r"\1features.6."), (r"(^|\.)mixed_4b\.", r"\1features.8."),
+    (r"(^|\.)mixed_4c\.", r"\1features.9."), (r"(^|\.)mixed_4d\.", r"\1features.10."),
+    (r"(^|\.)mixed_4e\.", r"\1features.11."), (r"(^|\.)mixed_4f\.", r"\1features.12."),
+    (r"(^|\.)mixed_5b\.", r"\1features.14."), (r"(^|\.)mixed_5c\.", r"\1features.15."),
+    (r"\.branch_(\d)\.", r".branch\1."), (r"\.conv3d\.", ".0."), (r"\.batch3d\.", ".1."),
+]
+
+
+def _rename_keys(keys, renames):
+    out = {}
+    for k in keys:
+        new = k
+        for pattern, repl in renames:
+            new = re.sub(pattern, repl, new)
+        out[k] = new
+    return out
+
+
+def read_checkpoint(path_or_state_dict):
+    """Return a flat {name: tensor} dict from a file or dict: unwraps "state_dict", "model", "backbone", "net"."""
+    obj = path_or_state_dict
+    if isinstance(obj, (str, os.PathLike)):
+        if not os.path.isfile(obj):
+            raise FileNotFoundError(f"common.py: checkpoint file not found: {obj}")
+        try:
+            obj = torch.load(obj, map_location="cpu", weights_only=True)
+        except Exception:  # authors' checkpoints may pickle argparse/mmcv objects; only load files you trust
+            obj = torch.load(obj, map_location="cpu", weights_only=False)
+    for _ in range(3):
+        if isinstance(obj, dict) and not all(torch.is_tensor(v) for v in obj.values()):
+            inner = next((obj[k] for k in ("state_dict", "model", "backbone", "net", "model_state", "encoder")
+                          if isinstance(obj.get(k), dict)), None)
+            if inner is None:
+                break
+            obj = inner
+    if not isinstance(obj, dict) or not obj:
+        raise ValueError(f"common.py: {_describe(path_or_state_dict)}: expected a state dict (or a dict with "
+                         f"'state_dict'/'model'), got {type(obj).__name__}")
+    return {k: v for k, v in obj.items() if torch.is_tensor(v)}
+
+
+def _describe(src):
+    return str(src) if isinstance(src, (str, os.PathLike)) else "state dict"
+
+
+def _match_prefix(ckpt_keys, model_keys):
+    """Most frequent prefix P with P + model_key in the checkpoint; returns (prefix, {model_key: ckpt_key})."""
+    counts = {}
+    for ck in ckpt_keys:
+        parts = ck.split(".")
+        for i in range(len(parts)):
+            if ".".join(parts[i:]) in model_keys:
+                prefix = ".".join(parts[:i]) + ("." if i else "")
+                if not any(part in CHECKPOINT_EXCLUDED_PREFIXES for part in prefix.split(".")):
+                    counts[prefix] = counts.get(prefix, 0) + 1
+                break
+    if not counts:
+        return "", {}
+    prefix = max(counts, key=lambda p: (counts[p], -len(p), p))
+    n = len(prefix)
+    return prefix, {ck[n:]: ck for ck in ckpt_keys if ck.startswith(prefix) and ck[n:] in model_keys}
+
+
+def load_backbone_weights(model, path_or_state_dict, prefix=None):
+    """Load backbone weights from any supported layout; return dict(loaded, missing, unexpected, skipped, prefix).
+
+    prefix: force the key prefix (e.g. "encoder_r.") instead of detecting it. Raises ValueError when a backbone
+    key is missing or a shape differs (naming the file, the expected and the actual keys/shapes).
+    """
+    src = _describe(path_or_state_dict)
+    state = read_checkpoint(path_or_state_dict)
+    target = model.state_dict()
+    model_keys = set(target)
+    best = None
+    for renames in (None, CTP_RENAMES, COCLR_S3D_RENAMES, I3D_RENAMES):
+        names = {k: k for k in state} if renames is None else _rename_keys(state, renames)
+        renamed = {new: old for old, new in names.items()}
+        if prefix is None:
+            p, match = _match_prefix(list(renamed), model_keys)
+        else:
+            p = prefix
+            match = {k[len(p):]: k for k in renamed if k.startswith(p) and k[len(p):] in model_keys}
+        if best is None or len(match) > len(best[1]):
+            best = (p, match, renamed)
+    p, match, renamed = best
+    missing = sorted(model_keys - set(match))
+    fatal = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if fatal:
+        raise ValueError(
+            f"common.py: {src}: {len(fatal)} of {len(model_keys)} backbone keys of {type(model).__name__} are "
+            f"missing (prefix '{p}'); expected e.g. {fatal[:5]}, the checkpoint has e.g. {sorted(state)[:5]}")
+    bad = [(k, tuple(target[k].shape), tuple(state[renamed[match[k]]].shape)) for k in match
+           if target[k].shape != state[renamed[match[k]]].shape]
+    if bad:
+        raise ValueError(f"common.py: {src}: shape mismatch (key, expected, actual): {bad[:5]}")
+    new_state = {k: state[renamed[match[k]]] for k in match}
+    for k in missing:  # num_batches_tracked absent in old checkpoints: keep the model's counter
+        new_state[k] = target[k]
+    model.load_state_dict(new_state, strict=True)
+    used = {renamed[c] for c in match.values()}
+    original_to_renamed = {old: new for new, old in renamed.items()}
+    skipped, unexpected = [], []
+    for k in sorted(state):
+        if k in used:
+            continue
+        name = original_to_renamed[k]
+        outside = not name.startswith(p)  # another module of the checkpoint (key encoder, head, queue, ...)
+        is_head = outside or name[len(p):].split(".")[0] in CHECKPOINT_HEAD_NAMES
+        (skipped if is_head else unexpected).append(k)
+    return {"loaded": sorted(match), "missing": missing, "unexpected": unexpected, "skipped": skipped, "prefix": p}
+
+
+def backbone_state_dict(model):
+    """CPU state dict with torchvision-compatible keys (no module./_orig_mod. wrappers) — what backbone.pth holds."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def save_backbone(model, path, meta=None):
+    """Write backbone.pth = {"state_dict": backbone_state_dict(model), "meta": {...}} atomically."""
+    meta = dict(meta or {})
+    meta.setdefault("arch", getattr(model, "arch", type(model).__name__))
+    meta.setdefault("feature_dim", getattr(model, "feature_dim", None))
+    save_atomic({"state_dict": backbone_state_dict(model), "meta": meta}, path)
 
 
 # ==================================================================================================== TRAINING LOOP
+# ---------------------------------------------------------------------------------------------- the run object
+class Run:
+    """What a process knows about its run: device, rank, run folder, mixed precision. Made by `setup`."""
+
+    def __init__(self, args, device, out_dir):
+        self.args = args
+        self.device = device
+        self.rank, self.world_size = get_rank(), get_world_size()
+        self.is_main = self.rank == 0
+        self.out_dir = out_dir
+        self.amp_dtype = resolve_amp_dtype(args.amp, device)
+        fp16 = self.amp_dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)  # fp16 needs loss scaling; bf16 does not
+
+    def autocast(self):
+        return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
+                              enabled=self.amp_dtype is not None)
+
+    def backward(self, loss):
+        self.scaler.scale(loss).backward()
+
+    def optimizer_step(self, optimizer):
+        if self.args.clip_grad:
+            self.scaler.unscale_(optimizer)
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.args.clip_grad)
+        self.scaler.step(optimizer)
+        self.scaler.update()
+
+    def step(self, loss, optimizer):
+        """zero_grad, backward and optimizer step: what most train_steps need."""
+        optimizer.zero_grad(set_to_none=True)
+        self.backward(loss)
+        self.optimizer_step(optimizer)
+
+    def prepare(self, model, find_unused_parameters=False):
+        """Move to the device; SyncBN / channels-last / DDP / compile as the flags say. Returns the model to call;
+        keep the unwrapped one for `fit` (it is what the checkpoint stores)."""
+        model = model.to(self.device)
+        if self.args.sync_bn and self.world_size > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if self.args.channels_last:
+            model = model.to(memory_format=torch.channels_last_3d)
+        if self.world_size > 1:
+            device_ids = [self.device.index] if self.device.type == "cuda" else None
+            model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
+                                                        find_unused_parameters=find_unused_parameters)
+        if self.args.compile:
+            model = torch.compile(model)
+        return model
+
+    def print(self, *values, **kwargs):
+        if self.is_main:
+            print(*values, **kwargs, flush=True)
+
+
+def resolve_amp_dtype(amp, device):
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+        return torch.bfloat16
+    if device.type != "cuda":
+        raise ValueError("--amp fp16 needs CUDA (GradScaler); use --amp bf16 or off on CPU")
+    return torch.float16
+
+
+def setup(args, script_name):
+    """Per-process setup: process group (torchrun or spawned env), device, seeds, run folder, args.json."""
+    device_type, _ = resolve_device_and_processes(args)
+    if _launched_by_torchrun() and not is_distributed():
+        dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method="env://")
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    seed_everything(args.seed + get_rank(), args.deterministic)
+    if args.out_dir is None:
+        args.out_dir = os.path.join("runs", f"{script_name}-{args.data}")
+    os.makedirs(args.out_dir, exist_ok=True)  # every rank: data workers may append to bad_files.txt
+    run = Run(args, device, args.out_dir)
+    world = get_world_size()
+    if args.batch_size % world:
+        raise ValueError(f"--batch-size {args.batch_size} is global and must divide by the {world} processes")
+    if run.is_main:
+        print("command:", " ".join([os.path.basename(sys.executable)] + sys.argv), flush=True)
+        print("git commit:", git_commit(), flush=True)
+        print("arguments:", json.dumps(vars(args), sort_keys=True), flush=True)
+        print(f"processes: {world} on {device.type}; batch size {args.batch_size} global = "
+              f"{args.batch_size // world} per process; lr {args.lr}; amp {run.amp_dtype}", flush=True)
+        write_json_atomic(os.path.join(args.out_dir, "args.json"),
+                          dict(vars(args), command=sys.argv, git_commit=git_commit(), world_size=world))
+    return run
+
+
+def seed_everything(seed, deterministic=False):
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    else:
+        torch.backends.cudnn.benchmark = True
+
+
+def git_commit():
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    if sha.returncode != 0:
+        return "unknown"
+    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+# ---------------------------------------------------------------------------------------------- data loading
+class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
+    """DistributedSampler (the identity split at world size 1) that can start an epoch at a given batch,
+    so an automatic resume continues with exactly the samples an uninterrupted run would see."""
+
+    def __init__(self, dataset, batch_size, **kwargs):
+        super().__init__(dataset, **kwargs)
+        self.batch_size, self.start_batch = batch_size, 0
+
+    def set_epoch(self, epoch, start_batch=0):
+        super().set_epoch(epoch)
+        self.start_batch = start_batch
+
+    def __iter__(self):
+        return iter(list(super().__iter__())[self.start_batch * self.batch_size:])
+
+    def __len__(self):
+        return max(self.num_samples - self.start_batch * self.batch_size, 0)
+
+
+def _seed_worker(worker_id):
+    worker_seed = torch.initial_seed() % 2**32  # distinct per worker, set by the DataLoader from its generator
+    np.random.seed(worker_seed)
+    random.seed(worker_seed)
+
+
+def build_loader(dataset, args, run, train=True, batch_size=None, collate_fn=None):
+    """A DataLoader for one process: its shard of the data (DistributedSampler), per-process batch size
+    (global / world size), seeded workers, pinned memory on CUDA. Training drops the last partial batch."""
+    global_batch = batch_size or args.batch_size
+    per_process = max(global_batch // run.world_size, 1)
+    sampler = ResumableDistributedSampler(dataset, per_process, num_replicas=run.world_size, rank=run.rank,
+                                          shuffle=train, seed=args.seed, drop_last=train)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=per_process, sampler=sampler, num_workers=args.workers, collate_fn=collate_fn,
+        pin_memory=run.device.type == "cuda", drop_last=train, worker_init_fn=_seed_worker,
+        generator=torch.Generator(), persistent_workers=False)
+
+
+def to_device(batch, device):
+    if torch.is_tensor(batch):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: to_device(v, device) for k, v in batch.items()}
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(to_device(v, device) for v in batch)
+    return batch
+
+
+# ---------------------------------------------------------------------------------------------- LR schedule
+def lr_at_step(step, total_steps, base_lr, schedule="cosine", warmup_steps=0, final_lr=0.0,
+               milestones=(), gamma=0.1):
+    """Learning rate for optimizer step `step` (0-based) of `total_steps`.
+    cosine: linear warm-up from 0 to base_lr over warmup_steps, then half a cosine from base_lr to final_lr.
+    multistep: base_lr * gamma^(number of milestones <= step). constant: base_lr."""
+    if schedule == "constant":
+        return base_lr
+    if schedule == "multistep":
+        return base_lr * gamma ** sum(step >= m for m in milestones)
+    if schedule != "cosine":
+        raise ValueError(f"unknown schedule {schedule!r}; expected cosine, multistep or constant")
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
+    return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def save_atomic(obj, path):
+    """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a crash at any point
+    leaves either the old file or the new one, never a truncated one."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    dir_fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def write_json_atomic(path, obj):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(state):
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def unwrap(model):
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)  # DDP
+
+
+def find_resume_checkpoint(args):
+    if args.resume == "none":
+        return None
+    if args.resume == "auto":
+        path = os.path.join(args.out_dir, "checkpoint.pth")
+        return path if os.path.exists(path) else None
+    if not os.path.exists(args.resume):
+        raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint file")
+    return args.resume
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class _StopFlag:
+    """SIGTERM/SIGINT ask the loop to finish the current step, save and exit; a second SIGINT aborts."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+# ---------------------------------------------------------------------------------------------- the loop
+def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone_meta=None, knn=None):
+    """Train `model` with the method's `train_step(batch) -> dict` (forward, backward and optimizer step are the
+    method's; `run.step(loss, optimizer)` does the usual three). The loop owns epochs, --max-steps, resume,
+    the per-step LR schedule, device transfer, logs, the progress bar, checkpoints and the NaN guard.
+
+    model: the unwrapped module whose state_dict holds the whole method (encoders, queues, prototypes).
+    backbone: the module exported as backbone.pth, with `backbone_meta` (arch, modality, method).
+    knn: optional (encoder, input_fn, train_loader, val_loader) for the online kNN monitor (see `knn_monitor`).
+    Returns {"step", "epoch", "interrupted", "knn": last monitor result}."""
+    steps_per_epoch = len(loader)
+    if steps_per_epoch == 0:
+        raise ValueError(f"the training loader is empty: {len(loader.dataset)} samples cannot fill one batch of "
+                         f"{loader.batch_size} per process (global --batch-size {args.batch_size})")
+    total_steps = args.epochs * steps_per_epoch  # the schedule spans --epochs even when --max-steps stops earlier
+    last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
+    warmup_steps = round(args.warmup_epochs * steps_per_epoch)
+    milestones = [round(m * steps_per_epoch) for m in args.milestones]
+    ckpt_path = os.path.join(run.out_dir, "checkpoint.pth")
+    step, knn_result = 0, None
+
+    resume_path = find_resume_checkpoint(args)
+    if resume_path:
+        ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        run.scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+        if len(ckpt["rng"]) == run.world_size:
+            set_rng_state(ckpt["rng"][run.rank])
+        else:
+            run.print(f"resume: checkpoint was written by {len(ckpt['rng'])} processes, this run has "
+                      f"{run.world_size}; RNG states are re-seeded instead of restored")
+        changed = {k: (v, vars(args).get(k)) for k, v in ckpt["args"].items()
+                   if k not in ("resume", "max_steps", "out_dir") and vars(args).get(k) != v}
+        run.print(f"resumed from {resume_path} at step {step} (epoch {step // steps_per_epoch})"
+                  + (f"; arguments that differ from the checkpoint (saved, now): {changed}" if changed else ""))
+    elif os.path.exists(ckpt_path) and args.resume == "none":
+        run.print(f"--resume none: starting afresh; {ckpt_path} will be overwritten")
+
+    def save(epoch):
+        rng = all_gather_objects(rng_state())  # every process's RNG, so a resume continues each stream exactly
+        if not run.is_main:
+            return
+        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                     "scaler": run.scaler.state_dict(), "step": step, "epoch": epoch, "args": vars(args),
+                     "rng": rng, "schedule": {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch}},
+                    ckpt_path)
+        if backbone is not None:
+            save_backbone(backbone, os.path.join(run.out_dir, "backbone.pth"),
+                          dict(backbone_meta or {}, step=step, epoch=epoch, args=vars(args)))
+
+    if step >= last_step:
+        run.print(f"the run in {run.out_dir} is already complete at step {step}: nothing to train "
+                  f"(raise --epochs or --max-steps to continue, or --resume none to start afresh)")
+    writer = _tensorboard_writer(run)
+    metrics_file = open(os.path.join(run.out_dir, "metrics.jsonl"), "a") if run.is_main else None
+    window = defaultdict(float)
+    window_steps, window_samples, window_data, window_step_time = 0, 0, 0.0, 0.0
+    interrupted = False
+    with _StopFlag() as stop:
+        while step < last_step and not interrupted:
+            epoch, start_batch = divmod(step, steps_per_epoch)
+            loader.sampler.set_epoch(epoch, start_batch)
+            # Worker RNG depends on (seed, rank, epoch, start batch) only: resumes are reproducible.
+            loader.generator.manual_seed(((args.seed * 1000 + run.rank) * 100003 + epoch) * 100003 + start_batch)
+            model.train()
+            bar = _progress_bar(run, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch}")
+            tick = time.perf_counter()
+            for batch in loader:
+                data_time = time.perf_counter() - tick
+                batch = to_device(batch, run.device)
+                lr = lr_at_step(step, total_steps, args.lr, args.schedule, warmup_steps, args.final_lr,
+                                milestones, args.lr_gamma)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr * group.get("lr_scale", 1.0)
+                metrics = {k: float(v) for k, v in train_step(batch).items()}
+                if not math.isfinite(metrics["loss"]):
+                    last_good = ckpt_path if os.path.exists(ckpt_path) else "none (no checkpoint was written yet)"
+                    raise NonFiniteLossError(
+                        f"loss is {metrics['loss']} at step {step} (epoch {epoch}); stopping without saving. "
+                        f"Last good checkpoint: {last_good}. Try a lower --lr, --amp off or --clip-grad.")
+                step += 1
+                if run.device.type == "cuda" and step % args.log_every == 0:
+                    torch.cuda.synchronize()  # honest step times on the logged steps
+                step_time = time.perf_counter() - tick
+                for k, v in metrics.items():
+                    window[k] += v
+                window_steps += 1
+                window_samples += args.batch_size
+                window_data += data_time
+                window_step_time += step_time
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{args.batch_size / step_time:.1f}",
+                                    data=f"{data_time / step_time:.0%}", refresh=False)
+                if step % args.log_every == 0 or step == last_step:
+                    keys = sorted(window)
+                    averaged = all_reduce(torch.tensor([window[k] / window_steps for k in keys], dtype=torch.float64,
+                                                       device=run.device), "mean").tolist()
+                    record = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(keys, averaged)),
+                              "samples_per_s": window_samples / window_step_time,
+                              "data_time": window_data / window_steps, "step_time": window_step_time / window_steps,
+                              "data_share": window_data / window_step_time}
+                    if run.is_main:
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
+                        if writer is not None:
+                            for k, v in record.items():
+                                writer.add_scalar(f"train/{k}", v, step)
+                        if bar is None:
+                            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                           for k, v in record.items()), flush=True)
+                    window.clear()
+                    window_steps, window_samples, window_data, window_step_time = 0, 0, 0.0, 0.0
+                interrupted = _any_process(stop.requested, run)
+                end_of_epoch = step % steps_per_epoch == 0
+                if interrupted or step == last_step or end_of_epoch or step % args.ckpt_every == 0:
+                    save(step // steps_per_epoch)
+                if interrupted or step == last_step:
+                    break
+                tick = time.perf_counter()
+            if bar is not None:
+                bar.close()
+            if interrupted:
+                run.print(f"interrupted: saved step {step} to {ckpt_path}; rerun the same command "
+                          f"(same --out-dir) to resume")
+                break
+            completed_epoch = step // steps_per_epoch
+            if step % steps_per_epoch == 0:
+                _report_bad_files(run, completed_epoch)
+                if args.keep_every and completed_epoch % args.keep_every == 0 and run.is_main:
+                    shutil.copyfile(ckpt_path, os.path.join(run.out_dir, f"checkpoint_{completed_epoch:04d}.pth"))
+                if knn is not None and args.knn_every and completed_epoch % args.knn_every == 0:
+                    knn_result = knn_monitor(*knn, run=run)
+                    run.print(f"epoch {completed_epoch} kNN monitor: " + json.dumps(knn_result))
+                    if run.is_main:
+                        metrics_file.write(json.dumps({"step": step, "epoch": completed_epoch, **knn_result}) + "\n")
+                        metrics_file.flush()
+    if metrics_file is not None:
+        metrics_file.close()
+    if writer is not None:
+        writer.close()
+    return {"step": step, "epoch": step // steps_per_epoch, "interrupted": interrupted, "knn": knn_result}
+
+
+def _any_process(flag, run):
+    if run.world_size == 1:
+        return flag
+    return bool(all_reduce(torch.tensor([float(flag)], device=run.device)).item() > 0)
+
+
+def _progress_bar(run, total, initial, desc):
+    """tqdm on rank 0 when stderr is a terminal; otherwise None and the loop prints its log lines."""
+    if not run.is_main or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
+
+
+def _tensorboard_writer(run):
+    if not run.is_main:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is optional: metrics.jsonl is always written
+        return None
+    return SummaryWriter(os.path.join(run.out_dir, "tb"))
+
+
+def _report_bad_files(run, epoch):
+    path = os.path.join(run.out_dir, "bad_files.txt")
+    if run.is_main and os.path.exists(path):
+        with open(path) as f:
+            count = sum(1 for _ in f)
+        if count:
+            print(f"warning: after epoch {epoch}, {count} unreadable samples were skipped and replaced; see {path}",
+                  flush=True)
+
+
+# ---------------------------------------------------------------------------------------------- kNN monitor
+@torch.no_grad()
+def extract_features(encoder, input_fn, loader, run):
+    """L2-normalised features `encoder(input_fn(batch))` and labels of a loader, in eval mode, gathered over
+    processes (the distributed sampler's padding duplicates removed by sample index)."""
+    was_training = encoder.training
+    encoder.eval()
+    feats, labels, indices = [], [], []
+    for batch in loader:
+        batch = to_device(batch, run.device)
+        with run.autocast():
+            f = encoder(input_fn(batch))  # (B, D)
+        feats.append(F.normalize(f.float(), dim=1))
+        labels.append(batch["label"])
+        indices.append(batch["index"])
+    encoder.train(was_training)
+    feats, labels, indices = (all_gather_nograd(torch.cat(x)) for x in (feats, labels, indices))
+    order = torch.argsort(indices)
+    keep = torch.ones_like(order, dtype=torch.bool)
+    keep[1:] = indices[order][1:] != indices[order][:-1]
+    return feats[order][keep], labels[order][keep]
+
+
+@torch.no_grad()
+def knn_classify(train_features, train_labels, test_features, num_classes, k=200, temperature=0.1):
+    """Weighted kNN (InstDisc, Wu et al. 2018): each of the k nearest neighbours (cosine similarity s) votes for
+    its class with weight exp(s / T). Returns the kNN predictions (N_test,) and the 1-NN predictions (N_test,)."""
+    k = min(k, train_features.shape[0])
+    similarity = test_features @ train_features.T  # (N_test, N_train)
+    top_similarity, top_index = similarity.topk(k, dim=1)  # (N_test, k)
+    top_labels = train_labels[top_index]  # (N_test, k)
+    votes = torch.zeros(test_features.shape[0], num_classes, device=test_features.device)  # (N_test, C)
+    votes.scatter_add_(1, top_labels, (top_similarity / temperature).exp())
+    return votes.argmax(dim=1), top_labels[:, 0]
+
+
+def knn_monitor(encoder, input_fn, train_loader, val_loader, run, k=200, temperature=0.1):
+    """The cheap health signal of a pretraining run: weighted kNN (k=200, T=0.1) and 1-NN top-1 accuracy (%) of
+    L2-normalised features of `encoder(input_fn(batch))`, with the train loader as the gallery."""
+    train_features, train_labels = extract_features(encoder, input_fn, train_loader, run)
+    val_features, val_labels = extract_features(encoder, input_fn, val_loader, run)
+    num_classes = int(max(train_labels.max(), val_labels.max())) + 1
+    knn_pred, nn1_pred = knn_classify(train_features, train_labels, val_features, num_classes, k, temperature)
+    return {"knn_top1": (knn_pred == val_labels).float().mean().item() * 100,
+            "nn1_top1": (nn1_pred == val_labels).float().mean().item() * 100}
+
 
 
 if __name__ == "__main__":
-    pass
+    if len(sys.argv) > 1 and sys.argv[1] == "check-data":
+        cli = argparse.ArgumentParser(prog="common.py check-data",
+                                      description="Open every sample of a dataset and list the unreadable ones.")
+        cli.add_argument("command")
+        cli.add_argument("--data", required=True, help="dataset name, as --data of the scripts")
+        cli.add_argument("--data-root", default=None, help="default data/<name>")
+        cli.add_argument("--decoder", default="auto", choices=["auto", "decord", "pyav", "torchcodec"])
+        cli.add_argument("--split", default=None, choices=["train", "val"], help="default: both")
+        cli_args = cli.parse_args()
+        result = check_data(cli_args.data, cli_args.data_root, cli_args.decoder,
+                            (cli_args.split,) if cli_args.split else ("train", "val"))
+        sys.exit(1 if any(r["bad"] for r in result.values()) else 0)
+    print("usage: python common.py check-data --data NAME [--data-root DIR] [--decoder auto|decord|pyav|torchcodec]")
