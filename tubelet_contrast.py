@@ -10,6 +10,8 @@ clip 1); MoCo learns that they are the same instance, so the representation has 
 The file reads like Sec. 5.3: flags -> MoCo model -> InfoNCE (Eq. 5.1) -> tubelets (Eq. 5.2-5.7) -> train step.
 """
 import argparse
+import os
+import sys
 import copy
 import math
 
@@ -521,3 +523,187 @@ def make_train_step(model, optimizer, run, args, prepare):
         return {"loss": loss.detach(), "inst_acc": accuracy, "batch_acc": batch_accuracy(z_q, z_k, args)}
 
     return train_step
+
+
+# ==================================================================================================== MAIN
+
+
+def build_model(args):
+    """Backbone (query encoder) + MoCo around it. The pretraining BN eps is the backbone's default (see README)."""
+    import common
+
+    backbone = common.build_backbone(args.arch)
+    model = MoCo(backbone, proj_dim=args.proj_dim, queue_size=args.queue_size, momentum=args.moco_momentum,
+                 all_gather=common.all_gather_nograd)
+    return backbone, model
+
+
+def make_prepare(args):
+    """Colour jitter per clip (shared by the pair with --authors-code-shared-jitter) and normalisation; on the
+    batch's device, after the tubelets are pasted. Inputs are float or uint8 in [0, 255], (B, C, T, H, W)."""
+    import common
+
+    def prepare(clip_q, clip_k):
+        pair = torch.stack([clip_q, clip_k], dim=1).float() / 255  # (B, 2, C, T, H, W) in [0, 1]
+        if args.authors_code_shared_jitter:
+            pair = torch.stack([common.color_jitter(p, shared=True) for p in pair])
+        else:
+            pair = common.color_jitter(pair)
+        pair = common.normalize(pair)  # channels at dim -4
+        return pair[:, 0].contiguous(), pair[:, 1].contiguous()
+
+    return prepare
+
+
+def build_sets(args, run):
+    """Training set (random crop + flip in the workers, uint8) and the kNN monitor's train / val sets (centre)."""
+    import common
+
+    crop = args.crop_size
+
+    def train_transform(item):
+        video = common.random_resized_crop_clip(item["video"], crop, scale=(args.crop_scale_min, 1.0))
+        item["video"] = common.horizontal_flip(video)  # (C, T, H, W) or (2, C, T, H, W) uint8
+        return item
+
+    def eval_transform(item):
+        item["video"] = common.center_crop(common.resize_short_side(item["video"], crop), crop)
+        return item
+
+    common_kw = dict(clip_len=args.clip_len, decoder=args.decoder, strict=args.strict_data,
+                     bad_files_path=os.path.join(run.out_dir, "bad_files.txt"))
+    train = common.build_dataset(args.dataset_name, args.data_root, "train", frame_strides=args.frame_strides,
+                                 num_clips=2 if args.baseline == "temporal" else 1, sampling="random",
+                                 transform=train_transform, fraction=args.data_fraction, seed=args.seed, **common_kw)
+    knn_sets = None
+    if args.knn_every:
+        knn_sets = tuple(common.build_dataset(args.dataset_name, args.data_root, split, frame_strides=(1,),
+                                              sampling="uniform", transform=eval_transform, **common_kw)
+                         for split in ("train", "val"))
+    return train, knn_sets
+
+
+def visualize(args, run, train_set):
+    """--visualize N: N positive pairs of real training clips, before colour jitter, as PNG + GIF; then exit."""
+    n = max(args.visualize, 2)
+    video = torch.stack([train_set[i]["video"] for i in range(n)])  # (N, C, T, H, W) uint8
+    if args.baseline == "temporal":
+        clip_q, clip_k = temporal_pairs(video)
+    else:
+        clip_q, clip_k, _ = tubelet_pairs(video.float(), args)
+    for path in save_visualization(clip_q.float(), clip_k.float(), run.out_dir, args.visualize):
+        run.print("wrote", path)
+
+
+def benchmark(args, run, model, train_step, steps=10, warmup=3):
+    """--benchmark: synthetic uint8 clips already on the device, no decoding: the model-only samples/s ceiling."""
+    import time
+
+    b = args.batch_size // run.world_size
+    shape = (b, 2, 3, args.clip_len, args.crop_size, args.crop_size) if args.baseline == "temporal" else \
+        (b, 3, args.clip_len, args.crop_size, args.crop_size)
+    video = torch.randint(0, 256, shape, dtype=torch.uint8, device=run.device)
+    model.train()
+    for i in range(warmup + steps):
+        if i == warmup:
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        train_step({"video": video})
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    rate = steps * args.batch_size / (time.perf_counter() - start)
+    run.print(f"benchmark: {rate:.1f} samples/s (model only, synthetic {tuple(shape)} per process, "
+              f"{run.world_size} process(es), {run.device.type}, amp {run.amp_dtype}, tubelets on "
+              f"{'the device' if args.baseline == 'none' else 'none'})")
+    return rate
+
+
+def main_worker(args):
+    import common
+
+    run = common.setup(args, "tubelet_contrast")
+    backbone, model = build_model(args)
+    random_backbone = copy.deepcopy(backbone)  # the same architecture at the same seed, before any training
+    model = model.to(run.device)
+    ddp_model = run.prepare(model)
+    optimizer = torch.optim.SGD(model.query_parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
+    prepare = make_prepare(args)
+    if args.tubelet_device == "cpu" and run.device.type != "cpu" and args.baseline == "none":
+        collate = TubeletCollate(args)
+    else:
+        collate = None
+    train_step = make_train_step(ddp_model, optimizer, run, args, prepare)
+    if args.benchmark:
+        return benchmark(args, run, ddp_model, train_step)
+    train_set, knn_sets = build_sets(args, run)
+    if args.visualize:
+        return visualize(args, run, train_set)
+    loader = common.build_loader(train_set, args, run, train=True, collate_fn=collate)
+    knn = None
+    if knn_sets is not None:
+        knn_loaders = [common.build_loader(s, args, run, train=False) for s in knn_sets]
+        input_fn = lambda batch: common.normalize(batch["video"])  # noqa: E731
+        knn = (backbone, input_fn, *knn_loaders)
+    meta = {"arch": args.arch, "modality": "rgb", "method": "tubelet_contrast"}
+    result = common.fit(run, args, model, optimizer, loader, train_step, backbone=backbone, backbone_meta=meta,
+                        knn=knn if args.knn_every else None)
+    if run.world_size > 1:  # keys are gathered before enqueueing: every process must hold the same queue
+        queues = common.all_gather_nograd(model.queue[None])  # (world, K, D)
+        diff = (queues - queues[:1]).abs().max().item()
+        run.print(f"queue: {run.world_size} processes, pointer {model.queue_ptr.item()}, largest difference "
+                  f"between processes {diff:.3g}")
+    if knn is not None and not result["interrupted"]:
+        trained = common.knn_monitor(backbone, input_fn, *knn_loaders, run=run)
+        random_init = common.knn_monitor(random_backbone.to(run.device), input_fn, *knn_loaders, run=run)
+        run.print(f"kNN top-1 on {args.dataset_name} val (k=200, gallery = train): pretrained "
+                  f"{trained['knn_top1']:.1f} %, random init (same arch, seed {args.seed}) "
+                  f"{random_init['knn_top1']:.1f} %; 1-NN: {trained['nn1_top1']:.1f} % vs "
+                  f"{random_init['nn1_top1']:.1f} %")
+        common.write_json_atomic(os.path.join(run.out_dir, "knn.json") if run.is_main else os.devnull,
+                                 {"pretrained": trained, "random_init": random_init, "step": result["step"]}) \
+            if run.is_main else None
+    return result
+
+
+TOY_DEFAULTS = dict(crop_size=64, queue_size=256, epochs=10, batch_size=32, lr=0.1, workers=1)
+PAPER_DEFAULTS = dict(lr=0.01, epochs=100, wd=1e-4, schedule="cosine")
+
+
+def main(argv=None):
+    import common
+
+    parser = argparse.ArgumentParser(description=__doc__, parents=[common.get_common_parser()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_method_args(parser)
+    parser.add_argument("--crop-scale-min", type=float, default=0.2, help="smallest area fraction of the random "
+                        "resized crop (standard augmentation; the thesis gives no value)")
+    parser.set_defaults(**PAPER_DEFAULTS)
+    parser.epilog = (f"--data toy (the default) is toy-motion (64x64, 16 frames, 192 train / 64 val videos) with toy "
+                     f"defaults for a few CPU minutes: {TOY_DEFAULTS}, unless given on the command line. Real data "
+                     f"keeps the paper's: r2plus1d_18, 16x112², batch 128 (k400) / 32, queue 65536 (k400) / 16384, "
+                     f"lr 0.01, 100 epochs, cosine.")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    # ---- derived values: toy vs paper defaults, the dataset name, then the method's own (finalize_method_args)
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    toy = args.data == "toy" or args.data.startswith("toy")
+    if toy:
+        for key, value in TOY_DEFAULTS.items():
+            if "--" + key.replace("_", "-") not in given:
+                setattr(args, key, value)
+    else:
+        if "--batch-size" not in given:
+            args.batch_size = 128 if args.data == "k400" else 32  # Sec. 5.4.1
+        if "--knn-every" not in given:
+            args.knn_every = 0  # a kNN pass over all of Kinetics every epoch costs more than the epoch
+    args.dataset_name = "toy-motion" if args.data == "toy" else args.data
+    args.data_root = args.data_root or os.path.join("data", args.dataset_name)
+    finalize_method_args(args)
+    if args.authors_code_schedule:  # a cosine for 2x --epochs stopped after --epochs ends at half the base LR;
+        args.final_lr = args.lr / 2  # approximated by a cosine from lr to lr/2 over --epochs (common's schedule)
+    common.launch(main_worker, args)
+
+
+if __name__ == "__main__":
+    main()
