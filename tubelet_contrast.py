@@ -10,16 +10,18 @@ clip 1); MoCo learns that they are the same instance, so the representation has 
 The file reads like Sec. 5.3: flags -> MoCo model -> InfoNCE (Eq. 5.1) -> tubelets (Eq. 5.2-5.7) -> train step.
 """
 import argparse
-import os
-import sys
 import copy
 import math
+import os
+import sys
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import default_collate
+
+import common
 
 SHAPES = ("rectangle", "ellipse", "rhombus")
 TRANSFORMS = ("scale", "rotation", "shear")
@@ -216,6 +218,16 @@ def info_nce(z_v, z_v_prime, negatives, tau):
     loss = F.cross_entropy(logits, target)  # -log h(v,v') / (h(v,v') + Σ_n h(v,n))
     accuracy = (logits.argmax(dim=1) == 0).float().mean()
     return loss, accuracy
+
+
+def info_nce_with_batch(z_q, z_k, negatives, tau):
+    """--batch-negatives (not in the paper): Eq. (5.1) with the other keys of the batch added to the negatives.
+    Logits [q_i·k_j for all j, q_i·queue] / τ, target j = i. Keys computed now share the current encoder and
+    batch-norm statistics with the positive, so "came from this batch" no longer identifies the positive."""
+    logits = torch.cat([z_q @ z_k.t(), z_q @ negatives.t()], dim=1) / tau  # (B, B + K)
+    target = torch.arange(z_q.shape[0], device=z_q.device)
+    loss = F.cross_entropy(logits, target)
+    return loss, (logits.argmax(dim=1) == target).float().mean()
 
 
 # ==================================================================================================== TUBELETS
@@ -518,7 +530,8 @@ def make_train_step(model, optimizer, run, args, prepare):
         clip_q, clip_k = prepare(clip_q, clip_k)
         with run.autocast():
             z_q, z_k, negatives = model(clip_q, clip_k)
-        loss, accuracy = info_nce(z_q.float(), z_k.float(), negatives, args.temperature)  # Eq. (5.1) in fp32
+        loss_fn = info_nce_with_batch if getattr(args, "batch_negatives", False) else info_nce
+        loss, accuracy = loss_fn(z_q.float(), z_k.float(), negatives, args.temperature)  # Eq. (5.1) in fp32
         run.step(loss, optimizer)
         return {"loss": loss.detach(), "inst_acc": accuracy, "batch_acc": batch_accuracy(z_q, z_k, args)}
 
@@ -530,8 +543,6 @@ def make_train_step(model, optimizer, run, args, prepare):
 
 def build_model(args):
     """Backbone (query encoder) + MoCo around it. The pretraining BN eps is the backbone's default (see README)."""
-    import common
-
     backbone = common.build_backbone(args.arch)
     model = MoCo(backbone, proj_dim=args.proj_dim, queue_size=args.queue_size, momentum=args.moco_momentum,
                  all_gather=common.all_gather_nograd)
@@ -541,8 +552,6 @@ def build_model(args):
 def make_prepare(args):
     """Colour jitter per clip (shared by the pair with --authors-code-shared-jitter) and normalisation; on the
     batch's device, after the tubelets are pasted. Inputs are float or uint8 in [0, 255], (B, C, T, H, W)."""
-    import common
-
     def prepare(clip_q, clip_k):
         pair = torch.stack([clip_q, clip_k], dim=1).float() / 255  # (B, 2, C, T, H, W) in [0, 1]
         if args.authors_code_shared_jitter:
@@ -557,8 +566,6 @@ def make_prepare(args):
 
 def build_sets(args, run):
     """Training set (random crop + flip in the workers, uint8) and the kNN monitor's train / val sets (centre)."""
-    import common
-
     crop = args.crop_size
 
     def train_transform(item):
@@ -619,12 +626,34 @@ def benchmark(args, run, model, train_step, steps=10, warmup=3):
     return rate
 
 
-def main_worker(args):
-    import common
+@torch.no_grad()
+def heldout_pair_accuracy(model, loader, args, run, seed=1234):
+    """Instance discrimination on held-out pairs: tubelet pairs made from the kNN val clips with a fixed seed (the
+    same pairs for every model), query encoder on clip 1, key encoder on clip 2, eval mode; batch_accuracy per
+    batch (chance 1/(B-1)), averaged over batches. Returns (accuracy %, chance %)."""
+    generator = torch.Generator(device=run.device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    hits, chance, batches = 0.0, 0.0, 0
+    for batch in loader:
+        video = batch["video"].to(run.device)
+        if video.shape[0] < 3:
+            continue
+        clip_q, clip_k, _ = tubelet_pairs(video.float(), args, generator)
+        clip_q, clip_k = common.normalize(clip_q / 255), common.normalize(clip_k / 255)
+        z_q = F.normalize(model.head(model.backbone(clip_q)), dim=1)  # (B, D)
+        z_k = F.normalize(model.head_k(model.backbone_k(clip_k)), dim=1)  # (B, D)
+        hits += batch_accuracy(z_q, z_k, argparse.Namespace(baseline="none")).item()
+        chance += 1 / (video.shape[0] - 1)
+        batches += 1
+    model.train(was_training)
+    return 100 * hits / batches, 100 * chance / batches
 
+
+def main_worker(args):
     run = common.setup(args, "tubelet_contrast")
     backbone, model = build_model(args)
-    random_backbone = copy.deepcopy(backbone)  # the same architecture at the same seed, before any training
+    random_model = copy.deepcopy(model)  # the same architecture at the same seed, before any training
     model = model.to(run.device)
     ddp_model = run.prepare(model)
     optimizer = torch.optim.SGD(model.query_parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
@@ -655,13 +684,20 @@ def main_worker(args):
                   f"between processes {diff:.3g}")
     if knn is not None and not result["interrupted"]:
         trained = common.knn_monitor(backbone, input_fn, *knn_loaders, run=run)
-        random_init = common.knn_monitor(random_backbone.to(run.device), input_fn, *knn_loaders, run=run)
+        random_model = random_model.to(run.device)
+        random_init = common.knn_monitor(random_model.backbone, input_fn, *knn_loaders, run=run)
+        trained["pair_acc"], chance = heldout_pair_accuracy(model, knn_loaders[1], args, run)
+        random_init["pair_acc"], _ = heldout_pair_accuracy(random_model, knn_loaders[1], args, run)
+        run.print(f"held-out tubelet pairs ({args.dataset_name} val, instance discrimination within a batch): "
+                  f"pretrained {trained['pair_acc']:.1f} %, random init {random_init['pair_acc']:.1f} %, "
+                  f"chance {chance:.1f} %")
         run.print(f"kNN top-1 on {args.dataset_name} val (k=200, gallery = train): pretrained "
                   f"{trained['knn_top1']:.1f} %, random init (same arch, seed {args.seed}) "
                   f"{random_init['knn_top1']:.1f} %; 1-NN: {trained['nn1_top1']:.1f} % vs "
                   f"{random_init['nn1_top1']:.1f} %")
         common.write_json_atomic(os.path.join(run.out_dir, "knn.json") if run.is_main else os.devnull,
-                                 {"pretrained": trained, "random_init": random_init, "step": result["step"]}) \
+                                 {"pretrained": trained, "random_init": random_init, "pair_chance": chance,
+                                      "step": result["step"]}) \
             if run.is_main else None
     return result
 
@@ -671,13 +707,13 @@ PAPER_DEFAULTS = dict(lr=0.01, epochs=100, wd=1e-4, schedule="cosine")
 
 
 def main(argv=None):
-    import common
-
     parser = argparse.ArgumentParser(description=__doc__, parents=[common.get_common_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_method_args(parser)
     parser.add_argument("--crop-scale-min", type=float, default=0.2, help="smallest area fraction of the random "
                         "resized crop (standard augmentation; the thesis gives no value)")
+    parser.add_argument("--batch-negatives", action="store_true", help="add the other keys of the batch to the "
+                        "negatives (not in the paper; see README 'Learning on toy data')")
     parser.set_defaults(**PAPER_DEFAULTS)
     parser.epilog = (f"--data toy (the default) is toy-motion (64x64, 16 frames, 192 train / 64 val videos) with toy "
                      f"defaults for a few CPU minutes: {TOY_DEFAULTS}, unless given on the command line. Real data "
