@@ -583,7 +583,7 @@ def build_sets(args, run):
                                  num_clips=2 if args.baseline == "temporal" else 1, sampling="random",
                                  transform=train_transform, fraction=args.data_fraction, seed=args.seed, **common_kw)
     knn_sets = None
-    if args.knn_every:
+    if args.knn_every or args.dataset_name.startswith("toy"):  # toy: the final kNN against random init
         knn_sets = tuple(common.build_dataset(args.dataset_name, args.data_root, split, frame_strides=(1,),
                                               sampling="uniform", transform=eval_transform, **common_kw)
                          for split in ("train", "val"))
