@@ -387,6 +387,8 @@ LEARNING = ["--crop-size", "32", "--clip-len", "8", "--batch-size", "16", "--epo
 
 
 @pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known failure, issue 6 open: tubelet pretraining does not yet beat random "
+                   "init on toy-motion (README, Tubelet-Contrast, 'Learning on toy data'); strict, so a fix shows up")
 @pytest.mark.parametrize("seed", [0, 1])
 def test_learning_pretraining_beats_random_init_on_toy_motion(tmp_path, seed):
     """Short CPU pretraining of tiny3d on toy-motion: (a) held-out tubelet pairs are told apart far above chance,
