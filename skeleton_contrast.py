@@ -87,11 +87,30 @@ def add_method_args(parser):
     group.add_argument("--visualize", type=int, default=0, metavar="N",
                        help="write stick-figure PNGs of N training sequences and their augmented views to "
                             "<out-dir>/visualize and exit (no training)")
+    group.add_argument("--encoder-size", choices=["auto", "paper", "small"], default="auto",
+                       help="paper: BiGRU 3x1024, HCN and AGCN width 64 (Sec. 3.4.2, ~50 M parameters for seq+graph); "
+                            "small: narrow encoders for CPU runs; auto = small on toy-* data, paper otherwise")
     group.add_argument("--gru-stepwise", action="store_true",
                        help="BiGRU as in the authors' code: one time step per call, so the 'backward' direction "
                             "also runs forward in time (reference-implementations.md Sec. 12.2). Default: a true "
                             "bidirectional GRU over the whole sequence (faster, cuDNN)")
     return group
+
+
+# --encoder-size small (not in the paper): enough capacity for the toy data, a few minutes on 2 CPU cores.
+SMALL_ENCODERS = {"seq": {"hidden": 64, "layers": 2}, "image": {"hidden": 16}, "graph": {"hidden": 16}}
+
+
+def encoder_options(representation, args):
+    """Keyword options of common.build_backbone(REPRESENTATIONS[representation], ...) for these flags."""
+    options = {}
+    if representation == "seq":
+        options["stepwise"] = args.gru_stepwise
+    if representation == "image":
+        options["window_size"] = args.frames  # HCN's pseudo-image height is the view length T
+    if args.encoder_size == "small" or (args.encoder_size == "auto" and args.data.startswith("toy")):
+        options.update(SMALL_ENCODERS[representation])
+    return options
 
 
 def default_queue_size(data_name):

@@ -239,6 +239,16 @@ def test_train_step_updates_query_and_key_encoders():
     assert model.queues["seq"].ptr.item() == 8
 
 
+def test_encoder_options_and_queue_defaults():
+    toy = method_args(data="toy-skeleton", gru_stepwise=True)
+    assert sc.encoder_options("seq", toy) == {"stepwise": True, **sc.SMALL_ENCODERS["seq"]}
+    ntu = method_args(data="ntu60-xview")
+    assert sc.encoder_options("seq", ntu) == {"stepwise": False}
+    assert sc.encoder_options("image", ntu) == {"window_size": 64}
+    assert [sc.default_queue_size(d) for d in ["ntu120-xsub", "pku1", "pku2", "toy-skeleton"]] == [
+        16384, 8192, 2048, 512]
+
+
 def test_visualize_writes_png(tmp_path):
     pytest.importorskip("PIL")
     x = torch.randn(1, 3, 40, 25, 2)
