@@ -16,7 +16,6 @@ augmentations -> train_step -> --visualize -> main.
 """
 import argparse
 import copy
-import math
 import os
 
 import torch
