@@ -1,0 +1,208 @@
+"""Tests of the training plumbing in common.py (issue 2): schedule, distributed helpers, resume, signals,
+atomic checkpoints, NaN guard, the 2-process CPU path, the kNN monitor."""
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import common
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPT = os.path.join(HERE, "tiny_loop_script.py")
+sys.path.insert(0, HERE)
+import tiny_loop_script  # noqa: E402
+
+
+def run_tiny(out_dir, *extra):
+    """Run the tiny method script in this process (no subprocess start-up)."""
+    argv = sys.argv
+    sys.argv = ["tiny_loop_script.py", "--out-dir", str(out_dir), *map(str, extra)]
+    try:
+        tiny_loop_script.main()
+    finally:
+        sys.argv = argv
+
+
+def losses(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"]) for r in map(json.loads, f) if "loss" in r]
+
+
+# ------------------------------------------------------------------------------------------- LR schedule
+def test_cosine_schedule_with_warmup_at_key_steps():
+    lr = lambda s: common.lr_at_step(s, total_steps=110, base_lr=1.0, warmup_steps=10, final_lr=0.1)
+    assert lr(0) == pytest.approx(0.1)  # (0 + 1) / 10 of the base
+    assert lr(9) == pytest.approx(1.0)  # end of warm-up
+    assert lr(10) == pytest.approx(1.0)  # cosine starts at the base
+    assert lr(60) == pytest.approx(0.55)  # half-way: (base + final) / 2
+    assert lr(110) == pytest.approx(0.1)  # the end is the final LR
+    assert lr(35) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 0.25)))
+
+
+def test_multistep_and_constant_schedules():
+    lr = lambda s: common.lr_at_step(s, 100, 0.5, "multistep", milestones=[30, 60], gamma=0.1)
+    assert [lr(0), lr(29), lr(30), lr(59), lr(60), lr(99)] == pytest.approx([0.5, 0.5, 0.05, 0.05, 0.005, 0.005])
+    assert common.lr_at_step(77, 100, 0.3, "constant") == 0.3
+    with pytest.raises(ValueError, match="unknown schedule"):
+        common.lr_at_step(0, 10, 0.1, "linear")
+
+
+# ------------------------------------------------------------------------------------------- distributed helpers
+def test_collectives_are_identity_at_world_size_1():
+    x = torch.randn(3, 4)
+    assert common.get_world_size() == 1 and common.get_rank() == 0 and common.is_main_process()
+    assert common.all_gather_nograd(x) is x
+    assert common.all_reduce(x, "sum") is x and common.all_reduce(x, "mean") is x
+    assert common.all_gather_objects({"a": 1}) == [{"a": 1}]
+
+
+def _collectives_worker(rank, port, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    x = torch.full((2, 3), float(rank + 1))  # rank 0: ones, rank 1: twos
+    gathered = common.all_gather_nograd(x)
+    results[rank] = {"gathered": gathered.tolist(), "sum": common.all_reduce(x, "sum").tolist(),
+                     "mean": common.all_reduce(x, "mean").tolist(), "world": common.get_world_size(),
+                     "objects": common.all_gather_objects(rank * 10), "x_after": x.tolist()}
+    dist.destroy_process_group()
+
+
+def test_collectives_at_world_size_2_with_gloo():
+    results = mp.Manager().dict()
+    mp.spawn(_collectives_worker, args=(common._find_free_port(), results), nprocs=2)
+    for rank in (0, 1):
+        r = results[rank]
+        assert r["world"] == 2
+        assert r["gathered"] == [[1.0] * 3] * 2 + [[2.0] * 3] * 2  # rank order along dim 0
+        assert r["sum"] == [[3.0] * 3] * 2 and r["mean"] == [[1.5] * 3] * 2
+        assert r["objects"] == [0, 10]
+        assert r["x_after"] == [[float(rank + 1)] * 3] * 2  # all_reduce does not modify its input
+
+
+def test_more_gpus_than_visible_is_a_clear_error():
+    args = common.get_common_parser().parse_args(["--gpus", "3"])
+    with pytest.raises(RuntimeError, match="more GPUs than are visible: 0"):
+        common.resolve_device_and_processes(args)
+    args = common.get_common_parser().parse_args(["--device", "cpu", "--gpus", "2"])
+    assert common.resolve_device_and_processes(args) == ("cpu", 2)
+
+
+# ------------------------------------------------------------------------------------------- the loop
+def test_tiny_model_trains_and_writes_the_run_folder(tmp_path):
+    run_tiny(tmp_path, "--epochs", 4)
+    steps_and_losses = losses(tmp_path)
+    assert [s for s, _ in steps_and_losses] == list(range(1, 17))  # 64 samples / 16 = 4 steps x 4 epochs
+    first, last = steps_and_losses[0][1], steps_and_losses[-1][1]
+    assert last < 0.3 * first
+    assert {"args.json", "metrics.jsonl", "checkpoint.pth", "backbone.pth"} <= set(os.listdir(tmp_path))
+    args = json.load(open(tmp_path / "args.json"))
+    assert args["batch_size"] == 16 and "git_commit" in args and args["world_size"] == 1
+    record = json.loads(open(tmp_path / "metrics.jsonl").readline())
+    assert {"step", "epoch", "lr", "loss", "acc", "samples_per_s", "data_time", "step_time"} <= set(record)
+    backbone = torch.load(tmp_path / "backbone.pth", weights_only=False)
+    assert backbone["meta"]["arch"] == "tiny-mlp" and "0.weight" in backbone["state_dict"]
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert ckpt["step"] == 16 and ckpt["model"]["steps_seen"].item() == 16  # method buffers are carried
+    assert {"model", "optimizer", "scaler", "rng", "args", "epoch"} <= set(ckpt)
+
+
+def test_resume_gives_identical_losses_at_every_step(tmp_path):
+    run_tiny(tmp_path / "straight", "--max-steps", 10)
+    run_tiny(tmp_path / "resumed", "--max-steps", 5)  # stops mid-epoch 1 (4 steps per epoch)
+    assert losses(tmp_path / "resumed")[-1][0] == 5
+    run_tiny(tmp_path / "resumed", "--max-steps", 10)  # --resume auto continues at step 5
+    assert losses(tmp_path / "resumed") == losses(tmp_path / "straight")
+
+
+def test_resume_none_starts_afresh(tmp_path):
+    run_tiny(tmp_path, "--max-steps", 3)
+    run_tiny(tmp_path, "--max-steps", 3, "--resume", "none")
+    assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 1, 2, 3]
+
+
+def test_crash_while_saving_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoint.pth"
+    common.save_atomic({"step": 1}, path)
+    real_save = torch.save
+
+    def crashing_save(obj, f):
+        real_save(obj, f)
+        f.truncate(10)  # half-written file, then the machine "dies"
+        raise OSError("simulated crash during save")
+
+    monkeypatch.setattr(torch, "save", crashing_save)
+    with pytest.raises(OSError, match="simulated crash"):
+        common.save_atomic({"step": 2}, path)
+    monkeypatch.undo()
+    assert torch.load(path)["step"] == 1
+    assert os.listdir(tmp_path) == ["checkpoint.pth"]  # no temporary file left behind
+
+
+def test_nan_guard_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    with pytest.raises(common.NonFiniteLossError, match=r"loss is nan at step 6 .*checkpoint.pth"):
+        run_tiny(tmp_path, "--nan-at-step", 6, "--ckpt-every", 5)
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert ckpt["step"] == 5  # written at step 5, never overwritten by the NaN state
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_sigterm_saves_and_the_rerun_continues(tmp_path):
+    cmd = [sys.executable, SCRIPT, "--out-dir", str(tmp_path), "--epochs", "50", "--step-sleep", "0.05"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (tmp_path / "metrics.jsonl").exists() or len(losses(tmp_path)) < 5):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out
+    assert "interrupted: saved step" in out and "rerun the same command" in out
+    interrupted_at = torch.load(tmp_path / "checkpoint.pth", weights_only=False)["step"]
+    assert 5 <= interrupted_at < 200
+    done = subprocess.run(cmd[:4] + ["--epochs", "50", "--max-steps", str(interrupted_at + 3)],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert f"resumed from {tmp_path / 'checkpoint.pth'} at step {interrupted_at}" in done.stdout
+    assert [s for s, _ in losses(tmp_path)][-3:] == [interrupted_at + 1, interrupted_at + 2, interrupted_at + 3]
+
+
+def test_two_cpu_processes_train_and_only_rank0_writes(tmp_path):
+    out = subprocess.run([sys.executable, SCRIPT, "--device", "cpu", "--gpus", "2", "--out-dir", str(tmp_path),
+                          "--max-steps", "6"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "processes: 2 on cpu; batch size 16 global = 8 per process" in out.stdout
+    assert out.stdout.count("command:") == 1  # only rank 0 prints
+    assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4, 5, 6]  # one line per step, not one per rank
+    # 64 samples / 16 global = 4 steps per epoch: the sampler split the data between the two processes
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=False)["epoch"] == 1
+    assert len(torch.load(tmp_path / "checkpoint.pth", weights_only=False)["rng"]) == 2
+
+
+@pytest.mark.slow
+def test_torchrun_on_cpu(tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    out = subprocess.run([torchrun, "--nproc_per_node", "2", SCRIPT, "--device", "cpu", "--out-dir", str(tmp_path),
+                          "--max-steps", "4"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "processes: 2 on cpu" in out.stdout
+    assert [s for s, _ in losses(tmp_path)] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------------------- kNN monitor
+def test_weighted_knn_and_1nn_against_hand_computed_votes():
+    train = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.0, 1.0], [-1.0, 0.0]])
+    labels = torch.tensor([0, 1, 1, 2])
+    test = torch.tensor([[0.96, 0.28]])  # cosine similarities: 0.96, 0.936, 0.28, -0.96
+    knn, nn1 = common.knn_classify(train, labels, test, num_classes=3, k=3, temperature=0.1)
+    # votes: class 0: e^9.6 = 14764.8; class 1: e^9.36 + e^2.8 = 11614.7 + 16.4 -> class 0 wins, 1-NN is class 0
+    assert knn.tolist() == [0] and nn1.tolist() == [0]
+    knn, _ = common.knn_classify(train, labels, test, num_classes=3, k=3, temperature=1.0)
+    # T = 1: class 0: e^0.96 = 2.61; class 1: e^0.936 + e^0.28 = 2.55 + 1.32 = 3.87 -> class 1
+    assert knn.tolist() == [1]
