@@ -479,6 +479,14 @@ def valid_lengths(batch):
     return batch.get("length", batch.get("num_frames"))
 
 
+def queues_synchronised(model):
+    """True when every process holds the same queues and pointers (they enqueue the same gathered keys)."""
+    local = torch.cat([torch.cat([q.features.flatten(), q.ptr.view(1).to(q.features.dtype)])
+                       for q in model.queues.values()])[None]  # (1, sum K D + 1)
+    everyone = common.all_gather_nograd(local)  # (world size, ...)
+    return bool((everyone == everyone[:1]).all())
+
+
 def main_worker(args):
     run = common.setup(args, "skeleton_contrast")
     root = args.data_root or os.path.join("data", args.data)
@@ -534,6 +542,13 @@ def main_worker(args):
             "options": dict(backbone_options(evaluated), in_channels=c)}
     result = common.fit(run, args, model, optimizer, loader, train_step, backbone=model.encoder_q[evaluated],
                         backbone_meta=meta, knn=(model.encoder_q[evaluated], knn_input, *knn_loaders))
+
+    if run.world_size > 1:
+        same = queues_synchronised(model)
+        run.print(f"queues identical on all {run.world_size} processes: {same}")
+        if not same:
+            raise RuntimeError(f"skeleton_contrast.py: expected identical queues on the {run.world_size} processes "
+                               f"(keys are all-gathered before enqueueing), got different ones")
 
     # The figure the toy run exists for: 1-NN (cosine) accuracy of the pretrained encoder against its random init.
     pretrained = common.knn_monitor(model.encoder_q[evaluated], knn_input, *knn_loaders, run=run)

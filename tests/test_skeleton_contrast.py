@@ -255,3 +255,37 @@ def test_visualize_writes_png(tmp_path):
     paths = sc.save_augmentation_figures(x, str(tmp_path), method_args(frames=16))
     with open(paths[0], "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+# ---------------------------------------------------------------------------------------------- with common.py
+
+
+@pytest.mark.parametrize("stepwise", [False, True])
+def test_bigru_stepwise_and_true_both_train(stepwise):
+    """Both BiGRU options (true bidirectional / the authors' one-step-per-call loop) learn through Eq. (3.5):
+    a few SGD steps on a fixed pair of views lower the loss, and every GRU weight (both directions) gets a
+    gradient."""
+    import common
+
+    torch.manual_seed(8)
+    model = sc.SkeletonContrast(lambda r: common.build_backbone("bigru", hidden=16, layers=2, stepwise=stepwise),
+                                ["seq"], "intra", queue_size=64, proj_dim=8)
+    x_q, x_k = torch.randn(2, 8, 3, 12, 25, 2)
+    negatives = {"seq": F.normalize(torch.randn(64, 8), dim=1)}
+    params = list(model.encoder_q.parameters()) + list(model.projector_q.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.5, momentum=0.9)
+
+    def loss_now():
+        z_q = model.embed(x_q, model.encoder_q, model.projector_q)
+        with torch.no_grad():
+            z_k = model.embed(x_k, model.encoder_k, model.projector_k)
+        return sc.intra_skeleton_loss(z_q, z_k, negatives, 0.2)[0]
+
+    first = loss_now()
+    first.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder_q.parameters())
+    for _ in range(10):
+        optimizer.zero_grad()
+        loss_now().backward()
+        optimizer.step()
+    assert loss_now().item() < 0.9 * first.item()
