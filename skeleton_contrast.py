@@ -118,12 +118,14 @@ def encoder_options(representation, args):
 
 
 def default_queue_size(data_name):
-    """|N| of Sec. 3.4.2 for a --data name."""
-    if data_name.startswith("ntu"):
-        return PAPER_QUEUE_SIZE["ntu"]
-    if data_name in ("pku1", "pku2"):
-        return PAPER_QUEUE_SIZE[data_name]
-    return TOY_QUEUE_SIZE
+    """|N| of Sec. 3.4.2 for a --data name (other real sets: the NTU value)."""
+    if data_name.startswith("toy"):
+        return TOY_QUEUE_SIZE
+    if data_name.startswith("pku1"):
+        return PAPER_QUEUE_SIZE["pku1"]
+    if data_name.startswith("pku2"):
+        return PAPER_QUEUE_SIZE["pku2"]
+    return PAPER_QUEUE_SIZE["ntu"]
 
 
 # ==================================================================================================== MODEL

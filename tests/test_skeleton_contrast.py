@@ -245,8 +245,8 @@ def test_encoder_options_and_queue_defaults():
     ntu = method_args(data="ntu60-xview")
     assert sc.encoder_options("seq", ntu) == {"stepwise": False}
     assert sc.encoder_options("image", ntu) == {"window_size": 64}
-    assert [sc.default_queue_size(d) for d in ["ntu120-xsub", "pku1", "pku2", "toy-skeleton"]] == [
-        16384, 8192, 2048, 512]
+    assert [sc.default_queue_size(d) for d in ["ntu120-xsub", "pku1", "pku2-xview", "toy-skeleton"]] == [
+        16384, 8192, 2048, sc.TOY_QUEUE_SIZE]
 
 
 def test_visualize_writes_png(tmp_path):
@@ -289,3 +289,29 @@ def test_bigru_stepwise_and_true_both_train(stepwise):
         loss_now().backward()
         optimizer.step()
     assert loss_now().item() < 0.9 * first.item()
+
+
+def run_script(tmp_path, *flags, timeout=600):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out_dir = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(root, "skeleton_contrast.py"), "--data-root", str(tmp_path / "toy"),
+           "--out-dir", str(out_dir), *flags]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(out_dir / "knn_vs_random_init.json") as f:
+        return proc.stdout, json.load(f)
+
+
+def test_two_process_cpu_run_keeps_queues_identical(tmp_path):
+    """--device cpu --gpus 2: two gloo processes, DDP, keys all-gathered into both ranks' queues."""
+    stdout, report = run_script(tmp_path, "--device", "cpu", "--gpus", "2", "--max-steps", "3", "--batch-size", "8",
+                                "--representations", "seq,image", "--frames", "16", "--knn-every", "0")
+    assert "queues identical on all 2 processes: True" in stdout
+    assert report["step"] == 3 and 0 <= report["nn1_top1_pretrained"] <= 100
+    assert (tmp_path / "run" / "backbone.pth").exists()
