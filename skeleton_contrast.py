@@ -65,7 +65,8 @@ def add_method_args(parser):
     group.add_argument("--contrast", choices=["inter", "intra"], default="inter",
                        help="inter: each representation's query against the OTHER representation's key and queue "
                             "(Eq. 3.6-3.8, needs >= 2 representations); intra: plain MoCo per representation "
-                            "(Eq. 3.5, the Table 3.6 baseline, 82.5 for seq). Default inter; intra on toy data")
+                            "(Eq. 3.5, the Table 3.6 baseline, 82.5 for seq). Default inter; intra on toy "
+                            "data")
     group.add_argument("--spatial-aug", choices=["random", "shear", "jitter", "none"], default="random",
                        help="spatial augmentation D_Spatial_i applied after temporal crop-resize (Eq. 3.4): "
                             "shear (pose augmentation, Eq. 3.1), jitter (Eq. 3.2), random = one of the two with "
