@@ -60,8 +60,8 @@ def add_method_args(parser):
     group.add_argument("--representations", type=parse_representations, default=["seq", "graph"],
                        help="comma-separated skeleton representations: seq (BiGRU, X^SEQ), image (HCN, X^IMG), "
                             "graph (AGCN, X^STG). Paper best: seq,graph (Table 3.6, 85.2 on NTU-60 x-view); pairs "
-                            "seq,image / graph,image and all three (85.4, ~1.5x the compute) also work. Toy data default: seq "
-                            "(with --contrast intra), see TOY_DEFAULTS")
+                            "seq,image / graph,image and all three (85.4, ~1.5x the compute) also work. Toy data "
+                            "default: seq (with --contrast intra), see TOY_DEFAULTS")
     group.add_argument("--contrast", choices=["inter", "intra"], default="inter",
                        help="inter: each representation's query against the OTHER representation's key and queue "
                             "(Eq. 3.6-3.8, needs >= 2 representations); intra: plain MoCo per representation "
