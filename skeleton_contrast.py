@@ -545,8 +545,8 @@ def main_worker(args):
                              args.moco_momentum, args.temperature, gather_fn=common.all_gather_nograd,
                              key_dropout=not args.no_key_dropout)
     evaluated = args.representations[0]  # the encoder evaluate.py uses: the sequence one by default
-    random_init = copy.deepcopy(model.encoder_q[evaluated])  # same weights the pretraining starts from
-    ddp_model = run.prepare(model)
+    ddp_model = run.prepare(model)  # DDP broadcasts rank 0's initial weights (and queues) to every process
+    random_init = copy.deepcopy(model.encoder_q[evaluated])  # the weights the pretraining starts from
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=args.lr, momentum=0.9, weight_decay=args.wd)  # Sec. 3.4.2
     run.print(f"Skeleton-Contrast: {args.contrast} {'+'.join(args.representations)}, queue {args.queue_size}, "
