@@ -162,8 +162,9 @@ def get_parser():
     g.add_argument("--select-on-test", action="store_true", help="select the checkpoint on the TEST split, as the "
                    "SEVERE and skeleton-contrast code do (reproduces their tables; optimistic). Default: a "
                    "validation split carved from the training set")
-    g.add_argument("--val-fraction", type=float, default=0.1, help="stratified share of the training set held out "
-                   "for checkpoint selection; 0 = no selection (last epoch)")
+    g.add_argument("--val-fraction", type=float, default=None, help="stratified share of the training set held out "
+                   "for checkpoint selection (default 0.1; 0 for fewshot, whose label budget it would break); "
+                   "0 = no selection, the last epoch is tested")
     g.add_argument("--eval-every", type=int, default=None, help="epochs between validation scores "
                    "(default: about 10 evaluations per run)")
     g.add_argument("--test-clips", type=int, default=None, help="clips per video at test (protocol: 10 for video)")
@@ -366,15 +367,16 @@ def cluster_metrics(clusters, labels):
             "ari": adjusted_rand_index(clusters, labels), "entropy": entropy, "max_purity": purity}
 
 
-def severe_mean_and_rank(rows):
-    """Thesis Table 5.8 'Mean' and 'Rank': rows {name: 8 SEVERE values}, UCF-RC (index 6) an error. Mean over the
-    columns with UCF-RC as (1 - error) * 100 (this reproduces the printed means). Rank: per column, 1 + the number
-    of rows strictly better, averaged over columns (the printed ranks are not reproducible from the printed values
-    with any tie rule; see README)."""
+def severe_mean_and_rank(rows, error_columns=(6,)):
+    """Thesis Table 5.8 'Mean' and 'Rank': rows {name: SEVERE values}, error_columns lower-is-better (UCF-RC, index 6
+    of the 8 columns). Mean over the columns with an error e as (1 - e) * 100 (this reproduces the printed means).
+    Rank: per column, 1 + the number of rows strictly better, averaged over columns (the printed ranks are not
+    reproducible from the printed values with any tie rule; see README)."""
     names = list(rows)
     values = np.array([rows[name] for name in names], dtype=np.float64)  # (R, columns)
     higher_better = values.copy()
-    higher_better[:, 6] = (1 - values[:, 6]) * 100
+    for c in error_columns:
+        higher_better[:, c] = (1 - values[:, c]) * 100
     mean = higher_better.mean(axis=1)
     better = (higher_better[None, :, :] > higher_better[:, None, :]).sum(axis=1)  # (R, columns)
     rank = (1 + better).mean(axis=1)
@@ -471,3 +473,664 @@ def kmeans(features, k, iterations=100, seed=0):
             break
         assignments = new
     return assignments, centroids
+
+
+# ==================================================================================================== MODELS
+class Classifier(nn.Module):
+    """backbone -> dropout -> new Linear(feature_dim, C), fc initialised N(0, 0.01) as SEVERE and CoCLR do.
+    frozen=True is the linear probe: backbone weights fixed AND the backbone kept in eval mode, so BatchNorm uses
+    its pretrained statistics (the SEVERE linear code trains in train mode and keeps torchvision's 400-way fc)."""
+
+    def __init__(self, backbone, num_outputs, frozen, dropout=0.0):
+        super().__init__()
+        self.backbone, self.frozen = backbone, frozen
+        self.backbone.requires_grad_(not frozen)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(backbone.feature_dim, num_outputs)
+        nn.init.normal_(self.fc.weight, 0.0, 0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            features = self.backbone(x)  # (N, D)
+        return self.fc(self.dropout(features))  # (N, C)
+
+
+class ConcatEncoder(nn.Module):
+    """Two skeleton encoders on the same input, features concatenated (thesis App. A.4, e.g. X^SEQ + X^STG)."""
+
+    def __init__(self, first, second):
+        super().__init__()
+        self.first, self.second = first, second
+        self.feature_dim = first.feature_dim + second.feature_dim
+
+    def forward(self, x):
+        return torch.cat([self.first(x), self.second(x)], dim=1)  # (N, D1 + D2)
+
+
+def checkpoint_meta(path):
+    """meta of our backbone.pth ({"state_dict", "meta"}), {} for anything else."""
+    if path in ("none", "kinetics400") or not os.path.isfile(path):
+        return {}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # other formats are read by load_backbone_weights, which reports its own errors
+        return {}
+    return obj.get("meta", {}) if isinstance(obj, dict) else {}
+
+
+def load_encoder(arch, options, weights, prefix=None):
+    """common.build_backbone(arch, **options) with `weights` loaded; errors name the file, arch and mismatch."""
+    if weights == "kinetics400":
+        return common.build_backbone(arch, pretrained="kinetics400", **options), "torchvision Kinetics-400"
+    backbone = common.build_backbone(arch, **options)
+    if weights == "none":
+        return backbone, "random initialisation"
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"evaluate.py: --weights {weights}: no such file")
+    try:
+        report = common.load_backbone_weights(backbone, weights, prefix=prefix)
+    except ValueError as e:
+        raise ValueError(f"evaluate.py: --weights {weights} does not fit --arch {arch} {options or ''}: {e}") from None
+    return backbone, (f"{weights} ({len(report['loaded'])} tensors loaded, prefix '{report.get('prefix', '')}', "
+                      f"{len(report.get('skipped', []))} head/other tensors skipped)")
+
+
+def build_encoder(args):
+    backbone, source = load_encoder(args.arch, args.options, args.weights, args.weights_prefix)
+    if args.concat:
+        meta = checkpoint_meta(args.concat_weights)
+        second, source2 = load_encoder(args.concat, meta.get("options", {}), args.concat_weights, args.concat_prefix)
+        return ConcatEncoder(backbone, second), f"{source} + {args.concat}: {source2}"
+    return backbone, source
+
+
+# ==================================================================================================== DATA
+def video_transform(item, train, crop, short_side):
+    """uint8 (C, T, H, W) or (K, C, T, H, W) -> normalised float clips of crop x crop (App. B.2.1 / ref. Sec. 6.1).
+    Train: RandomResizedCrop (scale 0.08-1; the thesis calls it a "multi-scale crop"), flip, colour jitter
+    (0.4, 0.4, 0.4, 0.2) on every clip as the SEVERE code. Test: short side to short_side, centre crop."""
+    x = item["video"]
+    if train:
+        x = common.random_resized_crop_clip(x, crop, scale=(0.08, 1.0))
+        x = common.horizontal_flip(x, p=0.5)
+        x = common.color_jitter(x, 0.4, 0.4, 0.4, 0.2, p=1.0)
+    else:
+        x = common.center_crop(common.resize_short_side(x, short_side), crop)
+    item["video"] = common.normalize(x)
+    return item
+
+
+def temporal_crop_resize(x, frames, ratio, random_start):
+    """Skeleton crop of App. A.1 (skeleton-contrast `crop_subsequence`, ref. Sec. 2.3): from the valid (non-zero)
+    n frames of x (C, T, V, M) take L frames, L = n * ratio (random: ratio ~ U(ratio), L >= frames where possible,
+    random start; test: ratio 0.95, centred), and resample them to `frames` steps (bilinear over time)."""
+    c, t, v, m = x.shape
+    nonzero = torch.nonzero(x.abs().sum(dim=(0, 2, 3)) > 0)
+    n = int(nonzero[-1]) + 1 if len(nonzero) else t
+    if random_start:
+        r = ratio[0] + (ratio[1] - ratio[0]) * torch.rand(()).item()
+        length = min(max(int(n * r), frames), n)
+        start = int(torch.randint(0, n - length + 1, ()))
+    else:
+        length = max(int(n * ratio), 1)
+        start = (n - length) // 2
+    crop = x[:, start:start + length].permute(0, 2, 3, 1).reshape(1, c * v * m, length, 1)  # (1, C*V*M, L, 1)
+    crop = F.interpolate(crop, size=(frames, 1), mode="bilinear", align_corners=False)  # (1, C*V*M, frames, 1)
+    return crop.reshape(c, v, m, frames).permute(0, 3, 1, 2).contiguous()  # (C, frames, V, M)
+
+
+def skeleton_transform(item, train, frames):
+    item["skeleton"] = temporal_crop_resize(item["skeleton"].float(), frames, (0.5, 1.0) if train else 0.95,
+                                            random_start=train)
+    return item
+
+
+def build_split(args, split, train, augment=True):
+    """The dataset of `split` ("train" or "test" = the dataset's official evaluation split) with the protocol's
+    sampling: train = one random clip (augmented unless augment=False), test = test_clips uniform clips."""
+    p = args.protocol
+    if p["modality"] == "skeleton":
+        transform = functools.partial(skeleton_transform, train=train and augment, frames=args.frames)
+        return common.build_dataset(args.data, args.data_root, split, transform=transform,
+                                    strict=args.strict_data, bad_files_path=args.bad_files)
+    transform = functools.partial(video_transform, train=train and augment, crop=p["crop"],
+                                  short_side=p["short_side"])
+    return common.build_dataset(args.data, args.data_root, split, clip_len=args.frames, frame_strides=(p["stride"],),
+                                num_clips=1 if train else args.test_clips, sampling="random" if train else "uniform",
+                                transform=transform, decoder=args.decoder, strict=args.strict_data,
+                                bad_files_path=args.bad_files)
+
+
+def dataset_labels(dataset):
+    """Labels of every sample without decoding anything: (N,) ints or (N, C) multi-hot."""
+    if hasattr(dataset, "labels") and hasattr(dataset, "indices"):  # skeleton arrays
+        return np.asarray(dataset.labels)[np.asarray(dataset.indices)]
+    if hasattr(dataset, "samples"):  # (path, label) lists
+        return np.stack([np.asarray(label) for _, label in dataset.samples])
+    raise TypeError(f"evaluate.py: cannot read the labels of {type(dataset).__name__} (expected .samples or "
+                    f".labels/.indices)")
+
+
+# ==================================================================================================== PROTOCOLS
+# ---------------------------------------------------------------------------------------------- inference
+@torch.no_grad()
+def predict(model, dataset, args, run, multilabel=False, arrow=False):
+    """Video-level outputs of `model` over `dataset`, gathered over processes in sample order.
+    Clip outputs are combined as the protocols do: softmax averaged over clips (App. B.2.1), sigmoid max-pooled for
+    multi-label (SlowFast, App. B.2.4). arrow=True scores every video forward (label 0) and reversed (label 1).
+    Returns dict(scores (N, C), outputs (N, C): raw outputs averaged over clips, labels, index)."""
+    key = args.protocol["modality"]
+    loader = common.build_loader(dataset, args, run, train=False, batch_size=args.eval_batch_size)
+    was_training = model.training
+    model.eval()
+    scores, outputs, labels, indices = [], [], [], []
+    for batch in loader:
+        batch = common.to_device(batch, run.device)
+        x, y, index = batch[key], batch["label"], batch["index"]
+        if x.dim() == 5:  # one clip: (B, C, T, H, W) video or (B, C, T, V, M) skeleton
+            x = x[:, None]
+        if arrow:  # App. B.2.4: both versions of every video; time is dim -3 of (C, T, H, W) and (C, T, V, M)
+            x = torch.cat([x, x.flip(-3)])
+            y = torch.cat([torch.zeros_like(index), torch.ones_like(index)])
+            index = torch.cat([2 * index, 2 * index + 1])
+        b, k = x.shape[:2]
+        with run.autocast():
+            out = model(x.flatten(0, 1)).float().view(b, k, -1)  # (B, K clips, C)
+        if multilabel:
+            scores.append(torch.sigmoid(out).amax(dim=1))
+        else:
+            scores.append(out.softmax(dim=-1).mean(dim=1))
+        outputs.append(out.mean(dim=1))
+        labels.append(y)
+        indices.append(index)
+    model.train(was_training)
+    scores, outputs, labels, indices = (common.all_gather_nograd(torch.cat(t)) for t in
+                                        (scores, outputs, labels, indices))
+    order = torch.argsort(indices)
+    keep = torch.ones_like(order, dtype=torch.bool)  # the distributed sampler pads with repeated samples
+    keep[1:] = indices[order][1:] != indices[order][:-1]
+    order = order[keep]
+    return {"scores": scores[order].cpu(), "outputs": outputs[order].cpu(), "labels": labels[order].cpu(),
+            "index": indices[order].cpu()}
+
+
+def classification_metrics(prediction, num_classes, multilabel):
+    """Top-1/top-5 and mean class accuracy (single-label) or mAP (multi-label), in %."""
+    scores, labels = prediction["scores"], prediction["labels"]
+    if multilabel:
+        return {"mAP": 100 * mean_average_precision(scores.numpy(), labels.numpy())[0]}
+    topk = topk_accuracy(scores, labels, ks=(1, 5))
+    return {"top1": 100 * topk[1], "top5": 100 * topk[5],
+            "mean_class_acc": 100 * mean_class_accuracy(scores.argmax(dim=1), labels, num_classes)}
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train_and_select(run, args, model, train_set, select_set, num_classes, multilabel=False, arrow=False):
+    """Train with common.fit in chunks of --eval-every epochs; after each chunk score `select_set` and keep the best
+    state (the validation split by default, the test split only with --select-on-test, none = last epoch).
+    The run folder holds checkpoint.pth, best.pth and selection.json, so rerunning the command resumes."""
+    key, metric = args.protocol["modality"], args.protocol["metric"]
+    loader = common.build_loader(train_set, args, run, train=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.wd)
+    else:
+        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    net = run.prepare(model)
+
+    def train_step(batch):
+        x, y = batch[key], batch["label"]
+        if arrow:  # App. B.2.4: each video played forward (0) or backward (1) with probability 1/2
+            reverse = torch.rand(x.shape[0], device=x.device) < 0.5
+            x = torch.where(reverse.view(-1, *[1] * (x.dim() - 1)), x.flip(-3), x)
+            y = reverse.long()
+        with run.autocast():
+            logits = net(x)  # (B, C)
+            if multilabel:
+                loss = F.binary_cross_entropy_with_logits(logits.float(), y.float())
+            else:
+                loss = F.cross_entropy(logits.float(), y)
+        run.step(loss, optimizer)
+        return {"loss": loss.detach()}
+
+    selection_path, best_path = (os.path.join(run.out_dir, name) for name in ("selection.json", "best.pth"))
+    if args.resume == "none":
+        for path in (selection_path, best_path):
+            if run.is_main and os.path.exists(path):
+                os.remove(path)
+    selection = {"scores": {}, "best_step": None, "best": None, "metric": metric}
+    best_state = None
+    if os.path.exists(selection_path):
+        with open(selection_path) as f:
+            selection = json.load(f)
+        if selection["best"] is not None:
+            best_state = torch.load(best_path, map_location="cpu", weights_only=True)
+    steps_per_epoch = len(loader)
+    chunk_args = copy.copy(args)
+    ends = sorted(set(list(range(args.eval_every, args.epochs, args.eval_every)) + [args.epochs]))
+    for end in ends:
+        chunk_args.max_steps = end * steps_per_epoch if args.max_steps is None else min(end * steps_per_epoch,
+                                                                                         args.max_steps)
+        result = common.fit(run, chunk_args, model, optimizer, loader, train_step)
+        chunk_args.resume = "auto"  # later chunks continue this run
+        if result["interrupted"]:
+            raise SystemExit(f"interrupted; rerun the same command to resume from {run.out_dir}")
+        step = str(result["step"])
+        if select_set is not None and step not in selection["scores"]:
+            score = classification_metrics(predict(model, select_set, args, run, multilabel, arrow),
+                                           num_classes, multilabel)[metric]
+            selection["scores"][step] = score
+            run.print(f"step {step} (epoch {result['step'] / steps_per_epoch:.1f}): selection {metric} {score:.2f}")
+            if selection["best"] is None or score > selection["best"]:
+                selection["best"], selection["best_step"] = score, int(step)
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                if run.is_main:
+                    common.save_atomic(best_state, best_path)
+            if run.is_main:
+                common.write_json_atomic(selection_path, selection)
+        if result["step"] >= chunk_args.max_steps and chunk_args.max_steps < end * steps_per_epoch:
+            break  # --max-steps reached
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return selection
+
+
+def classification_task(run, args, arrow=False):
+    """finetune / linear / fewshot (one seed) / transfer / multilabel / arrow-of-time: train a head (and the
+    backbone unless linear), select, test. Returns the result dict."""
+    multilabel = args.task == "multilabel"
+    backbone, source = build_encoder(args)
+    train_full = build_split(args, "train", train=True, augment=not arrow)
+    train_eval = build_split(args, "train", train=False)
+    test_set = build_split(args, "test", train=False)
+    num_classes = 2 if arrow else train_full.num_classes
+    labels = dataset_labels(train_full)
+    train_idx, val_idx = np.arange(len(labels)), None
+    if not args.select_on_test and args.val_fraction > 0:
+        train_idx, val_idx = train_val_split(labels, args.val_fraction, seed=args.seed)
+    if args.per_class or args.label_fraction or args.num_examples:  # the labelled budget, drawn from the rest
+        per_class = args.per_class or (math.ceil(args.num_examples / num_classes) if args.num_examples else None)
+        chosen = per_class_subset(labels[train_idx], per_class, args.label_fraction, seed=args.subset_seed)
+        train_idx = train_idx[chosen]
+    train_set = torch.utils.data.Subset(train_full, train_idx)
+    select_set = (test_set if args.select_on_test else
+                  torch.utils.data.Subset(train_eval, val_idx) if val_idx is not None else None)
+    sizes = {"train": len(train_set), "val": 0 if val_idx is None else len(val_idx), "test": len(test_set)}
+    run.print(describe_protocol(args, source, sizes, num_classes))
+    model = Classifier(backbone, num_classes, frozen=args.task == "linear", dropout=args.protocol["dropout"])
+    selection = train_and_select(run, args, model, train_set, select_set, num_classes, multilabel, arrow)
+    test = predict(model, test_set, args, run, multilabel, arrow)
+    metrics = classification_metrics(test, num_classes, multilabel)
+    if args.save_logits:  # every process predicts (the outputs are gathered), the main one writes
+        train_pred = predict(model, torch.utils.data.Subset(train_eval, train_idx), args, run, multilabel, arrow)
+        if run.is_main:
+            torch.save({"train": {"logits": train_pred["outputs"], "labels": train_pred["labels"]},
+                        "test": {"logits": test["outputs"], "labels": test["labels"]},
+                        "class_names": getattr(train_full, "class_names", None), "arch": args.arch,
+                        "weights": args.weights, "data": args.data}, os.path.join(run.out_dir, "logits.pth"))
+    return {"metrics": metrics, "primary": args.protocol["metric"], "selection": selection, "sizes": sizes,
+            "weights_source": source, "num_classes": num_classes}
+
+
+def fewshot_task(run, args):
+    """Label-efficient finetuning repeated over seeds (thesis Ch. 2: N per class, 5 seeds, mean +- std; Ch. 3:
+    label fractions; SEVERE: ceil(1000 / C) per class). Each seed runs in <out-dir>/seed_<s>."""
+    runs = []
+    for seed in args.seeds:
+        seed_args = copy.copy(args)
+        seed_args.seed = seed
+        seed_args.subset_seed = seed if args.subset_seed is None else args.subset_seed
+        seed_args.out_dir = os.path.join(args.out_dir, f"seed_{seed}")
+        seed_run = common.Run(seed_args, run.device, seed_args.out_dir)
+        os.makedirs(seed_args.out_dir, exist_ok=True)
+        common.seed_everything(seed + run.rank, args.deterministic)
+        runs.append(classification_task(seed_run, seed_args))
+    metrics = {}
+    for name in runs[0]["metrics"]:
+        values = np.array([r["metrics"][name] for r in runs])
+        metrics[name] = float(values.mean())
+        metrics[f"{name}_std"] = float(values.std())
+    return {"metrics": metrics, "primary": args.protocol["metric"], "seeds": args.seeds,
+            "per_seed": [r["metrics"] for r in runs], "sizes": runs[0]["sizes"],
+            "weights_source": runs[0]["weights_source"], "num_classes": runs[0]["num_classes"]}
+
+
+# ---------------------------------------------------------------------------------------------- features
+def encoder_features(encoder, dataset, args, run):
+    """Backbone features averaged over the test clips, in eval mode without augmentation -> (N, D), labels."""
+    out = predict(encoder, dataset, args, run)
+    return out["outputs"], out["labels"]
+
+
+def knn_task(run, args):
+    """Retrieval: train split = gallery, test split = queries, cosine similarity (thesis Sec. 3.4.3.2: 1-NN
+    accuracy; CoCLR / ViCC: R@k, k in 1, 5, 10, 20, 50). --center-features subtracts each set's own mean first."""
+    encoder, source = build_encoder(args)
+    gallery_set, query_set = build_split(args, "train", train=False), build_split(args, "test", train=False)
+    sizes = {"train": len(gallery_set), "val": 0, "test": len(query_set)}
+    run.print(describe_protocol(args, source, sizes, gallery_set.num_classes))
+    encoder = encoder.to(run.device)
+    gallery, gallery_labels = encoder_features(encoder, gallery_set, args, run)
+    queries, query_labels = encoder_features(encoder, query_set, args, run)
+    if args.center_features:
+        gallery, queries = gallery - gallery.mean(dim=0), queries - queries.mean(dim=0)
+    recall = retrieval_recall(F.normalize(queries, dim=1), query_labels, F.normalize(gallery, dim=1),
+                              gallery_labels, RETRIEVAL_KS)
+    metrics = {"nn1_acc": 100 * recall[1], **{f"R@{k}": 100 * v for k, v in recall.items()}}
+    return {"metrics": metrics, "primary": "nn1_acc", "sizes": sizes, "weights_source": source,
+            "num_classes": gallery_set.num_classes}
+
+
+def checkpoint_prototypes(path):
+    """(K, D) prototypes stored in a checkpoint (a key ending in 'prototypes.weight' or 'prototypes'), or None."""
+    if path in ("none", "kinetics400"):
+        return None
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    for _ in range(3):
+        if isinstance(obj, dict) and not any(k.endswith("prototypes.weight") or k.endswith("prototypes")
+                                             for k in obj):
+            obj = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), obj)
+    if not isinstance(obj, dict):
+        return None
+    return next((v for k, v in obj.items() if torch.is_tensor(v) and v.dim() == 2 and
+                 (k.endswith("prototypes.weight") or k.endswith("prototypes"))), None)
+
+
+def clusters_task(run, args):
+    """ViCC supp. Sec. 3.1.2 / Table 1: hard cluster assignments of the test split (the checkpoint's prototypes when
+    they live in the backbone feature space, else k-means with K = number of classes on L2-normalised features)
+    scored with Hungarian accuracy, NMI, ARI, mean entropy per cluster and mean max purity."""
+    encoder, source = build_encoder(args)
+    test_set = build_split(args, "test", train=False)
+    sizes = {"train": 0, "val": 0, "test": len(test_set)}
+    run.print(describe_protocol(args, source, sizes, test_set.num_classes))
+    features, labels = encoder_features(encoder.to(run.device), test_set, args, run)
+    features = F.normalize(features, dim=1)
+    prototypes = checkpoint_prototypes(args.weights) if args.cluster_source != "kmeans" else None
+    if prototypes is not None and prototypes.shape[1] != features.shape[1]:
+        if args.cluster_source == "prototypes":
+            raise ValueError(f"evaluate.py: --weights {args.weights}: prototypes are {tuple(prototypes.shape)} "
+                             f"(they live after the projection head), backbone features are {features.shape[1]}-d")
+        run.print(f"prototypes {tuple(prototypes.shape)} are not in the {features.shape[1]}-d backbone feature "
+                  f"space (projection head not part of the backbone): using k-means")
+        prototypes = None
+    if prototypes is None and args.cluster_source == "prototypes":
+        raise ValueError(f"evaluate.py: --cluster-source prototypes: no prototypes in {args.weights}")
+    if prototypes is not None:  # hard (rounded) assignment to the most similar prototype
+        assignments, source_name = (features @ F.normalize(prototypes.float(), dim=1).T).argmax(dim=1), "prototypes"
+    else:
+        k = args.num_clusters or test_set.num_classes
+        assignments, _ = kmeans(features, k, seed=args.seed)
+        source_name = f"k-means (K={k})"
+    metrics = cluster_metrics(assignments.numpy(), labels.numpy())
+    metrics = {"acc": 100 * metrics["acc"], "nmi": 100 * metrics["nmi"], "ari": 100 * metrics["ari"],
+               "entropy": metrics["entropy"], "max_purity": 100 * metrics["max_purity"]}
+    return {"metrics": metrics, "primary": "nmi", "sizes": sizes, "weights_source": source,
+            "assignments": source_name, "num_classes": test_set.num_classes}
+
+
+# ---------------------------------------------------------------------------------------------- fusion
+def fusion_task(run, args):
+    """JMRN supp. Sec. 3, Eq. (1): alpha per modality (or per modality and class for multi-label) learned on the
+    TRAIN logits saved by --save-logits, evaluated on the test logits beside each modality and the plain sum."""
+    if not args.logits or len(args.logits) < 2:
+        raise ValueError("evaluate.py --task fusion: pass two or more --logits files (written by --save-logits)")
+    saved = [torch.load(path, map_location="cpu", weights_only=False) for path in args.logits]
+    for path, s in zip(args.logits, saved):
+        for split in ("train", "test"):
+            if not torch.equal(s[split]["labels"], saved[0][split]["labels"]):
+                raise ValueError(f"evaluate.py: {path}: its {split} labels differ from {args.logits[0]}'s; the "
+                                 f"logits must come from the same samples in the same order")
+    train = torch.stack([s["train"]["logits"] for s in saved]).float()  # (M, N_train, C)
+    test = torch.stack([s["test"]["logits"] for s in saved]).float()  # (M, N_test, C)
+    if args.fusion_l2:
+        train, test = F.normalize(train, dim=-1), F.normalize(test, dim=-1)
+    train_labels, test_labels = saved[0]["train"]["labels"], saved[0]["test"]["labels"]
+    multilabel = train_labels.dim() > 1
+    per_class = args.fusion_weights == "class" or (args.fusion_weights == "auto" and multilabel)
+    fusion = fit_late_fusion(train, train_labels, multilabel, per_class, epochs=args.epochs, lr=args.lr,
+                             batch_size=args.batch_size, seed=args.seed)
+
+    def score(logits):
+        if multilabel:
+            return 100 * mean_average_precision(torch.sigmoid(logits).numpy(), test_labels.numpy())[0]
+        return 100 * topk_accuracy(logits, test_labels, ks=(1,))[1]
+
+    name = "mAP" if multilabel else "top1"
+    metrics = {f"{name}_{os.path.basename(os.path.dirname(os.path.abspath(p)))}": score(t)
+               for p, t in zip(args.logits, test)}
+    metrics[f"{name}_sum"] = score(test.sum(dim=0))
+    with torch.no_grad():
+        metrics[f"{name}_learned"] = score(fusion(test))
+    run.print(f"fusion: {len(saved)} modalities, {'M x C' if per_class else 'M'} weights, Adam lr {args.lr}, "
+              f"{args.epochs} epochs on {train.shape[1]} train logits; test {test.shape[1]} samples")
+    return {"metrics": metrics, "primary": f"{name}_learned", "alpha": fusion.alpha.detach().squeeze(-1).tolist(),
+            "sizes": {"train": train.shape[1], "val": 0, "test": test.shape[1]}, "inputs": args.logits}
+
+
+# ---------------------------------------------------------------------------------------------- SEVERE
+def severe_task(run, args):
+    """The SEVERE suite (thesis Table 4.4 / 5.8) for one checkpoint: every column in <out-dir>/<column>/ (a finished
+    column is read back, so rerunning resumes), then our row beside the reference rows with mean and rank over the
+    columns we have. --data-root DIR means DIR/<dataset> per column. With --data toy every recognition column runs
+    on toy-motion (a smoke test of the mechanics, not a benchmark)."""
+    toy = args.data == "toy-motion"
+    ours, notes = {}, {}
+    for name, data, task, examples in SEVERE_COLUMNS:
+        if args.severe_columns and name not in args.severe_columns:
+            continue
+        if task == "repcount":
+            notes[name] = "not run: repetition counting (UCFRep, Zhang et al. 2020) is not implemented (README)"
+            continue
+        if toy and task == "multilabel":
+            notes[name] = "not run: no toy multi-label set"
+            continue
+        column = copy.copy(args)
+        column.task, column.data = task, "toy-motion" if toy else data
+        column.data_root = os.path.join(args.data_root, data) if args.data_root and not toy else args.data_root
+        column.num_examples, column.per_class, column.label_fraction = examples, None, None
+        column.subset_seed = 99999 if args.subset_seed is None else args.subset_seed  # one subset for every model
+        column.seeds = [args.seed]
+        column.out_dir = os.path.join(args.out_dir, name.replace(" ", "").replace("^", "").replace("(", "-")
+                                      .replace(")", ""))
+        apply_protocol(column)
+        result_path = os.path.join(column.out_dir, "result.json")
+        if os.path.exists(result_path):
+            with open(result_path) as f:
+                result = json.load(f)
+        else:
+            try:
+                common.build_dataset(column.data, column.data_root, "train")
+            except (OSError, common.VideoReadError) as e:
+                notes[name] = f"not run: data missing ({e}); needs {SEVERE_DATA[data]}"
+                run.print(f"SEVERE {name}: {notes[name]}")
+                continue
+            os.makedirs(column.out_dir, exist_ok=True)
+            column_run = common.Run(column, run.device, column.out_dir)
+            run.print(f"\n==== SEVERE column {name}: --task {task} --data {column.data}")
+            result = fewshot_task(column_run, column) if task == "fewshot" else classification_task(column_run, column)
+            if run.is_main:
+                write_result(column, result)
+        ours[name] = result["metrics"][result["primary"]]
+    names = [name for name, *_ in SEVERE_COLUMNS if name in ours]
+    columns = [i for i, (name, *_) in enumerate(SEVERE_COLUMNS) if name in ours]
+    rows = {ref: [values[i] for i in columns] for ref, values in SEVERE_REFERENCE.items()}
+    rows["this checkpoint"] = [ours[name] for name in names]
+    errors = [k for k, i in enumerate(columns) if SEVERE_COLUMNS[i][0] == "UCF-RC"]
+    summary = severe_mean_and_rank(rows, errors) if names else {}
+    table = ["pretraining".ljust(28) + "".join(n.rjust(12) for n in names) + "mean".rjust(8) + "rank".rjust(7)]
+    for row_name, values in rows.items():
+        mean, rank = summary.get(row_name, (float("nan"), float("nan")))
+        table.append(row_name.ljust(28) + "".join(f"{v:12.3f}" if n == "UCF-RC" else f"{v:12.1f}"
+                                                  for n, v in zip(names, values)) + f"{mean:8.1f}{rank:7.1f}")
+    metrics = dict(ours)
+    if names:
+        metrics["mean"], metrics["rank"] = summary["this checkpoint"]
+    return {"metrics": metrics, "primary": "mean" if names else None, "notes": notes, "table": "\n".join(table),
+            "columns": names}
+
+
+# ==================================================================================================== MAIN
+def protocol_for(data):
+    if data in PROTOCOLS:
+        return PROTOCOLS[data]
+    if data.startswith(("ntu", "pku", "kinetics-skeleton")):
+        return SKELETON
+    return PROTOCOLS["ucf101"]  # videofolder / videolist / other video sets: UCF101's settings
+
+
+def apply_protocol(args):
+    """Fill the per-task optimisation and input settings from PROTOCOLS, keeping values given on the command line
+    (args.overrides)."""
+    args.protocol = protocol_for(args.data)
+    task_key = PROTOCOL_TASK.get(args.task, "finetune")
+    p = args.protocol
+    spec = p.get(task_key) or p.get("finetune") or PROTOCOLS["ucf101"][task_key if task_key == "arrow" else
+                                                                       "finetune"]
+    values = dict(lr=spec["lr"], epochs=spec["epochs"], batch_size=spec["batch"], wd=spec["wd"],
+                  milestones=spec["milestones"], frames=p["frames"], test_clips=p["test_clips"])
+    if args.task == "arrow-of-time":
+        values.update(frames=8, test_clips=1)  # App. B.2.4: 8 frames, one clip at test
+    for name, value in values.items():
+        setattr(args, name, args.overrides.get(name, value))
+    args.optimizer, args.momentum = spec["optimizer"], spec["momentum"]
+    args.eval_every = args.overrides.get("eval_every") or max(1, args.epochs // 10)
+    args.eval_batch_size = max(1, 2 * args.batch_size // args.test_clips)
+    if args.val_fraction is None:  # few-shot: extra labelled data for selection would break the label budget
+        args.val_fraction = 0.0 if args.task == "fewshot" else 0.1
+    args.bad_files = os.path.join(args.out_dir, "bad_files.txt")
+
+
+def resolve_args(args):
+    """Arch from the checkpoint's meta, toy data by modality, the run folder, then the protocol."""
+    args.overrides = {name: getattr(args, name) for name in ("lr", "epochs", "batch_size", "wd", "milestones",
+                                                             "frames", "test_clips", "eval_every")
+                      if getattr(args, name) is not None}
+    if args.task == "fusion":
+        args.lr, args.epochs = args.lr or 1e-3, args.epochs or 100
+        args.batch_size, args.wd, args.milestones = args.batch_size or 256, 0.0, []
+        args.out_dir = args.out_dir or os.path.join("runs", "evaluate-fusion")
+        return args
+    meta = checkpoint_meta(args.weights)
+    args.arch = args.arch or meta.get("arch")
+    if args.data == "toy":
+        args.data = "toy-skeleton" if args.arch in SKELETON_ARCHS else "toy-motion"
+    if args.arch is None:
+        skeleton = protocol_for(args.data)["modality"] == "skeleton"
+        args.arch = "tiny3d" if args.data == "toy-motion" else "bigru" if skeleton else "r2plus1d_18"
+    args.options = json.loads(args.arch_options) if args.arch_options else meta.get("options", {})
+    if args.arch in SKELETON_ARCHS and protocol_for(args.data)["modality"] != "skeleton":
+        raise ValueError(f"evaluate.py: --arch {args.arch} is a skeleton encoder but --data {args.data} is video")
+    if args.concat and args.arch not in SKELETON_ARCHS:
+        raise ValueError("evaluate.py: --concat combines two skeleton encoders (App. A.4); --arch is "
+                         f"{args.arch}")
+    args.seeds = args.seeds or [args.seed]
+    if args.out_dir is None:
+        tag = ("random" if args.weights == "none" else args.weights if args.weights == "kinetics400" else
+               os.path.basename(os.path.dirname(os.path.abspath(args.weights))) or "weights")
+        args.out_dir = os.path.join("runs", f"evaluate-{args.task}-{args.data}-{tag}")
+    if args.task != "severe":
+        apply_protocol(args)
+    else:
+        args.protocol, args.bad_files = protocol_for(args.data), os.path.join(args.out_dir, "bad_files.txt")
+    return args
+
+
+def describe_protocol(args, source, sizes, num_classes):
+    """The exact protocol of a run, printed at start and stored in result.json."""
+    p = args.protocol
+    if p["modality"] == "skeleton":
+        inputs = (f"skeleton crops resampled to {args.frames} frames: random, ratio U(0.5, 1) (train); centred, "
+                  f"ratio 0.95 (test)")
+    else:
+        train_aug = ("no augmentation, short side + centre crop" if args.task == "arrow-of-time" else
+                     "RandomResizedCrop + flip + colour jitter")
+        inputs = (f"video clips of {args.frames} frames at stride {p['stride']}, {p['crop']}x{p['crop']} crops; "
+                  f"train: 1 random clip, {train_aug}; test: {args.test_clips} uniformly spaced clips, short side "
+                  f"{p['short_side']} + centre crop, "
+                  + ("sigmoid max-pooled" if args.task == "multilabel" else "softmax averaged"))
+    if args.select_on_test:
+        selection = "checkpoint selected on the TEST split (--select-on-test, as the authors' code; optimistic)"
+    elif args.val_fraction > 0 and args.task not in ("knn", "clusters"):
+        selection = (f"checkpoint selected on a {args.val_fraction:.0%} stratified validation split of the training "
+                     f"set (seed {args.seed}), every {args.eval_every} epochs")
+    else:
+        selection = "no checkpoint selection: the last epoch is tested"
+    lines = [f"protocol: --task {args.task} on {args.data} ({num_classes} classes), backbone {args.arch} "
+             f"{args.options or ''}" + (f" + {args.concat}" if args.concat else ""),
+             f"  weights: {source}",
+             f"  input: {inputs}",
+             f"  samples: train {sizes['train']} / validation {sizes['val']} / test {sizes['test']} (test = the "
+             f"dataset's official evaluation split)"]
+    if args.task in ("knn", "clusters"):
+        lines.append("  features: backbone output averaged over the test clips, eval mode, no augmentation"
+                     + (", each set mean-centred" if args.center_features else "") + ", L2-normalised")
+        return "\n".join(lines)
+    if args.per_class or args.label_fraction or args.num_examples:
+        budget = (f"{args.per_class} per class" if args.per_class else f"{args.label_fraction:.0%} of each class"
+                  if args.label_fraction else f"ceil({args.num_examples} / {num_classes}) per class")
+        lines.append(f"  labels: {budget}, subset seed {args.subset_seed}")
+    head = ("frozen backbone in eval mode + new linear classifier" if args.task == "linear" else
+            f"whole network trained, new linear head (dropout {args.protocol['dropout']})")
+    lines += [f"  model: {head}",
+              f"  optimisation: {args.optimizer} lr {args.lr} (momentum {args.momentum} for sgd) wd {args.wd}, "
+              f"global batch {args.batch_size}, {args.epochs} epochs, lr x{args.lr_gamma} at epochs "
+              f"{args.milestones}" + (f", --max-steps {args.max_steps}" if args.max_steps else ""),
+              f"  selection: {selection}"]
+    return "\n".join(lines)
+
+
+def write_result(args, result):
+    """result.json (everything) and result.txt (a readable table) in the run folder."""
+    summary = {"task": args.task, "data": args.data, "arch": getattr(args, "arch", None),
+               "weights": getattr(args, "weights", None), "command": " ".join(sys.argv),
+               "git_commit": common.git_commit(), **result}
+    common.write_json_atomic(os.path.join(args.out_dir, "result.json"), summary)
+    lines = [f"evaluate.py --task {args.task} --data {args.data}" + (f" --arch {args.arch}" if args.task != "fusion"
+                                                                      else ""),
+             f"weights: {result.get('weights_source', getattr(args, 'weights', ''))}"]
+    if "sizes" in result:
+        lines.append("samples: " + ", ".join(f"{k} {v}" for k, v in result["sizes"].items()))
+    if "table" in result:
+        lines.append(result["table"])
+    lines += [f"{name:<24}{value:10.3f}" for name, value in result["metrics"].items()]
+    lines += [f"note: {name}: {note}" for name, note in result.get("notes", {}).items()]
+    text = "\n".join(lines)
+    with open(os.path.join(args.out_dir, "result.txt"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def main_worker(args):
+    run = common.setup(args, "evaluate")
+    if args.task == "fusion":
+        result = fusion_task(run, args)
+    elif args.task == "knn":
+        result = knn_task(run, args)
+    elif args.task == "clusters":
+        result = clusters_task(run, args)
+    elif args.task == "fewshot":
+        result = fewshot_task(run, args)
+    elif args.task == "severe":
+        result = severe_task(run, args)
+    else:
+        result = classification_task(run, args, arrow=args.task == "arrow-of-time")
+    if run.is_main:
+        print(write_result(args, result), flush=True)
+    return result
+
+
+def main(argv=None):
+    args = resolve_args(get_parser().parse_args(argv))
+    return common.launch(main_worker, args)
+
+
+if __name__ == "__main__":
+    main()
