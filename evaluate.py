@@ -666,9 +666,9 @@ def classification_metrics(prediction, num_classes, multilabel):
     scores, labels = prediction["scores"], prediction["labels"]
     if multilabel:
         return {"mAP": 100 * mean_average_precision(scores.numpy(), labels.numpy())[0]}
-    topk = topk_accuracy(scores, labels, ks=(1, 5))
-    return {"top1": 100 * topk[1], "top5": 100 * topk[5],
-            "mean_class_acc": 100 * mean_class_accuracy(scores.argmax(dim=1), labels, num_classes)}
+    metrics = {f"top{k}": 100 * v for k, v in topk_accuracy(scores, labels, (1, 5) if num_classes > 5 else (1,)).items()}
+    metrics["mean_class_acc"] = 100 * mean_class_accuracy(scores.argmax(dim=1), labels, num_classes)
+    return metrics
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -904,8 +904,7 @@ def fusion_task(run, args):
         return 100 * topk_accuracy(logits, test_labels, ks=(1,))[1]
 
     name = "mAP" if multilabel else "top1"
-    metrics = {f"{name}_{os.path.basename(os.path.dirname(os.path.abspath(p)))}": score(t)
-               for p, t in zip(args.logits, test)}
+    metrics = {f"{name}_input{m}": score(t) for m, t in enumerate(test)}  # input m = the m-th --logits file
     metrics[f"{name}_sum"] = score(test.sum(dim=0))
     with torch.no_grad():
         metrics[f"{name}_learned"] = score(fusion(test))
@@ -1017,6 +1016,7 @@ def resolve_args(args):
         args.lr, args.epochs = args.lr or 1e-3, args.epochs or 100
         args.batch_size, args.wd, args.milestones = args.batch_size or 256, 0.0, []
         args.out_dir = args.out_dir or os.path.join("runs", "evaluate-fusion")
+        args.data = "saved logits"
         return args
     meta = checkpoint_meta(args.weights)
     args.arch = args.arch or meta.get("arch")
@@ -1046,9 +1046,13 @@ def resolve_args(args):
 def describe_protocol(args, source, sizes, num_classes):
     """The exact protocol of a run, printed at start and stored in result.json."""
     p = args.protocol
+    features_only = args.task in ("knn", "clusters")
     if p["modality"] == "skeleton":
-        inputs = (f"skeleton crops resampled to {args.frames} frames: random, ratio U(0.5, 1) (train); centred, "
-                  f"ratio 0.95 (test)")
+        inputs = (f"skeleton crops resampled to {args.frames} frames: " + ("" if features_only else
+                  "random, ratio U(0.5, 1) (train); ") + "centred, ratio 0.95 (test)")
+    elif features_only:
+        inputs = (f"video clips of {args.frames} frames at stride {p['stride']}: {args.test_clips} uniformly spaced "
+                  f"clips per video, short side {p['short_side']} + centre crop {p['crop']}")
     else:
         train_aug = ("no augmentation, short side + centre crop" if args.task == "arrow-of-time" else
                      "RandomResizedCrop + flip + colour jitter")
@@ -1056,9 +1060,17 @@ def describe_protocol(args, source, sizes, num_classes):
                   f"train: 1 random clip, {train_aug}; test: {args.test_clips} uniformly spaced clips, short side "
                   f"{p['short_side']} + centre crop, "
                   + ("sigmoid max-pooled" if args.task == "multilabel" else "softmax averaged"))
+    if features_only:
+        lines = [f"protocol: --task {args.task} on {args.data} ({num_classes} classes), backbone {args.arch} "
+                 f"{args.options or ''}" + (f" + {args.concat}" if args.concat else ""), f"  weights: {source}",
+                 f"  input: {inputs}", f"  samples: gallery (train) {sizes['train']} / queries (test) {sizes['test']}"
+                 if args.task == "knn" else f"  samples: test {sizes['test']}",
+                 "  features: backbone output averaged over the clips, eval mode, no augmentation"
+                 + (", each set mean-centred" if args.center_features else "") + ", L2-normalised"]
+        return "\n".join(lines)
     if args.select_on_test:
         selection = "checkpoint selected on the TEST split (--select-on-test, as the authors' code; optimistic)"
-    elif args.val_fraction > 0 and args.task not in ("knn", "clusters"):
+    elif args.val_fraction > 0:
         selection = (f"checkpoint selected on a {args.val_fraction:.0%} stratified validation split of the training "
                      f"set (seed {args.seed}), every {args.eval_every} epochs")
     else:
@@ -1069,10 +1081,6 @@ def describe_protocol(args, source, sizes, num_classes):
              f"  input: {inputs}",
              f"  samples: train {sizes['train']} / validation {sizes['val']} / test {sizes['test']} (test = the "
              f"dataset's official evaluation split)"]
-    if args.task in ("knn", "clusters"):
-        lines.append("  features: backbone output averaged over the test clips, eval mode, no augmentation"
-                     + (", each set mean-centred" if args.center_features else "") + ", L2-normalised")
-        return "\n".join(lines)
     if args.per_class or args.label_fraction or args.num_examples:
         budget = (f"{args.per_class} per class" if args.per_class else f"{args.label_fraction:.0%} of each class"
                   if args.label_fraction else f"ceil({args.num_examples} / {num_classes}) per class")
