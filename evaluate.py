@@ -39,6 +39,7 @@ import functools
 import json
 import math
 import os
+import re
 import sys
 
 import numpy as np
@@ -157,6 +158,8 @@ def get_parser():
     g.add_argument("--concat", default=None, metavar="ARCH", help="a second skeleton encoder whose features are "
                    "concatenated with the first (App. A.4: X^SEQ + X^STG), e.g. agcn")
     g.add_argument("--concat-weights", default="none", help="weights of the --concat encoder (as --weights)")
+    g.add_argument("--concat-options", default=None, help="JSON kwargs of the --concat encoder (default: its "
+                   "checkpoint's meta['options'])")
     g.add_argument("--concat-prefix", default=None, help="key prefix of the --concat encoder in its file, e.g. "
                    "encoder_r. for the graph encoder of a skeleton-contrast checkpoint")
     g.add_argument("--select-on-test", action="store_true", help="select the checkpoint on the TEST split, as the "
@@ -546,7 +549,9 @@ def build_encoder(args):
     backbone, source = load_encoder(args.arch, args.options, args.weights, args.weights_prefix)
     if args.concat:
         meta = checkpoint_meta(args.concat_weights)
-        second, source2 = load_encoder(args.concat, meta.get("options", {}), args.concat_weights, args.concat_prefix)
+        options = (json.loads(args.concat_options) if args.concat_options else
+                   meta.get("options", {}) if meta.get("arch") == args.concat else {})
+        second, source2 = load_encoder(args.concat, options, args.concat_weights, args.concat_prefix)
         return ConcatEncoder(backbone, second), f"{source} + {args.concat}: {source2}"
     return backbone, source
 
@@ -937,8 +942,7 @@ def severe_task(run, args):
         column.num_examples, column.per_class, column.label_fraction = examples, None, None
         column.subset_seed = 99999 if args.subset_seed is None else args.subset_seed  # one subset for every model
         column.seeds = [args.seed]
-        column.out_dir = os.path.join(args.out_dir, name.replace(" ", "").replace("^", "").replace("(", "-")
-                                      .replace(")", ""))
+        column.out_dir = os.path.join(args.out_dir, re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-"))  # UCF-10-3
         apply_protocol(column)
         result_path = os.path.join(column.out_dir, "result.json")
         if os.path.exists(result_path):
@@ -1025,7 +1029,8 @@ def resolve_args(args):
     if args.arch is None:
         skeleton = protocol_for(args.data)["modality"] == "skeleton"
         args.arch = "tiny3d" if args.data == "toy-motion" else "bigru" if skeleton else "r2plus1d_18"
-    args.options = json.loads(args.arch_options) if args.arch_options else meta.get("options", {})
+    args.options = (json.loads(args.arch_options) if args.arch_options else  # the meta's options fit its own arch
+                    meta.get("options", {}) if meta.get("arch") == args.arch else {})
     if args.arch in SKELETON_ARCHS and protocol_for(args.data)["modality"] != "skeleton":
         raise ValueError(f"evaluate.py: --arch {args.arch} is a skeleton encoder but --data {args.data} is video")
     if args.concat and args.arch not in SKELETON_ARCHS:
@@ -1038,8 +1043,9 @@ def resolve_args(args):
         args.out_dir = os.path.join("runs", f"evaluate-{args.task}-{args.data}-{tag}")
     if args.task != "severe":
         apply_protocol(args)
-    else:
+    else:  # each column applies its own protocol; the batch size here only satisfies common.setup's check
         args.protocol, args.bad_files = protocol_for(args.data), os.path.join(args.out_dir, "bad_files.txt")
+        args.batch_size = args.batch_size or 32
     return args
 
 

@@ -1,6 +1,8 @@
 """evaluate.py: metrics against hand-computed values, subsets, fusion, k-means; end-to-end tasks on toy data."""
 import itertools
+import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -202,3 +204,187 @@ def test_late_fusion_per_class_weights_for_multilabel():
     alpha = fusion.alpha.detach()
     assert alpha.shape == (2, 3)
     assert alpha[0, 0] > 3 and abs(alpha[1, 0]) < 0.7 and alpha[1, 2] > 3 and abs(alpha[0, 2]) < 0.7
+
+
+# ---------------------------------------------------------------------------------------------- the linear probe
+def test_linear_probe_keeps_backbone_weights_and_bn_statistics_fixed():
+    backbone = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    backbone.feature_dim = 8
+    model = ev.Classifier(backbone, 3, frozen=True)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    assert not backbone.training and model.fc.training
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(16, 4) * 3 + 1), torch.randint(0, 3, (16,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k  # weights and BN running statistics untouched
+    finetuned = ev.Classifier(backbone, 3, frozen=False)
+    finetuned.train()
+    assert backbone.training and all(p.requires_grad for p in backbone.parameters())
+
+
+def test_temporal_crop_resize_centre_and_random():
+    x = torch.zeros(3, 100, 25, 2)
+    x[:, :80] = torch.arange(80, dtype=torch.float32).view(1, 80, 1, 1) + 1  # 80 valid frames, then zero padding
+    centre = ev.temporal_crop_resize(x, 64, 0.95, random_start=False)
+    assert centre.shape == (3, 64, 25, 2)
+    # 0.95 * 80 = 76 frames starting at (80 - 76) // 2 = 2: values 3 .. 78 resampled to 64 steps
+    assert centre[0, 0, 0, 0] == pytest.approx(3, abs=0.7) and centre[0, -1, 0, 0] == pytest.approx(78, abs=0.7)
+    torch.manual_seed(0)
+    crop = ev.temporal_crop_resize(x, 64, (0.5, 1.0), random_start=True)
+    assert crop.shape == (3, 64, 25, 2) and crop.min() >= 1  # never reaches into the zero padding
+    assert torch.all(crop[0, 1:, 0, 0] >= crop[0, :-1, 0, 0])  # time order kept
+
+
+# ---------------------------------------------------------------------------------------------- end to end (toy)
+SMALL_BIGRU = '{"hidden": 32, "layers": 1}'
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: intra-op threads only add contention here
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_evaluate(tmp_path, *argv):
+    result = ev.main(["--workers", "0", "--out-dir", str(tmp_path), *argv])
+    with open(tmp_path / "result.json") as f:
+        saved = json.load(f)
+    assert saved["metrics"] == pytest.approx(result["metrics"])
+    assert (tmp_path / "result.txt").read_text().startswith("evaluate.py --task")
+    return result
+
+
+def test_finetune_toy_motion_selects_on_validation_and_saves_logits(tmp_path, one_thread, capsys):
+    result = run_evaluate(tmp_path, "--task", "finetune", "--max-steps", "3", "--save-logits")
+    out = capsys.readouterr().out
+    assert "10% stratified validation split" in out and "2 uniformly spaced clips" in out
+    assert result["sizes"] == {"train": 176, "val": 16, "test": 64}  # toy-motion: 8 classes x (24 train, 8 test)
+    assert set(result["metrics"]) == {"top1", "top5", "mean_class_acc"}
+    assert 0 <= result["metrics"]["top1"] <= 100
+    assert result["selection"]["best_step"] == 3 and (tmp_path / "best.pth").exists()
+    logits = torch.load(tmp_path / "logits.pth", weights_only=False)
+    assert logits["train"]["logits"].shape == (176, 8) and logits["test"]["logits"].shape == (64, 8)
+
+
+def test_select_on_test_uses_the_test_split(tmp_path, one_thread, capsys):
+    result = run_evaluate(tmp_path, "--task", "linear", "--data", "toy-skeleton", "--arch", "bigru",
+                          "--arch-options", SMALL_BIGRU, "--max-steps", "2", "--select-on-test")
+    assert "selected on the TEST split" in capsys.readouterr().out
+    assert result["sizes"]["val"] == 0 and result["sizes"]["train"] == 252  # toy-skeleton: 7 subjects x 12 x 3
+
+
+def test_linear_skeleton_resumes_from_its_run_folder(tmp_path, one_thread):
+    argv = ["--task", "linear", "--data", "toy-skeleton", "--arch", "bigru", "--arch-options", SMALL_BIGRU,
+            "--epochs", "2"]
+    first = run_evaluate(tmp_path, *argv)
+    second = run_evaluate(tmp_path, *argv)
+    assert second["metrics"] == pytest.approx(first["metrics"])
+    assert second["selection"] == first["selection"]
+
+
+def test_knn_and_clusters_toy_skeleton_with_concatenated_encoders(tmp_path, one_thread):
+    knn = run_evaluate(tmp_path / "knn", "--task", "knn", "--data", "toy-skeleton", "--arch", "bigru",
+                       "--arch-options", SMALL_BIGRU, "--concat", "agcn", "--concat-options", '{"hidden": 8}')
+    assert set(knn["metrics"]) == {"nn1_acc", "R@1", "R@5", "R@10", "R@20", "R@50"}
+    assert knn["metrics"]["nn1_acc"] == knn["metrics"]["R@1"]
+    values = [knn["metrics"][f"R@{k}"] for k in (1, 5, 10, 20, 50)]
+    assert values == sorted(values)
+    clusters = run_evaluate(tmp_path / "clusters", "--task", "clusters", "--data", "toy-skeleton", "--arch", "bigru",
+                            "--arch-options", SMALL_BIGRU)
+    assert clusters["assignments"] == "k-means (K=12)"
+    assert 0 <= clusters["metrics"]["nmi"] <= 100 and clusters["metrics"]["entropy"] >= 0
+
+
+def test_fewshot_repeats_over_seeds_with_stratified_budget(tmp_path, one_thread):
+    result = run_evaluate(tmp_path, "--task", "fewshot", "--data", "toy-skeleton", "--arch", "bigru",
+                          "--arch-options", SMALL_BIGRU, "--per-class", "3", "--seeds", "0", "1", "--max-steps", "1")
+    assert result["sizes"] == {"train": 36, "val": 0, "test": 108}  # 3 x 12 classes, no selection split
+    assert len(result["per_seed"]) == 2 and "top1_std" in result["metrics"]
+    assert (tmp_path / "seed_1" / "checkpoint.pth").exists()
+    assert not (tmp_path / "seed_1" / "best.pth").exists()  # no selection: the last state is tested
+
+
+def test_transfer_loads_our_backbone_file_and_rejects_a_wrong_arch(tmp_path, one_thread):
+    import common
+    backbone = common.build_backbone("bigru", hidden=32, layers=1)
+    common.save_backbone(backbone, str(tmp_path / "backbone.pth"), {"arch": "bigru", "options": {"hidden": 32,
+                                                                                                 "layers": 1}})
+    result = run_evaluate(tmp_path / "run", "--task", "transfer", "--data", "toy-skeleton", "--weights",
+                          str(tmp_path / "backbone.pth"), "--max-steps", "1")
+    assert result["weights_source"].startswith(str(tmp_path / "backbone.pth"))
+    with pytest.raises(ValueError, match="does not fit --arch agcn"):
+        ev.main(["--task", "linear", "--data", "toy-skeleton", "--arch", "agcn", "--weights",
+                 str(tmp_path / "backbone.pth"), "--out-dir", str(tmp_path / "bad"), "--workers", "0"])
+
+
+def test_arrow_of_time_scores_both_directions(tmp_path, one_thread):
+    result = run_evaluate(tmp_path, "--task", "arrow-of-time", "--max-steps", "1", "--val-fraction", "0")
+    assert result["num_classes"] == 2 and set(result["metrics"]) == {"top1", "mean_class_acc"}
+    # every test video is scored forward and backward: balanced classes, so a constant guess scores 50 %
+    assert 0 <= result["metrics"]["top1"] <= 100
+
+
+def write_toy_charades(root):
+    """A Charades-layout copy of toy-motion: 8 motion classes plus 'straight' and 'periodic' group labels."""
+    import common
+    import shutil
+    common.build_dataset("toy-motion", None, "train")
+    names = common.TOY_MOTION_CLASSES
+    groups = {"right": 8, "left": 8, "down": 8, "up": 8, "zigzag": 8, "circle_cw": 9, "circle_ccw": 9,
+              "shake_vertical": 9}
+    os.makedirs(root / "Charades_v1_480")
+    (root / "Charades_v1_classes.txt").write_text("".join(f"c{i:03d} {n}\n" for i, n in
+                                                          enumerate(names + ["straight", "periodic"])))
+    for split, csv in (("train", "train"), ("val", "test")):
+        lines = ["id,actions"]
+        for label, name in enumerate(names):
+            for k in range(6 if split == "train" else 3):
+                vid = f"{split}{label}{k}"
+                shutil.copy(os.path.join("data", "toy-motion", split, name, f"{name}_{k:04d}.mp4"),
+                            root / "Charades_v1_480" / f"{vid}.mp4")
+                lines.append(f"{vid},c{label:03d} 0.0 1.0;c{groups[name]:03d} 0.0 1.0")
+        (root / f"Charades_v1_{csv}.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_multilabel_on_a_charades_layout(tmp_path, one_thread):
+    write_toy_charades(tmp_path / "charades")
+    result = run_evaluate(tmp_path / "run", "--task", "multilabel", "--data", "charades", "--data-root",
+                          str(tmp_path / "charades"), "--arch", "tiny3d", "--frames", "8", "--test-clips", "2",
+                          "--batch-size", "8", "--epochs", "1", "--max-steps", "2")
+    assert set(result["metrics"]) == {"mAP"} and 0 < result["metrics"]["mAP"] <= 100
+    assert result["sizes"]["test"] == 24
+
+
+def test_fusion_task_learns_to_trust_the_informative_modality(tmp_path, one_thread):
+    generator = torch.Generator().manual_seed(0)
+    labels = {"train": torch.randint(0, 4, (400,), generator=generator),
+              "test": torch.randint(0, 4, (200,), generator=generator)}
+    for name, signal in (("good", 3.0), ("noise", 0.0)):
+        os.makedirs(tmp_path / name)
+        saved = {}
+        for split, y in labels.items():
+            logits = torch.randn(len(y), 4, generator=generator) + signal * torch.nn.functional.one_hot(y, 4)
+            saved[split] = {"logits": logits, "labels": y}
+        torch.save(saved, tmp_path / name / "logits.pth")
+    result = run_evaluate(tmp_path / "fusion", "--task", "fusion", "--logits", str(tmp_path / "good" / "logits.pth"),
+                          str(tmp_path / "noise" / "logits.pth"), "--lr", "0.05", "--epochs", "50")
+    alpha = result["alpha"]
+    assert alpha[0] > 2 * abs(alpha[1])
+    assert result["metrics"]["top1_learned"] >= result["metrics"]["top1_sum"]
+
+
+def test_severe_suite_on_toy_data_prints_our_row_beside_the_references(tmp_path, one_thread):
+    result = run_evaluate(tmp_path, "--task", "severe", "--severe-columns", "UCF (10^3)", "FX-S1", "UCF-RC",
+                          "Charades", "--max-steps", "1")
+    assert result["columns"] == ["UCF (10^3)", "FX-S1"]
+    assert "UCF-RC" in result["notes"] and "Charades" in result["notes"]
+    table = result["table"]
+    assert "this checkpoint" in table and "Tubelet-Contrast (K400)" in table
+    assert (tmp_path / "FX-S1" / "result.json").exists() and (tmp_path / "UCF-10-3" / "seed_0").is_dir()
