@@ -671,7 +671,8 @@ def classification_metrics(prediction, num_classes, multilabel):
     scores, labels = prediction["scores"], prediction["labels"]
     if multilabel:
         return {"mAP": 100 * mean_average_precision(scores.numpy(), labels.numpy())[0]}
-    metrics = {f"top{k}": 100 * v for k, v in topk_accuracy(scores, labels, (1, 5) if num_classes > 5 else (1,)).items()}
+    ks = (1, 5) if num_classes > 5 else (1,)
+    metrics = {f"top{k}": 100 * v for k, v in topk_accuracy(scores, labels, ks).items()}
     metrics["mean_class_acc"] = 100 * mean_class_accuracy(scores.argmax(dim=1), labels, num_classes)
     return metrics
 
@@ -768,7 +769,12 @@ def classification_task(run, args, arrow=False):
     select_set = (test_set if args.select_on_test else
                   torch.utils.data.Subset(train_eval, val_idx) if val_idx is not None else None)
     sizes = {"train": len(train_set), "val": 0 if val_idx is None else len(val_idx), "test": len(test_set)}
-    run.print(describe_protocol(args, source, sizes, num_classes))
+    protocol = describe_protocol(args, source, sizes, num_classes)
+    run.print(protocol)
+    pretrained_on = checkpoint_meta(args.weights).get("args", {}).get("data")
+    if args.task == "transfer":  # Sec. 3.4.3.4: pretrain on a source set, finetune on a different target set
+        run.print(f"  transfer: pretrained on {pretrained_on or 'unknown (no meta in --weights)'} -> {args.data}"
+                  + (" (WARNING: source and target are the same dataset)" if pretrained_on == args.data else ""))
     model = Classifier(backbone, num_classes, frozen=args.task == "linear", dropout=args.protocol["dropout"])
     selection = train_and_select(run, args, model, train_set, select_set, num_classes, multilabel, arrow)
     test = predict(model, test_set, args, run, multilabel, arrow)
@@ -781,7 +787,8 @@ def classification_task(run, args, arrow=False):
                         "class_names": getattr(train_full, "class_names", None), "arch": args.arch,
                         "weights": args.weights, "data": args.data}, os.path.join(run.out_dir, "logits.pth"))
     return {"metrics": metrics, "primary": args.protocol["metric"], "selection": selection, "sizes": sizes,
-            "weights_source": source, "num_classes": num_classes}
+            "weights_source": source, "pretrained_on": pretrained_on, "num_classes": num_classes,
+            "protocol": protocol}
 
 
 def fewshot_task(run, args):
@@ -803,7 +810,7 @@ def fewshot_task(run, args):
         metrics[name] = float(values.mean())
         metrics[f"{name}_std"] = float(values.std())
     return {"metrics": metrics, "primary": args.protocol["metric"], "seeds": args.seeds,
-            "per_seed": [r["metrics"] for r in runs], "sizes": runs[0]["sizes"],
+            "per_seed": [r["metrics"] for r in runs], "sizes": runs[0]["sizes"], "protocol": runs[0]["protocol"],
             "weights_source": runs[0]["weights_source"], "num_classes": runs[0]["num_classes"]}
 
 
@@ -820,7 +827,8 @@ def knn_task(run, args):
     encoder, source = build_encoder(args)
     gallery_set, query_set = build_split(args, "train", train=False), build_split(args, "test", train=False)
     sizes = {"train": len(gallery_set), "val": 0, "test": len(query_set)}
-    run.print(describe_protocol(args, source, sizes, gallery_set.num_classes))
+    protocol = describe_protocol(args, source, sizes, gallery_set.num_classes)
+    run.print(protocol)
     encoder = encoder.to(run.device)
     gallery, gallery_labels = encoder_features(encoder, gallery_set, args, run)
     queries, query_labels = encoder_features(encoder, query_set, args, run)
@@ -830,7 +838,7 @@ def knn_task(run, args):
                               gallery_labels, RETRIEVAL_KS)
     metrics = {"nn1_acc": 100 * recall[1], **{f"R@{k}": 100 * v for k, v in recall.items()}}
     return {"metrics": metrics, "primary": "nn1_acc", "sizes": sizes, "weights_source": source,
-            "num_classes": gallery_set.num_classes}
+            "num_classes": gallery_set.num_classes, "protocol": protocol}
 
 
 def checkpoint_prototypes(path):
@@ -855,7 +863,8 @@ def clusters_task(run, args):
     encoder, source = build_encoder(args)
     test_set = build_split(args, "test", train=False)
     sizes = {"train": 0, "val": 0, "test": len(test_set)}
-    run.print(describe_protocol(args, source, sizes, test_set.num_classes))
+    protocol = describe_protocol(args, source, sizes, test_set.num_classes)
+    run.print(protocol)
     features, labels = encoder_features(encoder.to(run.device), test_set, args, run)
     features = F.normalize(features, dim=1)
     prototypes = checkpoint_prototypes(args.weights) if args.cluster_source != "kmeans" else None
@@ -878,7 +887,7 @@ def clusters_task(run, args):
     metrics = {"acc": 100 * metrics["acc"], "nmi": 100 * metrics["nmi"], "ari": 100 * metrics["ari"],
                "entropy": metrics["entropy"], "max_purity": 100 * metrics["max_purity"]}
     return {"metrics": metrics, "primary": "nmi", "sizes": sizes, "weights_source": source,
-            "assignments": source_name, "num_classes": test_set.num_classes}
+            "assignments": source_name, "num_classes": test_set.num_classes, "protocol": protocol}
 
 
 # ---------------------------------------------------------------------------------------------- fusion
@@ -1013,6 +1022,9 @@ def apply_protocol(args):
 
 def resolve_args(args):
     """Arch from the checkpoint's meta, toy data by modality, the run folder, then the protocol."""
+    if args.data_fraction != 1.0:
+        raise ValueError("evaluate.py: --data-fraction is for pretraining scripts; use --label-fraction (stratified "
+                         "labelled subset, --task fewshot) or --per-class here")
     args.overrides = {name: getattr(args, name) for name in ("lr", "epochs", "batch_size", "wd", "milestones",
                                                              "frames", "test_clips", "eval_every")
                       if getattr(args, name) is not None}
@@ -1107,11 +1119,13 @@ def write_result(args, result):
                "weights": getattr(args, "weights", None), "command": " ".join(sys.argv),
                "git_commit": common.git_commit(), **result}
     common.write_json_atomic(os.path.join(args.out_dir, "result.json"), summary)
-    lines = [f"evaluate.py --task {args.task} --data {args.data}" + (f" --arch {args.arch}" if args.task != "fusion"
-                                                                      else ""),
-             f"weights: {result.get('weights_source', getattr(args, 'weights', ''))}"]
-    if "sizes" in result:
-        lines.append("samples: " + ", ".join(f"{k} {v}" for k, v in result["sizes"].items()))
+    lines = [f"evaluate.py --task {args.task} --data {args.data}"]
+    if "protocol" in result:
+        lines.append(result["protocol"])
+    elif args.task == "fusion":
+        lines.append(f"inputs: {' '.join(result['inputs'])}; alpha {result['alpha']}")
+    else:
+        lines.append(f"backbone {args.arch}, weights {args.weights}")
     if "table" in result:
         lines.append(result["table"])
     lines += [f"{name:<24}{value:10.3f}" for name, value in result["metrics"].items()]
