@@ -713,7 +713,7 @@ def train_and_select(run, args, model, train_set, select_set, num_classes, multi
                 os.remove(path)
     selection = {"scores": {}, "best_step": None, "best": None, "metric": metric}
     best_state = None
-    if os.path.exists(selection_path):
+    if args.resume != "none" and os.path.exists(selection_path):
         with open(selection_path) as f:
             selection = json.load(f)
         if selection["best"] is not None:

@@ -388,3 +388,20 @@ def test_severe_suite_on_toy_data_prints_our_row_beside_the_references(tmp_path,
     table = result["table"]
     assert "this checkpoint" in table and "Tubelet-Contrast (K400)" in table
     assert (tmp_path / "FX-S1" / "result.json").exists() and (tmp_path / "UCF-10-3" / "seed_0").is_dir()
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_gather_every_test_sample_once(tmp_path):
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, os.path.join(root, "evaluate.py"), "--task", "linear", "--data", "toy-skeleton",
+                    "--arch", "bigru", "--arch-options", SMALL_BIGRU, "--epochs", "1", "--device", "cpu", "--gpus",
+                    "2", "--workers", "0", "--out-dir", str(tmp_path)], check=True, env=env, capture_output=True,
+                   timeout=300)
+    with open(tmp_path / "result.json") as f:
+        result = json.load(f)
+    assert result["sizes"] == {"train": 228, "val": 24, "test": 108}
+    # 108 test skeletons over 2 processes: accuracy is a multiple of 1/108 (no padded duplicate counted)
+    assert round(result["metrics"]["top1"] * 108 / 100, 6) == int(round(result["metrics"]["top1"] * 108 / 100))
