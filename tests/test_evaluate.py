@@ -406,3 +406,19 @@ def test_two_cpu_processes_gather_every_test_sample_once(tmp_path):
     # 108 test skeletons over 2 processes: accuracy is a multiple of 1/108 (no padded duplicate counted)
     correct = result["metrics"]["top1"] * 108 / 100
     assert abs(correct - round(correct)) < 1e-4
+
+
+def test_clusters_use_checkpoint_prototypes_in_feature_space_else_kmeans(tmp_path, one_thread):
+    import common
+    backbone = common.build_backbone("bigru", hidden=32, layers=1)  # 64-d features
+    state = dict(backbone.state_dict())
+    torch.save({"state_dict": {**state, "prototypes.weight": torch.randn(5, 64)}}, tmp_path / "in_space.pth")
+    torch.save({"state_dict": {**state, "prototypes.weight": torch.randn(5, 128)}}, tmp_path / "projected.pth")
+    argv = ["--task", "clusters", "--data", "toy-skeleton", "--arch", "bigru", "--arch-options", SMALL_BIGRU]
+    result = run_evaluate(tmp_path / "a", *argv, "--weights", str(tmp_path / "in_space.pth"))
+    assert result["assignments"] == "prototypes"
+    result = run_evaluate(tmp_path / "b", *argv, "--weights", str(tmp_path / "projected.pth"))
+    assert result["assignments"] == "k-means (K=12)"
+    with pytest.raises(ValueError, match="projection head"):
+        ev.main(["--workers", "0", "--out-dir", str(tmp_path / "c"), *argv, "--weights",
+                 str(tmp_path / "projected.pth"), "--cluster-source", "prototypes"])
