@@ -5,28 +5,30 @@ Ch. 3 Sec. 3.4.3 + App. A.1 (skeleton linear / retrieval / semi-supervised / tra
 Ch. 5 Sec. 5.4 + App. C.4; ViCC supplement Sec. 3 (cluster metrics); JMRN supplement Sec. 3 Eq. (1) (fusion).
 README: "evaluate.py". Protocol facts from the authors' code, and their mistakes: reference notes Sec. 6.
 
-Every task, toy command first (CPU, seconds to a minute), then the real-data command:
+Every task, toy command first (CPU, seconds to a minute; without --weights: random initialisation, the baseline),
+then the real-data command (W = a backbone.pth, checkpoint.pth or an authors' checkpoint):
 
-    finetune       python evaluate.py --task finetune --weights runs/tubelet_contrast-toy/backbone.pth
-                   python evaluate.py --task finetune --data gym99 --arch r2plus1d_18 --weights backbone.pth --gpus 4
-    linear         python evaluate.py --task linear --weights runs/tubelet_contrast-toy/backbone.pth
-                   python evaluate.py --task linear --data ntu60-xview --arch bigru --weights backbone.pth
-    knn            python evaluate.py --task knn --weights runs/tubelet_contrast-toy/backbone.pth
-                   python evaluate.py --task knn --data ucf101 --arch s3d --weights vicc.pth --center-features
+    finetune       python evaluate.py --task finetune
+                   python evaluate.py --task finetune --data gym99 --arch r2plus1d_18 --weights W --gpus 4
+    linear         python evaluate.py --task linear --data toy-skeleton
+                   python evaluate.py --task linear --data ntu60-xview --arch bigru --weights W
+    knn            python evaluate.py --task knn --data toy-skeleton
+                   python evaluate.py --task knn --data ucf101 --arch s3d --weights W --center-features
     fewshot        python evaluate.py --task fewshot --per-class 4 --seeds 0 1
-                   python evaluate.py --task fewshot --data ucf101 --num-examples 1000 --weights backbone.pth
-    transfer       python evaluate.py --task transfer --data toy-skeleton --arch bigru --weights runs/x/backbone.pth
-                   python evaluate.py --task transfer --data pku2 --arch bigru --weights ntu60_backbone.pth
-    multilabel     python evaluate.py --task multilabel --data charades --data-root <toy charades layout>
-                   python evaluate.py --task multilabel --data charades --weights backbone.pth --gpus 4
+                   python evaluate.py --task fewshot --data ucf101 --num-examples 1000 --weights W
+    transfer       python evaluate.py --task transfer --data toy-skeleton --weights runs/<skeleton run>/backbone.pth
+                   python evaluate.py --task transfer --data pku2 --arch bigru --weights W_pretrained_on_ntu60
+    multilabel     (no toy multi-label set; tests/test_evaluate.py builds a Charades layout from toy-motion)
+                   python evaluate.py --task multilabel --data charades --weights W --gpus 4
     arrow-of-time  python evaluate.py --task arrow-of-time
-                   python evaluate.py --task arrow-of-time --data ucf101 --weights backbone.pth
-    clusters       python evaluate.py --task clusters --weights runs/tubelet_contrast-toy/backbone.pth
-                   python evaluate.py --task clusters --data ucf101 --arch s3d --weights vicc.pth
-    fusion         python evaluate.py --task fusion --logits runs/a/logits.pth runs/b/logits.pth
+                   python evaluate.py --task arrow-of-time --data ucf101 --weights W
+    clusters       python evaluate.py --task clusters
+                   python evaluate.py --task clusters --data ucf101 --arch s3d --weights W
+    fusion         python evaluate.py --task finetune --save-logits; python evaluate.py --task linear --save-logits;
+                   python evaluate.py --task fusion --logits runs/evaluate-{finetune,linear}-toy-motion-*/logits.pth
                    python evaluate.py --task fusion --logits rgb/logits.pth flow/logits.pth pose/logits.pth
     severe         python evaluate.py --task severe --max-steps 2
-                   python evaluate.py --task severe --arch r2plus1d_18 --weights backbone.pth --gpus 8
+                   python evaluate.py --task severe --arch r2plus1d_18 --weights W --data-root /datasets --gpus 8
 
 Honest by construction: checkpoints are selected on a validation split carved from the training set
 (--val-fraction); the authors' test-split selection is only available behind --select-on-test. Linear probes get a
