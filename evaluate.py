@@ -107,6 +107,10 @@ PROTOCOLS = {
     "toy-skeleton": dict(SKELETON, linear=_opt("sgd", 32, 0.1, 10, [6, 8]), fewshot=_opt("adam", 32, 1e-3, 6, [4]),
                          finetune=_opt("adam", 32, 1e-3, 6, [4]), transfer=_opt("adam", 32, 1e-3, 6, [4])),
 }
+# Encoder sizes for toy skeletons when neither --arch-options nor the checkpoint says (not in the paper; as
+# skeleton_contrast.py --encoder-size small): the paper's 3 x 1024 BiGRU takes minutes per toy epoch on a CPU.
+TOY_ENCODER_OPTIONS = {"bigru": {"hidden": 64, "layers": 2}, "hcn": {"hidden": 16}, "agcn": {"hidden": 16},
+                       "stgcn": {"hidden": 16}}
 PROTOCOL_TASK = {"finetune": "finetune", "linear": "linear", "fewshot": "fewshot", "transfer": "transfer",
                  "multilabel": "multilabel", "arrow-of-time": "arrow"}
 
@@ -542,7 +546,8 @@ def load_encoder(arch, options, weights, prefix=None):
     try:
         report = common.load_backbone_weights(backbone, weights, prefix=prefix)
     except ValueError as e:
-        raise ValueError(f"evaluate.py: --weights {weights} does not fit --arch {arch} {options or ''}: {e}") from None
+        raise ValueError(f"evaluate.py: --weights {weights} does not fit --arch {arch} {options or ''} (were other "
+                         f"--arch-options used in pretraining?): {e}") from None
     return backbone, (f"{weights} ({len(report['loaded'])} tensors loaded, prefix '{report.get('prefix', '')}', "
                       f"{len(report.get('skipped', []))} head/other tensors skipped)")
 
@@ -552,7 +557,8 @@ def build_encoder(args):
     if args.concat:
         meta = checkpoint_meta(args.concat_weights)
         options = (json.loads(args.concat_options) if args.concat_options else
-                   meta.get("options", {}) if meta.get("arch") == args.concat else {})
+                   meta.get("options", {}) if meta.get("arch") == args.concat else
+                   TOY_ENCODER_OPTIONS.get(args.concat, {}) if args.data == "toy-skeleton" and not meta else {})
         second, source2 = load_encoder(args.concat, options, args.concat_weights, args.concat_prefix)
         return ConcatEncoder(backbone, second), f"{source} + {args.concat}: {source2}"
     return backbone, source
@@ -1044,7 +1050,8 @@ def resolve_args(args):
         skeleton = protocol_for(args.data)["modality"] == "skeleton"
         args.arch = "tiny3d" if args.data == "toy-motion" else "bigru" if skeleton else "r2plus1d_18"
     args.options = (json.loads(args.arch_options) if args.arch_options else  # the meta's options fit its own arch
-                    meta.get("options", {}) if meta.get("arch") == args.arch else {})
+                    meta.get("options", {}) if meta.get("arch") == args.arch else
+                    TOY_ENCODER_OPTIONS.get(args.arch, {}) if args.data == "toy-skeleton" and not meta else {})
     if args.arch in SKELETON_ARCHS and protocol_for(args.data)["modality"] != "skeleton":
         raise ValueError(f"evaluate.py: --arch {args.arch} is a skeleton encoder but --data {args.data} is video")
     if args.concat and args.arch not in SKELETON_ARCHS:
