@@ -69,8 +69,8 @@ def _opt(optimizer, batch, lr, epochs, milestones, wd=0.0, momentum=0.9):
                 momentum=momentum)
 
 
-VIDEO = dict(modality="video", frames=32, stride=1, crop=112, short_side=128, test_clips=10, metric="top1",
-             dropout=0.0)
+VIDEO = dict(modality="video", frames=32, stride=1, crop=112, short_side=128, crop_scale=(0.08, 1.0), flip=True,
+             jitter=True, test_clips=10, metric="top1", dropout=0.0)
 SKELETON = dict(modality="skeleton", frames=64, stride=1, test_clips=1, metric="top1", dropout=0.0,
                 linear=_opt("sgd", 64, 0.1, 80, [50, 70]), fewshot=_opt("adam", 64, 1e-4, 50, [30, 40]),
                 finetune=_opt("adam", 64, 1e-4, 50, [30, 40]), transfer=_opt("adam", 64, 1e-4, 50, [30, 40]))
@@ -99,8 +99,11 @@ PROTOCOLS = {
                      multilabel=_opt("sgd", 16, 0.0375, 57, [41, 49], wd=1e-4)),
     "ntu60-xsub": SKELETON, "ntu60-xview": SKELETON, "ntu120-xsub": SKELETON, "ntu120-xset": SKELETON,
     "pku1": SKELETON, "pku2": SKELETON,
-    # Toy sets (not in any paper): 16-frame 64x64 videos and 64-frame skeletons; a minute on a CPU.
-    "toy-motion": dict(VIDEO, frames=8, stride=2, crop=56, short_side=64, test_clips=2,
+    # Toy sets (not in any paper): 16-frame 64x64 videos and 64-frame skeletons; a minute on a CPU. Toy-motion:
+    # no flip (it swaps right/left and circle_cw/circle_ccw), crops of >= half the area (the object stays in), no
+    # colour jitter (label-preserving but it stalls from-scratch training for longer than a toy run lasts).
+    "toy-motion": dict(VIDEO, frames=8, stride=2, crop=56, short_side=64, crop_scale=(0.5, 1.0), flip=False,
+                       jitter=False, test_clips=2,
                        finetune=_opt("adam", 16, 1e-3, 6, [4]), linear=_opt("adam", 16, 1e-2, 6, [4]),
                        fewshot=_opt("adam", 16, 1e-3, 6, [4]), arrow=_opt("adam", 16, 1e-3, 4, []),
                        multilabel=_opt("adam", 16, 1e-3, 6, [4])),
@@ -565,15 +568,17 @@ def build_encoder(args):
 
 
 # ==================================================================================================== DATA
-def video_transform(item, train, crop, short_side):
+def video_transform(item, train, crop, short_side, crop_scale=(0.08, 1.0), flip=True, jitter=True):
     """uint8 (C, T, H, W) or (K, C, T, H, W) -> normalised float clips of crop x crop (App. B.2.1 / ref. Sec. 6.1).
     Train: RandomResizedCrop (scale 0.08-1; the thesis calls it a "multi-scale crop"), flip, colour jitter
     (0.4, 0.4, 0.4, 0.2) on every clip as the SEVERE code. Test: short side to short_side, centre crop."""
     x = item["video"]
     if train:
-        x = common.random_resized_crop_clip(x, crop, scale=(0.08, 1.0))
-        x = common.horizontal_flip(x, p=0.5)
-        x = common.color_jitter(x, 0.4, 0.4, 0.4, 0.2, p=1.0)
+        x = common.random_resized_crop_clip(x, crop, scale=crop_scale)
+        if flip:
+            x = common.horizontal_flip(x, p=0.5)
+        if jitter:
+            x = common.color_jitter(x, 0.4, 0.4, 0.4, 0.2, p=1.0)
     else:
         x = common.center_crop(common.resize_short_side(x, short_side), crop)
     item["video"] = common.normalize(x)
@@ -614,7 +619,8 @@ def build_split(args, split, train, augment=True):
         return common.build_dataset(args.data, args.data_root, split, transform=transform,
                                     strict=args.strict_data, bad_files_path=args.bad_files)
     transform = functools.partial(video_transform, train=train and augment, crop=p["crop"],
-                                  short_side=p["short_side"])
+                                  short_side=p["short_side"], crop_scale=p["crop_scale"], flip=p["flip"],
+                                  jitter=p["jitter"])
     return common.build_dataset(args.data, args.data_root, split, clip_len=args.frames, frame_strides=(p["stride"],),
                                 num_clips=1 if train else args.test_clips, sampling="random" if train else "uniform",
                                 transform=transform, decoder=args.decoder, strict=args.strict_data,
@@ -1082,7 +1088,8 @@ def describe_protocol(args, source, sizes, num_classes):
                   f"clips per video, short side {p['short_side']} + centre crop {p['crop']}")
     else:
         train_aug = ("no augmentation, short side + centre crop" if args.task == "arrow-of-time" else
-                     "RandomResizedCrop + flip + colour jitter")
+                     f"RandomResizedCrop (scale {p['crop_scale'][0]}-{p['crop_scale'][1]})"
+                     + (" + flip" if p["flip"] else "") + (" + colour jitter" if p["jitter"] else ""))
         inputs = (f"video clips of {args.frames} frames at stride {p['stride']}, {p['crop']}x{p['crop']} crops; "
                   f"train: 1 random clip, {train_aug}; test: {args.test_clips} uniformly spaced clips, short side "
                   f"{p['short_side']} + centre crop, "
