@@ -181,6 +181,8 @@ def get_parser():
                    "(default: about 10 evaluations per run)")
     g.add_argument("--test-clips", type=int, default=None, help="clips per video at test (protocol: 10 for video)")
     g.add_argument("--frames", type=int, default=None, help="frames per clip (protocol: 32 video, 64 skeleton)")
+    g.add_argument("--no-center", action="store_true", help="skeletons: do not subtract body 0's spine joint per "
+                   "frame (skeleton_contrast.py centres before pretraining; use the same setting here)")
     g.add_argument("--save-logits", action="store_true", help="also write logits.pth (train and test logits, "
                    "eval transform) for --task fusion")
     g = parser.add_argument_group("label efficiency (fewshot)")
@@ -604,9 +606,19 @@ def temporal_crop_resize(x, frames, ratio, random_start):
     return crop.reshape(c, v, m, frames).permute(0, 3, 1, 2).contiguous()  # (C, frames, V, M)
 
 
-def skeleton_transform(item, train, frames):
-    item["skeleton"] = temporal_crop_resize(item["skeleton"].float(), frames, (0.5, 1.0) if train else 0.95,
-                                            random_start=train)
+def center_on_spine(x):
+    """x (C, T, V, M) minus body 0's spine joint (index 1) in every frame, for every present joint: the translation
+    step of 2s-AGCN's pre_normalization, which skeleton_contrast.py applies before pretraining (same function).
+    Idempotent, so harmless on arrays that are already pre-normalised; zero persons and padding stay zero."""
+    if x.shape[2] > 1:
+        present = (x.abs().sum(dim=0, keepdim=True) > 0).to(x.dtype)  # (1, T, V, M)
+        x = (x - x[:, :, 1:2, 0:1]) * present
+    return x
+
+
+def skeleton_transform(item, train, frames, center):
+    x = center_on_spine(item["skeleton"].float()) if center else item["skeleton"].float()  # (C, T, V, M)
+    item["skeleton"] = temporal_crop_resize(x, frames, (0.5, 1.0) if train else 0.95, random_start=train)
     return item
 
 
@@ -615,7 +627,8 @@ def build_split(args, split, train, augment=True):
     sampling: train = one random clip (augmented unless augment=False), test = test_clips uniform clips."""
     p = args.protocol
     if p["modality"] == "skeleton":
-        transform = functools.partial(skeleton_transform, train=train and augment, frames=args.frames)
+        transform = functools.partial(skeleton_transform, train=train and augment, frames=args.frames,
+                                      center=not args.no_center)
         return common.build_dataset(args.data, args.data_root, split, transform=transform,
                                     strict=args.strict_data, bad_files_path=args.bad_files)
     transform = functools.partial(video_transform, train=train and augment, crop=p["crop"],
@@ -1081,7 +1094,8 @@ def describe_protocol(args, source, sizes, num_classes):
     p = args.protocol
     features_only = args.task in ("knn", "clusters")
     if p["modality"] == "skeleton":
-        inputs = (f"skeleton crops resampled to {args.frames} frames: " + ("" if features_only else
+        inputs = (("" if args.no_center else "centred on body 0's spine joint; ") +
+                  f"crops resampled to {args.frames} frames: " + ("" if features_only else
                   "random, ratio U(0.5, 1) (train); ") + "centred, ratio 0.95 (test)")
     elif features_only:
         inputs = (f"video clips of {args.frames} frames at stride {p['stride']}: {args.test_clips} uniformly spaced "
