@@ -3,11 +3,15 @@ import itertools
 import json
 import math
 import os
+import shutil
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
 
+import common
 import evaluate as ev
 
 
@@ -312,7 +316,6 @@ def test_fewshot_repeats_over_seeds_with_stratified_budget(tmp_path, one_thread)
 
 
 def test_transfer_loads_our_backbone_file_and_rejects_a_wrong_arch(tmp_path, one_thread):
-    import common
     backbone = common.build_backbone("bigru", hidden=32, layers=1)
     common.save_backbone(backbone, str(tmp_path / "backbone.pth"), {"arch": "bigru", "options": {"hidden": 32,
                                                                                                  "layers": 1}})
@@ -333,8 +336,6 @@ def test_arrow_of_time_scores_both_directions(tmp_path, one_thread):
 
 def write_toy_charades(root):
     """A Charades-layout copy of toy-motion: 8 motion classes plus 'straight' and 'periodic' group labels."""
-    import common
-    import shutil
     common.build_dataset("toy-motion", None, "train")
     names = common.TOY_MOTION_CLASSES
     groups = {"right": 8, "left": 8, "down": 8, "up": 8, "zigzag": 8, "circle_cw": 9, "circle_ccw": 9,
@@ -392,8 +393,6 @@ def test_severe_suite_on_toy_data_prints_our_row_beside_the_references(tmp_path,
 
 @pytest.mark.slow
 def test_two_cpu_processes_gather_every_test_sample_once(tmp_path):
-    import subprocess
-    import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     subprocess.run([sys.executable, os.path.join(root, "evaluate.py"), "--task", "linear", "--data", "toy-skeleton",
@@ -409,7 +408,6 @@ def test_two_cpu_processes_gather_every_test_sample_once(tmp_path):
 
 
 def test_clusters_use_checkpoint_prototypes_in_feature_space_else_kmeans(tmp_path, one_thread):
-    import common
     backbone = common.build_backbone("bigru", hidden=32, layers=1)  # 64-d features
     state = dict(backbone.state_dict())
     torch.save({"state_dict": {**state, "prototypes.weight": torch.randn(5, 64)}}, tmp_path / "in_space.pth")
