@@ -529,14 +529,16 @@ class ConcatEncoder(nn.Module):
 
 
 def checkpoint_meta(path):
-    """meta of our backbone.pth ({"state_dict", "meta"}), {} for anything else."""
+    """meta of our backbone.pth ({"state_dict", "meta"}); {"args": ...} of our checkpoint.pth; {} otherwise."""
     if path in ("none", "kinetics400") or not os.path.isfile(path):
         return {}
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # other formats are read by load_backbone_weights, which reports its own errors
         return {}
-    return obj.get("meta", {}) if isinstance(obj, dict) else {}
+    if not isinstance(obj, dict):
+        return {}
+    return obj.get("meta") or ({"args": obj["args"]} if isinstance(obj.get("args"), dict) else {})
 
 
 def load_encoder(arch, options, weights, prefix=None):
