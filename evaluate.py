@@ -107,7 +107,8 @@ PROTOCOLS = {
                        finetune=_opt("adam", 16, 1e-3, 6, [4]), linear=_opt("adam", 16, 1e-2, 6, [4]),
                        fewshot=_opt("adam", 16, 1e-3, 6, [4]), arrow=_opt("adam", 16, 1e-3, 4, []),
                        multilabel=_opt("adam", 16, 1e-3, 6, [4])),
-    "toy-skeleton": dict(SKELETON, linear=_opt("sgd", 32, 0.1, 10, [6, 8]), fewshot=_opt("adam", 32, 1e-3, 6, [4]),
+    "toy-skeleton": dict(SKELETON, frames=32,  # skeleton_contrast.py's toy view length (paper: 64)
+                         linear=_opt("sgd", 32, 0.1, 10, [6, 8]), fewshot=_opt("adam", 32, 1e-3, 6, [4]),
                          finetune=_opt("adam", 32, 1e-3, 6, [4]), transfer=_opt("adam", 32, 1e-3, 6, [4])),
 }
 # Encoder sizes for toy skeletons when neither --arch-options nor the checkpoint says (not in the paper; as

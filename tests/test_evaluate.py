@@ -420,3 +420,25 @@ def test_clusters_use_checkpoint_prototypes_in_feature_space_else_kmeans(tmp_pat
     with pytest.raises(ValueError, match="projection head"):
         ev.main(["--workers", "0", "--out-dir", str(tmp_path / "c"), *argv, "--weights",
                  str(tmp_path / "projected.pth"), "--cluster-source", "prototypes"])
+
+
+@pytest.mark.slow
+def test_linear_probe_and_knn_on_a_skeleton_contrast_backbone_beat_random_init(tmp_path):
+    """LEARNING TEST: skeleton_contrast.py's toy default (intra-skeleton MoCo, small BiGRU, 210 steps) then
+    evaluate.py's linear probe and 1-NN on its backbone.pth against the same encoder at random initialisation.
+    Measured (seed 0, 108 val sequences): linear 65.7 vs 51.9, 1-NN 94.4 vs 89.8."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, os.path.join(root, "skeleton_contrast.py"), "--workers", "0", "--out-dir",
+                    str(tmp_path / "pretrain")], check=True, env=env, capture_output=True, timeout=900, cwd=root)
+    weights = str(tmp_path / "pretrain" / "backbone.pth")
+    options = json.dumps(torch.load(weights, weights_only=False)["meta"]["options"])
+    scores = {}
+    for name, w in (("pretrained", weights), ("random", "none")):
+        for task, metric in (("linear", "top1"), ("knn", "nn1_acc")):
+            result = ev.main(["--task", task, "--data", "toy-skeleton", "--arch", "bigru", "--arch-options", options,
+                              "--weights", w, "--workers", "0", "--out-dir", str(tmp_path / f"{task}-{name}")])
+            scores[task, name] = result["metrics"][metric]
+    print(scores)
+    assert scores["linear", "pretrained"] >= scores["linear", "random"] + 5
+    assert scores["knn", "pretrained"] > scores["knn", "random"]
