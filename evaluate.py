@@ -1,0 +1,1196 @@
+"""Every downstream protocol of the thesis and the ViCC / JMRN supplements, for any backbone and checkpoint.
+
+F. M. Thoker, *Video-Efficient Foundation Models* (thesis, UvA 2023): Ch. 2 Sec. 2.5 (label-efficient finetuning),
+Ch. 3 Sec. 3.4.3 + App. A.1 (skeleton linear / retrieval / semi-supervised / transfer), Ch. 4 + App. B.2 (SEVERE),
+Ch. 5 Sec. 5.4 + App. C.4; ViCC supplement Sec. 3 (cluster metrics); JMRN supplement Sec. 3 Eq. (1) (fusion).
+README: "evaluate.py". Protocol facts from the authors' code, and their mistakes: reference notes Sec. 6.
+
+Every task, toy command first (CPU, seconds to a minute; without --weights: random initialisation, the baseline),
+then the real-data command (W = a backbone.pth, checkpoint.pth or an authors' checkpoint):
+
+    finetune       python evaluate.py --task finetune
+                   python evaluate.py --task finetune --data gym99 --arch r2plus1d_18 --weights W --gpus 4
+    linear         python evaluate.py --task linear --data toy-skeleton
+                   python evaluate.py --task linear --data ntu60-xview --arch bigru --weights W
+    knn            python evaluate.py --task knn --data toy-skeleton
+                   python evaluate.py --task knn --data ucf101 --arch s3d --weights W --center-features
+    fewshot        python evaluate.py --task fewshot --per-class 4 --seeds 0 1
+                   python evaluate.py --task fewshot --data ucf101 --num-examples 1000 --weights W
+    transfer       python evaluate.py --task transfer --data toy-skeleton --weights runs/<skeleton run>/backbone.pth
+                   python evaluate.py --task transfer --data pku2 --arch bigru --weights W_pretrained_on_ntu60
+    multilabel     (no toy multi-label set; tests/test_evaluate.py builds a Charades layout from toy-motion)
+                   python evaluate.py --task multilabel --data charades --weights W --gpus 4
+    arrow-of-time  python evaluate.py --task arrow-of-time
+                   python evaluate.py --task arrow-of-time --data ucf101 --weights W
+    clusters       python evaluate.py --task clusters
+                   python evaluate.py --task clusters --data ucf101 --arch s3d --weights W
+    fusion         python evaluate.py --task finetune --save-logits; python evaluate.py --task linear --save-logits;
+                   python evaluate.py --task fusion --logits runs/evaluate-{finetune,linear}-toy-motion-*/logits.pth
+                   python evaluate.py --task fusion --logits rgb/logits.pth flow/logits.pth pose/logits.pth
+    severe         python evaluate.py --task severe --max-steps 2
+                   python evaluate.py --task severe --arch r2plus1d_18 --weights W --data-root /datasets --gpus 8
+
+Honest by construction: checkpoints are selected on a validation split carved from the training set
+(--val-fraction); the authors' test-split selection is only available behind --select-on-test. Linear probes get a
+fresh classifier and a frozen backbone in eval mode. Every run prints its exact protocol and writes result.json and
+result.txt into --out-dir.
+"""
+import argparse
+import copy
+import functools
+import json
+import math
+import os
+import re
+import sys
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import common
+
+TASKS = ("finetune", "linear", "knn", "fewshot", "transfer", "multilabel", "arrow-of-time", "clusters", "fusion",
+         "severe")
+SKELETON_ARCHS = ("bigru", "hcn", "agcn", "stgcn")
+RETRIEVAL_KS = (1, 5, 10, 20, 50)  # CoCLR / ViCC video retrieval R@k (reference notes Sec. 6.4)
+
+
+# ==================================================================================================== FLAGS
+# Per-dataset protocols as plain dicts: (optimizer, batch, lr, epochs, milestones) per task, frames and clips.
+# Video finetuning: thesis Table B.2 / C.4 (Adam, multistep gamma 0.1; the SEVERE code runs 1/10 of these epochs
+# with every video repeated 10 times per epoch, the same number of clips). Video linear: Table B.2 (Adam, as the
+# SEVERE code). Frames: 32 at train and test, 10 uniformly spaced test clips averaged (App. B.2.1), 112 crops.
+# Skeletons: App. A.1 (linear SGD 0.1, 80 epochs, [50, 70]; semi-supervised and transfer Adam 1e-4, 50 epochs,
+# [30, 40]; 64-frame crops, random in training and centred at test), batch 64 as the authors' scripts.
+def _opt(optimizer, batch, lr, epochs, milestones, wd=0.0, momentum=0.9):
+    return dict(optimizer=optimizer, batch=batch, lr=lr, epochs=epochs, milestones=list(milestones), wd=wd,
+                momentum=momentum)
+
+
+VIDEO = dict(modality="video", frames=32, stride=1, crop=112, short_side=128, crop_scale=(0.08, 1.0), flip=True,
+             jitter=True, test_clips=10, metric="top1", dropout=0.0)
+SKELETON = dict(modality="skeleton", frames=64, stride=1, test_clips=1, metric="top1", dropout=0.0,
+                linear=_opt("sgd", 64, 0.1, 80, [50, 70]), fewshot=_opt("adam", 64, 1e-4, 50, [30, 40]),
+                finetune=_opt("adam", 64, 1e-4, 50, [30, 40]), transfer=_opt("adam", 64, 1e-4, 50, [30, 40]))
+GYM_FINETUNE = _opt("adam", 32, 1e-4, 160, [60, 100, 140])
+PROTOCOLS = {
+    "ucf101": dict(VIDEO, finetune=_opt("adam", 32, 1e-4, 160, [60, 100, 140]),
+                   linear=_opt("adam", 64, 1e-2, 100, [40, 80]),
+                   fewshot=_opt("adam", 32, 1e-4, 160, [80, 120, 140]),  # UCF (10^3), Table C.4
+                   arrow=_opt("adam", 12, 1e-5, 10, [])),  # App. B.2.4: 8 frames, no augmentation, no schedule
+    "hmdb51": dict(VIDEO, finetune=_opt("adam", 32, 1e-4, 160, [60, 100, 140]),
+                   linear=_opt("adam", 64, 1e-2, 100, [40, 80])),  # linear: not in Table B.2, UCF's used
+    "gym99": dict(VIDEO, finetune=GYM_FINETUNE, linear=_opt("adam", 64, 1e-2, 120, [40, 80, 100]),
+                  fewshot=_opt("adam", 32, 1e-4, 160, [80, 120, 140])),  # Gym (10^3), Table C.4
+    "gym288": dict(VIDEO, finetune=GYM_FINETUNE, metric="mean_class_acc"),  # App. B.2.3: mean class accuracy
+    "gym-vault": dict(VIDEO, finetune=GYM_FINETUNE, metric="mean_class_acc"),
+    "gym-floor": dict(VIDEO, finetune=GYM_FINETUNE, metric="mean_class_acc"),
+    "fx-s1": dict(VIDEO, finetune=_opt("adam", 32, 1e-4, 160, [70, 120, 140]), metric="mean_class_acc"),
+    "ub-s1": dict(VIDEO, finetune=_opt("adam", 32, 1e-4, 160, [70, 120, 140]), metric="mean_class_acc"),
+    "ssv2": dict(VIDEO, finetune=_opt("adam", 32, 1e-4, 45, [25, 35, 40]),
+                 linear=_opt("adam", 64, 1e-2, 40, [20, 30])),
+    "diving48": dict(VIDEO, finetune=GYM_FINETUNE),  # SEVERE code: Diving48 as Gym99
+    "k400": dict(VIDEO, linear=_opt("adam", 64, 1e-2, 40, [10, 20, 30])),
+    # App. B.2.4 / C.4: 32 frames at stride 8, SGD 0.0375 (momentum 0.9, wd 1e-4), 57 epochs, [41, 49], sigmoid + BCE,
+    # dropout 0.5 before the head (SlowFast ResNetBasicHead), test clips max-pooled; mAP over classes.
+    "charades": dict(VIDEO, stride=8, metric="mAP", dropout=0.5,
+                     multilabel=_opt("sgd", 16, 0.0375, 57, [41, 49], wd=1e-4)),
+    "ntu60-xsub": SKELETON, "ntu60-xview": SKELETON, "ntu120-xsub": SKELETON, "ntu120-xset": SKELETON,
+    "pku1": SKELETON, "pku2": SKELETON,
+    # Toy sets (not in any paper): 16-frame 64x64 videos and 64-frame skeletons; a minute on a CPU. Toy-motion:
+    # no flip (it swaps right/left and circle_cw/circle_ccw), crops of >= half the area (the object stays in), no
+    # colour jitter (label-preserving but it stalls from-scratch training for longer than a toy run lasts).
+    "toy-motion": dict(VIDEO, frames=8, stride=2, crop=56, short_side=64, crop_scale=(0.5, 1.0), flip=False,
+                       jitter=False, test_clips=2,
+                       finetune=_opt("adam", 16, 1e-3, 6, [4]), linear=_opt("adam", 16, 1e-2, 6, [4]),
+                       fewshot=_opt("adam", 16, 1e-3, 6, [4]), arrow=_opt("adam", 16, 1e-3, 4, []),
+                       multilabel=_opt("adam", 16, 1e-3, 6, [4])),
+    "toy-skeleton": dict(SKELETON, linear=_opt("sgd", 32, 0.1, 10, [6, 8]), fewshot=_opt("adam", 32, 1e-3, 6, [4]),
+                         finetune=_opt("adam", 32, 1e-3, 6, [4]), transfer=_opt("adam", 32, 1e-3, 6, [4])),
+}
+# Encoder sizes for toy skeletons when neither --arch-options nor the checkpoint says (not in the paper; as
+# skeleton_contrast.py --encoder-size small): the paper's 3 x 1024 BiGRU takes minutes per toy epoch on a CPU.
+TOY_ENCODER_OPTIONS = {"bigru": {"hidden": 64, "layers": 2}, "hcn": {"hidden": 16}, "agcn": {"hidden": 16},
+                       "stgcn": {"hidden": 16}}
+PROTOCOL_TASK = {"finetune": "finetune", "linear": "linear", "fewshot": "fewshot", "transfer": "transfer",
+                 "multilabel": "multilabel", "arrow-of-time": "arrow"}
+
+# The SEVERE benchmark, thesis Table 4.4 / 5.8: (column, --data, task, total examples for the 10^3 settings).
+SEVERE_COLUMNS = [("SSv2", "ssv2", "finetune", None), ("Gym99", "gym99", "finetune", None),
+                  ("UCF (10^3)", "ucf101", "fewshot", 1000), ("Gym (10^3)", "gym99", "fewshot", 1000),
+                  ("FX-S1", "fx-s1", "finetune", None), ("UB-S1", "ub-s1", "finetune", None),
+                  ("UCF-RC", "ucfrep", "repcount", None), ("Charades", "charades", "multilabel", None)]
+SEVERE_DATA = {  # what each column needs under --data-root / data/<name> (README "Datasets" has the details)
+    "ssv2": "something-something-v2: videos/<id>.webm + labels/{train,validation,labels}.json",
+    "gym99": "FineGym v1.0: videos cut per element + annotations/gym99_{train,val}_element_v2.txt",
+    "ucf101": "UCF101: UCF-101/<class>/<video>.avi + ucfTrainTestlist/{train,test}list01.txt, classInd.txt",
+    "fx-s1": "FineGym-99 as gym99 (classes 6-16, relabelled 0-10)",
+    "ub-s1": "FineGym-99 as gym99 (classes 74-88, relabelled 0-14)",
+    "ucfrep": "UCFRep: frames/<video>/image_%05d.jpg + annotations/{train,val}/<video>.json|.mat",
+    "charades": "Charades v1: Charades_v1_480/<id>.mp4 + Charades_v1_{train,test}.csv + Charades_v1_classes.txt",
+}
+# Thesis Table 5.8 (Table 4.4 for the R(2+1)D-18 rows): one row per pretraining, the 8 SEVERE columns.
+SEVERE_REFERENCE = {
+    "SVT (ViT-B)": [59.2, 62.3, 83.9, 18.5, 35.4, 55.1, 0.421, 35.5],
+    "VideoMAE (ViT-B)": [69.7, 85.1, 77.2, 27.5, 37.0, 78.5, 0.172, 12.6],
+    "Supervised": [60.8, 92.1, 86.6, 51.3, 79.0, 87.1, 0.132, 23.5],
+    "None": [57.1, 89.8, 38.3, 22.7, 46.6, 82.3, 0.217, 7.9],
+    "SeLaVi": [56.2, 88.9, 69.0, 30.2, 51.3, 80.9, 0.162, 8.4],
+    "MoCo": [57.1, 90.7, 60.4, 30.9, 65.0, 84.5, 0.208, 8.3],
+    "VideoMoCo": [59.0, 90.3, 65.4, 20.6, 57.3, 83.9, 0.185, 10.5],
+    "Pretext-Contrast": [56.9, 90.5, 64.6, 27.5, 66.1, 86.1, 0.164, 8.9],
+    "AVID-CMA": [52.0, 90.4, 68.2, 33.4, 68.0, 87.3, 0.148, 8.2],
+    "GDT": [58.0, 90.5, 78.4, 45.6, 66.0, 83.4, 0.123, 8.5],
+    "RSPNet": [59.0, 91.1, 74.7, 32.2, 65.4, 83.6, 0.145, 9.0],
+    "TCLR": [59.8, 91.6, 72.6, 26.3, 60.7, 84.7, 0.142, 12.2],
+    "CtP": [59.6, 92.0, 61.0, 32.9, 79.1, 88.8, 0.178, 9.6],
+    "Tubelet-Contrast (Mini-K)": [59.4, 92.2, 65.5, 48.0, 78.3, 90.9, 0.150, 9.0],
+    "Tubelet-Contrast (K400)": [60.2, 92.8, 65.7, 47.0, 80.1, 91.0, 0.150, 10.3],
+}
+
+
+def get_parser():
+    parser = argparse.ArgumentParser(description=__doc__, parents=[common.get_common_parser()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = parser.add_argument_group("evaluation")
+    g.add_argument("--task", default="linear", choices=TASKS)
+    g.add_argument("--arch", default=None, help="backbone (common.build_backbone); default: the checkpoint's "
+                   "meta['arch'], else tiny3d on toy-motion, bigru on skeletons, r2plus1d_18 on real video")
+    g.add_argument("--arch-options", default=None, help="JSON kwargs of build_backbone, e.g. '{\"hidden\": 64}'; "
+                   "default: the checkpoint's meta['options']")
+    g.add_argument("--weights", default="none", help="backbone weights: none (random init), kinetics400 "
+                   "(torchvision), or any file load_backbone_weights reads (our backbone.pth / checkpoint.pth, "
+                   "the authors' formats)")
+    g.add_argument("--weights-prefix", default=None, help="force the key prefix in --weights (e.g. encoder_q.)")
+    g.add_argument("--concat", default=None, metavar="ARCH", help="a second skeleton encoder whose features are "
+                   "concatenated with the first (App. A.4: X^SEQ + X^STG), e.g. agcn")
+    g.add_argument("--concat-weights", default="none", help="weights of the --concat encoder (as --weights)")
+    g.add_argument("--concat-options", default=None, help="JSON kwargs of the --concat encoder (default: its "
+                   "checkpoint's meta['options'])")
+    g.add_argument("--concat-prefix", default=None, help="key prefix of the --concat encoder in its file, e.g. "
+                   "encoder_r. for the graph encoder of a skeleton-contrast checkpoint")
+    g.add_argument("--select-on-test", action="store_true", help="select the checkpoint on the TEST split, as the "
+                   "SEVERE and skeleton-contrast code do (reproduces their tables; optimistic). Default: a "
+                   "validation split carved from the training set")
+    g.add_argument("--val-fraction", type=float, default=None, help="stratified share of the training set held out "
+                   "for checkpoint selection (default 0.1; 0 for fewshot, whose label budget it would break); "
+                   "0 = no selection, the last epoch is tested")
+    g.add_argument("--eval-every", type=int, default=None, help="epochs between validation scores "
+                   "(default: about 10 evaluations per run)")
+    g.add_argument("--test-clips", type=int, default=None, help="clips per video at test (protocol: 10 for video)")
+    g.add_argument("--frames", type=int, default=None, help="frames per clip (protocol: 32 video, 64 skeleton)")
+    g.add_argument("--no-center", action="store_true", help="skeletons: do not subtract body 0's spine joint per "
+                   "frame (skeleton_contrast.py centres before pretraining; use the same setting here)")
+    g.add_argument("--save-logits", action="store_true", help="also write logits.pth (train and test logits, "
+                   "eval transform) for --task fusion")
+    g = parser.add_argument_group("label efficiency (fewshot)")
+    g.add_argument("--per-class", type=int, default=None, help="N labelled examples per class (thesis Ch. 2: 20, 50, "
+                   "100)")
+    g.add_argument("--label-fraction", type=float, default=None, help="stratified fraction of labels (Ch. 3: 0.01, "
+                   "0.05, 0.1, 0.2)")
+    g.add_argument("--num-examples", type=int, default=None, help="SEVERE's '10^3 examples': ceil(N / C) per class")
+    g.add_argument("--seeds", type=int, nargs="+", default=None, help="repeat over these seeds and report "
+                   "mean +- std (Ch. 2/3: 5 seeds); default: --seed")
+    g.add_argument("--subset-seed", type=int, default=None, help="seed of the labelled subset; default: each run's "
+                   "seed (a new subset per seed, Ch. 2/3). SEVERE uses one fixed subset for every model")
+    g = parser.add_argument_group("retrieval and clusters")
+    g.add_argument("--center-features", action="store_true", help="subtract each set's own feature mean before "
+                   "L2 normalisation (CoCLR / ViCC retrieval code)")
+    g.add_argument("--num-clusters", type=int, default=None, help="K for k-means (default: number of classes, as "
+                   "ViCC supp. Sec. 3.1.2)")
+    g.add_argument("--cluster-source", default="auto", choices=["auto", "kmeans", "prototypes"],
+                   help="auto = the checkpoint's prototypes when they live in the backbone feature space, else "
+                   "k-means on features")
+    g = parser.add_argument_group("fusion (JMRN supp. Sec. 3)")
+    g.add_argument("--logits", nargs="+", default=None, help="logits.pth files, one per modality (--save-logits)")
+    g.add_argument("--fusion-weights", default="auto", choices=["auto", "modality", "class"],
+                   help="one alpha per modality (single-label) or M x C (multi-label); auto picks by label type")
+    g.add_argument("--fusion-l2", action="store_true", help="L2-normalise logits first (JMRN: JHMDB, HMDB)")
+    g = parser.add_argument_group("severe")
+    g.add_argument("--severe-columns", nargs="+", default=None, help="run only these columns (e.g. SSv2 FX-S1)")
+    # Protocol values come from PROTOCOLS unless given on the command line.
+    parser.set_defaults(epochs=None, lr=None, batch_size=None, wd=None, milestones=None, schedule="multistep",
+                        lr_gamma=0.1, workers=4, knn_every=0, log_every=20)
+    return parser
+
+
+# ==================================================================================================== METRICS
+# Pure functions of tensors / arrays. Accuracies are fractions in [0, 1]; main() reports percentages.
+def topk_accuracy(scores, labels, ks=(1, 5)):
+    """scores (N, C), labels (N,) -> {k: fraction of samples whose label is among the k highest scores}."""
+    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (N, k_max)
+    hit = top == labels[:, None]  # (N, k_max)
+    return {k: hit[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def mean_class_accuracy(predictions, labels, num_classes):
+    """Accuracy per class, averaged over the classes present in `labels` (FineGym, App. B.2.3 / C.4)."""
+    predictions, labels = torch.as_tensor(predictions), torch.as_tensor(labels)
+    per_class = [(predictions[labels == c] == c).float().mean().item() for c in range(num_classes)
+                 if (labels == c).any()]
+    return float(np.mean(per_class))
+
+
+def average_precision(scores, targets):
+    """AP of one class (sklearn's average_precision_score): sum_n (R_n - R_{n-1}) P_n over the distinct score
+    thresholds, ties counted together. scores, targets: (N,) arrays, targets in {0, 1} with at least one 1."""
+    scores, targets = np.asarray(scores, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    order = np.argsort(-scores, kind="mergesort")
+    scores, targets = scores[order], targets[order]
+    last_of_tie = np.r_[np.flatnonzero(np.diff(scores)), len(scores) - 1]  # last index of every distinct score
+    true_pos = np.cumsum(targets)[last_of_tie]
+    precision = true_pos / (last_of_tie + 1)
+    recall = true_pos / true_pos[-1]
+    return float(np.sum(np.diff(np.r_[0.0, recall]) * precision))
+
+
+def mean_average_precision(scores, targets):
+    """Charades mAP (SlowFast get_map, reference notes Sec. 6.6): AP per class, classes WITHOUT a positive label
+    dropped, mean over the rest. scores, targets: (N, C). Returns (mAP, {class index: AP})."""
+    scores, targets = np.asarray(scores), np.asarray(targets)
+    per_class = {c: average_precision(scores[:, c], targets[:, c]) for c in range(targets.shape[1])
+                 if targets[:, c].sum() > 0}
+    return float(np.mean(list(per_class.values()))), per_class
+
+
+def retrieval_recall(query_features, query_labels, gallery_features, gallery_labels, ks=RETRIEVAL_KS):
+    """R@k of CoCLR / ViCC (reference notes Sec. 6.4): fraction of queries with a same-label gallery item among the
+    k most cosine-similar. Features must be L2-normalised. R@1 is the 1-NN accuracy of Sec. 3.4.3.2."""
+    similarity = query_features @ gallery_features.T  # (N_query, N_gallery)
+    top = similarity.topk(min(max(ks), gallery_features.shape[0]), dim=1).indices  # (N_query, k_max)
+    hit = gallery_labels[top] == query_labels[:, None]  # (N_query, k_max)
+    return {k: hit[:, :k].any(dim=1).float().mean().item() for k in ks}
+
+
+def repetition_count_errors(predicted, true):
+    """UCFRep metrics (Zhang et al. 2020, reference notes Sec. 6.5): counts rounded; MAE = mean |c_hat - c| / c
+    (normalised by the true count, thesis Table 4.4 'UCF-RC'), OBO = fraction with |c_hat - c| <= 1."""
+    predicted = np.round(np.asarray(predicted, dtype=np.float64))
+    true = np.asarray(true, dtype=np.float64)
+    error = np.abs(predicted - true)
+    return {"mae": float(np.mean(error / true)), "obo": float(np.mean(error <= 1))}
+
+
+def contingency_matrix(clusters, labels):
+    """n_ij = number of samples in cluster i with label j -> (K, C) int64 over the values present."""
+    _, cluster_index = np.unique(np.asarray(clusters), return_inverse=True)
+    _, label_index = np.unique(np.asarray(labels), return_inverse=True)
+    table = np.zeros((cluster_index.max() + 1, label_index.max() + 1), dtype=np.int64)
+    np.add.at(table, (cluster_index, label_index), 1)
+    return table
+
+
+def _entropy(counts):
+    p = counts[counts > 0] / counts.sum()
+    return float(-(p * np.log(p)).sum())
+
+
+def normalized_mutual_info(clusters, labels):
+    """NMI = I(U; V) / ((H(U) + H(V)) / 2) (sklearn's default arithmetic normalisation), in nats."""
+    n = contingency_matrix(clusters, labels).astype(np.float64)  # (K, C)
+    total = n.sum()
+    a, b = n.sum(axis=1), n.sum(axis=0)  # cluster sizes (K,), class sizes (C,)
+    i, j = np.nonzero(n)
+    mutual_info = float(np.sum(n[i, j] / total * np.log(total * n[i, j] / (a[i] * b[j]))))
+    h_u, h_v = _entropy(a), _entropy(b)
+    if h_u == 0 and h_v == 0:  # one cluster and one class: identical partitions
+        return 1.0
+    return mutual_info / ((h_u + h_v) / 2)
+
+
+def adjusted_rand_index(clusters, labels):
+    """ARI (Hubert & Arabie 1985) from the contingency table: (sum_ij C(n_ij, 2) - E) / (max - E)."""
+    n = contingency_matrix(clusters, labels).astype(np.float64)
+    pairs = lambda x: x * (x - 1) / 2  # noqa: E731  C(x, 2)
+    index = pairs(n).sum()
+    a, b = pairs(n.sum(axis=1)).sum(), pairs(n.sum(axis=0)).sum()
+    expected = a * b / pairs(n.sum())
+    maximum = (a + b) / 2
+    if maximum == expected:  # both partitions trivial (all in one, or all singletons)
+        return 1.0
+    return float((index - expected) / (maximum - expected))
+
+
+def linear_sum_assignment(cost):
+    """Minimum-cost assignment (Hungarian method, Kuhn 1955) by shortest augmenting paths with potentials
+    (Jonker-Volgenant style, O(n^2 m)). cost (n, m) -> (rows, cols), min(n, m) pairs, as scipy's function."""
+    cost = np.asarray(cost, dtype=np.float64)
+    transposed = cost.shape[0] > cost.shape[1]
+    if transposed:
+        cost = cost.T
+    n, m = cost.shape  # n <= m: every row is assigned
+    u, v = np.zeros(n + 1), np.zeros(m + 1)  # dual potentials of rows and columns (1-based, 0 = virtual)
+    row_of = np.zeros(m + 1, dtype=np.int64)  # row_of[j]: row assigned to column j (0 = free)
+    for i in range(1, n + 1):
+        row_of[0], j0 = i, 0
+        min_slack = np.full(m + 1, np.inf)
+        previous = np.zeros(m + 1, dtype=np.int64)  # previous column on the alternating path
+        used = np.zeros(m + 1, dtype=bool)
+        while True:  # Dijkstra on reduced costs until a free column is reached
+            used[j0] = True
+            i0 = row_of[j0]
+            slack = cost[i0 - 1] - u[i0] - v[1:]  # (m,) reduced costs from row i0
+            free = ~used[1:]
+            better = free & (slack < min_slack[1:])
+            min_slack[1:][better] = slack[better]
+            previous[1:][better] = j0
+            candidates = np.where(free, min_slack[1:], np.inf)
+            j1 = int(np.argmin(candidates)) + 1
+            delta = candidates[j1 - 1]
+            u[row_of[used]] += delta
+            v[used] -= delta
+            min_slack[1:][free] -= delta
+            j0 = j1
+            if row_of[j0] == 0:
+                break
+        while j0:  # augment along the path
+            j1 = previous[j0]
+            row_of[j0] = row_of[j1]
+            j0 = j1
+    cols = np.flatnonzero(row_of[1:]) + 1
+    rows, cols = row_of[cols] - 1, cols - 1
+    if transposed:
+        rows, cols = cols, rows
+    order = np.argsort(rows)
+    return rows[order], cols[order]
+
+
+def hungarian_accuracy(clusters, labels):
+    """Accuracy after the one-to-one cluster -> class matching that maximises agreement (ViCC supp. Sec. 3.1.2);
+    clusters left unmatched (K > C) count as errors."""
+    n = contingency_matrix(clusters, labels)
+    rows, cols = linear_sum_assignment(-n)
+    return float(n[rows, cols].sum() / n.sum())
+
+
+def cluster_purity_entropy(clusters, labels):
+    """Mean over clusters of the entropy (nats) of the label distribution in the cluster (0 is optimal) and of the
+    largest label share in the cluster (mean maximal purity), as defined by SeLa (Asano et al. 2020)."""
+    n = contingency_matrix(clusters, labels)
+    entropy = np.mean([_entropy(row) for row in n])
+    purity = np.mean(n.max(axis=1) / n.sum(axis=1))
+    return float(entropy), float(purity)
+
+
+def cluster_metrics(clusters, labels):
+    """ViCC supp. Table 1: Acc (Hungarian), NMI, ARI, mean entropy per cluster, mean max purity."""
+    entropy, purity = cluster_purity_entropy(clusters, labels)
+    return {"acc": hungarian_accuracy(clusters, labels), "nmi": normalized_mutual_info(clusters, labels),
+            "ari": adjusted_rand_index(clusters, labels), "entropy": entropy, "max_purity": purity}
+
+
+def severe_mean_and_rank(rows, error_columns=(6,)):
+    """Thesis Table 5.8 'Mean' and 'Rank': rows {name: SEVERE values}, error_columns lower-is-better (UCF-RC, index 6
+    of the 8 columns). Mean over the columns with an error e as (1 - e) * 100 (this reproduces the printed means).
+    Rank: per column, 1 + the number of rows strictly better, averaged over columns (the printed ranks are not
+    reproducible from the printed values with any tie rule; see README)."""
+    names = list(rows)
+    values = np.array([rows[name] for name in names], dtype=np.float64)  # (R, columns)
+    higher_better = values.copy()
+    for c in error_columns:
+        higher_better[:, c] = (1 - values[:, c]) * 100
+    mean = higher_better.mean(axis=1)
+    better = (higher_better[None, :, :] > higher_better[:, None, :]).sum(axis=1)  # (R, columns)
+    rank = (1 + better).mean(axis=1)
+    return {name: (float(m), float(r)) for name, m, r in zip(names, mean, rank)}
+
+
+# ---------------------------------------------------------------------------------------------- labelled subsets
+def per_class_subset(labels, per_class=None, fraction=None, seed=0):
+    """Sorted indices of a class-stratified subset, reproducible by seed: `per_class` samples per class (all when a
+    class has fewer; SEVERE's '10^3 examples' = ceil(1000 / C) per class, reference notes Sec. 6.1), or
+    round(fraction * n_c) per class, at least 1. Multi-label (N, C) labels are stratified by their first class."""
+    labels = np.asarray(labels)
+    if labels.ndim > 1:
+        labels = labels.argmax(axis=1)
+    rng = np.random.RandomState(seed)
+    keep = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = min(per_class, len(members)) if per_class is not None else max(1, int(round(fraction * len(members))))
+        keep.append(rng.permutation(members)[:k])
+    return np.sort(np.concatenate(keep))
+
+
+def train_val_split(labels, val_fraction, seed=0):
+    """(train indices, val indices): a stratified validation split carved from the training set for checkpoint
+    selection; a class keeps at least one training sample."""
+    labels = np.asarray(labels)
+    if labels.ndim > 1:
+        labels = labels.argmax(axis=1)
+    rng = np.random.RandomState(seed)
+    val = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        k = min(max(1, int(round(val_fraction * len(members)))), len(members) - 1)
+        val.append(rng.permutation(members)[:k])
+    val = np.sort(np.concatenate(val))
+    return np.setdiff1d(np.arange(len(labels)), val), val
+
+
+# ---------------------------------------------------------------------------------------------- late fusion
+class LateFusion(nn.Module):
+    """JMRN supp. Eq. (1): l_combined = sum_m alpha_m * l_m over M modalities; alpha (M, 1) for single-label tasks,
+    (M, C) for multi-label ones (one weight per modality and class)."""
+
+    def __init__(self, num_modalities, num_classes, per_class):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(num_modalities, num_classes if per_class else 1))
+
+    def forward(self, logits):  # logits (M, N, C)
+        return (self.alpha[:, None, :] * logits).sum(dim=0)  # (N, C)
+
+
+def fit_late_fusion(logits, labels, multilabel, per_class, epochs=100, lr=1e-3, batch_size=256, seed=0):
+    """Learn alpha on saved logits (M, N, C) with Adam (JMRN: 100 epochs; lr 1e-3 JHMDB, 1e-4 HMDB, 5e-4 Charades)
+    to minimise cross-entropy (or BCE for multi-label) of l_combined. Returns the fitted LateFusion."""
+    generator = torch.Generator().manual_seed(seed)
+    fusion = LateFusion(logits.shape[0], logits.shape[2], per_class)
+    optimizer = torch.optim.Adam(fusion.parameters(), lr=lr)
+    for _ in range(epochs):
+        for batch in torch.randperm(logits.shape[1], generator=generator).split(batch_size):
+            combined = fusion(logits[:, batch])  # (B, C)
+            if multilabel:
+                loss = F.binary_cross_entropy_with_logits(combined, labels[batch].float())
+            else:
+                loss = F.cross_entropy(combined, labels[batch])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return fusion
+
+
+# ---------------------------------------------------------------------------------------------- k-means
+def kmeans(features, k, iterations=100, seed=0):
+    """Lloyd's k-means with k-means++ seeding on (N, D) features (torch, any device). Returns (assignments (N,),
+    centroids (k, D)). Used on L2-normalised features when the checkpoint has no prototypes."""
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    n = features.shape[0]
+    centroids = features[torch.randint(n, (1,), generator=generator).to(features.device)]  # (1, D)
+    for _ in range(1, k):  # k-means++: next centre with probability proportional to squared distance
+        distance = torch.cdist(features, centroids).min(dim=1).values.pow(2)  # (N,)
+        if distance.sum() == 0:
+            pick = torch.randint(n, (1,), generator=generator)
+        else:
+            pick = torch.multinomial((distance / distance.sum()).cpu(), 1, generator=generator)
+        centroids = torch.cat([centroids, features[pick.to(features.device)]])
+    assignments = torch.cdist(features, centroids).argmin(dim=1)  # (N,)
+    for _ in range(iterations):
+        one_hot = F.one_hot(assignments, k).to(features.dtype)  # (N, k)
+        counts = one_hot.sum(dim=0)  # (k,)
+        updated = (one_hot.T @ features) / counts.clamp(min=1)[:, None]  # (k, D)
+        centroids = torch.where(counts[:, None] > 0, updated, centroids)  # an empty cluster keeps its centre
+        new = torch.cdist(features, centroids).argmin(dim=1)
+        if torch.equal(new, assignments):
+            break
+        assignments = new
+    return assignments, centroids
+
+
+# ==================================================================================================== MODELS
+class Classifier(nn.Module):
+    """backbone -> dropout -> new Linear(feature_dim, C), fc initialised N(0, 0.01) as SEVERE and CoCLR do.
+    frozen=True is the linear probe: backbone weights fixed AND the backbone kept in eval mode, so BatchNorm uses
+    its pretrained statistics (the SEVERE linear code trains in train mode and keeps torchvision's 400-way fc)."""
+
+    def __init__(self, backbone, num_outputs, frozen, dropout=0.0):
+        super().__init__()
+        self.backbone, self.frozen = backbone, frozen
+        self.backbone.requires_grad_(not frozen)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(backbone.feature_dim, num_outputs)
+        nn.init.normal_(self.fc.weight, 0.0, 0.01)
+        nn.init.zeros_(self.fc.bias)
+
+    def train(self, mode=True):
+        super().train(mode)
+        if self.frozen:
+            self.backbone.eval()
+        return self
+
+    def forward(self, x):
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
+            features = self.backbone(x)  # (N, D)
+        return self.fc(self.dropout(features))  # (N, C)
+
+
+class ConcatEncoder(nn.Module):
+    """Two skeleton encoders on the same input, features concatenated (thesis App. A.4, e.g. X^SEQ + X^STG)."""
+
+    def __init__(self, first, second):
+        super().__init__()
+        self.first, self.second = first, second
+        self.feature_dim = first.feature_dim + second.feature_dim
+
+    def forward(self, x):
+        return torch.cat([self.first(x), self.second(x)], dim=1)  # (N, D1 + D2)
+
+
+def checkpoint_meta(path):
+    """meta of our backbone.pth ({"state_dict", "meta"}); {"args": ...} of our checkpoint.pth; {} otherwise."""
+    if path in ("none", "kinetics400") or not os.path.isfile(path):
+        return {}
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # other formats are read by load_backbone_weights, which reports its own errors
+        return {}
+    if not isinstance(obj, dict):
+        return {}
+    return obj.get("meta") or ({"args": obj["args"]} if isinstance(obj.get("args"), dict) else {})
+
+
+def load_encoder(arch, options, weights, prefix=None):
+    """common.build_backbone(arch, **options) with `weights` loaded; errors name the file, arch and mismatch."""
+    if weights == "kinetics400":
+        return common.build_backbone(arch, pretrained="kinetics400", **options), "torchvision Kinetics-400"
+    backbone = common.build_backbone(arch, **options)
+    if weights == "none":
+        return backbone, "random initialisation"
+    if not os.path.isfile(weights):
+        raise FileNotFoundError(f"evaluate.py: --weights {weights}: no such file")
+    try:
+        report = common.load_backbone_weights(backbone, weights, prefix=prefix)
+    except ValueError as e:
+        raise ValueError(f"evaluate.py: --weights {weights} does not fit --arch {arch} {options or ''} (were other "
+                         f"--arch-options used in pretraining?): {e}") from None
+    return backbone, (f"{weights} ({len(report['loaded'])} tensors loaded, prefix '{report.get('prefix', '')}', "
+                      f"{len(report.get('skipped', []))} head/other tensors skipped)")
+
+
+def build_encoder(args):
+    backbone, source = load_encoder(args.arch, args.options, args.weights, args.weights_prefix)
+    if args.concat:
+        meta = checkpoint_meta(args.concat_weights)
+        options = (json.loads(args.concat_options) if args.concat_options else
+                   meta.get("options", {}) if meta.get("arch") == args.concat else
+                   TOY_ENCODER_OPTIONS.get(args.concat, {}) if args.data == "toy-skeleton" and not meta else {})
+        second, source2 = load_encoder(args.concat, options, args.concat_weights, args.concat_prefix)
+        return ConcatEncoder(backbone, second), f"{source} + {args.concat}: {source2}"
+    return backbone, source
+
+
+# ==================================================================================================== DATA
+def video_transform(item, train, crop, short_side, crop_scale=(0.08, 1.0), flip=True, jitter=True):
+    """uint8 (C, T, H, W) or (K, C, T, H, W) -> normalised float clips of crop x crop (App. B.2.1 / ref. Sec. 6.1).
+    Train: RandomResizedCrop (scale 0.08-1; the thesis calls it a "multi-scale crop"), flip, colour jitter
+    (0.4, 0.4, 0.4, 0.2) on every clip as the SEVERE code. Test: short side to short_side, centre crop."""
+    x = item["video"]
+    if train:
+        x = common.random_resized_crop_clip(x, crop, scale=crop_scale)
+        if flip:
+            x = common.horizontal_flip(x, p=0.5)
+        if jitter:
+            x = common.color_jitter(x, 0.4, 0.4, 0.4, 0.2, p=1.0)
+    else:
+        x = common.center_crop(common.resize_short_side(x, short_side), crop)
+    item["video"] = common.normalize(x)
+    return item
+
+
+def temporal_crop_resize(x, frames, ratio, random_start):
+    """Skeleton crop of App. A.1 (skeleton-contrast `crop_subsequence`, ref. Sec. 2.3): from the valid (non-zero)
+    n frames of x (C, T, V, M) take L frames, L = n * ratio (random: ratio ~ U(ratio), L >= frames where possible,
+    random start; test: ratio 0.95, centred), and resample them to `frames` steps (bilinear over time)."""
+    c, t, v, m = x.shape
+    nonzero = torch.nonzero(x.abs().sum(dim=(0, 2, 3)) > 0)
+    n = int(nonzero[-1]) + 1 if len(nonzero) else t
+    if random_start:
+        r = ratio[0] + (ratio[1] - ratio[0]) * torch.rand(()).item()
+        length = min(max(int(n * r), frames), n)
+        start = int(torch.randint(0, n - length + 1, ()))
+    else:
+        length = max(int(n * ratio), 1)
+        start = (n - length) // 2
+    crop = x[:, start:start + length].permute(0, 2, 3, 1).reshape(1, c * v * m, length, 1)  # (1, C*V*M, L, 1)
+    crop = F.interpolate(crop, size=(frames, 1), mode="bilinear", align_corners=False)  # (1, C*V*M, frames, 1)
+    return crop.reshape(c, v, m, frames).permute(0, 3, 1, 2).contiguous()  # (C, frames, V, M)
+
+
+def center_on_spine(x):
+    """x (C, T, V, M) minus body 0's spine joint (index 1) in every frame, for every present joint: the translation
+    step of 2s-AGCN's pre_normalization, which skeleton_contrast.py applies before pretraining (same function).
+    Idempotent, so harmless on arrays that are already pre-normalised; zero persons and padding stay zero."""
+    if x.shape[2] > 1:
+        present = (x.abs().sum(dim=0, keepdim=True) > 0).to(x.dtype)  # (1, T, V, M)
+        x = (x - x[:, :, 1:2, 0:1]) * present
+    return x
+
+
+def skeleton_transform(item, train, frames, center):
+    x = center_on_spine(item["skeleton"].float()) if center else item["skeleton"].float()  # (C, T, V, M)
+    item["skeleton"] = temporal_crop_resize(x, frames, (0.5, 1.0) if train else 0.95, random_start=train)
+    return item
+
+
+def build_split(args, split, train, augment=True):
+    """The dataset of `split` ("train" or "test" = the dataset's official evaluation split) with the protocol's
+    sampling: train = one random clip (augmented unless augment=False), test = test_clips uniform clips."""
+    p = args.protocol
+    if p["modality"] == "skeleton":
+        transform = functools.partial(skeleton_transform, train=train and augment, frames=args.frames,
+                                      center=not args.no_center)
+        return common.build_dataset(args.data, args.data_root, split, transform=transform,
+                                    strict=args.strict_data, bad_files_path=args.bad_files)
+    transform = functools.partial(video_transform, train=train and augment, crop=p["crop"],
+                                  short_side=p["short_side"], crop_scale=p["crop_scale"], flip=p["flip"],
+                                  jitter=p["jitter"])
+    return common.build_dataset(args.data, args.data_root, split, clip_len=args.frames, frame_strides=(p["stride"],),
+                                num_clips=1 if train else args.test_clips, sampling="random" if train else "uniform",
+                                transform=transform, decoder=args.decoder, strict=args.strict_data,
+                                bad_files_path=args.bad_files)
+
+
+def dataset_labels(dataset):
+    """Labels of every sample without decoding anything: (N,) ints or (N, C) multi-hot."""
+    if hasattr(dataset, "labels") and hasattr(dataset, "indices"):  # skeleton arrays
+        return np.asarray(dataset.labels)[np.asarray(dataset.indices)]
+    if hasattr(dataset, "samples"):  # (path, label) lists
+        return np.stack([np.asarray(label) for _, label in dataset.samples])
+    raise TypeError(f"evaluate.py: cannot read the labels of {type(dataset).__name__} (expected .samples or "
+                    f".labels/.indices)")
+
+
+# ==================================================================================================== PROTOCOLS
+# ---------------------------------------------------------------------------------------------- inference
+@torch.no_grad()
+def predict(model, dataset, args, run, multilabel=False, arrow=False):
+    """Video-level outputs of `model` over `dataset`, gathered over processes in sample order.
+    Clip outputs are combined as the protocols do: softmax averaged over clips (App. B.2.1), sigmoid max-pooled for
+    multi-label (SlowFast, App. B.2.4). arrow=True scores every video forward (label 0) and reversed (label 1).
+    Returns dict(scores (N, C), outputs (N, C): raw outputs averaged over clips, labels, index)."""
+    key = args.protocol["modality"]
+    loader = common.build_loader(dataset, args, run, train=False, batch_size=args.eval_batch_size)
+    was_training = model.training
+    model.eval()
+    scores, outputs, labels, indices = [], [], [], []
+    for batch in loader:
+        batch = common.to_device(batch, run.device)
+        x, y, index = batch[key], batch["label"], batch["index"]
+        if x.dim() == 5:  # one clip: (B, C, T, H, W) video or (B, C, T, V, M) skeleton
+            x = x[:, None]
+        if arrow:  # App. B.2.4: both versions of every video; time is dim -3 of (C, T, H, W) and (C, T, V, M)
+            x = torch.cat([x, x.flip(-3)])
+            y = torch.cat([torch.zeros_like(index), torch.ones_like(index)])
+            index = torch.cat([2 * index, 2 * index + 1])
+        b, k = x.shape[:2]
+        with run.autocast():
+            out = model(x.flatten(0, 1)).float().view(b, k, -1)  # (B, K clips, C)
+        if multilabel:
+            scores.append(torch.sigmoid(out).amax(dim=1))
+        else:
+            scores.append(out.softmax(dim=-1).mean(dim=1))
+        outputs.append(out.mean(dim=1))
+        labels.append(y)
+        indices.append(index)
+    model.train(was_training)
+    scores, outputs, labels, indices = (common.all_gather_nograd(torch.cat(t)) for t in
+                                        (scores, outputs, labels, indices))
+    order = torch.argsort(indices)
+    keep = torch.ones_like(order, dtype=torch.bool)  # the distributed sampler pads with repeated samples
+    keep[1:] = indices[order][1:] != indices[order][:-1]
+    order = order[keep]
+    return {"scores": scores[order].cpu(), "outputs": outputs[order].cpu(), "labels": labels[order].cpu(),
+            "index": indices[order].cpu()}
+
+
+def classification_metrics(prediction, num_classes, multilabel):
+    """Top-1/top-5 and mean class accuracy (single-label) or mAP (multi-label), in %."""
+    scores, labels = prediction["scores"], prediction["labels"]
+    if multilabel:
+        return {"mAP": 100 * mean_average_precision(scores.numpy(), labels.numpy())[0]}
+    ks = (1, 5) if num_classes > 5 else (1,)
+    metrics = {f"top{k}": 100 * v for k, v in topk_accuracy(scores, labels, ks).items()}
+    metrics["mean_class_acc"] = 100 * mean_class_accuracy(scores.argmax(dim=1), labels, num_classes)
+    return metrics
+
+
+# ---------------------------------------------------------------------------------------------- training
+def train_and_select(run, args, model, train_set, select_set, num_classes, multilabel=False, arrow=False):
+    """Train with common.fit in chunks of --eval-every epochs; after each chunk score `select_set` and keep the best
+    state (the validation split by default, the test split only with --select-on-test, none = last epoch).
+    The run folder holds checkpoint.pth, best.pth and selection.json, so rerunning the command resumes."""
+    key, metric = args.protocol["modality"], args.protocol["metric"]
+    loader = common.build_loader(train_set, args, run, train=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    if args.optimizer == "adam":
+        optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.wd)
+    else:
+        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    net = run.prepare(model)
+
+    def train_step(batch):
+        x, y = batch[key], batch["label"]
+        if arrow:  # App. B.2.4: each video played forward (0) or backward (1) with probability 1/2
+            reverse = torch.rand(x.shape[0], device=x.device) < 0.5
+            x = torch.where(reverse.view(-1, *[1] * (x.dim() - 1)), x.flip(-3), x)
+            y = reverse.long()
+        with run.autocast():
+            logits = net(x)  # (B, C)
+            if multilabel:
+                loss = F.binary_cross_entropy_with_logits(logits.float(), y.float())
+            else:
+                loss = F.cross_entropy(logits.float(), y)
+        run.step(loss, optimizer)
+        return {"loss": loss.detach()}
+
+    selection_path, best_path = (os.path.join(run.out_dir, name) for name in ("selection.json", "best.pth"))
+    if args.resume == "none":
+        for path in (selection_path, best_path):
+            if run.is_main and os.path.exists(path):
+                os.remove(path)
+    selection = {"scores": {}, "best_step": None, "best": None, "metric": metric}
+    best_state = None
+    if args.resume != "none" and os.path.exists(selection_path):
+        with open(selection_path) as f:
+            selection = json.load(f)
+        if selection["best"] is not None:
+            best_state = torch.load(best_path, map_location="cpu", weights_only=True)
+    steps_per_epoch = len(loader)
+    chunk_args = copy.copy(args)
+    ends = sorted(set(list(range(args.eval_every, args.epochs, args.eval_every)) + [args.epochs]))
+    for end in ends:
+        chunk_args.max_steps = end * steps_per_epoch if args.max_steps is None else min(end * steps_per_epoch,
+                                                                                         args.max_steps)
+        result = common.fit(run, chunk_args, model, optimizer, loader, train_step)
+        chunk_args.resume = "auto"  # later chunks continue this run
+        if result["interrupted"]:
+            raise SystemExit(f"interrupted; rerun the same command to resume from {run.out_dir}")
+        step = str(result["step"])
+        if select_set is not None and step not in selection["scores"]:
+            score = classification_metrics(predict(model, select_set, args, run, multilabel, arrow),
+                                           num_classes, multilabel)[metric]
+            selection["scores"][step] = score
+            run.print(f"step {step} (epoch {result['step'] / steps_per_epoch:.1f}): selection {metric} {score:.2f}")
+            if selection["best"] is None or score > selection["best"]:
+                selection["best"], selection["best_step"] = score, int(step)
+                best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+                if run.is_main:
+                    common.save_atomic(best_state, best_path)
+            if run.is_main:
+                common.write_json_atomic(selection_path, selection)
+        if result["step"] >= chunk_args.max_steps and chunk_args.max_steps < end * steps_per_epoch:
+            break  # --max-steps reached
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    return selection
+
+
+def classification_task(run, args, arrow=False):
+    """finetune / linear / fewshot (one seed) / transfer / multilabel / arrow-of-time: train a head (and the
+    backbone unless linear), select, test. Returns the result dict."""
+    multilabel = args.task == "multilabel"
+    backbone, source = build_encoder(args)
+    train_full = build_split(args, "train", train=True, augment=not arrow)
+    train_eval = build_split(args, "train", train=False)
+    test_set = build_split(args, "test", train=False)
+    num_classes = 2 if arrow else train_full.num_classes
+    labels = dataset_labels(train_full)
+    train_idx, val_idx = np.arange(len(labels)), None
+    if not args.select_on_test and args.val_fraction > 0:
+        train_idx, val_idx = train_val_split(labels, args.val_fraction, seed=args.seed)
+    if args.per_class or args.label_fraction or args.num_examples:  # the labelled budget, drawn from the rest
+        per_class = args.per_class or (math.ceil(args.num_examples / num_classes) if args.num_examples else None)
+        chosen = per_class_subset(labels[train_idx], per_class, args.label_fraction, seed=args.subset_seed)
+        train_idx = train_idx[chosen]
+    train_set = torch.utils.data.Subset(train_full, train_idx)
+    select_set = (test_set if args.select_on_test else
+                  torch.utils.data.Subset(train_eval, val_idx) if val_idx is not None else None)
+    sizes = {"train": len(train_set), "val": 0 if val_idx is None else len(val_idx), "test": len(test_set)}
+    protocol = describe_protocol(args, source, sizes, num_classes)
+    run.print(protocol)
+    pretrained_on = checkpoint_meta(args.weights).get("args", {}).get("data")
+    if args.task == "transfer":  # Sec. 3.4.3.4: pretrain on a source set, finetune on a different target set
+        run.print(f"  transfer: pretrained on {pretrained_on or 'unknown (no meta in --weights)'} -> {args.data}"
+                  + (" (WARNING: source and target are the same dataset)" if pretrained_on == args.data else ""))
+    model = Classifier(backbone, num_classes, frozen=args.task == "linear", dropout=args.protocol["dropout"])
+    selection = train_and_select(run, args, model, train_set, select_set, num_classes, multilabel, arrow)
+    test = predict(model, test_set, args, run, multilabel, arrow)
+    metrics = classification_metrics(test, num_classes, multilabel)
+    if args.save_logits:  # every process predicts (the outputs are gathered), the main one writes
+        train_pred = predict(model, torch.utils.data.Subset(train_eval, train_idx), args, run, multilabel, arrow)
+        if run.is_main:
+            torch.save({"train": {"logits": train_pred["outputs"], "labels": train_pred["labels"]},
+                        "test": {"logits": test["outputs"], "labels": test["labels"]},
+                        "class_names": getattr(train_full, "class_names", None), "arch": args.arch,
+                        "weights": args.weights, "data": args.data}, os.path.join(run.out_dir, "logits.pth"))
+    return {"metrics": metrics, "primary": args.protocol["metric"], "selection": selection, "sizes": sizes,
+            "weights_source": source, "pretrained_on": pretrained_on, "num_classes": num_classes,
+            "protocol": protocol}
+
+
+def fewshot_task(run, args):
+    """Label-efficient finetuning repeated over seeds (thesis Ch. 2: N per class, 5 seeds, mean +- std; Ch. 3:
+    label fractions; SEVERE: ceil(1000 / C) per class). Each seed runs in <out-dir>/seed_<s>."""
+    runs = []
+    for seed in args.seeds:
+        seed_args = copy.copy(args)
+        seed_args.seed = seed
+        seed_args.subset_seed = seed if args.subset_seed is None else args.subset_seed
+        seed_args.out_dir = os.path.join(args.out_dir, f"seed_{seed}")
+        seed_run = common.Run(seed_args, run.device, seed_args.out_dir)
+        os.makedirs(seed_args.out_dir, exist_ok=True)
+        common.seed_everything(seed + run.rank, args.deterministic)
+        runs.append(classification_task(seed_run, seed_args))
+    metrics = {}
+    for name in runs[0]["metrics"]:
+        values = np.array([r["metrics"][name] for r in runs])
+        metrics[name] = float(values.mean())
+        metrics[f"{name}_std"] = float(values.std())
+    return {"metrics": metrics, "primary": args.protocol["metric"], "seeds": args.seeds,
+            "per_seed": [r["metrics"] for r in runs], "sizes": runs[0]["sizes"], "protocol": runs[0]["protocol"],
+            "weights_source": runs[0]["weights_source"], "num_classes": runs[0]["num_classes"]}
+
+
+# ---------------------------------------------------------------------------------------------- features
+def encoder_features(encoder, dataset, args, run):
+    """Backbone features averaged over the test clips, in eval mode without augmentation -> (N, D), labels."""
+    out = predict(encoder, dataset, args, run)
+    return out["outputs"], out["labels"]
+
+
+def knn_task(run, args):
+    """Retrieval: train split = gallery, test split = queries, cosine similarity (thesis Sec. 3.4.3.2: 1-NN
+    accuracy; CoCLR / ViCC: R@k, k in 1, 5, 10, 20, 50). --center-features subtracts each set's own mean first."""
+    encoder, source = build_encoder(args)
+    gallery_set, query_set = build_split(args, "train", train=False), build_split(args, "test", train=False)
+    sizes = {"train": len(gallery_set), "val": 0, "test": len(query_set)}
+    protocol = describe_protocol(args, source, sizes, gallery_set.num_classes)
+    run.print(protocol)
+    encoder = encoder.to(run.device)
+    gallery, gallery_labels = encoder_features(encoder, gallery_set, args, run)
+    queries, query_labels = encoder_features(encoder, query_set, args, run)
+    if args.center_features:
+        gallery, queries = gallery - gallery.mean(dim=0), queries - queries.mean(dim=0)
+    recall = retrieval_recall(F.normalize(queries, dim=1), query_labels, F.normalize(gallery, dim=1),
+                              gallery_labels, RETRIEVAL_KS)
+    metrics = {"nn1_acc": 100 * recall[1], **{f"R@{k}": 100 * v for k, v in recall.items()}}
+    return {"metrics": metrics, "primary": "nn1_acc", "sizes": sizes, "weights_source": source,
+            "num_classes": gallery_set.num_classes, "protocol": protocol}
+
+
+def checkpoint_prototypes(path):
+    """(K, D) prototypes stored in a checkpoint (a key ending in 'prototypes.weight' or 'prototypes'), or None."""
+    if path in ("none", "kinetics400"):
+        return None
+    obj = torch.load(path, map_location="cpu", weights_only=False)
+    for _ in range(3):
+        if isinstance(obj, dict) and not any(k.endswith("prototypes.weight") or k.endswith("prototypes")
+                                             for k in obj):
+            obj = next((obj[k] for k in ("state_dict", "model") if isinstance(obj.get(k), dict)), obj)
+    if not isinstance(obj, dict):
+        return None
+    return next((v for k, v in obj.items() if torch.is_tensor(v) and v.dim() == 2 and
+                 (k.endswith("prototypes.weight") or k.endswith("prototypes"))), None)
+
+
+def clusters_task(run, args):
+    """ViCC supp. Sec. 3.1.2 / Table 1: hard cluster assignments of the test split (the checkpoint's prototypes when
+    they live in the backbone feature space, else k-means with K = number of classes on L2-normalised features)
+    scored with Hungarian accuracy, NMI, ARI, mean entropy per cluster and mean max purity."""
+    encoder, source = build_encoder(args)
+    test_set = build_split(args, "test", train=False)
+    sizes = {"train": 0, "val": 0, "test": len(test_set)}
+    protocol = describe_protocol(args, source, sizes, test_set.num_classes)
+    run.print(protocol)
+    features, labels = encoder_features(encoder.to(run.device), test_set, args, run)
+    features = F.normalize(features, dim=1)
+    prototypes = checkpoint_prototypes(args.weights) if args.cluster_source != "kmeans" else None
+    if prototypes is not None and prototypes.shape[1] != features.shape[1]:
+        if args.cluster_source == "prototypes":
+            raise ValueError(f"evaluate.py: --weights {args.weights}: prototypes are {tuple(prototypes.shape)} "
+                             f"(they live after the projection head), backbone features are {features.shape[1]}-d")
+        run.print(f"prototypes {tuple(prototypes.shape)} are not in the {features.shape[1]}-d backbone feature "
+                  f"space (projection head not part of the backbone): using k-means")
+        prototypes = None
+    if prototypes is None and args.cluster_source == "prototypes":
+        raise ValueError(f"evaluate.py: --cluster-source prototypes: no prototypes in {args.weights}")
+    if prototypes is not None:  # hard (rounded) assignment to the most similar prototype
+        assignments, source_name = (features @ F.normalize(prototypes.float(), dim=1).T).argmax(dim=1), "prototypes"
+    else:
+        k = args.num_clusters or test_set.num_classes
+        assignments, _ = kmeans(features, k, seed=args.seed)
+        source_name = f"k-means (K={k})"
+    metrics = cluster_metrics(assignments.numpy(), labels.numpy())
+    metrics = {"acc": 100 * metrics["acc"], "nmi": 100 * metrics["nmi"], "ari": 100 * metrics["ari"],
+               "entropy": metrics["entropy"], "max_purity": 100 * metrics["max_purity"]}
+    return {"metrics": metrics, "primary": "nmi", "sizes": sizes, "weights_source": source,
+            "assignments": source_name, "num_classes": test_set.num_classes, "protocol": protocol}
+
+
+# ---------------------------------------------------------------------------------------------- fusion
+def fusion_task(run, args):
+    """JMRN supp. Sec. 3, Eq. (1): alpha per modality (or per modality and class for multi-label) learned on the
+    TRAIN logits saved by --save-logits, evaluated on the test logits beside each modality and the plain sum."""
+    if not args.logits or len(args.logits) < 2:
+        raise ValueError("evaluate.py --task fusion: pass two or more --logits files (written by --save-logits)")
+    saved = [torch.load(path, map_location="cpu", weights_only=False) for path in args.logits]
+    for path, s in zip(args.logits, saved):
+        for split in ("train", "test"):
+            if not torch.equal(s[split]["labels"], saved[0][split]["labels"]):
+                raise ValueError(f"evaluate.py: {path}: its {split} labels differ from {args.logits[0]}'s; the "
+                                 f"logits must come from the same samples in the same order")
+    train = torch.stack([s["train"]["logits"] for s in saved]).float()  # (M, N_train, C)
+    test = torch.stack([s["test"]["logits"] for s in saved]).float()  # (M, N_test, C)
+    if args.fusion_l2:
+        train, test = F.normalize(train, dim=-1), F.normalize(test, dim=-1)
+    train_labels, test_labels = saved[0]["train"]["labels"], saved[0]["test"]["labels"]
+    multilabel = train_labels.dim() > 1
+    per_class = args.fusion_weights == "class" or (args.fusion_weights == "auto" and multilabel)
+    fusion = fit_late_fusion(train, train_labels, multilabel, per_class, epochs=args.epochs, lr=args.lr,
+                             batch_size=args.batch_size, seed=args.seed)
+
+    def score(logits):
+        if multilabel:
+            return 100 * mean_average_precision(torch.sigmoid(logits).numpy(), test_labels.numpy())[0]
+        return 100 * topk_accuracy(logits, test_labels, ks=(1,))[1]
+
+    name = "mAP" if multilabel else "top1"
+    metrics = {f"{name}_input{m}": score(t) for m, t in enumerate(test)}  # input m = the m-th --logits file
+    metrics[f"{name}_sum"] = score(test.sum(dim=0))
+    with torch.no_grad():
+        metrics[f"{name}_learned"] = score(fusion(test))
+    run.print(f"fusion: {len(saved)} modalities, {'M x C' if per_class else 'M'} weights, Adam lr {args.lr}, "
+              f"{args.epochs} epochs on {train.shape[1]} train logits; test {test.shape[1]} samples")
+    return {"metrics": metrics, "primary": f"{name}_learned", "alpha": fusion.alpha.detach().squeeze(-1).tolist(),
+            "sizes": {"train": train.shape[1], "val": 0, "test": test.shape[1]}, "inputs": args.logits}
+
+
+# ---------------------------------------------------------------------------------------------- SEVERE
+def severe_task(run, args):
+    """The SEVERE suite (thesis Table 4.4 / 5.8) for one checkpoint: every column in <out-dir>/<column>/ (a finished
+    column is read back, so rerunning resumes), then our row beside the reference rows with mean and rank over the
+    columns we have. --data-root DIR means DIR/<dataset> per column. With --data toy every recognition column runs
+    on toy-motion (a smoke test of the mechanics, not a benchmark)."""
+    toy = args.data == "toy-motion"
+    ours, notes = {}, {}
+    for name, data, task, examples in SEVERE_COLUMNS:
+        if args.severe_columns and name not in args.severe_columns:
+            continue
+        if task == "repcount":
+            notes[name] = "not run: repetition counting (UCFRep, Zhang et al. 2020) is not implemented (README)"
+            continue
+        if toy and task == "multilabel":
+            notes[name] = "not run: no toy multi-label set"
+            continue
+        column = copy.copy(args)
+        column.task, column.data = task, "toy-motion" if toy else data
+        column.data_root = os.path.join(args.data_root, data) if args.data_root and not toy else args.data_root
+        column.num_examples, column.per_class, column.label_fraction = examples, None, None
+        column.subset_seed = 99999 if args.subset_seed is None else args.subset_seed  # one subset for every model
+        column.seeds = [args.seed]
+        column.out_dir = os.path.join(args.out_dir, re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-"))  # UCF-10-3
+        apply_protocol(column)
+        result_path = os.path.join(column.out_dir, "result.json")
+        if os.path.exists(result_path):
+            with open(result_path) as f:
+                result = json.load(f)
+        else:
+            try:
+                common.build_dataset(column.data, column.data_root, "train")
+            except (OSError, common.VideoReadError) as e:
+                notes[name] = f"not run: data missing ({e}); needs {SEVERE_DATA[data]}"
+                run.print(f"SEVERE {name}: {notes[name]}")
+                continue
+            os.makedirs(column.out_dir, exist_ok=True)
+            column_run = common.Run(column, run.device, column.out_dir)
+            run.print(f"\n==== SEVERE column {name}: --task {task} --data {column.data}")
+            result = fewshot_task(column_run, column) if task == "fewshot" else classification_task(column_run, column)
+            if run.is_main:
+                write_result(column, result)
+        ours[name] = result["metrics"][result["primary"]]
+    names = [name for name, *_ in SEVERE_COLUMNS if name in ours]
+    columns = [i for i, (name, *_) in enumerate(SEVERE_COLUMNS) if name in ours]
+    rows = {ref: [values[i] for i in columns] for ref, values in SEVERE_REFERENCE.items()}
+    rows["this checkpoint"] = [ours[name] for name in names]
+    errors = [k for k, i in enumerate(columns) if SEVERE_COLUMNS[i][0] == "UCF-RC"]
+    summary = severe_mean_and_rank(rows, errors) if names else {}
+    table = ["pretraining".ljust(28) + "".join(n.rjust(12) for n in names) + "mean".rjust(8) + "rank".rjust(7)]
+    for row_name, values in rows.items():
+        mean, rank = summary.get(row_name, (float("nan"), float("nan")))
+        table.append(row_name.ljust(28) + "".join(f"{v:12.3f}" if n == "UCF-RC" else f"{v:12.1f}"
+                                                  for n, v in zip(names, values)) + f"{mean:8.1f}{rank:7.1f}")
+    metrics = dict(ours)
+    if names:
+        metrics["mean"], metrics["rank"] = summary["this checkpoint"]
+    return {"metrics": metrics, "primary": "mean" if names else None, "notes": notes, "table": "\n".join(table),
+            "columns": names}
+
+
+# ==================================================================================================== MAIN
+def protocol_for(data):
+    if data in PROTOCOLS:
+        return PROTOCOLS[data]
+    if data.startswith(("ntu", "pku", "kinetics-skeleton")):
+        return SKELETON
+    return PROTOCOLS["ucf101"]  # videofolder / videolist / other video sets: UCF101's settings
+
+
+def apply_protocol(args):
+    """Fill the per-task optimisation and input settings from PROTOCOLS, keeping values given on the command line
+    (args.overrides)."""
+    args.protocol = protocol_for(args.data)
+    task_key = PROTOCOL_TASK.get(args.task, "finetune")
+    p = args.protocol
+    spec = p.get(task_key) or p.get("finetune") or PROTOCOLS["ucf101"][task_key if task_key == "arrow" else
+                                                                       "finetune"]
+    values = dict(lr=spec["lr"], epochs=spec["epochs"], batch_size=spec["batch"], wd=spec["wd"],
+                  milestones=spec["milestones"], frames=p["frames"], test_clips=p["test_clips"])
+    if args.task == "arrow-of-time":
+        values.update(frames=8, test_clips=1)  # App. B.2.4: 8 frames, one clip at test
+    for name, value in values.items():
+        setattr(args, name, args.overrides.get(name, value))
+    args.optimizer, args.momentum = spec["optimizer"], spec["momentum"]
+    args.eval_every = args.overrides.get("eval_every") or max(1, args.epochs // 10)
+    args.eval_batch_size = max(1, 2 * args.batch_size // args.test_clips)
+    if args.val_fraction is None:  # few-shot: extra labelled data for selection would break the label budget
+        args.val_fraction = 0.0 if args.task == "fewshot" else 0.1
+    args.bad_files = os.path.join(args.out_dir, "bad_files.txt")
+
+
+def resolve_args(args):
+    """Arch from the checkpoint's meta, toy data by modality, the run folder, then the protocol."""
+    if args.data_fraction != 1.0:
+        raise ValueError("evaluate.py: --data-fraction is for pretraining scripts; use --label-fraction (stratified "
+                         "labelled subset, --task fewshot) or --per-class here")
+    args.overrides = {name: getattr(args, name) for name in ("lr", "epochs", "batch_size", "wd", "milestones",
+                                                             "frames", "test_clips", "eval_every")
+                      if getattr(args, name) is not None}
+    if args.task == "fusion":
+        args.lr, args.epochs = args.lr or 1e-3, args.epochs or 100
+        args.batch_size, args.wd, args.milestones = args.batch_size or 256, 0.0, []
+        args.out_dir = args.out_dir or os.path.join("runs", "evaluate-fusion")
+        args.data = "saved logits"
+        return args
+    meta = checkpoint_meta(args.weights)
+    args.arch = args.arch or meta.get("arch")
+    if args.data == "toy":
+        args.data = "toy-skeleton" if args.arch in SKELETON_ARCHS else "toy-motion"
+    if args.arch is None:
+        skeleton = protocol_for(args.data)["modality"] == "skeleton"
+        args.arch = "tiny3d" if args.data == "toy-motion" else "bigru" if skeleton else "r2plus1d_18"
+    args.options = (json.loads(args.arch_options) if args.arch_options else  # the meta's options fit its own arch
+                    meta.get("options", {}) if meta.get("arch") == args.arch else
+                    TOY_ENCODER_OPTIONS.get(args.arch, {}) if args.data == "toy-skeleton" and not meta else {})
+    if args.arch in SKELETON_ARCHS and protocol_for(args.data)["modality"] != "skeleton":
+        raise ValueError(f"evaluate.py: --arch {args.arch} is a skeleton encoder but --data {args.data} is video")
+    if args.concat and args.arch not in SKELETON_ARCHS:
+        raise ValueError("evaluate.py: --concat combines two skeleton encoders (App. A.4); --arch is "
+                         f"{args.arch}")
+    args.seeds = args.seeds or [args.seed]
+    if args.out_dir is None:
+        tag = ("random" if args.weights == "none" else args.weights if args.weights == "kinetics400" else
+               os.path.basename(os.path.dirname(os.path.abspath(args.weights))) or "weights")
+        args.out_dir = os.path.join("runs", f"evaluate-{args.task}-{args.data}-{tag}")
+    if args.task != "severe":
+        apply_protocol(args)
+    else:  # each column applies its own protocol; the batch size here only satisfies common.setup's check
+        args.protocol, args.bad_files = protocol_for(args.data), os.path.join(args.out_dir, "bad_files.txt")
+        args.batch_size = args.batch_size or 32
+    return args
+
+
+def describe_protocol(args, source, sizes, num_classes):
+    """The exact protocol of a run, printed at start and stored in result.json."""
+    p = args.protocol
+    features_only = args.task in ("knn", "clusters")
+    if p["modality"] == "skeleton":
+        inputs = (("" if args.no_center else "centred on body 0's spine joint; ") +
+                  f"crops resampled to {args.frames} frames: " + ("" if features_only else
+                  "random, ratio U(0.5, 1) (train); ") + "centred, ratio 0.95 (test)")
+    elif features_only:
+        inputs = (f"video clips of {args.frames} frames at stride {p['stride']}: {args.test_clips} uniformly spaced "
+                  f"clips per video, short side {p['short_side']} + centre crop {p['crop']}")
+    else:
+        train_aug = ("no augmentation, short side + centre crop" if args.task == "arrow-of-time" else
+                     f"RandomResizedCrop (scale {p['crop_scale'][0]}-{p['crop_scale'][1]})"
+                     + (" + flip" if p["flip"] else "") + (" + colour jitter" if p["jitter"] else ""))
+        inputs = (f"video clips of {args.frames} frames at stride {p['stride']}, {p['crop']}x{p['crop']} crops; "
+                  f"train: 1 random clip, {train_aug}; test: {args.test_clips} uniformly spaced clips, short side "
+                  f"{p['short_side']} + centre crop, "
+                  + ("sigmoid max-pooled" if args.task == "multilabel" else "softmax averaged"))
+    if features_only:
+        lines = [f"protocol: --task {args.task} on {args.data} ({num_classes} classes), backbone {args.arch} "
+                 f"{args.options or ''}" + (f" + {args.concat}" if args.concat else ""), f"  weights: {source}",
+                 f"  input: {inputs}", f"  samples: gallery (train) {sizes['train']} / queries (test) {sizes['test']}"
+                 if args.task == "knn" else f"  samples: test {sizes['test']}",
+                 "  features: backbone output averaged over the clips, eval mode, no augmentation"
+                 + (", each set mean-centred" if args.center_features else "") + ", L2-normalised"]
+        return "\n".join(lines)
+    if args.select_on_test:
+        selection = "checkpoint selected on the TEST split (--select-on-test, as the authors' code; optimistic)"
+    elif args.val_fraction > 0:
+        selection = (f"checkpoint selected on a {args.val_fraction:.0%} stratified validation split of the training "
+                     f"set (seed {args.seed}), every {args.eval_every} epochs")
+    else:
+        selection = "no checkpoint selection: the last epoch is tested"
+    lines = [f"protocol: --task {args.task} on {args.data} ({num_classes} classes), backbone {args.arch} "
+             f"{args.options or ''}" + (f" + {args.concat}" if args.concat else ""),
+             f"  weights: {source}",
+             f"  input: {inputs}",
+             f"  samples: train {sizes['train']} / validation {sizes['val']} / test {sizes['test']} (test = the "
+             f"dataset's official evaluation split)"]
+    if args.per_class or args.label_fraction or args.num_examples:
+        budget = (f"{args.per_class} per class" if args.per_class else f"{args.label_fraction:.0%} of each class"
+                  if args.label_fraction else f"ceil({args.num_examples} / {num_classes}) per class")
+        lines.append(f"  labels: {budget}, subset seed {args.subset_seed}")
+    head = ("frozen backbone in eval mode + new linear classifier" if args.task == "linear" else
+            f"whole network trained, new linear head (dropout {args.protocol['dropout']})")
+    lines += [f"  model: {head}",
+              f"  optimisation: {args.optimizer} lr {args.lr} (momentum {args.momentum} for sgd) wd {args.wd}, "
+              f"global batch {args.batch_size}, {args.epochs} epochs, lr x{args.lr_gamma} at epochs "
+              f"{args.milestones}" + (f", --max-steps {args.max_steps}" if args.max_steps else ""),
+              f"  selection: {selection}"]
+    return "\n".join(lines)
+
+
+def write_result(args, result):
+    """result.json (everything) and result.txt (a readable table) in the run folder."""
+    summary = {"task": args.task, "data": args.data, "arch": getattr(args, "arch", None),
+               "weights": getattr(args, "weights", None), "command": " ".join(sys.argv),
+               "git_commit": common.git_commit(), **result}
+    common.write_json_atomic(os.path.join(args.out_dir, "result.json"), summary)
+    lines = [f"evaluate.py --task {args.task} --data {args.data}"]
+    if "protocol" in result:
+        lines.append(result["protocol"])
+    elif args.task == "fusion":
+        lines.append(f"inputs: {' '.join(result['inputs'])}; alpha {result['alpha']}")
+    else:
+        lines.append(f"backbone {args.arch}, weights {args.weights}")
+    if "table" in result:
+        lines.append(result["table"])
+    lines += [f"{name:<24}{value:10.3f}" for name, value in result["metrics"].items()]
+    lines += [f"note: {name}: {note}" for name, note in result.get("notes", {}).items()]
+    text = "\n".join(lines)
+    with open(os.path.join(args.out_dir, "result.txt"), "w") as f:
+        f.write(text + "\n")
+    return text
+
+
+def main_worker(args):
+    run = common.setup(args, "evaluate")
+    if args.task == "fusion":
+        result = fusion_task(run, args)
+    elif args.task == "knn":
+        result = knn_task(run, args)
+    elif args.task == "clusters":
+        result = clusters_task(run, args)
+    elif args.task == "fewshot":
+        result = fewshot_task(run, args)
+    elif args.task == "severe":
+        result = severe_task(run, args)
+    else:
+        result = classification_task(run, args, arrow=args.task == "arrow-of-time")
+    if run.is_main:
+        print(write_result(args, result), flush=True)
+    return result
+
+
+def main(argv=None):
+    args = resolve_args(get_parser().parse_args(argv))
+    return common.launch(main_worker, args)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,422 @@
+"""evaluate.py: metrics against hand-computed values, subsets, fusion, k-means; end-to-end tasks on toy data."""
+import itertools
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import evaluate as ev
+
+
+# ---------------------------------------------------------------------------------------------- classification
+def test_topk_accuracy_hand_computed():
+    scores = torch.tensor([[0.1, 0.7, 0.2], [0.5, 0.3, 0.2], [0.2, 0.3, 0.5], [0.6, 0.3, 0.1]])
+    labels = torch.tensor([1, 1, 0, 2])
+    # top-1 hits: sample 0 only; top-2 adds sample 1 (label 1 second); samples 2 and 3 have their label last
+    acc = ev.topk_accuracy(scores, labels, ks=(1, 2, 3))
+    assert acc[1] == pytest.approx(0.25)
+    assert acc[2] == pytest.approx(0.5)
+    assert acc[3] == pytest.approx(1.0)
+
+
+def test_mean_class_accuracy_differs_from_top1_on_imbalanced_classes():
+    labels = torch.tensor([0, 0, 0, 0, 1, 1, 2])
+    predictions = torch.tensor([0, 0, 0, 0, 0, 1, 1])
+    # per class: 4/4, 1/2, 0/1 -> mean 0.5, while overall accuracy is 5/7
+    assert ev.mean_class_accuracy(predictions, labels, num_classes=4) == pytest.approx(0.5)  # class 3 absent
+    assert (predictions == labels).float().mean().item() == pytest.approx(5 / 7)
+
+
+# ---------------------------------------------------------------------------------------------- mAP
+def test_map_drops_classes_without_positives():
+    scores = np.array([[0.9, 0.5, 0.1], [0.8, 0.4, 0.9], [0.3, 0.6, 0.3], [0.1, 0.2, 0.2]])
+    targets = np.array([[1, 0, 0], [0, 1, 0], [1, 0, 0], [0, 0, 0]])  # class 2 has no positive
+    m, per_class = ev.mean_average_precision(scores, targets)
+    # class 0: ranking pos, neg, pos -> AP = (1 + 2/3) / 2; class 1: neg, neg, pos -> AP = 1/3
+    assert set(per_class) == {0, 1}
+    assert per_class[0] == pytest.approx((1 + 2 / 3) / 2)
+    assert per_class[1] == pytest.approx(1 / 3)
+    assert m == pytest.approx(((1 + 2 / 3) / 2 + 1 / 3) / 2)
+
+
+def test_average_precision_counts_ties_together():
+    # a positive tied with a negative: one threshold, precision 1/2 at recall 1 (sklearn gives 0.5)
+    assert ev.average_precision([0.5, 0.5], [1, 0]) == pytest.approx(0.5)
+    # perfect ranking
+    assert ev.average_precision([0.9, 0.8, 0.1], [1, 1, 0]) == pytest.approx(1.0)
+
+
+# ---------------------------------------------------------------------------------------------- retrieval
+def test_retrieval_recall_hand_computed():
+    angle = lambda a: [math.cos(a), math.sin(a)]  # noqa: E731
+    gallery = torch.tensor([angle(0.0), angle(0.5), angle(1.0), angle(2.0)])
+    gallery_labels = torch.tensor([0, 1, 2, 3])
+    queries = torch.tensor([angle(0.1), angle(0.9), angle(1.9)])
+    query_labels = torch.tensor([1, 2, 0])
+    # query 0 neighbours by angle: 0 (0.1), 1 (0.4), 2 (0.9), 3 (1.9): label 1 is 2nd -> R@1 miss, R@2 hit
+    # query 1: 2 (0.1), 1 (0.4), 0 (0.9), 3 (1.1): label 2 first -> hit from R@1
+    # query 2: 3 (0.1), 2 (0.9), 1 (1.4), 0 (1.9): label 0 is 4th -> hit only at R@4
+    r = ev.retrieval_recall(queries, query_labels, gallery, gallery_labels, ks=(1, 2, 3, 4))
+    assert r[1] == pytest.approx(1 / 3)
+    assert r[2] == pytest.approx(2 / 3)
+    assert r[3] == pytest.approx(2 / 3)
+    assert r[4] == pytest.approx(1.0)
+
+
+def test_retrieval_recall_k_larger_than_gallery():
+    gallery = torch.eye(3)
+    r = ev.retrieval_recall(torch.eye(3), torch.tensor([0, 1, 2]), gallery, torch.tensor([0, 1, 2]), ks=(1, 50))
+    assert r == {1: 1.0, 50: 1.0}
+
+
+# ---------------------------------------------------------------------------------------------- repetition counting
+def test_repetition_count_errors_hand_computed():
+    # rounded predictions 4, 10, 2, 7 for true counts 5, 10, 4, 7
+    out = ev.repetition_count_errors([4.4, 9.6, 2.2, 7.0], [5, 10, 4, 7])
+    assert out["mae"] == pytest.approx((1 / 5 + 0 + 2 / 4 + 0) / 4)
+    assert out["obo"] == pytest.approx(3 / 4)
+
+
+# ---------------------------------------------------------------------------------------------- clusters
+CLUSTERS = np.array([0, 0, 1, 1, 2, 2])  # contingency (cluster x class): [[2, 0], [1, 1], [0, 2]]
+LABELS = np.array([0, 0, 0, 1, 1, 1])
+
+
+def test_contingency_matrix():
+    np.testing.assert_array_equal(ev.contingency_matrix(CLUSTERS, LABELS), [[2, 0], [1, 1], [0, 2]])
+
+
+def test_nmi_ari_hungarian_on_known_contingency_table():
+    # MI = 2 * (2/6) ln(6*2 / (2*3)) = (2/3) ln 2; H(clusters) = ln 3, H(classes) = ln 2
+    assert ev.normalized_mutual_info(CLUSTERS, LABELS) == pytest.approx((2 / 3 * math.log(2)) /
+                                                                       ((math.log(3) + math.log(2)) / 2))
+    # sum C(n_ij, 2) = 2; sum C(a_i, 2) = 3; sum C(b_j, 2) = 6; C(6, 2) = 15 -> E = 1.2, max = 4.5
+    assert ev.adjusted_rand_index(CLUSTERS, LABELS) == pytest.approx((2 - 1.2) / (4.5 - 1.2))
+    # best matching: cluster 0 -> class 0 (2), cluster 2 -> class 1 (2); cluster 1 unmatched
+    assert ev.hungarian_accuracy(CLUSTERS, LABELS) == pytest.approx(4 / 6)
+    entropy, purity = ev.cluster_purity_entropy(CLUSTERS, LABELS)
+    assert entropy == pytest.approx(math.log(2) / 3)
+    assert purity == pytest.approx((1 + 0.5 + 1) / 3)
+
+
+def test_cluster_metrics_are_invariant_to_relabelling_and_perfect_on_identity():
+    labels = np.array([0, 0, 1, 1, 2, 2, 2])
+    perfect = ev.cluster_metrics(np.array([5, 5, 3, 3, 9, 9, 9]), labels)
+    assert perfect["acc"] == pytest.approx(1) and perfect["nmi"] == pytest.approx(1)
+    assert perfect["ari"] == pytest.approx(1) and perfect["entropy"] == pytest.approx(0)
+    assert perfect["max_purity"] == pytest.approx(1)
+    # a random partition: ARI near 0 (it is chance-corrected), NMI well below 1
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 5, 2000)
+    noise = ev.cluster_metrics(rng.integers(0, 5, 2000), labels)
+    assert abs(noise["ari"]) < 0.01 and noise["nmi"] < 0.01
+
+
+def test_linear_sum_assignment_matches_brute_force():
+    rng = np.random.default_rng(0)
+    for shape in [(1, 1), (3, 3), (4, 4), (3, 5), (5, 3), (6, 6)]:
+        cost = rng.integers(0, 20, shape).astype(float)
+        rows, cols = ev.linear_sum_assignment(cost)
+        assert len(rows) == min(shape) and len(set(rows)) == len(rows) and len(set(cols)) == len(cols)
+        n, m = shape
+        if n <= m:
+            best = min(sum(cost[i, p[i]] for i in range(n)) for p in itertools.permutations(range(m), n))
+        else:
+            best = min(sum(cost[p[j], j] for j in range(m)) for p in itertools.permutations(range(n), m))
+        assert cost[rows, cols].sum() == pytest.approx(best)
+
+
+def test_kmeans_recovers_separated_blobs():
+    generator = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[5.0, 0.0], [0.0, 5.0], [-5.0, -5.0]])
+    truth = torch.arange(3).repeat_interleave(30)
+    points = centres[truth] + 0.3 * torch.randn(90, 2, generator=generator)
+    assignments, centroids = ev.kmeans(points, 3, seed=1)
+    assert centroids.shape == (3, 2)
+    assert ev.adjusted_rand_index(assignments.numpy(), truth.numpy()) == pytest.approx(1.0)
+    again, _ = ev.kmeans(points, 3, seed=1)
+    assert torch.equal(assignments, again)
+
+
+# ---------------------------------------------------------------------------------------------- SEVERE summary
+def test_severe_mean_reproduces_table_5_8():
+    printed_mean = {"Supervised": 70.9, "None": 52.9, "SeLaVi": 58.6, "MoCo": 59.5, "VideoMoCo": 58.6,
+                    "Pretext-Contrast": 60.5, "AVID-CMA": 61.6, "GDT": 64.8, "RSPNet": 62.6, "TCLR": 61.7,
+                    "CtP": 63.2, "Tubelet-Contrast (Mini-K)": 66.0, "Tubelet-Contrast (K400)": 66.5,
+                    "SVT (ViT-B)": 51.0}  # VideoMAE's printed 58.1 is inconsistent with its row (58.8)
+    summary = ev.severe_mean_and_rank(ev.SEVERE_REFERENCE)
+    for name, mean in printed_mean.items():
+        assert summary[name][0] == pytest.approx(mean, abs=0.051), name
+    assert summary["VideoMAE (ViT-B)"][0] == pytest.approx(58.8, abs=0.05)
+    # rank: the best row of a column gets 1; UCF-RC is lower-is-better
+    toy = ev.severe_mean_and_rank({"a": [1, 1, 1, 1, 1, 1, 0.1, 1], "b": [2, 2, 2, 2, 2, 2, 0.2, 2]})
+    assert toy["a"][1] == pytest.approx((7 * 2 + 1) / 8) and toy["b"][1] == pytest.approx((7 * 1 + 2) / 8)
+
+
+# ---------------------------------------------------------------------------------------------- subsets
+def test_per_class_subset_quota_is_stratified_and_reproducible():
+    labels = np.repeat(np.arange(101), [5 + (c % 13) for c in range(101)])
+    quota = math.ceil(1000 / 101)  # SEVERE UCF (10^3): 10 per class
+    subset = ev.per_class_subset(labels, per_class=quota, seed=3)
+    counts = np.bincount(labels[subset], minlength=101)
+    np.testing.assert_array_equal(counts, np.minimum(np.bincount(labels), quota))
+    np.testing.assert_array_equal(subset, ev.per_class_subset(labels, per_class=quota, seed=3))
+    assert not np.array_equal(subset, ev.per_class_subset(labels, per_class=quota, seed=4))
+    assert np.all(np.diff(subset) > 0)
+
+
+def test_per_class_subset_fraction_is_stratified():
+    labels = np.repeat([0, 1, 2], [100, 50, 3])
+    subset = ev.per_class_subset(labels, fraction=0.2, seed=0)
+    np.testing.assert_array_equal(np.bincount(labels[subset]), [20, 10, 1])  # round(0.6) = 1, at least 1
+
+
+def test_train_val_split_is_disjoint_stratified_and_keeps_a_training_sample():
+    labels = np.repeat([0, 1, 2], [50, 20, 1])
+    train, val = ev.train_val_split(labels, 0.1, seed=0)
+    assert len(np.intersect1d(train, val)) == 0 and len(train) + len(val) == len(labels)
+    np.testing.assert_array_equal(np.bincount(labels[val], minlength=3), [5, 2, 0])
+    again = ev.train_val_split(labels, 0.1, seed=0)
+    np.testing.assert_array_equal(val, again[1])
+
+
+# ---------------------------------------------------------------------------------------------- fusion
+def test_late_fusion_learns_the_generating_weights():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3000, 5, generator=generator)  # (M, N, C)
+    true_combined = 3.0 * logits[0] + 1.0 * logits[1]
+    labels = torch.distributions.Categorical(logits=true_combined).sample()  # labels drawn from softmax(3 l1 + l2)
+    fusion = ev.fit_late_fusion(logits, labels, multilabel=False, per_class=False, epochs=60, lr=0.05)
+    alpha = fusion.alpha.detach().squeeze(1)
+    assert alpha[0] == pytest.approx(3.0, abs=0.4) and alpha[1] == pytest.approx(1.0, abs=0.25)
+
+
+def test_late_fusion_per_class_weights_for_multilabel():
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(2, 3000, 3, generator=generator)
+    # class 0 is decided by modality 0 only, class 2 by modality 1 only
+    weights = torch.tensor([[4.0, 2.0, 0.0], [0.0, 2.0, 4.0]])
+    targets = torch.bernoulli(torch.sigmoid((weights[:, None, :] * logits).sum(0)), generator=generator)
+    fusion = ev.fit_late_fusion(logits, targets, multilabel=True, per_class=True, epochs=60, lr=0.05)
+    alpha = fusion.alpha.detach()
+    assert alpha.shape == (2, 3)
+    assert alpha[0, 0] > 3 and abs(alpha[1, 0]) < 0.7 and alpha[1, 2] > 3 and abs(alpha[0, 2]) < 0.7
+
+
+# ---------------------------------------------------------------------------------------------- the linear probe
+def test_linear_probe_keeps_backbone_weights_and_bn_statistics_fixed():
+    backbone = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8))
+    backbone.feature_dim = 8
+    model = ev.Classifier(backbone, 3, frozen=True)
+    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    model.train()
+    assert not backbone.training and model.fc.training
+    for _ in range(3):
+        loss = torch.nn.functional.cross_entropy(model(torch.randn(16, 4) * 3 + 1), torch.randint(0, 3, (16,)))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    for k, v in backbone.state_dict().items():
+        assert torch.equal(v, before[k]), k  # weights and BN running statistics untouched
+    finetuned = ev.Classifier(backbone, 3, frozen=False)
+    finetuned.train()
+    assert backbone.training and all(p.requires_grad for p in backbone.parameters())
+
+
+def test_temporal_crop_resize_centre_and_random():
+    x = torch.zeros(3, 100, 25, 2)
+    x[:, :80] = torch.arange(80, dtype=torch.float32).view(1, 80, 1, 1) + 1  # 80 valid frames, then zero padding
+    centre = ev.temporal_crop_resize(x, 64, 0.95, random_start=False)
+    assert centre.shape == (3, 64, 25, 2)
+    # 0.95 * 80 = 76 frames starting at (80 - 76) // 2 = 2: values 3 .. 78 resampled to 64 steps
+    assert centre[0, 0, 0, 0] == pytest.approx(3, abs=0.7) and centre[0, -1, 0, 0] == pytest.approx(78, abs=0.7)
+    torch.manual_seed(0)
+    crop = ev.temporal_crop_resize(x, 64, (0.5, 1.0), random_start=True)
+    assert crop.shape == (3, 64, 25, 2) and crop.min() >= 1  # never reaches into the zero padding
+    assert torch.all(crop[0, 1:, 0, 0] >= crop[0, :-1, 0, 0])  # time order kept
+
+
+# ---------------------------------------------------------------------------------------------- end to end (toy)
+SMALL_BIGRU = '{"hidden": 32, "layers": 1}'
+
+
+@pytest.fixture
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # 2 shared cores: intra-op threads only add contention here
+    yield
+    torch.set_num_threads(threads)
+
+
+def run_evaluate(tmp_path, *argv):
+    result = ev.main(["--workers", "0", "--out-dir", str(tmp_path), *argv])
+    with open(tmp_path / "result.json") as f:
+        saved = json.load(f)
+    assert saved["metrics"] == pytest.approx(result["metrics"])
+    assert (tmp_path / "result.txt").read_text().startswith("evaluate.py --task")
+    return result
+
+
+def test_finetune_toy_motion_selects_on_validation_and_saves_logits(tmp_path, one_thread, capsys):
+    result = run_evaluate(tmp_path, "--task", "finetune", "--max-steps", "3", "--save-logits")
+    out = capsys.readouterr().out
+    assert "10% stratified validation split" in out and "2 uniformly spaced clips" in out
+    assert result["sizes"] == {"train": 176, "val": 16, "test": 64}  # toy-motion: 8 classes x (24 train, 8 test)
+    assert set(result["metrics"]) == {"top1", "top5", "mean_class_acc"}
+    assert 0 <= result["metrics"]["top1"] <= 100
+    assert result["selection"]["best_step"] == 3 and (tmp_path / "best.pth").exists()
+    logits = torch.load(tmp_path / "logits.pth", weights_only=False)
+    assert logits["train"]["logits"].shape == (176, 8) and logits["test"]["logits"].shape == (64, 8)
+
+
+def test_select_on_test_uses_the_test_split(tmp_path, one_thread, capsys):
+    result = run_evaluate(tmp_path, "--task", "linear", "--data", "toy-skeleton", "--arch", "bigru",
+                          "--arch-options", SMALL_BIGRU, "--max-steps", "2", "--select-on-test")
+    assert "selected on the TEST split" in capsys.readouterr().out
+    assert result["sizes"]["val"] == 0 and result["sizes"]["train"] == 252  # toy-skeleton: 7 subjects x 12 x 3
+
+
+def test_linear_skeleton_resumes_from_its_run_folder(tmp_path, one_thread):
+    argv = ["--task", "linear", "--data", "toy-skeleton", "--arch", "bigru", "--arch-options", SMALL_BIGRU,
+            "--epochs", "2"]
+    first = run_evaluate(tmp_path, *argv)
+    second = run_evaluate(tmp_path, *argv)
+    assert second["metrics"] == pytest.approx(first["metrics"])
+    assert second["selection"] == first["selection"]
+
+
+def test_knn_and_clusters_toy_skeleton_with_concatenated_encoders(tmp_path, one_thread):
+    knn = run_evaluate(tmp_path / "knn", "--task", "knn", "--data", "toy-skeleton", "--arch", "bigru",
+                       "--arch-options", SMALL_BIGRU, "--concat", "agcn", "--concat-options", '{"hidden": 8}')
+    assert set(knn["metrics"]) == {"nn1_acc", "R@1", "R@5", "R@10", "R@20", "R@50"}
+    assert knn["metrics"]["nn1_acc"] == knn["metrics"]["R@1"]
+    values = [knn["metrics"][f"R@{k}"] for k in (1, 5, 10, 20, 50)]
+    assert values == sorted(values)
+    clusters = run_evaluate(tmp_path / "clusters", "--task", "clusters", "--data", "toy-skeleton", "--arch", "bigru",
+                            "--arch-options", SMALL_BIGRU)
+    assert clusters["assignments"] == "k-means (K=12)"
+    assert 0 <= clusters["metrics"]["nmi"] <= 100 and clusters["metrics"]["entropy"] >= 0
+
+
+def test_fewshot_repeats_over_seeds_with_stratified_budget(tmp_path, one_thread):
+    result = run_evaluate(tmp_path, "--task", "fewshot", "--data", "toy-skeleton", "--arch", "bigru",
+                          "--arch-options", SMALL_BIGRU, "--per-class", "3", "--seeds", "0", "1", "--max-steps", "1")
+    assert result["sizes"] == {"train": 36, "val": 0, "test": 108}  # 3 x 12 classes, no selection split
+    assert len(result["per_seed"]) == 2 and "top1_std" in result["metrics"]
+    assert (tmp_path / "seed_1" / "checkpoint.pth").exists()
+    assert not (tmp_path / "seed_1" / "best.pth").exists()  # no selection: the last state is tested
+
+
+def test_transfer_loads_our_backbone_file_and_rejects_a_wrong_arch(tmp_path, one_thread):
+    backbone = common.build_backbone("bigru", hidden=32, layers=1)
+    common.save_backbone(backbone, str(tmp_path / "backbone.pth"), {"arch": "bigru", "options": {"hidden": 32,
+                                                                                                 "layers": 1}})
+    result = run_evaluate(tmp_path / "run", "--task", "transfer", "--data", "toy-skeleton", "--weights",
+                          str(tmp_path / "backbone.pth"), "--max-steps", "1")
+    assert result["weights_source"].startswith(str(tmp_path / "backbone.pth"))
+    with pytest.raises(ValueError, match="does not fit --arch agcn"):
+        ev.main(["--task", "linear", "--data", "toy-skeleton", "--arch", "agcn", "--weights",
+                 str(tmp_path / "backbone.pth"), "--out-dir", str(tmp_path / "bad"), "--workers", "0"])
+
+
+def test_arrow_of_time_scores_both_directions(tmp_path, one_thread):
+    result = run_evaluate(tmp_path, "--task", "arrow-of-time", "--max-steps", "1", "--val-fraction", "0")
+    assert result["num_classes"] == 2 and set(result["metrics"]) == {"top1", "mean_class_acc"}
+    # every test video is scored forward and backward: balanced classes, so a constant guess scores 50 %
+    assert 0 <= result["metrics"]["top1"] <= 100
+
+
+def write_toy_charades(root):
+    """A Charades-layout copy of toy-motion: 8 motion classes plus 'straight' and 'periodic' group labels."""
+    common.build_dataset("toy-motion", None, "train")
+    names = common.TOY_MOTION_CLASSES
+    groups = {"right": 8, "left": 8, "down": 8, "up": 8, "zigzag": 8, "circle_cw": 9, "circle_ccw": 9,
+              "shake_vertical": 9}
+    os.makedirs(root / "Charades_v1_480")
+    (root / "Charades_v1_classes.txt").write_text("".join(f"c{i:03d} {n}\n" for i, n in
+                                                          enumerate(names + ["straight", "periodic"])))
+    for split, csv in (("train", "train"), ("val", "test")):
+        lines = ["id,actions"]
+        for label, name in enumerate(names):
+            for k in range(6 if split == "train" else 3):
+                vid = f"{split}{label}{k}"
+                shutil.copy(os.path.join("data", "toy-motion", split, name, f"{name}_{k:04d}.mp4"),
+                            root / "Charades_v1_480" / f"{vid}.mp4")
+                lines.append(f"{vid},c{label:03d} 0.0 1.0;c{groups[name]:03d} 0.0 1.0")
+        (root / f"Charades_v1_{csv}.csv").write_text("\n".join(lines) + "\n")
+
+
+def test_multilabel_on_a_charades_layout(tmp_path, one_thread):
+    write_toy_charades(tmp_path / "charades")
+    result = run_evaluate(tmp_path / "run", "--task", "multilabel", "--data", "charades", "--data-root",
+                          str(tmp_path / "charades"), "--arch", "tiny3d", "--frames", "8", "--test-clips", "2",
+                          "--batch-size", "8", "--epochs", "1", "--max-steps", "2")
+    assert set(result["metrics"]) == {"mAP"} and 0 < result["metrics"]["mAP"] <= 100
+    assert result["sizes"]["test"] == 24
+
+
+def test_fusion_task_learns_to_trust_the_informative_modality(tmp_path, one_thread):
+    generator = torch.Generator().manual_seed(0)
+    labels = {"train": torch.randint(0, 4, (400,), generator=generator),
+              "test": torch.randint(0, 4, (200,), generator=generator)}
+    for name, signal in (("good", 3.0), ("noise", 0.0)):
+        os.makedirs(tmp_path / name)
+        saved = {}
+        for split, y in labels.items():
+            logits = torch.randn(len(y), 4, generator=generator) + signal * torch.nn.functional.one_hot(y, 4)
+            saved[split] = {"logits": logits, "labels": y}
+        torch.save(saved, tmp_path / name / "logits.pth")
+    result = run_evaluate(tmp_path / "fusion", "--task", "fusion", "--logits", str(tmp_path / "good" / "logits.pth"),
+                          str(tmp_path / "noise" / "logits.pth"), "--lr", "0.05", "--epochs", "50")
+    alpha = result["alpha"]
+    assert alpha[0] > 2 * abs(alpha[1])
+    assert result["metrics"]["top1_learned"] >= result["metrics"]["top1_sum"]
+
+
+def test_severe_suite_on_toy_data_prints_our_row_beside_the_references(tmp_path, one_thread):
+    result = run_evaluate(tmp_path, "--task", "severe", "--severe-columns", "UCF (10^3)", "FX-S1", "UCF-RC",
+                          "Charades", "--max-steps", "1")
+    assert result["columns"] == ["UCF (10^3)", "FX-S1"]
+    assert "UCF-RC" in result["notes"] and "Charades" in result["notes"]
+    table = result["table"]
+    assert "this checkpoint" in table and "Tubelet-Contrast (K400)" in table
+    assert (tmp_path / "FX-S1" / "result.json").exists() and (tmp_path / "UCF-10-3" / "seed_0").is_dir()
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_gather_every_test_sample_once(tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    subprocess.run([sys.executable, os.path.join(root, "evaluate.py"), "--task", "linear", "--data", "toy-skeleton",
+                    "--arch", "bigru", "--arch-options", SMALL_BIGRU, "--epochs", "1", "--device", "cpu", "--gpus",
+                    "2", "--workers", "0", "--out-dir", str(tmp_path)], check=True, env=env, capture_output=True,
+                   timeout=300)
+    with open(tmp_path / "result.json") as f:
+        result = json.load(f)
+    assert result["sizes"] == {"train": 228, "val": 24, "test": 108}
+    # 108 test skeletons over 2 processes: accuracy is a multiple of 1/108 (no padded duplicate counted)
+    correct = result["metrics"]["top1"] * 108 / 100
+    assert abs(correct - round(correct)) < 1e-4
+
+
+def test_clusters_use_checkpoint_prototypes_in_feature_space_else_kmeans(tmp_path, one_thread):
+    backbone = common.build_backbone("bigru", hidden=32, layers=1)  # 64-d features
+    state = dict(backbone.state_dict())
+    torch.save({"state_dict": {**state, "prototypes.weight": torch.randn(5, 64)}}, tmp_path / "in_space.pth")
+    torch.save({"state_dict": {**state, "prototypes.weight": torch.randn(5, 128)}}, tmp_path / "projected.pth")
+    argv = ["--task", "clusters", "--data", "toy-skeleton", "--arch", "bigru", "--arch-options", SMALL_BIGRU]
+    result = run_evaluate(tmp_path / "a", *argv, "--weights", str(tmp_path / "in_space.pth"))
+    assert result["assignments"] == "prototypes"
+    result = run_evaluate(tmp_path / "b", *argv, "--weights", str(tmp_path / "projected.pth"))
+    assert result["assignments"] == "k-means (K=12)"
+    with pytest.raises(ValueError, match="projection head"):
+        ev.main(["--workers", "0", "--out-dir", str(tmp_path / "c"), *argv, "--weights",
+                 str(tmp_path / "projected.pth"), "--cluster-source", "prototypes"])

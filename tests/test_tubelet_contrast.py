@@ -1,0 +1,401 @@
+"""Method tests for tubelet_contrast.py that need no common.py: paths, transforms, pasting, MoCo queue, InfoNCE."""
+import argparse
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+
+import tubelet_contrast as tc
+
+torch.set_num_threads(1)
+
+
+def make_args(*argv):
+    return tc.finalize_method_args(tc.add_method_args(argparse.ArgumentParser()).parse_args(list(argv)))
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def one_tubelet(args, centre, size=(40.0, 16.0), angle=0.0, scale=(1.0, 1.0), clip_len=4, hw=112, shape=0):
+    """A single hand-made tubelet (B = M = 1): static centre, the given transform at every frame after frame 0."""
+    t = clip_len
+    a = math.radians(angle)
+    rot = torch.tensor([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
+    matrix = torch.eye(2).repeat(t, 1, 1)
+    matrix[1:] = rot @ torch.diag(torch.tensor(scale))
+    tube = dict(size=torch.tensor([size]), shape=torch.tensor([shape]), soft=torch.ones(1),
+                source_frame=torch.zeros(1, dtype=torch.long), source_centre=torch.tensor([[hw / 2, hw / 2]]),
+                centres=torch.tensor(centre, dtype=torch.float).expand(1, t, 2).clone(), matrix=matrix[None],
+                opacity=torch.ones(1, t))
+    return {k: v.unsqueeze(0) for k, v in tube.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- flags
+
+
+def test_defaults_are_the_papers():
+    args = make_args()
+    assert (args.motion, args.keyframes, args.num_tubelets, args.transforms) == ("nonlinear", 3, 2, ("rotation",))
+    assert (args.patch_min, args.patch_max, args.temperature, args.moco_momentum, args.proj_dim) == (16, 64, 0.2,
+                                                                                                     0.999, 128)
+    assert args.arch == "tiny3d" and args.queue_size == 1024  # toy data
+    ns = tc.add_method_args(argparse.ArgumentParser()).parse_args(["--arch", "i3d"])
+    ns.data = "k400"
+    ns = tc.finalize_method_args(ns)
+    assert (ns.crop_size, ns.patch_min, ns.patch_max, ns.queue_size) == (224, 32, 128, 65536)  # App. C.2
+    with pytest.raises(ValueError, match="tubelet_contrast.py.*--transform"):
+        make_args("--transform", "rotation,zoom")
+
+
+# ---------------------------------------------------------------------------------------------------- motion
+
+
+def test_linear_paths_respect_keyframes_and_delta():
+    args = make_args("--motion", "linear", "--keyframes", "4")
+    centres, keyframes, delta = tc.linear_paths(500, 16, 112, 112, args, generator=gen())
+    assert centres.shape == (500, 16, 2) and keyframes.shape == (500, 4)
+    assert (keyframes[:, 0] == 0).all() and (keyframes[:, -1] == 15).all()
+    assert (keyframes[:, 1:] > keyframes[:, :-1]).all()  # K distinct keyframes
+    assert ((delta >= 40) & (delta <= 80)).all()
+    points = centres.gather(1, keyframes.unsqueeze(-1).expand(-1, -1, 2))  # (n, K, 2)
+    steps = (points[:, 1:] - points[:, :-1]).norm(dim=-1)
+    assert (steps <= delta[:, None] + 1e-4).all()
+    assert steps.max() > 40  # the constraint is not trivially satisfied by tiny steps
+    # piecewise linear: the acceleration vanishes everywhere except at inner keyframes
+    acc = (centres[:, 2:] - 2 * centres[:, 1:-1] + centres[:, :-2]).norm(dim=-1)  # (n, T - 2), frames 1..T-2
+    inner = torch.zeros(500, 16, dtype=torch.bool).scatter_(1, keyframes, True)[:, 1:-1]
+    assert acc[~inner].max() < 1e-3
+    assert ((centres >= 0) & (centres <= 112)).all()
+
+
+def test_nonlinear_paths_stay_inside_and_are_not_straight():
+    args = make_args("--motion", "nonlinear")
+    centres = tc.nonlinear_paths(300, 16, 112, 112, args, generator=gen(1))
+    assert centres.shape == (300, 16, 2)
+    assert ((centres >= 0) & (centres <= 112)).all()
+    start, end = centres[:, :1], centres[:, -1:]
+    chord = (end - start) / (end - start).norm(dim=-1, keepdim=True).clamp_min(1e-6)  # (n, 1, 2)
+    rel = centres - start
+    off_line = (rel[..., 0] * chord[..., 1] - rel[..., 1] * chord[..., 0]).abs().amax(dim=1)  # max distance to chord
+    assert (off_line > 3).float().mean() > 0.8
+    extent = (centres.amax(1) - centres.amin(1)).amax(-1)
+    assert extent.min() > 10  # paths actually move
+
+
+def test_static_tubelets_do_not_move():
+    args = make_args("--motion", "none")
+    tub = tc.sample_tubelets(4, 8, 112, 112, args, generator=gen())
+    assert (tub["centres"] == tub["centres"][:, :, :1]).all()
+
+
+# ---------------------------------------------------------------------------------------------------- transforms
+
+
+def test_transform_parameters_identity_at_first_frame_and_in_range():
+    args = make_args("--transform", "rotation,scale,shear")
+    matrix, p = tc.transform_matrices(200, 16, args, generator=gen())
+    assert torch.allclose(matrix[:, 0], torch.eye(2).expand(200, 2, 2))
+    kf = p["transform_keyframes"]
+    angle_k = p["angle"].gather(1, kf)[:, 1:]
+    assert angle_k.abs().max() <= 90 and angle_k.abs().max() > 60
+    scale_k = p["scale"].gather(1, kf.unsqueeze(-1).expand(-1, -1, 2))[:, 1:]
+    assert ((scale_k >= 0.5) & (scale_k <= 1.5)).all()
+    shear_k = p["shear"].gather(1, kf.unsqueeze(-1).expand(-1, -1, 2))[:, 1:]
+    assert shear_k.abs().max() <= 1.0
+    none, _ = tc.transform_matrices(10, 16, make_args("--transform", "none"), generator=gen())
+    assert torch.equal(none, torch.eye(2).expand(10, 16, 2, 2))
+
+
+def mask_stats(alpha_frame):
+    """Area and principal-axis angle (degrees, image coordinates) of a 2-D mask."""
+    ys, xs = torch.meshgrid(torch.arange(alpha_frame.shape[0]).float(), torch.arange(alpha_frame.shape[1]).float(),
+                            indexing="ij")
+    w = alpha_frame
+    area = w.sum()
+    mx, my = (w * xs).sum() / area, (w * ys).sum() / area
+    cxx = (w * (xs - mx) ** 2).sum() / area
+    cyy = (w * (ys - my) ** 2).sum() / area
+    cxy = (w * (xs - mx) * (ys - my)).sum() / area
+    return area, math.degrees(0.5 * math.atan2(2 * cxy, cxx - cyy))
+
+
+def paste_mask(tube, hw=112):
+    """Pastes a white patch (clip 1 = 1 everywhere) on a black clip 2 -> the alpha mask per frame."""
+    t = tube["centres"].shape[2]
+    ones, zeros = torch.ones(1, 1, t, hw, hw), torch.zeros(1, 1, t, hw, hw)
+    _, v2 = tc.paste_tubelets(ones, zeros, tube)
+    return v2[0, 0]  # (T, H, W)
+
+
+@pytest.mark.parametrize("angle", [30.0, -55.0])
+def test_rotation_is_recovered_from_the_pasted_patch(angle):
+    args = make_args()
+    mask = paste_mask(one_tubelet(args, centre=(56.0, 56.0), angle=angle))
+    area0, angle0 = mask_stats(mask[0])
+    area1, angle1 = mask_stats(mask[1])
+    assert abs(angle0) < 0.5  # frame 0: the untransformed 40 x 16 patch, long axis horizontal
+    assert abs(angle1 - angle) < 1.0
+    assert abs(area1 / area0 - 1) < 0.03  # rotation keeps the area
+
+
+def test_scale_changes_the_area_by_the_product_of_factors():
+    args = make_args()
+    mask = paste_mask(one_tubelet(args, centre=(56.0, 56.0), size=(30.0, 20.0), scale=(1.4, 0.6)))
+    area0, _ = mask_stats(mask[0])
+    area1, _ = mask_stats(mask[1])
+    assert abs(area0 - 600) < 30
+    assert abs(area1 / area0 - 1.4 * 0.6) < 0.04
+
+
+def test_shapes_cover_the_expected_fraction_of_the_box():
+    args = make_args()
+    areas = [mask_stats(paste_mask(one_tubelet(args, (56.0, 56.0), size=(40.0, 40.0), shape=s))[0])[0] / 1600
+             for s in range(3)]
+    assert abs(areas[0] - 1) < 0.05 and abs(areas[1] - math.pi / 4) < 0.05 and abs(areas[2] - 0.5) < 0.05
+
+
+def test_patch_content_is_copied_from_clip_1():
+    args = make_args()
+    v1 = torch.rand(1, 3, 4, 112, 112, generator=gen(5)) * 255
+    tube = one_tubelet(args, centre=(30.0, 80.0), size=(20.0, 20.0))  # source centre (56, 56), integer shift
+    out1, _ = tc.paste_tubelets(v1, torch.zeros_like(v1), tube)
+    # frame 0 and following: 20 x 20 square centred at (30, 80) = pixels x 20..39, y 70..89
+    # exact up to float rounding of the sampling grid (~1e-3 on 0-255); a one-pixel shift would differ by ~85
+    assert torch.allclose(out1[0, :, 2, 70:90, 20:40], v1[0, :, 0, 46:66, 46:66], atol=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------------- pairs
+
+
+def test_tubelet_pixels_identical_in_both_clips_backgrounds_differ():
+    args = make_args("--transform", "rotation,scale")
+    video = torch.randint(0, 256, (4, 3, 16, 64, 64), dtype=torch.uint8, generator=gen(2))
+    clip_1, clip_2, tub = tc.tubelet_pairs(video, args, generator=gen(3))
+    assert clip_1.shape == clip_2.shape == (4, 3, 16, 64, 64) and clip_1.dtype == torch.float32
+    # alpha of the union of tubelets: paste white patches onto black clips with the same tubelets
+    ones = torch.ones(4, 1, 16, 64, 64)
+    _, alpha = tc.paste_tubelets(ones, torch.zeros_like(ones), tub)  # (4, 1, 16, 64, 64)
+    covered, free = alpha[:, 0] == 1, alpha[:, 0] == 0  # (4, 16, 64, 64)
+    assert covered.any(dim=(2, 3)).float().mean() > 0.5  # tubelets are visible in most frames
+    cov = covered.unsqueeze(1).expand_as(clip_1)
+    assert torch.equal(clip_1[cov], clip_2[cov])
+    fr = free.unsqueeze(1).expand_as(clip_1)
+    assert torch.equal(clip_1[fr], video.float()[fr])  # backgrounds untouched ...
+    assert torch.equal(clip_2[fr], video.roll(-1, 0).float()[fr])  # ... and from the next (different) video
+    assert (clip_1[fr] != clip_2[fr]).float().mean() > 0.9
+
+
+def test_temporal_pairs_and_errors():
+    video = torch.rand(3, 2, 3, 4, 8, 8)
+    a, b = tc.temporal_pairs(video)
+    assert torch.equal(a, video[:, 0]) and torch.equal(b, video[:, 1])
+    with pytest.raises(ValueError, match="num_clips=2"):
+        tc.temporal_pairs(torch.rand(3, 3, 4, 8, 8))
+    with pytest.raises(ValueError, match=">= 2 videos"):
+        tc.tubelet_pairs(torch.rand(1, 3, 4, 32, 32), make_args())
+
+
+def test_authors_code_options_run():
+    args = make_args("--authors-code", "--motion", "linear")
+    assert args.authors_code_rotation and args.authors_code_patches and args.authors_code_shared_jitter
+    _, p = tc.transform_matrices(50, 16, args, generator=gen())
+    gap = p["transform_keyframes"][:, -1:] - 0
+    assert (p["angle"][:, -1].abs() <= 6 * gap[:, 0] + 1e-4).all()  # random walk of at most 6° per frame
+    clip_1, clip_2, _ = tc.tubelet_pairs(torch.rand(2, 3, 16, 112, 112), args, generator=gen())
+    assert torch.isfinite(clip_1).all() and torch.isfinite(clip_2).all()
+
+
+# ---------------------------------------------------------------------------------------------------- MoCo
+
+
+class TinyEncoder(nn.Module):
+    def __init__(self, dim=8):
+        super().__init__()
+        self.feature_dim = dim
+        self.fc = nn.Linear(3, dim)
+
+    def forward(self, x):  # (N, C, T, H, W) -> (N, dim)
+        return self.fc(x.mean(dim=(2, 3, 4)))
+
+
+def test_queue_pointer_wraps_and_keys_are_enqueued():
+    torch.manual_seed(0)
+    model = tc.MoCo(TinyEncoder(), proj_dim=4, queue_size=10, momentum=0.9)
+    assert {"queue", "queue_ptr"} <= set(model.state_dict())  # the checkpoint carries the queue
+    x = torch.rand(4, 3, 2, 4, 4)
+    _, z_k, negatives = model(x, x)
+    assert model.queue_ptr.item() == 4 and torch.allclose(model.queue[:4], z_k)
+    assert not torch.allclose(negatives[:4], z_k)  # negatives are the queue before enqueueing
+    model(x, x)
+    _, z_k, _ = model(x, x)  # 8 -> 12: wraps around, rows 8, 9, 0, 1
+    assert model.queue_ptr.item() == 2
+    assert torch.allclose(model.queue[[8, 9, 0, 1]], z_k)
+
+
+def test_momentum_update():
+    torch.manual_seed(0)
+    model = tc.MoCo(TinyEncoder(), proj_dim=4, queue_size=8, momentum=0.9)
+    for p in model.key_parameters():
+        assert not p.requires_grad
+    assert all(torch.equal(q, k) for q, k in zip(model.query_parameters(), model.key_parameters()))
+    with torch.no_grad():
+        for q in model.query_parameters():
+            q.add_(1.0)
+    before = [k.clone() for k in model.key_parameters()]
+    model.momentum_update()
+    for k0, k1, q in zip(before, model.key_parameters(), model.query_parameters()):
+        assert torch.allclose(k1, 0.9 * k0 + 0.1 * q)
+
+
+def test_keys_are_gathered_before_enqueueing():
+    model = tc.MoCo(TinyEncoder(), proj_dim=4, queue_size=16, all_gather=lambda k: torch.cat([k, -k]))
+    model.enqueue(torch.ones(3, 4))  # a fake 2-process gather: 6 keys enter the queue
+    assert model.queue_ptr.item() == 6 and torch.equal(model.queue[3:6], -torch.ones(3, 4))
+
+
+# ---------------------------------------------------------------------------------------------------- loss
+
+
+def test_info_nce_equals_log_k_plus_one_for_equal_logits():
+    k = 63
+    z = torch.nn.functional.normalize(torch.ones(5, 16), dim=1)
+    loss, acc = tc.info_nce(z, z, z[:1].expand(k, 16), tau=0.2)
+    assert abs(loss.item() - math.log(k + 1)) < 1e-5
+
+
+def test_info_nce_hand_computed_and_learns():
+    q = torch.tensor([[1.0, 0.0]])
+    k_pos = torch.tensor([[0.6, 0.8]])
+    neg = torch.tensor([[0.0, 1.0], [-1.0, 0.0]])
+    loss, acc = tc.info_nce(q, k_pos, neg, tau=0.5)
+    logits = torch.tensor([0.6, 0.0, -1.0]) / 0.5
+    assert abs(loss.item() - (torch.logsumexp(logits, 0) - logits[0]).item()) < 1e-6 and acc.item() == 1.0
+
+
+class FakeRun:
+    def __init__(self):
+        self.steps = 0
+
+    def autocast(self):
+        return torch.autocast("cpu", enabled=False)
+
+    def step(self, loss, optimizer):
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        self.steps += 1
+
+
+def test_train_step_runs_tubelet_and_temporal():
+    torch.manual_seed(0)
+    args = make_args("--queue-size", "16")
+    model = tc.MoCo(TinyEncoder(), proj_dim=4, queue_size=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    run = FakeRun()
+    prepare = lambda a, b: (a.float() / 255, b.float() / 255)
+    step = tc.make_train_step(model, opt, run, args, prepare)
+    w0 = model.backbone.fc.weight.clone()
+    out = step({"video": torch.randint(0, 256, (4, 3, 4, 32, 32), dtype=torch.uint8)})
+    assert set(out) >= {"loss", "inst_acc", "batch_acc"} and torch.isfinite(out["loss"]) and run.steps == 1
+    assert 0 <= out["batch_acc"] <= 1
+    assert not torch.equal(w0, model.backbone.fc.weight) and model.queue_ptr.item() == 4
+    args.baseline = "temporal"
+    out = step({"video": torch.randint(0, 256, (4, 2, 3, 4, 32, 32), dtype=torch.uint8)})
+    assert torch.isfinite(out["loss"]) and model.queue_ptr.item() == 8
+
+
+def test_tubelet_collate_makes_pairs_in_workers():
+    items = [{"video": torch.randint(0, 256, (3, 4, 32, 32), dtype=torch.uint8), "index": torch.tensor(i)}
+             for i in range(3)]
+    batch = tc.TubeletCollate(make_args())(items)
+    assert batch["clip_q"].shape == batch["clip_k"].shape == (3, 3, 4, 32, 32) and "video" not in batch
+
+
+def test_visualization_writes_png_and_gif(tmp_path):
+    clip_1, clip_2, _ = tc.tubelet_pairs(torch.randint(0, 256, (3, 3, 4, 32, 32), dtype=torch.uint8), make_args())
+    png, gif = tc.save_visualization(clip_1, clip_2, str(tmp_path), 2)
+    from PIL import Image
+    with Image.open(png) as im:
+        assert im.size == (4 * 34 + 2, 4 * 34 + 2)  # 4 frames wide, 2 pairs x 2 clips high, 2 px padding
+    with Image.open(gif) as im:
+        assert im.n_frames == 4
+
+
+def test_batch_accuracy_ignores_the_key_that_shares_the_background():
+    z_q = torch.eye(4)
+    z_k = 0.9 * torch.eye(4).roll(-1, dims=0) + 0.1 * torch.eye(4)  # k_j ~ q_(j+1): k_(i-1) looks most like q_i
+    args = make_args()
+    assert tc.batch_accuracy(z_q, z_k, args) == 1.0  # k_(i-1) is left out, k_i is then the best match
+    args.baseline = "temporal"
+    assert tc.batch_accuracy(z_q, z_k, args) == 0.0  # nothing left out for the baseline
+
+
+# ---------------------------------------------------------------------------------------------------- the script
+
+import json  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(ROOT, "tubelet_contrast.py")
+SMALL = ["--crop-size", "32", "--clip-len", "8", "--workers", "0", "--log-every", "1"]
+
+
+def run_script(*argv, timeout=600):
+    out = subprocess.run([sys.executable, SCRIPT, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out.stdout
+
+
+def test_script_smoke_run_prints_knn_against_random_init(tmp_path):
+    stdout = run_script(*SMALL, "--out-dir", str(tmp_path), "--batch-size", "8", "--max-steps", "3", timeout=300)
+    assert "kNN top-1 on toy-motion val" in stdout and "random init" in stdout, stdout[-2000:]
+    result = json.load(open(tmp_path / "knn.json"))
+    assert result["step"] == 3
+    for key in ("pretrained", "random_init"):
+        assert 0 <= result[key]["knn_top1"] <= 100 and 0 <= result[key]["pair_acc"] <= 100
+    ckpt = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert ckpt["model"]["queue_ptr"].item() == 3 * 8 and ckpt["model"]["queue"].shape == (256, 128)
+    assert os.path.exists(tmp_path / "backbone.pth")
+    assert len([line for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]) == 3
+
+
+def test_script_visualize_and_benchmark(tmp_path):
+    stdout = run_script("--visualize", "2", "--out-dir", str(tmp_path / "vis"), timeout=120)
+    assert os.path.getsize(tmp_path / "vis" / "tubelet_pairs.png") > 0 and "wrote" in stdout
+    assert not os.path.exists(tmp_path / "vis" / "checkpoint.pth")  # --visualize does not train
+    stdout = run_script(*SMALL, "--benchmark", "--batch-size", "4", "--out-dir", str(tmp_path / "bench"), timeout=120)
+    assert float(stdout.split("benchmark: ")[1].split()[0]) > 0
+
+
+def test_two_cpu_processes_gather_keys_and_hold_the_same_queue(tmp_path):
+    stdout = run_script(*SMALL, "--device", "cpu", "--gpus", "2", "--batch-size", "8", "--max-steps", "3",
+                        "--knn-every", "0", "--out-dir", str(tmp_path), timeout=300)
+    # pointer 24 = 3 steps x 8 keys: each process's 4 keys were gathered with the other's before enqueueing
+    assert "queue: 2 processes, pointer 24, largest difference between processes 0" in stdout, stdout[-2000:]
+    ckpt = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert ckpt["model"]["queue_ptr"].item() == 24
+    assert torch.allclose(ckpt["model"]["queue"].norm(dim=1), torch.ones(256), atol=1e-4)
+
+
+LEARNING = ["--crop-size", "32", "--clip-len", "8", "--batch-size", "16", "--epochs", "10", "--moco-momentum", "0.99",
+            "--knn-every", "0", "--log-every", "24"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(strict=True, reason="known failure, issue 6 open: tubelet pretraining does not yet beat random "
+                   "init on toy-motion (README, Tubelet-Contrast, 'Learning on toy data'); strict, so a fix shows up")
+@pytest.mark.parametrize("seed", [0, 1])
+def test_learning_pretraining_beats_random_init_on_toy_motion(tmp_path, seed):
+    """Short CPU pretraining of tiny3d on toy-motion: (a) held-out tubelet pairs are told apart far above chance,
+    (b) kNN accuracy of the features beats the same network at random init by a clear margin."""
+    run_script(*LEARNING, "--seed", str(seed), "--out-dir", str(tmp_path), timeout=600)
+    result = json.load(open(tmp_path / "knn.json"))
+    trained, random_init = result["pretrained"], result["random_init"]
+    assert trained["pair_acc"] >= 3 * result["pair_chance"] and trained["pair_acc"] >= random_init["pair_acc"] + 10, \
+        result
+    assert trained["knn_top1"] >= random_init["knn_top1"] + 10, result

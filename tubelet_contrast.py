@@ -1,0 +1,745 @@
+"""Tubelet-Contrastive Self-Supervision for Video-Efficient Generalization.
+
+Thoker, Doughty, Snoek, ICCV 2023 (arXiv:2303.11003); thesis Ch. 5 (Sec. 5.3) and App. C. README: "Tubelet-Contrast".
+Two clips from two *different* videos share only synthetic tubelets (moving, transforming image patches cut from
+clip 1); MoCo learns that they are the same instance, so the representation has to encode motion, not appearance.
+
+    python tubelet_contrast.py                          # toy data, tiny3d on CPU, a few minutes, kNN vs random init
+    python tubelet_contrast.py --data k400 --gpus 4     # the paper's configuration (R(2+1)D-18, 16x112², queue 65536)
+
+The file reads like Sec. 5.3: flags -> MoCo model -> InfoNCE (Eq. 5.1) -> tubelets (Eq. 5.2-5.7) -> train step.
+"""
+import argparse
+import copy
+import math
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils.data import default_collate
+
+import common
+
+SHAPES = ("rectangle", "ellipse", "rhombus")
+TRANSFORMS = ("scale", "rotation", "shear")
+
+
+# ==================================================================================================== FLAGS
+
+
+def add_method_args(parser):
+    """Adds the "method" group; defaults reproduce thesis Sec. 5.4.1 (Mini-Kinetics / Kinetics-400 pretraining)."""
+    g = parser.add_argument_group("method")
+    g.add_argument("--arch", default=None, help="backbone: r2plus1d_18 (paper), r3d_18, i3d (App. C.2, 224²), tiny3d "
+                   "(CPU). Default: tiny3d on toy data, r2plus1d_18 otherwise")
+    g.add_argument("--clip-len", type=int, default=16, help="T, frames per clip (paper 16)")
+    g.add_argument("--crop-size", type=int, default=None, help="H = W of a clip; default 112 (224 for i3d, App. C.2)")
+    g.add_argument("--frame-strides", default="1,2,3,4", help="temporal strides sampled per clip; the thesis does "
+                   "not state them, 1,2,3,4 is the authors' code")
+    g.add_argument("--baseline", choices=["none", "temporal"], default="none",
+                   help="temporal: the temporal-contrast baseline of Sec. 5.3.1 (MoCo on two temporal crops of one "
+                   "video, no tubelets), for Tables 5.2 and 5.6")
+    # Sec. 5.3.2: tubelets
+    g.add_argument("--num-tubelets", type=int, default=2, help="M tubelets per pair, Eq. (5.4); paper 2 (Table 5.5: "
+                   "1 already beats the baseline, 2 is better)")
+    g.add_argument("--patch-min", type=float, default=None, help="smallest patch side H', W' in pixels; paper 16 at "
+                   "112² (32 at 224²); default scales 16 with --crop-size/112")
+    g.add_argument("--patch-max", type=float, default=None, help="largest patch side; paper 64 at 112² (128 at 224²)")
+    g.add_argument("--shapes", default="rectangle,ellipse,rhombus", help="patch shape masks drawn uniformly "
+                   "(Sec. 5.4.1 'predefined shapes'); each may get soft edges, see --soft-edge-prob")
+    g.add_argument("--soft-edge-prob", type=float, default=0.5, help="probability of a soft-edged mask (alpha falls "
+                   "linearly to 0 at the border); the thesis names no value, 0.5 is the authors' code")
+    # Sec. 5.3.3: motion
+    g.add_argument("--motion", choices=["linear", "nonlinear", "none"], default="nonlinear",
+                   help="tubelet motion: nonlinear Eq. (5.6) (paper default, best in Table 5.3), linear Eq. (5.5), "
+                   "none = static tubelets ('Tubelet Generation' row of Table 5.2)")
+    g.add_argument("--keyframes", type=int, default=3, help="K keyframes for linear motion and transformations, "
+                   "first and last frame included (paper 3)")
+    g.add_argument("--delta-min", type=float, default=40, help="linear motion: Δ, the largest distance between the "
+                   "centres of neighbouring keyframes, is drawn from [delta-min, delta-max] px at 112² (paper 40-80)")
+    g.add_argument("--delta-max", type=float, default=80, help="see --delta-min")
+    g.add_argument("--nonlinear-points", type=int, default=48, help="N random points before smoothing, Eq. (5.6); "
+                   "paper 48 (N >> T, a small N gives straight paths)")
+    g.add_argument("--nonlinear-sigma", type=float, default=8, help="σ of the 1-D Gaussian smoothing, Eq. (5.6); "
+                   "paper 8")
+    g.add_argument("--nonlinear-span-min", type=float, default=20, help="non-linear paths are min-max normalised "
+                   "and stretched to a random extent in [min, max] px at 112² (authors' code 20-89; the thesis' "
+                   "Eq. (5.6) alone gives near-static paths, see README)")
+    g.add_argument("--nonlinear-span-max", type=float, default=89, help="see --nonlinear-span-min")
+    # Sec. 5.3.4 and App. C.5: transformations
+    g.add_argument("--transform", default="rotation", help="none, or a comma list of scale,rotation,shear "
+                   "(App. C.5 combinations, e.g. 'rotation,scale'); rotation is the paper's best (Table 5.4)")
+    g.add_argument("--scale-min", type=float, default=0.5, help="scale (w, h) factor range, Sec. 5.3.4: 0.5")
+    g.add_argument("--scale-max", type=float, default=1.5, help="Sec. 5.3.4: 1.5")
+    g.add_argument("--rotation-min", type=float, default=-90, help="rotation angle range in degrees: -90")
+    g.add_argument("--rotation-max", type=float, default=90, help="+90 (App. C.6: ±45 and ±180 are as good)")
+    g.add_argument("--shear-min", type=float, default=-1.0, help="shear factor range; App. C.5 states ±1.0, "
+                   "Sec. 5.3.4 says ±1.5 (App. C.6: both give similar results); we default to App. C.5")
+    g.add_argument("--shear-max", type=float, default=1.0, help="see --shear-min")
+    # MoCo, Sec. 5.4.1
+    g.add_argument("--queue-size", type=int, default=None, help="|N| negatives in the MoCo queue, Eq. (5.1): paper "
+                   "16384 (Mini-Kinetics), 65536 (Kinetics-400); default by --data (1024 on toy data)")
+    g.add_argument("--moco-momentum", type=float, default=0.999, help="m of the key encoder EMA (paper 0.999)")
+    g.add_argument("--temperature", type=float, default=0.2, help="τ in Eq. (5.1) (paper 0.2)")
+    g.add_argument("--proj-dim", type=int, default=128, help="output of the 2-layer MLP projection head (paper 128)")
+    # speed, teaching
+    g.add_argument("--tubelet-device", choices=["gpu", "cpu"], default="gpu", help="where tubelets are made: gpu = "
+                   "batched in the training step on the run's device (workers only decode); cpu = in the loader "
+                   "workers (use when the GPU is the bottleneck)")
+    g.add_argument("--visualize", type=int, default=0, metavar="N", help="write a PNG grid (and GIF) of N positive "
+                   "pairs over time into the run folder, then exit")
+    g.add_argument("--benchmark", action="store_true", help="synthetic inputs, no decoding: model-only samples/s")
+    # the authors' code (fmthoker/tubelet-contrast), where it differs from the thesis; see README
+    g.add_argument("--authors-code", action="store_true", help="all --authors-code-* behaviours below")
+    g.add_argument("--authors-code-rotation", action="store_true", help="rotation as a random walk of ±6° per frame "
+                   "between keyframes instead of U(rotation-min, rotation-max) at keyframes")
+    g.add_argument("--authors-code-patches", action="store_true", help="patch sides from 6 scales x 7 aspect ratios "
+                   "with ±18%% jitter, shapes with p 0.5/0.35/0.15, per-frame opacity in [0.8, 1]")
+    g.add_argument("--authors-code-shared-jitter", action="store_true", help="one colour jitter for both clips of a "
+                   "pair (the thesis implies independent augmentation)")
+    g.add_argument("--authors-code-schedule", action="store_true", help="cosine schedule laid out for 2x --epochs "
+                   "and stopped after --epochs (released models: 200-epoch cosine stopped at 100)")
+    return parser
+
+
+def finalize_method_args(args):
+    """Derived values in one place (paper defaults that depend on --data / --arch / --crop-size)."""
+    if args.authors_code:
+        args.authors_code_rotation = args.authors_code_patches = True
+        args.authors_code_shared_jitter = args.authors_code_schedule = True
+    toy = str(getattr(args, "data", "toy")).startswith("toy")
+    args.arch = args.arch or ("tiny3d" if toy else "r2plus1d_18")
+    args.crop_size = args.crop_size or (224 if args.arch == "i3d" else 112)
+    args.resolution_scale = args.crop_size / 112  # App. C.2: patch sizes double at 224²
+    args.patch_min = args.patch_min if args.patch_min is not None else 16 * args.resolution_scale
+    args.patch_max = args.patch_max if args.patch_max is not None else 64 * args.resolution_scale
+    if args.queue_size is None:
+        data = str(getattr(args, "data", "toy"))
+        args.queue_size = 1024 if toy else 16384 if data == "minik" else 65536 if data.startswith("k") else 16384
+    args.frame_strides = tuple(int(s) for s in str(args.frame_strides).strip("()").split(",") if s.strip())
+    args.transforms = () if args.transform == "none" else tuple(t.strip() for t in args.transform.split(","))
+    args.shape_ids = tuple(SHAPES.index(s.strip()) if s.strip() in SHAPES else -1 for s in args.shapes.split(","))
+    checks = [
+        (all(t in TRANSFORMS for t in args.transforms), f"--transform in none or {TRANSFORMS}", args.transform),
+        (-1 not in args.shape_ids, f"--shapes from {SHAPES}", args.shapes),
+        (2 <= args.keyframes <= args.clip_len, f"2 <= --keyframes <= --clip-len={args.clip_len}", args.keyframes),
+        (0 < args.patch_min <= args.patch_max <= args.crop_size, f"0 < --patch-min <= --patch-max <= "
+         f"--crop-size={args.crop_size}", (args.patch_min, args.patch_max)),
+        (0 <= args.delta_min <= args.delta_max, "0 <= --delta-min <= --delta-max", (args.delta_min, args.delta_max)),
+        (0 < args.nonlinear_span_min <= args.nonlinear_span_max <= 112, "0 < --nonlinear-span-min <= "
+         "--nonlinear-span-max <= 112", (args.nonlinear_span_min, args.nonlinear_span_max)),
+        (int(4 * args.nonlinear_sigma + 0.5) < args.nonlinear_points, "4·--nonlinear-sigma < --nonlinear-points",
+         (args.nonlinear_sigma, args.nonlinear_points)),
+        (args.num_tubelets >= 1, "--num-tubelets >= 1", args.num_tubelets),
+    ]
+    for ok, expected, actual in checks:
+        if not ok:
+            raise ValueError(f"tubelet_contrast.py: expected {expected}, got {actual!r}")
+    return args
+
+
+# ==================================================================================================== MOCO MODEL
+
+
+def all_gather_nograd_local(x):
+    """Stand-in for common.all_gather_nograd: concatenation over ranks along dim 0, identity at world size 1."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(out, x.contiguous())
+    return torch.cat(out)
+
+
+class MoCo(nn.Module):
+    """Momentum contrast (He et al., CVPR 2020) as used in Sec. 5.4.1.
+
+    Query encoder = backbone + 2-layer MLP head (feature_dim -> feature_dim -> proj_dim); key encoder = its
+    momentum copy; queue (K, D) of past keys and its pointer are buffers, so checkpoints carry them."""
+
+    def __init__(self, backbone, proj_dim=128, queue_size=16384, momentum=0.999, all_gather=all_gather_nograd_local):
+        super().__init__()
+        dim = backbone.feature_dim
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
+        self.backbone_k = copy.deepcopy(self.backbone)
+        self.head_k = copy.deepcopy(self.head)
+        for p in self.key_parameters():
+            p.requires_grad_(False)
+        self.momentum = momentum
+        self.all_gather = all_gather  # keys of all processes enter the queue, like MoCo's concat_all_gather
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))  # (K, D)
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def query_parameters(self):
+        return list(self.backbone.parameters()) + list(self.head.parameters())
+
+    def key_parameters(self):
+        return list(self.backbone_k.parameters()) + list(self.head_k.parameters())
+
+    @torch.no_grad()
+    def momentum_update(self):
+        # θ_k <- m θ_k + (1 - m) θ_q
+        torch._foreach_lerp_(self.key_parameters(), self.query_parameters(), 1.0 - self.momentum)
+
+    @torch.no_grad()
+    def enqueue(self, keys):
+        keys = self.all_gather(keys.detach().float())[-self.queue.shape[0]:]  # (n, D), n <= K
+        n, size = keys.shape[0], self.queue.shape[0]
+        index = (self.queue_ptr + torch.arange(n, device=keys.device)) % size  # wraps: K need not divide n
+        self.queue[index] = keys
+        self.queue_ptr.copy_((self.queue_ptr + n) % size)
+
+    def forward(self, clip_q, clip_k):
+        """Returns Z_q (B, D), Z_k (B, D) and the negatives (K, D) as they were before this batch was enqueued."""
+        z_q = F.normalize(self.head(self.backbone(clip_q)), dim=1)  # (B, D)
+        with torch.no_grad():
+            self.momentum_update()  # before the keys are computed, as in MoCo
+            z_k = F.normalize(self.head_k(self.backbone_k(clip_k)), dim=1)  # (B, D)
+        negatives = self.queue.clone()  # (K, D)
+        self.enqueue(z_k)
+        return z_q, z_k, negatives
+
+
+# ==================================================================================================== LOSS
+
+
+def info_nce(z_v, z_v_prime, negatives, tau):
+    """InfoNCE of Eq. (5.1), in the paper's notation: h(a, b) = exp(a·b / τ), N = the negative embeddings.
+
+    z_v (B, D), z_v_prime (B, D), negatives (K, D), all L2-normalised. Returns (mean loss, accuracy of picking the
+    positive among the K + 1 candidates); the loss is ln(K + 1) when all logits are equal."""
+    positive = (z_v * z_v_prime).sum(dim=1, keepdim=True)  # (B, 1)  Z_v·Z_v'
+    negative = z_v @ negatives.t()  # (B, K)  Z_v·Z_n
+    logits = torch.cat([positive, negative], dim=1) / tau  # (B, 1 + K)
+    target = torch.zeros(z_v.shape[0], dtype=torch.long, device=z_v.device)  # the positive is column 0
+    loss = F.cross_entropy(logits, target)  # -log h(v,v') / (h(v,v') + Σ_n h(v,n))
+    accuracy = (logits.argmax(dim=1) == 0).float().mean()
+    return loss, accuracy
+
+
+def info_nce_with_batch(z_q, z_k, negatives, tau):
+    """--batch-negatives (not in the paper): Eq. (5.1) with the other keys of the batch added to the negatives.
+    Logits [q_i·k_j for all j, q_i·queue] / τ, target j = i. Keys computed now share the current encoder and
+    batch-norm statistics with the positive, so "came from this batch" no longer identifies the positive."""
+    logits = torch.cat([z_q @ z_k.t(), z_q @ negatives.t()], dim=1) / tau  # (B, B + K)
+    target = torch.arange(z_q.shape[0], device=z_q.device)
+    loss = F.cross_entropy(logits, target)
+    return loss, (logits.argmax(dim=1) == target).float().mean()
+
+
+# ==================================================================================================== TUBELETS
+
+
+def sample_keyframes(n, clip_len, num_keyframes, device=None, generator=None):
+    """(n, K) sorted frame indices: 0, T - 1 and K - 2 distinct random inner frames (Sec. 5.3.3 / 5.3.4)."""
+    first = torch.zeros(n, 1, dtype=torch.long, device=device)
+    last = torch.full((n, 1), clip_len - 1, dtype=torch.long, device=device)
+    inner = torch.rand(n, clip_len - 2, device=device, generator=generator).argsort(dim=1)[:, :num_keyframes - 2] + 1
+    return torch.cat([first, inner, last], dim=1).sort(dim=1).values  # (n, K)
+
+
+def interpolate_keyframes(keyframes, values, clip_len):
+    """Linear interpolation ('Interp' of Eq. 5.5 and 5.7): keyframes (n, K) sorted, values (n, K, D) -> (n, T, D)."""
+    n, k = keyframes.shape
+    t = torch.arange(clip_len, device=keyframes.device).expand(n, clip_len).contiguous()  # (n, T)
+    segment = (torch.searchsorted(keyframes, t, right=True) - 1).clamp(0, k - 2)  # (n, T) keyframe to the left
+    t0, t1 = keyframes.gather(1, segment), keyframes.gather(1, segment + 1)  # (n, T)
+    w = ((t - t0).float() / (t1 - t0).float()).unsqueeze(-1)  # (n, T, 1)
+    index = segment.unsqueeze(-1).expand(-1, -1, values.shape[-1])  # (n, T, D)
+    v0, v1 = values.gather(1, index), values.gather(1, index + 1)
+    return v0 + w * (v1 - v0)  # (n, T, D)
+
+
+def linear_paths(n, clip_len, height, width, args, device=None, generator=None):
+    """Eq. (5.5): centres at K keyframes, neighbours at most Δ ~ U(delta_min, delta_max) apart, linear in between.
+
+    Returns centres (n, T, 2) as (x, y) pixels, keyframes (n, K), Δ (n,)."""
+    rand = lambda *shape: torch.rand(*shape, device=device, generator=generator)
+    size = torch.tensor([width, height], dtype=torch.float, device=device)
+    delta = (args.delta_min + rand(n) * (args.delta_max - args.delta_min)) * args.resolution_scale  # (n,)
+    points = [rand(n, 2) * size]  # (n, 2), first keyframe ~ (U(0, W), U(0, H))
+    for _ in range(args.keyframes - 1):
+        radius = delta * rand(n).sqrt()  # uniform in the disk of radius Δ around the previous keyframe
+        angle = 2 * math.pi * rand(n)
+        step = torch.stack([angle.cos(), angle.sin()], dim=1) * radius[:, None]  # (n, 2)
+        # clamping into the frame only moves the point towards the previous (inside) one, so |step| <= Δ still holds
+        points.append(torch.minimum(torch.maximum(points[-1] + step, torch.zeros_like(size)), size))
+    keyframes = sample_keyframes(n, clip_len, args.keyframes, device, generator)  # (n, K)
+    return interpolate_keyframes(keyframes, torch.stack(points, dim=1), clip_len), keyframes, delta
+
+
+def nonlinear_paths(n, clip_len, height, width, args, device=None, generator=None):
+    """Eq. (5.6): N uniform points, 1-D Gaussian smoothing (σ) of x and y, resampled from N to T. -> (n, T, 2)."""
+    rand = lambda *shape: torch.rand(*shape, device=device, generator=generator)
+    size = torch.tensor([width, height], dtype=torch.float, device=device).view(1, 2, 1)
+    points = rand(n, 2, args.nonlinear_points) * size  # (n, 2, N)
+    sigma, radius = args.nonlinear_sigma, int(4 * args.nonlinear_sigma + 0.5)  # scipy's truncate = 4
+    x = torch.arange(-radius, radius + 1, dtype=torch.float, device=device)
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = (g / g.sum()).view(1, 1, -1).expand(2, 1, -1)  # (2, 1, 2r + 1), discrete form of g(z) in Eq. (5.6)
+    smooth = F.conv1d(F.pad(points, (radius, radius), mode="reflect"), g, groups=2)  # (n, 2, N)
+    # Deviation (authors' code): min-max normalise and stretch to a random extent S at a random offset. Smoothing
+    # uniform noise alone leaves paths within a few pixels of the frame centre (README), i.e. nearly static.
+    lo, hi = smooth.amin(dim=2, keepdim=True), smooth.amax(dim=2, keepdim=True)
+    unit = (smooth - lo) / (hi - lo).clamp_min(1e-6)  # (n, 2, N) in [0, 1]
+    span_min, span_max = (s * args.resolution_scale for s in (args.nonlinear_span_min, args.nonlinear_span_max))
+    span = (span_min + rand(n, 1, 1) * (span_max - span_min)).clamp(max=min(height, width))  # (n, 1, 1)
+    offset = rand(n, 2, 1) * (size - span)  # (n, 2, 1), path stays inside [0, W] x [0, H]
+    path = F.interpolate(unit * span + offset, size=clip_len, mode="linear", align_corners=True)  # (n, 2, T)
+    return path.transpose(1, 2)  # (n, T, 2)
+
+
+def transform_matrices(n, clip_len, args, device=None, generator=None):
+    """Eq. (5.7): scale / rotation / shear parameters θ at K keyframes, identity at the first frame, linear in
+    between. Returns A (n, T, 2, 2) mapping patch offsets to frame offsets, and the parameters for inspection."""
+    rand = lambda *shape: torch.rand(*shape, device=device, generator=generator)
+    k = args.keyframes
+    keyframes = sample_keyframes(n, clip_len, k, device, generator)  # (n, K)
+    uniform = lambda lo, hi, d: lo + rand(n, k, d) * (hi - lo)  # θ^k ~ U(Min, Max)
+    scale = uniform(args.scale_min, args.scale_max, 2) if "scale" in args.transforms else torch.ones(n, k, 2,
+                                                                                                      device=device)
+    shear = uniform(args.shear_min, args.shear_max, 2) if "shear" in args.transforms else torch.zeros(n, k, 2,
+                                                                                                       device=device)
+    if "rotation" not in args.transforms:
+        angle = torch.zeros(n, k, 1, device=device)
+    elif args.authors_code_rotation:  # authors' code: random walk, ±6° per frame of keyframe gap
+        gap = (keyframes[:, 1:] - keyframes[:, :-1]).float().unsqueeze(-1)  # (n, K - 1, 1)
+        walk = (2 * rand(n, k - 1, 1) - 1) * 6 * gap
+        angle = torch.cat([torch.zeros(n, 1, 1, device=device), walk.cumsum(dim=1)], dim=1)
+    else:
+        angle = uniform(args.rotation_min, args.rotation_max, 1)  # (n, K, 1) degrees
+    scale[:, 0], shear[:, 0], angle[:, 0] = 1.0, 0.0, 0.0  # first keyframe (frame 0): the untransformed patch p
+    scale, shear, angle = (interpolate_keyframes(keyframes, v, clip_len) for v in (scale, shear, angle))
+    a = torch.deg2rad(angle[..., 0])  # (n, T); positive = clockwise on screen (image y points down)
+    one, zero = torch.ones_like(a), torch.zeros_like(a)
+    rotation = torch.stack([a.cos(), -a.sin(), a.sin(), a.cos()], dim=-1).view(n, clip_len, 2, 2)
+    # shear along x then y: det = 1 for every (r, s), unlike [[1, r], [s, 1]] which is singular at r = s = 1
+    shear_x = torch.stack([one, shear[..., 0], zero, one], dim=-1).view(n, clip_len, 2, 2)
+    shear_y = torch.stack([one, zero, shear[..., 1], one], dim=-1).view(n, clip_len, 2, 2)
+    matrix = rotation @ shear_y @ shear_x @ torch.diag_embed(scale)  # (n, T, 2, 2)
+    return matrix, dict(transform_keyframes=keyframes, scale=scale, shear=shear, angle=angle[..., 0])
+
+
+def sample_tubelets(batch_size, clip_len, height, width, args, device=None, generator=None):
+    """All random choices of Sec. 5.3.2-5.3.4 for B x M tubelets, batched. Every tensor is (B, M, ...)."""
+    rand = lambda *shape: torch.rand(*shape, device=device, generator=generator)
+    b, m, t = batch_size, args.num_tubelets, clip_len
+    n = b * m
+    frame = torch.tensor([width, height], dtype=torch.float, device=device)
+    if args.authors_code_patches:  # authors' code: 6 scales x 7 ratios, each side x exp(U(-0.18, 0.18))
+        scales = torch.tensor([16, 24, 28, 32, 48, 64.0], device=device) * args.resolution_scale
+        ratios = torch.tensor([0.5, 0.67, 0.75, 1.0, 1.33, 1.5, 2.0], device=device)
+        s = scales[(rand(n) * 6).long().clamp(max=5)]
+        r = ratios[(rand(n) * 7).long().clamp(max=6)]
+        size = torch.stack([s * r.sqrt(), s / r.sqrt()], dim=1) * torch.exp(0.36 * rand(n, 2) - 0.18)
+        shape = torch.multinomial(torch.tensor([0.5, 0.35, 0.15], device=device), n, True, generator=generator)
+    else:  # Sec. 5.4.1: H' and W' ~ U(patch_min, patch_max), shape uniform over the set
+        size = args.patch_min + rand(n, 2) * (args.patch_max - args.patch_min)  # (n, 2) = (w, h)
+        ids = torch.tensor(args.shape_ids, device=device)
+        shape = ids[(rand(n) * len(ids)).long().clamp(max=len(ids) - 1)]
+    size = torch.minimum(size.clamp(min=1.0), frame)  # (n, 2)
+    soft = torch.where(rand(n) < args.soft_edge_prob, 0.6 + 0.3 * rand(n), torch.ones(n, device=device))  # (n,)
+    source_frame = (rand(n) * t).long().clamp(max=t - 1)  # the patch is cut from this frame of clip 1
+    source_centre = size / 2 + rand(n, 2) * (frame - size)  # (n, 2), patch fully inside clip 1
+    out = dict(size=size, shape=shape, soft=soft, source_frame=source_frame, source_centre=source_centre)
+    if args.motion == "linear":
+        out["centres"], out["motion_keyframes"], out["delta"] = linear_paths(n, t, height, width, args, device,
+                                                                            generator)
+    elif args.motion == "nonlinear":
+        out["centres"] = nonlinear_paths(n, t, height, width, args, device, generator)
+    else:  # static tubelet, Eq. (5.2) with x^1 = ... = x^T
+        out["centres"] = (rand(n, 1, 2) * frame).expand(n, t, 2).contiguous()
+    out["matrix"], params = transform_matrices(n, t, args, device, generator)
+    out.update(params)
+    if args.authors_code_patches:  # authors' code: per-frame opacity, keyframed U(0.8, 1.0)
+        keyframes = sample_keyframes(n, t, args.keyframes, device, generator)
+        out["opacity"] = interpolate_keyframes(keyframes, 0.8 + 0.2 * rand(n, args.keyframes, 1), t)[..., 0]
+    else:
+        out["opacity"] = torch.ones(n, t, device=device)
+    return {k: v.view(b, m, *v.shape[1:]) for k, v in out.items()}
+
+
+def window_sides(tubelets):
+    """(B, M) side of the square window that holds a tubelet's transformed patch in every frame (+ rounding slack)."""
+    a = tubelets["matrix"].abs()  # (B, M, T, 2, 2)
+    half = tubelets["size"].unsqueeze(2) / 2  # (B, M, 1, 2)
+    extent = (a @ half.unsqueeze(-1)).squeeze(-1)  # (B, M, T, 2) half extent of the transformed box
+    return (2 * extent.amax(dim=(2, 3))).ceil().long() + 3
+
+
+def render_windows(source, tubelets, side, shape_id):
+    """Patch pixels and alpha of n tubelets in per-frame windows of side S around their centres.
+
+    source (n, C, H, W): the frame of clip 1 the patches are cut from. tubelets: (n, ...) tensors, all of shape
+    shape_id (index into SHAPES).
+    Returns origin (n, T, 2) long (x, y of the window's top-left pixel), patch (n, C, T, S, S), alpha (n, T, S, S).
+    Each window pixel p is mapped back into the patch, u = A_t^{-1} (p - c_t), and sampled from clip 1 at
+    source_centre + u with one grid_sample for all tubelets and frames (Eq. 5.3 with the F(p, θ^t) of Eq. 5.7)."""
+    n, c, h, w = source.shape
+    t = tubelets["centres"].shape[1]
+    origin = tubelets["centres"].floor().long() - side // 2  # (n, T, 2)
+    # positions are continuous (pixel x covers [x, x + 1), its centre is x + 0.5); window pixel centre
+    # p = origin + (j, i) + 0.5, and u = A_t^{-1} (p - c_t) is affine in (j, i): u_0 + j A^-1[:, 0] + i A^-1[:, 1]
+    inverse = torch.linalg.inv(tubelets["matrix"])  # (n, T, 2, 2)
+    u0 = (inverse @ (origin.float() + 0.5 - tubelets["centres"]).unsqueeze(-1)).squeeze(-1)  # (n, T, 2) u at (0, 0)
+    j = torch.arange(side, dtype=torch.float, device=source.device).view(1, 1, 1, side)  # window columns
+    i = j.view(1, 1, side, 1)  # window rows
+
+    def affine(scale, offset):  # (n, T, 2) per-axis factor and offset -> [x, y] of scale * u + offset, (n, T, S, S)
+        k = lambda v: v[..., None, None]
+        return [k(offset[..., a] + scale[..., a] * u0[..., a]) + k(scale[..., a] * inverse[..., a, 0]) * j
+                + k(scale[..., a] * inverse[..., a, 1]) * i for a in (0, 1)]
+
+    to_source = 2 / torch.tensor([w, h], dtype=torch.float, device=source.device)  # pixels -> [-1, 1]
+    source_0 = tubelets["source_centre"] * to_source - 1  # (n, 2), grid_sample's align_corners=False convention
+    grid = torch.stack(affine(to_source.expand(n, t, 2), source_0[:, None].expand(n, t, 2)), -1)  # (n, T, S, S, 2)
+    patch = F.grid_sample(source, grid.view(n, t * side, side, 2), mode="bilinear", padding_mode="zeros",
+                          align_corners=False)  # (n, C, T*S, S)
+    patch = patch.view(n, c, t, side, side)  # (n, C, T, S, S)
+    zero = torch.zeros(n, t, 2, device=source.device)
+    rx, ry = (v.abs_() for v in affine(2 / tubelets["size"][:, None].expand(n, t, 2), zero))  # each (n, T, S, S)
+    # |u| / half-size per axis, 1 on the patch border; distance from the centre per shape (one shape per call):
+    d = {0: lambda: torch.maximum(rx, ry), 1: lambda: torch.hypot(rx, ry), 2: lambda: rx + ry}[shape_id]()
+    # rectangle: L_inf, ellipse: L2, rhombus: L1
+    soft = tubelets["soft"].view(n, 1, 1, 1)
+    alpha = torch.where(soft < 1, ((1 - d) / (1 - soft).clamp_min(1e-6)).clamp(0, 1), (d < 1).float())
+    return origin, patch, alpha * tubelets["opacity"][:, :, None, None]
+
+
+def paste_tubelets(clip_1, clip_2, tubelets):
+    """Eq. (5.4): v̂_i = v_i ⊙ {Tubelet_p1 .. Tubelet_pM}, the same patches, paths, masks and transforms on both.
+
+    clip_1, clip_2 (B, C, T, H, W) uint8 or float; the patches are cut from clip_1. Returns float (B, C, T, H, W)
+    in the input's value range. Tubelets are grouped by window side and shape (a few groups of many
+    tubelets each), never looped per sample or frame."""
+    b, c, t, h, w = clip_1.shape
+    m = tubelets["size"].shape[1]
+    sides = window_sides(tubelets)  # (B, M)
+    sides = ((sides + 7) // 8) * 8  # group sizes to multiples of 8 px: few groups, little wasted area
+    numel = b * c * t * h * w
+    flat = torch.empty((2, numel + 1), device=clip_1.device)  # one spare element per clip for off-frame pixels
+    canvas = flat[:, :numel].view(2, b, c, t, h, w)
+    canvas[0], canvas[1] = clip_1, clip_2  # (2, B, C, T, H, W) float
+    plane = torch.arange(c * t, device=flat.device).view(1, c, t, 1, 1) * (h * w)  # (1, C, T, 1, 1)
+    for j in range(m):  # tubelet j of every sample is pasted over tubelets 0 .. j - 1
+        groups = torch.unique(sides[:, j] * len(SHAPES) + tubelets["shape"][:, j]).tolist()
+        for side, shape_id in ((g // len(SHAPES), g % len(SHAPES)) for g in groups):  # same window side and shape
+            batch = ((sides[:, j] == side) & (tubelets["shape"][:, j] == shape_id)).nonzero()[:, 0]  # (n,)
+            tube = {k: v[batch, j] for k, v in tubelets.items()}
+            source = clip_1[batch, :, tube["source_frame"]].float()  # (n, C, H, W), the unpasted clip 1
+            origin, patch, alpha = render_windows(source, tube, side, shape_id)  # (n,T,2), (n,C,T,S,S), (n,T,S,S)
+            grid = torch.arange(side, device=flat.device)
+            y = origin[..., 1, None, None] + grid[:, None]  # (n, T, S, 1)
+            x = origin[..., 0, None, None] + grid[None, :]  # (n, T, 1, S)
+            inside = ((y >= 0) & (y < h) & (x >= 0) & (x < w)).unsqueeze(1)  # (n, 1, T, S, S)
+            index = batch.view(-1, 1, 1, 1, 1) * (c * t * h * w) + plane + (y * w + x).unsqueeze(1)  # (n,C,T,S,S)
+            index = torch.where(inside, index, numel).view(-1)  # off-frame pixels all go to the spare element
+            region = flat.index_select(1, index).view(2, *patch.shape)  # (2, n, C, T, S, S)
+            # alpha compositing v (1 - α) + patch α; lerp returns the patch exactly where α = 1
+            flat.index_copy_(1, index, torch.lerp(region, patch, alpha.unsqueeze(1)).view(2, -1))
+    return canvas[0], canvas[1]
+
+
+def tubelet_pairs(video, args, generator=None):
+    """Tubelet-contrastive positive pairs (Sec. 5.3.2) from a batch of B clips of B different videos.
+
+    video (B, C, T, H, W). Clip 2 of pair i is the clip of video i + 1 (mod B), so every decoded clip serves as
+    clip 1 of one pair and as background of another (deviation: the authors decode a second random video)."""
+    if video.shape[0] < 2:
+        raise ValueError(f"tubelet_contrast.py: tubelet pairs need clips of >= 2 videos per batch, got {video.shape}")
+    b, _, t, h, w = video.shape
+    tubelets = sample_tubelets(b, t, h, w, args, video.device, generator)
+    clip_1, clip_2 = paste_tubelets(video, video.roll(-1, dims=0), tubelets)
+    return clip_1, clip_2, tubelets
+
+
+def temporal_pairs(video):
+    """Temporal-contrast baseline (Sec. 5.3.1): two temporal crops of the same video, (B, 2, C, T, H, W)."""
+    if video.dim() != 6 or video.shape[1] != 2:
+        raise ValueError(f"tubelet_contrast.py: --baseline temporal expects (B, 2, C, T, H, W) from a dataset with "
+                         f"num_clips=2, got {tuple(video.shape)}")
+    return video[:, 0], video[:, 1]
+
+
+class TubeletCollate:
+    """--tubelet-device cpu: collate, then make the pairs in the loader worker ("clip_q", "clip_k")."""
+
+    def __init__(self, args):
+        self.args = args
+
+    def __call__(self, items):
+        batch = default_collate(items)
+        batch["clip_q"], batch["clip_k"], _ = tubelet_pairs(batch.pop("video"), self.args)
+        return batch
+
+
+def save_visualization(clip_q, clip_k, out_dir, num_pairs):
+    """--visualize N: PNG grid (rows: clip 1 and clip 2 of each pair, columns: frames) and an animated GIF.
+
+    clip_q, clip_k (B, C, T, H, W) in [0, 255], before colour jitter and normalisation. Returns the written paths."""
+    import os
+
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    n, t = min(num_pairs, clip_q.shape[0]), clip_q.shape[2]
+    rows = torch.stack([clip_q[:n], clip_k[:n]], dim=1).flatten(0, 1)  # (2N, C, T, H, W): pair i = rows 2i, 2i + 1
+    frames = rows.permute(0, 2, 1, 3, 4).flatten(0, 1) / 255  # (2N * T, C, H, W)
+    grid = make_grid(frames, nrow=t, padding=2, pad_value=1.0)  # (C, H', W')
+    to_image = lambda x: Image.fromarray((x.clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy())
+    png, gif = os.path.join(out_dir, "tubelet_pairs.png"), os.path.join(out_dir, "tubelet_pairs.gif")
+    to_image(grid).save(png)
+    movie = [to_image(make_grid(rows[:, :, f] / 255, nrow=2, padding=2, pad_value=1.0)) for f in range(t)]
+    movie[0].save(gif, save_all=True, append_images=movie[1:], duration=150, loop=0)
+    return png, gif
+
+
+# ==================================================================================================== TRAIN STEP
+
+
+@torch.no_grad()
+def batch_accuracy(z_q, z_k, args):
+    """In-batch instance discrimination: is k_i the closest of the batch's keys to q_i (chance 1/(B-1) with
+    tubelets, 1/B for the baseline)? Unlike inst_acc it cannot be won from a stale queue or from batch-norm
+    statistics shared by the batch. With tubelets, k_(i-1) is pasted on q_i's own background (tubelet_pairs), so
+    it is left out: it would reward appearance, not the tubelets."""
+    similarity = z_q.float() @ z_k.float().t()  # (B, B)
+    b = similarity.shape[0]
+    if args.baseline == "none":
+        same_background = torch.arange(b, device=z_q.device).roll(1)  # key i - 1 has q_i's background
+        similarity[torch.arange(b), same_background] = float("-inf")
+    return (similarity.argmax(dim=1) == torch.arange(b, device=z_q.device)).float().mean()
+
+
+def make_train_step(model, optimizer, run, args, prepare):
+    """One MoCo step on tubelet pairs (or temporal pairs with --baseline temporal).
+
+    run: .autocast() and .step(loss, optimizer) (common.Run). prepare(clip_q, clip_k) -> float normalised clips:
+    colour jitter (shared with --authors-code-shared-jitter) and normalisation, from common's TRANSFORMS."""
+
+    def train_step(batch):
+        if "clip_q" in batch:  # made in the loader workers (--tubelet-device cpu)
+            clip_q, clip_k = batch["clip_q"], batch["clip_k"]
+        elif args.baseline == "temporal":
+            clip_q, clip_k = temporal_pairs(batch["video"])
+        else:
+            clip_q, clip_k, _ = tubelet_pairs(batch["video"], args)
+        clip_q, clip_k = prepare(clip_q, clip_k)
+        with run.autocast():
+            z_q, z_k, negatives = model(clip_q, clip_k)
+        loss_fn = info_nce_with_batch if getattr(args, "batch_negatives", False) else info_nce
+        loss, accuracy = loss_fn(z_q.float(), z_k.float(), negatives, args.temperature)  # Eq. (5.1) in fp32
+        run.step(loss, optimizer)
+        return {"loss": loss.detach(), "inst_acc": accuracy, "batch_acc": batch_accuracy(z_q, z_k, args)}
+
+    return train_step
+
+
+# ==================================================================================================== MAIN
+
+
+def build_model(args):
+    """Backbone (query encoder) + MoCo around it. The pretraining BN eps is the backbone's default (see README)."""
+    backbone = common.build_backbone(args.arch)
+    model = MoCo(backbone, proj_dim=args.proj_dim, queue_size=args.queue_size, momentum=args.moco_momentum,
+                 all_gather=common.all_gather_nograd)
+    return backbone, model
+
+
+def make_prepare(args):
+    """Colour jitter per clip (shared by the pair with --authors-code-shared-jitter) and normalisation; on the
+    batch's device, after the tubelets are pasted. Inputs are float or uint8 in [0, 255], (B, C, T, H, W)."""
+    def prepare(clip_q, clip_k):
+        pair = torch.stack([clip_q, clip_k], dim=1).float() / 255  # (B, 2, C, T, H, W) in [0, 1]
+        if args.authors_code_shared_jitter:
+            pair = torch.stack([common.color_jitter(p, shared=True) for p in pair])
+        else:
+            pair = common.color_jitter(pair)
+        pair = common.normalize(pair)  # channels at dim -4
+        return pair[:, 0].contiguous(), pair[:, 1].contiguous()
+
+    return prepare
+
+
+def build_sets(args, run):
+    """Training set (random crop + flip in the workers, uint8) and the kNN monitor's train / val sets (centre)."""
+    crop = args.crop_size
+
+    def train_transform(item):
+        video = common.random_resized_crop_clip(item["video"], crop, scale=(args.crop_scale_min, 1.0))
+        item["video"] = common.horizontal_flip(video)  # (C, T, H, W) or (2, C, T, H, W) uint8
+        return item
+
+    def eval_transform(item):
+        item["video"] = common.center_crop(common.resize_short_side(item["video"], crop), crop)
+        return item
+
+    common_kw = dict(clip_len=args.clip_len, decoder=args.decoder, strict=args.strict_data,
+                     bad_files_path=os.path.join(run.out_dir, "bad_files.txt"))
+    train = common.build_dataset(args.dataset_name, args.data_root, "train", frame_strides=args.frame_strides,
+                                 num_clips=2 if args.baseline == "temporal" else 1, sampling="random",
+                                 transform=train_transform, fraction=args.data_fraction, seed=args.seed, **common_kw)
+    knn_sets = None
+    if args.knn_every or args.dataset_name.startswith("toy"):  # toy: the final kNN against random init
+        knn_sets = tuple(common.build_dataset(args.dataset_name, args.data_root, split, frame_strides=(1,),
+                                              sampling="uniform", transform=eval_transform, **common_kw)
+                         for split in ("train", "val"))
+    return train, knn_sets
+
+
+def visualize(args, run, train_set):
+    """--visualize N: N positive pairs of real training clips, before colour jitter, as PNG + GIF; then exit."""
+    n = max(args.visualize, 2)
+    video = torch.stack([train_set[i]["video"] for i in range(n)])  # (N, C, T, H, W) uint8
+    if args.baseline == "temporal":
+        clip_q, clip_k = temporal_pairs(video)
+    else:
+        clip_q, clip_k, _ = tubelet_pairs(video.float(), args)
+    for path in save_visualization(clip_q.float(), clip_k.float(), run.out_dir, args.visualize):
+        run.print("wrote", path)
+
+
+def benchmark(args, run, model, train_step, steps=10, warmup=3):
+    """--benchmark: synthetic uint8 clips already on the device, no decoding: the model-only samples/s ceiling."""
+    import time
+
+    b = args.batch_size // run.world_size
+    shape = (b, 2, 3, args.clip_len, args.crop_size, args.crop_size) if args.baseline == "temporal" else \
+        (b, 3, args.clip_len, args.crop_size, args.crop_size)
+    video = torch.randint(0, 256, shape, dtype=torch.uint8, device=run.device)
+    model.train()
+    for i in range(warmup + steps):
+        if i == warmup:
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        train_step({"video": video})
+    if run.device.type == "cuda":
+        torch.cuda.synchronize()
+    rate = steps * args.batch_size / (time.perf_counter() - start)
+    run.print(f"benchmark: {rate:.1f} samples/s (model only, synthetic {tuple(shape)} per process, "
+              f"{run.world_size} process(es), {run.device.type}, amp {run.amp_dtype}, tubelets on "
+              f"{'the device' if args.baseline == 'none' else 'none'})")
+    return rate
+
+
+@torch.no_grad()
+def heldout_pair_accuracy(model, loader, args, run, seed=1234):
+    """Instance discrimination on held-out pairs: tubelet pairs made from the kNN val clips with a fixed seed (the
+    same pairs for every model), query encoder on clip 1, key encoder on clip 2, eval mode; batch_accuracy per
+    batch (chance 1/(B-1)), averaged over batches. Returns (accuracy %, chance %)."""
+    generator = torch.Generator(device=run.device).manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    hits, chance, batches = 0.0, 0.0, 0
+    for batch in loader:
+        video = batch["video"].to(run.device)
+        if video.shape[0] < 3:
+            continue
+        clip_q, clip_k, _ = tubelet_pairs(video.float(), args, generator)
+        clip_q, clip_k = common.normalize(clip_q / 255), common.normalize(clip_k / 255)
+        z_q = F.normalize(model.head(model.backbone(clip_q)), dim=1)  # (B, D)
+        z_k = F.normalize(model.head_k(model.backbone_k(clip_k)), dim=1)  # (B, D)
+        hits += batch_accuracy(z_q, z_k, argparse.Namespace(baseline="none")).item()
+        chance += 1 / (video.shape[0] - 1)
+        batches += 1
+    model.train(was_training)
+    return 100 * hits / batches, 100 * chance / batches
+
+
+def main_worker(args):
+    run = common.setup(args, "tubelet_contrast")
+    backbone, model = build_model(args)
+    random_model = copy.deepcopy(model)  # the same architecture at the same seed, before any training
+    model = model.to(run.device)
+    ddp_model = run.prepare(model)
+    optimizer = torch.optim.SGD(model.query_parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
+    prepare = make_prepare(args)
+    if args.tubelet_device == "cpu" and run.device.type != "cpu" and args.baseline == "none":
+        collate = TubeletCollate(args)
+    else:
+        collate = None
+    train_step = make_train_step(ddp_model, optimizer, run, args, prepare)
+    if args.benchmark:
+        return benchmark(args, run, ddp_model, train_step)
+    train_set, knn_sets = build_sets(args, run)
+    if args.visualize:
+        return visualize(args, run, train_set)
+    loader = common.build_loader(train_set, args, run, train=True, collate_fn=collate)
+    knn = None
+    if knn_sets is not None:
+        knn_loaders = [common.build_loader(s, args, run, train=False) for s in knn_sets]
+        input_fn = lambda batch: common.normalize(batch["video"])  # noqa: E731
+        knn = (backbone, input_fn, *knn_loaders)
+    meta = {"arch": args.arch, "modality": "rgb", "method": "tubelet_contrast"}
+    result = common.fit(run, args, model, optimizer, loader, train_step, backbone=backbone, backbone_meta=meta,
+                        knn=knn if args.knn_every else None)
+    if run.world_size > 1:  # keys are gathered before enqueueing: every process must hold the same queue
+        queues = common.all_gather_nograd(model.queue[None])  # (world, K, D)
+        diff = (queues - queues[:1]).abs().max().item()
+        run.print(f"queue: {run.world_size} processes, pointer {model.queue_ptr.item()}, largest difference "
+                  f"between processes {diff:.3g}")
+    if knn is not None and not result["interrupted"]:
+        trained = common.knn_monitor(backbone, input_fn, *knn_loaders, run=run)
+        random_model = random_model.to(run.device)
+        random_init = common.knn_monitor(random_model.backbone, input_fn, *knn_loaders, run=run)
+        trained["pair_acc"], chance = heldout_pair_accuracy(model, knn_loaders[1], args, run)
+        random_init["pair_acc"], _ = heldout_pair_accuracy(random_model, knn_loaders[1], args, run)
+        run.print(f"held-out tubelet pairs ({args.dataset_name} val, instance discrimination within a batch): "
+                  f"pretrained {trained['pair_acc']:.1f} %, random init {random_init['pair_acc']:.1f} %, "
+                  f"chance {chance:.1f} %")
+        run.print(f"kNN top-1 on {args.dataset_name} val (k=200, gallery = train): pretrained "
+                  f"{trained['knn_top1']:.1f} %, random init (same arch, seed {args.seed}) "
+                  f"{random_init['knn_top1']:.1f} %; 1-NN: {trained['nn1_top1']:.1f} % vs "
+                  f"{random_init['nn1_top1']:.1f} %")
+        common.write_json_atomic(os.path.join(run.out_dir, "knn.json") if run.is_main else os.devnull,
+                                 {"pretrained": trained, "random_init": random_init, "pair_chance": chance,
+                                      "step": result["step"]}) \
+            if run.is_main else None
+    return result
+
+
+TOY_DEFAULTS = dict(crop_size=64, queue_size=256, epochs=10, batch_size=32, lr=0.1, workers=1)
+PAPER_DEFAULTS = dict(lr=0.01, epochs=100, wd=1e-4, schedule="cosine")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, parents=[common.get_common_parser()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_method_args(parser)
+    parser.add_argument("--crop-scale-min", type=float, default=0.2, help="smallest area fraction of the random "
+                        "resized crop (standard augmentation; the thesis gives no value)")
+    parser.add_argument("--batch-negatives", action="store_true", help="add the other keys of the batch to the "
+                        "negatives (not in the paper; see README 'Learning on toy data')")
+    parser.set_defaults(**PAPER_DEFAULTS)
+    parser.epilog = (f"--data toy (the default) is toy-motion (64x64, 16 frames, 192 train / 64 val videos) with toy "
+                     f"defaults for a few CPU minutes: {TOY_DEFAULTS}, unless given on the command line. Real data "
+                     f"keeps the paper's: r2plus1d_18, 16x112², batch 128 (k400) / 32, queue 65536 (k400) / 16384, "
+                     f"lr 0.01, 100 epochs, cosine.")
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    # ---- derived values: toy vs paper defaults, the dataset name, then the method's own (finalize_method_args)
+    given = {a.split("=")[0] for a in argv if a.startswith("--")}
+    toy = args.data == "toy" or args.data.startswith("toy")
+    if toy:
+        for key, value in TOY_DEFAULTS.items():
+            if "--" + key.replace("_", "-") not in given:
+                setattr(args, key, value)
+    else:
+        if "--batch-size" not in given:
+            args.batch_size = 128 if args.data == "k400" else 32  # Sec. 5.4.1
+        if "--knn-every" not in given:
+            args.knn_every = 0  # a kNN pass over all of Kinetics every epoch costs more than the epoch
+    args.dataset_name = "toy-motion" if args.data == "toy" else args.data
+    args.data_root = args.data_root or os.path.join("data", args.dataset_name)
+    finalize_method_args(args)
+    if args.authors_code_schedule:  # a cosine for 2x --epochs stopped after --epochs ends at half the base LR;
+        args.final_lr = args.lr / 2  # approximated by a cosine from lr to lr/2 over --epochs (common's schedule)
+    common.launch(main_worker, args)
+
+
+if __name__ == "__main__":
+    main()
