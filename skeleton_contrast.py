@@ -35,9 +35,9 @@ REPRESENTATIONS = {"seq": "bigru", "image": "hcn", "graph": "agcn"}  # X^SEQ, X^
 # Size of the negative set N (Sec. 3.4.2): 16384 on NTU, 8192 on PKU-MMD I, 2048 on PKU-MMD II.
 PAPER_QUEUE_SIZE = {"ntu": 16384, "pku1": 8192, "pku2": 2048}
 TOY_QUEUE_SIZE = 128  # not in the paper: the toy set has 252 training sequences
-# Defaults on toy-* data (not in the paper), chosen so that `python skeleton_contrast.py` pretrains in about two
-# minutes on 2 CPU cores and beats random init (docs_wip/skeleton.md, "Toy run"): intra-skeleton on the sequence
-# encoder, because the paper's inter seq+graph does not fit that budget on CPU (small AGCN ~1.5 s per step) and
+# Defaults on toy-* data (not in the paper), chosen so that `python skeleton_contrast.py` pretrains in about 35 s
+# on 2 shared CPU cores and beats random init (docs_wip/skeleton.md, "Toy run"): intra-skeleton on the sequence
+# encoder, because the paper's inter seq+graph does not fit that budget on CPU (small AGCN: 2-4 s per step) and
 # inter seq+image stays near its uninformative loss within it. Any flag given on the command line wins.
 TOY_DEFAULTS = {"representations": ["seq"], "contrast": "intra", "frames": 32, "batch_size": 32, "epochs": 30,
                 "knn_every": 10}
