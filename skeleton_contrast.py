@@ -35,9 +35,9 @@ REPRESENTATIONS = {"seq": "bigru", "image": "hcn", "graph": "agcn"}  # X^SEQ, X^
 # Size of the negative set N (Sec. 3.4.2): 16384 on NTU, 8192 on PKU-MMD I, 2048 on PKU-MMD II.
 PAPER_QUEUE_SIZE = {"ntu": 16384, "pku1": 8192, "pku2": 2048}
 TOY_QUEUE_SIZE = 128  # not in the paper: the toy set has 252 training sequences
-# Defaults on toy-* data (not in the paper), chosen so that `python skeleton_contrast.py` pretrains in about two
-# minutes on 2 CPU cores and beats random init (docs_wip/skeleton.md, "Toy run"): intra-skeleton on the sequence
-# encoder, because the paper's inter seq+graph does not fit that budget on CPU (small AGCN ~1.5 s per step) and
+# Defaults on toy-* data (not in the paper), chosen so that `python skeleton_contrast.py` pretrains in about 35 s
+# on 2 shared CPU cores and beats random init (docs_wip/skeleton.md, "Toy run"): intra-skeleton on the sequence
+# encoder, because the paper's inter seq+graph does not fit that budget on CPU (small AGCN: 2-4 s per step) and
 # inter seq+image stays near its uninformative loss within it. Any flag given on the command line wins.
 TOY_DEFAULTS = {"representations": ["seq"], "contrast": "intra", "frames": 32, "batch_size": 32, "epochs": 30,
                 "knn_every": 10}
@@ -512,6 +512,10 @@ def queues_synchronised(model):
 
 def main_worker(args):
     run = common.setup(args, "skeleton_contrast")
+    if run.device.type == "cpu" and args.data.startswith("toy"):
+        # The small toy encoders' ops are too small to split over threads: on the shared 2-core machine the toy
+        # default took 370 s with PyTorch's 2 threads and 32 s with 1 (same result, 94.4 vs 87.0).
+        torch.set_num_threads(1)
     root = args.data_root or os.path.join("data", args.data)
     data_options = dict(transform=None if args.no_center else center_on_spine, seed=args.seed,
                         strict=args.strict_data, bad_files_path=os.path.join(run.out_dir, "bad_files.txt"))

@@ -319,7 +319,7 @@ def test_two_process_cpu_run_keeps_queues_identical(tmp_path):
 
 @pytest.mark.slow
 def test_learning_toy_pretraining_beats_random_init(tmp_path):
-    """LEARNING TEST: the toy defaults (intra-skeleton MoCo on the small BiGRU, 30 epochs = 210 steps, ~1-2 min per
+    """LEARNING TEST: the toy defaults (intra-skeleton MoCo on the small BiGRU, 30 epochs = 210 steps, 17-35 s per
     seed on 2 CPU cores) give a sequence encoder whose 1-NN val accuracy beats the same encoder at random init.
     Measured (docs_wip/skeleton.md): seed 0 94.4 vs 87.0, seed 1 93.5 vs 88.9 (108 val sequences); asserted: a gain
     of 3 points."""
