@@ -2783,9 +2783,7 @@ def load_backbone_weights(model, path_or_state_dict, prefix=None):
 
 def backbone_state_dict(model):
     """CPU state dict with torchvision-compatible keys (no module./_orig_mod. wrappers) — what backbone.pth holds."""
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
-    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
 
 
 def save_backbone(model, path, meta=None):
@@ -3028,8 +3026,10 @@ def set_rng_state(state):
 
 
 def unwrap(model):
-    model = getattr(model, "_orig_mod", model)  # torch.compile
-    return getattr(model, "module", model)  # DDP
+    """The module inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers, in any nesting."""
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or getattr(model, "_orig_mod")
+    return model
 
 
 def find_resume_checkpoint(args):

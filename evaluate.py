@@ -399,22 +399,6 @@ def severe_mean_and_rank(rows, error_columns=(6,)):
 
 
 # ---------------------------------------------------------------------------------------------- labelled subsets
-def per_class_subset(labels, per_class=None, fraction=None, seed=0):
-    """Sorted indices of a class-stratified subset, reproducible by seed: `per_class` samples per class (all when a
-    class has fewer; SEVERE's '10^3 examples' = ceil(1000 / C) per class, reference notes Sec. 6.1), or
-    round(fraction * n_c) per class, at least 1. Multi-label (N, C) labels are stratified by their first class."""
-    labels = np.asarray(labels)
-    if labels.ndim > 1:
-        labels = labels.argmax(axis=1)
-    rng = np.random.RandomState(seed)
-    keep = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        k = min(per_class, len(members)) if per_class is not None else max(1, int(round(fraction * len(members))))
-        keep.append(rng.permutation(members)[:k])
-    return np.sort(np.concatenate(keep))
-
-
 def train_val_split(labels, val_fraction, seed=0):
     """(train indices, val indices): a stratified validation split carved from the training set for checkpoint
     selection; a class keeps at least one training sample."""
@@ -793,7 +777,8 @@ def classification_task(run, args, arrow=False):
         train_idx, val_idx = train_val_split(labels, args.val_fraction, seed=args.seed)
     if args.per_class or args.label_fraction or args.num_examples:  # the labelled budget, drawn from the rest
         per_class = args.per_class or (math.ceil(args.num_examples / num_classes) if args.num_examples else None)
-        chosen = per_class_subset(labels[train_idx], per_class, args.label_fraction, seed=args.subset_seed)
+        chosen = common.stratified_subset(labels[train_idx], fraction=args.label_fraction or 1.0, per_class=per_class,
+                                          seed=args.subset_seed)  # ceil(1000 / C) per class, ref. notes Sec. 6.1
         train_idx = train_idx[chosen]
     train_set = torch.utils.data.Subset(train_full, train_idx)
     select_set = (test_set if args.select_on_test else

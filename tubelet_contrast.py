@@ -16,7 +16,6 @@ import os
 import sys
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.data import default_collate
@@ -144,22 +143,13 @@ def finalize_method_args(args):
 # ==================================================================================================== MOCO MODEL
 
 
-def all_gather_nograd_local(x):
-    """Stand-in for common.all_gather_nograd: concatenation over ranks along dim 0, identity at world size 1."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x
-    out = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-    dist.all_gather(out, x.contiguous())
-    return torch.cat(out)
-
-
 class MoCo(nn.Module):
     """Momentum contrast (He et al., CVPR 2020) as used in Sec. 5.4.1.
 
     Query encoder = backbone + 2-layer MLP head (feature_dim -> feature_dim -> proj_dim); key encoder = its
     momentum copy; queue (K, D) of past keys and its pointer are buffers, so checkpoints carry them."""
 
-    def __init__(self, backbone, proj_dim=128, queue_size=16384, momentum=0.999, all_gather=all_gather_nograd_local):
+    def __init__(self, backbone, proj_dim=128, queue_size=16384, momentum=0.999, all_gather=common.all_gather_nograd):
         super().__init__()
         dim = backbone.feature_dim
         self.backbone = backbone

@@ -161,20 +161,20 @@ def test_severe_mean_reproduces_table_5_8():
 
 
 # ---------------------------------------------------------------------------------------------- subsets
-def test_per_class_subset_quota_is_stratified_and_reproducible():
+def test_severe_quota_subset_is_stratified_and_reproducible():
     labels = np.repeat(np.arange(101), [5 + (c % 13) for c in range(101)])
     quota = math.ceil(1000 / 101)  # SEVERE UCF (10^3): 10 per class
-    subset = ev.per_class_subset(labels, per_class=quota, seed=3)
+    subset = common.stratified_subset(labels, per_class=quota, seed=3)
     counts = np.bincount(labels[subset], minlength=101)
     np.testing.assert_array_equal(counts, np.minimum(np.bincount(labels), quota))
-    np.testing.assert_array_equal(subset, ev.per_class_subset(labels, per_class=quota, seed=3))
-    assert not np.array_equal(subset, ev.per_class_subset(labels, per_class=quota, seed=4))
+    np.testing.assert_array_equal(subset, common.stratified_subset(labels, per_class=quota, seed=3))
+    assert not np.array_equal(subset, common.stratified_subset(labels, per_class=quota, seed=4))
     assert np.all(np.diff(subset) > 0)
 
 
-def test_per_class_subset_fraction_is_stratified():
+def test_label_fraction_subset_is_stratified():
     labels = np.repeat([0, 1, 2], [100, 50, 3])
-    subset = ev.per_class_subset(labels, fraction=0.2, seed=0)
+    subset = common.stratified_subset(labels, fraction=0.2, seed=0)
     np.testing.assert_array_equal(np.bincount(labels[subset]), [20, 10, 1])  # round(0.6) = 1, at least 1
 
 
