@@ -884,12 +884,13 @@ def parse_charades(root, split):
     return samples, classes
 
 
-def parse_ucfrep(root, split):
+def read_ucfrep_annotations(root, split):
     """root/annotations/{train,val}/<video>.mat (temporal_bound; needs scipy) or <video>.json
-    ({"temporal_bound": [...]}) + frames root/frames/<video>/image_%05d.jpg; label = len(temporal_bound) - 1."""
+    ({"temporal_bound": [...]}) -> [(frame folder root/frames/<video>, bounds int64 (n + 1,))] sorted by name.
+    Bounds are the 1-based frame numbers of image_%05d.jpg where the n repetitions start and end (UCFRep)."""
     import json
     folder = _need(os.path.join(root, "annotations", _split_name(split)), "UCFRep annotation folder")
-    samples = []
+    videos = []
     for f in sorted(os.listdir(folder)):
         name, ext = os.path.splitext(f)
         if ext == ".json":
@@ -901,11 +902,22 @@ def parse_ucfrep(root, split):
             except ImportError:
                 raise VideoReadError(f"{folder}/{f}: reading .mat needs scipy (pip install scipy) "
                                      f"or convert to .json with a temporal_bound list") from None
-            bounds = scipy.io.loadmat(os.path.join(folder, f))["temporal_bound"].reshape(-1)
+            mat = scipy.io.loadmat(os.path.join(folder, f))
+            bounds = (mat["label"][0, 0]["temporal_bound"] if "label" in mat else mat["temporal_bound"]).reshape(-1)
         else:
             continue
-        samples.append((os.path.join(root, "frames", name), float(len(bounds) - 1)))
-    return samples, ["count"]
+        bounds = np.asarray(bounds, dtype=np.int64).reshape(-1)
+        if len(bounds) < 2 or np.any(np.diff(bounds) <= 0):
+            raise VideoReadError(f"{folder}/{f}: temporal_bound must be >= 2 increasing frame numbers, got "
+                                 f"{bounds.tolist()}")
+        videos.append((os.path.join(root, "frames", name), bounds))
+    return videos
+
+
+def parse_ucfrep(root, split):
+    """UCFRep (read_ucfrep_annotations): frames root/frames/<video>/image_%05d.jpg; label = the repetition count
+    len(temporal_bound) - 1."""
+    return [(path, float(len(bounds) - 1)) for path, bounds in read_ucfrep_annotations(root, split)], ["count"]
 
 
 def parse_videofolder(root, split):
@@ -1518,6 +1530,9 @@ def _parse_video_set(name, root, split, options):
         return parse_diving48(root, split)
     if name == "charades":
         return parse_charades(root, split)
+    if name == "toy-ucfrep":
+        make_toy_ucfrep(root, seed=options.get("toy_seed", 0))
+        return parse_ucfrep(root, split)
     if name == "ucfrep":
         return parse_ucfrep(root, split)
     if name == "videofolder":
@@ -1667,6 +1682,54 @@ def make_toy_motion(root, seed=0, size=64, num_frames=16, train_per_class=24, va
                     rng = np.random.default_rng([seed, split == "val", label, k])
                     frames = render_toy_motion(rng, label, size, num_frames)
                     write_video(os.path.join(tmp, split, name, f"{name}_{k:04d}.mp4"), frames, fps=8)
+    return _build_once(root, make)
+
+
+def render_toy_repetitions(rng, count, size=64):
+    """One object swinging back and forth `count` times with a random period (6-14 frames) on a static textured
+    background, after a short random lead-in and before a short tail -> (uint8 (T, size, size, 3), bounds):
+    bounds (count + 1,) are the 1-based frame numbers where each cycle starts and the last one ends (UCFRep)."""
+    bg = _toy_background(rng, size)
+    colour = rng.uniform(0, 255, 3).astype(np.float32)
+    radius = rng.uniform(4, 7)
+    period = rng.uniform(6, 14)
+    lead, tail = int(rng.integers(0, 5)), int(rng.integers(0, 5))
+    num_frames = lead + int(np.ceil(count * period)) + 1 + tail
+    bounds = lead + 1 + np.round(np.arange(count + 1) * period).astype(np.int64)  # frame numbers, 1-based
+    centre, amp = rng.uniform(size * 0.35, size * 0.65, 2), rng.uniform(8, 14)
+    direction = rng.uniform(0, 2 * np.pi)
+    t = np.arange(num_frames, dtype=np.float64) - lead  # phase 0 at the first bound
+    swing = amp * np.sin(2 * np.pi * t / period)  # (T,) one full back-and-forth per cycle
+    x, y = centre[0] + swing * np.cos(direction), centre[1] + swing * np.sin(direction)
+    grid = np.arange(size, dtype=np.float64)
+    frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
+    for k in range(num_frames):
+        mask = (grid[None, :] - x[k]) ** 2 + (grid[:, None] - y[k]) ** 2 <= radius ** 2  # (H, W)
+        img = bg.copy()
+        img[mask] = colour
+        frames[k] = np.clip(img, 0, 255).astype(np.uint8)
+    return frames, bounds
+
+
+def make_toy_ucfrep(root, seed=0, size=64, num_train=48, num_val=16, counts=(2, 8)):
+    """The UCFRep layout: root/annotations/{train,val}/<video>.json ({"temporal_bound": [...]}) and
+    root/frames/<video>/image_%05d.jpg; every video repeats one swing counts[0]..counts[1] times."""
+    import json
+    from PIL import Image
+
+    def make(tmp):
+        for split, number in (("train", num_train), ("val", num_val)):
+            os.makedirs(os.path.join(tmp, "annotations", split))
+            for k in range(number):
+                rng = np.random.default_rng([seed, 3000, split == "val", k])
+                frames, bounds = render_toy_repetitions(rng, int(rng.integers(counts[0], counts[1] + 1)), size)
+                name = f"toy_{split}_{k:04d}"
+                os.makedirs(os.path.join(tmp, "frames", name))
+                for t, frame in enumerate(frames):
+                    Image.fromarray(frame).save(os.path.join(tmp, "frames", name, f"image_{t + 1:05d}.jpg"),
+                                                quality=95)
+                with open(os.path.join(tmp, "annotations", split, f"{name}.json"), "w") as f:
+                    json.dump({"temporal_bound": bounds.tolist()}, f)
     return _build_once(root, make)
 
 

@@ -2,7 +2,8 @@
 
 F. M. Thoker, *Video-Efficient Foundation Models* (thesis, UvA 2023): Ch. 2 Sec. 2.5 (label-efficient finetuning),
 Ch. 3 Sec. 3.4.3 + App. A.1 (skeleton linear / retrieval / semi-supervised / transfer), Ch. 4 + App. B.2 (SEVERE),
-Ch. 5 Sec. 5.4 + App. C.4; ViCC supplement Sec. 3 (cluster metrics); JMRN supplement Sec. 3 Eq. (1) (fusion).
+Ch. 5 Sec. 5.4 + App. C.4; ViCC supplement Sec. 3 (cluster metrics); JMRN supplement Sec. 3 Eq. (1) (fusion);
+Zhang et al., "Context-aware and Scale-insensitive Temporal Repetition Counting", CVPR 2020 (repcount).
 README: "evaluate.py". Protocol facts from the authors' code, and their mistakes: reference notes Sec. 6.
 
 Every task, toy command first (CPU, seconds to a minute; without --weights: random initialisation, the baseline),
@@ -27,6 +28,8 @@ then the real-data command (W = a backbone.pth, checkpoint.pth or an authors' ch
     fusion         python evaluate.py --task finetune --save-logits; python evaluate.py --task linear --save-logits;
                    python evaluate.py --task fusion --logits runs/evaluate-{finetune,linear}-toy-motion-*/logits.pth
                    python evaluate.py --task fusion --logits rgb/logits.pth flow/logits.pth pose/logits.pth
+    repcount       python evaluate.py --task repcount
+                   python evaluate.py --task repcount --data ucfrep --arch r2plus1d_18 --weights W --gpus 4
     severe         python evaluate.py --task severe --max-steps 2
                    python evaluate.py --task severe --arch r2plus1d_18 --weights W --data-root /datasets --gpus 8
 
@@ -52,7 +55,7 @@ import torch.nn.functional as F
 import common
 
 TASKS = ("finetune", "linear", "knn", "fewshot", "transfer", "multilabel", "arrow-of-time", "clusters", "fusion",
-         "severe")
+         "repcount", "severe")
 SKELETON_ARCHS = ("bigru", "hcn", "agcn", "stgcn")
 RETRIEVAL_KS = (1, 5, 10, 20, 50)  # CoCLR / ViCC video retrieval R@k (reference notes Sec. 6.4)
 
@@ -97,6 +100,11 @@ PROTOCOLS = {
     # dropout 0.5 before the head (SlowFast ResNetBasicHead), test clips max-pooled; mAP over classes.
     "charades": dict(VIDEO, stride=8, metric="mAP", dropout=0.5,
                      multilabel=_opt("sgd", 16, 0.0375, 57, [41, 49], wd=1e-4)),
+    # Repetition counting (Zhang et al. 2020 as the SEVERE code, reference notes Sec. 6.5): frames = basic_duration
+    # (two 16-frame context streams), training sub-segments of <= sample_duration frames, Adam 5e-5 wd 1e-3, 100
+    # epochs, batch 32, 112 crops (short side 112 + centre crop; theirs: longer side 112 + centre crop), flip.
+    "ucfrep": dict(VIDEO, frames=32, short_side=112, jitter=False, test_clips=1, metric="mae",
+                   sample_duration=300, repcount=_opt("adam", 32, 5e-5, 100, [], wd=1e-3)),
     "ntu60-xsub": SKELETON, "ntu60-xview": SKELETON, "ntu120-xsub": SKELETON, "ntu120-xset": SKELETON,
     "pku1": SKELETON, "pku2": SKELETON,
     # Toy sets (not in any paper): 16-frame 64x64 videos and 64-frame skeletons; a minute on a CPU. Toy-motion:
@@ -107,6 +115,9 @@ PROTOCOLS = {
                        finetune=_opt("adam", 16, 1e-3, 6, [4]), linear=_opt("adam", 16, 1e-2, 6, [4]),
                        fewshot=_opt("adam", 16, 1e-3, 6, [4]), arrow=_opt("adam", 16, 1e-3, 4, []),
                        multilabel=_opt("adam", 16, 1e-3, 6, [4])),
+    # Toy-ucfrep: 32 frames as the paper (16 per stream: 8 would alias a 4-cycle window) at 32x32 to stay cheap.
+    "toy-ucfrep": dict(VIDEO, frames=32, crop=32, short_side=32, jitter=False, test_clips=1, metric="mae",
+                       sample_duration=64, repcount=_opt("adam", 8, 3e-3, 12, [])),
     "toy-skeleton": dict(SKELETON, frames=32,  # skeleton_contrast.py's toy view length (paper: 64)
                          linear=_opt("sgd", 32, 0.1, 10, [6, 8]), fewshot=_opt("adam", 32, 1e-3, 6, [4]),
                          finetune=_opt("adam", 32, 1e-3, 6, [4]), transfer=_opt("adam", 32, 1e-3, 6, [4])),
@@ -116,7 +127,7 @@ PROTOCOLS = {
 TOY_ENCODER_OPTIONS = {"bigru": {"hidden": 64, "layers": 2}, "hcn": {"hidden": 16}, "agcn": {"hidden": 16},
                        "stgcn": {"hidden": 16}}
 PROTOCOL_TASK = {"finetune": "finetune", "linear": "linear", "fewshot": "fewshot", "transfer": "transfer",
-                 "multilabel": "multilabel", "arrow-of-time": "arrow"}
+                 "multilabel": "multilabel", "arrow-of-time": "arrow", "repcount": "repcount"}
 
 # The SEVERE benchmark, thesis Table 4.4 / 5.8: (column, --data, task, total examples for the 10^3 settings).
 SEVERE_COLUMNS = [("SSv2", "ssv2", "finetune", None), ("Gym99", "gym99", "finetune", None),
@@ -209,6 +220,11 @@ def get_parser():
     g.add_argument("--fusion-weights", default="auto", choices=["auto", "modality", "class"],
                    help="one alpha per modality (single-label) or M x C (multi-label); auto picks by label type")
     g.add_argument("--fusion-l2", action="store_true", help="L2-normalise logits first (JMRN: JHMDB, HMDB)")
+    g = parser.add_argument_group("repetition counting (Zhang et al. CVPR 2020, SEVERE 'UCF-RC')")
+    g.add_argument("--rc-sample-duration", type=int, default=None, help="longest training sub-segment in frames "
+                   "(paper: sample_duration 300; toy 64); test videos are counted whole")
+    g.add_argument("--rc-states", type=int, default=4, help="cycle-length states drawn per training video and step "
+                   "(ours; Zhang et al. roll out up to 11 model-driven states per loaded batch instead)")
     g = parser.add_argument_group("severe")
     g.add_argument("--severe-columns", nargs="+", default=None, help="run only these columns (e.g. SSv2 FX-S1)")
     # Protocol values come from PROTOCOLS unless given on the command line.
@@ -692,9 +708,12 @@ def classification_metrics(prediction, num_classes, multilabel):
 
 
 # ---------------------------------------------------------------------------------------------- training
-def train_and_select(run, args, model, train_set, select_set, num_classes, multilabel=False, arrow=False):
+def train_and_select(run, args, model, train_set, select_set, num_classes, multilabel=False, arrow=False,
+                     loss_fn=None, score_fn=None, lower_is_better=False):
     """Train with common.fit in chunks of --eval-every epochs; after each chunk score `select_set` and keep the best
     state (the validation split by default, the test split only with --select-on-test, none = last epoch).
+    Classification by default; a task with its own loss_fn(net, batch) -> loss and score_fn(model, select_set) ->
+    float (repcount) passes them, with lower_is_better for error metrics.
     The run folder holds checkpoint.pth, best.pth and selection.json, so rerunning the command resumes."""
     key, metric = args.protocol["modality"], args.protocol["metric"]
     loader = common.build_loader(train_set, args, run, train=True)
@@ -706,6 +725,10 @@ def train_and_select(run, args, model, train_set, select_set, num_classes, multi
     net = run.prepare(model)
 
     def train_step(batch):
+        if loss_fn is not None:
+            loss = loss_fn(net, batch)
+            run.step(loss, optimizer)
+            return {"loss": loss.detach()}
         x, y = batch[key], batch["label"]
         if arrow:  # App. B.2.4: each video played forward (0) or backward (1) with probability 1/2
             reverse = torch.rand(x.shape[0], device=x.device) < 0.5
@@ -744,11 +767,12 @@ def train_and_select(run, args, model, train_set, select_set, num_classes, multi
             raise SystemExit(f"interrupted; rerun the same command to resume from {run.out_dir}")
         step = str(result["step"])
         if select_set is not None and step not in selection["scores"]:
-            score = classification_metrics(predict(model, select_set, args, run, multilabel, arrow),
-                                           num_classes, multilabel)[metric]
+            score = score_fn(model, select_set) if score_fn else classification_metrics(
+                predict(model, select_set, args, run, multilabel, arrow), num_classes, multilabel)[metric]
             selection["scores"][step] = score
             run.print(f"step {step} (epoch {result['step'] / steps_per_epoch:.1f}): selection {metric} {score:.2f}")
-            if selection["best"] is None or score > selection["best"]:
+            if selection["best"] is None or (score < selection["best"] if lower_is_better else
+                                             score > selection["best"]):
                 selection["best"], selection["best_step"] = score, int(step)
                 best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
                 if run.is_main:
@@ -943,25 +967,356 @@ def fusion_task(run, args):
             "sizes": {"train": train.shape[1], "val": 0, "test": test.shape[1]}, "inputs": args.logits}
 
 
+# ---------------------------------------------------------------------------------------------- repetition counting
+# Zhang et al., "Context-aware and Scale-insensitive Temporal Repetition Counting", CVPR 2020, as the SEVERE code
+# runs it (reference notes Sec. 6.5; README "Repetition counting"). Notation: a state is a frame m with the
+# current estimates l (length of the cycle ending at m, frames [m - l + 1, m]) and r (the cycle starting at m + 1,
+# frames [m + 1, m + r]); anchors a_k scale them; the head predicts, per stream and anchor, a score p_k (is
+# a_k * l within IoU 0.5 of the true length?) and an offset d_k = log(true / (a_k * l)).
+RC_ANCHORS = (0.5, 0.67, 0.8, 1.0, 1.25, 1.5, 2.0)
+RC_CONTEXT = (1.0, 2.0)  # l_context, r_context: each stream sees 2 cycles (its cycle plus one of context)
+RC_IOU = 0.5  # iou_ubound = iou_lbound: positive anchor at IoU >= 0.5, negative below
+RC_BOX_WEIGHT = 50.0  # loss = CE(p) + 50 * SmoothL1(d) per stream (their train_2stream.py)
+RC_MIN_LENGTH = 4  # a cycle estimate below 4 frames is rejected (their fail_flag)
+RC_MIN_CYCLES = 2  # UCFRep: a cycle is at most half the video
+RC_SCALES = (0.03, 0.35, 30)  # inference scale search: 30 cycle lengths from 3% to 35% of the video, geometric
+RC_POSITIONS, RC_ITERATIONS, RC_MERGE_W = 32, 4, 0.5  # inference: 2^5 positions, refinement steps, update weight
+
+
+def cycle_length_targets(bounds):
+    """Per-frame true cycle lengths from the cycle boundaries t_0 < ... < t_n (0-based, t_0 = 0), as Zhang et al.'s
+    label_interpolation_v1.m: for frame p in cycle k = [t_k, t_k+1] of length P, the frame at the same phase in the
+    previous cycle (of length P') is t_k-1 + (p - t_k) / P * P' and in the next (P'') t_k+1 + (p - t_k) / P * P''.
+    Returns (previous, following) float (t_n + 1,): the distances to those frames = the true lengths of the cycle
+    ending at p ([p - d + 1, p]) and starting after p ([p + 1, p + d]); -1 where unknown (first / last cycle, or
+    neighbouring cycles that differ by more than 2 frames and 30%). DIFFERENT from theirs: update_labels compares
+    distance + 1 with the window, which makes every length one frame too long and the count T / (P + 1) too low
+    for a period P (-3% at UCFRep's ~30-frame cycles, -14% at 6 frames)."""
+    t = np.asarray(bounds, dtype=np.float64)
+    previous, following = np.full(int(t[-1]) + 1, -1.0), np.full(int(t[-1]) + 1, -1.0)
+    similar = lambda a, b: max(a, b) - min(a, b) <= 2 or max(a, b) / min(a, b) <= 1.3  # noqa: E731
+    for k in range(len(t) - 1):
+        p = np.arange(int(t[k]), int(t[k + 1]) + 1)  # frames of cycle k, both ends (a later cycle overwrites t_k+1)
+        period = t[k + 1] - t[k]
+        phase = (p - t[k]) / period  # (P,) in [0, 1]
+        following[p] = -1.0
+        if k + 2 < len(t) and similar(period, t[k + 2] - t[k + 1]):
+            following[p] = np.round(t[k + 1] + phase * (t[k + 2] - t[k + 1]) - p)
+        previous[p] = -1.0
+        if k > 0 and similar(period, t[k] - t[k - 1]):
+            previous[p] = np.round(p - t[k - 1] - phase * (t[k] - t[k - 1]))
+    return previous, following
+
+
+def random_segment(bounds, sample_duration, rng):
+    """Training sub-segment of their ucf_aug.py: cycles i..j-1 of the n, j - i >= 2, start and end drawn inside the
+    neighbouring cycles, at most sample_duration frames. bounds: 0-based frame indices (n + 1,).
+    -> (begin, end, j - i: the count their code stores for the segment, approximate at the cut ends)."""
+    n = len(bounds) - 1
+    if n < 2:
+        return int(bounds[0]), int(bounds[-1]), n
+    i = int(rng.integers(0, n - 1))  # first boundary index, 0..n-2
+    j = int(rng.integers(i + 2, n + 2))  # last boundary index + 1, i+2..n+1
+    begin = int(bounds[0]) if i == 0 else int(rng.integers(bounds[i - 1], bounds[i] + 1))
+    end = int(bounds[-1]) if j == n + 1 else int(rng.integers(bounds[j - 1], bounds[j] + 1))
+    return begin, min(end, begin + sample_duration - 1), j - i
+
+
+class RepetitionVideos(torch.utils.data.Dataset):
+    """UCFRep videos [(frame folder, bounds)] -> {"video": float (C, S, crop, crop) normalised, zero-padded to S
+    frames, "previous", "following": (S,) true cycle lengths per frame (-1 unknown or padding), "length": frames
+    used, "label": count}. Train: a random sub-segment (random_segment) of <= sample_duration frames, flipped
+    with p 1/2. Test: the annotated segment [t_0, t_n], unpadded (use batch size 1)."""
+
+    def __init__(self, videos, train, sample_duration, crop, short_side, flip):
+        self.videos, self.train, self.sample_duration = videos, train, sample_duration
+        self.crop, self.short_side, self.flip = crop, short_side, flip
+
+    def __len__(self):
+        return len(self.videos)
+
+    def __getitem__(self, i):
+        path, bounds = self.videos[i]
+        frames_on_disk = common.count_frames(path)
+        if bounds[-1] > frames_on_disk:
+            raise common.VideoReadError(f"{path}: temporal_bound ends at frame {bounds[-1]} but the folder has "
+                                        f"{frames_on_disk} image_%05d.jpg frames")
+        t = np.asarray(bounds, dtype=np.int64) - 1  # 1-based frame numbers -> 0-based indices
+        previous, following = cycle_length_targets(t - t[0])  # (t_n - t_0 + 1,) each
+        begin, end, count = random_segment(t, self.sample_duration, np.random.default_rng(
+            int(torch.randint(2 ** 62, ())))) if self.train else (int(t[0]), int(t[-1]), len(t) - 1)
+        frames = common.read_video_frames(path, np.arange(begin, end + 1))  # (T, H, W, C) uint8
+        x = torch.from_numpy(frames).permute(3, 0, 1, 2)  # (C, T, H, W)
+        x = common.center_crop(common.resize_short_side(x, self.short_side), self.crop)
+        if self.train and self.flip:
+            x = common.horizontal_flip(x, p=0.5)
+        x = common.normalize(x)  # (C, T, crop, crop)
+        length = end - begin + 1
+        size = self.sample_duration if self.train else length
+        video = torch.zeros(x.shape[0], size, *x.shape[2:])  # zero = the mean colour after normalisation
+        video[:, :length] = x
+        labels = torch.full((2, size), -1.0)
+        labels[0, :length] = torch.from_numpy(previous[begin - t[0]:end - t[0] + 1])
+        labels[1, :length] = torch.from_numpy(following[begin - t[0]:end - t[0] + 1])
+        return {"video": video, "previous": labels[0], "following": labels[1], "length": torch.tensor(length),
+                "label": torch.tensor(float(count)), "index": torch.tensor(i)}
+
+
+class RepetitionCounter(nn.Module):
+    """Zhang et al. Sec. 3.2 as SEVERE's Head: backbone feature of the two-stream context input -> per stream
+    (previous cycle, next cycle) fc_cls: D -> 2 x K (negative / positive per anchor) and fc_box: D -> K offsets."""
+
+    def __init__(self, backbone, num_anchors=len(RC_ANCHORS)):
+        super().__init__()
+        self.backbone, self.num_anchors = backbone, num_anchors
+        self.fc_cls = nn.ModuleList(nn.Linear(backbone.feature_dim, 2 * num_anchors) for _ in range(2))
+        self.fc_box = nn.ModuleList(nn.Linear(backbone.feature_dim, num_anchors) for _ in range(2))
+
+    def forward(self, x):  # x (N, C, T, H, W): frames of the previous-cycle stream, then of the next-cycle stream
+        features = self.backbone(x)  # (N, D)
+        scores = torch.stack([fc(features).view(-1, 2, self.num_anchors) for fc in self.fc_cls], 1)  # (N, 2, 2, K)
+        offsets = torch.stack([fc(features) for fc in self.fc_box], 1)  # (N, 2, K)
+        return scores, offsets
+
+
+def context_frame_indices(m, l, r, frames, context=RC_CONTEXT):
+    """Their update_inputs_2stream: frames/2 indices evenly over [m - l + 1 - l * l_context, m] (the previous cycle
+    and its left context), frames/2 over [m + 1, m + r + r * (r_context - 1)]. m, l, r: (N,) -> (N, frames)."""
+    half = frames // 2
+    j = torch.arange(half, dtype=torch.float64, device=m.device)  # (half,)
+
+    def spread(first, last):  # (N,), (N,) -> (N, half)
+        step = (last - first + 1) / (half - 1)
+        return torch.maximum(first[:, None], torch.minimum(last[:, None],
+                             torch.round(first[:, None] - 0.5 + j * step[:, None])))
+
+    m, l, r = m.double(), l.double(), r.double()
+    left = spread(torch.floor(m - l + 1 - l * context[0]), m)
+    right = spread(m + 1, torch.floor(m + r + r * (context[1] - 1)))
+    return torch.cat([left, right], 1).long()  # (N, frames)
+
+
+def gather_frames(videos, lengths, video_of, indices):
+    """videos (B, C, S, H, W), lengths (B,), video_of (N,) which video each state reads, indices (N, T) ->
+    (N, C, T, H, W); frames outside [0, length) are zero (their padding with the mean colour)."""
+    valid = (indices >= 0) & (indices < lengths[video_of, None])  # (N, T)
+    x = videos[video_of[:, None], :, indices.clamp(0, videos.shape[2] - 1)]  # (N, T, C, H, W)
+    return (x * valid[:, :, None, None, None]).permute(0, 2, 1, 3, 4)
+
+
+def anchor_targets(true_length, current_length, anchors):
+    """Their update_labels: anchor k covers a_k * current; target score 1 where min/max(a_k * current, true) >=
+    RC_IOU else 0, offset log(true / (a_k * current)) on positives; every anchor ignored (-1) where the true
+    length is unknown (-1). (N,), (N,), (K,) -> scores (N, K) long, offsets (N, K), offset mask (N, K)."""
+    anchor_length = anchors[None, :] * current_length[:, None]  # (N, K)
+    true = true_length[:, None].clamp(min=1e-6)  # (N, 1)
+    iou = torch.minimum(anchor_length, true) / torch.maximum(anchor_length, true)  # (N, K)
+    scores = (iou >= RC_IOU).long()
+    scores[true_length < 0] = -1
+    offsets = torch.log(true / anchor_length)  # (N, K)
+    return scores, offsets, scores == 1
+
+
+def counting_loss(scores, offsets, target_scores, target_offsets, offset_mask):
+    """Sum over the two streams of CE(p) (ignored anchors left out) + 50 * SmoothL1(d) averaged over ALL N x K
+    entries with non-positive ones contributing 0 (their loss sets those targets to the prediction).
+    scores (N, 2, 2, K), offsets / targets / mask (N, 2, K)."""
+    loss = scores.new_zeros(())
+    for s in range(2):
+        ce = F.cross_entropy(scores[:, s], target_scores[:, s], ignore_index=-1, reduction="sum")  # over (N, K)
+        loss = loss + ce / (target_scores[:, s] >= 0).sum().clamp(min=1)
+        l1 = F.smooth_l1_loss(offsets[:, s], target_offsets[:, s], reduction="none") * offset_mask[:, s]  # (N, K)
+        loss = loss + RC_BOX_WEIGHT * l1.mean()
+    return loss
+
+
+def scale_grid(length):
+    """RC_SCALES: candidate cycle lengths, a geometric grid over [3%, 35%] of a video of `length` frames -> (S,)."""
+    low, high, number = RC_SCALES
+    return length * low * (high / low) ** (torch.arange(number, dtype=torch.float64) / (number - 1))
+
+
+def sample_training_states(batch, per_video, generator=None):
+    """States for a training step (ours; see README): per video `per_video` frames m uniform in the segment, and
+    l = r drawn like their state_init: half from the true length at m times 2^U(-1, 1), half from the inference
+    scale grid; clamped to [RC_MIN_LENGTH, length / RC_MIN_CYCLES]. -> video_of, m, l, r: (N,) each."""
+    lengths = batch["length"].cpu().double()  # (B,)
+    video_of = torch.arange(len(lengths)).repeat_interleave(per_video)  # (N,)
+    n = len(video_of)
+    m = torch.floor(torch.rand(n, generator=generator, dtype=torch.float64) * (lengths[video_of] - 1))
+    true = batch["previous"].cpu().double()[video_of, m.long()]  # (N,)
+    fallback = lengths[video_of] / batch["label"].cpu().double()[video_of]  # mean cycle length where unknown
+    near_truth = torch.where(true > 0, true, fallback) * 2 ** (2 * torch.rand(n, generator=generator,
+                                                                              dtype=torch.float64) - 1)
+    grid = torch.stack([scale_grid(t)[torch.randint(RC_SCALES[2], (), generator=generator)]
+                        for t in lengths[video_of].tolist()])
+    l = torch.where(torch.rand(n, generator=generator) < 0.5, near_truth, grid)
+    l = torch.minimum(l.clamp(min=RC_MIN_LENGTH), lengths[video_of] / RC_MIN_CYCLES).round()
+    return video_of, m, l, l.clone()
+
+
+def repcount_loss(net, batch, args, run):
+    """One training step of the counter: states, their two-stream inputs, anchor targets, loss."""
+    video_of, m, l, r = sample_training_states(batch, args.rc_states)
+    device = batch["video"].device
+    video_of, m, l, r = video_of.to(device), m.to(device), l.to(device), r.to(device)
+    x = gather_frames(batch["video"], batch["length"], video_of, context_frame_indices(m, l, r, args.frames))
+    true_previous = batch["previous"][video_of, m.long()]  # (N,) true length of the cycle ending at m
+    true_following = batch["following"][video_of, m.long()]  # (N,) of the cycle starting at m + 1
+    anchors = torch.tensor(RC_ANCHORS, device=device, dtype=torch.float64)
+    targets = [anchor_targets(true, current, anchors) for true, current in ((true_previous.double(), l),
+                                                                            (true_following.double(), r))]
+    target_scores, target_offsets, mask = (torch.stack([t[i] for t in targets], 1) for i in range(3))  # (N, 2, K)
+    with run.autocast():
+        scores, offsets = net(x)  # (N, 2, 2, K), (N, 2, K)
+    return counting_loss(scores.float(), offsets.float(), target_scores, target_offsets.float(), mask)
+
+
+@torch.no_grad()
+def count_repetitions(model, video, length, frames, batch_size=64):
+    """Count in one video (their val_2stream.py, simplified where noted). video (C, T, H, W) normalised.
+    1. Scale search at the centre frame: for each cycle length c of the scale grid (as l = r), anchor a = 1.0's
+       prediction c * exp(d) (d clamped to +-0.5) with its score; keep the best-scored valid one (4 <= . < T / 2).
+    2. Refine that length 4 times at the centre: c <- round(c / 2 + c * exp(d) / 2).
+    3. 32 evenly spaced frames m start with l = r = c and are refined RC_ITERATIONS times each: per stream the
+       best-scored anchor k gives a_k * exp(d_k) and the estimate moves halfway (merge_w 0.5) to it.
+       DIFFERENT from theirs: they refine the positions in a 5-level coarse-to-fine tree where each refined
+       position passes its (l, r) on to its half of the video; ours refines every position independently.
+    4. count = T * mean over the positions whose whole context lies inside the video of (1 / l + 1 / r) / 2
+       (T / c when none does); rounded by repetition_count_errors."""
+    device = next(model.parameters()).device
+    videos, lengths = video[None].to(device), torch.tensor([length], device=device)
+    anchors = torch.tensor(RC_ANCHORS, dtype=torch.float64)
+
+    def predict_states(m, l, r):  # (N,) each -> scores (N, 2, K) positive probabilities, offsets (N, 2, K)
+        scores, offsets = [], []
+        for chunk in torch.arange(len(m)).split(batch_size):
+            indices = context_frame_indices(m[chunk], l[chunk], r[chunk], frames).to(device)
+            x = gather_frames(videos, lengths, torch.zeros(len(chunk), dtype=torch.long, device=device), indices)
+            s, d = model(x)
+            scores.append(s.float().softmax(dim=2)[:, :, 1].cpu().double())
+            offsets.append(d.float().clamp(-0.5, 0.5).cpu().double())
+        return torch.cat(scores), torch.cat(offsets)
+
+    longest = length / RC_MIN_CYCLES
+    centre_anchor = RC_ANCHORS.index(1.0)
+    grid = scale_grid(length)  # (S,)
+    centre = torch.full_like(grid, length / 2)
+    scores, offsets = predict_states(centre, grid, grid)
+    estimate = grid * anchors[centre_anchor] * offsets[:, 0, centre_anchor].exp()  # (S,)
+    valid = (estimate >= RC_MIN_LENGTH) & (estimate < longest)
+    c = float(estimate[torch.where(valid, scores[:, 0, centre_anchor], -1.0).argmax()]) if valid.any() else \
+        float(grid[len(grid) // 2])
+    for _ in range(4):
+        _, offsets = predict_states(torch.tensor([length / 2]), torch.tensor([c]), torch.tensor([c]))
+        proposal = c * float(offsets[0, 0, centre_anchor].exp())
+        if RC_MIN_LENGTH <= proposal < longest:
+            c = round((1 - RC_MERGE_W) * c + RC_MERGE_W * proposal)
+    m = torch.floor(length / (RC_POSITIONS + 1) * (torch.arange(RC_POSITIONS, dtype=torch.float64) + 0.5))
+    cycles = torch.full((RC_POSITIONS, 2), float(c), dtype=torch.float64)  # (P, 2): l, r per position
+    for _ in range(RC_ITERATIONS):
+        scores, offsets = predict_states(m, cycles[:, 0], cycles[:, 1])  # (P, 2, K)
+        best = scores.argmax(dim=2, keepdim=True)  # (P, 2, 1) best-scored anchor per stream
+        ratio = anchors[best[..., 0]] * offsets.gather(2, best)[..., 0].exp()  # (P, 2)
+        proposal = (cycles * ratio).clamp(RC_MIN_LENGTH, longest)
+        cycles = ((1 - RC_MERGE_W) * cycles + RC_MERGE_W * proposal).round()
+    l, r = cycles[:, 0], cycles[:, 1]
+    inside = (m - l + 1 - l * RC_CONTEXT[0] >= 0) & (m + r + r * (RC_CONTEXT[1] - 1) < length)  # (P,)
+    if not inside.any():
+        return length / c
+    return float(length * (0.5 / l[inside] + 0.5 / r[inside]).mean())
+
+
+def count_videos(model, dataset, args, run):
+    """Predicted and true counts of every video of `dataset` (RepetitionVideos, test mode), gathered over processes
+    in dataset order. -> (predicted (N,), true (N,)) float64 numpy arrays."""
+    loader = common.build_loader(dataset, args, run, train=False, batch_size=run.world_size)
+    was_training = model.training
+    model.eval()
+    rows = []
+    for batch in loader:
+        count = count_repetitions(model, batch["video"][0], int(batch["length"][0]), args.frames)
+        rows.append(torch.tensor([[float(batch["index"][0]), count, float(batch["label"][0])]], dtype=torch.float64))
+    model.train(was_training)
+    rows = common.all_gather_nograd(torch.cat(rows).to(run.device)).cpu()
+    _, first = np.unique(rows[:, 0].numpy(), return_index=True)  # the sampler pads with repeated videos
+    return rows[first, 1].numpy(), rows[first, 2].numpy()
+
+
+def repcount_task(run, args):
+    """--task repcount: train the counter on UCFRep's train split (checkpoint chosen by MAE on a validation split
+    carved from it), count every video of the val split (UCFRep's test set), report MAE and off-by-one accuracy."""
+    p = args.protocol
+    common.build_dataset(args.data, args.data_root, "train")  # writes the toy set; checks the layout
+    root = args.data_root or os.path.join("data", args.data)
+    train_videos = common.read_ucfrep_annotations(root, "train")
+    test_videos = common.read_ucfrep_annotations(root, "val")
+    counts = np.array([len(bounds) - 1 for _, bounds in train_videos])
+    train_idx, val_idx = np.arange(len(train_videos)), None
+    if not args.select_on_test and args.val_fraction > 0:
+        train_idx, val_idx = train_val_split(counts, args.val_fraction, seed=args.seed)
+    sample_duration = args.rc_sample_duration or p["sample_duration"]
+    make = lambda videos, train: RepetitionVideos(videos, train, sample_duration, p["crop"],  # noqa: E731
+                                                  p["short_side"], p["flip"])
+    train_set = make([train_videos[i] for i in train_idx], True)
+    test_set = make(test_videos, False)
+    select_set = (test_set if args.select_on_test else
+                  make([train_videos[i] for i in val_idx], False) if val_idx is not None else None)
+    backbone, source = build_encoder(args)
+    model = RepetitionCounter(backbone)
+    sizes = {"train": len(train_set), "val": 0 if val_idx is None else len(val_idx), "test": len(test_set)}
+    selection = ("checkpoint selected on the TEST split (--select-on-test, as the authors' code; optimistic)"
+                 if args.select_on_test else f"checkpoint with the lowest MAE on a {args.val_fraction:.0%} "
+                 f"validation split of the training set (seed {args.seed}), every {args.eval_every} epochs"
+                 if val_idx is not None else "no checkpoint selection: the last epoch is tested")
+    protocol = "\n".join([
+        f"protocol: --task repcount on {args.data} (Zhang et al. CVPR 2020 as SEVERE), backbone {args.arch} "
+        f"{args.options or ''}", f"  weights: {source}",
+        f"  input: {args.frames} frames = 2 streams x {args.frames // 2} frames spread over (previous cycle + "
+        f"{RC_CONTEXT[0]:g} x its length of left context) and (next cycle + {RC_CONTEXT[1] - 1:g} x its length of "
+        f"right context); short side {p['short_side']} + centre crop {p['crop']}, flip in training",
+        f"  samples: train {sizes['train']} / validation {sizes['val']} / test {sizes['test']} videos (test = "
+        f"UCFRep's val split); training: one random sub-segment of >= 2 cycles and <= {sample_duration} frames per "
+        f"video and epoch, {args.rc_states} sampled (m, l, r) states per video and step",
+        f"  model: backbone + per stream fc_cls D -> 2 x {len(RC_ANCHORS)} and fc_box D -> {len(RC_ANCHORS)}, anchors "
+        f"{list(RC_ANCHORS)}; loss CE + {RC_BOX_WEIGHT:g} x SmoothL1, positive at IoU >= {RC_IOU}",
+        f"  inference: scale search over {RC_SCALES[2]} lengths ({RC_SCALES[0]:.0%}-{RC_SCALES[1]:.0%} of the "
+        f"video) at its centre, 4 refinements, then {RC_POSITIONS} positions x {RC_ITERATIONS} refinements; count "
+        f"= T x mean(1 / cycle length), rounded",
+        f"  optimisation: {args.optimizer} lr {args.lr} wd {args.wd}, global batch {args.batch_size} videos, "
+        f"{args.epochs} epochs" + (f", --max-steps {args.max_steps}" if args.max_steps else ""),
+        f"  selection: {selection}",
+        "  metrics: MAE = mean |c_hat - c| / c (thesis 'UCF-RC', lower is better), OBO = share with |c_hat - c| <= 1"])
+    run.print(protocol)
+    loss_fn = functools.partial(repcount_loss, args=args, run=run)
+    score_fn = lambda m, videos: repetition_count_errors(*count_videos(m, videos, args, run))["mae"]  # noqa: E731
+    selection_log = train_and_select(run, args, model, train_set, select_set, None, loss_fn=loss_fn,
+                                     score_fn=score_fn, lower_is_better=True)
+    predicted, true = count_videos(model, test_set, args, run)
+    metrics = repetition_count_errors(predicted, true)
+    baseline = repetition_count_errors(np.full_like(true, counts[train_idx].mean()), true)
+    metrics.update(mae_mean_count=baseline["mae"], obo_mean_count=baseline["obo"])  # trivial reference
+    return {"metrics": metrics, "primary": "mae", "selection": selection_log, "sizes": sizes,
+            "weights_source": source, "protocol": protocol,
+            "counts": {"predicted": predicted.tolist(), "true": true.tolist()}}
+
+
 # ---------------------------------------------------------------------------------------------- SEVERE
 def severe_task(run, args):
     """The SEVERE suite (thesis Table 4.4 / 5.8) for one checkpoint: every column in <out-dir>/<column>/ (a finished
     column is read back, so rerunning resumes), then our row beside the reference rows with mean and rank over the
     columns we have. --data-root DIR means DIR/<dataset> per column. With --data toy every recognition column runs
-    on toy-motion (a smoke test of the mechanics, not a benchmark)."""
+    on toy-motion and UCF-RC on toy-ucfrep (a smoke test of the mechanics, not a benchmark)."""
     toy = args.data == "toy-motion"
     ours, notes = {}, {}
     for name, data, task, examples in SEVERE_COLUMNS:
         if args.severe_columns and name not in args.severe_columns:
             continue
-        if task == "repcount":
-            notes[name] = "not run: repetition counting (UCFRep, Zhang et al. 2020) is not implemented (README)"
-            continue
         if toy and task == "multilabel":
             notes[name] = "not run: no toy multi-label set"
             continue
         column = copy.copy(args)
-        column.task, column.data = task, "toy-motion" if toy else data
+        column.task, column.data = task, ("toy-ucfrep" if task == "repcount" else "toy-motion") if toy else data
         column.data_root = os.path.join(args.data_root, data) if args.data_root and not toy else args.data_root
         column.num_examples, column.per_class, column.label_fraction = examples, None, None
         column.subset_seed = 99999 if args.subset_seed is None else args.subset_seed  # one subset for every model
@@ -982,7 +1337,8 @@ def severe_task(run, args):
             os.makedirs(column.out_dir, exist_ok=True)
             column_run = common.Run(column, run.device, column.out_dir)
             run.print(f"\n==== SEVERE column {name}: --task {task} --data {column.data}")
-            result = fewshot_task(column_run, column) if task == "fewshot" else classification_task(column_run, column)
+            task_fn = {"fewshot": fewshot_task, "repcount": repcount_task}.get(task, classification_task)
+            result = task_fn(column_run, column)
             if run.is_main:
                 write_result(column, result)
         ours[name] = result["metrics"][result["primary"]]
@@ -1030,6 +1386,9 @@ def apply_protocol(args):
     args.optimizer, args.momentum = spec["optimizer"], spec["momentum"]
     args.eval_every = args.overrides.get("eval_every") or max(1, args.epochs // 10)
     args.eval_batch_size = max(1, 2 * args.batch_size // args.test_clips)
+    if args.task == "repcount" and protocol_for(args.data).get("metric") != "mae":
+        raise ValueError(f"evaluate.py: --task repcount needs a UCFRep-layout dataset (ucfrep, toy-ucfrep); "
+                         f"--data is {args.data}")
     if args.val_fraction is None:  # few-shot: extra labelled data for selection would break the label budget
         args.val_fraction = 0.0 if args.task == "fewshot" else 0.1
     args.bad_files = os.path.join(args.out_dir, "bad_files.txt")
@@ -1052,10 +1411,11 @@ def resolve_args(args):
     meta = checkpoint_meta(args.weights)
     args.arch = args.arch or meta.get("arch")
     if args.data == "toy":
-        args.data = "toy-skeleton" if args.arch in SKELETON_ARCHS else "toy-motion"
+        args.data = ("toy-skeleton" if args.arch in SKELETON_ARCHS else "toy-ucfrep" if args.task == "repcount" else
+                     "toy-motion")
     if args.arch is None:
         skeleton = protocol_for(args.data)["modality"] == "skeleton"
-        args.arch = "tiny3d" if args.data == "toy-motion" else "bigru" if skeleton else "r2plus1d_18"
+        args.arch = "tiny3d" if args.data in ("toy-motion", "toy-ucfrep") else "bigru" if skeleton else "r2plus1d_18"
     args.options = (json.loads(args.arch_options) if args.arch_options else  # the meta's options fit its own arch
                     meta.get("options", {}) if meta.get("arch") == args.arch else
                     TOY_ENCODER_OPTIONS.get(args.arch, {}) if args.data == "toy-skeleton" and not meta else {})
@@ -1164,6 +1524,8 @@ def main_worker(args):
         result = clusters_task(run, args)
     elif args.task == "fewshot":
         result = fewshot_task(run, args)
+    elif args.task == "repcount":
+        result = repcount_task(run, args)
     elif args.task == "severe":
         result = severe_task(run, args)
     else:

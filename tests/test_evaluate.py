@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 import common
 import evaluate as ev
@@ -82,6 +83,83 @@ def test_repetition_count_errors_hand_computed():
     out = ev.repetition_count_errors([4.4, 9.6, 2.2, 7.0], [5, 10, 4, 7])
     assert out["mae"] == pytest.approx((1 / 5 + 0 + 2 / 4 + 0) / 4)
     assert out["obo"] == pytest.approx(3 / 4)
+
+
+def test_toy_ucfrep_is_written_in_the_real_layout_and_parses_to_its_counts(tmp_path):
+    root = tmp_path / "rep"
+    common.make_toy_ucfrep(str(root), num_train=3, num_val=2)
+    for split, number in (("train", 3), ("val", 2)):
+        files = sorted(os.listdir(root / "annotations" / split))
+        assert files == [f"toy_{split}_{k:04d}.json" for k in range(number)]
+        samples, classes = common.parse_ucfrep(str(root), split)
+        assert classes == ["count"] and len(samples) == number
+        for (path, count), name in zip(samples, files):
+            with open(root / "annotations" / split / name) as f:
+                bounds = json.load(f)["temporal_bound"]
+            assert count == len(bounds) - 1 and 2 <= count <= 8
+            assert path == str(root / "frames" / name[:-5]) and os.path.isfile(os.path.join(path, "image_00001.jpg"))
+            assert bounds[0] >= 1 and common.count_frames(path) >= bounds[-1]  # 1-based frame numbers
+            period = np.diff(bounds)
+            assert period.min() >= 6 and period.max() - period.min() <= 1  # one random period, rounded
+    assert [len(b) - 1 for _, b in common.read_ucfrep_annotations(str(root), "val")] == [
+        c for _, c in common.parse_ucfrep(str(root), "val")[0]]
+
+
+def test_ucfrep_annotations_reject_unordered_bounds(tmp_path):
+    folder = tmp_path / "annotations" / "train"
+    folder.mkdir(parents=True)
+    (folder / "v.json").write_text(json.dumps({"temporal_bound": [5, 20, 12]}))
+    with pytest.raises(common.VideoReadError, match=r"v.json: temporal_bound must be .* \[5, 20, 12\]"):
+        common.read_ucfrep_annotations(str(tmp_path), "train")
+
+
+def test_cycle_length_targets_hand_computed():
+    previous, following = ev.cycle_length_targets([0, 10, 20, 30])
+    assert len(previous) == 31
+    # frame 15 is half-way through cycle 1: the same phase is at 5 in cycle 0 and at 25 in cycle 2
+    assert previous[15] == 10 and following[15] == 10
+    assert previous[5] == -1 and following[5] == 10  # no cycle before the first
+    assert following[25] == -1 and previous[25] == 10  # none after the last
+    # cycles of 10 and 12 frames (differ by 2: similar): frame 5 (phase 0.5) -> 10 + 0.5 * 12 = 16 -> 11 frames
+    previous, following = ev.cycle_length_targets([0, 10, 22])
+    assert following[5] == 11 and previous[16] == 11  # 16: phase 0.5 of cycle 1 -> 5 in cycle 0
+    # 10 and 15 frames differ by more than 2 frames and 30%: the neighbour is not a repetition, no target
+    previous, following = ev.cycle_length_targets([0, 10, 25])
+    assert following[5] == -1 and previous[17] == -1
+
+
+def test_anchor_targets_and_counting_loss_hand_computed():
+    anchors = torch.tensor(ev.RC_ANCHORS, dtype=torch.float64)
+    scores, offsets, mask = ev.anchor_targets(torch.tensor([10.0, 20.0, -1.0], dtype=torch.float64),
+                                              torch.tensor([10.0, 10.0, 10.0], dtype=torch.float64), anchors)
+    # true 10, current 10: anchor lengths 5 ... 20 all within IoU 0.5 of 10; offset log(10 / (a * 10)) = -log a
+    assert scores[0].tolist() == [1] * 7
+    assert torch.allclose(offsets[0], -anchors.log())
+    # true 20, current 10: IoU 0.25, 0.335, 0.4, 0.5, 0.625, 0.75, 1 -> positive from a = 1.0 on; a = 2.0 exact
+    assert scores[1].tolist() == [0, 0, 0, 1, 1, 1, 1] and offsets[1, 6] == pytest.approx(0.0)
+    assert mask[1].tolist() == [False, False, False, True, True, True, True]
+    assert scores[2].tolist() == [-1] * 7 and not mask[2].any()  # unknown true length: ignored
+    target_scores = torch.stack([scores, scores], 1)  # (3, 2, 7): the same targets for both streams
+    target_offsets, offset_mask = torch.stack([offsets, offsets], 1).float(), torch.stack([mask, mask], 1)
+    perfect = 20.0 * (F.one_hot(target_scores.clamp(min=0), 2).permute(0, 1, 3, 2).float() - 0.5)  # (3, 2, 2, 7)
+    assert ev.counting_loss(perfect, target_offsets, target_scores, target_offsets, offset_mask) < 1e-6
+    # offsets wrong by 0.1 (SmoothL1 0.005) on the 11 positives of the 3 x 7 entries, per stream: 50 * 11 * 0.005 / 21
+    loss = ev.counting_loss(perfect, target_offsets + 0.1, target_scores, target_offsets, offset_mask)
+    assert loss.item() == pytest.approx(2 * 50 * 11 * 0.005 / 21, rel=1e-3)
+    all_ignored = torch.full_like(target_scores, -1)
+    no_positive = torch.zeros_like(offset_mask)
+    assert torch.isfinite(ev.counting_loss(perfect, target_offsets, all_ignored, target_offsets, no_positive))
+
+
+def test_context_frame_indices_two_streams_hand_computed():
+    # m = 19, l = r = 5, 4 frames per stream: previous stream over [19 - 5 + 1 - 5, 19] = [10, 19], step 10 / 3;
+    # next stream over [20, 19 + 5 + 5] = [20, 29]; round(first - 0.5 + j * step), clamped to the range
+    indices = ev.context_frame_indices(torch.tensor([19.0]), torch.tensor([5.0]), torch.tensor([5.0]), 8)
+    assert indices.tolist() == [[10, 13, 16, 19, 20, 23, 26, 29]]
+    videos = torch.arange(3 * 30, dtype=torch.float32).view(1, 1, 30, 1, 3).expand(1, 2, 30, 1, 3)  # (1, C, 30, 1, 3)
+    x = ev.gather_frames(videos, torch.tensor([25]), torch.tensor([0]), indices)  # frames >= 25 are padding
+    assert x.shape == (1, 2, 8, 1, 3)
+    assert x[0, 0, :, 0, 0].tolist() == [30.0, 39.0, 48.0, 57.0, 60.0, 69.0, 0.0, 0.0]
 
 
 # ---------------------------------------------------------------------------------------------- clusters
@@ -384,11 +462,27 @@ def test_fusion_task_learns_to_trust_the_informative_modality(tmp_path, one_thre
 def test_severe_suite_on_toy_data_prints_our_row_beside_the_references(tmp_path, one_thread):
     result = run_evaluate(tmp_path, "--task", "severe", "--severe-columns", "UCF (10^3)", "FX-S1", "UCF-RC",
                           "Charades", "--max-steps", "1")
-    assert result["columns"] == ["UCF (10^3)", "FX-S1"]
-    assert "UCF-RC" in result["notes"] and "Charades" in result["notes"]
+    assert result["columns"] == ["UCF (10^3)", "FX-S1", "UCF-RC"]
+    assert list(result["notes"]) == ["Charades"]
     table = result["table"]
     assert "this checkpoint" in table and "Tubelet-Contrast (K400)" in table
     assert (tmp_path / "FX-S1" / "result.json").exists() and (tmp_path / "UCF-10-3" / "seed_0").is_dir()
+    with open(tmp_path / "UCF-RC" / "result.json") as f:
+        column = json.load(f)
+    assert column["data"] == "toy-ucfrep" and column["metrics"]["mae"] == pytest.approx(result["metrics"]["UCF-RC"])
+
+
+def test_repcount_toy_end_to_end(tmp_path, one_thread, capsys):
+    result = run_evaluate(tmp_path, "--task", "repcount", "--max-steps", "2")
+    out = capsys.readouterr().out
+    assert "--task repcount on toy-ucfrep" in out and "checkpoint with the lowest MAE" in out
+    assert result["sizes"] == {"train": 41, "val": 7, "test": 16}  # toy-ucfrep: 48 train, 16 test videos
+    assert result["primary"] == "mae" and set(result["metrics"]) >= {"mae", "obo", "mae_mean_count"}
+    predicted, true = np.array(result["counts"]["predicted"]), np.array(result["counts"]["true"])
+    assert len(predicted) == 16 and np.all(predicted > 0) and set(true) <= set(range(2, 9))
+    assert result["metrics"] == pytest.approx({**result["metrics"], **ev.repetition_count_errors(predicted, true)})
+    assert list(result["selection"]["scores"]) == ["2"]
+    assert "inference: scale search" in (tmp_path / "result.txt").read_text()
 
 
 @pytest.mark.slow
