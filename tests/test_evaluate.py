@@ -162,6 +162,43 @@ def test_context_frame_indices_two_streams_hand_computed():
     assert x[0, 0, :, 0, 0].tolist() == [30.0, 39.0, 48.0, 57.0, 60.0, 69.0, 0.0, 0.0]
 
 
+class PerfectCycleHead(torch.nn.Module):
+    """A stand-in for a trained RepetitionCounter on a video whose pixel values are the frame numbers (index + 1;
+    padding reads 0): it recovers each stream's current length from the spacing of the frames it was given (a
+    stream spreads frames/2 frames over 2 cycles) and answers as a perfect head for the true period P: the anchor
+    closest to P scores highest, offsets log(P / (a * l))."""
+
+    def __init__(self, period, frames):
+        super().__init__()
+        self.period, self.half = period, frames // 2
+        self.unused = torch.nn.Parameter(torch.zeros(()))  # count_repetitions reads the device from a parameter
+
+    def forward(self, x):  # (N, 1, frames, 1, 1)
+        values = x[:, 0, :, 0, 0].double()  # (N, frames)
+        anchors = torch.tensor(ev.RC_ANCHORS, dtype=torch.float64)
+        scores, offsets = [], []
+        for stream in range(2):
+            current = []
+            for row in values[:, stream * self.half:(stream + 1) * self.half]:
+                seen = torch.nonzero(row > 0)[:, 0]
+                step = (row[seen[-1]] - row[seen[0]]) / max(int(seen[-1] - seen[0]), 1)
+                current.append(float(step) * (self.half - 1) / 2)
+            log_ratio = torch.log(self.period / (torch.tensor(current, dtype=torch.float64)[:, None] * anchors))
+            scores.append(torch.stack([torch.zeros_like(log_ratio), -10 * log_ratio.abs()], 1))  # (N, 2, K)
+            offsets.append(log_ratio)  # (N, K)
+        return torch.stack(scores, 1).float(), torch.stack(offsets, 1).float()  # (N, 2, 2, K), (N, 2, K)
+
+
+@pytest.mark.parametrize("period,count", [(7, 8), (10, 6), (25, 3), (40, 2)])
+def test_count_repetitions_recovers_the_count_with_a_perfect_head(period, count):
+    # the annotated segment t_0..t_n spans count * period + 1 frames; scale search, refinement, the 32 positions
+    # and the count formula must give back `count` when every prediction is right
+    length = count * period + 1
+    video = (torch.arange(length, dtype=torch.float32) + 1).view(1, length, 1, 1)  # (C=1, T, 1, 1)
+    predicted = ev.count_repetitions(PerfectCycleHead(period, 32), video, length, 32)
+    assert round(predicted) == count and predicted == pytest.approx(length / period, rel=0.03)
+
+
 # ---------------------------------------------------------------------------------------------- clusters
 CLUSTERS = np.array([0, 0, 1, 1, 2, 2])  # contingency (cluster x class): [[2, 0], [1, 1], [0, 2]]
 LABELS = np.array([0, 0, 0, 1, 1, 1])
