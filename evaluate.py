@@ -41,6 +41,7 @@ result.txt into --out-dir.
 import argparse
 import copy
 import functools
+import inspect
 import json
 import math
 import os
@@ -56,7 +57,7 @@ import common
 
 TASKS = ("finetune", "linear", "knn", "fewshot", "transfer", "multilabel", "arrow-of-time", "clusters", "fusion",
          "repcount", "severe")
-SKELETON_ARCHS = ("bigru", "hcn", "agcn", "stgcn")
+SKELETON_ARCHS = common.SKELETON_ARCHS  # bigru, hcn, agcn, stgcn on (C, T, V, M); skelemotion_cnn on images
 RETRIEVAL_KS = (1, 5, 10, 20, 50)  # CoCLR / ViCC video retrieval R@k (reference notes Sec. 6.4)
 
 
@@ -619,9 +620,25 @@ def center_on_spine(x):
     return x
 
 
-def skeleton_transform(item, train, frames, center):
+def skeleton_transform(item, train, frames, center, skelemotion=False):
+    """Centre, then crop (App. A.1) to (C, frames, V, M). skelemotion=True (--arch skelemotion_cnn): body 0 of the
+    crop as a SkeleMotion image (6, frames, 49) (`common.skelemotion_image`, tau = 1, NTU-25 chaining), the input
+    of P-HLVC's SkeleMotion CNN. P-HLVC forwards every present body separately; we keep body 0, as the crop and the
+    centring are anchored on it (the second person of two-person actions is dropped)."""
     x = center_on_spine(item["skeleton"].float()) if center else item["skeleton"].float()  # (C, T, V, M)
-    item["skeleton"] = temporal_crop_resize(x, frames, (0.5, 1.0) if train else 0.95, random_start=train)
+    ratio = (0.5, 1.0) if train else 0.95
+    if not skelemotion:
+        item["skeleton"] = temporal_crop_resize(x, frames, ratio, random_start=train)
+        return item
+    c, _, v, _ = x.shape
+    if (c, v) != (3, 25):  # RuntimeError: the dataset's ValueError handler would take it for an unreadable file
+        raise RuntimeError(f"evaluate.py: --arch skelemotion_cnn needs NTU-25 skeletons (C=3 xyz, V=25 joints, "
+                           f"SKELEMOTION_ORDER['ntu25']); this dataset gives (C, T, V, M) = {tuple(x.shape)}")
+    # d_t = p_t - p_{t+1} needs the next pose, so T poses give T - 1 motion columns (skelemotion_image leaves the
+    # last column as "no motion"): crop frames + 1 poses and keep the first `frames` columns, so the image is
+    # exactly as long as the CNN's `frames` option (resolve_args sets --frames to it).
+    crop = temporal_crop_resize(x, frames + 1, ratio, random_start=train)  # (C, frames + 1, V, M)
+    item["skeleton"] = common.skelemotion_image(crop[..., 0], "ntu25", tau=1)[:, :frames]  # (6, frames, 49)
     return item
 
 
@@ -631,7 +648,7 @@ def build_split(args, split, train, augment=True):
     p = args.protocol
     if p["modality"] == "skeleton":
         transform = functools.partial(skeleton_transform, train=train and augment, frames=args.frames,
-                                      center=not args.no_center)
+                                      center=not args.no_center, skelemotion=args.arch == "skelemotion_cnn")
         return common.build_dataset(args.data, args.data_root, split, transform=transform,
                                     strict=args.strict_data, bad_files_path=args.bad_files)
     transform = functools.partial(video_transform, train=train and augment, crop=p["crop"],
@@ -669,7 +686,7 @@ def predict(model, dataset, args, run, multilabel=False, arrow=False):
     for batch in loader:
         batch = common.to_device(batch, run.device)
         x, y, index = batch[key], batch["label"], batch["index"]
-        if x.dim() == 5:  # one clip: (B, C, T, H, W) video or (B, C, T, V, M) skeleton
+        if x.dim() == 5 or key == "skeleton":  # one clip: (B, C, T, H, W), (B, C, T, V, M) or (B, 6, T, 49)
             x = x[:, None]
         if arrow:  # App. B.2.4: both versions of every video; time is dim -3 of (C, T, H, W) and (C, T, V, M)
             x = torch.cat([x, x.flip(-3)])
@@ -1424,6 +1441,9 @@ def resolve_args(args):
     if args.concat and args.arch not in SKELETON_ARCHS:
         raise ValueError("evaluate.py: --concat combines two skeleton encoders (App. A.4); --arch is "
                          f"{args.arch}")
+    if args.concat and "skelemotion_cnn" in (args.arch, args.concat):
+        raise ValueError("evaluate.py: --concat feeds both encoders the same (C, T, V, M) skeletons; skelemotion_cnn "
+                         "takes SkeleMotion images and cannot be concatenated (yet)")
     args.seeds = args.seeds or [args.seed]
     if args.out_dir is None:
         tag = ("random" if args.weights == "none" else args.weights if args.weights == "kinetics400" else
@@ -1434,6 +1454,14 @@ def resolve_args(args):
     else:  # each column applies its own protocol; the batch size here only satisfies common.setup's check
         args.protocol, args.bad_files = protocol_for(args.data), os.path.join(args.out_dir, "bad_files.txt")
         args.batch_size = args.batch_size or 32
+    if args.arch == "skelemotion_cnn":  # its linear1 is sized for `frames` image columns: the crop follows the CNN
+        expected = args.options.get("frames", inspect.signature(common.SkeleMotionCNN).parameters["frames"].default)
+        if args.overrides.get("frames", expected) != expected:
+            raise ValueError(f"evaluate.py: --arch skelemotion_cnn expects SkeleMotion images of {expected} frames "
+                             f"(its 'frames' option, from --arch-options or the checkpoint's meta; P-HLVC: 32) but "
+                             f"--frames is {args.frames}; drop --frames, or build the CNN for {args.frames} frames "
+                             f"with --arch-options '{{\"frames\": {args.frames}}}' (then weights must match)")
+        args.frames = expected
     return args
 
 
@@ -1442,9 +1470,11 @@ def describe_protocol(args, source, sizes, num_classes):
     p = args.protocol
     features_only = args.task in ("knn", "clusters")
     if p["modality"] == "skeleton":
+        skelemotion = args.arch == "skelemotion_cnn"
         inputs = (("" if args.no_center else "centred on body 0's spine joint; ") +
-                  f"crops resampled to {args.frames} frames: " + ("" if features_only else
-                  "random, ratio U(0.5, 1) (train); ") + "centred, ratio 0.95 (test)")
+                  f"crops resampled to {args.frames + 1 if skelemotion else args.frames} frames: " +
+                  ("" if features_only else "random, ratio U(0.5, 1) (train); ") + "centred, ratio 0.95 (test)" +
+                  (f"; body 0 as a SkeleMotion image (6, {args.frames}, 49), tau 1" if skelemotion else ""))
     elif features_only:
         inputs = (f"video clips of {args.frames} frames at stride {p['stride']}: {args.test_clips} uniformly spaced "
                   f"clips per video, short side {p['short_side']} + centre crop {p['crop']}")

@@ -359,6 +359,34 @@ def test_temporal_crop_resize_centre_and_random():
     assert torch.all(crop[0, 1:, 0, 0] >= crop[0, :-1, 0, 0])  # time order kept
 
 
+def test_skelemotion_transform_is_the_image_of_the_centred_cropped_body_0():
+    torch.manual_seed(0)
+    x = torch.zeros(3, 60, 25, 2)
+    x[:, :50] = torch.randn(3, 50, 25, 2)  # two bodies, 50 valid frames, then zero padding
+    item = ev.skeleton_transform({"skeleton": x.clone()}, train=False, frames=32, center=True, skelemotion=True)
+    image = item["skeleton"]
+    assert image.shape == (6, 32, 49)
+    crop = ev.temporal_crop_resize(ev.center_on_spine(x), 33, 0.95, random_start=False)  # frames + 1 poses
+    assert torch.equal(image, common.skelemotion_image(crop[..., 0], "ntu25", tau=1)[:, :32])
+    # every column, the last one included, is real motion of body 0: |p_t - p_{t+1}| of joint 20 (column 1)
+    assert common.SKELEMOTION_ORDER["ntu25"][1] == 20
+    motion = (crop[:, :32, 20, 0] - crop[:, 1:33, 20, 0]).norm(dim=0).clamp(0, 1)  # (32,)
+    assert torch.allclose(image[3, :, 1], motion) and torch.equal(image[3], image[5])
+    other = x.clone()
+    other[:, :50, :, 1] = torch.randn(3, 50, 25)  # body 1 does not enter the image
+    again = ev.skeleton_transform({"skeleton": other}, train=False, frames=32, center=True, skelemotion=True)
+    assert torch.equal(again["skeleton"], image)
+    torch.manual_seed(1)
+    train = ev.skeleton_transform({"skeleton": x.clone()}, train=True, frames=32, center=True, skelemotion=True)
+    assert train["skeleton"].shape == (6, 32, 49) and not torch.equal(train["skeleton"], image)
+
+
+def test_skelemotion_transform_rejects_a_non_ntu_layout():
+    with pytest.raises(RuntimeError, match=r"needs NTU-25 skeletons .* \(3, 300, 18, 2\)"):
+        ev.skeleton_transform({"skeleton": torch.ones(3, 300, 18, 2)}, train=False, frames=32, center=True,
+                              skelemotion=True)
+
+
 # ---------------------------------------------------------------------------------------------- end to end (toy)
 SMALL_BIGRU = '{"hidden": 32, "layers": 1}'
 
@@ -440,6 +468,37 @@ def test_transfer_loads_our_backbone_file_and_rejects_a_wrong_arch(tmp_path, one
     with pytest.raises(ValueError, match="does not fit --arch agcn"):
         ev.main(["--task", "linear", "--data", "toy-skeleton", "--arch", "agcn", "--weights",
                  str(tmp_path / "backbone.pth"), "--out-dir", str(tmp_path / "bad"), "--workers", "0"])
+
+def test_skelemotion_cnn_knn_linear_fewshot_and_transfer_on_toy_skeleton(tmp_path, one_thread, capsys):
+    small = '{"hidden": 64}'
+    knn = run_evaluate(tmp_path / "knn", "--task", "knn", "--data", "toy-skeleton", "--arch", "skelemotion_cnn",
+                       "--arch-options", small)
+    assert "SkeleMotion image (6, 32, 49)" in knn["protocol"] and "crops resampled to 33 frames" in knn["protocol"]
+    assert knn["sizes"] == {"train": 252, "val": 0, "test": 108} and 0 < knn["metrics"]["nn1_acc"] <= 100
+    linear = run_evaluate(tmp_path / "linear", "--task", "linear", "--data", "toy-skeleton", "--arch",
+                          "skelemotion_cnn", "--arch-options", small, "--epochs", "2")
+    assert set(linear["metrics"]) == {"top1", "top5", "mean_class_acc"} and linear["selection"]["best"] is not None
+    fewshot = run_evaluate(tmp_path / "fewshot", "--task", "fewshot", "--data", "toy-skeleton", "--arch",
+                           "skelemotion_cnn", "--arch-options", small, "--per-class", "3", "--max-steps", "1")
+    assert fewshot["sizes"]["train"] == 36
+    # transfer from our backbone.pth: arch and options (a 24-frame CNN) come from its meta, the crop follows them
+    backbone = common.build_backbone("skelemotion_cnn", frames=24, hidden=64)
+    common.save_backbone(backbone, str(tmp_path / "backbone.pth"),
+                         {"arch": "skelemotion_cnn", "options": {"frames": 24, "hidden": 64}})
+    transfer = run_evaluate(tmp_path / "transfer", "--task", "transfer", "--data", "toy-skeleton", "--weights",
+                            str(tmp_path / "backbone.pth"), "--max-steps", "1")
+    assert "SkeleMotion image (6, 24, 49)" in transfer["protocol"]
+    loaded = str(tmp_path / "backbone.pth") + " (12 tensors loaded"  # 4 convs + 2 linears, weights and biases
+    assert transfer["weights_source"].startswith(loaded)
+
+
+def test_skelemotion_cnn_rejects_a_mismatching_frame_count_and_concat(tmp_path):
+    argv = ["--task", "knn", "--data", "toy-skeleton", "--arch", "skelemotion_cnn", "--out-dir", str(tmp_path)]
+    with pytest.raises(ValueError, match="expects SkeleMotion images of 32 frames .* --frames is 64"):
+        ev.main(argv + ["--frames", "64"])
+    with pytest.raises(ValueError, match="skelemotion_cnn takes SkeleMotion images"):
+        ev.main(argv + ["--concat", "agcn"])
+
 
 
 def test_arrow_of_time_scores_both_directions(tmp_path, one_thread):
