@@ -195,6 +195,8 @@ def get_common_parser():
                    help="per-step learning-rate schedule")
     g.add_argument("--warmup-epochs", type=float, default=0.0, help="linear warm-up from 0 (cosine schedule)")
     g.add_argument("--final-lr", type=float, default=0.0, help="learning rate at the end of the cosine schedule")
+    g.add_argument("--schedule-epochs", type=float, default=None, help="length of the cosine schedule in epochs "
+                   "(default --epochs); longer than --epochs stops training part-way down the cosine")
     g.add_argument("--milestones", type=float, nargs="*", default=[],
                    help="epochs at which the multistep schedule multiplies the LR by --lr-gamma")
     g.add_argument("--lr-gamma", type=float, default=0.1)
@@ -3147,7 +3149,9 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
     if steps_per_epoch == 0:
         raise ValueError(f"the training loader is empty: {len(loader.dataset)} samples cannot fill one batch of "
                          f"{loader.batch_size} per process (global --batch-size {args.batch_size})")
-    total_steps = args.epochs * steps_per_epoch  # the schedule spans --epochs even when --max-steps stops earlier
+    total_steps = args.epochs * steps_per_epoch
+    # the schedule spans --schedule-epochs (default --epochs) even when --max-steps stops earlier
+    schedule_steps = round((getattr(args, "schedule_epochs", None) or args.epochs) * steps_per_epoch)
     last_step = min(total_steps, args.max_steps) if args.max_steps else total_steps
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     milestones = [round(m * steps_per_epoch) for m in args.milestones]
@@ -3179,7 +3183,7 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
             return
         save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
                      "scaler": run.scaler.state_dict(), "step": step, "epoch": epoch, "args": vars(args),
-                     "rng": rng, "schedule": {"total_steps": total_steps, "steps_per_epoch": steps_per_epoch}},
+                     "rng": rng, "schedule": {"total_steps": schedule_steps, "steps_per_epoch": steps_per_epoch}},
                     ckpt_path)
         if backbone is not None:
             save_backbone(backbone, os.path.join(run.out_dir, "backbone.pth"),
@@ -3205,7 +3209,7 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
             for batch in loader:
                 data_time = time.perf_counter() - tick
                 batch = to_device(batch, run.device)
-                lr = lr_at_step(step, total_steps, args.lr, args.schedule, warmup_steps, args.final_lr,
+                lr = lr_at_step(step, schedule_steps, args.lr, args.schedule, warmup_steps, args.final_lr,
                                 milestones, args.lr_gamma)
                 for group in optimizer.param_groups:
                     group["lr"] = lr * group.get("lr_scale", 1.0)

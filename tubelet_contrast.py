@@ -78,9 +78,14 @@ def add_method_args(parser):
     g.add_argument("--shear-min", type=float, default=-1.0, help="shear factor range; App. C.5 states ±1.0, "
                    "Sec. 5.3.4 says ±1.5 (App. C.6: both give similar results); we default to App. C.5")
     g.add_argument("--shear-max", type=float, default=1.0, help="see --shear-min")
+    # standard augmentations, Sec. 5.4.1 ("random crops, horizontal flip, and color jitter", no values given)
+    g.add_argument("--color-jitter", choices=["authors", "strong", "none"], default="authors",
+                   help="authors: the released code's values (brightness ±32/255, contrast x e^U(±0.2), hue ±24°, "
+                   "saturation x e^U(±0.1), each with p 0.2), batched on the device; strong: SimCLR/torchvision "
+                   "(0.4, 0.4, 0.4, 0.1, p 0.8), per clip; none. Drawn per clip (see --authors-code-shared-jitter)")
     # MoCo, Sec. 5.4.1
     g.add_argument("--queue-size", type=int, default=None, help="|N| negatives in the MoCo queue, Eq. (5.1): paper "
-                   "16384 (Mini-Kinetics), 65536 (Kinetics-400); default by --data (1024 on toy data)")
+                   "16384 (Mini-Kinetics), 65536 (Kinetics-400); default by --data (256 on toy data: 192 videos)")
     g.add_argument("--moco-momentum", type=float, default=0.999, help="m of the key encoder EMA (paper 0.999)")
     g.add_argument("--temperature", type=float, default=0.2, help="τ in Eq. (5.1) (paper 0.2)")
     g.add_argument("--proj-dim", type=int, default=128, help="output of the 2-layer MLP projection head (paper 128)")
@@ -117,7 +122,7 @@ def finalize_method_args(args):
     args.patch_max = args.patch_max if args.patch_max is not None else 64 * args.resolution_scale
     if args.queue_size is None:
         data = str(getattr(args, "data", "toy"))
-        args.queue_size = 1024 if toy else 16384 if data == "minik" else 65536 if data.startswith("k") else 16384
+        args.queue_size = 256 if toy else 16384 if data == "minik" else 65536 if data.startswith("k") else 16384
     args.frame_strides = tuple(int(s) for s in str(args.frame_strides).strip("()").split(",") if s.strip())
     args.transforms = () if args.transform == "none" else tuple(t.strip() for t in args.transform.split(","))
     args.shape_ids = tuple(SHAPES.index(s.strip()) if s.strip() in SHAPES else -1 for s in args.shapes.split(","))
@@ -208,16 +213,6 @@ def info_nce(z_v, z_v_prime, negatives, tau):
     loss = F.cross_entropy(logits, target)  # -log h(v,v') / (h(v,v') + Σ_n h(v,n))
     accuracy = (logits.argmax(dim=1) == 0).float().mean()
     return loss, accuracy
-
-
-def info_nce_with_batch(z_q, z_k, negatives, tau):
-    """--batch-negatives (not in the paper): Eq. (5.1) with the other keys of the batch added to the negatives.
-    Logits [q_i·k_j for all j, q_i·queue] / τ, target j = i. Keys computed now share the current encoder and
-    batch-norm statistics with the positive, so "came from this batch" no longer identifies the positive."""
-    logits = torch.cat([z_q @ z_k.t(), z_q @ negatives.t()], dim=1) / tau  # (B, B + K)
-    target = torch.arange(z_q.shape[0], device=z_q.device)
-    loss = F.cross_entropy(logits, target)
-    return loss, (logits.argmax(dim=1) == target).float().mean()
 
 
 # ==================================================================================================== TUBELETS
@@ -487,6 +482,60 @@ def save_visualization(clip_q, clip_k, out_dir, num_pairs):
     return png, gif
 
 
+# ==================================================================================================== COLOUR JITTER
+
+# RGB <-> YIQ (NTSC): Y is luma, (I, Q) the chroma plane; a hue shift is a rotation of (I, Q), saturation its scale
+RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
+def authors_color_jitter(x, p=0.2, brightness=32 / 255, contrast=0.2, hue_degrees=24.0, saturation=0.1,
+                         generator=None):
+    """--color-jitter authors: the released code's RandomBrightness / RandomContrast / RandomHueSaturation, each
+    applied with probability p per clip, batched as one affine colour map per clip: x' = M c (x + b).
+
+    x (N, 3, T, H, W) float in [0, 1]. b ~ U(±brightness), c = e^U(±contrast); hue: rotation of the YIQ chroma plane
+    by U(±hue_degrees) (the code adds U(±12) to OpenCV's 0..179 hue, i.e. ±24°), saturation: its scale e^U(±s).
+    Deviations: YIQ rotation instead of an HSV round trip (equal for grey, close for colours), one clamp at the end
+    instead of one per operation."""
+    n = x.shape[0]
+    rand = lambda *shape: torch.rand(*shape, device=x.device, generator=generator)
+    apply = lambda: (rand(n) < p).float()  # (N,) 1 where the operation is applied
+    b = apply() * (2 * rand(n) - 1) * brightness  # (N,)
+    c = torch.exp(apply() * (2 * rand(n) - 1) * contrast)  # (N,)
+    on = apply()
+    angle = torch.deg2rad(on * (2 * rand(n) - 1) * hue_degrees)  # (N,)
+    scale = torch.exp(on * (2 * rand(n) - 1) * saturation)  # (N,)
+    chroma = torch.zeros(n, 3, 3, device=x.device)
+    chroma[:, 0, 0] = 1.0  # luma unchanged
+    chroma[:, 1, 1], chroma[:, 1, 2] = scale * angle.cos(), -scale * angle.sin()
+    chroma[:, 2, 1], chroma[:, 2, 2] = scale * angle.sin(), scale * angle.cos()
+    yiq = RGB_TO_YIQ.to(x.device)
+    matrix = torch.linalg.inv(yiq) @ chroma @ yiq * c.view(n, 1, 1)  # (N, 3, 3) RGB -> RGB
+    out = torch.einsum("nij,njthw->nithw", matrix, x + b.view(n, 1, 1, 1, 1))  # (N, 3, T, H, W)
+    return out.clamp_(0, 1)
+
+
+def make_prepare(args):
+    """Colour jitter per clip (shared by the pair with --authors-code-shared-jitter) and normalisation; on the
+    batch's device, after the tubelets are pasted. Inputs are float or uint8 in [0, 255], (B, C, T, H, W)."""
+    def jitter(clips):  # (N, C, T, H, W) in [0, 1]
+        if args.color_jitter == "authors":
+            return authors_color_jitter(clips)
+        return common.color_jitter(clips) if args.color_jitter == "strong" else clips
+
+    def prepare(clip_q, clip_k):
+        pair = torch.stack([clip_q, clip_k], dim=1).float() / 255  # (B, 2, C, T, H, W) in [0, 1]
+        if args.authors_code_shared_jitter:  # one draw per pair: jitter B clips, apply the same map to both
+            b = pair.shape[0]
+            pair = jitter(pair.transpose(1, 2).flatten(2, 3)).view(b, -1, 2, *pair.shape[3:]).transpose(1, 2)
+        else:
+            pair = jitter(pair.flatten(0, 1)).view(pair.shape)
+        pair = common.normalize(pair)  # channels at dim -4
+        return pair[:, 0].contiguous(), pair[:, 1].contiguous()
+
+    return prepare
+
+
 # ==================================================================================================== TRAIN STEP
 
 
@@ -520,8 +569,7 @@ def make_train_step(model, optimizer, run, args, prepare):
         clip_q, clip_k = prepare(clip_q, clip_k)
         with run.autocast():
             z_q, z_k, negatives = model(clip_q, clip_k)
-        loss_fn = info_nce_with_batch if getattr(args, "batch_negatives", False) else info_nce
-        loss, accuracy = loss_fn(z_q.float(), z_k.float(), negatives, args.temperature)  # Eq. (5.1) in fp32
+        loss, accuracy = info_nce(z_q.float(), z_k.float(), negatives, args.temperature)  # Eq. (5.1) in fp32
         run.step(loss, optimizer)
         return {"loss": loss.detach(), "inst_acc": accuracy, "batch_acc": batch_accuracy(z_q, z_k, args)}
 
@@ -537,21 +585,6 @@ def build_model(args):
     model = MoCo(backbone, proj_dim=args.proj_dim, queue_size=args.queue_size, momentum=args.moco_momentum,
                  all_gather=common.all_gather_nograd)
     return backbone, model
-
-
-def make_prepare(args):
-    """Colour jitter per clip (shared by the pair with --authors-code-shared-jitter) and normalisation; on the
-    batch's device, after the tubelets are pasted. Inputs are float or uint8 in [0, 255], (B, C, T, H, W)."""
-    def prepare(clip_q, clip_k):
-        pair = torch.stack([clip_q, clip_k], dim=1).float() / 255  # (B, 2, C, T, H, W) in [0, 1]
-        if args.authors_code_shared_jitter:
-            pair = torch.stack([common.color_jitter(p, shared=True) for p in pair])
-        else:
-            pair = common.color_jitter(pair)
-        pair = common.normalize(pair)  # channels at dim -4
-        return pair[:, 0].contiguous(), pair[:, 1].contiguous()
-
-    return prepare
 
 
 def build_sets(args, run):
@@ -692,7 +725,10 @@ def main_worker(args):
     return result
 
 
-TOY_DEFAULTS = dict(crop_size=64, queue_size=256, epochs=10, batch_size=32, lr=0.1, workers=1)
+# Toy defaults (measured in README "Learning on toy data"): tiny3d at 48x48x8 learns the pairs in ~2,000 steps of
+# batch 16 at the paper's lr 0.01; momentum 0.99 because 2,000 steps are short for m = 0.999.
+TOY_DEFAULTS = dict(crop_size=48, clip_len=8, moco_momentum=0.99, epochs=160, batch_size=16, workers=1,
+                    knn_every=40)
 PAPER_DEFAULTS = dict(lr=0.01, epochs=100, wd=1e-4, schedule="cosine")
 
 
@@ -702,8 +738,6 @@ def main(argv=None):
     add_method_args(parser)
     parser.add_argument("--crop-scale-min", type=float, default=0.2, help="smallest area fraction of the random "
                         "resized crop (standard augmentation; the thesis gives no value)")
-    parser.add_argument("--batch-negatives", action="store_true", help="add the other keys of the batch to the "
-                        "negatives (not in the paper; see README 'Learning on toy data')")
     parser.set_defaults(**PAPER_DEFAULTS)
     parser.epilog = (f"--data toy (the default) is toy-motion (64x64, 16 frames, 192 train / 64 val videos) with toy "
                      f"defaults for a few CPU minutes: {TOY_DEFAULTS}, unless given on the command line. Real data "
@@ -726,8 +760,8 @@ def main(argv=None):
     args.dataset_name = "toy-motion" if args.data == "toy" else args.data
     args.data_root = args.data_root or os.path.join("data", args.dataset_name)
     finalize_method_args(args)
-    if args.authors_code_schedule:  # a cosine for 2x --epochs stopped after --epochs ends at half the base LR;
-        args.final_lr = args.lr / 2  # approximated by a cosine from lr to lr/2 over --epochs (common's schedule)
+    if args.authors_code_schedule:  # released models: a cosine laid out for 2x --epochs, stopped after --epochs
+        args.schedule_epochs = 2 * args.epochs
     common.launch(main_worker, args)
 
 

@@ -114,6 +114,15 @@ def test_tiny_model_trains_and_writes_the_run_folder(tmp_path):
     assert {"model", "optimizer", "scaler", "rng", "args", "epoch"} <= set(ckpt)
 
 
+def test_schedule_epochs_stops_part_way_down_the_cosine(tmp_path):
+    """--schedule-epochs 8 with --epochs 4: 16 steps of a 32-step cosine (released tubelet models: 200 / 100)."""
+    run_tiny(tmp_path, "--epochs", 4, "--schedule-epochs", 8)
+    lrs = [r["lr"] for r in map(json.loads, open(tmp_path / "metrics.jsonl")) if "lr" in r]
+    expected = [0.1 * 0.5 * (1 + math.cos(math.pi * s / 32)) for s in range(16)]
+    assert len(lrs) == 16 and lrs == pytest.approx(expected, rel=1e-4)
+    assert lrs[-1] > 0.05  # stopped above half the base LR, not annealed to 0
+
+
 def test_resume_gives_identical_losses_at_every_step(tmp_path):
     run_tiny(tmp_path / "straight", "--max-steps", 10)
     run_tiny(tmp_path / "resumed", "--max-steps", 5)  # stops mid-epoch 1 (4 steps per epoch)

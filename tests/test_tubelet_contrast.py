@@ -41,7 +41,7 @@ def test_defaults_are_the_papers():
     assert (args.motion, args.keyframes, args.num_tubelets, args.transforms) == ("nonlinear", 3, 2, ("rotation",))
     assert (args.patch_min, args.patch_max, args.temperature, args.moco_momentum, args.proj_dim) == (16, 64, 0.2,
                                                                                                      0.999, 128)
-    assert args.arch == "tiny3d" and args.queue_size == 1024  # toy data
+    assert args.arch == "tiny3d" and args.queue_size == 256  # toy data (192 videos)
     ns = tc.add_method_args(argparse.ArgumentParser()).parse_args(["--arch", "i3d"])
     ns.data = "k400"
     ns = tc.finalize_method_args(ns)
@@ -206,6 +206,55 @@ def test_authors_code_options_run():
     assert (p["angle"][:, -1].abs() <= 6 * gap[:, 0] + 1e-4).all()  # random walk of at most 6° per frame
     clip_1, clip_2, _ = tc.tubelet_pairs(torch.rand(2, 3, 16, 112, 112), args, generator=gen())
     assert torch.isfinite(clip_1).all() and torch.isfinite(clip_2).all()
+
+
+# ---------------------------------------------------------------------------------------------------- colour jitter
+
+
+def luma(x):  # (N, 3, ...) -> (N, ...), the Y of YIQ
+    return 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+
+
+def test_authors_color_jitter_operations():
+    x = 0.3 + 0.4 * torch.rand(64, 3, 2, 4, 4, generator=gen())  # mid-range colours: no clamping below
+    assert torch.allclose(tc.authors_color_jitter(x, p=0.0), x, atol=1e-5)
+    # brightness only: one additive offset per clip, |b| <= 32/255
+    y = tc.authors_color_jitter(x, p=1.0, contrast=0.0, hue_degrees=0.0, saturation=0.0, generator=gen(1))
+    offset = (y - x).flatten(1)  # (N, 3*2*4*4)
+    assert torch.allclose(offset, offset[:, :1].expand_as(offset), atol=1e-5)
+    assert (offset.abs() <= 32 / 255 + 1e-6).all() and offset[:, 0].std() > 0.02
+    # contrast only: one factor per clip in [e^-0.2, e^0.2]
+    y = tc.authors_color_jitter(x, p=1.0, brightness=0.0, hue_degrees=0.0, saturation=0.0, generator=gen(2))
+    factor = (y / x).flatten(1)
+    assert torch.allclose(factor, factor[:, :1].expand_as(factor), atol=1e-4)
+    assert (factor >= math.exp(-0.2) - 1e-4).all() and (factor <= math.exp(0.2) + 1e-4).all()
+    # hue + saturation: luma kept, chroma rotated by at most 24° and scaled within e^±0.1, grey stays grey
+    y = tc.authors_color_jitter(x, p=1.0, brightness=0.0, contrast=0.0, generator=gen(3))
+    assert torch.allclose(luma(y), luma(x), atol=1e-4)
+    to_iq = lambda v: torch.einsum("ij,nj...->ni...", tc.RGB_TO_YIQ[1:], v).flatten(2)  # (N, 2, P)
+    iq_x, iq_y = to_iq(x), to_iq(y)
+    ratio = iq_y.norm(dim=1) / iq_x.norm(dim=1)  # (N, P)
+    assert (ratio >= math.exp(-0.1) - 1e-3).all() and (ratio <= math.exp(0.1) + 1e-3).all()
+    angle = torch.atan2(iq_x[:, 0] * iq_y[:, 1] - iq_x[:, 1] * iq_y[:, 0], (iq_x * iq_y).sum(dim=1))
+    assert angle.abs().max() <= math.radians(24) + 1e-3 and angle.abs().max() > math.radians(10)
+    grey = torch.full((4, 3, 1, 2, 2), 0.5)
+    assert torch.allclose(tc.authors_color_jitter(grey, p=1.0, brightness=0.0, contrast=0.0), grey, atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["authors", "strong"])
+def test_prepare_jitters_the_two_clips_independently_or_shared(mode):
+    clip = torch.randint(60, 200, (8, 3, 2, 6, 6), dtype=torch.uint8, generator=gen())
+    args = make_args("--color-jitter", mode)
+    torch.manual_seed(0)
+    q, k = tc.make_prepare(args)(clip, clip)
+    assert not torch.allclose(q, k)  # the same input, jittered independently
+    args.authors_code_shared_jitter = True
+    q, k = tc.make_prepare(args)(clip, clip)
+    assert torch.allclose(q, k, atol=1e-5) and not torch.allclose(q, tc.make_prepare(make_args("--color-jitter", "none"))(
+        clip, clip)[0])  # one draw per pair, still jittered
+    q, k = tc.make_prepare(make_args("--color-jitter", "none"))(clip, clip)
+    assert torch.allclose(q, (clip.float() / 255 - torch.tensor(tc.common.KINETICS_MEAN).view(3, 1, 1, 1))
+                          / torch.tensor(tc.common.KINETICS_STD).view(3, 1, 1, 1), atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------------- MoCo
@@ -382,20 +431,27 @@ def test_two_cpu_processes_gather_keys_and_hold_the_same_queue(tmp_path):
     assert torch.allclose(ckpt["model"]["queue"].norm(dim=1), torch.ones(256), atol=1e-4)
 
 
-LEARNING = ["--crop-size", "32", "--clip-len", "8", "--batch-size", "16", "--epochs", "10", "--moco-momentum", "0.99",
-            "--knn-every", "0", "--log-every", "24"]
+LEARNING = ["--knn-every", "0", "--log-every", "480"]  # the toy defaults of `python tubelet_contrast.py`
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="known failure, issue 6 open: tubelet pretraining does not yet beat random "
-                   "init on toy-motion (README, Tubelet-Contrast, 'Learning on toy data'); strict, so a fix shows up")
 @pytest.mark.parametrize("seed", [0, 1])
 def test_learning_pretraining_beats_random_init_on_toy_motion(tmp_path, seed):
-    """Short CPU pretraining of tiny3d on toy-motion: (a) held-out tubelet pairs are told apart far above chance,
-    (b) kNN accuracy of the features beats the same network at random init by a clear margin."""
-    run_script(*LEARNING, "--seed", str(seed), "--out-dir", str(tmp_path), timeout=600)
-    result = json.load(open(tmp_path / "knn.json"))
+    """LEARNING TEST: the toy default run (tiny3d, 48x48x8, 1,920 steps), then (a) held-out tubelet pairs are told
+    apart far above chance and far above the random-init network, (b) evaluate.py's 1-NN on toy-motion with the
+    pretrained backbone.pth beats the same network at random init by a clear margin.
+    Measured (README "Learning on toy data", 2 threads): pairs 100.0 / 98.4 % vs 17.2 / 10.9 % (chance 6.7 %); 1-NN
+    35.9 / 37.5 % vs 18.8 / 20.3 % (seeds 0 / 1); 3.6 min per seed."""
+    import evaluate as ev
+
+    run_script(*LEARNING, "--seed", str(seed), "--out-dir", str(tmp_path / "pretrain"), timeout=900)
+    result = json.load(open(tmp_path / "pretrain" / "knn.json"))
     trained, random_init = result["pretrained"], result["random_init"]
-    assert trained["pair_acc"] >= 3 * result["pair_chance"] and trained["pair_acc"] >= random_init["pair_acc"] + 10, \
+    assert trained["pair_acc"] >= 5 * result["pair_chance"] and trained["pair_acc"] >= random_init["pair_acc"] + 40, \
         result
-    assert trained["knn_top1"] >= random_init["knn_top1"] + 10, result
+    nn1 = {}
+    for name, weights in (("pretrained", str(tmp_path / "pretrain" / "backbone.pth")), ("random", "none")):
+        metrics = ev.main(["--task", "knn", "--data", "toy-motion", "--arch", "tiny3d", "--weights", weights,
+                           "--seed", str(seed), "--workers", "0", "--out-dir", str(tmp_path / name)])["metrics"]
+        nn1[name] = metrics["nn1_acc"]
+    assert nn1["pretrained"] >= nn1["random"] + 10, nn1
