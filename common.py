@@ -131,7 +131,7 @@ def launch(main_worker, args):
     `--gpus N > 1` without torchrun: spawn N local workers on a free port (Barlow Twins' pattern).
     Otherwise: run in this process, without a process group."""
     if _launched_by_torchrun():
-        return main_worker(args)
+        return _finish_distributed(main_worker(args))
     device, nprocs = resolve_device_and_processes(args)
     if nprocs == 1:
         return main_worker(args)
@@ -143,7 +143,17 @@ def launch(main_worker, args):
 def _spawned_worker(local_rank, main_worker, args, world_size, port):
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    main_worker(args)
+    _finish_distributed(main_worker(args))
+
+
+def _finish_distributed(result):
+    """Wait for every process, then tear the process group down before the interpreter exits: a gloo group left to
+    exit-time destructors can abort a process that finished early ("terminate called without an active
+    exception"), which fails the whole spawn."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 
