@@ -486,6 +486,7 @@ def save_visualization(clip_q, clip_k, out_dir, num_pairs):
 
 # RGB <-> YIQ (NTSC): Y is luma, (I, Q) the chroma plane; a hue shift is a rotation of (I, Q), saturation its scale
 RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+YIQ_TO_RGB = torch.linalg.inv(RGB_TO_YIQ)
 
 
 def authors_color_jitter(x, p=0.2, brightness=32 / 255, contrast=0.2, hue_degrees=24.0, saturation=0.1,
@@ -509,8 +510,7 @@ def authors_color_jitter(x, p=0.2, brightness=32 / 255, contrast=0.2, hue_degree
     chroma[:, 0, 0] = 1.0  # luma unchanged
     chroma[:, 1, 1], chroma[:, 1, 2] = scale * angle.cos(), -scale * angle.sin()
     chroma[:, 2, 1], chroma[:, 2, 2] = scale * angle.sin(), scale * angle.cos()
-    yiq = RGB_TO_YIQ.to(x.device)
-    matrix = torch.linalg.inv(yiq) @ chroma @ yiq * c.view(n, 1, 1)  # (N, 3, 3) RGB -> RGB
+    matrix = YIQ_TO_RGB.to(x.device) @ chroma @ RGB_TO_YIQ.to(x.device) * c.view(n, 1, 1)  # (N, 3, 3) RGB -> RGB
     out = torch.einsum("nij,njthw->nithw", matrix, x + b.view(n, 1, 1, 1, 1))  # (N, 3, T, H, W)
     return out.clamp_(0, 1)
 
