@@ -44,6 +44,11 @@ import torchvision
 import torchvision.transforms.v2.functional as TF
 
 
+class UserError(Exception):
+    """A mistake in the command line, the data or a checkpoint: reported as one line (no traceback unless --debug),
+    once, before anything is written. Raise it with what was expected and what was found, naming the file."""
+
+
 # ==================================================================================================== DISTRIBUTED
 def is_distributed():
     return dist.is_available() and dist.is_initialized()
