@@ -233,6 +233,17 @@ def get_common_parser():
     return parser
 
 
+def fill_defaults(args, defaults):
+    """Set every flag that is still None (not given on the command line) from `defaults`.
+
+    The one mechanism for toy vs paper defaults in every script: declare data-dependent flags with default=None,
+    parse, then `fill_defaults(args, TOY_DEFAULTS if toy else PAPER_DEFAULTS)`. Argparse abbreviations and
+    `--flag=value` forms count as given, unlike a scan of argv."""
+    for name, value in defaults.items():
+        if getattr(args, name, None) is None:
+            setattr(args, name, value)
+    return args
+
 
 # ==================================================================================================== VIDEO DECODING
 # One reader per call, one decoder thread, indices clamped to the real frame count (decord can spin forever past
