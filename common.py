@@ -223,6 +223,9 @@ def get_common_parser():
                    "rerunning with the same folder resumes")
     g.add_argument("--resume", default="auto",
                    help="auto = resume from <out-dir>/checkpoint.pth if it exists; none = start afresh; or a path")
+    g.add_argument("--trust-checkpoint", action="store_true",
+                   help="also unpickle Python objects other than tensors, numbers and argparse.Namespace in --resume "
+                   "and --weights files (torch.load(weights_only=False): a crafted file can execute code)")
     g.add_argument("--log-every", type=int, default=20, help="optimizer steps between metrics.jsonl lines")
     g.add_argument("--ckpt-every", type=int, default=500,
                    help="optimizer steps between checkpoints (also at every epoch end and at the end)")
@@ -2726,8 +2729,12 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
 
 # Key-path components of encoders that are never the one to load: MoCo key encoders (encoder_k,
 # skeleton-contrast's encoder_l for the second representation), EMA / momentum / target copies and teachers.
+# CoCLR's stage 2 keeps the frozen other-view encoder as `sampler` (it mines positives; it is not the model trained).
 CHECKPOINT_EXCLUDED_PREFIXES = ("encoder_k", "encoder_l", "key_encoder", "backbone_k", "model_k", "model_ema", "ema",
-                                "ema_model", "momentum", "momentum_encoder", "target", "target_encoder", "teacher")
+                                "ema_model", "momentum", "momentum_encoder", "target", "target_encoder", "teacher",
+                                "sampler")
+# Key-path components of the query (online) encoder: preferred when another encoder also holds every backbone key.
+CHECKPOINT_QUERY_PREFIXES = ("encoder_q", "query_encoder", "backbone_q", "model_q", "online", "online_encoder")
 # Checkpoint entries that are heads or training state, reported as `skipped`, never as `unexpected`.
 CHECKPOINT_HEAD_NAMES = ("fc", "fc7", "fc8", "fcn", "head", "heads", "classifier", "proj", "projector",
                          "projection", "mlp", "prototypes", "queue", "queue_ptr", "queue_second", "logits",
@@ -2756,6 +2763,11 @@ COCLR_S3D_RENAMES = [
     (r"(branch\d\.\d)\.conv\.", r"\1.0."), (r"(branch\d\.\d)\.bn\.", r"\1.1."),
 ]
 
+# RSPNet (`encoder_q.encoder.base_network.N.`) and Pretext-Contrast (`module.base_network.N.`) hold torchvision's
+# R(2+1)D-18 as a Sequential: N = 0 is the stem, N = 1..4 are layer1..4 (SEVERE-BENCHMARK backbones.py,
+# load_rspnet_checkpoint / load_pretext_contrast_checkpoint).
+BASE_NETWORK_RENAMES = [(r"(^|\.)base_network\.0\.", r"\1stem."), (r"(^|\.)base_network\.([1-4])\.", r"\1layer\2.")]
+
 # Tubelet-contrast / hassony2 I3D names -> ours (`features.N` in the order of I3D.features).
 I3D_RENAMES = [
     (r"(^|\.)conv3d_1a_7x7\.", r"\1features.0."), (r"(^|\.)conv3d_2b_1x1\.", r"\1features.2."),
@@ -2778,16 +2790,49 @@ def _rename_keys(keys, renames):
     return out
 
 
-def read_checkpoint(path_or_state_dict):
-    """Return a flat {name: tensor} dict from a file or dict: unwraps "state_dict", "model", "backbone", "net"."""
+def _safe_checkpoint_globals():
+    """What `weights_only=True` may rebuild besides tensors and containers: numpy arrays, scalars and dtypes (our RNG
+    states, the authors' best accuracies) and argparse.Namespace (the authors' saved args). None runs file code."""
+    core = getattr(np, "_core", None) or np.core
+    dtypes = {type(np.dtype(t)) for t in ("bool", "uint8", "int8", "int16", "int32", "int64", "uint32", "uint64",
+                                          "float16", "float32", "float64")}
+    return [core.multiarray.scalar, core.multiarray._reconstruct, np.ndarray, np.dtype, argparse.Namespace, *dtypes]
+
+
+def load_checkpoint_file(path, trust=False, flag="--weights"):
+    """torch.load(path) on the CPU with weights_only=True (tensors, containers, numpy values, argparse.Namespace).
+    trust=True (--trust-checkpoint) also unpickles arbitrary Python objects, which can execute code in the file.
+    A folder, a missing, truncated or non-PyTorch file, or (untrusted) other pickled objects: UserError naming it."""
+    if os.path.isdir(path):
+        raise UserError(f"{flag} {path}: expected a checkpoint file, found a folder")
+    if not os.path.isfile(path):
+        raise UserError(f"{flag} {path}: expected a checkpoint file, found nothing at that path")
+    try:
+        with torch.serialization.safe_globals(_safe_checkpoint_globals()):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
+        if unsafe is None:
+            reason = str(e).strip().splitlines()[-1:] or [type(e).__name__]
+            raise UserError(f"{flag} {path}: expected a PyTorch checkpoint (torch.save), found an unreadable file "
+                            f"(truncated, corrupted or another format: {type(e).__name__}: {reason[0][:200]})") from e
+        if not trust:
+            raise UserError(f"{flag} {path}: the checkpoint pickles Python objects ({unsafe[1]}) whose loading "
+                            f"can execute code from the file; if you trust its source, rerun with --trust-checkpoint"
+                            ) from e
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)  # --trust-checkpoint: the user vouches for it
+    except Exception as e:
+        raise UserError(f"{flag} {path}: expected a PyTorch checkpoint, found an unreadable file ({type(e).__name__}: "
+                        f"{str(e)[:200]})") from e
+
+
+def read_checkpoint(path_or_state_dict, trust=False):
+    """Return a flat {name: tensor} dict from a file or dict: unwraps "state_dict", "model", "backbone", "net".
+    Files are read by `load_checkpoint_file` (weights_only unless trust=True, --trust-checkpoint)."""
     obj = path_or_state_dict
     if isinstance(obj, (str, os.PathLike)):
-        if not os.path.isfile(obj):
-            raise FileNotFoundError(f"common.py: checkpoint file not found: {obj}")
-        try:
-            obj = torch.load(obj, map_location="cpu", weights_only=True)
-        except Exception:  # authors' checkpoints may pickle argparse/mmcv objects; only load files you trust
-            obj = torch.load(obj, map_location="cpu", weights_only=False)
+        obj = load_checkpoint_file(str(obj), trust=trust)
     for _ in range(3):
         if isinstance(obj, dict) and not all(torch.is_tensor(v) for v in obj.values()):
             inner = next((obj[k] for k in ("state_dict", "model", "backbone", "net", "model_state", "encoder")
@@ -2806,7 +2851,9 @@ def _describe(src):
 
 
 def _match_prefix(ckpt_keys, model_keys):
-    """Most frequent prefix P with P + model_key in the checkpoint; returns (prefix, {model_key: ckpt_key})."""
+    """The prefix P with P + model_key in the checkpoint for the most model keys; returns (prefix, {model_key:
+    ckpt_key}, candidates). Key / momentum / sampler / teacher encoders never count; when several prefixes hold
+    every backbone key, the query encoder's wins and `candidates` lists those still tied (more than one: ambiguous)."""
     counts = {}
     for ck in ckpt_keys:
         parts = ck.split(".")
@@ -2817,34 +2864,67 @@ def _match_prefix(ckpt_keys, model_keys):
                     counts[prefix] = counts.get(prefix, 0) + 1
                 break
     if not counts:
-        return "", {}
-    prefix = max(counts, key=lambda p: (counts[p], -len(p), p))
+        return "", {}, []
+    needed = len([k for k in model_keys if not k.endswith("num_batches_tracked")])
+    complete = [p for p, n in counts.items() if n >= needed]
+    query = [p for p in complete if any(part in CHECKPOINT_QUERY_PREFIXES for part in p.split("."))]
+    candidates = sorted(query or complete, key=lambda p: (-counts[p], len(p), p))
+    prefix = candidates[0] if candidates else max(counts, key=lambda p: (counts[p], -len(p), p))
     n = len(prefix)
-    return prefix, {ck[n:]: ck for ck in ckpt_keys if ck.startswith(prefix) and ck[n:] in model_keys}
+    return prefix, {ck[n:]: ck for ck in ckpt_keys if ck.startswith(prefix) and ck[n:] in model_keys}, candidates
 
 
-def load_backbone_weights(model, path_or_state_dict, prefix=None):
-    """Load backbone weights from any supported layout; return dict(loaded, missing, unexpected, skipped, prefix).
+def _tclr_layer4(model, state):
+    """TCLR as released (and SEVERE's `load_backbone(init_method='tclr')`) replaces the R(2+1)D layer4[0].conv1[0]
+    by a dilated full 3-D conv (256 -> 512, 3x3x3, stride (1, 2, 2), padding (2, 1, 1), dilation (2, 1, 1)) and
+    the stride of layer4[0].downsample[0] by (1, 2, 2). If `state` holds that conv and `model` is an R(2+1)D-18,
+    rebuild the model's layer4[0] the same way (in place) and return True."""
+    layer4 = getattr(model, "layer4", None)
+    if not isinstance(model, VideoResNet) or not isinstance(layer4[0].conv1[0], nn.Sequential):
+        return False
+    if not any(k.endswith("layer4.0.conv1.0.weight") and v.dim() == 5 and tuple(v.shape[2:]) == (3, 3, 3)
+               for k, v in state.items()):
+        return False
+    conv = layer4[0].conv1[0][0]
+    layer4[0].conv1[0] = nn.Conv3d(conv.in_channels, layer4[0].conv1[1].num_features, (3, 3, 3), stride=(1, 2, 2),
+                                   padding=(2, 1, 1), dilation=(2, 1, 1), bias=False)
+    layer4[0].downsample[0].stride = (1, 2, 2)
+    return True
 
-    prefix: force the key prefix (e.g. "encoder_r.") instead of detecting it. Raises ValueError when a backbone
-    key is missing or a shape differs (naming the file, the expected and the actual keys/shapes).
-    """
+
+def load_backbone_weights(model, path_or_state_dict, prefix=None, trust=False):
+    """Load backbone weights from any supported layout; return dict(loaded, missing, unexpected, skipped, prefix,
+    tclr_layer4).
+
+    prefix: force the key prefix (e.g. "encoder_r.", evaluate.py --weights-prefix) instead of detecting it; two
+    encoders that both hold every backbone key (neither a key/momentum encoder) are refused without it.
+    trust: --trust-checkpoint (see `load_checkpoint_file`). Raises ValueError when a backbone key is missing or a
+    shape differs (naming the file, the expected and the actual keys/shapes). A TCLR checkpoint (dilated
+    layer4.0.conv1.0) turns an R(2+1)D-18 `model` into TCLR's variant first (`_tclr_layer4`)."""
     src = _describe(path_or_state_dict)
-    state = read_checkpoint(path_or_state_dict)
+    state = read_checkpoint(path_or_state_dict, trust=trust)
+    tclr = _tclr_layer4(model, state)
     target = model.state_dict()
     model_keys = set(target)
     best = None
-    for renames in (None, CTP_RENAMES, COCLR_S3D_RENAMES, I3D_RENAMES):
+    for renames in (None, CTP_RENAMES, COCLR_S3D_RENAMES, I3D_RENAMES, BASE_NETWORK_RENAMES):
         names = {k: k for k in state} if renames is None else _rename_keys(state, renames)
         renamed = {new: old for old, new in names.items()}
         if prefix is None:
-            p, match = _match_prefix(list(renamed), model_keys)
+            p, match, candidates = _match_prefix(list(renamed), model_keys)
         else:
-            p = prefix
+            p, candidates = prefix, [prefix]
             match = {k[len(p):]: k for k in renamed if k.startswith(p) and k[len(p):] in model_keys}
         if best is None or len(match) > len(best[1]):
-            best = (p, match, renamed)
-    p, match, renamed = best
+            best = (p, match, renamed, candidates)
+    p, match, renamed, candidates = best
+    n = len(p)
+    same = all(torch.equal(state[renamed[c + k[n:]]], state[renamed[k]]) if c + k[n:] in renamed else False
+               for c in candidates[1:] for k in match.values())
+    if len(candidates) > 1 and not same:  # one module registered under two names is not ambiguous
+        raise UserError(f"{src}: {len(candidates)} encoders in the checkpoint hold every backbone key of "
+                        f"{type(model).__name__} (prefixes {', '.join(repr(c) for c in candidates)}); choose one "
+                        f"with --weights-prefix, e.g. --weights-prefix {candidates[0]}")
     missing = sorted(model_keys - set(match))
     fatal = [k for k in missing if not k.endswith("num_batches_tracked")]
     if fatal:
@@ -2869,7 +2949,8 @@ def load_backbone_weights(model, path_or_state_dict, prefix=None):
         outside = not name.startswith(p)  # another module of the checkpoint (key encoder, head, queue, ...)
         is_head = outside or name[len(p):].split(".")[0] in CHECKPOINT_HEAD_NAMES
         (skipped if is_head else unexpected).append(k)
-    return {"loaded": sorted(match), "missing": missing, "unexpected": unexpected, "skipped": skipped, "prefix": p}
+    return {"loaded": sorted(match), "missing": missing, "unexpected": unexpected, "skipped": skipped, "prefix": p,
+            "tclr_layer4": tclr}
 
 
 def backbone_state_dict(model):
@@ -3186,7 +3267,7 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
 
     resume_path = find_resume_checkpoint(args)
     if resume_path:
-        ckpt = torch.load(resume_path, map_location="cpu", weights_only=False)
+        ckpt = load_checkpoint_file(resume_path, trust=getattr(args, "trust_checkpoint", False), flag="--resume")
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
         run.scaler.load_state_dict(ckpt["scaler"])

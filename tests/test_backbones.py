@@ -579,3 +579,140 @@ def test_agcn_unit_gcn_hand_computed():
         bn_down = unit.down(x)
         expect = torch.relu(unit.bn(y) + bn_down)
     assert torch.allclose(out, expect, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- which encoder, safely
+def test_coclr_stage2_takes_the_query_encoder_never_the_sampler():
+    """CoCLR stage 2 (model/pretrain.py CoCLR): encoder_q = Sequential(S3D, head), encoder_k its momentum copy and
+    sampler = the frozen encoder of the other view; all three hold every S3D key. The query encoder is loaded."""
+    ref = built("s3d")
+    q = {k: v + 1 if v.is_floating_point() else v for k, v in ref.state_dict().items()}
+    state = {"encoder_q.0." + _to_coclr(k): v for k, v in q.items()}
+    state |= {"encoder_k.0." + _to_coclr(k): v * 0 for k, v in q.items()}
+    state |= {"sampler.0." + _to_coclr(k): v - 3 if v.is_floating_point() else v for k, v in q.items()}
+    state |= {"encoder_q.2.weight": torch.ones(128, 1024, 1, 1, 1), "queue": torch.ones(128, 8),
+              "queue_vname": torch.zeros(8), "queue_label": torch.zeros(8)}
+    model = common.build_backbone("s3d")
+    report = common.load_backbone_weights(model, {"state_dict": state, "epoch": 300})
+    _assert_loaded(model, q)
+    assert report["prefix"] == "encoder_q.0." and report["unexpected"] == []
+    assert "sampler.0.base.0.conv_s.weight" in report["skipped"]
+
+
+def test_two_complete_encoders_are_refused_unless_a_prefix_is_chosen():
+    a, b = _randomised(_tiny()), {k: v * 2 for k, v in _randomised(_tiny()).items()}
+    state = {"rgb_encoder." + k: v for k, v in a.items()} | {"flow_encoder." + k: v for k, v in b.items()}
+    with pytest.raises(common.UserError, match=r"2 encoders.*'rgb_encoder\.', 'flow_encoder\.'.*--weights-prefix"):
+        common.load_backbone_weights(_tiny(), state)
+    model = _tiny()
+    assert common.load_backbone_weights(model, state, prefix="flow_encoder.")["prefix"] == "flow_encoder."
+    _assert_loaded(model, b)
+    # one module registered under two names (backbone and encoder_q.0) is not ambiguous
+    alias = {"backbone." + k: v for k, v in a.items()} | {"encoder.0." + k: v for k, v in a.items()}
+    model = _tiny()
+    common.load_backbone_weights(model, alias)
+    _assert_loaded(model, a)
+
+
+def test_checkpoint_files_load_safely(tmp_path):
+    import argparse
+    import pickle
+    a = _randomised(_tiny())
+    # the authors' checkpoints store argparse.Namespace and numpy numbers: allowed without --trust-checkpoint
+    torch.save({"state_dict": a, "args": argparse.Namespace(lr=0.1), "best_acc": np.float64(0.5)}, tmp_path / "ok.pth")
+    model = _tiny()
+    common.load_backbone_weights(model, str(tmp_path / "ok.pth"))
+    _assert_loaded(model, a)
+
+    # any other pickled object (here a fractions.Fraction) could as well run code when unpickled: refused
+    torch.save({"state_dict": a, "extra": __import__("fractions").Fraction(1, 3)}, tmp_path / "obj.pth")
+    with pytest.raises(common.UserError, match=r"obj\.pth.*fractions\.Fraction.*--trust-checkpoint"):
+        common.load_backbone_weights(_tiny(), str(tmp_path / "obj.pth"))
+    model = _tiny()
+    common.load_backbone_weights(model, str(tmp_path / "obj.pth"), trust=True)
+    _assert_loaded(model, a)
+
+    data = (tmp_path / "ok.pth").read_bytes()
+    (tmp_path / "truncated.pth").write_bytes(data[:len(data) // 2])
+    (tmp_path / "notes.txt").write_text("not a checkpoint\n")
+    with open(tmp_path / "plain.pkl", "wb") as f:
+        pickle.dump([1, 2], f)
+    for name in ("truncated.pth", "notes.txt"):
+        with pytest.raises(common.UserError, match=rf"--weights .*{re.escape(name)}: expected a PyTorch checkpoint"):
+            common.read_checkpoint(str(tmp_path / name))
+    with pytest.raises(common.UserError, match="expected a checkpoint file, found a folder"):
+        common.read_checkpoint(str(tmp_path))
+    with pytest.raises(common.UserError, match="found nothing"):
+        common.read_checkpoint(str(tmp_path / "missing.pth"))
+
+
+# ---------------------------------------------------------------------------------------------- the nine SEVERE models
+def _r2plus1d_source():
+    return {k: v + 1 if v.is_floating_point() else v for k, v in built("r2plus1d_18").state_dict().items()}
+
+
+def _base_network(key):
+    """torchvision R(2+1)D-18 name -> RSPNet / Pretext-Contrast `base_network.N` (stem = 0, layerN = N)."""
+    return re.sub(r"^layer(\d)\.", r"base_network.\1.", re.sub(r"^stem\.", "base_network.0.", key))
+
+
+def _severe_checkpoints():
+    """The nine self-supervised R(2+1)D-18 checkpoints of SEVERE (thesis Table 4.4) with their released key names
+    (SEVERE-BENCHMARK backbones.py load_<method>_checkpoint strips exactly these prefixes)."""
+    src = _r2plus1d_source()
+    wrap = lambda prefix: {prefix + k: v for k, v in src.items()}  # noqa: E731
+    zeros = lambda prefix: {prefix + k: v * 0 for k, v in src.items()}  # noqa: E731
+    audio = {"conv1.weight": torch.ones(64, 1, 7, 7), "layer1.0.conv1.weight": torch.ones(64, 64, 3, 3)}
+    return {
+        "SeLaVi": {"model": wrap("module.video_network.base.") | {"module.audio_network.base." + k: v
+                                                                 for k, v in audio.items()}
+                   | {"module.mlp_v.0.weight": torch.ones(4)}, "epoch": 200},
+        "MoCo": {"state_dict": wrap("module.encoder_q.") | zeros("module.encoder_k.")
+                 | {"module.encoder_q.fc.0.weight": torch.ones(4), "module.queue": torch.ones(128, 8)}},
+        "VideoMoCo": {"state_dict": wrap("module.encoder_q.") | zeros("module.encoder_k.")
+                      | {"module.encoder_q.fc.weight": torch.ones(4), "module.queue": torch.ones(128, 8)}},
+        "Pretext-Contrast": {"module." + _base_network(k): v for k, v in src.items()},
+        "AVID-CMA": {"model": wrap("module.video_model.") | {"module.audio_model." + k: v for k, v in audio.items()}},
+        "GDT": {"model": wrap("video_network.base.") | {"audio_network.base." + k: v for k, v in audio.items()}
+                | {"mlp_a.0.weight": torch.ones(4), "mlp_v.0.weight": torch.ones(4)}},
+        "RSPNet": {"model": {"encoder_q.encoder." + _base_network(k): v for k, v in src.items()}
+                   | {"encoder_k.encoder." + _base_network(k): v * 0 for k, v in src.items()}
+                   | {"encoder_q.encoder.fc.weight": torch.ones(4), "encoder_q.encoder_fuse.weight": torch.ones(4),
+                      "queue": torch.ones(128, 8)}},
+        "CtP": {"state_dict": {"backbone." + _to_ctp(k): v for k, v in src.items()}
+                | {"cls_head.fc.weight": torch.ones(4)}},
+    }
+
+
+@pytest.mark.parametrize("method", ["SeLaVi", "MoCo", "VideoMoCo", "Pretext-Contrast", "AVID-CMA", "GDT", "RSPNet",
+                                    "CtP"])
+def test_severe_checkpoints_load_every_backbone_weight(tmp_path, method):
+    path = tmp_path / f"{method}.pth"
+    torch.save(_severe_checkpoints()[method], path)
+    model = common.build_backbone("r2plus1d_18")
+    report = common.load_backbone_weights(model, str(path))
+    _assert_loaded(model, _r2plus1d_source())
+    assert report["missing"] == [] and report["unexpected"] == [] and not report["tclr_layer4"]
+
+
+def test_tclr_as_released_loads_into_its_dilated_layer4(tmp_path):
+    """TCLR's released R(2+1)D-18 (`module.0.*`, head `module.1.*`) has a dilated 3x3x3 layer4.0.conv1.0 and a
+    (1, 2, 2)-strided layer4.0.downsample.0, as SEVERE's load_backbone(init_method='tclr') builds it."""
+    torch.manual_seed(1)
+    ref = common.build_backbone("r2plus1d_18").eval()  # built as SEVERE does, independently of common._tclr_layer4
+    ref.layer4[0].conv1[0] = torch.nn.Conv3d(256, 512, (3, 3, 3), stride=(1, 2, 2), padding=(2, 1, 1),
+                                             dilation=(2, 1, 1), bias=False)
+    ref.layer4[0].downsample[0] = torch.nn.Conv3d(256, 512, (1, 1, 1), stride=(1, 2, 2), bias=False)
+    src = {k: v + 0.01 * torch.randn_like(v) if v.is_floating_point() else v for k, v in ref.state_dict().items()}
+    ref.load_state_dict(src)
+    assert "layer4.0.conv1.0.weight" in src and "layer4.0.conv1.0.0.weight" not in src
+    torch.save({"state_dict": {"module.0." + k: v for k, v in src.items()} | {"module.1.weight": torch.ones(4)},
+                "epoch": 100}, tmp_path / "rpd18kin400.pth")
+    model = common.build_backbone("r2plus1d_18").eval()
+    report = common.load_backbone_weights(model, str(tmp_path / "rpd18kin400.pth"))
+    assert report["tclr_layer4"] and report["missing"] == [] and report["prefix"] == "module.0."
+    _assert_loaded(model, src)
+    x = torch.randn(1, 3, 8, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(model(x), ref(x), atol=1e-5)  # same strides and dilation, not only the same names
+        assert model(x, return_map=True).shape[2] == 2  # layer4 keeps the time axis: T/4, not T/8
