@@ -41,6 +41,7 @@ result.txt into --out-dir.
 import argparse
 import copy
 import functools
+import hashlib
 import inspect
 import json
 import math
@@ -530,45 +531,42 @@ class ConcatEncoder(nn.Module):
         return torch.cat([self.first(x), self.second(x)], dim=1)  # (N, D1 + D2)
 
 
-def checkpoint_meta(path):
+def checkpoint_meta(path, trust=False):
     """meta of our backbone.pth ({"state_dict", "meta"}); {"args": ...} of our checkpoint.pth; {} otherwise."""
-    if path in ("none", "kinetics400") or not os.path.isfile(path):
+    if path in ("none", "kinetics400"):
         return {}
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # other formats are read by load_backbone_weights, which reports its own errors
-        return {}
+    obj = common.load_checkpoint_file(path, trust=trust)  # a folder, unreadable or untrusted file: UserError now
     if not isinstance(obj, dict):
         return {}
     return obj.get("meta") or ({"args": obj["args"]} if isinstance(obj.get("args"), dict) else {})
 
 
-def load_encoder(arch, options, weights, prefix=None):
+def load_encoder(arch, options, weights, prefix=None, trust=False):
     """common.build_backbone(arch, **options) with `weights` loaded; errors name the file, arch and mismatch."""
     if weights == "kinetics400":
         return common.build_backbone(arch, pretrained="kinetics400", **options), "torchvision Kinetics-400"
     backbone = common.build_backbone(arch, **options)
     if weights == "none":
         return backbone, "random initialisation"
-    if not os.path.isfile(weights):
-        raise FileNotFoundError(f"evaluate.py: --weights {weights}: no such file")
     try:
-        report = common.load_backbone_weights(backbone, weights, prefix=prefix)
+        report = common.load_backbone_weights(backbone, weights, prefix=prefix, trust=trust)
     except ValueError as e:
         raise ValueError(f"evaluate.py: --weights {weights} does not fit --arch {arch} {options or ''} (were other "
                          f"--arch-options used in pretraining?): {e}") from None
     return backbone, (f"{weights} ({len(report['loaded'])} tensors loaded, prefix '{report.get('prefix', '')}', "
-                      f"{len(report.get('skipped', []))} head/other tensors skipped)")
+                      f"{len(report.get('skipped', []))} head/other tensors skipped"
+                      + ("; TCLR's dilated layer4.0.conv1.0 built as released" if report["tclr_layer4"] else "") + ")")
 
 
 def build_encoder(args):
-    backbone, source = load_encoder(args.arch, args.options, args.weights, args.weights_prefix)
+    backbone, source = load_encoder(args.arch, args.options, args.weights, args.weights_prefix, args.trust_checkpoint)
     if args.concat:
-        meta = checkpoint_meta(args.concat_weights)
+        meta = checkpoint_meta(args.concat_weights, args.trust_checkpoint)
         options = (json.loads(args.concat_options) if args.concat_options else
                    meta.get("options", {}) if meta.get("arch") == args.concat else
                    TOY_ENCODER_OPTIONS.get(args.concat, {}) if args.data == "toy-skeleton" and not meta else {})
-        second, source2 = load_encoder(args.concat, options, args.concat_weights, args.concat_prefix)
+        second, source2 = load_encoder(args.concat, options, args.concat_weights, args.concat_prefix,
+                                       args.trust_checkpoint)
         return ConcatEncoder(backbone, second), f"{source} + {args.concat}: {source2}"
     return backbone, source
 
@@ -827,7 +825,7 @@ def classification_task(run, args, arrow=False):
     sizes = {"train": len(train_set), "val": 0 if val_idx is None else len(val_idx), "test": len(test_set)}
     protocol = describe_protocol(args, source, sizes, num_classes)
     run.print(protocol)
-    pretrained_on = checkpoint_meta(args.weights).get("args", {}).get("data")
+    pretrained_on = checkpoint_meta(args.weights, args.trust_checkpoint).get("args", {}).get("data")
     if args.task == "transfer":  # Sec. 3.4.3.4: pretrain on a source set, finetune on a different target set
         run.print(f"  transfer: pretrained on {pretrained_on or 'unknown (no meta in --weights)'} -> {args.data}"
                   + (" (WARNING: source and target are the same dataset)" if pretrained_on == args.data else ""))
@@ -897,11 +895,11 @@ def knn_task(run, args):
             "num_classes": gallery_set.num_classes, "protocol": protocol}
 
 
-def checkpoint_prototypes(path):
+def checkpoint_prototypes(path, trust=False):
     """(K, D) prototypes stored in a checkpoint (a key ending in 'prototypes.weight' or 'prototypes'), or None."""
     if path in ("none", "kinetics400"):
         return None
-    obj = torch.load(path, map_location="cpu", weights_only=False)
+    obj = common.load_checkpoint_file(path, trust=trust)
     for _ in range(3):
         if isinstance(obj, dict) and not any(k.endswith("prototypes.weight") or k.endswith("prototypes")
                                              for k in obj):
@@ -923,7 +921,7 @@ def clusters_task(run, args):
     run.print(protocol)
     features, labels = encoder_features(encoder.to(run.device), test_set, args, run)
     features = F.normalize(features, dim=1)
-    prototypes = checkpoint_prototypes(args.weights) if args.cluster_source != "kmeans" else None
+    prototypes = checkpoint_prototypes(args.weights, args.trust_checkpoint) if args.cluster_source != "kmeans" else None
     if prototypes is not None and prototypes.shape[1] != features.shape[1]:
         if args.cluster_source == "prototypes":
             raise ValueError(f"evaluate.py: --weights {args.weights}: prototypes are {tuple(prototypes.shape)} "
@@ -952,7 +950,7 @@ def fusion_task(run, args):
     TRAIN logits saved by --save-logits, evaluated on the test logits beside each modality and the plain sum."""
     if not args.logits or len(args.logits) < 2:
         raise ValueError("evaluate.py --task fusion: pass two or more --logits files (written by --save-logits)")
-    saved = [torch.load(path, map_location="cpu", weights_only=False) for path in args.logits]
+    saved = [common.load_checkpoint_file(path, args.trust_checkpoint, flag="--logits") for path in args.logits]
     for path, s in zip(args.logits, saved):
         for split in ("train", "test"):
             if not torch.equal(s[split]["labels"], saved[0][split]["labels"]):
@@ -1341,7 +1339,7 @@ def severe_task(run, args):
         column.out_dir = os.path.join(args.out_dir, re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-"))  # UCF-10-3
         apply_protocol(column)
         result_path = os.path.join(column.out_dir, "result.json")
-        if os.path.exists(result_path):
+        if os.path.exists(result_path) and args.resume != "none":  # the suite's identity.json was checked in main
             with open(result_path) as f:
                 result = json.load(f)
         else:
@@ -1425,7 +1423,7 @@ def resolve_args(args):
         args.out_dir = args.out_dir or os.path.join("runs", "evaluate-fusion")
         args.data = "saved logits"
         return args
-    meta = checkpoint_meta(args.weights)
+    meta = checkpoint_meta(args.weights, args.trust_checkpoint)
     args.arch = args.arch or meta.get("arch")
     if args.data == "toy":
         args.data = ("toy-skeleton" if args.arch in SKELETON_ARCHS else "toy-ucfrep" if args.task == "repcount" else
@@ -1436,8 +1434,7 @@ def resolve_args(args):
     args.options = (json.loads(args.arch_options) if args.arch_options else  # the meta's options fit its own arch
                     meta.get("options", {}) if meta.get("arch") == args.arch else
                     TOY_ENCODER_OPTIONS.get(args.arch, {}) if args.data == "toy-skeleton" and not meta else {})
-    if args.arch in SKELETON_ARCHS and protocol_for(args.data)["modality"] != "skeleton":
-        raise ValueError(f"evaluate.py: --arch {args.arch} is a skeleton encoder but --data {args.data} is video")
+    check_modality(args, meta)
     if args.concat and args.arch not in SKELETON_ARCHS:
         raise ValueError("evaluate.py: --concat combines two skeleton encoders (App. A.4); --arch is "
                          f"{args.arch}")
@@ -1445,10 +1442,8 @@ def resolve_args(args):
         raise ValueError("evaluate.py: --concat feeds both encoders the same (C, T, V, M) skeletons; skelemotion_cnn "
                          "takes SkeleMotion images and cannot be concatenated (yet)")
     args.seeds = args.seeds or [args.seed]
-    if args.out_dir is None:
-        tag = ("random" if args.weights == "none" else args.weights if args.weights == "kinetics400" else
-               os.path.basename(os.path.dirname(os.path.abspath(args.weights))) or "weights")
-        args.out_dir = os.path.join("runs", f"evaluate-{args.task}-{args.data}-{tag}")
+    if args.out_dir is None:  # one folder per weights FILE: two files of one run folder must not share results
+        args.out_dir = os.path.join("runs", f"evaluate-{args.task}-{args.data}-{weights_tag(args.weights)}")
     if args.task != "severe":
         apply_protocol(args)
     else:  # each column applies its own protocol; the batch size here only satisfies common.setup's check
@@ -1463,6 +1458,87 @@ def resolve_args(args):
                              f"with --arch-options '{{\"frames\": {args.frames}}}' (then weights must match)")
         args.frames = expected
     return args
+
+
+def check_modality(args, meta):
+    """Video encoders on video data, skeleton encoders on skeleton data: by --arch and by the modality the
+    weights were pretrained on (meta['modality'] of our backbone.pth: rgb / flow / skeleton)."""
+    data = protocol_for(args.data)["modality"]
+    arch = "skeleton" if args.arch in SKELETON_ARCHS else "video"
+    if arch != data:
+        raise common.UserError(f"evaluate.py: --arch {args.arch} is a {arch} encoder but --data {args.data} is "
+                               f"{data} data; use a {data} encoder (or {arch} data)")
+    pretrained = meta.get("modality")
+    if pretrained and {"rgb": "video", "flow": "video"}.get(pretrained, pretrained) != data:
+        raise common.UserError(f"evaluate.py: --weights {args.weights} holds a backbone pretrained on {pretrained} "
+                               f"(its meta['modality']) but --data {args.data} is {data} data")
+
+
+def weights_tag(weights):
+    """Folder-name tag of --weights: parent folder + file name + a hash of the absolute path (runs/a/backbone.pth
+    and runs/a/checkpoint.pth, or two runs' backbone.pth, get different folders)."""
+    if weights in ("none", "kinetics400"):
+        return "random" if weights == "none" else weights
+    path = os.path.abspath(weights)
+    name = f"{os.path.basename(os.path.dirname(path))}-{os.path.splitext(os.path.basename(path))[0]}"
+    return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{hashlib.sha1(path.encode()).hexdigest()[:6]}"
+
+
+def file_sha256(path):
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# What makes two evaluations the same (a rerun may resume or reuse the other's results); --max-steps, hardware and
+# logging flags may change between a run and its resume. Few-shot seeds run in their own seed_<s> folders.
+IDENTITY_FLAGS = ("arch", "options", "weights_prefix", "concat", "concat_options", "concat_prefix", "frames",
+                  "test_clips", "lr", "epochs", "batch_size", "wd", "milestones", "optimizer", "momentum", "lr_gamma",
+                  "schedule", "warmup_epochs", "eval_every", "select_on_test", "val_fraction", "per_class",
+                  "label_fraction", "num_examples", "subset_seed", "no_center", "center_features", "num_clusters",
+                  "cluster_source", "rc_sample_duration", "rc_states", "protocol_name", "seed")
+
+
+def run_identity(args):
+    """The identity of an evaluation: task, data, weights (absolute path + SHA-256 of the content) and protocol."""
+    weights = {}
+    for flag in ("weights", "concat_weights"):
+        path = getattr(args, flag, "none")
+        if path not in ("none", "kinetics400", None) and os.path.isfile(path):
+            weights[flag] = {"path": os.path.abspath(path), "sha256": file_sha256(path)}
+        elif path not in ("none", None):
+            weights[flag] = {"path": path}
+    protocol = {k: getattr(args, k, None) for k in IDENTITY_FLAGS if not (k == "seed" and args.task == "fewshot")}
+    identity = {"task": args.task, "data": args.data, "data_root": args.data_root and os.path.abspath(args.data_root),
+                **weights, "protocol": protocol}
+    return json.loads(json.dumps(identity))  # tuples -> lists, as read back
+
+
+def check_run_identity(args, identity):
+    """Refuse to resume or reuse a run folder that holds another evaluation (issue: a second weights file of one
+    folder got the first file's results). Reads only; main_worker writes identity.json once the run starts."""
+    path = os.path.join(args.out_dir, "identity.json")
+    if args.resume == "none" or not os.path.isdir(args.out_dir):
+        return
+    if os.path.exists(path):
+        with open(path) as f:
+            saved = json.load(f)
+        flat = lambda d: {**{k: v for k, v in d.items() if k != "protocol"}, **d.get("protocol", {})}  # noqa: E731
+        old, new = flat(saved), flat(identity)
+        differ = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)}
+        if differ:
+            raise common.UserError(f"evaluate.py: --out-dir {args.out_dir} holds another evaluation (saved vs now: "
+                                   f"{differ}); choose another --out-dir, or --resume none to start afresh there")
+        return
+    earlier = [name for name in ("checkpoint.pth", "best.pth", "selection.json", "result.json", "logits.pth")
+               if os.path.exists(os.path.join(args.out_dir, name))]
+    earlier += [entry for entry in os.listdir(args.out_dir) if os.path.isdir(os.path.join(args.out_dir, entry))]
+    if earlier:
+        raise common.UserError(f"evaluate.py: --out-dir {args.out_dir} holds an earlier run ({', '.join(earlier[:4])})"
+                               f" without identity.json, so it cannot be checked to be this evaluation; choose "
+                               f"another --out-dir, or --resume none to start afresh there")
 
 
 def describe_protocol(args, source, sizes, num_classes):
@@ -1546,6 +1622,8 @@ def write_result(args, result):
 
 def main_worker(args):
     run = common.setup(args, "evaluate")
+    if run.is_main and args.task != "fusion":
+        common.write_json_atomic(os.path.join(args.out_dir, "identity.json"), args.identity)
     if args.task == "fusion":
         result = fusion_task(run, args)
     elif args.task == "knn":
@@ -1567,6 +1645,9 @@ def main_worker(args):
 
 def main(argv=None):
     args = resolve_args(get_parser().parse_args(argv))
+    if args.task != "fusion":  # fusion resumes nothing: it recomputes from its --logits files every time
+        args.identity = run_identity(args)
+        check_run_identity(args, args.identity)
     return common.launch(main_worker, args)
 
 

@@ -613,6 +613,83 @@ def test_clusters_use_checkpoint_prototypes_in_feature_space_else_kmeans(tmp_pat
                  str(tmp_path / "projected.pth"), "--cluster-source", "prototypes"])
 
 
+def _two_bigru_files(folder):
+    """Two backbone.pth files of one (pretraining) run folder, as a run with --keep-every leaves them."""
+    folder.mkdir()
+    for i, name in enumerate(("backbone.pth", "backbone_epoch10.pth")):
+        torch.manual_seed(i)
+        common.save_backbone(common.build_backbone("bigru", hidden=32, layers=1), str(folder / name),
+                             {"arch": "bigru", "modality": "skeleton", "options": {"hidden": 32, "layers": 1}})
+    return str(folder / "backbone.pth"), str(folder / "backbone_epoch10.pth")
+
+
+def test_two_weight_files_of_one_folder_get_their_own_runs(tmp_path, one_thread, monkeypatch):
+    """The default out-dir comes from the weights FILE: a second file of the same folder must not resume (and
+    report) the first file's finished run."""
+    first, second = _two_bigru_files(tmp_path / "pretrain")
+    monkeypatch.chdir(tmp_path)
+    argv = ["--task", "linear", "--data", "toy-skeleton", "--workers", "0", "--max-steps", "1", "--val-fraction", "0"]
+    a = ev.main([*argv, "--weights", first])
+    b = ev.main([*argv, "--weights", second])
+    runs = sorted(os.listdir(tmp_path / "runs"))
+    assert len(runs) == 2 and all(r.startswith("evaluate-linear-toy-skeleton-pretrain-backbone") for r in runs)
+    for run in runs:
+        with open(tmp_path / "runs" / run / "result.json") as f:
+            saved = json.load(f)
+        with open(tmp_path / "runs" / run / "identity.json") as f:
+            assert json.load(f)["weights"]["path"] == os.path.abspath(saved["weights"])
+    assert a["weights_source"].startswith(first) and b["weights_source"].startswith(second)
+    assert a["metrics"] != b["metrics"]  # different weights, different numbers (each run trained its own head)
+
+
+def test_a_run_folder_of_another_evaluation_is_refused(tmp_path, one_thread):
+    first, second = _two_bigru_files(tmp_path / "pretrain")
+    argv = ["--task", "knn", "--data", "toy-skeleton", "--workers", "0", "--out-dir", str(tmp_path / "run")]
+    ev.main([*argv, "--weights", first])
+    before = (tmp_path / "run" / "result.json").read_text()
+    with pytest.raises(common.UserError, match=r"holds another evaluation.*backbone_epoch10\.pth.*--resume none"):
+        ev.main([*argv, "--weights", second])
+    with pytest.raises(common.UserError, match="holds another evaluation.*'task'"):
+        ev.main([*argv[:1], "linear", *argv[2:], "--weights", first])
+    assert (tmp_path / "run" / "result.json").read_text() == before  # refused before anything was written
+    torch.save(torch.load(second, weights_only=True), first)  # same path, other content: another evaluation
+    with pytest.raises(common.UserError, match="sha256"):
+        ev.main([*argv, "--weights", first])
+    ev.main([*argv, "--weights", first, "--resume", "none"])  # explicitly afresh: allowed, identity rewritten
+    ev.main([*argv, "--weights", first])
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "checkpoint.pth").write_bytes(b"")  # a run folder from before identity.json existed
+    with pytest.raises(common.UserError, match="without identity.json"):
+        ev.main([*argv[:-1], str(tmp_path / "old"), "--weights", first])
+
+
+def test_encoder_data_and_weights_modalities_must_agree(tmp_path):
+    torch.manual_seed(0)
+    video = tmp_path / "video.pth"
+    common.save_backbone(common.build_backbone("tiny3d"), str(video), {"arch": "tiny3d", "modality": "rgb"})
+    out = tmp_path / "run"
+    cases = [(["--data", "toy-skeleton", "--arch", "tiny3d"], "--arch tiny3d is a video encoder but --data "
+              "toy-skeleton is skeleton data"),
+             (["--data", "toy-skeleton", "--weights", str(video)], "--arch tiny3d is a video encoder"),
+             (["--data", "toy-motion", "--arch", "bigru"], "--arch bigru is a skeleton encoder but --data toy-motion"),
+             (["--data", "toy-skeleton", "--arch", "bigru", "--weights", str(video)],
+              "pretrained on rgb .* toy-skeleton is skeleton data")]
+    for argv, message in cases:
+        with pytest.raises(common.UserError, match=message):
+            ev.main(["--task", "linear", "--workers", "0", "--out-dir", str(out), *argv])
+    assert not out.exists()
+
+
+def test_unreadable_weights_are_one_line_errors_naming_the_file(tmp_path):
+    (tmp_path / "truncated.pth").write_bytes(b"PK\x03\x04 half a zip")
+    argv = ["--task", "knn", "--data", "toy-skeleton", "--arch", "bigru", "--workers", "0"]
+    with pytest.raises(common.UserError, match=r"--weights .*truncated\.pth: expected a PyTorch checkpoint"):
+        ev.main([*argv, "--out-dir", str(tmp_path / "a"), "--weights", str(tmp_path / "truncated.pth")])
+    with pytest.raises(common.UserError, match="expected a checkpoint file, found a folder"):
+        ev.main([*argv, "--out-dir", str(tmp_path / "b"), "--weights", str(tmp_path)])
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()  # refused before anything was written
+
+
 @pytest.mark.slow
 def test_linear_probe_and_knn_on_a_skeleton_contrast_backbone_beat_random_init(tmp_path):
     """LEARNING TEST: skeleton_contrast.py's toy default (intra-skeleton MoCo, small BiGRU, 210 steps) then
