@@ -557,9 +557,24 @@ def sample_consecutive_clips(num_frames, clip_len, stride=1):
     return np.minimum(indices, num_frames - 1)
 
 
+def sample_spread_clip(num_frames, clip_len, rng=None):
+    """clip_len frames spread linearly over the whole video at stride max(num_frames // clip_len, 1), from a random
+    offset (rng given) or centred (rng None) -> (clip_len,). Arrow of time, thesis App. B.2.4: "8 frames linearly
+    with a random offset" in training, "8 frames linearly" at test."""
+    stride = max(num_frames // clip_len, 1)
+    room = max(num_frames - ((clip_len - 1) * stride + 1), 0)
+    start = int(rng.integers(0, room + 1)) if rng is not None else room // 2
+    return start + stride * np.arange(clip_len, dtype=np.int64)
+
+
+# Samplings that give one clip per video when num_clips == 1 (the datasets then drop the clip axis).
+SINGLE_CLIP_SAMPLINGS = ("random", "uniform", "spread", "spread-centre")
+
+
 def sample_clip_indices(num_frames, clip_len, strides=(1,), num_clips=1, sampling="random", rng=None,
                         jitter=False, step=None):
-    """Dispatcher used by the datasets -> (K, clip_len). sampling: random | uniform | sliding | consecutive."""
+    """Dispatcher used by the datasets -> (K, clip_len). sampling: random | uniform | sliding | consecutive |
+    spread (whole video, random offset) | spread-centre (whole video, centred)."""
     strides = [strides] if np.isscalar(strides) else list(strides)
     if sampling == "random":
         rng = np.random.default_rng() if rng is None else rng
@@ -570,7 +585,11 @@ def sample_clip_indices(num_frames, clip_len, strides=(1,), num_clips=1, samplin
         return sample_sliding_windows(num_frames, clip_len, strides[0], step)
     if sampling == "consecutive":
         return sample_consecutive_clips(num_frames, clip_len, strides[0])
-    raise ValueError(f"sampling: expected random, uniform, sliding or consecutive, got {sampling!r}")
+    if sampling in ("spread", "spread-centre"):
+        rng = (np.random.default_rng() if rng is None else rng) if sampling == "spread" else None
+        return np.stack([sample_spread_clip(num_frames, clip_len, rng) for _ in range(num_clips)])
+    raise ValueError(f"sampling: expected random, uniform, sliding, consecutive, spread or spread-centre, got "
+                     f"{sampling!r}")
 
 
 # ==================================================================================================== TRANSFORMS
@@ -1079,7 +1098,7 @@ class VideoDataset(torch.utils.data.Dataset):
             frames = _read_frames(path, lambda n: self._indices(n, store), self.decoder, self.size)
             k = store["indices"].shape[0]
             video = torch.from_numpy(frames).view(k, self.clip_len, *frames.shape[1:]).permute(0, 4, 1, 2, 3)
-            item["video"] = video[0] if self.sampling in ("random", "uniform") and self.num_clips == 1 else video
+            item["video"] = video[0] if self.sampling in SINGLE_CLIP_SAMPLINGS and self.num_clips == 1 else video
         if "flow" in self.modalities:
             flow_dir = path if os.path.isdir(path) else os.path.splitext(path)[0]
             if "indices" not in store:
@@ -1087,13 +1106,13 @@ class VideoDataset(torch.utils.data.Dataset):
             flow = read_flow_frames(flow_dir, store["indices"].reshape(-1), self.size)
             k = store["indices"].shape[0]
             flow = torch.from_numpy(flow).view(k, self.clip_len, *flow.shape[1:]).permute(0, 4, 1, 2, 3)
-            item["flow"] = flow[0] if self.sampling in ("random", "uniform") and self.num_clips == 1 else flow
+            item["flow"] = flow[0] if self.sampling in SINGLE_CLIP_SAMPLINGS and self.num_clips == 1 else flow
         if self.transform is not None:
             item = self.transform(item)
         item["label"] = torch.as_tensor(label, dtype=torch.float32 if np.ndim(label) or isinstance(label, float)
                                         else torch.int64)
         item["index"] = torch.tensor(i, dtype=torch.int64)
-        single = self.sampling in ("random", "uniform") and self.num_clips == 1
+        single = self.sampling in SINGLE_CLIP_SAMPLINGS and self.num_clips == 1
         item["frame_indices"] = torch.from_numpy(store["indices"][0] if single else store["indices"])
         return item
 

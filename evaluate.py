@@ -60,6 +60,7 @@ TASKS = ("finetune", "linear", "knn", "fewshot", "transfer", "multilabel", "arro
          "repcount", "severe")
 SKELETON_ARCHS = common.SKELETON_ARCHS  # bigru, hcn, agcn, stgcn on (C, T, V, M); skelemotion_cnn on images
 RETRIEVAL_KS = (1, 5, 10, 20, 50)  # CoCLR / ViCC video retrieval R@k (reference notes Sec. 6.4)
+KNN_K, KNN_T = 200, 0.1  # weighted kNN (InstDisc; skeleton-contrast's and CoCLR's kNN monitor) beside the 1-NN
 
 
 # ==================================================================================================== FLAGS
@@ -84,7 +85,8 @@ PROTOCOLS = {
     "ucf101": dict(VIDEO, finetune=_opt("adam", 32, 1e-4, 160, [60, 100, 140]),
                    linear=_opt("adam", 64, 1e-2, 100, [40, 80]),
                    fewshot=_opt("adam", 32, 1e-4, 160, [80, 120, 140]),  # UCF (10^3), Table C.4
-                   arrow=_opt("adam", 12, 1e-5, 10, [])),  # App. B.2.4: 8 frames, no augmentation, no schedule
+                   arrow=_opt("adam", 12, 1e-5, 10, [])),  # App. B.2.4: 8 frames spread over the video, no
+    # augmentation, no schedule (any video set: the protocol is defined on UCF101 only)
     "hmdb51": dict(VIDEO, finetune=_opt("adam", 32, 1e-4, 160, [60, 100, 140]),
                    linear=_opt("adam", 64, 1e-2, 100, [40, 80])),  # linear: not in Table B.2, UCF's used
     "gym99": dict(VIDEO, finetune=GYM_FINETUNE, linear=_opt("adam", 64, 1e-2, 120, [40, 80, 100]),
@@ -200,8 +202,11 @@ def get_parser():
     g.add_argument("--save-logits", action="store_true", help="also write logits.pth (train and test logits, "
                    "eval transform) for --task fusion")
     g = parser.add_argument_group("label efficiency (fewshot)")
+    g.add_argument("--protocol", dest="protocol_name", default="dataset", choices=["dataset", "ch2"],
+                   help="dataset = the --data entry of PROTOCOLS (whole network; UCF/Gym 10^3: thesis Table C.4); "
+                   "ch2 = thesis Sec. 2.4.3: only fc + the last block trained, SGD 0.1, wd 1e-3, batch 128, 100 epochs")
     g.add_argument("--per-class", type=int, default=None, help="N labelled examples per class (thesis Ch. 2: 20, 50, "
-                   "100)")
+                   "100 with --protocol ch2)")
     g.add_argument("--label-fraction", type=float, default=None, help="stratified fraction of labels (Ch. 3: 0.01, "
                    "0.05, 0.1, 0.2)")
     g.add_argument("--num-examples", type=int, default=None, help="SEVERE's '10^3 examples': ceil(N / C) per class")
@@ -238,8 +243,9 @@ def get_parser():
 # ==================================================================================================== METRICS
 # Pure functions of tensors / arrays. Accuracies are fractions in [0, 1]; main() reports percentages.
 def topk_accuracy(scores, labels, ks=(1, 5)):
-    """scores (N, C), labels (N,) -> {k: fraction of samples whose label is among the k highest scores}."""
-    top = scores.topk(min(max(ks), scores.shape[1]), dim=1).indices  # (N, k_max)
+    """scores (N, C), labels (N,) -> {k: fraction of samples whose label is among the k highest scores}.
+    Ties go to the lowest class index, as argmax (and so mean_class_accuracy of the argmax) breaks them."""
+    top = scores.argsort(dim=1, descending=True, stable=True)[:, :min(max(ks), scores.shape[1])]  # (N, k_max)
     hit = top == labels[:, None]  # (N, k_max)
     return {k: hit[:, :k].any(dim=1).float().mean().item() for k in ks}
 
@@ -496,12 +502,15 @@ def kmeans(features, k, iterations=100, seed=0):
 class Classifier(nn.Module):
     """backbone -> dropout -> new Linear(feature_dim, C), fc initialised N(0, 0.01) as SEVERE and CoCLR do.
     frozen=True is the linear probe: backbone weights fixed AND the backbone kept in eval mode, so BatchNorm uses
-    its pretrained statistics (the SEVERE linear code trains in train mode and keeps torchvision's 400-way fc)."""
+    its pretrained statistics (the SEVERE linear code trains in train mode and keeps torchvision's 400-way fc).
+    trainable="layer4" (--protocol ch2) trains only that block of the backbone; the rest is frozen and in eval mode."""
 
-    def __init__(self, backbone, num_outputs, frozen, dropout=0.0):
+    def __init__(self, backbone, num_outputs, frozen, dropout=0.0, trainable=None):
         super().__init__()
-        self.backbone, self.frozen = backbone, frozen
-        self.backbone.requires_grad_(not frozen)
+        self.backbone, self.frozen, self.trainable = backbone, frozen, trainable
+        self.backbone.requires_grad_(not frozen and trainable is None)
+        if trainable is not None:
+            backbone.get_submodule(trainable).requires_grad_(True)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(backbone.feature_dim, num_outputs)
         nn.init.normal_(self.fc.weight, 0.0, 0.01)
@@ -509,8 +518,10 @@ class Classifier(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        if self.frozen:
+        if self.frozen or self.trainable is not None:
             self.backbone.eval()
+        if self.trainable is not None:
+            self.backbone.get_submodule(self.trainable).train(mode)
         return self
 
     def forward(self, x):
@@ -529,6 +540,17 @@ class ConcatEncoder(nn.Module):
 
     def forward(self, x):
         return torch.cat([self.first(x), self.second(x)], dim=1)  # (N, D1 + D2)
+
+
+def last_block(arch):
+    """(name, module path) of the backbone's last block, the one --protocol ch2 trains (thesis Sec. 2.4.3: "the
+    last ResNet block"): layer4 of the ResNets; the last convolution block of the toy tiny3d."""
+    if arch == "tiny3d":
+        return "the last conv block", "features.3"
+    if arch in ("r2plus1d_18", "r3d_18", "mc3_18", "resnet3d_18", "resnext3d_101", "r2d3d_18"):
+        return "layer4", "layer4"
+    raise common.UserError(f"evaluate.py: --protocol ch2 trains the last ResNet block (thesis Sec. 2.4.3); --arch "
+                           f"{arch} has none (use a ResNet: r2plus1d_18, r3d_18, resnet3d_18, ...)")
 
 
 def checkpoint_meta(path, trust=False):
@@ -652,8 +674,10 @@ def build_split(args, split, train, augment=True):
     transform = functools.partial(video_transform, train=train and augment, crop=p["crop"],
                                   short_side=p["short_side"], crop_scale=p["crop_scale"], flip=p["flip"],
                                   jitter=p["jitter"])
+    sampling = (("spread" if train else "spread-centre") if args.task == "arrow-of-time" else  # App. B.2.4
+                "random" if train else "uniform")
     return common.build_dataset(args.data, args.data_root, split, clip_len=args.frames, frame_strides=(p["stride"],),
-                                num_clips=1 if train else args.test_clips, sampling="random" if train else "uniform",
+                                num_clips=1 if train else args.test_clips, sampling=sampling,
                                 transform=transform, decoder=args.decoder, strict=args.strict_data,
                                 bad_files_path=args.bad_files)
 
@@ -711,9 +735,18 @@ def predict(model, dataset, args, run, multilabel=False, arrow=False):
             "index": indices[order].cpu()}
 
 
+def check_finite(values, what):
+    """A NaN / inf score or feature has no accuracy: raise instead of reporting a number computed from it."""
+    bad = int((~torch.isfinite(values)).any(dim=-1).sum()) if values.numel() else 0
+    if bad:
+        raise RuntimeError(f"evaluate.py: {bad} of {len(values)} {what} contain NaN or inf (the model diverged or "
+                           f"the input is broken): no metric is reported")
+
+
 def classification_metrics(prediction, num_classes, multilabel):
     """Top-1/top-5 and mean class accuracy (single-label) or mAP (multi-label), in %."""
     scores, labels = prediction["scores"], prediction["labels"]
+    check_finite(scores, "score vectors")
     if multilabel:
         return {"mAP": 100 * mean_average_precision(scores.numpy(), labels.numpy())[0]}
     ks = (1, 5) if num_classes > 5 else (1,)
@@ -829,7 +862,8 @@ def classification_task(run, args, arrow=False):
     if args.task == "transfer":  # Sec. 3.4.3.4: pretrain on a source set, finetune on a different target set
         run.print(f"  transfer: pretrained on {pretrained_on or 'unknown (no meta in --weights)'} -> {args.data}"
                   + (" (WARNING: source and target are the same dataset)" if pretrained_on == args.data else ""))
-    model = Classifier(backbone, num_classes, frozen=args.task == "linear", dropout=args.protocol["dropout"])
+    model = Classifier(backbone, num_classes, frozen=args.task == "linear", dropout=args.protocol["dropout"],
+                       trainable=last_block(args.arch)[1] if args.protocol_name == "ch2" else None)
     selection = train_and_select(run, args, model, train_set, select_set, num_classes, multilabel, arrow)
     test = predict(model, test_set, args, run, multilabel, arrow)
     metrics = classification_metrics(test, num_classes, multilabel)
@@ -877,7 +911,8 @@ def encoder_features(encoder, dataset, args, run):
 
 def knn_task(run, args):
     """Retrieval: train split = gallery, test split = queries, cosine similarity (thesis Sec. 3.4.3.2: 1-NN
-    accuracy; CoCLR / ViCC: R@k, k in 1, 5, 10, 20, 50). --center-features subtracts each set's own mean first."""
+    accuracy; CoCLR / ViCC: R@k, k in 1, 5, 10, 20, 50) and the weighted kNN (k 200, T 0.1: each neighbour votes
+    exp(s / T) for its class). --center-features subtracts each set's own mean first."""
     encoder, source = build_encoder(args)
     gallery_set, query_set = build_split(args, "train", train=False), build_split(args, "test", train=False)
     sizes = {"train": len(gallery_set), "val": 0, "test": len(query_set)}
@@ -886,11 +921,15 @@ def knn_task(run, args):
     encoder = encoder.to(run.device)
     gallery, gallery_labels = encoder_features(encoder, gallery_set, args, run)
     queries, query_labels = encoder_features(encoder, query_set, args, run)
+    check_finite(gallery, "gallery features")
+    check_finite(queries, "query features")
     if args.center_features:
         gallery, queries = gallery - gallery.mean(dim=0), queries - queries.mean(dim=0)
-    recall = retrieval_recall(F.normalize(queries, dim=1), query_labels, F.normalize(gallery, dim=1),
-                              gallery_labels, RETRIEVAL_KS)
-    metrics = {"nn1_acc": 100 * recall[1], **{f"R@{k}": 100 * v for k, v in recall.items()}}
+    gallery, queries = F.normalize(gallery, dim=1), F.normalize(queries, dim=1)
+    recall = retrieval_recall(queries, query_labels, gallery, gallery_labels, RETRIEVAL_KS)
+    knn, _ = common.knn_classify(gallery, gallery_labels, queries, gallery_set.num_classes, KNN_K, KNN_T)
+    metrics = {"nn1_acc": 100 * recall[1], f"knn{KNN_K}_acc": 100 * (knn == query_labels).float().mean().item(),
+               **{f"R@{k}": 100 * v for k, v in recall.items()}}
     return {"metrics": metrics, "primary": "nn1_acc", "sizes": sizes, "weights_source": source,
             "num_classes": gallery_set.num_classes, "protocol": protocol}
 
@@ -1390,8 +1429,18 @@ def apply_protocol(args):
     args.protocol = protocol_for(args.data)
     task_key = PROTOCOL_TASK.get(args.task, "finetune")
     p = args.protocol
-    spec = p.get(task_key) or p.get("finetune") or PROTOCOLS["ucf101"][task_key if task_key == "arrow" else
-                                                                       "finetune"]
+    if args.protocol_name == "ch2":  # thesis Sec. 2.4.3: fc + last block, SGD 0.1 (momentum 0.9), wd 1e-3, 100 epochs
+        spec = _opt("sgd", 128, 0.1, 100, [], wd=1e-3)
+    elif task_key == "arrow":
+        spec = p.get("arrow") or PROTOCOLS["ucf101"]["arrow"]
+    elif task_key in p or task_key in ("finetune", "repcount"):
+        spec = p.get(task_key) or p["finetune"]
+    elif all(name in args.overrides for name in ("lr", "epochs", "batch_size")):  # the user's own schedule
+        spec = dict(p.get("finetune") or PROTOCOLS["ucf101"]["finetune"], milestones=[], wd=0.0)
+    else:
+        raise common.UserError(f"evaluate.py: --task {args.task} has no paper protocol for --data {args.data} (only "
+                               f"{', '.join(d for d, q in PROTOCOLS.items() if task_key in q)}); give the schedule "
+                               f"yourself: --lr, --epochs and --batch-size (Adam, optionally --milestones, --wd)")
     values = dict(lr=spec["lr"], epochs=spec["epochs"], batch_size=spec["batch"], wd=spec["wd"],
                   milestones=spec["milestones"], frames=p["frames"], test_clips=p["test_clips"])
     if args.task == "arrow-of-time":
@@ -1401,6 +1450,11 @@ def apply_protocol(args):
     args.optimizer, args.momentum = spec["optimizer"], spec["momentum"]
     args.eval_every = args.overrides.get("eval_every") or max(1, args.epochs // 10)
     args.eval_batch_size = max(1, 2 * args.batch_size // args.test_clips)
+    if args.protocol_name == "ch2" and args.task != "fewshot":
+        raise common.UserError(f"evaluate.py: --protocol ch2 is the thesis Ch. 2 few-shot finetuning; use it with "
+                               f"--task fewshot, not --task {args.task}")
+    if args.protocol_name == "ch2":
+        last_block(args.arch)  # an encoder without a last ResNet block: refused before anything is written
     if args.task == "repcount" and protocol_for(args.data).get("metric") != "mae":
         raise ValueError(f"evaluate.py: --task repcount needs a UCFRep-layout dataset (ucfrep, toy-ucfrep); "
                          f"--data is {args.data}")
@@ -1562,13 +1616,18 @@ def describe_protocol(args, source, sizes, num_classes):
                   f"train: 1 random clip, {train_aug}; test: {args.test_clips} uniformly spaced clips, short side "
                   f"{p['short_side']} + centre crop, "
                   + ("sigmoid max-pooled" if args.task == "multilabel" else "softmax averaged"))
+    if args.task == "arrow-of-time":
+        inputs = (f"{args.frames} frames spread linearly over the whole video (stride = length // {args.frames}), "
+                  f"random offset (train) / centred (test), {p['crop']}x{p['crop']} centre crops, no augmentation; "
+                  f"every test video scored forward and reversed")
     if features_only:
         lines = [f"protocol: --task {args.task} on {args.data} ({num_classes} classes), backbone {args.arch} "
                  f"{args.options or ''}" + (f" + {args.concat}" if args.concat else ""), f"  weights: {source}",
                  f"  input: {inputs}", f"  samples: gallery (train) {sizes['train']} / queries (test) {sizes['test']}"
                  if args.task == "knn" else f"  samples: test {sizes['test']}",
                  "  features: backbone output averaged over the clips, eval mode, no augmentation"
-                 + (", each set mean-centred" if args.center_features else "") + ", L2-normalised"]
+                 + (", each set mean-centred" if args.center_features else "") + ", L2-normalised"
+                 + (f"; 1-NN, R@k and weighted {KNN_K}-NN (T {KNN_T})" if args.task == "knn" else "")]
         return "\n".join(lines)
     if args.select_on_test:
         selection = "checkpoint selected on the TEST split (--select-on-test, as the authors' code; optimistic)"
@@ -1588,6 +1647,8 @@ def describe_protocol(args, source, sizes, num_classes):
                   if args.label_fraction else f"ceil({args.num_examples} / {num_classes}) per class")
         lines.append(f"  labels: {budget}, subset seed {args.subset_seed}")
     head = ("frozen backbone in eval mode + new linear classifier" if args.task == "linear" else
+            f"only the new linear head and the backbone's last block ({last_block(args.arch)[0]}) trained, the rest "
+            f"frozen in eval mode (--protocol ch2, thesis Sec. 2.4.3)" if args.protocol_name == "ch2" else
             f"whole network trained, new linear head (dropout {args.protocol['dropout']})")
     lines += [f"  model: {head}",
               f"  optimisation: {args.optimizer} lr {args.lr} (momentum {args.momentum} for sgd) wd {args.wd}, "

@@ -439,7 +439,8 @@ def test_linear_skeleton_resumes_from_its_run_folder(tmp_path, one_thread):
 def test_knn_and_clusters_toy_skeleton_with_concatenated_encoders(tmp_path, one_thread):
     knn = run_evaluate(tmp_path / "knn", "--task", "knn", "--data", "toy-skeleton", "--arch", "bigru",
                        "--arch-options", SMALL_BIGRU, "--concat", "agcn", "--concat-options", '{"hidden": 8}')
-    assert set(knn["metrics"]) == {"nn1_acc", "R@1", "R@5", "R@10", "R@20", "R@50"}
+    assert set(knn["metrics"]) == {"nn1_acc", "knn200_acc", "R@1", "R@5", "R@10", "R@20", "R@50"}
+    assert 0 < knn["metrics"]["knn200_acc"] <= 100 and "weighted 200-NN (T 0.1)" in knn["protocol"]
     assert knn["metrics"]["nn1_acc"] == knn["metrics"]["R@1"]
     values = [knn["metrics"][f"R@{k}"] for k in (1, 5, 10, 20, 50)]
     assert values == sorted(values)
@@ -507,6 +508,93 @@ def test_arrow_of_time_scores_both_directions(tmp_path, one_thread):
     # every test video is scored forward and backward: balanced classes, so a constant guess scores 50 %
     assert 0 <= result["metrics"]["top1"] <= 100
 
+
+
+def _frame_folder_set(root, frames=64):
+    """videofolder layout of CoCLR-style frame folders (image_%05d.jpg), 2 classes x 2 videos of `frames` frames."""
+    from PIL import Image
+    for split in ("train", "val"):
+        for c in ("a", "b"):
+            for v in range(2):
+                folder = root / split / c / f"{c}{v}"
+                folder.mkdir(parents=True)
+                for t in range(frames):
+                    Image.fromarray(np.full((20, 24, 3), 4 * t, np.uint8)).save(folder / f"image_{t + 1:05d}.jpg")
+
+
+def test_arrow_of_time_spreads_8_frames_over_the_whole_video(tmp_path):
+    """App. B.2.4: 8 frames sampled linearly over the video (random offset in training), not 8 consecutive."""
+    assert common.sample_spread_clip(100, 8).tolist() == [7, 19, 31, 43, 55, 67, 79, 91]  # stride 12, centred
+    starts = {int(common.sample_spread_clip(100, 8, np.random.default_rng(s))[0]) for s in range(200)}
+    assert starts == set(range(16))  # every offset that keeps the 85-frame span inside the video
+    assert common.sample_spread_clip(5, 8).tolist() == list(range(8))  # short video: stride 1 (indices clamped later)
+    _frame_folder_set(tmp_path / "set")
+    args = ev.resolve_args(ev.get_parser().parse_args(["--task", "arrow-of-time", "--data", "videofolder",
+                                                       "--data-root", str(tmp_path / "set"), "--arch", "tiny3d",
+                                                       "--out-dir", str(tmp_path / "run")]))
+    train = ev.build_split(args, "train", train=True, augment=False)[0]["frame_indices"]
+    test = ev.build_split(args, "test", train=False)[0]["frame_indices"]
+    assert torch.equal(torch.diff(train), torch.full((7,), 8)) and 0 <= int(train[0]) <= 7
+    assert test.tolist() == [3, 11, 19, 27, 35, 43, 51, 59]
+    assert "8 frames spread linearly over the whole video" in ev.describe_protocol(args, "random", {
+        "train": 4, "val": 0, "test": 4}, 2)
+
+
+def test_ties_are_broken_alike_by_top1_and_mean_class_accuracy():
+    scores = torch.zeros(6, 10)  # a collapsed model: every class scores the same
+    labels = torch.zeros(6, dtype=torch.long)
+    metrics = ev.classification_metrics({"scores": scores, "labels": labels}, 10, multilabel=False)
+    assert metrics["top1"] == metrics["mean_class_acc"] == 100.0  # both take the lowest index, as argmax does
+    assert metrics["top5"] == 100.0
+
+
+def test_nan_scores_and_features_are_errors_not_numbers():
+    scores = torch.rand(4, 3)
+    scores[2, 1] = float("nan")
+    with pytest.raises(RuntimeError, match="1 of 4 score vectors contain NaN"):
+        ev.classification_metrics({"scores": scores, "labels": torch.zeros(4, dtype=torch.long)}, 3, False)
+    with pytest.raises(RuntimeError, match="NaN"):
+        ev.check_finite(torch.tensor([[0.0, float("inf")]]), "query features")
+
+
+def test_a_task_without_a_protocol_entry_is_refused_not_given_the_finetune_schedule(tmp_path):
+    argv = ["--task", "linear", "--data", "gym288", "--out-dir", str(tmp_path / "run")]
+    with pytest.raises(common.UserError, match=r"--task linear has no paper protocol for --data gym288 \(only ucf101"):
+        ev.resolve_args(ev.get_parser().parse_args(argv))
+    args = ev.resolve_args(ev.get_parser().parse_args([*argv, "--lr", "0.01", "--epochs", "30", "--batch-size", "64"]))
+    assert (args.lr, args.epochs, args.batch_size, args.milestones, args.optimizer) == (0.01, 30, 64, [], "adam")
+    hmdb = ev.resolve_args(ev.get_parser().parse_args(["--task", "linear", "--data", "hmdb51"]))
+    assert (hmdb.lr, hmdb.epochs) == (1e-2, 100)  # an entry exists: the paper's values
+
+
+def test_ch2_fewshot_trains_only_the_head_and_the_last_block(tmp_path, one_thread):
+    """Thesis Sec. 2.4.3: "we only train the fully connected layer and the last ResNet block for 100 epochs",
+    SGD lr 0.1, momentum 0.9, wd 1e-3, batch 128."""
+    args = ev.resolve_args(ev.get_parser().parse_args(["--task", "fewshot", "--protocol", "ch2", "--data",
+                                                       "toy-motion", "--per-class", "20"]))
+    assert (args.optimizer, args.lr, args.momentum, args.wd, args.batch_size, args.epochs, args.milestones) == (
+        "sgd", 0.1, 0.9, 1e-3, 128, 100, [])
+    torch.manual_seed(0)
+    model = ev.Classifier(common.build_backbone("resnet3d_18", in_channels=1), 5, frozen=False,
+                          trainable=ev.last_block("resnet3d_18")[1])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1, momentum=0.9)
+    model.train()
+    loss = F.cross_entropy(model(torch.randn(2, 1, 8, 32, 32)), torch.tensor([0, 3]))
+    loss.backward()
+    optimizer.step()
+    changed = {k.split(".")[1] if k.startswith("backbone.") else k.split(".")[0]
+               for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed == {"layer4", "fc"}  # weights and BN statistics of the frozen blocks untouched
+    for argv, message in ((["--task", "linear"], "use it with --task fewshot"),
+                          (["--task", "fewshot", "--data", "toy-skeleton", "--arch", "bigru"], "bigru has none")):
+        with pytest.raises(common.UserError, match=message):
+            ev.main(["--protocol", "ch2", "--workers", "0", "--out-dir", str(tmp_path / "x"), *argv])
+    assert not (tmp_path / "x").exists()
+    result = run_evaluate(tmp_path / "toy", "--task", "fewshot", "--protocol", "ch2", "--per-class", "2",
+                          "--batch-size", "8", "--max-steps", "1")
+    assert "only the new linear head and the backbone's last block" in result["protocol"]
+    assert "sgd lr 0.1" in result["protocol"] and "wd 0.001" in result["protocol"]
 
 def write_toy_charades(root):
     """A Charades-layout copy of toy-motion: 8 motion classes plus 'straight' and 'periodic' group labels."""
