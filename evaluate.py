@@ -17,6 +17,8 @@ then the real-data command (W = a backbone.pth, checkpoint.pth or an authors' ch
                    python evaluate.py --task knn --data ucf101 --arch s3d --weights W --center-features
     fewshot        python evaluate.py --task fewshot --per-class 4 --seeds 0 1
                    python evaluate.py --task fewshot --data ucf101 --num-examples 1000 --weights W
+                   python evaluate.py --task fewshot --protocol ch2 --per-class 20 --seeds 0 1 2 3 4 --data ucf101 \
+                       --arch r2plus1d_18 --weights W   (thesis Ch. 2 protocol: only fc + last block trained)
     transfer       python evaluate.py --task transfer --data toy-skeleton --weights runs/<skeleton run>/backbone.pth
                    python evaluate.py --task transfer --data pku2 --arch bigru --weights W_pretrained_on_ntu60
     multilabel     (no toy multi-label set; tests/test_evaluate.py builds a Charades layout from toy-motion)
@@ -36,7 +38,9 @@ then the real-data command (W = a backbone.pth, checkpoint.pth or an authors' ch
 Honest by construction: checkpoints are selected on a validation split carved from the training set
 (--val-fraction); the authors' test-split selection is only available behind --select-on-test. Linear probes get a
 fresh classifier and a frozen backbone in eval mode. Every run prints its exact protocol and writes result.json and
-result.txt into --out-dir.
+result.txt into --out-dir (default: one folder per task, data and weights FILE). The folder's identity.json (task,
+data, weights path + SHA-256, protocol) must match for a rerun to resume or reuse it. Checkpoints are read with
+torch.load(weights_only=True); --trust-checkpoint allows other pickled objects (which can run code).
 """
 import argparse
 import copy
