@@ -768,6 +768,18 @@ def test_encoder_data_and_weights_modalities_must_agree(tmp_path):
     assert not out.exists()
 
 
+def test_severe_loads_tclr_as_released_and_says_so(tmp_path):
+    """--task severe builds every column's encoder with load_encoder: a released TCLR file (dilated layer4.0.conv1.0
+    under module.0.) loads into r2plus1d_18 and the weights line of the protocol says which variant was built."""
+    tclr = common.build_backbone("r2plus1d_18")
+    torch.nn.init.normal_(tclr.stem[0].weight)
+    assert common._tclr_layer4(tclr, {"layer4.0.conv1.0.weight": torch.zeros(512, 256, 3, 3, 3)})
+    torch.save({"state_dict": {"module.0." + k: v for k, v in tclr.state_dict().items()}}, tmp_path / "tclr.pth")
+    backbone, source = ev.load_encoder("r2plus1d_18", {}, str(tmp_path / "tclr.pth"))
+    assert "TCLR's dilated layer4.0.conv1.0 built as released" in source and "prefix 'module.0.'" in source
+    assert torch.equal(backbone.stem[0].weight, tclr.stem[0].weight)
+    assert backbone.layer4[0].conv1[0].dilation == (2, 1, 1)
+
 def test_unreadable_weights_are_one_line_errors_naming_the_file(tmp_path):
     (tmp_path / "truncated.pth").write_bytes(b"PK\x03\x04 half a zip")
     argv = ["--task", "knn", "--data", "toy-skeleton", "--arch", "bigru", "--workers", "0"]
