@@ -2418,7 +2418,7 @@ class BiGRU(nn.Module):
         self.gru = nn.GRU(input_dim, hidden, num_layers=layers, bidirectional=True, batch_first=True)
         self.hidden, self.layers, self.stepwise = hidden, layers, stepwise
         self.feature_dim = 2 * hidden
-        for p in self.gru.parameters():  # xavier-uniform on 2-D weights (skeleton-contrast, reference notes 2.4)
+        for p in self.gru.parameters():  # xavier-uniform on 2-D weights (skeleton-contrast moco/GRU.py)
             if p.dim() == 2:
                 nn.init.xavier_uniform_(p)
 
@@ -2759,8 +2759,8 @@ CHECKPOINT_HEAD_NAMES = ("fc", "fc7", "fc8", "fcn", "head", "heads", "classifier
                          "projection", "mlp", "prototypes", "queue", "queue_ptr", "queue_second", "logits",
                          "vid_fc2", "vid_fc_rep", "sk_fc_rep", "final", "final_fc", "cls_head")
 
-# CtP / tubelet-contrast R(2+1)D and R3D names -> torchvision (reference notes Sec. 1.9,
-# SEVERE-BENCHMARK backbones.py load_tubelet_contrast_checkpoint).
+# CtP / tubelet-contrast R(2+1)D and R3D names -> torchvision (SEVERE-BENCHMARK backbones.py
+# load_tubelet_contrast_checkpoint).
 CTP_RENAMES = [
     (r"(^|\.)stem\.conv_s\.", r"\1stem.0."), (r"(^|\.)stem\.bn_s\.", r"\1stem.1."),
     (r"(^|\.)stem\.conv_t\.", r"\1stem.3."), (r"(^|\.)stem\.bn_t\.", r"\1stem.4."),

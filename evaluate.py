@@ -4,7 +4,8 @@ F. M. Thoker, *Video-Efficient Foundation Models* (thesis, UvA 2023): Ch. 2 Sec.
 Ch. 3 Sec. 3.4.3 + App. A.1 (skeleton linear / retrieval / semi-supervised / transfer), Ch. 4 + App. B.2 (SEVERE),
 Ch. 5 Sec. 5.4 + App. C.4; ViCC supplement Sec. 3 (cluster metrics); JMRN supplement Sec. 3 Eq. (1) (fusion);
 Zhang et al., "Context-aware and Scale-insensitive Temporal Repetition Counting", CVPR 2020 (repcount).
-README: "evaluate.py". Protocol facts from the authors' code, and their mistakes: reference notes Sec. 6.
+README: "evaluate.py". Protocol facts come from the authors' code (SEVERE-BENCHMARK, skeleton-contrast, CoCLR, ViCC);
+where we differ from it, the comments say so.
 
 Every task, toy command first (CPU, seconds to a minute; without --weights: random initialisation, the baseline),
 then the real-data command (W = a backbone.pth, checkpoint.pth or an authors' checkpoint):
@@ -63,7 +64,7 @@ import common
 TASKS = ("finetune", "linear", "knn", "fewshot", "transfer", "multilabel", "arrow-of-time", "clusters", "fusion",
          "repcount", "severe")
 SKELETON_ARCHS = common.SKELETON_ARCHS  # bigru, hcn, agcn, stgcn on (C, T, V, M); skelemotion_cnn on images
-RETRIEVAL_KS = (1, 5, 10, 20, 50)  # CoCLR / ViCC video retrieval R@k (reference notes Sec. 6.4)
+RETRIEVAL_KS = (1, 5, 10, 20, 50)  # CoCLR / ViCC video retrieval R@k (their retrieval code)
 KNN_K, KNN_T = 200, 0.1  # weighted kNN (InstDisc; skeleton-contrast's and CoCLR's kNN monitor) beside the 1-NN
 
 
@@ -108,7 +109,7 @@ PROTOCOLS = {
     # dropout 0.5 before the head (SlowFast ResNetBasicHead), test clips max-pooled; mAP over classes.
     "charades": dict(VIDEO, stride=8, metric="mAP", dropout=0.5,
                      multilabel=_opt("sgd", 16, 0.0375, 57, [41, 49], wd=1e-4)),
-    # Repetition counting (Zhang et al. 2020 as the SEVERE code, reference notes Sec. 6.5): frames = basic_duration
+    # Repetition counting (Zhang et al. 2020 as SEVERE-BENCHMARK's Repetition-Counting): frames = basic_duration
     # (two 16-frame context streams), training sub-segments of <= sample_duration frames, Adam 5e-5 wd 1e-3, 100
     # epochs, batch 32, 112 crops (short side 112 + centre crop; theirs: longer side 112 + centre crop), flip.
     "ucfrep": dict(VIDEO, frames=32, short_side=112, jitter=False, test_clips=1, metric="mae",
@@ -276,7 +277,7 @@ def average_precision(scores, targets):
 
 
 def mean_average_precision(scores, targets):
-    """Charades mAP (SlowFast get_map, reference notes Sec. 6.6): AP per class, classes WITHOUT a positive label
+    """Charades mAP (SlowFast's get_map, as SEVERE-BENCHMARK): AP per class, classes WITHOUT a positive label
     dropped, mean over the rest. scores, targets: (N, C). Returns (mAP, {class index: AP})."""
     scores, targets = np.asarray(scores), np.asarray(targets)
     per_class = {c: average_precision(scores[:, c], targets[:, c]) for c in range(targets.shape[1])
@@ -285,7 +286,7 @@ def mean_average_precision(scores, targets):
 
 
 def retrieval_recall(query_features, query_labels, gallery_features, gallery_labels, ks=RETRIEVAL_KS):
-    """R@k of CoCLR / ViCC (reference notes Sec. 6.4): fraction of queries with a same-label gallery item among the
+    """R@k of CoCLR / ViCC (their retrieval code): fraction of queries with a same-label gallery item among the
     k most cosine-similar. Features must be L2-normalised. R@1 is the 1-NN accuracy of Sec. 3.4.3.2."""
     similarity = query_features @ gallery_features.T  # (N_query, N_gallery)
     top = similarity.topk(min(max(ks), gallery_features.shape[0]), dim=1).indices  # (N_query, k_max)
@@ -294,7 +295,7 @@ def retrieval_recall(query_features, query_labels, gallery_features, gallery_lab
 
 
 def repetition_count_errors(predicted, true):
-    """UCFRep metrics (Zhang et al. 2020, reference notes Sec. 6.5): counts rounded; MAE = mean |c_hat - c| / c
+    """UCFRep metrics (Zhang et al. 2020, their val_2stream.py): counts rounded; MAE = mean |c_hat - c| / c
     (normalised by the true count, thesis Table 4.4 'UCF-RC'), OBO = fraction with |c_hat - c| <= 1."""
     predicted = np.round(np.asarray(predicted, dtype=np.float64))
     true = np.asarray(true, dtype=np.float64)
@@ -599,7 +600,7 @@ def build_encoder(args):
 
 # ==================================================================================================== DATA
 def video_transform(item, train, crop, short_side, crop_scale=(0.08, 1.0), flip=True, jitter=True):
-    """uint8 (C, T, H, W) or (K, C, T, H, W) -> normalised float clips of crop x crop (App. B.2.1 / ref. Sec. 6.1).
+    """uint8 (C, T, H, W) or (K, C, T, H, W) -> normalised float clips of crop x crop (App. B.2.1 / SEVERE-BENCHMARK).
     Train: RandomResizedCrop (scale 0.08-1; the thesis calls it a "multi-scale crop"), flip, colour jitter
     (0.4, 0.4, 0.4, 0.2) on every clip as the SEVERE code. Test: short side to short_side, centre crop."""
     x = item["video"]
@@ -616,7 +617,7 @@ def video_transform(item, train, crop, short_side, crop_scale=(0.08, 1.0), flip=
 
 
 def temporal_crop_resize(x, frames, ratio, random_start):
-    """Skeleton crop of App. A.1 (skeleton-contrast `crop_subsequence`, ref. Sec. 2.3): from the valid (non-zero)
+    """Skeleton crop of App. A.1 (skeleton-contrast augmentations.py `crop_subsequence`): from the valid (non-zero)
     n frames of x (C, T, V, M) take L frames, L = n * ratio (random: ratio ~ U(ratio), L >= frames where possible,
     random start; test: ratio 0.95, centred), and resample them to `frames` steps (bilinear over time)."""
     c, t, v, m = x.shape
@@ -854,7 +855,7 @@ def classification_task(run, args, arrow=False):
     if args.per_class or args.label_fraction or args.num_examples:  # the labelled budget, drawn from the rest
         per_class = args.per_class or (math.ceil(args.num_examples / num_classes) if args.num_examples else None)
         chosen = common.stratified_subset(labels[train_idx], fraction=args.label_fraction or 1.0, per_class=per_class,
-                                          seed=args.subset_seed)  # ceil(1000 / C) per class, ref. notes Sec. 6.1
+                                          seed=args.subset_seed)  # ceil(1000 / C) per class, SEVERE get_subset_data
         train_idx = train_idx[chosen]
     train_set = torch.utils.data.Subset(train_full, train_idx)
     select_set = (test_set if args.select_on_test else
@@ -1027,7 +1028,7 @@ def fusion_task(run, args):
 
 # ---------------------------------------------------------------------------------------------- repetition counting
 # Zhang et al., "Context-aware and Scale-insensitive Temporal Repetition Counting", CVPR 2020, as the SEVERE code
-# runs it (reference notes Sec. 6.5; README "Repetition counting"). Notation: a state is a frame m with the
+# runs it (SEVERE-BENCHMARK Repetition-Counting/; README "Repetition counting"). Notation: a state is a frame m with the
 # current estimates l (length of the cycle ending at m, frames [m - l + 1, m]) and r (the cycle starting at m + 1,
 # frames [m + 1, m + r]); anchors a_k scale them; the head predicts, per stream and anchor, a score p_k (is
 # a_k * l within IoU 0.5 of the true length?) and an offset d_k = log(true / (a_k * l)).
