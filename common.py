@@ -2902,6 +2902,7 @@ def _tclr_layer4(model, state):
     if not isinstance(model, VideoResNet) or not isinstance(layer4[0].conv1[0], nn.Sequential):
         return False
     if not any(k.endswith("layer4.0.conv1.0.weight") and v.dim() == 5 and tuple(v.shape[2:]) == (3, 3, 3)
+               and k[:-len("layer4.0.conv1.0.weight")] + "layer3.0.conv1.0.3.weight" in state  # (2+1)D elsewhere
                for k, v in state.items()):
         return False
     conv = layer4[0].conv1[0][0]

@@ -1438,8 +1438,10 @@ def apply_protocol(args):
         spec = _opt("sgd", 128, 0.1, 100, [], wd=1e-3)
     elif task_key == "arrow":
         spec = p.get("arrow") or PROTOCOLS["ucf101"]["arrow"]
-    elif task_key in p or task_key in ("finetune", "repcount"):
-        spec = p.get(task_key) or p["finetune"]
+    elif task_key in p:
+        spec = p[task_key]
+    elif args.task in ("knn", "clusters"):  # no training: only frames, test clips and the batch size are used
+        spec = p.get("finetune") or PROTOCOLS["ucf101"]["finetune"]
     elif all(name in args.overrides for name in ("lr", "epochs", "batch_size")):  # the user's own schedule
         spec = dict(p.get("finetune") or PROTOCOLS["ucf101"]["finetune"], milestones=[], wd=0.0)
     else:

@@ -716,3 +716,5 @@ def test_tclr_as_released_loads_into_its_dilated_layer4(tmp_path):
     with torch.no_grad():
         assert torch.allclose(model(x), ref(x), atol=1e-5)  # same strides and dilation, not only the same names
         assert model(x, return_map=True).shape[2] == 2  # layer4 keeps the time axis: T/4, not T/8
+    r3d = {k: v for k, v in built("r3d_18").state_dict().items()}  # its layer4.0.conv1.0 is 3x3x3 too: not TCLR
+    assert not common._tclr_layer4(common.build_backbone("r2plus1d_18"), r3d)

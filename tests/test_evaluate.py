@@ -565,6 +565,10 @@ def test_a_task_without_a_protocol_entry_is_refused_not_given_the_finetune_sched
     assert (args.lr, args.epochs, args.batch_size, args.milestones, args.optimizer) == (0.01, 30, 64, [], "adam")
     hmdb = ev.resolve_args(ev.get_parser().parse_args(["--task", "linear", "--data", "hmdb51"]))
     assert (hmdb.lr, hmdb.epochs) == (1e-2, 100)  # an entry exists: the paper's values
+    knn = ev.resolve_args(ev.get_parser().parse_args(["--task", "knn", "--data", "k400"]))
+    assert (knn.frames, knn.test_clips) == (32, 10)  # feature tasks train nothing: no schedule needed
+    with pytest.raises(common.UserError, match="--task finetune has no paper protocol for --data charades"):
+        ev.resolve_args(ev.get_parser().parse_args(["--task", "finetune", "--data", "charades"]))
 
 
 def test_ch2_fewshot_trains_only_the_head_and_the_last_block(tmp_path, one_thread):
@@ -773,7 +777,8 @@ def test_severe_loads_tclr_as_released_and_says_so(tmp_path):
     under module.0.) loads into r2plus1d_18 and the weights line of the protocol says which variant was built."""
     tclr = common.build_backbone("r2plus1d_18")
     torch.nn.init.normal_(tclr.stem[0].weight)
-    assert common._tclr_layer4(tclr, {"layer4.0.conv1.0.weight": torch.zeros(512, 256, 3, 3, 3)})
+    assert common._tclr_layer4(tclr, {"layer4.0.conv1.0.weight": torch.zeros(512, 256, 3, 3, 3),
+                                      "layer3.0.conv1.0.3.weight": torch.zeros(1)})
     torch.save({"state_dict": {"module.0." + k: v for k, v in tclr.state_dict().items()}}, tmp_path / "tclr.pth")
     backbone, source = ev.load_encoder("r2plus1d_18", {}, str(tmp_path / "tclr.pth"))
     assert "TCLR's dilated layer4.0.conv1.0 built as released" in source and "prefix 'module.0.'" in source
