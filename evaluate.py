@@ -1655,7 +1655,8 @@ def describe_protocol(args, source, sizes, num_classes):
         lines.append(f"  labels: {budget}, subset seed {args.subset_seed}")
     head = ("frozen backbone in eval mode + new linear classifier" if args.task == "linear" else
             f"only the new linear head and the backbone's last block ({last_block(args.arch)[0]}) trained, the rest "
-            f"frozen in eval mode (--protocol ch2, thesis Sec. 2.4.3)" if args.protocol_name == "ch2" else
+            f"frozen in eval mode (--protocol ch2, thesis Sec. 2.4.3; it averages ALL clips of a test video, we "
+            f"average {args.test_clips} uniformly spaced ones)" if args.protocol_name == "ch2" else
             f"whole network trained, new linear head (dropout {args.protocol['dropout']})")
     lines += [f"  model: {head}",
               f"  optimisation: {args.optimizer} lr {args.lr} (momentum {args.momentum} for sgd) wd {args.wd}, "
