@@ -2860,8 +2860,8 @@ def read_checkpoint(path_or_state_dict, trust=False):
                 break
             obj = inner
     if not isinstance(obj, dict) or not obj:
-        raise ValueError(f"common.py: {_describe(path_or_state_dict)}: expected a state dict (or a dict with "
-                         f"'state_dict'/'model'), got {type(obj).__name__}")
+        raise UserError(f"{_describe(path_or_state_dict)}: expected a state dict (or a dict with 'state_dict' / "
+                        f"'model'), found {type(obj).__name__}{' (empty)' if isinstance(obj, dict) else ''}")
     return {k: v for k, v in obj.items() if torch.is_tensor(v)}
 
 

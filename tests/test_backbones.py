@@ -642,6 +642,9 @@ def test_checkpoint_files_load_safely(tmp_path):
             common.read_checkpoint(str(tmp_path / name))
     with pytest.raises(common.UserError, match="expected a checkpoint file, found a folder"):
         common.read_checkpoint(str(tmp_path))
+    torch.save(torch.ones(3), tmp_path / "tensor.pth")  # a PyTorch file, but not a state dict
+    with pytest.raises(common.UserError, match=r"tensor\.pth: expected a state dict .* found Tensor"):
+        common.read_checkpoint(str(tmp_path / "tensor.pth"))
     with pytest.raises(common.UserError, match="found nothing"):
         common.read_checkpoint(str(tmp_path / "missing.pth"))
 
