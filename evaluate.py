@@ -1457,9 +1457,6 @@ def apply_protocol(args):
     args.optimizer, args.momentum = spec["optimizer"], spec["momentum"]
     args.eval_every = args.overrides.get("eval_every") or max(1, args.epochs // 10)
     args.eval_batch_size = max(1, 2 * args.batch_size // args.test_clips)
-    if args.protocol_name == "ch2" and args.task != "fewshot":
-        raise common.UserError(f"evaluate.py: --protocol ch2 is the thesis Ch. 2 few-shot finetuning; use it with "
-                               f"--task fewshot, not --task {args.task}")
     if args.protocol_name == "ch2":
         last_block(args.arch)  # an encoder without a last ResNet block: refused before anything is written
     if args.task == "repcount" and protocol_for(args.data).get("metric") != "mae":
@@ -1475,6 +1472,9 @@ def resolve_args(args):
     if args.data_fraction != 1.0:
         raise ValueError("evaluate.py: --data-fraction is for pretraining scripts; use --label-fraction (stratified "
                          "labelled subset, --task fewshot) or --per-class here")
+    if args.protocol_name == "ch2" and args.task != "fewshot":
+        raise common.UserError(f"evaluate.py: --protocol ch2 is the thesis Ch. 2 few-shot finetuning; use it with "
+                               f"--task fewshot, not --task {args.task}")
     args.overrides = {name: getattr(args, name) for name in ("lr", "epochs", "batch_size", "wd", "milestones",
                                                              "frames", "test_clips", "eval_every")
                       if getattr(args, name) is not None}
