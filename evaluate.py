@@ -1324,10 +1324,6 @@ def repcount_task(run, args):
     backbone, source = build_encoder(args)
     model = RepetitionCounter(backbone)
     sizes = {"train": len(train_set), "val": 0 if val_idx is None else len(val_idx), "test": len(test_set)}
-    selection = ("checkpoint selected on the TEST split (--select-on-test, as the authors' code; optimistic)"
-                 if args.select_on_test else f"checkpoint with the lowest MAE on a {args.val_fraction:.0%} "
-                 f"validation split of the training set (seed {args.seed}), every {args.eval_every} epochs"
-                 if val_idx is not None else "no checkpoint selection: the last epoch is tested")
     protocol = "\n".join([
         f"protocol: --task repcount on {args.data} (Zhang et al. CVPR 2020 as SEVERE), backbone {args.arch} "
         f"{args.options or ''}", f"  weights: {source}",
@@ -1344,7 +1340,7 @@ def repcount_task(run, args):
         f"= T x mean(1 / cycle length), rounded",
         f"  optimisation: {args.optimizer} lr {args.lr} wd {args.wd}, global batch {args.batch_size} videos, "
         f"{args.epochs} epochs" + (f", --max-steps {args.max_steps}" if args.max_steps else ""),
-        f"  selection: {selection}",
+        f"  selection: {selection_text(args, chosen='with the lowest MAE')}",
         "  metrics: MAE = mean |c_hat - c| / c (thesis 'UCF-RC', lower is better), OBO = share with |c_hat - c| <= 1"])
     run.print(protocol)
     loss_fn = functools.partial(repcount_loss, args=args, run=run)
@@ -1615,40 +1611,29 @@ def describe_protocol(args, source, sizes, num_classes):
     elif features_only:
         inputs = (f"video clips of {args.frames} frames at stride {p['stride']}: {args.test_clips} uniformly spaced "
                   f"clips per video, short side {p['short_side']} + centre crop {p['crop']}")
+    elif args.task == "arrow-of-time":
+        inputs = (f"{args.frames} frames spread linearly over the whole video (stride = length // {args.frames}), "
+                  f"random offset (train) / centred (test), {p['crop']}x{p['crop']} centre crops, no augmentation; "
+                  f"every test video scored forward and reversed")
     else:
-        train_aug = ("no augmentation, short side + centre crop" if args.task == "arrow-of-time" else
-                     f"RandomResizedCrop (scale {p['crop_scale'][0]}-{p['crop_scale'][1]})"
+        train_aug = (f"RandomResizedCrop (scale {p['crop_scale'][0]}-{p['crop_scale'][1]})"
                      + (" + flip" if p["flip"] else "") + (" + colour jitter" if p["jitter"] else ""))
         inputs = (f"video clips of {args.frames} frames at stride {p['stride']}, {p['crop']}x{p['crop']} crops; "
                   f"train: 1 random clip, {train_aug}; test: {args.test_clips} uniformly spaced clips, short side "
                   f"{p['short_side']} + centre crop, "
                   + ("sigmoid max-pooled" if args.task == "multilabel" else "softmax averaged"))
-    if args.task == "arrow-of-time":
-        inputs = (f"{args.frames} frames spread linearly over the whole video (stride = length // {args.frames}), "
-                  f"random offset (train) / centred (test), {p['crop']}x{p['crop']} centre crops, no augmentation; "
-                  f"every test video scored forward and reversed")
-    if features_only:
-        lines = [f"protocol: --task {args.task} on {args.data} ({num_classes} classes), backbone {args.arch} "
-                 f"{args.options or ''}" + (f" + {args.concat}" if args.concat else ""), f"  weights: {source}",
-                 f"  input: {inputs}", f"  samples: gallery (train) {sizes['train']} / queries (test) {sizes['test']}"
-                 if args.task == "knn" else f"  samples: test {sizes['test']}",
-                 "  features: backbone output averaged over the clips, eval mode, no augmentation"
-                 + (", each set mean-centred" if args.center_features else "") + ", L2-normalised"
-                 + (f"; 1-NN, R@k and weighted {KNN_K}-NN (T {KNN_T})" if args.task == "knn" else "")]
-        return "\n".join(lines)
-    if args.select_on_test:
-        selection = "checkpoint selected on the TEST split (--select-on-test, as the authors' code; optimistic)"
-    elif args.val_fraction > 0:
-        selection = (f"checkpoint selected on a {args.val_fraction:.0%} stratified validation split of the training "
-                     f"set (seed {args.seed}), every {args.eval_every} epochs")
-    else:
-        selection = "no checkpoint selection: the last epoch is tested"
     lines = [f"protocol: --task {args.task} on {args.data} ({num_classes} classes), backbone {args.arch} "
-             f"{args.options or ''}" + (f" + {args.concat}" if args.concat else ""),
-             f"  weights: {source}",
-             f"  input: {inputs}",
-             f"  samples: train {sizes['train']} / validation {sizes['val']} / test {sizes['test']} (test = the "
-             f"dataset's official evaluation split)"]
+             f"{args.options or ''}" + (f" + {args.concat}" if args.concat else ""), f"  weights: {source}",
+             f"  input: {inputs}"]
+    if features_only:
+        lines += [f"  samples: gallery (train) {sizes['train']} / queries (test) {sizes['test']}"
+                  if args.task == "knn" else f"  samples: test {sizes['test']}",
+                  "  features: backbone output averaged over the clips, eval mode, no augmentation"
+                  + (", each set mean-centred" if args.center_features else "") + ", L2-normalised"
+                  + (f"; 1-NN, R@k and weighted {KNN_K}-NN (T {KNN_T})" if args.task == "knn" else "")]
+        return "\n".join(lines)
+    lines.append(f"  samples: train {sizes['train']} / validation {sizes['val']} / test {sizes['test']} (test = the "
+                 f"dataset's official evaluation split)")
     if args.per_class or args.label_fraction or args.num_examples:
         budget = (f"{args.per_class} per class" if args.per_class else f"{args.label_fraction:.0%} of each class"
                   if args.label_fraction else f"ceil({args.num_examples} / {num_classes}) per class")
@@ -1662,8 +1647,18 @@ def describe_protocol(args, source, sizes, num_classes):
               f"  optimisation: {args.optimizer} lr {args.lr} (momentum {args.momentum} for sgd) wd {args.wd}, "
               f"global batch {args.batch_size}, {args.epochs} epochs, lr x{args.lr_gamma} at epochs "
               f"{args.milestones}" + (f", --max-steps {args.max_steps}" if args.max_steps else ""),
-              f"  selection: {selection}"]
+              f"  selection: {selection_text(args)}"]
     return "\n".join(lines)
+
+
+def selection_text(args, chosen="selected"):
+    """Which checkpoint is tested (the protocol's 'selection' line)."""
+    if args.select_on_test:
+        return "checkpoint selected on the TEST split (--select-on-test, as the authors' code; optimistic)"
+    if args.val_fraction > 0:
+        return (f"checkpoint {chosen} on a {args.val_fraction:.0%} stratified validation split of the training set "
+                f"(seed {args.seed}), every {args.eval_every} epochs")
+    return "no checkpoint selection: the last epoch is tested"
 
 
 def write_result(args, result):
