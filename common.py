@@ -1098,6 +1098,12 @@ class VideoDataset(torch.utils.data.Dataset):
         return _load_or_replace(self, index, self._load)
 
 
+def _last_nonzero_frame(x):
+    """x (C, T, V, M) -> valid length: 1 + the last frame with any non-zero coordinate (0 if none)."""
+    nonzero = np.flatnonzero(np.abs(x).sum(axis=(0, 2, 3)) > 0)
+    return int(nonzero[-1]) + 1 if len(nonzero) else 0
+
+
 class SkeletonDataset(torch.utils.data.Dataset):
     """NTU layout: data (N, 3, T, V, M) float32 (memory-mapped), labels, optional valid lengths ->
     {"skeleton": float32 (C, T, V, M), "label", "index", "length"}; the whole sequence, zero-padded as stored."""
@@ -1145,16 +1151,13 @@ class SkeletonDataset(torch.utils.data.Dataset):
         x = np.array(self.data[j], dtype=np.float32)  # (C, T, V, M), copied out of the memory map
         if not np.isfinite(x).all():
             raise ValueError("non-finite coordinates")
-        if self.lengths is not None:
-            length = int(self.lengths[j])
-        else:
-            nonzero = np.flatnonzero(np.abs(x).sum(axis=(0, 2, 3)) > 0)
-            length = int(nonzero[-1]) + 1 if len(nonzero) else 0
-        item = {"skeleton": torch.from_numpy(x)}
+        length = int(self.lengths[j]) if self.lengths is not None else _last_nonzero_frame(x)
+        # "length" (valid frames; the rest is zero padding) is the one key every consumer reads; the transform
+        # sees it too (evaluate.py crops within it).
+        item = {"skeleton": torch.from_numpy(x), "length": torch.tensor(length, dtype=torch.int64)}
         if self.transform is not None:
             item = self.transform(item)
-        item.update(label=torch.tensor(self.labels[j]), index=torch.tensor(i, dtype=torch.int64),
-                    length=torch.tensor(length, dtype=torch.int64))
+        item.update(label=torch.tensor(self.labels[j]), index=torch.tensor(i, dtype=torch.int64))
         return item
 
     def __getitem__(self, index):
@@ -1192,7 +1195,8 @@ def read_kinetics_skeleton_json(path, max_frames=300, people_in=5, people_out=2)
 
 class KineticsSkeletonDataset(torch.utils.data.Dataset):
     """root/kinetics_{train,val}/<id>.json + root/kinetics_{train,val}_label.json ({id: {has_skeleton, label,
-    label_index}}) -> {"skeleton": (3, 300, 18, 2), "label", "index"}; clips without skeleton are left out."""
+    label_index}}) -> {"skeleton": (3, 300, 18, 2), "length", "label", "index"}; clips without skeleton are left
+    out."""
 
     def __init__(self, root, split, transform=None, strict=False, bad_files_path=None, max_frames=300):
         import json
@@ -1217,7 +1221,7 @@ class KineticsSkeletonDataset(torch.utils.data.Dataset):
     def _load(self, i):
         path, label = self.samples[i]
         x, _ = read_kinetics_skeleton_json(path, self.max_frames)
-        item = {"skeleton": torch.from_numpy(x)}
+        item = {"skeleton": torch.from_numpy(x), "length": torch.tensor(_last_nonzero_frame(x), dtype=torch.int64)}
         if self.transform is not None:
             item = self.transform(item)
         item.update(label=torch.tensor(label), index=torch.tensor(i, dtype=torch.int64))

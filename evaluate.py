@@ -591,13 +591,13 @@ def video_transform(item, train, crop, short_side, crop_scale=(0.08, 1.0), flip=
     return item
 
 
-def temporal_crop_resize(x, frames, ratio, random_start):
-    """Skeleton crop of App. A.1 (skeleton-contrast `crop_subsequence`, ref. Sec. 2.3): from the valid (non-zero)
-    n frames of x (C, T, V, M) take L frames, L = n * ratio (random: ratio ~ U(ratio), L >= frames where possible,
+def temporal_crop_resize(x, frames, ratio, random_start, n):
+    """Skeleton crop of App. A.1 (skeleton-contrast `crop_subsequence`, ref. Sec. 2.3): from the n valid frames
+    (the dataset's "length"; zero padding after them) of x (C, T, V, M) take L frames, L = n * ratio (random:
+    ratio ~ U(ratio), L >= frames where possible,
     random start; test: ratio 0.95, centred), and resample them to `frames` steps (bilinear over time)."""
     c, t, v, m = x.shape
-    nonzero = torch.nonzero(x.abs().sum(dim=(0, 2, 3)) > 0)
-    n = int(nonzero[-1]) + 1 if len(nonzero) else t
+    n = min(max(int(n), 1), t)
     if random_start:
         r = ratio[0] + (ratio[1] - ratio[0]) * torch.rand(()).item()
         length = min(max(int(n * r), frames), n)
@@ -628,7 +628,7 @@ def skeleton_transform(item, train, frames, center, skelemotion=False):
     x = center_on_spine(item["skeleton"].float()) if center else item["skeleton"].float()  # (C, T, V, M)
     ratio = (0.5, 1.0) if train else 0.95
     if not skelemotion:
-        item["skeleton"] = temporal_crop_resize(x, frames, ratio, random_start=train)
+        item["skeleton"] = temporal_crop_resize(x, frames, ratio, train, item["length"])
         return item
     c, _, v, _ = x.shape
     if (c, v) != (3, 25):  # RuntimeError: the dataset's ValueError handler would take it for an unreadable file
@@ -637,7 +637,7 @@ def skeleton_transform(item, train, frames, center, skelemotion=False):
     # d_t = p_t - p_{t+1} needs the next pose, so T poses give T - 1 motion columns (skelemotion_image leaves the
     # last column as "no motion"): crop frames + 1 poses and keep the first `frames` columns, so the image is
     # exactly as long as the CNN's `frames` option (resolve_args sets --frames to it).
-    crop = temporal_crop_resize(x, frames + 1, ratio, random_start=train)  # (C, frames + 1, V, M)
+    crop = temporal_crop_resize(x, frames + 1, ratio, train, item["length"])  # (C, frames + 1, V, M)
     item["skeleton"] = common.skelemotion_image(crop[..., 0], "ntu25", tau=1)[:, :frames]  # (6, frames, 49)
     return item
 

@@ -401,15 +401,16 @@ def augment_from_args(x, num_frames, args):
 def make_train_step(model, optimizer, run, args):
     """train_step(batch) for common.fit: augments on run.device, one SGD step, key/queue updates in forward.
 
-    batch["skeleton"]: (N, C, T, V, M) float; batch["num_frames"] (N,) optional valid lengths.
+    batch["skeleton"]: (N, C, T, V, M) float, zero-padded after batch["length"] (N,) valid frames (the key
+    common.SkeletonDataset writes); crops never reach into the padding.
     """
 
     def train_step(batch):
         x = batch["skeleton"]  # (N, C, T, V, M)
-        num_frames = batch.get("num_frames")
+        length = batch["length"]  # (N,)
         with torch.no_grad():  # two independent views X_q, X_k of every sequence (Sec. 3.3.2)
-            x_q = augment_from_args(x, num_frames, args)  # (N, C, T_out, V, M)
-            x_k = augment_from_args(x, num_frames, args)
+            x_q = augment_from_args(x, length, args)  # (N, C, T_out, V, M)
+            x_k = augment_from_args(x, length, args)
         with run.autocast():
             loss, stats = model(x_q, x_k)
         run.step(loss, optimizer)
@@ -497,11 +498,6 @@ def center_on_spine(item):
     return dict(item, skeleton=x)
 
 
-def valid_lengths(batch):
-    """(N,) valid frame counts of a batch ("length" from common's skeleton sets, "num_frames" accepted too)."""
-    return batch.get("length", batch.get("num_frames"))
-
-
 def queues_synchronised(model):
     """True when every process holds the same queues and pointers (they enqueue the same gathered keys)."""
     local = torch.cat([torch.cat([q.features.flatten(), q.ptr.view(1).to(q.features.dtype)])
@@ -525,8 +521,7 @@ def main_worker(args):
     if args.visualize:
         items = [train_set[i] for i in range(min(args.visualize, len(train_set)))]
         skeletons = torch.stack([item["skeleton"] for item in items])  # (N, C, T, V, M)
-        lengths = [item.get("length", item.get("num_frames")) for item in items]
-        lengths = None if lengths[0] is None else torch.as_tensor(lengths)
+        lengths = torch.stack([item["length"] for item in items])  # (N,)
         if run.is_main:
             for path in save_augmentation_figures(skeletons, os.path.join(run.out_dir, "visualize"), args, lengths):
                 print("wrote", path)
@@ -558,7 +553,7 @@ def main_worker(args):
 
     # kNN monitor / final report: the whole valid sequence resampled to --frames (no augmentation).
     def knn_input(batch):
-        return temporal_crop_resize(batch["skeleton"], valid_lengths(batch), min_ratio=1.0, out_frames=args.frames)
+        return temporal_crop_resize(batch["skeleton"], batch["length"], min_ratio=1.0, out_frames=args.frames)
 
     val_set = common.build_dataset(args.data, root, "val", **data_options)
     gallery_set = common.build_dataset(args.data, root, "train", **data_options)

@@ -231,12 +231,72 @@ def test_train_step_updates_query_and_key_encoders():
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     step = sc.make_train_step(model, optimizer, FakeRun(), method_args(frames=16))
     q_before = [p.clone() for p in model.encoder_q.parameters()]
-    out = step({"skeleton": torch.randn(4, 3, 30, 25, 2), "num_frames": torch.tensor([30, 20, 10, 5])})
+    out = step({"skeleton": torch.randn(4, 3, 30, 25, 2), "length": torch.tensor([30, 20, 10, 5])})
     assert torch.isfinite(out["loss"]) and "acc_seq" in out
-    out = step({"skeleton": torch.randn(4, 3, 30, 25, 2)})
+    out = step({"skeleton": torch.randn(4, 3, 30, 25, 2), "length": torch.tensor([30, 30, 30, 30])})
     assert any(not torch.equal(a, b) for a, b in zip(q_before, model.encoder_q.parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(q_before, model.encoder_k.parameters()))
     assert model.queues["seq"].ptr.item() == 8
+
+
+def write_ntu_arrays(folder, lengths, frames=300, seed=0):
+    """NTU-shaped arrays as the converter writes them: (N, 3, 300, 25, 2) float32, zero padding after each valid
+    length, a second body in every other sequence, the valid lengths in {split}_num_frame.npy."""
+    import numpy as np
+
+    import common
+
+    rng = np.random.default_rng(seed)
+    arrays = []
+    for i, length in enumerate(lengths):
+        x = np.zeros((3, frames, 25, 2), dtype=np.float32)
+        x[:, :length, :, 0] = rng.uniform(0.5, 1.5, (3, length, 25))  # no coordinate is 0 in a valid frame
+        if i % 2:
+            x[:, :length, :, 1] = rng.uniform(0.5, 1.5, (3, length, 25)) + 1.0
+        arrays.append(x)
+    common._write_ntu_layout(str(folder), "train", arrays, [f"S001C001P001R001A{i + 1:03d}" for i in
+                                                            range(len(lengths))], [0] * len(lengths), lengths)
+    return common.SkeletonDataset(str(folder / "train_data_joint.npy"), str(folder / "train_label.pkl"),
+                                  str(folder / "train_num_frame.npy"), transform=sc.center_on_spine)
+
+
+@pytest.mark.parametrize("spatial", ["none", "shear"])
+def test_train_step_views_never_contain_padding(tmp_path, spatial):
+    """Real-shaped input (300 stored frames, valid lengths 12..80, zero padding) through SkeletonDataset, the
+    default collate and the real train step: no frame of either view is padding (all-zero). On the old code, which
+    read a key the dataset never writes and cropped over all 300 frames, most views were padding."""
+    torch.manual_seed(9)
+    dataset = write_ntu_arrays(tmp_path, [12, 80, 37, 20, 64, 15, 50, 9])
+    batch = next(iter(torch.utils.data.DataLoader(dataset, batch_size=8)))
+    assert batch["length"].tolist() == [12, 80, 37, 20, 64, 15, 50, 9]
+    seen = []
+
+    class Recorder(nn.Module):  # the model's place in the train step: keeps the views it is given
+        def forward(self, x_q, x_k):
+            seen.append((x_q, x_k))
+            return (x_q.sum() * 0 + self.w).sum(), {}
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.zeros(1))
+
+    class FakeRun:
+        def autocast(self):
+            return contextlib.nullcontext()
+
+        def step(self, loss, optimizer):
+            loss.backward()
+
+    model = Recorder()
+    step = sc.make_train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), FakeRun(),
+                              method_args(frames=64, spatial_aug=spatial))
+    for _ in range(5):
+        step(batch)
+    for x_q, x_k in seen:
+        for view in (x_q, x_k):
+            assert view.shape == (8, 3, 64, 25, 2)
+            body0 = view[..., 0].abs().sum(dim=(1, 3))  # (N, T_out) body 0 (centred, but never all zero)
+            assert (body0 > 0).all()
 
 
 def test_encoder_options_and_queue_defaults():
