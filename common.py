@@ -1318,8 +1318,10 @@ class PairedDataset(torch.utils.data.Dataset):
 
 def read_ntu_skeleton(path, max_bodies=2):
     """Raw NTU RGB+D .skeleton text -> float32 (3, T, 25, max_bodies) x, y, z in metres. Bodies are tracked by
-    bodyID and the max_bodies most active (largest summed std of the non-zero joint coordinates, as 2s-AGCN's
-    get_nonzero_std) are kept, most active first; absent bodies are zero."""
+    bodyID; the max_bodies with the largest motion energy of 2s-AGCN's `get_nonzero_std` (see ntu_body_energy)
+    are kept, most energetic first; absent bodies are zero. (2s-AGCN indexes bodies by their position in each
+    frame's list, at most 4, so a body that another one precedes in some frames is split over two slots; here a
+    body is one bodyID, which is what the energy is meant to rank.)"""
     try:
         with open(path) as f:
             tokens = f.read().split("\n")
@@ -1340,39 +1342,60 @@ def read_ntu_skeleton(path, max_bodies=2):
     except (ValueError, IndexError) as e:
         raise VideoReadError(f"{path}: not an NTU .skeleton file ({type(e).__name__}: {e})") from None
     out = np.zeros((3, num_frames, 25, max_bodies), dtype=np.float32)
-
-    def activity(b):
-        valid = b[np.abs(b).sum(axis=(1, 2)) != 0]  # (T', 25, 3)
-        return valid.reshape(len(valid), -1).std(axis=0).sum() if len(valid) > 1 else 0.0
-    ranked = sorted(bodies.values(), key=activity, reverse=True)
+    ranked = sorted(bodies.values(), key=ntu_body_energy, reverse=True)  # stable: ties keep file order
     for m, b in enumerate(ranked[:max_bodies]):
         out[:, :, :, m] = b.transpose(2, 0, 1)
     return out
 
 
-def _rotation_to(a, b):
-    """Rotation matrix turning vector a onto vector b (Rodrigues)."""
-    a, b = a / (np.linalg.norm(a) + 1e-8), b / (np.linalg.norm(b) + 1e-8)
-    v, c = np.cross(a, b), float(np.dot(a, b))
-    if np.linalg.norm(v) < 1e-8:
-        return np.eye(3) if c > 0 else -np.eye(3)
-    k = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
-    return np.eye(3) + k + k @ k * (1 - c) / (np.linalg.norm(v) ** 2)
+def ntu_body_energy(body):
+    """2s-AGCN `get_nonzero_std`: body (T, 25, 3) -> std of x + std of y + std of z, each over all joints of the
+    valid frames (coordinate sum != 0), in float64. Spatial spread counts, so a still person (about 0.5 m of
+    spread) outranks a briefly tracked, jittering noise body (a few centimetres)."""
+    body = np.asarray(body, dtype=np.float64)
+    valid = body[body.sum(axis=(1, 2)) != 0]  # (T', 25, 3)
+    return float(sum(valid[:, :, axis].std() for axis in range(3))) if len(valid) else 0.0
+
+
+def _rotation_about(axis, theta):
+    """2s-AGCN `rotation_matrix`: counter-clockwise rotation by theta about axis; identity when either is ~0."""
+    axis = np.asarray(axis, dtype=np.float64)
+    if np.abs(axis).sum() < 1e-6 or abs(theta) < 1e-6:
+        return np.eye(3)
+    k = axis / np.linalg.norm(axis)
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + np.sin(theta) * cross + (1 - np.cos(theta)) * cross @ cross  # Rodrigues
+
+
+def _align_to(vector, target):
+    """2s-AGCN: the rotation about vector x target by the angle between them (turns vector onto target)."""
+    unit = vector / (np.linalg.norm(vector) + 1e-12)
+    angle = np.arccos(np.clip(np.dot(unit, target), -1.0, 1.0))
+    return _rotation_about(np.cross(vector, target), angle)
 
 
 def ntu_pre_normalize(x):
-    """2s-AGCN pre_normalization on (3, T, 25, M): subtract the spine-middle joint (1) of the first body per
-    frame, rotate so hip(0)->spine(1) of the first frame is parallel to z, then right(8)->left(4) shoulder to x.
-    (2s-AGCN also pads null frames by repetition; here padding stays zero, the valid length is stored.)"""
-    x = x.copy()
-    mask = np.abs(x).sum(0, keepdims=True) != 0  # (1, T, 25, M) valid joints
-    x = np.where(mask, x - x[:, :, 1:2, 0:1], 0.0)
-    first = x[:, 0, :, 0]  # (3, 25)
-    for a, b, axis in ((0, 1, np.array([0.0, 0.0, 1.0])), (8, 4, np.array([1.0, 0.0, 0.0]))):
-        rot = _rotation_to(first[:, b] - first[:, a], axis)
-        x = np.einsum("ij,jtvm->itvm", rot, x).astype(np.float32)
-        first = x[:, 0, :, 0]
-    return np.where(mask, x, 0.0).astype(np.float32)
+    """2s-AGCN `pre_normalization` on one sequence (3, T, 25, M), in its order: (1) a body whose first frame is
+    empty gets its non-empty frames moved to the start; (2) subtract body 0's spine-middle joint (1) per frame
+    from every present joint; (3) rotate so that hip(0)->spine(1) of body 0 in frame 0 is parallel to +z, then
+    (4) left(4)->right(8) shoulder parallel to +x. Difference: 2s-AGCN then fills the empty tail by repeating the
+    sequence; here it stays zero and the converter stores the valid length. 2s-AGCN has no other noise filter."""
+    s = np.asarray(x, dtype=np.float64).transpose(3, 1, 2, 0).copy()  # (M, T, 25, 3) as 2s-AGCN
+    if s.sum() == 0:
+        return np.asarray(x, dtype=np.float32).copy()
+    for person in s:  # (1): move the valid frames to the start, or the rotation would read an empty frame 0
+        if person.sum() != 0 and person[0].sum() == 0:
+            valid = person[person.sum(axis=(1, 2)) != 0]
+            person[:] = 0
+            person[:len(valid)] = valid
+    center = s[0, :, 1:2, :].copy()  # (T, 1, 3) body 0's spine joint per frame
+    for m in range(len(s)):  # (2)
+        if s[m].sum() != 0:
+            s[m] = (s[m] - center) * (s[m].sum(-1, keepdims=True) != 0)
+    for bottom, top, target in ((0, 1, (0.0, 0.0, 1.0)), (4, 8, (1.0, 0.0, 0.0))):  # (3), (4)
+        rotation = _align_to(s[0, 0, top] - s[0, 0, bottom], np.array(target))
+        s = s @ rotation.T  # every joint p -> R p; zero joints stay zero
+    return s.transpose(3, 1, 2, 0).astype(np.float32)
 
 
 def _write_ntu_layout(out_dir, split, arrays, names, labels, lengths):
@@ -1416,7 +1439,8 @@ def convert_ntu_skeletons(raw_dir, out_dir, benchmark="ntu60-xsub", max_frames=3
         x = read_ntu_skeleton(os.path.join(raw_dir, f))
         if pre_normalize:
             x = ntu_pre_normalize(x)
-        x, length = _fit_frames(x, max_frames)
+        x, _ = _fit_frames(x, max_frames)
+        length = _last_nonzero_frame(x)  # frames after the last tracked body are padding, as the stored zeros
         lists = out["train" if train else "val"]
         for lst, value in zip(lists, (x, name, action - 1, length)):
             lst.append(value)
