@@ -506,6 +506,9 @@ def queues_synchronised(model):
     return bool((everyone == everyone[:1]).all())
 
 
+EXIT_INTERRUPTED = 3  # exit status after SIGTERM/SIGINT: the job is not done (schedulers may requeue it)
+
+
 def main_worker(args):
     run = common.setup(args, "skeleton_contrast")
     if run.device.type == "cpu" and args.data.startswith("toy"):
@@ -565,6 +568,8 @@ def main_worker(args):
             "options": dict(backbone_options(evaluated), in_channels=c)}
     result = common.fit(run, args, model, optimizer, loader, train_step, backbone=model.encoder_q[evaluated],
                         backbone_meta=meta, knn=(model.encoder_q[evaluated], knn_input, *knn_loaders))
+    if result["interrupted"]:  # fit saved and printed the resume command; no result for a partial model
+        raise SystemExit(EXIT_INTERRUPTED)
 
     if run.world_size > 1:
         same = queues_synchronised(model)

@@ -377,6 +377,34 @@ def test_two_process_cpu_run_keeps_queues_identical(tmp_path):
     assert (tmp_path / "run" / "backbone.pth").exists()
 
 
+def test_sigterm_exits_nonzero_without_a_result(tmp_path):
+    """An interrupted run saves, prints how to resume, exits non-zero and writes no final result (a report of the
+    partial model would read like a finished run's)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out_dir = tmp_path / "run"
+    cmd = [sys.executable, os.path.join(root, "skeleton_contrast.py"), "--data-root", str(tmp_path / "toy"),
+           "--out-dir", str(out_dir), "--log-every", "1", "--epochs", "200"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=root,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 300
+    metrics = out_dir / "metrics.jsonl"
+    while time.time() < deadline and proc.poll() is None and (
+            not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == sc.EXIT_INTERRUPTED, out[-3000:]
+    assert "interrupted: saved step" in out and "rerun the same command" in out
+    assert (out_dir / "checkpoint.pth").exists() and not (out_dir / "knn_vs_random_init.json").exists()
+    assert "result:" not in out
+
+
 @pytest.mark.slow
 def test_learning_toy_pretraining_beats_random_init(tmp_path):
     """LEARNING TEST: the toy defaults (intra-skeleton MoCo on the small BiGRU, 30 epochs = 210 steps, 17-35 s per
