@@ -95,6 +95,10 @@ def add_method_args(parser):
     group.add_argument("--no-key-dropout", action="store_true",
                        help="switch dropout off in the momentum key encoders (only HCN has dropout). The authors' "
                             "key encoders keep it on, which makes HCN keys noisy targets; off is MoCo's intent")
+    group.add_argument("--no-shuffle-bn", action="store_true",
+                       help="multi-GPU: no shuffle-BN for the key encoders (the authors' DataParallel code has none: "
+                            "queries and their positive keys then share BatchNorm statistics on each GPU). Default: "
+                            "MoCo's shuffle-BN")
     group.add_argument("--temperature", type=float, default=0.07, help="tau of Eq. 3.5-3.8 (Sec. 3.4.2: 0.07)")
     group.add_argument("--proj-dim", type=int, default=128,
                        help="output size of the projection MLP (Sec. 3.4.2: 128); the head is dropped downstream")
@@ -175,6 +179,29 @@ class FeatureQueue(nn.Module):
         self.ptr.copy_((self.ptr + keys.shape[0]) % size)
 
 
+@torch.no_grad()
+def batch_shuffle(x):
+    """MoCo's shuffle-BN, step 1: gather x (N, ...) from all W processes, permute the W N samples with one
+    permutation (rank 0's), return this process's slice (N, ...) and the permutation (W N,); (x, None) at W = 1."""
+    world, rank = common.get_world_size(), common.get_rank()
+    if world == 1:
+        return x, None
+    x_all = common.all_gather_nograd(x)  # (W N, ...)
+    perm = torch.randperm(x_all.shape[0], device=x.device)  # (W N,) shuffled position p holds sample perm[p]
+    torch.distributed.broadcast(perm, src=0)
+    return x_all[perm.view(world, -1)[rank]], perm
+
+
+@torch.no_grad()
+def batch_unshuffle(z, perm):
+    """Step 2: z (N, D) computed on the shuffled slice -> the features of this process's own samples, in order."""
+    if perm is None:
+        return z
+    world, rank = common.get_world_size(), common.get_rank()
+    z_all = common.all_gather_nograd(z)  # (W N, D) in shuffled order
+    return z_all[perm.argsort().view(world, -1)[rank]]  # sample i sits at shuffled position argsort(perm)[i]
+
+
 class SkeletonContrast(nn.Module):
     """One query encoder f_q^r and one momentum key encoder f_k^r (+ projection heads) and one queue N^r per
     representation r (Sec. 3.3.3).
@@ -185,7 +212,7 @@ class SkeletonContrast(nn.Module):
     """
 
     def __init__(self, build_encoder, representations, contrast="inter", queue_size=16384, proj_dim=128,
-                 momentum=0.999, temperature=0.07, gather_fn=None, key_dropout=True):
+                 momentum=0.999, temperature=0.07, gather_fn=None, key_dropout=True, shuffle_bn=True):
         super().__init__()
         if contrast == "inter" and len(representations) < 2:
             raise ValueError(f"skeleton_contrast.py: inter-skeleton contrast needs >= 2 representations, got "
@@ -196,6 +223,7 @@ class SkeletonContrast(nn.Module):
         self.temperature = temperature
         self.gather_fn = gather_fn or _identity
         self.key_dropout = key_dropout
+        self.shuffle_bn = shuffle_bn
         self.encoder_q = nn.ModuleDict({r: build_encoder(r) for r in self.representations})
         self.projector_q = nn.ModuleDict({r: ProjectionHead(self.encoder_q[r].feature_dim, proj_dim)
                                           for r in self.representations})
@@ -233,7 +261,11 @@ class SkeletonContrast(nn.Module):
         z_q = self.embed(x_q, self.encoder_q, self.projector_q)  # {r: Z_q^r (N, D)}
         with torch.no_grad():
             self.momentum_update()
+            # Shuffle-BN (MoCo): the key encoders see a batch mixed across processes, so a query and its positive
+            # key do not share BatchNorm statistics (AGCN has BN; BiGRU and HCN have none). No-op on one process.
+            x_k, perm = batch_shuffle(x_k) if self.shuffle_bn else (x_k, None)
             z_k = self.embed(x_k, self.encoder_k, self.projector_k)  # {r: Z_k^r (N, D)}, no gradient
+            z_k = {r: batch_unshuffle(z, perm) for r, z in z_k.items()}  # back to this process's samples
         # Clone: the queues are overwritten below, before backward needs them.
         negatives = {r: self.queues[r].features.clone().detach() for r in self.representations}  # {r: (K, D)}
         loss_fn = inter_skeleton_loss if self.contrast == "inter" else intra_skeleton_loss
@@ -545,7 +577,7 @@ def main_worker(args):
 
     model = SkeletonContrast(build_encoder, args.representations, args.contrast, args.queue_size, args.proj_dim,
                              args.moco_momentum, args.temperature, gather_fn=common.all_gather_nograd,
-                             key_dropout=not args.no_key_dropout)
+                             key_dropout=not args.no_key_dropout, shuffle_bn=not args.no_shuffle_bn)
     evaluated = args.representations[0]  # the encoder evaluate.py uses: the sequence one by default
     ddp_model = run.prepare(model)  # DDP broadcasts rank 0's initial weights (and queues) to every process
     random_init = copy.deepcopy(model.encoder_q[evaluated])  # the weights the pretraining starts from

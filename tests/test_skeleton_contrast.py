@@ -185,6 +185,38 @@ def test_forward_advances_both_queues_with_gathered_keys():
     assert all(p.grad is not None for p in model.encoder_q.parameters())
 
 
+def test_shuffle_bn_round_trip_and_mixes_processes(monkeypatch):
+    """Shuffle-BN over 2 simulated processes: every key encoder batch is a mix of both processes' samples, and
+    unshuffling returns each process exactly the keys of its own samples, in order."""
+    import common
+
+    torch.manual_seed(10)
+    world, n = 2, 8
+    x = torch.randn(world * n, 3, 4, 25, 2)  # the global batch: process r holds x[r n:(r + 1) n]
+    perm = torch.randperm(world * n)
+    monkeypatch.setattr(common, "get_world_size", lambda: world)
+    monkeypatch.setattr(torch, "randperm", lambda *a, **k: perm.clone())
+    monkeypatch.setattr(torch.distributed, "broadcast", lambda tensor, src: None)
+    shuffled, keys = [], []
+    for rank in range(world):
+        monkeypatch.setattr(common, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(common, "all_gather_nograd", lambda t: x)
+        mine, p = sc.batch_shuffle(x[rank * n:(rank + 1) * n])
+        shuffled.append(mine)
+        assert torch.equal(p, perm)
+    for rank in range(world):
+        own = set(range(rank * n, (rank + 1) * n))
+        seen = {int(i) for i in perm.view(world, n)[rank]}  # the samples in this process's key batch
+        assert seen != own and len(seen & own) > 0 and torch.equal(shuffled[rank], x[perm.view(world, n)[rank]])
+    encode = lambda b: b.flatten(1)[:, :5] * 2 + 1  # noqa: E731  any per-sample function
+    z_shuffled = torch.cat([encode(b) for b in shuffled])  # what all_gather returns after the key encoders
+    for rank in range(world):
+        monkeypatch.setattr(common, "get_rank", lambda rank=rank: rank)
+        monkeypatch.setattr(common, "all_gather_nograd", lambda t: z_shuffled)
+        z = sc.batch_unshuffle(encode(shuffled[rank]), perm)
+        torch.testing.assert_close(z, encode(x[rank * n:(rank + 1) * n]))
+
+
 def test_queue_wraps_around():
     queue = sc.FeatureQueue(5, 2)
     queue.enqueue(torch.ones(3, 2))
