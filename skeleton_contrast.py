@@ -40,7 +40,10 @@ TOY_QUEUE_SIZE = 128  # not in the paper: the toy set has 252 training sequences
 # encoder, because the paper's inter seq+graph does not fit that budget on CPU (small AGCN: 2-4 s per step) and
 # inter seq+image stays near its uninformative loss within it. Any flag given on the command line wins.
 TOY_DEFAULTS = {"representations": ["seq"], "contrast": "intra", "frames": 32, "batch_size": 32, "epochs": 30,
-                "knn_every": 10}
+                "knn_every": 10, "workers": 0, "queue_size": TOY_QUEUE_SIZE}
+# Sec. 3.4.2: inter seq+graph, 64 frames, batch 64, 450 epochs on NTU (600 on PKU-MMD, set in parse_args).
+PAPER_DEFAULTS = {"representations": ["seq", "graph"], "contrast": "inter", "frames": 64, "batch_size": 64,
+                  "epochs": 450, "knn_every": 10, "workers": 8}
 
 
 def parse_representations(text):
@@ -88,7 +91,7 @@ def add_method_args(parser):
                             "multiplied by a matrix with entries in U[-1,1] (paper: entries in U[0,1], no zeroing)")
     group.add_argument("--queue-size", type=int, default=None,
                        help="number of negatives |N| in each queue. Default: 16384 NTU, 8192 PKU-MMD I, 2048 "
-                            "PKU-MMD II (Sec. 3.4.2), 512 on toy data; keep it below the number of training "
+                            "PKU-MMD II (Sec. 3.4.2), 128 on toy data; keep it below the number of training "
                             "sequences or a sample's own old key becomes a negative")
     group.add_argument("--moco-momentum", type=float, default=0.999,
                        help="m of the key encoders' moving average (MoCo, authors' code 0.999)")
@@ -247,10 +250,9 @@ class SkeletonContrast(nn.Module):
     @torch.no_grad()
     def momentum_update(self):
         """theta_k <- m * theta_k + (1 - m) * theta_q for every key encoder and head (MoCo)."""
-        query = list(self.encoder_q.parameters()) + list(self.projector_q.parameters())
+        query = [p.detach() for p in list(self.encoder_q.parameters()) + list(self.projector_q.parameters())]
         key = list(self.encoder_k.parameters()) + list(self.projector_k.parameters())
-        for p_q, p_k in zip(query, key):
-            p_k.mul_(self.momentum).add_(p_q.detach(), alpha=1.0 - self.momentum)
+        torch._foreach_lerp_(key, query, 1.0 - self.momentum)  # one fused kernel per dtype/device, not per tensor
 
     def embed(self, x, encoders, projectors):
         """x: (N, C, T, V, M) -> {r: Z^r (N, D) L2-normalised, float32}."""
@@ -625,39 +627,34 @@ def main_worker(args):
     return report
 
 
-def main():
+def parse_args(argv=None):
+    """Command line -> args with every None flag filled from TOY_DEFAULTS or the paper's (common.fill_defaults)."""
     parser = argparse.ArgumentParser(description=__doc__, parents=[common.get_common_parser()],
                                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_method_args(parser)
     parser.add_argument("--no-center", action="store_true",
                         help="do not subtract body 0's spine joint per frame (2s-AGCN pre_normalization's "
                              "translation step, which the authors' NTU arrays already had)")
-    # Sec. 3.4.2 (SGD lr 0.01, wd 1e-4, batch 64, lr x0.1 late); epochs and milestones are derived below.
-    # None = derived below (paper value on real data, TOY_DEFAULTS on toy data).
+    # Sec. 3.4.2 (SGD lr 0.01, wd 1e-4, batch 64, lr x0.1 late). None = toy or paper value, filled below.
     parser.set_defaults(data="toy-skeleton", lr=0.01, wd=1e-4, schedule="multistep", milestones=None, workers=None,
                         representations=None, contrast=None, frames=None, batch_size=None, epochs=None,
                         knn_every=None)
-    args = parser.parse_args()
-
-    # ------------------------------------------------------------------------------------------ derived values
+    args = parser.parse_args(argv)
     if args.data == "toy":
         args.data = "toy-skeleton"
     toy = args.data.startswith("toy")
-    # Paper: inter seq+graph, 64 frames, batch 64, 450 epochs on NTU / 600 on PKU-MMD (Sec. 3.4.2).
-    paper = {"representations": ["seq", "graph"], "contrast": "inter", "frames": 64, "batch_size": 64,
-             "epochs": 600 if args.data.startswith("pku") else 450, "knn_every": 10}
-    for name, value in (TOY_DEFAULTS if toy else paper).items():
-        if getattr(args, name) is None:
-            setattr(args, name, value)
+    paper = dict(PAPER_DEFAULTS, epochs=600 if args.data.startswith("pku") else 450,
+                 queue_size=default_queue_size(args.data))
+    common.fill_defaults(args, TOY_DEFAULTS if toy else paper)
     if args.milestones is None:  # authors' script: x0.1 at epoch 351 of 451; same fraction elsewhere, none on toy
         args.milestones = [] if toy else [round(args.epochs * 351 / 451)]
-    if args.queue_size is None:
-        args.queue_size = default_queue_size(args.data)
-    if args.workers is None:
-        args.workers = 0 if toy else 8  # toy sequences are in memory; loading cost is nil
     if args.contrast == "inter" and len(args.representations) < 2:
         parser.error(f"--contrast inter needs >= 2 --representations, got {args.representations}")
-    common.launch(main_worker, args)
+    return args
+
+
+def main(argv=None):
+    common.launch(main_worker, parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -341,6 +341,18 @@ def test_encoder_options_and_queue_defaults():
         16384, 8192, 2048, sc.TOY_QUEUE_SIZE]
 
 
+def test_toy_and_paper_defaults_keep_what_the_user_gave():
+    """common.fill_defaults: flags given in any argparse form (abbreviation, --flag=value) win over the toy and
+    paper defaults; the rest come from the right table."""
+    toy = sc.parse_args(["--batch", "8", "--epochs=3"])
+    assert (toy.batch_size, toy.epochs, toy.frames, toy.contrast, toy.queue_size) == (8, 3, 32, "intra", 128)
+    ntu = sc.parse_args(["--data", "ntu60-xview", "--repr", "seq,image"])
+    assert (ntu.batch_size, ntu.epochs, ntu.milestones, ntu.representations, ntu.queue_size, ntu.workers) == (
+        64, 450, [350], ["seq", "image"], 16384, 8)
+    pku = sc.parse_args(["--data", "pku2-xsub", "--queue", "100"])
+    assert (pku.epochs, pku.queue_size) == (600, 100)
+
+
 def test_visualize_writes_png(tmp_path):
     pytest.importorskip("PIL")
     x = torch.randn(1, 3, 40, 25, 2)
