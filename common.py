@@ -741,6 +741,89 @@ def normalize(x, mean=KINETICS_MEAN, std=KINETICS_STD):
     return (x - mean) / std
 
 
+# ---------------------------------------------------------------------------------------------- skeleton transforms
+# Skeleton sequences are (C, T, V, M) = (xyz, frames, joints, persons), batched (N, C, T, V, M), zero-padded after
+# their valid length (the datasets' "length"). skeleton_contrast.py and evaluate.py both use these.
+
+
+def center_on_spine(x):
+    """x (..., C, T, V, M) minus body 0's spine joint (index 1) in every frame, for every present joint: the
+    translation step of 2s-AGCN's pre_normalization, which the authors' NTU arrays went through. Idempotent, so
+    harmless on arrays that are already pre-normalised; absent persons and padding frames stay zero."""
+    if x.shape[-2] < 2:  # no spine joint
+        return x
+    present = (x.abs().sum(dim=-4, keepdim=True) > 0).to(x.dtype)  # (..., 1, T, V, M)
+    return (x - x[..., 1:2, 0:1]) * present
+
+
+def temporal_crop_resize(x, length=None, min_ratio=0.1, out_frames=64, min_length=1, max_ratio=1.0, centre=False):
+    """Temporal crop-resize (Skeleton-Contrast, thesis Eq. 3.3): Interpolate(X[L_start : L_start + L]).
+
+    x (N, C, T, V, M); length (N,) valid frames (padding after them is never used; None = all T).
+    L_ratio ~ U[min_ratio, max_ratio], L = floor(n L_ratio) clamped to [min_length, n]; L_start ~ U{0..n - L}, or
+    (n - L) // 2 with centre=True (the downstream test crop: ratio 0.95, centred). The crop is resampled to
+    out_frames by linear interpolation over time, exactly F.interpolate(mode="bilinear", align_corners=False) on a
+    (1, C V M, L, 1) tensor as the authors' code, for every sequence of the batch at once on x's device.
+    """
+    n, c, t, v, m = x.shape
+    device = x.device
+    valid = torch.full((n,), t, device=device) if length is None else length.to(device).long().clamp(1, t)  # (N,)
+    ratio = torch.empty(n, device=device, dtype=torch.float64).uniform_(min_ratio, max_ratio)  # (N,) L_ratio
+    crop = (valid.double() * ratio).floor().long().clamp(min=min_length).minimum(valid).clamp(min=1)  # (N,) L
+    if centre:
+        start = (valid - crop) // 2  # (N,)
+    else:
+        start = (torch.rand(n, device=device) * (valid - crop + 1)).floor().long()  # (N,) L_start
+    # Source coordinate of each output frame (align_corners=False): (i + 0.5) L / T_out - 0.5, clamped at 0.
+    scale = crop.float() / out_frames  # (N,)
+    position = ((torch.arange(out_frames, device=device).float() + 0.5)[None] * scale[:, None] - 0.5).clamp(min=0)
+    left = position.floor().long().minimum(crop[:, None] - 1)  # (N, T_out)
+    right = (left + 1).minimum(crop[:, None] - 1)  # (N, T_out)
+    weight = (position - left.float()).clamp(max=1.0).to(x.dtype)[:, None, :, None, None]  # (N, 1, T_out, 1, 1)
+
+    def frames(index):  # index (N, T_out) within the crop -> (N, C, T_out, V, M)
+        # Rows of a (N C T, V M) view: index_select copies contiguous rows (~6x faster than gather on CPU).
+        rows = torch.arange(n * c, device=device).view(n, c, 1) * t + (start[:, None] + index)[:, None, :]
+        return x.reshape(n * c * t, v * m).index_select(0, rows.reshape(-1)).view(n, c, out_frames, v, m)
+
+    return torch.lerp(frames(left), frames(right), weight)  # (N, C, T_out, V, M)
+
+
+def draw_skeleton_rows(rows, path, columns=8, cell=96):
+    """rows: list of (title, sequence (C, T, V, M)) -> a PNG with `columns` evenly spaced frames of each row as
+    stick figures (x-y plane, NTU-25 bones, else dots). Pillow only (installed with torchvision)."""
+    from PIL import Image, ImageDraw
+
+    label_width = 120
+    image = Image.new("RGB", (label_width + columns * cell, len(rows) * cell), "white")
+    draw = ImageDraw.Draw(image)
+    colours = [(200, 30, 30), (30, 30, 200)]
+    for row, (title, seq) in enumerate(rows):
+        seq = seq.detach().float().cpu()
+        draw.text((4, row * cell + cell // 2 - 6), title, fill="black")
+        xy = seq[:2]  # (2, T, V, M)
+        present = xy.abs().sum(dim=(0, 1, 2)) > 0  # (M,) persons that are not all-zero padding
+        if not present.any():
+            continue
+        points = xy[..., present]
+        low = points.amin(dim=(1, 2, 3))
+        span = (points.amax(dim=(1, 2, 3)) - low).max().clamp(min=1e-6)  # one scale per row: shear shows
+        times = torch.linspace(0, seq.shape[1] - 1, columns).round().long()
+        for col, t in enumerate(times.tolist()):
+            ox, oy = label_width + col * cell, row * cell
+            draw.rectangle([ox, oy, ox + cell - 1, oy + cell - 1], outline=(220, 220, 220))
+            for person in present.nonzero().flatten().tolist():
+                u = (ox + 4 + (xy[0, t, :, person] - low[0]) / span * (cell - 8)).tolist()
+                w = (oy + cell - 4 - (xy[1, t, :, person] - low[1]) / span * (cell - 8)).tolist()  # y up
+                if seq.shape[2] == 25:
+                    for a, b in _NTU_BONES.tolist():
+                        draw.line([(u[a], w[a]), (u[b], w[b])], fill=colours[person % 2], width=2)
+                for px, py in zip(u, w):
+                    draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill="black")
+    image.save(path)
+    return path
+
+
 # ==================================================================================================== DATASETS
 # build_dataset(name, root, split, ...) -> Dataset of dicts. Parsers turn the official annotation files into a
 # list of (path, label); three small Dataset classes read videos, skeleton arrays or Kinetics-Skeleton JSON.
@@ -1918,21 +2001,77 @@ def toy_skeleton_sample(seed, subject, action, rep, num_frames=64, min_frames=40
     return x, f"S001C{camera:03d}P{subject:03d}R{rep + 1:03d}A{action + 1:03d}", length
 
 
-def make_toy_skeleton(root, seed=0, num_frames=64, subjects=10, train_subjects=7, per_subject=3):
-    """NTU layout: {train,val}_data_joint.npy float32 (N, 3, 64, 25, 2), {train,val}_label.pkl (names, labels),
-    {train,val}_num_frame.npy. Names S001C<view>P<subject>R<rep>A<action>; subjects 1..train_subjects train,
-    the rest val (cross-subject); valid lengths 40..64 frames (see toy_skeleton_sample)."""
+def _toy_extra_bodies(rng, actor, length, two_person):
+    """The NTU quirks a toy sequence may carry besides its actors, as {bodyID: (length, 25, 3)} (zero = not
+    tracked): a still bystander beside single-person actions (15 %, tracked for part of the sequence) and a short
+    ghost body (20 %: 3-8 frames of joints jittering +-5 cm around one point, as Kinect's false detections)."""
+    extra = {}
+    if not two_person and rng.random() < 0.15:
+        side = rng.choice([-1.0, 1.0])
+        where = np.array([side * rng.uniform(1.0, 1.5), -0.9, rng.uniform(3.2, 4.0)])
+        sway = 0.02 * np.sin(np.linspace(0, rng.uniform(2, 6), length))[:, None, None] * np.array([1.0, 0, 0])
+        body = _TOY_REST[None] + where + sway + rng.normal(0, 0.01, (length, 25, 3))
+        start = int(rng.integers(0, length // 2 + 1))
+        body[:start] = 0
+        extra[f"7205759403793{int(rng.integers(1000, 9999))}"] = body
+    if rng.random() < 0.2:
+        span = int(rng.integers(3, 9))
+        start = int(rng.integers(0, length - span + 1))
+        centre = actor[start, 0] + rng.uniform(-0.6, 0.6, 3)
+        body = np.zeros((length, 25, 3))
+        body[start:start + span] = centre + rng.normal(0, 0.05, (span, 25, 3))
+        extra[f"7205759403794{int(rng.integers(1000, 9999))}"] = body
+    return extra
+
+
+def _write_ntu_skeleton_file(path, bodies, length):
+    """bodies {bodyID: (length, 25, 3) camera coordinates, zero where untracked} -> an NTU RGB+D .skeleton text file
+    (per frame: the tracked bodies with the 10 body fields and 25 joint rows of 12 fields; x y z are what readers
+    use, depth/colour pixels are a pinhole projection, orientations 0, tracking state 2)."""
+    lines = [str(length)]
+    for t in range(length):
+        present = [(body_id, b[t]) for body_id, b in bodies.items() if np.any(b[t])]
+        lines.append(str(len(present)))
+        for body_id, joints in present:
+            lines += [f"{body_id} 0 1 1 1 1 0 0.0 0.0 2", "25"]
+            z = np.maximum(joints[:, 2], 0.1)
+            u, v = 256 + 365 * joints[:, 0] / z, 212 - 365 * joints[:, 1] / z  # depth camera 512x424
+            lines += [f"{x:.7f} {y:.7f} {d:.7f} {du:.4f} {dv:.4f} {3.75 * du:.3f} {2.55 * dv:.3f} 0 0 0 0 2"
+                      for (x, y, d), du, dv in zip(joints, u, v)]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def make_toy_skeleton(root, seed=0, max_length=96, subjects=10, train_subjects=7, per_subject=3):
+    """Toy NTU RGB+D, made like the real set: raw nturgb+d_skeletons/S001C<view>P<subject>R<rep>A<action>.skeleton
+    text files, converted by the real `convert_ntu_skeletons` (ntu60-xsub) to {train,val}_data_joint.npy float32
+    (N, 3, 300, 25, 2) zero-padded, {train,val}_label.pkl, {train,val}_num_frame.npy. Valid lengths 40..max_length
+    (toy_skeleton_sample); two-person actions have two bodies; some sequences carry a bystander or a short ghost
+    body (_toy_extra_bodies) that the converter ranks by motion energy like real ones. Subjects 1..train_subjects
+    get NTU-60 cross-subject training IDs, the rest evaluation IDs (the split is the converter's)."""
+    if os.path.exists(os.path.join(root, ".complete")) and not os.path.isdir(os.path.join(root, "nturgb+d_skeletons")):
+        raise UserError(f"{root}: a toy-skeleton made by an older version (64 stored frames, no raw files); "
+                        f"delete the folder to regenerate it")
+    val_ids = [p for p in range(1, 41) if p not in NTU_XSUB_TRAIN]
+    if train_subjects > len(NTU_XSUB_TRAIN) or subjects - train_subjects > len(val_ids):
+        raise ValueError(f"make_toy_skeleton: at most {len(NTU_XSUB_TRAIN)} training subjects, got {train_subjects}")
+    person_ids = list(NTU_XSUB_TRAIN[:train_subjects]) + val_ids[:subjects - train_subjects]
+
     def make(tmp):
-        out = {"train": ([], [], [], []), "val": ([], [], [], [])}
+        raw = os.path.join(tmp, "nturgb+d_skeletons")
+        os.makedirs(raw)
         for subject in range(1, subjects + 1):
             for action in range(len(TOY_SKELETON_ACTIONS)):
                 for rep in range(per_subject):
-                    x, name, length = toy_skeleton_sample(seed, subject, action, rep, num_frames)
-                    lists = out["train" if subject <= train_subjects else "val"]
-                    for lst, value in zip(lists, (x, name, action, length)):
-                        lst.append(value)
-        for split, (arrays, names, labels, lengths) in out.items():
-            _write_ntu_layout(tmp, split, arrays, names, labels, lengths)
+                    x, name, length = toy_skeleton_sample(seed, subject, action, rep, max_length)
+                    actors = x[:, :length].transpose(3, 1, 2, 0).astype(np.float64)  # (2, L, 25, 3)
+                    rng = np.random.default_rng([seed, 7, subject, action, rep])
+                    bodies = {f"72057594037{9270 + m}{subject:02d}{action:02d}": actors[m] for m in range(2)
+                              if np.any(actors[m])}
+                    bodies.update(_toy_extra_bodies(rng, actors[0], length, len(bodies) > 1))
+                    name = f"{name[:8]}P{person_ids[subject - 1]:03d}{name[12:]}"
+                    _write_ntu_skeleton_file(os.path.join(raw, f"{name}.skeleton"), bodies, length)
+        convert_ntu_skeletons(raw, tmp, "ntu60-xsub")
     return _build_once(root, make)
 
 
@@ -2424,7 +2563,7 @@ class BiGRU(nn.Module):
         self.gru = nn.GRU(input_dim, hidden, num_layers=layers, bidirectional=True, batch_first=True)
         self.hidden, self.layers, self.stepwise = hidden, layers, stepwise
         self.feature_dim = 2 * hidden
-        for p in self.gru.parameters():  # xavier-uniform on 2-D weights (skeleton-contrast, reference notes 2.4)
+        for p in self.gru.parameters():  # xavier-uniform on 2-D weights (Skeleton-Contrast code, moco/GRU.py)
             if p.dim() == 2:
                 nn.init.xavier_uniform_(p)
 

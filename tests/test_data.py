@@ -744,24 +744,51 @@ def test_toy_motion_appearance_free_but_motion_learnable(toy_motion):
     assert frame_acc < 0.2  # ... yet stays at chance (1/8) on held-out videos: appearance carries no label
 
 
-def test_toy_skeleton_layout_split_and_determinism(toy_skeleton, tmp_path):
+def test_toy_skeleton_is_stored_like_ntu(toy_skeleton, tmp_path):
+    """toy-skeleton goes through the real NTU path: raw .skeleton files -> convert_ntu_skeletons -> 300 zero-padded
+    frames with varying valid lengths, a second body in two-person actions, and the quirks of real recordings
+    (bystanders, short ghost bodies) that the converter's body ranking has to handle."""
+    raw = os.path.join(toy_skeleton, "nturgb+d_skeletons")
+    assert len([f for f in os.listdir(raw) if f.endswith(".skeleton")]) == 360
     train = common.build_dataset("toy-skeleton", toy_skeleton, "train")
     val = common.build_dataset("toy-skeleton", toy_skeleton, "val")
-    assert train.num_classes == len(common.TOY_SKELETON_ACTIONS) >= 10
-    assert train.data.shape[1:] == (3, 64, 25, 2) and train.data.dtype == np.float32
+    assert train.num_classes == len(common.TOY_SKELETON_ACTIONS) >= 10 and (len(train), len(val)) == (252, 108)
+    assert train.data.shape[1:] == (3, 300, 25, 2) and train.data.dtype == np.float32
     subjects = lambda ds: {n[8:12] for n in ds.sample_names}  # noqa: E731
-    assert subjects(train).isdisjoint(subjects(val)) and len(val) > 0
+    assert subjects(train).isdisjoint(subjects(val)) and len(subjects(train)) == 7
     assert sorted(set(train.labels.tolist())) == list(range(train.num_classes))
-    for i in range(0, len(train), 37):
-        item = train[i]
-        x, length = item["skeleton"].numpy(), int(item["length"])
-        assert 40 <= length <= 64 and np.all(x[:, length:] == 0) and np.all(x[:, :length, :, 0] != 0)
-        two_person = common.TOY_SKELETON_ACTIONS[int(item["label"])] in ("handshake", "high_five")
-        assert bool(np.any(x[..., 1] != 0)) == two_person
-        assert 2.0 < x[2, :length, :, 0].mean() < 4.0  # camera distance in metres, NTU-like
+    data, lengths = np.asarray(train.data), train.lengths
+    assert lengths.min() >= 40 and lengths.max() <= 96 and len(set(lengths.tolist())) > 30  # lengths vary
+    ghosts = bystanders = 0
+    for i in range(len(train)):
+        x, length = data[i], int(lengths[i])
+        assert np.all(x[:, length:] == 0) and np.all(x[:, :length, :, 0] != 0)  # body 0 tracked throughout
+        body1 = int((np.abs(x[..., 1]).sum(axis=(0, 2)) > 0).sum())  # frames with a second body
+        two_person = common.TOY_SKELETON_ACTIONS[int(train.labels[i])] in ("handshake", "high_five")
+        if two_person:
+            assert body1 == length
+        ghosts += 0 < body1 <= 8
+        bystanders += body1 > 8 and not two_person
+        assert 1.5 < x[2, :length, :, 0].mean() < 4.0  # camera distance in metres, NTU-like
+    assert 10 <= ghosts <= 80 and 5 <= bystanders <= 60
+    # The converter ranks the actor first: in single-person actions body 0 stays near the middle of the scene
+    # (bystanders stand >= 1 m aside, ghosts are short).
+    single = [i for i in range(len(train)) if train.labels[i] < 10]
+    assert all(common.TOY_SKELETON_ACTIONS[int(train.labels[i])] not in ("handshake", "high_five") for i in single)
+    hip_x = np.array([np.abs(data[i, 0, :lengths[i], 0, 0]).mean() for i in single])
+    assert (hip_x < 0.8).mean() > 0.97
     again = common.make_toy_skeleton(str(tmp_path / "again"))
     assert np.array_equal(np.load(os.path.join(again, "val_data_joint.npy")),
                           np.load(os.path.join(toy_skeleton, "val_data_joint.npy")))
+
+
+def test_an_old_toy_skeleton_is_refused_not_reused(tmp_path):
+    old = tmp_path / "toy-skeleton"
+    old.mkdir()
+    (old / ".complete").write_text("")
+    np.save(old / "train_data_joint.npy", np.zeros((2, 3, 64, 25, 2), dtype=np.float32))
+    with pytest.raises(common.UserError, match="older version.*delete the folder"):
+        common.build_dataset("toy-skeleton", str(old), "train")
 
 
 def test_toy_skeleton_actions_are_distinguishable(toy_skeleton):
@@ -812,7 +839,7 @@ def test_datasets_pickle_and_collate(toy_skeleton, toy_motion):
     assert clone._data is None and len(pickle.dumps(skel)) < 100_000  # the array is re-opened, not copied
     assert torch.equal(clone[3]["skeleton"], skel[3]["skeleton"])
     batch = next(iter(torch.utils.data.DataLoader(skel, batch_size=4)))
-    assert batch["skeleton"].shape == (4, 3, 64, 25, 2) and batch["label"].dtype == torch.int64
+    assert batch["skeleton"].shape == (4, 3, 300, 25, 2) and batch["label"].dtype == torch.int64
     video = common.build_dataset("toy-motion", toy_motion, "val", clip_len=8, num_clips=2,
                                  transform=lambda item: {"video": common.center_crop(item["video"], 56)})
     batch = next(iter(torch.utils.data.DataLoader(video, batch_size=3)))

@@ -346,17 +346,21 @@ def test_linear_probe_keeps_backbone_weights_and_bn_statistics_fixed():
     assert backbone.training and all(p.requires_grad for p in backbone.parameters())
 
 
-def test_temporal_crop_resize_centre_and_random():
-    x = torch.zeros(3, 100, 25, 2)
+def test_skeleton_transform_crops_within_the_valid_length():
+    """App. A.1 through the dataset's "length": test = 0.95 of the valid frames, centred; train = a random crop of
+    at least `frames` frames; never the zero padding (300 stored frames, 80 valid)."""
+    x = torch.zeros(3, 300, 25, 2)
     x[:, :80] = torch.arange(80, dtype=torch.float32).view(1, 80, 1, 1) + 1  # 80 valid frames, then zero padding
-    centre = ev.temporal_crop_resize(x, 64, 0.95, False, 80)
+    centre = ev.skeleton_transform({"skeleton": x.clone(), "length": torch.tensor(80)}, False, 64, False)["skeleton"]
     assert centre.shape == (3, 64, 25, 2)
     # 0.95 * 80 = 76 frames starting at (80 - 76) // 2 = 2: values 3 .. 78 resampled to 64 steps
     assert centre[0, 0, 0, 0] == pytest.approx(3, abs=0.7) and centre[0, -1, 0, 0] == pytest.approx(78, abs=0.7)
     torch.manual_seed(0)
-    crop = ev.temporal_crop_resize(x, 64, (0.5, 1.0), True, 80)
-    assert crop.shape == (3, 64, 25, 2) and crop.min() >= 1  # never reaches into the zero padding
-    assert torch.all(crop[0, 1:, 0, 0] >= crop[0, :-1, 0, 0])  # time order kept
+    for _ in range(20):
+        crop = ev.skeleton_transform({"skeleton": x.clone(), "length": torch.tensor(80)}, True, 64, False)["skeleton"]
+        assert crop.shape == (3, 64, 25, 2) and crop.min() >= 1  # never reaches into the zero padding
+        assert torch.all(crop[0, 1:, 0, 0] >= crop[0, :-1, 0, 0])  # time order kept
+        assert crop[0, -1, 0, 0] - crop[0, 0, 0, 0] >= 64 - 2  # at least `frames` source frames
 
 
 def test_skelemotion_transform_is_the_image_of_the_centred_cropped_body_0():
@@ -367,7 +371,8 @@ def test_skelemotion_transform_is_the_image_of_the_centred_cropped_body_0():
                                  center=True, skelemotion=True)
     image = item["skeleton"]
     assert image.shape == (6, 32, 49)
-    crop = ev.temporal_crop_resize(ev.center_on_spine(x), 33, 0.95, False, 50)  # frames + 1 poses
+    crop = common.temporal_crop_resize(common.center_on_spine(x)[None], torch.tensor([50]), 0.95, 33, max_ratio=0.95,
+                                       centre=True)[0]  # frames + 1 poses
     assert torch.equal(image, common.skelemotion_image(crop[..., 0], "ntu25", tau=1)[:, :32])
     # every column, the last one included, is real motion of body 0: |p_t - p_{t+1}| of joint 20 (column 1)
     assert common.SKELEMOTION_ORDER["ntu25"][1] == 20
