@@ -417,7 +417,8 @@ def run_script(tmp_path, *flags, timeout=600):
 
 
 def test_two_process_cpu_run_keeps_queues_identical(tmp_path):
-    """--device cpu --gpus 2: two gloo processes, DDP, keys all-gathered into both ranks' queues."""
+    """--device cpu --gpus 2: two gloo processes, DDP, the keys computed under shuffle-BN (batch_shuffle /
+    batch_unshuffle over gloo) and all-gathered into both ranks' queues."""
     stdout, report = run_script(tmp_path, "--device", "cpu", "--gpus", "2", "--max-steps", "3", "--batch-size", "8",
                                 "--representations", "seq,image", "--frames", "16", "--knn-every", "0")
     assert "queues identical on all 2 processes: True" in stdout
