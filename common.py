@@ -1420,7 +1420,9 @@ def read_ntu_skeleton(path, max_bodies=2):
             for _ in range(int(line()[0])):
                 body_id = line()[0]
                 num_joints = int(line()[0])
-                joints = np.array([line()[:3] for _ in range(num_joints)], dtype=np.float32)  # (25, 3)
+                block = " ".join(tokens[pos:pos + num_joints]).split()  # num_joints rows of 12 fields
+                pos += num_joints
+                joints = np.array(block, dtype=np.float32).reshape(num_joints, -1)[:, :3]  # (25, 3) x, y, z
                 bodies.setdefault(body_id, np.zeros((num_frames, 25, 3), dtype=np.float32))[t] = joints[:25]
     except (ValueError, IndexError) as e:
         raise VideoReadError(f"{path}: not an NTU .skeleton file ({type(e).__name__}: {e})") from None
@@ -2036,8 +2038,8 @@ def _write_ntu_skeleton_file(path, bodies, length):
             lines += [f"{body_id} 0 1 1 1 1 0 0.0 0.0 2", "25"]
             z = np.maximum(joints[:, 2], 0.1)
             u, v = 256 + 365 * joints[:, 0] / z, 212 - 365 * joints[:, 1] / z  # depth camera 512x424
-            lines += [f"{x:.7f} {y:.7f} {d:.7f} {du:.4f} {dv:.4f} {3.75 * du:.3f} {2.55 * dv:.3f} 0 0 0 0 2"
-                      for (x, y, d), du, dv in zip(joints, u, v)]
+            rows = np.column_stack([joints, u, v, 3.75 * u, 2.55 * v]).tolist()  # Python floats format ~5x faster
+            lines += ["%.7f %.7f %.7f %.4f %.4f %.3f %.3f 0 0 0 0 2" % tuple(row) for row in rows]
     with open(path, "w") as f:
         f.write("\n".join(lines) + "\n")
 
