@@ -763,6 +763,89 @@ def normalize(x, mean=KINETICS_MEAN, std=KINETICS_STD):
     return (x - mean) / std
 
 
+# ---------------------------------------------------------------------------------------------- skeleton transforms
+# Skeleton sequences are (C, T, V, M) = (xyz, frames, joints, persons), batched (N, C, T, V, M), zero-padded after
+# their valid length (the datasets' "length"). skeleton_contrast.py and evaluate.py both use these.
+
+
+def center_on_spine(x):
+    """x (..., C, T, V, M) minus body 0's spine joint (index 1) in every frame, for every present joint: the
+    translation step of 2s-AGCN's pre_normalization, which the authors' NTU arrays went through. Idempotent, so
+    harmless on arrays that are already pre-normalised; absent persons and padding frames stay zero."""
+    if x.shape[-2] < 2:  # no spine joint
+        return x
+    present = (x.abs().sum(dim=-4, keepdim=True) > 0).to(x.dtype)  # (..., 1, T, V, M)
+    return (x - x[..., 1:2, 0:1]) * present
+
+
+def temporal_crop_resize(x, length=None, min_ratio=0.1, out_frames=64, min_length=1, max_ratio=1.0, centre=False):
+    """Temporal crop-resize (Skeleton-Contrast, thesis Eq. 3.3): Interpolate(X[L_start : L_start + L]).
+
+    x (N, C, T, V, M); length (N,) valid frames (padding after them is never used; None = all T).
+    L_ratio ~ U[min_ratio, max_ratio], L = floor(n L_ratio) clamped to [min_length, n]; L_start ~ U{0..n - L}, or
+    (n - L) // 2 with centre=True (the downstream test crop: ratio 0.95, centred). The crop is resampled to
+    out_frames by linear interpolation over time, exactly F.interpolate(mode="bilinear", align_corners=False) on a
+    (1, C V M, L, 1) tensor as the authors' code, for every sequence of the batch at once on x's device.
+    """
+    n, c, t, v, m = x.shape
+    device = x.device
+    valid = torch.full((n,), t, device=device) if length is None else length.to(device).long().clamp(1, t)  # (N,)
+    ratio = torch.empty(n, device=device, dtype=torch.float64).uniform_(min_ratio, max_ratio)  # (N,) L_ratio
+    crop = (valid.double() * ratio).floor().long().clamp(min=min_length).minimum(valid).clamp(min=1)  # (N,) L
+    if centre:
+        start = (valid - crop) // 2  # (N,)
+    else:
+        start = (torch.rand(n, device=device) * (valid - crop + 1)).floor().long()  # (N,) L_start
+    # Source coordinate of each output frame (align_corners=False): (i + 0.5) L / T_out - 0.5, clamped at 0.
+    scale = crop.float() / out_frames  # (N,)
+    position = ((torch.arange(out_frames, device=device).float() + 0.5)[None] * scale[:, None] - 0.5).clamp(min=0)
+    left = position.floor().long().minimum(crop[:, None] - 1)  # (N, T_out)
+    right = (left + 1).minimum(crop[:, None] - 1)  # (N, T_out)
+    weight = (position - left.float()).clamp(max=1.0).to(x.dtype)[:, None, :, None, None]  # (N, 1, T_out, 1, 1)
+
+    def frames(index):  # index (N, T_out) within the crop -> (N, C, T_out, V, M)
+        # Rows of a (N C T, V M) view: index_select copies contiguous rows (~6x faster than gather on CPU).
+        rows = torch.arange(n * c, device=device).view(n, c, 1) * t + (start[:, None] + index)[:, None, :]
+        return x.reshape(n * c * t, v * m).index_select(0, rows.reshape(-1)).view(n, c, out_frames, v, m)
+
+    return torch.lerp(frames(left), frames(right), weight)  # (N, C, T_out, V, M)
+
+
+def draw_skeleton_rows(rows, path, columns=8, cell=96):
+    """rows: list of (title, sequence (C, T, V, M)) -> a PNG with `columns` evenly spaced frames of each row as
+    stick figures (x-y plane, NTU-25 bones, else dots). Pillow only (installed with torchvision)."""
+    from PIL import Image, ImageDraw
+
+    label_width = 120
+    image = Image.new("RGB", (label_width + columns * cell, len(rows) * cell), "white")
+    draw = ImageDraw.Draw(image)
+    colours = [(200, 30, 30), (30, 30, 200)]
+    for row, (title, seq) in enumerate(rows):
+        seq = seq.detach().float().cpu()
+        draw.text((4, row * cell + cell // 2 - 6), title, fill="black")
+        xy = seq[:2]  # (2, T, V, M)
+        present = xy.abs().sum(dim=(0, 1, 2)) > 0  # (M,) persons that are not all-zero padding
+        if not present.any():
+            continue
+        points = xy[..., present]
+        low = points.amin(dim=(1, 2, 3))
+        span = (points.amax(dim=(1, 2, 3)) - low).max().clamp(min=1e-6)  # one scale per row: shear shows
+        times = torch.linspace(0, seq.shape[1] - 1, columns).round().long()
+        for col, t in enumerate(times.tolist()):
+            ox, oy = label_width + col * cell, row * cell
+            draw.rectangle([ox, oy, ox + cell - 1, oy + cell - 1], outline=(220, 220, 220))
+            for person in present.nonzero().flatten().tolist():
+                u = (ox + 4 + (xy[0, t, :, person] - low[0]) / span * (cell - 8)).tolist()
+                w = (oy + cell - 4 - (xy[1, t, :, person] - low[1]) / span * (cell - 8)).tolist()  # y up
+                if seq.shape[2] == 25:
+                    for a, b in _NTU_BONES.tolist():
+                        draw.line([(u[a], w[a]), (u[b], w[b])], fill=colours[person % 2], width=2)
+                for px, py in zip(u, w):
+                    draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill="black")
+    image.save(path)
+    return path
+
+
 # ==================================================================================================== DATASETS
 # build_dataset(name, root, split, ...) -> Dataset of dicts. Parsers turn the official annotation files into a
 # list of (path, label); three small Dataset classes read videos, skeleton arrays or Kinetics-Skeleton JSON.
@@ -1120,6 +1203,12 @@ class VideoDataset(torch.utils.data.Dataset):
         return _load_or_replace(self, index, self._load)
 
 
+def _last_nonzero_frame(x):
+    """x (C, T, V, M) -> valid length: 1 + the last frame with any non-zero coordinate (0 if none)."""
+    nonzero = np.flatnonzero(np.abs(x).sum(axis=(0, 2, 3)) > 0)
+    return int(nonzero[-1]) + 1 if len(nonzero) else 0
+
+
 class SkeletonDataset(torch.utils.data.Dataset):
     """NTU layout: data (N, 3, T, V, M) float32 (memory-mapped), labels, optional valid lengths ->
     {"skeleton": float32 (C, T, V, M), "label", "index", "length"}; the whole sequence, zero-padded as stored."""
@@ -1167,16 +1256,13 @@ class SkeletonDataset(torch.utils.data.Dataset):
         x = np.array(self.data[j], dtype=np.float32)  # (C, T, V, M), copied out of the memory map
         if not np.isfinite(x).all():
             raise ValueError("non-finite coordinates")
-        if self.lengths is not None:
-            length = int(self.lengths[j])
-        else:
-            nonzero = np.flatnonzero(np.abs(x).sum(axis=(0, 2, 3)) > 0)
-            length = int(nonzero[-1]) + 1 if len(nonzero) else 0
-        item = {"skeleton": torch.from_numpy(x)}
+        length = int(self.lengths[j]) if self.lengths is not None else _last_nonzero_frame(x)
+        # "length" (valid frames; the rest is zero padding) is the one key every consumer reads; the transform
+        # sees it too (evaluate.py crops within it).
+        item = {"skeleton": torch.from_numpy(x), "length": torch.tensor(length, dtype=torch.int64)}
         if self.transform is not None:
             item = self.transform(item)
-        item.update(label=torch.tensor(self.labels[j]), index=torch.tensor(i, dtype=torch.int64),
-                    length=torch.tensor(length, dtype=torch.int64))
+        item.update(label=torch.tensor(self.labels[j]), index=torch.tensor(i, dtype=torch.int64))
         return item
 
     def __getitem__(self, index):
@@ -1214,7 +1300,8 @@ def read_kinetics_skeleton_json(path, max_frames=300, people_in=5, people_out=2)
 
 class KineticsSkeletonDataset(torch.utils.data.Dataset):
     """root/kinetics_{train,val}/<id>.json + root/kinetics_{train,val}_label.json ({id: {has_skeleton, label,
-    label_index}}) -> {"skeleton": (3, 300, 18, 2), "label", "index"}; clips without skeleton are left out."""
+    label_index}}) -> {"skeleton": (3, 300, 18, 2), "length", "label", "index"}; clips without skeleton are left
+    out."""
 
     def __init__(self, root, split, transform=None, strict=False, bad_files_path=None, max_frames=300):
         import json
@@ -1239,7 +1326,7 @@ class KineticsSkeletonDataset(torch.utils.data.Dataset):
     def _load(self, i):
         path, label = self.samples[i]
         x, _ = read_kinetics_skeleton_json(path, self.max_frames)
-        item = {"skeleton": torch.from_numpy(x)}
+        item = {"skeleton": torch.from_numpy(x), "length": torch.tensor(_last_nonzero_frame(x), dtype=torch.int64)}
         if self.transform is not None:
             item = self.transform(item)
         item.update(label=torch.tensor(label), index=torch.tensor(i, dtype=torch.int64))
@@ -1336,8 +1423,10 @@ class PairedDataset(torch.utils.data.Dataset):
 
 def read_ntu_skeleton(path, max_bodies=2):
     """Raw NTU RGB+D .skeleton text -> float32 (3, T, 25, max_bodies) x, y, z in metres. Bodies are tracked by
-    bodyID and the max_bodies most active (largest summed std of the non-zero joint coordinates, as 2s-AGCN's
-    get_nonzero_std) are kept, most active first; absent bodies are zero."""
+    bodyID; the max_bodies with the largest motion energy of 2s-AGCN's `get_nonzero_std` (see ntu_body_energy)
+    are kept, most energetic first; absent bodies are zero. (2s-AGCN indexes bodies by their position in each
+    frame's list, at most 4, so a body that another one precedes in some frames is split over two slots; here a
+    body is one bodyID, which is what the energy is meant to rank.)"""
     try:
         with open(path) as f:
             tokens = f.read().split("\n")
@@ -1353,44 +1442,67 @@ def read_ntu_skeleton(path, max_bodies=2):
             for _ in range(int(line()[0])):
                 body_id = line()[0]
                 num_joints = int(line()[0])
-                joints = np.array([line()[:3] for _ in range(num_joints)], dtype=np.float32)  # (25, 3)
+                block = " ".join(tokens[pos:pos + num_joints]).split()  # num_joints rows of 12 fields
+                pos += num_joints
+                joints = np.array(block, dtype=np.float32).reshape(num_joints, -1)[:, :3]  # (25, 3) x, y, z
                 bodies.setdefault(body_id, np.zeros((num_frames, 25, 3), dtype=np.float32))[t] = joints[:25]
     except (ValueError, IndexError) as e:
         raise VideoReadError(f"{path}: not an NTU .skeleton file ({type(e).__name__}: {e})") from None
     out = np.zeros((3, num_frames, 25, max_bodies), dtype=np.float32)
-
-    def activity(b):
-        valid = b[np.abs(b).sum(axis=(1, 2)) != 0]  # (T', 25, 3)
-        return valid.reshape(len(valid), -1).std(axis=0).sum() if len(valid) > 1 else 0.0
-    ranked = sorted(bodies.values(), key=activity, reverse=True)
+    ranked = sorted(bodies.values(), key=ntu_body_energy, reverse=True)  # stable: ties keep file order
     for m, b in enumerate(ranked[:max_bodies]):
         out[:, :, :, m] = b.transpose(2, 0, 1)
     return out
 
 
-def _rotation_to(a, b):
-    """Rotation matrix turning vector a onto vector b (Rodrigues)."""
-    a, b = a / (np.linalg.norm(a) + 1e-8), b / (np.linalg.norm(b) + 1e-8)
-    v, c = np.cross(a, b), float(np.dot(a, b))
-    if np.linalg.norm(v) < 1e-8:
-        return np.eye(3) if c > 0 else -np.eye(3)
-    k = np.array([[0, -v[2], v[1]], [v[2], 0, -v[0]], [-v[1], v[0], 0]])
-    return np.eye(3) + k + k @ k * (1 - c) / (np.linalg.norm(v) ** 2)
+def ntu_body_energy(body):
+    """2s-AGCN `get_nonzero_std`: body (T, 25, 3) -> std of x + std of y + std of z, each over all joints of the
+    valid frames (coordinate sum != 0), in float64. Spatial spread counts, so a still person (about 0.5 m of
+    spread) outranks a briefly tracked, jittering noise body (a few centimetres)."""
+    body = np.asarray(body, dtype=np.float64)
+    valid = body[body.sum(axis=(1, 2)) != 0]  # (T', 25, 3)
+    return float(sum(valid[:, :, axis].std() for axis in range(3))) if len(valid) else 0.0
+
+
+def _rotation_about(axis, theta):
+    """2s-AGCN `rotation_matrix`: counter-clockwise rotation by theta about axis; identity when either is ~0."""
+    axis = np.asarray(axis, dtype=np.float64)
+    if np.abs(axis).sum() < 1e-6 or abs(theta) < 1e-6:
+        return np.eye(3)
+    k = axis / np.linalg.norm(axis)
+    cross = np.array([[0, -k[2], k[1]], [k[2], 0, -k[0]], [-k[1], k[0], 0]])
+    return np.eye(3) + np.sin(theta) * cross + (1 - np.cos(theta)) * cross @ cross  # Rodrigues
+
+
+def _align_to(vector, target):
+    """2s-AGCN: the rotation about vector x target by the angle between them (turns vector onto target)."""
+    unit = vector / (np.linalg.norm(vector) + 1e-12)
+    angle = np.arccos(np.clip(np.dot(unit, target), -1.0, 1.0))
+    return _rotation_about(np.cross(vector, target), angle)
 
 
 def ntu_pre_normalize(x):
-    """2s-AGCN pre_normalization on (3, T, 25, M): subtract the spine-middle joint (1) of the first body per
-    frame, rotate so hip(0)->spine(1) of the first frame is parallel to z, then right(8)->left(4) shoulder to x.
-    (2s-AGCN also pads null frames by repetition; here padding stays zero, the valid length is stored.)"""
-    x = x.copy()
-    mask = np.abs(x).sum(0, keepdims=True) != 0  # (1, T, 25, M) valid joints
-    x = np.where(mask, x - x[:, :, 1:2, 0:1], 0.0)
-    first = x[:, 0, :, 0]  # (3, 25)
-    for a, b, axis in ((0, 1, np.array([0.0, 0.0, 1.0])), (8, 4, np.array([1.0, 0.0, 0.0]))):
-        rot = _rotation_to(first[:, b] - first[:, a], axis)
-        x = np.einsum("ij,jtvm->itvm", rot, x).astype(np.float32)
-        first = x[:, 0, :, 0]
-    return np.where(mask, x, 0.0).astype(np.float32)
+    """2s-AGCN `pre_normalization` on one sequence (3, T, 25, M), in its order: (1) a body whose first frame is
+    empty gets its non-empty frames moved to the start; (2) subtract body 0's spine-middle joint (1) per frame
+    from every present joint; (3) rotate so that hip(0)->spine(1) of body 0 in frame 0 is parallel to +z, then
+    (4) left(4)->right(8) shoulder parallel to +x. Difference: 2s-AGCN then fills the empty tail by repeating the
+    sequence; here it stays zero and the converter stores the valid length. 2s-AGCN has no other noise filter."""
+    s = np.asarray(x, dtype=np.float64).transpose(3, 1, 2, 0).copy()  # (M, T, 25, 3) as 2s-AGCN
+    if s.sum() == 0:
+        return np.asarray(x, dtype=np.float32).copy()
+    for person in s:  # (1): move the valid frames to the start, or the rotation would read an empty frame 0
+        if person.sum() != 0 and person[0].sum() == 0:
+            valid = person[person.sum(axis=(1, 2)) != 0]
+            person[:] = 0
+            person[:len(valid)] = valid
+    center = s[0, :, 1:2, :].copy()  # (T, 1, 3) body 0's spine joint per frame
+    for m in range(len(s)):  # (2)
+        if s[m].sum() != 0:
+            s[m] = (s[m] - center) * (s[m].sum(-1, keepdims=True) != 0)
+    for bottom, top, target in ((0, 1, (0.0, 0.0, 1.0)), (4, 8, (1.0, 0.0, 0.0))):  # (3), (4)
+        rotation = _align_to(s[0, 0, top] - s[0, 0, bottom], np.array(target))
+        s = s @ rotation.T  # every joint p -> R p; zero joints stay zero
+    return s.transpose(3, 1, 2, 0).astype(np.float32)
 
 
 def _write_ntu_layout(out_dir, split, arrays, names, labels, lengths):
@@ -1434,7 +1546,8 @@ def convert_ntu_skeletons(raw_dir, out_dir, benchmark="ntu60-xsub", max_frames=3
         x = read_ntu_skeleton(os.path.join(raw_dir, f))
         if pre_normalize:
             x = ntu_pre_normalize(x)
-        x, length = _fit_frames(x, max_frames)
+        x, _ = _fit_frames(x, max_frames)
+        length = _last_nonzero_frame(x)  # frames after the last tracked body are padding, as the stored zeros
         lists = out["train" if train else "val"]
         for lst, value in zip(lists, (x, name, action - 1, length)):
             lst.append(value)
@@ -1912,21 +2025,77 @@ def toy_skeleton_sample(seed, subject, action, rep, num_frames=64, min_frames=40
     return x, f"S001C{camera:03d}P{subject:03d}R{rep + 1:03d}A{action + 1:03d}", length
 
 
-def make_toy_skeleton(root, seed=0, num_frames=64, subjects=10, train_subjects=7, per_subject=3):
-    """NTU layout: {train,val}_data_joint.npy float32 (N, 3, 64, 25, 2), {train,val}_label.pkl (names, labels),
-    {train,val}_num_frame.npy. Names S001C<view>P<subject>R<rep>A<action>; subjects 1..train_subjects train,
-    the rest val (cross-subject); valid lengths 40..64 frames (see toy_skeleton_sample)."""
+def _toy_extra_bodies(rng, actor, length, two_person):
+    """The NTU quirks a toy sequence may carry besides its actors, as {bodyID: (length, 25, 3)} (zero = not
+    tracked): a still bystander beside single-person actions (15 %, tracked for part of the sequence) and a short
+    ghost body (20 %: 3-8 frames of joints jittering +-5 cm around one point, as Kinect's false detections)."""
+    extra = {}
+    if not two_person and rng.random() < 0.15:
+        side = rng.choice([-1.0, 1.0])
+        where = np.array([side * rng.uniform(1.0, 1.5), -0.9, rng.uniform(3.2, 4.0)])
+        sway = 0.02 * np.sin(np.linspace(0, rng.uniform(2, 6), length))[:, None, None] * np.array([1.0, 0, 0])
+        body = _TOY_REST[None] + where + sway + rng.normal(0, 0.01, (length, 25, 3))
+        start = int(rng.integers(0, length // 2 + 1))
+        body[:start] = 0
+        extra[f"7205759403793{int(rng.integers(1000, 9999))}"] = body
+    if rng.random() < 0.2:
+        span = int(rng.integers(3, 9))
+        start = int(rng.integers(0, length - span + 1))
+        centre = actor[start, 0] + rng.uniform(-0.6, 0.6, 3)
+        body = np.zeros((length, 25, 3))
+        body[start:start + span] = centre + rng.normal(0, 0.05, (span, 25, 3))
+        extra[f"7205759403794{int(rng.integers(1000, 9999))}"] = body
+    return extra
+
+
+def _write_ntu_skeleton_file(path, bodies, length):
+    """bodies {bodyID: (length, 25, 3) camera coordinates, zero where untracked} -> an NTU RGB+D .skeleton text file
+    (per frame: the tracked bodies with the 10 body fields and 25 joint rows of 12 fields; x y z are what readers
+    use, depth/colour pixels are a pinhole projection, orientations 0, tracking state 2)."""
+    lines = [str(length)]
+    for t in range(length):
+        present = [(body_id, b[t]) for body_id, b in bodies.items() if np.any(b[t])]
+        lines.append(str(len(present)))
+        for body_id, joints in present:
+            lines += [f"{body_id} 0 1 1 1 1 0 0.0 0.0 2", "25"]
+            z = np.maximum(joints[:, 2], 0.1)
+            u, v = 256 + 365 * joints[:, 0] / z, 212 - 365 * joints[:, 1] / z  # depth camera 512x424
+            rows = np.column_stack([joints, u, v, 3.75 * u, 2.55 * v]).tolist()  # Python floats format ~5x faster
+            lines += ["%.7f %.7f %.7f %.4f %.4f %.3f %.3f 0 0 0 0 2" % tuple(row) for row in rows]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+def make_toy_skeleton(root, seed=0, max_length=96, subjects=10, train_subjects=7, per_subject=3):
+    """Toy NTU RGB+D, made like the real set: raw nturgb+d_skeletons/S001C<view>P<subject>R<rep>A<action>.skeleton
+    text files, converted by the real `convert_ntu_skeletons` (ntu60-xsub) to {train,val}_data_joint.npy float32
+    (N, 3, 300, 25, 2) zero-padded, {train,val}_label.pkl, {train,val}_num_frame.npy. Valid lengths 40..max_length
+    (toy_skeleton_sample); two-person actions have two bodies; some sequences carry a bystander or a short ghost
+    body (_toy_extra_bodies) that the converter ranks by motion energy like real ones. Subjects 1..train_subjects
+    get NTU-60 cross-subject training IDs, the rest evaluation IDs (the split is the converter's)."""
+    if os.path.exists(os.path.join(root, ".complete")) and not os.path.isdir(os.path.join(root, "nturgb+d_skeletons")):
+        raise UserError(f"{root}: a toy-skeleton made by an older version (64 stored frames, no raw files); "
+                        f"delete the folder to regenerate it")
+    val_ids = [p for p in range(1, 41) if p not in NTU_XSUB_TRAIN]
+    if train_subjects > len(NTU_XSUB_TRAIN) or subjects - train_subjects > len(val_ids):
+        raise ValueError(f"make_toy_skeleton: at most {len(NTU_XSUB_TRAIN)} training subjects, got {train_subjects}")
+    person_ids = list(NTU_XSUB_TRAIN[:train_subjects]) + val_ids[:subjects - train_subjects]
+
     def make(tmp):
-        out = {"train": ([], [], [], []), "val": ([], [], [], [])}
+        raw = os.path.join(tmp, "nturgb+d_skeletons")
+        os.makedirs(raw)
         for subject in range(1, subjects + 1):
             for action in range(len(TOY_SKELETON_ACTIONS)):
                 for rep in range(per_subject):
-                    x, name, length = toy_skeleton_sample(seed, subject, action, rep, num_frames)
-                    lists = out["train" if subject <= train_subjects else "val"]
-                    for lst, value in zip(lists, (x, name, action, length)):
-                        lst.append(value)
-        for split, (arrays, names, labels, lengths) in out.items():
-            _write_ntu_layout(tmp, split, arrays, names, labels, lengths)
+                    x, name, length = toy_skeleton_sample(seed, subject, action, rep, max_length)
+                    actors = x[:, :length].transpose(3, 1, 2, 0).astype(np.float64)  # (2, L, 25, 3)
+                    rng = np.random.default_rng([seed, 7, subject, action, rep])
+                    bodies = {f"72057594037{9270 + m}{subject:02d}{action:02d}": actors[m] for m in range(2)
+                              if np.any(actors[m])}
+                    bodies.update(_toy_extra_bodies(rng, actors[0], length, len(bodies) > 1))
+                    name = f"{name[:8]}P{person_ids[subject - 1]:03d}{name[12:]}"
+                    _write_ntu_skeleton_file(os.path.join(raw, f"{name}.skeleton"), bodies, length)
+        convert_ntu_skeletons(raw, tmp, "ntu60-xsub")
     return _build_once(root, make)
 
 
@@ -2418,7 +2587,7 @@ class BiGRU(nn.Module):
         self.gru = nn.GRU(input_dim, hidden, num_layers=layers, bidirectional=True, batch_first=True)
         self.hidden, self.layers, self.stepwise = hidden, layers, stepwise
         self.feature_dim = 2 * hidden
-        for p in self.gru.parameters():  # xavier-uniform on 2-D weights (skeleton-contrast moco/GRU.py)
+        for p in self.gru.parameters():  # xavier-uniform on 2-D weights (Skeleton-Contrast code, moco/GRU.py)
             if p.dim() == 2:
                 nn.init.xavier_uniform_(p)
 

@@ -616,44 +616,22 @@ def video_transform(item, train, crop, short_side, crop_scale=(0.08, 1.0), flip=
     return item
 
 
-def temporal_crop_resize(x, frames, ratio, random_start):
-    """Skeleton crop of App. A.1 (skeleton-contrast augmentations.py `crop_subsequence`): from the valid (non-zero)
-    n frames of x (C, T, V, M) take L frames, L = n * ratio (random: ratio ~ U(ratio), L >= frames where possible,
-    random start; test: ratio 0.95, centred), and resample them to `frames` steps (bilinear over time)."""
-    c, t, v, m = x.shape
-    nonzero = torch.nonzero(x.abs().sum(dim=(0, 2, 3)) > 0)
-    n = int(nonzero[-1]) + 1 if len(nonzero) else t
-    if random_start:
-        r = ratio[0] + (ratio[1] - ratio[0]) * torch.rand(()).item()
-        length = min(max(int(n * r), frames), n)
-        start = int(torch.randint(0, n - length + 1, ()))
-    else:
-        length = max(int(n * ratio), 1)
-        start = (n - length) // 2
-    crop = x[:, start:start + length].permute(0, 2, 3, 1).reshape(1, c * v * m, length, 1)  # (1, C*V*M, L, 1)
-    crop = F.interpolate(crop, size=(frames, 1), mode="bilinear", align_corners=False)  # (1, C*V*M, frames, 1)
-    return crop.reshape(c, v, m, frames).permute(0, 3, 1, 2).contiguous()  # (C, frames, V, M)
-
-
-def center_on_spine(x):
-    """x (C, T, V, M) minus body 0's spine joint (index 1) in every frame, for every present joint: the translation
-    step of 2s-AGCN's pre_normalization, which skeleton_contrast.py applies before pretraining (same function).
-    Idempotent, so harmless on arrays that are already pre-normalised; zero persons and padding stay zero."""
-    if x.shape[2] > 1:
-        present = (x.abs().sum(dim=0, keepdim=True) > 0).to(x.dtype)  # (1, T, V, M)
-        x = (x - x[:, :, 1:2, 0:1]) * present
-    return x
-
-
 def skeleton_transform(item, train, frames, center, skelemotion=False):
     """Centre, then crop (App. A.1) to (C, frames, V, M). skelemotion=True (--arch skelemotion_cnn): body 0 of the
     crop as a SkeleMotion image (6, frames, 49) (`common.skelemotion_image`, tau = 1, NTU-25 chaining), the input
     of P-HLVC's SkeleMotion CNN. P-HLVC forwards every present body separately; we keep body 0, as the crop and the
     centring are anchored on it (the second person of two-person actions is dropped)."""
-    x = center_on_spine(item["skeleton"].float()) if center else item["skeleton"].float()  # (C, T, V, M)
-    ratio = (0.5, 1.0) if train else 0.95
+    x = item["skeleton"].float()  # (C, T, V, M), zero-padded after item["length"] frames
+    x = common.center_on_spine(x) if center else x
+
+    def crop(out_frames):  # App. A.1 (authors' `crop_subsequence`): train L_ratio ~ U[0.5, 1], L >= out_frames
+        # where the sequence is that long, random start; test L_ratio 0.95, centred. -> (C, out_frames, V, M)
+        options = dict(min_ratio=0.5, min_length=out_frames) if train else dict(min_ratio=0.95, max_ratio=0.95,
+                                                                                   centre=True)
+        return common.temporal_crop_resize(x[None], item["length"].view(1), out_frames=out_frames, **options)[0]
+
     if not skelemotion:
-        item["skeleton"] = temporal_crop_resize(x, frames, ratio, random_start=train)
+        item["skeleton"] = crop(frames)
         return item
     c, _, v, _ = x.shape
     if (c, v) != (3, 25):  # RuntimeError: the dataset's ValueError handler would take it for an unreadable file
@@ -662,8 +640,8 @@ def skeleton_transform(item, train, frames, center, skelemotion=False):
     # d_t = p_t - p_{t+1} needs the next pose, so T poses give T - 1 motion columns (skelemotion_image leaves the
     # last column as "no motion"): crop frames + 1 poses and keep the first `frames` columns, so the image is
     # exactly as long as the CNN's `frames` option (resolve_args sets --frames to it).
-    crop = temporal_crop_resize(x, frames + 1, ratio, random_start=train)  # (C, frames + 1, V, M)
-    item["skeleton"] = common.skelemotion_image(crop[..., 0], "ntu25", tau=1)[:, :frames]  # (6, frames, 49)
+    poses = crop(frames + 1)  # (C, frames + 1, V, M)
+    item["skeleton"] = common.skelemotion_image(poses[..., 0], "ntu25", tau=1)[:, :frames]  # (6, frames, 49)
     return item
 
 

@@ -400,11 +400,123 @@ def test_ntu_raw_skeleton_converter(tmp_path):
     assert item["skeleton"].shape == (3, 8, 25, 2) and int(item["label"]) == 12 and int(item["length"]) == 2
     assert ds.sample_names == ["S001C002P003R002A013"]
     norm = common.ntu_pre_normalize(x)
-    shoulders = norm[:, 0, 4, 0] - norm[:, 0, 8, 0]
+    shoulders = norm[:, 0, 8, 0] - norm[:, 0, 4, 0]
     assert np.allclose(norm[:, :, 1, 0], 0, atol=1e-5)  # centred on the spine joint of body 0
-    assert abs(shoulders[1]) < 1e-4 and abs(shoulders[2]) < 1e-4 and shoulders[0] > 0  # last rotation: -> +x
+    assert abs(shoulders[1]) < 1e-4 and abs(shoulders[2]) < 1e-4 and shoulders[0] > 0  # left -> right: +x
     assert np.allclose(np.linalg.norm(norm[:, :, :, 0] - norm[:, :, 1:2, 0], axis=0),
                        np.linalg.norm(x[:, :, :, 0] - x[:, :, 1:2, 0], axis=0), atol=1e-4)  # rigid motion
+
+
+def _standing_person(rng, frames, offset=(0.0, 0.0, 3.0), noise=0.005):
+    """A still person (25 joints spread over ~1.7 m, camera coordinates) with sensor noise, (T, 25, 3)."""
+    rest = common._TOY_REST + np.asarray(offset)
+    return rest[None] + rng.normal(0, noise, (frames, 25, 3))
+
+
+def test_ntu_converter_keeps_the_real_person_not_a_jittering_noise_body(tmp_path):
+    """NTU files carry short, jittering ghost bodies. 2s-AGCN's get_nonzero_std (per-axis std over the valid
+    frames, spatial spread included) ranks a still real person above one; the old temporal-std-only ranking put
+    the ghost in body 0."""
+    rng = np.random.default_rng(0)
+    person = _standing_person(rng, 60)
+    ghost = 0.4 + rng.normal(0, 0.05, (6, 25, 3))  # 6 frames, joints jittering +-5 cm around one point
+    frames = [[("72057594037927937", person[t])] + ([("72057594037927990", ghost[t - 20])] if 20 <= t < 26 else [])
+              for t in range(60)]
+    raw = tmp_path / "nturgb+d_skeletons"
+    raw.mkdir()
+    _write_ntu_skeleton(raw / "S001C001P001R001A001.skeleton", frames)
+    x = common.read_ntu_skeleton(str(raw / "S001C001P001R001A001.skeleton"))
+    assert np.allclose(x[:, :, :, 0].transpose(1, 2, 0), person, atol=1e-5)  # the person is body 0
+    assert np.abs(x[:, 20:26, :, 1]).sum() > 0 and np.all(x[:, :20, :, 1] == 0)  # the ghost is body 1
+    assert common.ntu_body_energy(person) > common.ntu_body_energy(ghost)
+    body = rng.normal(size=(7, 25, 3))
+    body[[0, 3]] = 0  # empty frames do not count
+    expected = sum(body[[1, 2, 4, 5, 6], :, axis].std() for axis in range(3))  # 2s-AGCN, written out
+    assert common.ntu_body_energy(body) == pytest.approx(expected)
+
+
+def _pre_normalization_2s_agcn(data):
+    """2s-AGCN data_gen/preprocess.py pre_normalization, transcribed loop for loop (N, C, T, V, M), except the
+    final repetition padding of empty frames (our converter keeps zero padding and stores the length)."""
+    s = np.transpose(data, [0, 4, 2, 3, 1]).astype(np.float64)  # N, M, T, V, C
+
+    def rotation_matrix(axis, theta):
+        if np.abs(axis).sum() < 1e-6 or np.abs(theta) < 1e-6:
+            return np.eye(3)
+        axis = np.asarray(axis) / np.sqrt(np.dot(axis, axis))
+        a = np.cos(theta / 2.0)
+        b, c, d = -axis * np.sin(theta / 2.0)
+        aa, bb, cc, dd = a * a, b * b, c * c, d * d
+        bc, ad, ac, ab, bd, cd = b * c, a * d, a * c, a * b, b * d, c * d
+        return np.array([[aa + bb - cc - dd, 2 * (bc + ad), 2 * (bd - ac)],
+                         [2 * (bc - ad), aa + cc - bb - dd, 2 * (cd + ab)],
+                         [2 * (bd + ac), 2 * (cd - ab), aa + dd - bb - cc]])
+
+    def angle_between(v1, v2):
+        v1, v2 = v1 / np.linalg.norm(v1), np.asarray(v2) / np.linalg.norm(v2)
+        return np.arccos(np.clip(np.dot(v1, v2), -1.0, 1.0))
+
+    for skeleton in s:
+        for person in skeleton:
+            if person.sum() == 0:
+                continue
+            if person[0].sum() == 0:
+                index = person.sum(-1).sum(-1) != 0
+                tmp = person[index].copy()
+                person *= 0
+                person[:len(tmp)] = tmp
+    for i_s, skeleton in enumerate(s):
+        if skeleton.sum() == 0:
+            continue
+        main_body_center = skeleton[0][:, 1:2, :].copy()
+        for i_p, person in enumerate(skeleton):
+            if person.sum() == 0:
+                continue
+            mask = (person.sum(-1) != 0).reshape(person.shape[0], person.shape[1], 1)
+            s[i_s, i_p] = (s[i_s, i_p] - main_body_center) * mask
+    for (first, second), target in (((0, 1), [0, 0, 1]), ((8, 4), [1, 0, 0])):
+        for i_s, skeleton in enumerate(s):
+            if skeleton.sum() == 0:
+                continue
+            if target[2]:  # z: joint_top (1) - joint_bottom (0)
+                v = skeleton[0, 0, second] - skeleton[0, 0, first]
+            else:  # x: joint_rshoulder (8) - joint_lshoulder (4)
+                v = skeleton[0, 0, first] - skeleton[0, 0, second]
+            matrix = rotation_matrix(np.cross(v, target), angle_between(v, target))
+            for i_p, person in enumerate(skeleton):
+                if person.sum() == 0:
+                    continue
+                for i_f, frame in enumerate(person):
+                    if frame.sum() == 0:
+                        continue
+                    for i_j, joint in enumerate(frame):
+                        s[i_s, i_p, i_f, i_j] = np.dot(matrix, joint)
+    return np.transpose(s, [0, 4, 2, 3, 1])
+
+
+def test_ntu_pre_normalize_matches_2s_agcn_and_rotates_sequences_that_start_empty(tmp_path):
+    rng = np.random.default_rng(1)
+    turn = np.array([[np.cos(0.7), 0, np.sin(0.7)], [0, 1, 0], [-np.sin(0.7), 0, np.cos(0.7)]])  # about y
+    a, b = _standing_person(rng, 30) @ turn.T, _standing_person(rng, 30, (0.9, 0.1, 3.2)) @ turn.T
+    x = np.zeros((3, 40, 25, 2), dtype=np.float32)
+    x[:, 8:38, :, 0] = a.transpose(2, 0, 1)  # the first 8 frames are empty (the body is not yet tracked)
+    x[:, 5:35, :, 1] = b.transpose(2, 0, 1)
+    norm = common.ntu_pre_normalize(x)
+    np.testing.assert_allclose(norm, _pre_normalization_2s_agcn(x[None])[0], atol=1e-5)
+    assert np.all(norm[:, 30:, :, 0] == 0) and np.all(np.abs(norm[:, :30, :, 0]).sum(axis=(0, 2)) > 0)  # moved
+    spine = norm[:, 0, 1, 0] - norm[:, 0, 0, 0]
+    shoulders = norm[:, 0, 8, 0] - norm[:, 0, 4, 0]
+    assert spine[2] > 0.95 * np.linalg.norm(spine)  # hip -> spine along +z (the x rotation tilts it a little)
+    assert abs(shoulders[1]) < 1e-4 and abs(shoulders[2]) < 1e-4 and shoulders[0] > 0  # left -> right along +x
+    # Through the converter: the valid length ends with the last tracked frame (the moved body 0 ends at 30).
+    raw = tmp_path / "nturgb+d_skeletons"
+    raw.mkdir()
+    frames = [[("1", x[:, t, :, 0].T)] * bool(np.abs(x[:, t, :, 0]).sum()) for t in range(40)]
+    _write_ntu_skeleton(raw / "S001C001P001R001A001.skeleton", frames)
+    common.convert_ntu_skeletons(str(raw), str(tmp_path), "ntu60-xsub", max_frames=300, pre_normalize=True)
+    item = common.build_dataset("ntu60-xsub", str(tmp_path), "train")[0]
+    assert int(item["length"]) == 30 and item["skeleton"].shape == (3, 300, 25, 2)
+    assert abs(float(item["skeleton"][0, 0, 8, 0] - item["skeleton"][0, 0, 4, 0])) > 0.2  # rotated: shoulders on x
 
 
 def test_ntu_npy_layout_is_memory_mapped_with_subset(tmp_path):
@@ -632,24 +744,51 @@ def test_toy_motion_appearance_free_but_motion_learnable(toy_motion):
     assert frame_acc < 0.2  # ... yet stays at chance (1/8) on held-out videos: appearance carries no label
 
 
-def test_toy_skeleton_layout_split_and_determinism(toy_skeleton, tmp_path):
+def test_toy_skeleton_is_stored_like_ntu(toy_skeleton, tmp_path):
+    """toy-skeleton goes through the real NTU path: raw .skeleton files -> convert_ntu_skeletons -> 300 zero-padded
+    frames with varying valid lengths, a second body in two-person actions, and the quirks of real recordings
+    (bystanders, short ghost bodies) that the converter's body ranking has to handle."""
+    raw = os.path.join(toy_skeleton, "nturgb+d_skeletons")
+    assert len([f for f in os.listdir(raw) if f.endswith(".skeleton")]) == 360
     train = common.build_dataset("toy-skeleton", toy_skeleton, "train")
     val = common.build_dataset("toy-skeleton", toy_skeleton, "val")
-    assert train.num_classes == len(common.TOY_SKELETON_ACTIONS) >= 10
-    assert train.data.shape[1:] == (3, 64, 25, 2) and train.data.dtype == np.float32
+    assert train.num_classes == len(common.TOY_SKELETON_ACTIONS) >= 10 and (len(train), len(val)) == (252, 108)
+    assert train.data.shape[1:] == (3, 300, 25, 2) and train.data.dtype == np.float32
     subjects = lambda ds: {n[8:12] for n in ds.sample_names}  # noqa: E731
-    assert subjects(train).isdisjoint(subjects(val)) and len(val) > 0
+    assert subjects(train).isdisjoint(subjects(val)) and len(subjects(train)) == 7
     assert sorted(set(train.labels.tolist())) == list(range(train.num_classes))
-    for i in range(0, len(train), 37):
-        item = train[i]
-        x, length = item["skeleton"].numpy(), int(item["length"])
-        assert 40 <= length <= 64 and np.all(x[:, length:] == 0) and np.all(x[:, :length, :, 0] != 0)
-        two_person = common.TOY_SKELETON_ACTIONS[int(item["label"])] in ("handshake", "high_five")
-        assert bool(np.any(x[..., 1] != 0)) == two_person
-        assert 2.0 < x[2, :length, :, 0].mean() < 4.0  # camera distance in metres, NTU-like
+    data, lengths = np.asarray(train.data), train.lengths
+    assert lengths.min() >= 40 and lengths.max() <= 96 and len(set(lengths.tolist())) > 30  # lengths vary
+    ghosts = bystanders = 0
+    for i in range(len(train)):
+        x, length = data[i], int(lengths[i])
+        assert np.all(x[:, length:] == 0) and np.all(x[:, :length, :, 0] != 0)  # body 0 tracked throughout
+        body1 = int((np.abs(x[..., 1]).sum(axis=(0, 2)) > 0).sum())  # frames with a second body
+        two_person = common.TOY_SKELETON_ACTIONS[int(train.labels[i])] in ("handshake", "high_five")
+        if two_person:
+            assert body1 == length
+        ghosts += 0 < body1 <= 8
+        bystanders += body1 > 8 and not two_person
+        assert 1.5 < x[2, :length, :, 0].mean() < 4.0  # camera distance in metres, NTU-like
+    assert 10 <= ghosts <= 80 and 5 <= bystanders <= 60
+    # The converter ranks the actor first: in single-person actions body 0 stays near the middle of the scene
+    # (bystanders stand >= 1 m aside, ghosts are short).
+    single = [i for i in range(len(train)) if train.labels[i] < 10]
+    assert all(common.TOY_SKELETON_ACTIONS[int(train.labels[i])] not in ("handshake", "high_five") for i in single)
+    hip_x = np.array([np.abs(data[i, 0, :lengths[i], 0, 0]).mean() for i in single])
+    assert (hip_x < 0.8).mean() > 0.97
     again = common.make_toy_skeleton(str(tmp_path / "again"))
     assert np.array_equal(np.load(os.path.join(again, "val_data_joint.npy")),
                           np.load(os.path.join(toy_skeleton, "val_data_joint.npy")))
+
+
+def test_an_old_toy_skeleton_is_refused_not_reused(tmp_path):
+    old = tmp_path / "toy-skeleton"
+    old.mkdir()
+    (old / ".complete").write_text("")
+    np.save(old / "train_data_joint.npy", np.zeros((2, 3, 64, 25, 2), dtype=np.float32))
+    with pytest.raises(common.UserError, match="older version.*delete the folder"):
+        common.build_dataset("toy-skeleton", str(old), "train")
 
 
 def test_toy_skeleton_actions_are_distinguishable(toy_skeleton):
@@ -700,7 +839,7 @@ def test_datasets_pickle_and_collate(toy_skeleton, toy_motion):
     assert clone._data is None and len(pickle.dumps(skel)) < 100_000  # the array is re-opened, not copied
     assert torch.equal(clone[3]["skeleton"], skel[3]["skeleton"])
     batch = next(iter(torch.utils.data.DataLoader(skel, batch_size=4)))
-    assert batch["skeleton"].shape == (4, 3, 64, 25, 2) and batch["label"].dtype == torch.int64
+    assert batch["skeleton"].shape == (4, 3, 300, 25, 2) and batch["label"].dtype == torch.int64
     video = common.build_dataset("toy-motion", toy_motion, "val", clip_len=8, num_clips=2,
                                  transform=lambda item: {"video": common.center_crop(item["video"], 56)})
     batch = next(iter(torch.utils.data.DataLoader(video, batch_size=3)))
