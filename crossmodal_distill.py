@@ -72,7 +72,8 @@ def add_method_args(parser):
     g.add_argument("--teacher-arch", default=None, help="resnet3d_18 (NTU-120-minus-60 teacher, paper's best) or "
                    "resnext3d_101 (Kinetics, Crasto et al.); default resnet3d_18, tiny3d on toy")
     g.add_argument("--teacher-modality", choices=["rgb", "flow"], default=None, help="teacher input: RGB or "
-                   "2-channel TV-L1 flow (Table 2.1: flow transfers best, the paper's default); toy: rgb")
+                   "2-channel TV-L1 flow (Table 2.1: flow transfers best, the paper's default); default: the "
+                   "teacher's backbone.pth meta, else flow (toy: rgb)")
     g.add_argument("--teacher-weights", default=None, help="anything common.load_backbone_weights reads (our "
                    "backbone.pth, Hara-layout files); toy: trained first by --stage teacher when not given")
     g.add_argument("--teacher-data", default=None, help="toy only: the teacher's labelled set for the automatic "
@@ -116,6 +117,13 @@ def finalize_args(args):
         args.data = "toy-paired-source" if args.stage == "teacher" else "toy-paired-target"
     args.toy = args.data.startswith("toy")
     kind = "teacher" if args.stage == "teacher" else args.student
+    if args.teacher_modality is None and args.teacher_weights and os.path.isfile(args.teacher_weights):
+        try:
+            saved = torch.load(args.teacher_weights, map_location="cpu", weights_only=False)  # backbone.pth: meta
+        except Exception:  # other formats: load_backbone_weights reports its own errors later
+            saved = None
+        meta = saved.get("meta") or {} if isinstance(saved, dict) else {}
+        args.teacher_modality = meta.get("modality") if meta.get("modality") in ("rgb", "flow") else None
     common.fill_defaults(args, TOY_DEFAULTS if args.toy else PAPER_DEFAULTS)
     common.fill_defaults(args, dict(STAGE_DEFAULTS[kind], **({"epochs": TOY_EPOCHS[kind]} if args.toy else {})))
     if args.student == "skeleton" and args.student_arch == "tiny3d":
