@@ -6,7 +6,7 @@ A frozen teacher, trained with labels on RGB (or flow) of classes the student ne
 unlabelled (RGB, depth) pair; the student learns to output that feature from depth (or skeletons) alone. It is then
 fine-tuned with few labels (evaluate.py).
 
-    python crossmodal_distill.py              # toy: trains a tiny RGB teacher on toy-paired-source (6 actions),
+    python crossmodal_distill.py              # toy: trains a tiny flow teacher on toy-paired-source (6 actions),
                                               # distils it into a tiny depth student on toy-paired-target (the
                                               # other 6), prints kNN of student vs random init vs teacher
     python crossmodal_distill.py --stage teacher --data videolist --data-root ntu120-minus-60 --gpus 4
@@ -72,8 +72,8 @@ def add_method_args(parser):
     g.add_argument("--teacher-arch", default=None, help="resnet3d_18 (NTU-120-minus-60 teacher, paper's best) or "
                    "resnext3d_101 (Kinetics, Crasto et al.); default resnet3d_18, tiny3d on toy")
     g.add_argument("--teacher-modality", choices=["rgb", "flow"], default=None, help="teacher input: RGB or "
-                   "2-channel TV-L1 flow (Table 2.1: flow transfers best, the paper's default); default: the "
-                   "teacher's backbone.pth meta, else flow (toy: rgb)")
+                   "2-channel TV-L1 flow (Table 2.1: flow transfers best); default: the "
+                   "teacher's backbone.pth meta, else flow")
     g.add_argument("--teacher-weights", default=None, help="anything common.load_backbone_weights reads (our "
                    "backbone.pth, Hara-layout files); toy: trained first by --stage teacher when not given")
     g.add_argument("--teacher-data", default=None, help="toy only: the teacher's labelled set for the automatic "
@@ -98,7 +98,7 @@ def add_method_args(parser):
     return parser
 
 
-TOY_DEFAULTS = dict(student_arch="tiny3d", teacher_arch="tiny3d", teacher_modality="rgb", clip_len=8,
+TOY_DEFAULTS = dict(student_arch="tiny3d", teacher_arch="tiny3d", teacher_modality="flow", clip_len=8,
                     crop_size=48, skeleton_frames=24, teacher_data="toy-paired-source", batch_size=16, workers=0,
                     epochs=None, knn_every=0, wd=1e-3)
 PAPER_DEFAULTS = dict(teacher_arch="resnet3d_18", teacher_modality="flow", clip_len=16, crop_size=112,
@@ -108,7 +108,7 @@ PAPER_DEFAULTS = dict(teacher_arch="resnet3d_18", teacher_modality="flow", clip_
 STAGE_DEFAULTS = {"depth": dict(lr=0.1, wd=1e-3, batch_size=128, epochs=400, student_arch="resnet3d_18"),
                   "skeleton": dict(lr=0.1, wd=1e-5, batch_size=100, epochs=120, student_arch="stgcn"),
                   "teacher": dict(lr=0.1, wd=1e-3, batch_size=128, epochs=100)}
-TOY_EPOCHS = {"depth": 30, "skeleton": 30, "teacher": 40}
+TOY_EPOCHS = {"depth": 100, "skeleton": 100, "teacher": 40}
 
 
 def finalize_args(args):
@@ -465,7 +465,8 @@ def knn_report(args, run, student_backbone, random_backbone, teacher):
     run.print(f"kNN top-1 on {args.dataset_name} val (classes the teacher never saw; k=200, gallery = train): "
               f"distilled {args.student} student {result['student']['knn_top1']:.1f} %, random init "
               f"{result['random_init']['knn_top1']:.1f} %, teacher on {args.teacher_modality} "
-              f"{result['teacher']['knn_top1']:.1f} %; 1-NN: " + ", ".join(f"{k} {v['nn1_top1']:.1f} %" for k, v in result.items()))
+              f"{result['teacher']['knn_top1']:.1f} %; 1-NN: "
+              + ", ".join(f"{name} {r['nn1_top1']:.1f} %" for name, r in result.items()))
     if run.is_main:
         common.write_json_atomic(os.path.join(run.out_dir, "knn.json"), result)
     return result
@@ -507,8 +508,8 @@ def main(argv=None):
     args = finalize_args(parser.parse_args(sys.argv[1:] if argv is None else argv))
     if args.stage == "distill" and args.teacher_weights is None:  # toy: train the teacher first (Sec. 2.4.3)
         teacher_args = copy.copy(args)
-        teacher_args.stage, teacher_args.data, teacher_args.lr, teacher_args.wd = "teacher", args.teacher_data, None, None
-        teacher_args.epochs = teacher_args.batch_size = None
+        teacher_args.stage, teacher_args.data = "teacher", args.teacher_data
+        teacher_args.lr = teacher_args.wd = teacher_args.epochs = teacher_args.batch_size = None
         teacher_args = finalize_args(teacher_args)
         teacher_args.out_dir = os.path.join(args.out_dir or os.path.join("runs", f"crossmodal_distill-{args.data}"),
                                             "teacher")
