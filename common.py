@@ -1316,15 +1316,13 @@ class PairedDataset(torch.utils.data.Dataset):
         return os.path.join(self.root, "rgb", f"{self.skeletons.sample_names[self.skeletons.indices[i]]}.mp4")
 
     def _load(self, i):
-        j = int(self.skeletons.indices[i])  # position in the stored arrays (subsets keep a list of positions)
-        name, length = self.skeletons.sample_names[j], int(self.skeletons.lengths[j])
-        idx = sample_clip_indices(length, self.clip_len, self.frame_strides, 1, self.sampling, _seed_rng(),
-                                  self.jitter)[0]
-        idx = np.minimum(idx, length - 1)
+        length = self.length(i)
+        idx = np.minimum(sample_clip_indices(length, self.clip_len, self.frame_strides, 1, self.sampling,
+                                             _seed_rng(), self.jitter)[0], length - 1)
         item = self.read(i, idx)
         if self.transform is not None:
             item = self.transform(item)
-        item.update(label=torch.tensor(self.labels[j]), index=torch.tensor(i, dtype=torch.int64),
+        item.update(label=torch.tensor(self.labels[self.indices[i]]), index=torch.tensor(i, dtype=torch.int64),
                     frame_indices=torch.from_numpy(idx))
         return item
 
@@ -1354,6 +1352,104 @@ class PairedDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index):
         return _load_or_replace(self, index, self._load)
+
+
+NTU_PAIRED_SETS = {  # name -> (actions kept (1-based), split rule on (setup, camera, subject) -> train?)
+    "ntu60-paired-xview": (range(1, 61), lambda setup, camera, subject: camera in (2, 3)),  # 37,920 / 18,960
+    "ntu60-paired-xsub": (range(1, 61), lambda setup, camera, subject: subject in NTU_XSUB_TRAIN),
+    # thesis Sec. 2.4.2 NTU-120-minus-60: the actions NTU RGB+D 60 lacks (A061-A120), the teacher's source set;
+    # its train/val split is not stated: we use NTU-120's cross-subject split
+    "ntu120-minus-60": (range(61, 121), lambda setup, camera, subject: subject in NTU120_XSUB_TRAIN),
+}
+
+
+class NTUPairedDataset(PairedDataset):
+    """NTU RGB+D in its official layout, as PairedDataset (same items, `length`, `read`):
+        nturgb+d_rgb/<name>_rgb.avi                       1920x1080 RGB
+        nturgb+d_depth_masked/<name>/MDepth-%08d.png      512x424 masked depth, mm
+        nturgb+d_skeletons/<name>.skeleton                3D skeletons
+        flow/<name>/flow_%05d.jpg                         optional TV-L1 flow of the RGB (CoCLR layout)
+    Samples: the names of the kept actions with a depth folder (when depth is read; else an RGB video, else a flow
+    folder), labels relabelled from 0. The modalities differ in frame count: that first modality is the time axis,
+    frame t of a modality with n frames is floor(t * n / length) (aligned by time)."""
+
+    def __init__(self, root, split, name="ntu60-paired-xview", clip_len=16, frame_strides=(1,), sampling="random",
+                 transform=None, modalities=None, decoder="auto", strict=False, bad_files_path=None, jitter=False):
+        import re
+        actions, is_train = NTU_PAIRED_SETS[name]
+        split = _split_name(split)
+        self.root, self.split, self.decoder = root, split, decoder
+        self.modalities = tuple(modalities or ("video", "depth", "skeleton"))
+        folders = {"depth": "nturgb+d_depth_masked", "video": "nturgb+d_rgb", "flow": "flow"}
+        candidates = [m for m in ("depth", "video", "flow") if m in self.modalities or m == "video"]
+        self.time_axis = next((m for m in candidates if os.path.isdir(os.path.join(root, folders[m]))), "video")
+        folder = _need(os.path.join(root, folders[self.time_axis]), "nturgb+d_rgb/ or nturgb+d_depth_masked/")
+        pattern = re.compile(r"S(\d{3})C(\d{3})P(\d{3})R(\d{3})A(\d{3})")
+        names, labels = [], []
+        for entry in sorted(os.listdir(folder)):
+            match = pattern.match(entry)
+            if not match:
+                continue
+            setup, camera, subject, _, action = (int(g) for g in match.groups())
+            if action in actions and is_train(setup, camera, subject) == (split == "train"):
+                names.append(match.group(0))
+                labels.append(action - actions[0])
+        if not names:
+            raise VideoReadError(f"{folder}: no {split} samples of {name} (expected S001C001P001R001A001 names)")
+        self.names, self.labels = names, np.asarray(labels, dtype=np.int64)
+        self._indices = np.arange(len(names))
+        self.num_classes, self.class_names = len(actions), [f"A{a:03d}" for a in actions]
+        self.clip_len, self.frame_strides, self.sampling, self.jitter = clip_len, frame_strides, sampling, jitter
+        self.transform, self.strict, self.bad_files_path, self.bad_files = transform, strict, bad_files_path, {}
+        self._lengths = {}
+
+    @property
+    def indices(self):
+        return self._indices
+
+    def __len__(self):
+        return len(self.names)
+
+    def _path(self, i, modality):
+        name = self.names[i]
+        return {"video": os.path.join(self.root, "nturgb+d_rgb", f"{name}_rgb.avi"),
+                "depth": os.path.join(self.root, "nturgb+d_depth_masked", name),
+                "skeleton": os.path.join(self.root, "nturgb+d_skeletons", f"{name}.skeleton"),
+                "flow": os.path.join(self.root, "flow", name)}[modality]
+
+    def sample_path(self, i):
+        return self._path(i, self.time_axis)
+
+    def length(self, i):
+        if i not in self._lengths:
+            path = self._path(i, self.time_axis)
+            self._lengths[i] = (len([n for n in os.listdir(path) if n.endswith(".png")]) if self.time_axis == "depth"
+                                else len(_frame_files(path, "flow")) if self.time_axis == "flow"
+                                else count_frames(path, self.decoder))
+        return self._lengths[i]
+
+    def read(self, i, idx, modalities=None):
+        length, idx = self.length(i), np.asarray(idx).reshape(-1)
+
+        def by_time(n):  # frame t of the time axis -> frame of a modality with n frames
+            return np.minimum(np.minimum(idx, length - 1) * n // length, n - 1)
+        item = {}
+        for modality in self.modalities if modalities is None else modalities:
+            path = self._path(i, modality)
+            if modality == "video":
+                x = torch.from_numpy(_read_frames(path, by_time, self.decoder)).permute(3, 0, 1, 2)  # (3, T, H, W)
+            elif modality == "depth":
+                n = len([f for f in os.listdir(path) if f.endswith(".png")]) if os.path.isdir(path) else 0
+                x = torch.from_numpy(read_depth_frames(path, by_time(max(n, 1))))[None]  # (1, T, H, W) metres
+            elif modality == "skeleton":
+                skeleton = read_ntu_skeleton(path)  # (3, n, 25, 2)
+                x = torch.from_numpy(np.ascontiguousarray(skeleton[:, by_time(skeleton.shape[1])]))
+            elif modality == "flow":
+                x = torch.from_numpy(uint8_to_flow(_read_jpegs(path, "flow", by_time, None))).permute(3, 0, 1, 2)
+            else:
+                raise ValueError(f"modalities: NTU paired sets have video, depth, skeleton, flow; got {modality!r}")
+            item[modality] = x
+        return item
 
 
 def read_ntu_skeleton(path, max_bodies=2):
@@ -1534,6 +1630,10 @@ def build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides=
     if name == "toy-skeleton":
         make_toy_skeleton(root, seed=dataset_options.get("toy_seed", 0))
         ds = _skeleton_set(root, split, None, class_names=TOY_SKELETON_ACTIONS, **skel_kwargs)
+    elif name in NTU_PAIRED_SETS:
+        ds = NTUPairedDataset(root, split, name, clip_len=clip_len, frame_strides=frame_strides, sampling=sampling,
+                              modalities=modalities, decoder=decoder, jitter=dataset_options.get("jitter", False),
+                              **skel_kwargs)
     elif name.startswith("ntu"):
         if name not in ("ntu60-xsub", "ntu60-xview", "ntu120-xsub", "ntu120-xset"):
             raise ValueError(f"unknown NTU benchmark {name!r}")
@@ -1573,7 +1673,10 @@ def build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides=
                             sampling=sampling, transform=transform, modalities=modalities, decoder=decoder,
                             strict=strict, bad_files_path=bad_files_path, size=dataset_options.get("size"),
                             jitter=dataset_options.get("jitter", False), step=dataset_options.get("step"))
-    if fraction < 1.0 or per_class is not None:
+    if (fraction < 1.0 or per_class is not None) and isinstance(ds, NTUPairedDataset):
+        keep = stratified_subset(ds.labels, fraction, per_class, seed)
+        ds.names, ds.labels, ds._indices = [ds.names[i] for i in keep], ds.labels[keep], np.arange(len(keep))
+    elif fraction < 1.0 or per_class is not None:
         inner = ds.skeletons if isinstance(ds, PairedDataset) else ds
         labels = inner.labels[inner.indices] if isinstance(inner, SkeletonDataset) else [y for _, y in ds.samples]
         keep = stratified_subset(labels, fraction, per_class, seed)

@@ -9,9 +9,12 @@ fine-tuned with few labels (evaluate.py).
     python crossmodal_distill.py              # toy: trains a tiny flow teacher on toy-paired-source (6 actions),
                                               # distils it into a tiny depth student on toy-paired-target (the
                                               # other 6), prints kNN of student vs random init vs teacher
-    python crossmodal_distill.py --stage teacher --data videolist --data-root ntu120-minus-60 --gpus 4
-    python crossmodal_distill.py --data paired --data-root ntu60-paired --teacher-weights T.pth --gpus 4
-    python evaluate.py --task linear --data toy-paired-target --weights runs/crossmodal_distill-toy/backbone.pth
+    python evaluate.py --task linear --data toy-paired-target \
+        --weights runs/crossmodal_distill-toy-paired-target/backbone.pth      # vs --weights none
+    # paper (NTU RGB+D official folders under NTU/, see common.NTUPairedDataset; flow = TV-L1, CoCLR layout):
+    python crossmodal_distill.py --stage teacher --data ntu120-minus-60 --data-root NTU --gpus 4
+    python crossmodal_distill.py --data ntu60-paired-xview --data-root NTU --gpus 4 \
+        --teacher-weights runs/crossmodal_distill-teacher-ntu120-minus-60/backbone.pth    # --student skeleton
 
 The file follows Sec. 2.3: flags -> teacher (Sec. 2.3.1, frozen) -> student + projection -> clips of a video
 (Eq. 2.3) -> losses (Eq. 2.1-2.5) -> teacher feature cache -> data -> train steps -> main.
@@ -37,10 +40,13 @@ Implementation details (the thesis is silent on these; our choices):
      (share of students whose nearest target in the batch is their own): teacher features of different videos are
      alike (cos_neg is high), so a falling loss alone does not show that the student tells videos apart.
 
-Not implemented yet: the official NTU RGB+D / PKU-MMD paired layouts (`--data paired` reads the toy-paired layout;
-RGB and depth of NTU differ in size and frame count), --visualize, temporal action detection (R-C3D, Table 2.6),
-evaluate.py's --protocol ch2 and two-stream fusion of students (use evaluate.py --task fusion on saved logits),
-skeleton students in evaluate.py on paired sets.
+  8. NTU RGB+D: RGB, depth, skeletons and flow differ in frame count; they are aligned by time on the depth frames.
+     NTU-120-minus-60 (A061-A120) is split by NTU-120's cross-subject subjects (the thesis does not say).
+
+Not implemented yet: PKU-MMD paired layouts and temporal action detection (R-C3D, Table 2.6); --visualize;
+evaluate.py's Ch. 2 protocol (last block + fc, all clips averaged; evaluate.py reads one depth clip per video of
+paired sets) and skeleton students on paired sets in evaluate.py; two-stream students are two runs fused with
+evaluate.py --task fusion on saved logits; samples/s of cache vs on the fly were not measured on a GPU.
 """
 import argparse
 import copy
@@ -99,7 +105,7 @@ def add_method_args(parser):
 
 
 TOY_DEFAULTS = dict(student_arch="tiny3d", teacher_arch="tiny3d", teacher_modality="flow", clip_len=8,
-                    crop_size=48, skeleton_frames=24, teacher_data="toy-paired-source", batch_size=16, workers=0,
+                    crop_size=48, skeleton_frames=24, teacher_data="toy-paired-source", batch_size=16, workers=1,
                     epochs=None, knn_every=0, wd=1e-3)
 PAPER_DEFAULTS = dict(teacher_arch="resnet3d_18", teacher_modality="flow", clip_len=16, crop_size=112,
                       skeleton_frames=300, workers=8, knn_every=0)
@@ -291,7 +297,7 @@ def teacher_key(teacher, dataset, args, blocks):
     for name, value in sorted(teacher.state_dict().items()):
         h.update(name.encode())
         h.update(value.detach().cpu().float().numpy().tobytes())
-    names = [str(dataset.skeletons.sample_names[j]) for j in dataset.indices]
+    names = [dataset.sample_path(i) for i in range(len(dataset))]
     h.update(json.dumps([os.path.abspath(dataset.root), dataset.split, names, args.teacher_arch,
                          args.teacher_modality, args.clip_len, args.crop_size, blocks]).encode())
     return h.hexdigest()[:20]

@@ -90,7 +90,7 @@ class FramePaired:
 
 
 def test_student_clip_is_teacher_clip_i(tmp_path):
-    args = _args(clip_len=16, crop_size=16)
+    args = _args(clip_len=16, crop_size=16, teacher_modality="rgb")
     lengths = [50, 33, 16]
     n_max = 3
     cache = np.zeros((3, n_max, 4), dtype=np.float16)
@@ -124,7 +124,7 @@ def test_student_clip_is_teacher_clip_i(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- frozen teacher
 def test_teacher_gets_no_gradient_and_keeps_bn_statistics(tmp_path):
-    args = _args(teacher_cache="none")
+    args = _args(teacher_cache="none", teacher_modality="rgb")
     teacher = cd.build_teacher(args)
     before = {k: v.clone() for k, v in teacher.state_dict().items()}
     student = cd.Student(cd.build_student(args), cd.stage_dims(teacher, args, False), False, args)
@@ -249,3 +249,69 @@ def test_skeleton_student_video_granularity_runs(small_paired, tmp_path):
     with open(os.path.join(out, "metrics.jsonl")) as f:
         record = json.loads(f.readlines()[-1])
     assert {"cos_pos", "cos_neg", "ret_acc"} <= set(record)
+
+
+# ---------------------------------------------------------------------------------------------- official layouts
+def _write_skeleton(path, num_frames, bodies=1):
+    """A raw NTU .skeleton text file: body joints at x = frame index / 100 (so the frame can be read back)."""
+    lines = [str(num_frames)]
+    for t in range(num_frames):
+        lines.append(str(bodies))
+        for b in range(bodies):
+            lines += [f"7200000000000{b} 0 1 1 1 1 0 0.1 0.1 2", "25"]
+            lines += [f"{t / 100 + 0.01 * j} {0.1 * b} 3.0 0 0 0 0 0 0 0 0 2" for j in range(25)]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def ntu_layout(tmp_path_factory):
+    """NTU RGB+D's official folders: RGB (12 frames, grey level 20 k at frame k), masked depth PNGs (9 frames,
+    (k + 1) * 100 mm) and skeletons (9 frames), cameras 1-3, two actions, plus A061 (NTU-120 only, left out)."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("ntu")
+    for name in ("S001C001P001R001A001", "S001C002P001R001A001", "S001C003P002R001A002", "S001C002P003R001A002",
+                 "S018C002P001R001A061"):
+        common.write_video(str(root / "nturgb+d_rgb" / f"{name}_rgb.avi"),
+                           np.stack([np.full((24, 32, 3), 20 * k, np.uint8) for k in range(12)]), fps=30)
+        (root / "nturgb+d_depth_masked" / name).mkdir(parents=True)
+        for k in range(9):
+            Image.fromarray(np.full((20, 26), (k + 1) * 100, np.uint16)).save(
+                root / "nturgb+d_depth_masked" / name / f"MDepth-{k + 1:08d}.png")
+        (root / "nturgb+d_skeletons").mkdir(exist_ok=True)
+        _write_skeleton(str(root / "nturgb+d_skeletons" / f"{name}.skeleton"), 9, bodies=2 if "A002" in name else 1)
+    (root / "nturgb+d_depth_masked" / "README.txt").write_text("not a sample")
+    return str(root)
+
+
+def test_ntu_paired_official_layout(ntu_layout):
+    train = common.build_dataset("ntu60-paired-xview", ntu_layout, "train", clip_len=4, sampling="uniform")
+    val = common.build_dataset("ntu60-paired-xview", ntu_layout, "val", clip_len=4)
+    assert train.names == ["S001C002P001R001A001", "S001C002P003R001A002", "S001C003P002R001A002"]  # cameras 2, 3
+    assert val.names == ["S001C001P001R001A001"] and list(train.labels) == [0, 1, 1] and train.num_classes == 60
+    xsub = common.build_dataset("ntu60-paired-xsub", ntu_layout, "train")  # subjects 1, 2 train; 3 val
+    assert [n[8:12] for n in xsub.names] == ["P001", "P001", "P002"]
+    assert train.length(0) == 9  # the depth frames are the time axis
+    item = train.read(0, np.arange(9))
+    depth_frames = torch.round(item["depth"][0, :, 5, 5] * 10).long() - 1  # (k + 1) * 100 mm -> k
+    rgb_frames = torch.round(item["video"][0, :, 5, 5].float() / 20).long()
+    assert depth_frames.tolist() == list(range(9))
+    assert rgb_frames.tolist() == [t * 12 // 9 for t in range(9)]  # 12 RGB frames aligned by time
+    assert item["skeleton"].shape == (3, 9, 25, 2)
+    assert torch.allclose(item["skeleton"][0, :, 0, 0], torch.arange(9) / 100)
+    sample = train[1]  # through the dataset: one clip of 4 frames of every modality, label and frame indices
+    assert sample["video"].shape == (3, 4, 24, 32) and sample["depth"].shape == (1, 4, 20, 26)
+    assert sample["label"] == 1 and sample["frame_indices"].tolist() == [0, 1, 2, 3]
+    source = common.build_dataset("ntu120-minus-60", ntu_layout, "train")  # A061-A120, relabelled from 0
+    assert source.names == ["S018C002P001R001A061"] and source.labels.tolist() == [0]
+    rgb_only = common.build_dataset("ntu120-minus-60", ntu_layout, "train", modalities=("video",))
+    assert rgb_only.time_axis == "video" and rgb_only.length(0) == 12  # the teacher's RGB: its own frames
+
+
+def test_distillation_runs_on_the_ntu_layout(ntu_layout, tmp_path):
+    out = str(tmp_path / "ntu")
+    result = cd.main(["--data", "ntu60-paired-xview", "--data-root", ntu_layout, "--out-dir", out, "--max-steps",
+                      "1", "--batch-size", "2", "--teacher-arch", "tiny3d", "--student-arch", "tiny3d",
+                      "--clip-len", "4", "--crop-size", "16", "--workers", "0", "--teacher-cache",
+                      str(tmp_path / "cache"), "--teacher-weights", _teacher_file(tmp_path)])
+    assert result["step"] == 1 and os.path.exists(os.path.join(out, "backbone.pth"))
