@@ -43,7 +43,7 @@ Implementation details (the thesis is silent on these; our choices):
   8. NTU RGB+D: RGB, depth, skeletons and flow differ in frame count; they are aligned by time on the depth frames.
      NTU-120-minus-60 (A061-A120) is split by NTU-120's cross-subject subjects (the thesis does not say).
 
-Not implemented yet: PKU-MMD paired layouts and temporal action detection (R-C3D, Table 2.6); --visualize;
+Not implemented yet: PKU-MMD paired layouts and temporal action detection (R-C3D, Table 2.6);
 evaluate.py's Ch. 2 protocol (last block + fc, all clips averaged; evaluate.py reads one depth clip per video of
 paired sets) and skeleton students on paired sets in evaluate.py; two-stream students are two runs fused with
 evaluate.py --task fusion on saved logits; samples/s of cache vs on the fly were not measured on a GPU.
@@ -98,6 +98,8 @@ def add_method_args(parser):
                    "(Sec. 2.4.3: 3 x 16 x 112 x 112) or 1")
     g.add_argument("--skeleton-frames", type=int, default=None, help="whole skeleton sequences zero-padded to this "
                    "length (ST-GCN: 300; toy 24)")
+    g.add_argument("--visualize", type=int, default=0, metavar="N", help="pairs.png: every modality of N val "
+                   "pairs over time; cosine_before/after.png: student vs teacher features of 16 val videos")
     g.add_argument("--teacher-cache", default="auto", help="auto: runs/teacher-cache/<key>.npy (memory-mapped fp16, "
                    "key = hash of teacher weights + input); a folder; none: run the teacher in every step "
                    "(no_grad, autocast) on the same deterministic input")
@@ -105,7 +107,7 @@ def add_method_args(parser):
 
 
 TOY_DEFAULTS = dict(student_arch="tiny3d", teacher_arch="tiny3d", teacher_modality="flow", clip_len=8,
-                    crop_size=48, skeleton_frames=24, teacher_data="toy-paired-source", batch_size=16, workers=1,
+                    crop_size=48, skeleton_frames=24, teacher_data="toy-paired-source", batch_size=8, workers=1,
                     epochs=None, knn_every=0, wd=1e-3)
 PAPER_DEFAULTS = dict(teacher_arch="resnet3d_18", teacher_modality="flow", clip_len=16, crop_size=112,
                       skeleton_frames=300, workers=8, knn_every=0)
@@ -478,6 +480,71 @@ def knn_report(args, run, student_backbone, random_backbone, teacher):
     return result
 
 
+def _frames_image(item, size=64):
+    """Each available modality of one clip as (T, 3, size, size) in [0, 1]: RGB; depth colour-mapped (jet, black =
+    no depth); flow as (u, v) -> (red, green); the first body's skeleton projected (pinhole, camera coordinates)."""
+    rows = []
+    if "video" in item:
+        rows.append(item["video"].float().transpose(0, 1) / 255)
+    if "depth" in item:
+        x = (item["depth"] / common.DEPTH_MAX).clamp(0, 1).transpose(0, 1)  # (T, 1, H, W)
+        jet = torch.cat([(1.5 - (4 * x - c).abs()).clamp(0, 1) for c in (3, 2, 1)], 1)
+        rows.append(jet * (x > 0))
+    if "flow" in item:
+        f = item["flow"].transpose(0, 1)  # (T, 2, H, W) pixels
+        f = 0.5 + f / (2 * f.abs().max().clamp(min=1e-6))
+        rows.append(torch.cat([f, torch.full_like(f[:, :1], 0.5)], 1))
+    if "skeleton" in item:
+        x = item["skeleton"][..., 0]  # (3, T, V) metres, body 0
+        z = x[2].clamp(min=0.1)
+        uv = torch.stack([0.5 + 1.25 * x[0] / z, 0.5 - 1.25 * x[1] / z], -1)  # (T, V, 2) in [0, 1], toy camera
+        img = torch.zeros(x.shape[1], 3, size, size)
+        pix = (uv * (size - 1)).round().long().clamp(0, size - 1)
+        for t in range(x.shape[1]):
+            img[t, :, pix[t, :, 1], pix[t, :, 0]] = 1.0
+        rows.append(img)
+    return [F.interpolate(r.float(), size=(size, size), mode="bilinear", align_corners=False) for r in rows]
+
+
+@torch.no_grad()
+def visualize(args, run, student, teacher, tag):
+    """--visualize N: N val pairs, every modality over time (pairs.png, before training), and the cosine matrix of
+    the student's clip-0 features against the teacher's video features (Eq. 2.3) of the first 16 val videos
+    (cosine_<tag>.png: a bright diagonal = each student feature is closest to its own video's teacher feature)."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    val = common.build_dataset(args.dataset_name, args.data_root, "val", decoder=args.decoder)
+    n = min(len(val), 16)
+    to_image = lambda x: Image.fromarray((x.clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy())  # noqa: E731
+    if tag == "before":
+        rows = []
+        for i in range(min(args.visualize, len(val))):
+            rows += _frames_image(val.read(i, clip_bounds(val.length(i), args.clip_len)[0]))
+        to_image(make_grid(torch.cat(rows), nrow=args.clip_len, padding=2, pad_value=1.0)).save(
+            os.path.join(run.out_dir, "pairs.png"))
+    was_training = student.training
+    student.eval()
+    f_s, f_t = [], []
+    for i in range(n):
+        bounds = clip_bounds(val.length(i), args.clip_len)
+        if args.student == "skeleton":
+            x = val.read(i, np.arange(val.length(i)), ("skeleton",))["skeleton"][:, :args.skeleton_frames]
+            x = F.pad(x, (0, 0, 0, 0, 0, args.skeleton_frames - x.shape[1]))
+        else:
+            x = depth_eval_transform(val.read(i, bounds[0], ("depth",)), args)["depth"]
+        f_s.append(student(x[None].to(run.device))[-1][0])  # (D,)
+        f_t.append(teacher_clip_features(teacher, val, i, args, False, run.device).mean(0))  # (D,) Eq. (2.3)
+    student.train(was_training)
+    cosine = F.normalize(torch.stack(f_s), dim=1) @ F.normalize(torch.stack(f_t), dim=1).T  # (n, n)
+    scaled = (cosine - cosine.min()) / (cosine.max() - cosine.min()).clamp(min=1e-6)
+    big = F.interpolate(scaled[None, None], scale_factor=16, mode="nearest")[0].expand(3, -1, -1)
+    path = os.path.join(run.out_dir, f"cosine_{tag}.png")
+    to_image(big).save(path)
+    run.print(f"visualize: wrote {path} (min-max scaled; cos on the diagonal {cosine.diagonal().mean():.4f}, off "
+              f"{(cosine.sum() - cosine.diagonal().sum()) / max(n * n - n, 1):.4f})")
+
+
 def main_worker(args):
     run = common.setup(args, "crossmodal_distill" if args.stage == "distill" else "crossmodal_distill-teacher")
     if args.stage == "teacher":
@@ -500,7 +567,11 @@ def main_worker(args):
     meta = {"arch": args.student_arch, "modality": args.student, "method": "crossmodal_distill",
             "options": backbone.options, "in_channels": getattr(backbone, "in_channels", 3),
             "teacher": {"arch": args.teacher_arch, "modality": args.teacher_modality, "weights": args.teacher_weights}}
+    if args.visualize and run.is_main:
+        visualize(args, run, student, teacher, "before")
     result = common.fit(run, args, student, optimizer, loader, train_step, backbone=backbone, backbone_meta=meta)
+    if args.visualize and run.is_main:
+        visualize(args, run, student, teacher, "after")
     if args.toy and not result["interrupted"]:
         result["knn"] = knn_report(args, run, backbone, random_backbone, teacher)
     return result
