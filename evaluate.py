@@ -1412,6 +1412,8 @@ def protocol_for(data):
         return PROTOCOLS[data]
     if data in common.TOY_PAIRED_HALVES:
         return PROTOCOLS["toy-paired"]
+    if data in common.NTU_PAIRED_SETS:
+        return PROTOCOLS["paired"]
     if data.startswith(("ntu", "pku", "kinetics-skeleton")):
         return SKELETON
     return PROTOCOLS["ucf101"]  # videofolder / videolist / other video sets: UCF101's settings

@@ -317,6 +317,10 @@ def test_distillation_runs_on_the_ntu_layout(ntu_layout, tmp_path):
                       "--clip-len", "4", "--crop-size", "16", "--workers", "0", "--teacher-cache",
                       str(tmp_path / "cache"), "--teacher-weights", _teacher_file(tmp_path)])
     assert result["step"] == 1 and os.path.exists(os.path.join(out, "backbone.pth"))
+    scores = evaluate.main(["--task", "knn", "--data", "ntu60-paired-xview", "--data-root", ntu_layout, "--weights",
+                            os.path.join(out, "backbone.pth"), "--out-dir", str(tmp_path / "eval"), "--frames", "4",
+                            "--workers", "0"])
+    assert scores["sizes"] == {"train": 3, "val": 0, "test": 1} and "depth clips" in scores["protocol"]
 
 
 def test_two_gloo_processes_and_visualize(small_paired, tmp_path):
