@@ -120,6 +120,16 @@ def test_student_clip_is_teacher_clip_i(tmp_path):
         rgb = item2["teacher_input"][k, 0, :, 8, 8] * common.KINETICS_STD[0] + common.KINETICS_MEAN[0]
         assert torch.equal(torch.round(rgb * 255).long(), frames)  # the teacher's clip k = the student's frames
     assert (0, 0) in seen and (0, 2) in seen
+    clip_only = cd.DistillPairs(FramePaired(lengths), _args(clip_len=16, crop_size=16, teacher_modality="rgb",
+                                                            granularity="clip"), None, n_max)
+    for seed in range(6):  # Eq. (2.1) on the fly: only the student's clip goes through the teacher
+        torch.manual_seed(seed)
+        k = int(cached[0]["clip"])
+        torch.manual_seed(seed)
+        item = clip_only[0]
+        assert item["teacher_input"].shape[0] == 1 and int(item["clip"]) == 0
+        rgb = item["teacher_input"][0, 0, :, 8, 8] * common.KINETICS_STD[0] + common.KINETICS_MEAN[0]
+        assert torch.round(rgb * 255).long().tolist() == cd.clip_bounds(50, 16)[k].tolist()
 
 
 # ---------------------------------------------------------------------------------------------- frozen teacher
@@ -311,6 +321,11 @@ def test_ntu_paired_official_layout(ntu_layout):
 
 
 def test_distillation_runs_on_the_ntu_layout(ntu_layout, tmp_path):
+    teacher = str(tmp_path / "teacher")  # Sec. 2.4.3: the teacher learns A061-A120 from their RGB
+    cd.main(["--stage", "teacher", "--data", "ntu120-minus-60", "--data-root", ntu_layout, "--out-dir", teacher,
+             "--teacher-modality", "rgb", "--teacher-arch", "tiny3d", "--max-steps", "1", "--batch-size", "1",
+             "--clip-len", "4", "--crop-size", "32", "--workers", "0"])
+    assert torch.load(os.path.join(teacher, "backbone.pth"), weights_only=True)["meta"]["modality"] == "rgb"
     out = str(tmp_path / "ntu")
     result = cd.main(["--data", "ntu60-paired-xview", "--data-root", ntu_layout, "--out-dir", out, "--max-steps",
                       "1", "--batch-size", "2", "--teacher-arch", "tiny3d", "--student-arch", "tiny3d",
