@@ -18,6 +18,7 @@ Sections (search for the banners):
     TRAINING LOOP    seeding, AMP, LR schedules, atomic checkpoints, auto-resume, logs, kNN monitor, `fit`
 """
 import argparse
+import itertools
 import json
 import math
 import os
@@ -1357,6 +1358,22 @@ def read_depth_frames(folder, indices):
     return np.stack(out)
 
 
+DEPTH_MAX = 4.5  # metres: the far end of the Kinect v2 depth range (NTU RGB+D, PKU-MMD)
+
+
+def depth_to_input(depth, channels=3):
+    """Depth in metres (..., 1, T, H, W) -> network input in [-1, 1] (0 m = no depth -> -1, DEPTH_MAX -> 1),
+    replicated to `channels` (thesis Sec. 2.4.3: the depth student reads 3 x 16 x 112 x 112)."""
+    x = (depth.float() / DEPTH_MAX).clamp(0, 1) * 2 - 1
+    return x if channels == 1 else x.expand(*x.shape[:-4], channels, *x.shape[-3:])
+
+
+def flow_to_input(flow):
+    """Optical flow in pixels (..., 2, T, H, W) -> network input in [-1, 1] (clipped at +-FLOW_BOUND, as the
+    CoCLR / I3D flow JPEGs store it)."""
+    return (flow.float() / FLOW_BOUND).clamp(-1, 1)
+
+
 class PairedDataset(torch.utils.data.Dataset):
     """Temporally aligned modalities of one sample (layout of make_toy_paired): one clip of indices is drawn
     from the valid length and every modality is read at exactly those frames. Items: "video" uint8 (C, T, H, W),
@@ -1366,7 +1383,7 @@ class PairedDataset(torch.utils.data.Dataset):
     MODALITIES = ("video", "depth", "skeleton", "pose2d", "flow")
 
     def __init__(self, root, split, clip_len=16, frame_strides=(1,), sampling="random", transform=None,
-                 modalities=None, decoder="auto", strict=False, bad_files_path=None, jitter=False):
+                 modalities=None, decoder="auto", strict=False, bad_files_path=None, jitter=False, classes=None):
         split = _split_name(split)
         self.root, self.split = root, split
         self.skeletons = SkeletonDataset(os.path.join(root, "skeleton", f"{split}_data_joint.npy"),
@@ -1382,7 +1399,24 @@ class PairedDataset(torch.utils.data.Dataset):
         self.num_classes = max(len(TOY_SKELETON_ACTIONS), int(self.labels.max()) + 1)
         self.class_names = (TOY_SKELETON_ACTIONS + [str(i) for i in range(len(TOY_SKELETON_ACTIONS),
                                                                           self.num_classes)])[:self.num_classes]
+        if classes is not None:  # keep these original classes only, relabelled 0..len(classes)-1 in that order
+            classes = [int(c) for c in classes]
+            remap = np.full(self.num_classes, -1, dtype=np.int64)
+            remap[classes] = np.arange(len(classes))
+            self.labels = remap[self.labels]
+            self.skeletons.indices = self.skeletons.indices[self.labels[self.skeletons.indices] >= 0]
+            self.class_names = [self.class_names[c] for c in classes]
+            self.num_classes = len(classes)
         self.strict, self.bad_files_path, self.bad_files = strict, bad_files_path, {}
+
+    @property
+    def indices(self):
+        """Positions of this set's samples in the stored arrays (labels[indices] are their labels)."""
+        return self.skeletons.indices
+
+    def length(self, i):
+        """Valid frames of sample i (the modalities share one time axis)."""
+        return int(self.skeletons.lengths[self.skeletons.indices[i]])
 
     def __len__(self):
         return len(self.skeletons)
@@ -1391,34 +1425,140 @@ class PairedDataset(torch.utils.data.Dataset):
         return os.path.join(self.root, "rgb", f"{self.skeletons.sample_names[self.skeletons.indices[i]]}.mp4")
 
     def _load(self, i):
-        j = int(self.skeletons.indices[i])  # position in the stored arrays (subsets keep a list of positions)
+        length = self.length(i)
+        idx = np.minimum(sample_clip_indices(length, self.clip_len, self.frame_strides, 1, self.sampling,
+                                             _seed_rng(), self.jitter)[0], length - 1)
+        item = self.read(i, idx)
+        if self.transform is not None:
+            item = self.transform(item)
+        item.update(label=torch.tensor(self.labels[self.indices[i]]), index=torch.tensor(i, dtype=torch.int64),
+                    frame_indices=torch.from_numpy(idx))
+        return item
+
+    def read(self, i, idx, modalities=None):
+        """The modalities (default: the dataset's) of sample i at frame indices idx (any shape, clamped), no
+        transform: {"video": uint8 (C, T, H, W), "depth": (1, T, H, W) metres, ...} (T = idx.size)."""
+        modalities = self.modalities if modalities is None else modalities
+        j = int(self.skeletons.indices[i])
         name, length = self.skeletons.sample_names[j], int(self.skeletons.lengths[j])
-        idx = sample_clip_indices(length, self.clip_len, self.frame_strides, 1, self.sampling, _seed_rng(),
-                                  self.jitter)[0]
-        idx = np.minimum(idx, length - 1)
+        idx = np.minimum(np.asarray(idx).reshape(-1), length - 1)
         item = {}
-        if "video" in self.modalities:
+        if "video" in modalities:
             frames = read_video_frames(os.path.join(self.root, "rgb", f"{name}.mp4"), idx, self.decoder)
             item["video"] = torch.from_numpy(frames).permute(3, 0, 1, 2)
-        if "depth" in self.modalities:
+        if "depth" in modalities:
             item["depth"] = torch.from_numpy(read_depth_frames(os.path.join(self.root, "depth", name), idx))[None]
-        if "skeleton" in self.modalities:
+        if "skeleton" in modalities:
             item["skeleton"] = torch.from_numpy(np.array(self.skeletons.data[j][:, idx], dtype=np.float32))
-        if "pose2d" in self.modalities:
+        if "pose2d" in modalities:
             pose, _ = read_kinetics_skeleton_json(
                 os.path.join(self.root, "pose2d", f"kinetics_{self.split}", f"{name}.json"), max(length, 1))
             item["pose2d"] = torch.from_numpy(np.ascontiguousarray(pose[:, idx]))
-        if "flow" in self.modalities:
+        if "flow" in modalities:
             flow = read_flow_frames(os.path.join(self.root, "flow", name), idx)
             item["flow"] = torch.from_numpy(flow).permute(3, 0, 1, 2)
-        if self.transform is not None:
-            item = self.transform(item)
-        item.update(label=torch.tensor(self.labels[j]), index=torch.tensor(i, dtype=torch.int64),
-                    frame_indices=torch.from_numpy(idx))
         return item
 
     def __getitem__(self, index):
         return _load_or_replace(self, index, self._load)
+
+
+NTU_PAIRED_SETS = {  # name -> (actions kept (1-based), split rule on (setup, camera, subject) -> train?)
+    "ntu60-paired-xview": (range(1, 61), lambda setup, camera, subject: camera in (2, 3)),  # 37,920 / 18,960
+    "ntu60-paired-xsub": (range(1, 61), lambda setup, camera, subject: subject in NTU_XSUB_TRAIN),
+    # thesis Sec. 2.4.2 NTU-120-minus-60: the actions NTU RGB+D 60 lacks (A061-A120), the teacher's source set;
+    # its train/val split is not stated: we use NTU-120's cross-subject split
+    "ntu120-minus-60": (range(61, 121), lambda setup, camera, subject: subject in NTU120_XSUB_TRAIN),
+}
+
+
+class NTUPairedDataset(PairedDataset):
+    """NTU RGB+D in its official layout, as PairedDataset (same items, `length`, `read`):
+        nturgb+d_rgb/<name>_rgb.avi                       1920x1080 RGB
+        nturgb+d_depth_masked/<name>/MDepth-%08d.png      512x424 masked depth, mm
+        nturgb+d_skeletons/<name>.skeleton                3D skeletons
+        flow/<name>/flow_%05d.jpg                         optional TV-L1 flow of the RGB (CoCLR layout)
+    Samples: the names of the kept actions with a depth folder (when depth is read; else an RGB video, else a flow
+    folder), labels relabelled from 0. The modalities differ in frame count: that first modality is the time axis,
+    frame t of a modality with n frames is floor(t * n / length) (aligned by time)."""
+
+    def __init__(self, root, split, name="ntu60-paired-xview", clip_len=16, frame_strides=(1,), sampling="random",
+                 transform=None, modalities=None, decoder="auto", strict=False, bad_files_path=None, jitter=False):
+        import re
+        actions, is_train = NTU_PAIRED_SETS[name]
+        split = _split_name(split)
+        self.root, self.split, self.decoder = root, split, decoder
+        self.modalities = tuple(modalities or ("video", "depth", "skeleton"))
+        folders = {"depth": "nturgb+d_depth_masked", "video": "nturgb+d_rgb", "flow": "flow"}
+        candidates = [m for m in ("depth", "video", "flow") if m in self.modalities or m == "video"]
+        self.time_axis = next((m for m in candidates if os.path.isdir(os.path.join(root, folders[m]))), "video")
+        folder = _need(os.path.join(root, folders[self.time_axis]), "nturgb+d_rgb/ or nturgb+d_depth_masked/")
+        pattern = re.compile(r"S(\d{3})C(\d{3})P(\d{3})R(\d{3})A(\d{3})")
+        names, labels = [], []
+        for entry in sorted(os.listdir(folder)):
+            match = pattern.match(entry)
+            if not match:
+                continue
+            setup, camera, subject, _, action = (int(g) for g in match.groups())
+            if action in actions and is_train(setup, camera, subject) == (split == "train"):
+                names.append(match.group(0))
+                labels.append(action - actions[0])
+        if not names:
+            raise VideoReadError(f"{folder}: no {split} samples of {name} (expected S001C001P001R001A001 names)")
+        self.names, self.labels = names, np.asarray(labels, dtype=np.int64)
+        self._indices = np.arange(len(names))
+        self.num_classes, self.class_names = len(actions), [f"A{a:03d}" for a in actions]
+        self.clip_len, self.frame_strides, self.sampling, self.jitter = clip_len, frame_strides, sampling, jitter
+        self.transform, self.strict, self.bad_files_path, self.bad_files = transform, strict, bad_files_path, {}
+        self._lengths = {}
+
+    @property
+    def indices(self):
+        return self._indices
+
+    def __len__(self):
+        return len(self.names)
+
+    def _path(self, i, modality):
+        name = self.names[i]
+        return {"video": os.path.join(self.root, "nturgb+d_rgb", f"{name}_rgb.avi"),
+                "depth": os.path.join(self.root, "nturgb+d_depth_masked", name),
+                "skeleton": os.path.join(self.root, "nturgb+d_skeletons", f"{name}.skeleton"),
+                "flow": os.path.join(self.root, "flow", name)}[modality]
+
+    def sample_path(self, i):
+        return self._path(i, self.time_axis)
+
+    def length(self, i):
+        if i not in self._lengths:
+            path = self._path(i, self.time_axis)
+            self._lengths[i] = (len([n for n in os.listdir(path) if n.endswith(".png")]) if self.time_axis == "depth"
+                                else len(_frame_files(path, "flow")) if self.time_axis == "flow"
+                                else count_frames(path, self.decoder))
+        return self._lengths[i]
+
+    def read(self, i, idx, modalities=None):
+        length, idx = self.length(i), np.asarray(idx).reshape(-1)
+
+        def by_time(n):  # frame t of the time axis -> frame of a modality with n frames
+            return np.minimum(np.minimum(idx, length - 1) * n // length, n - 1)
+        item = {}
+        for modality in self.modalities if modalities is None else modalities:
+            path = self._path(i, modality)
+            if modality == "video":
+                x = torch.from_numpy(_read_frames(path, by_time, self.decoder)).permute(3, 0, 1, 2)  # (3, T, H, W)
+            elif modality == "depth":
+                n = len([f for f in os.listdir(path) if f.endswith(".png")]) if os.path.isdir(path) else 0
+                x = torch.from_numpy(read_depth_frames(path, by_time(max(n, 1))))[None]  # (1, T, H, W) metres
+            elif modality == "skeleton":
+                skeleton = read_ntu_skeleton(path)  # (3, n, 25, 2)
+                x = torch.from_numpy(np.ascontiguousarray(skeleton[:, by_time(skeleton.shape[1])]))
+            elif modality == "flow":
+                x = torch.from_numpy(uint8_to_flow(_read_jpegs(path, "flow", by_time, None))).permute(3, 0, 1, 2)
+            else:
+                raise ValueError(f"modalities: NTU paired sets have video, depth, skeleton, flow; got {modality!r}")
+            item[modality] = x
+        return item
 
 
 def read_ntu_skeleton(path, max_bodies=2):
@@ -1620,11 +1760,15 @@ def build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides=
     "skeleton", ...) before "label", "index" and "frame_indices" are added. dataset_options: fold (UCF101, HMDB51),
     ext (SSv2), list_file (videolist), size, jitter, step (VideoDataset), check_exists (drop listed but missing
     videos, default True), pre_normalize (NTU raw), toy_seed (toy sets)."""
-    root = root or os.path.join("data", name)
+    root = root or os.path.join("data", "toy-paired" if name in TOY_PAIRED_HALVES else name)
     skel_kwargs = dict(transform=transform, strict=strict, bad_files_path=bad_files_path)
     if name == "toy-skeleton":
         make_toy_skeleton(root, seed=dataset_options.get("toy_seed", 0))
         ds = _skeleton_set(root, split, None, class_names=TOY_SKELETON_ACTIONS, **skel_kwargs)
+    elif name in NTU_PAIRED_SETS:
+        ds = NTUPairedDataset(root, split, name, clip_len=clip_len, frame_strides=frame_strides, sampling=sampling,
+                              modalities=modalities, decoder=decoder, jitter=dataset_options.get("jitter", False),
+                              **skel_kwargs)
     elif name.startswith("ntu"):
         if name not in ("ntu60-xsub", "ntu60-xview", "ntu120-xsub", "ntu120-xset"):
             raise ValueError(f"unknown NTU benchmark {name!r}")
@@ -1638,12 +1782,12 @@ def build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides=
         ds = _skeleton_set(out, split, lambda: convert_pku_mmd(root, out, bench), **skel_kwargs)
     elif name == "kinetics-skeleton":
         ds = KineticsSkeletonDataset(root, split, **skel_kwargs)
-    elif name in ("toy-paired", "paired"):
-        if name == "toy-paired":
+    elif name in ("toy-paired", "paired") + tuple(TOY_PAIRED_HALVES):
+        if name.startswith("toy-paired"):
             make_toy_paired(root, seed=dataset_options.get("toy_seed", 0))
         ds = PairedDataset(root, split, clip_len=clip_len, frame_strides=frame_strides, sampling=sampling,
                            modalities=modalities, decoder=decoder, jitter=dataset_options.get("jitter", False),
-                           **skel_kwargs)
+                           classes=TOY_PAIRED_HALVES.get(name), **skel_kwargs)
     else:
         samples, classes = _parse_video_set(name, root, split, dataset_options)
         if dataset_options.get("check_exists", True):
@@ -1664,7 +1808,10 @@ def build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides=
                             sampling=sampling, transform=transform, modalities=modalities, decoder=decoder,
                             strict=strict, bad_files_path=bad_files_path, size=dataset_options.get("size"),
                             jitter=dataset_options.get("jitter", False), step=dataset_options.get("step"))
-    if fraction < 1.0 or per_class is not None:
+    if (fraction < 1.0 or per_class is not None) and isinstance(ds, NTUPairedDataset):
+        keep = stratified_subset(ds.labels, fraction, per_class, seed)
+        ds.names, ds.labels, ds._indices = [ds.names[i] for i in keep], ds.labels[keep], np.arange(len(keep))
+    elif fraction < 1.0 or per_class is not None:
         inner = ds.skeletons if isinstance(ds, PairedDataset) else ds
         labels = inner.labels[inner.indices] if isinstance(inner, SkeletonDataset) else [y for _, y in ds.samples]
         keep = stratified_subset(labels, fraction, per_class, seed)
@@ -1757,6 +1904,9 @@ def check_data(name, root=None, decoder="auto", splits=("train", "val"), out=pri
 # a temporary folder and renamed into place, so concurrent processes (DDP ranks) never see half a dataset.
 # Every random draw comes from np.random.default_rng([seed, ...]): same seed, same files.
 
+# toy-paired split by action, the toy counterpart of thesis Sec. 2.4.2: the teacher learns the "source" half
+# (as NTU-120-minus-60), the student is distilled and evaluated on the disjoint "target" half (as NTU RGB+D 60).
+TOY_PAIRED_HALVES = {"toy-paired-source": range(0, 6), "toy-paired-target": range(6, 12)}
 TOY_MOTION_CLASSES = ["right", "left", "down", "up", "circle_cw", "circle_ccw", "zigzag", "shake_vertical"]
 TOY_SKELETON_ACTIONS = ["wave_right", "wave_left", "raise_both_hands", "kick_right", "squat", "jump", "bow",
                         "clap", "punch_right", "touch_head", "handshake", "high_five"]
@@ -2147,8 +2297,9 @@ def _render_toy_body(x, size, focal, bg, colours, thickness=2.2):
             flow.reshape(-1, size, size, 2), uv)
 
 
-def make_toy_paired(root, seed=0, size=64, num_frames=24, subjects=5, train_subjects=4):
-    """The toy-skeleton actions rendered to temporally aligned modalities (one sample per subject and action):
+def make_toy_paired(root, seed=0, size=64, num_frames=24, subjects=7, train_subjects=4, per_subject=2):
+    """The toy-skeleton actions rendered to temporally aligned modalities (`per_subject` samples per subject and
+    action; subjects 1..train_subjects train, the rest val: 96 train / 72 val videos of 16-24 frames):
         rgb/<name>.mp4                      the bodies drawn over a random texture (H.264, size x size)
         depth/<name>/MDepth-%08d.png        16-bit depth in mm, 0 off the body (NTU masked depth)
         skeleton/{train,val}_data_joint.npy, _label.pkl, _num_frame.npy   the 3D skeletons (NTU layout)
@@ -2164,10 +2315,10 @@ def make_toy_paired(root, seed=0, size=64, num_frames=24, subjects=5, train_subj
         out = {"train": ([], [], [], []), "val": ([], [], [], [])}
         labels_json = {"train": {}, "val": {}}
         for subject in range(1, subjects + 1):
-            for action in range(len(TOY_SKELETON_ACTIONS)):
-                x, name, length = toy_skeleton_sample(seed, subject, action, 0, num_frames, min_frames=16)
+            for action, rep in itertools.product(range(len(TOY_SKELETON_ACTIONS)), range(per_subject)):
+                x, name, length = toy_skeleton_sample(seed, subject, action, rep, num_frames, min_frames=16)
                 split = "train" if subject <= train_subjects else "val"
-                rng = np.random.default_rng([seed, 2000, subject, action])
+                rng = np.random.default_rng([seed, 2000, subject, action, rep])
                 bg = _toy_background(rng, size)
                 colours = rng.uniform(60, 255, (2, 3)).astype(np.float32)
                 rgb, depth, flow, uv = _render_toy_body(x[:, :length], size, focal, bg, colours)

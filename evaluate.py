@@ -127,6 +127,12 @@ PROTOCOLS = {
     # Toy-ucfrep: 32 frames as the paper (16 per stream: 8 would alias a 4-cycle window) at 32x32 to stay cheap.
     "toy-ucfrep": dict(VIDEO, frames=32, crop=32, short_side=32, jitter=False, test_clips=1, metric="mae",
                        sample_duration=64, repcount=_opt("adam", 8, 3e-3, 12, [])),
+    # Paired sets (crossmodal_distill.py): the modality comes from the checkpoint's meta (depth by default, flow);
+    # one clip per video at test (PairedDataset reads one clip). Toy: toy-paired-target's 6 actions, 16-24 frames.
+    "paired": dict(VIDEO, modality="depth", frames=16, short_side=112, jitter=False, test_clips=1),
+    "toy-paired": dict(VIDEO, modality="depth", frames=8, crop=48, short_side=48, crop_scale=(0.5, 1.0),
+                       jitter=False, test_clips=1, finetune=_opt("adam", 16, 1e-3, 10, [7]),
+                       linear=_opt("adam", 16, 1e-2, 10, [7]), fewshot=_opt("adam", 16, 1e-3, 10, [7])),
     "toy-skeleton": dict(SKELETON, frames=32,  # skeleton_contrast.py's toy view length (paper: 64)
                          linear=_opt("sgd", 32, 0.1, 10, [6, 8]), fewshot=_opt("adam", 32, 1e-3, 6, [4]),
                          finetune=_opt("adam", 32, 1e-3, 6, [4]), transfer=_opt("adam", 32, 1e-3, 6, [4])),
@@ -645,10 +651,33 @@ def skeleton_transform(item, train, frames, center, skelemotion=False):
     return item
 
 
+def paired_transform(item, key, train, crop, short_side, crop_scale, flip, channels):
+    """Depth (metres) or flow (pixels) clip of a paired set -> the network input of crossmodal_distill.py's
+    student: train = RandomResizedCrop + flip, test = short side + centre crop; common.depth_to_input /
+    flow_to_input (flow: short side resized with its vectors)."""
+    x = item[key]
+    if train:
+        x = common.random_resized_crop_clip(x, crop, scale=crop_scale)
+        if flip:
+            x = common.horizontal_flip(x, p=0.5, flow=key == "flow")
+    else:
+        x = common.center_crop(common.resize_short_side(x, short_side), crop)
+    item[key] = common.depth_to_input(x, channels) if key == "depth" else common.flow_to_input(x)
+    return item
+
+
 def build_split(args, split, train, augment=True):
     """The dataset of `split` ("train" or "test" = the dataset's official evaluation split) with the protocol's
     sampling: train = one random clip (augmented unless augment=False), test = test_clips uniform clips."""
     p = args.protocol
+    if p["modality"] in ("depth", "flow"):
+        transform = functools.partial(paired_transform, key=p["modality"], train=train and augment, crop=p["crop"],
+                                      short_side=p["short_side"], crop_scale=p["crop_scale"], flip=p["flip"],
+                                      channels=args.options.get("in_channels", 3))
+        return common.build_dataset(args.data, args.data_root, split, clip_len=args.frames,
+                                    frame_strides=(p["stride"],), sampling="random" if train else "uniform",
+                                    transform=transform, modalities=(p["modality"],), decoder=args.decoder,
+                                    strict=args.strict_data, bad_files_path=args.bad_files)
     if p["modality"] == "skeleton":
         transform = functools.partial(skeleton_transform, train=train and augment, frames=args.frames,
                                       center=not args.no_center, skelemotion=args.arch == "skelemotion_cnn")
@@ -1397,6 +1426,10 @@ def severe_task(run, args):
 def protocol_for(data):
     if data in PROTOCOLS:
         return PROTOCOLS[data]
+    if data in common.TOY_PAIRED_HALVES:
+        return PROTOCOLS["toy-paired"]
+    if data in common.NTU_PAIRED_SETS:
+        return PROTOCOLS["paired"]
     if data.startswith(("ntu", "pku", "kinetics-skeleton")):
         return SKELETON
     return PROTOCOLS["ucf101"]  # videofolder / videolist / other video sets: UCF101's settings
@@ -1462,7 +1495,7 @@ def resolve_args(args):
     args.arch = args.arch or meta.get("arch")
     if args.data == "toy":
         args.data = ("toy-skeleton" if args.arch in SKELETON_ARCHS else "toy-ucfrep" if args.task == "repcount" else
-                     "toy-motion")
+                     "toy-paired-target" if meta.get("modality") in ("depth", "flow") else "toy-motion")
     if args.arch is None:
         skeleton = protocol_for(args.data)["modality"] == "skeleton"
         args.arch = "tiny3d" if args.data in ("toy-motion", "toy-ucfrep") else "bigru" if skeleton else "r2plus1d_18"
@@ -1481,6 +1514,9 @@ def resolve_args(args):
         args.out_dir = os.path.join("runs", f"evaluate-{args.task}-{args.data}-{weights_tag(args.weights)}")
     if args.task != "severe":
         apply_protocol(args)
+        if protocol_for(args.data).get("modality") == "depth" and meta.get("modality") in ("depth", "flow", "rgb"):
+            modality = {"rgb": "video"}.get(meta["modality"], meta["modality"])  # paired sets: the net's input
+            args.protocol = dict(args.protocol, modality=modality)
     else:  # each column applies its own protocol; the batch size here only satisfies common.setup's check
         args.protocol, args.bad_files = protocol_for(args.data), os.path.join(args.out_dir, "bad_files.txt")
         args.batch_size = args.batch_size or 32
@@ -1497,14 +1533,14 @@ def resolve_args(args):
 
 def check_modality(args, meta):
     """Video encoders on video data, skeleton encoders on skeleton data: by --arch and by the modality the
-    weights were pretrained on (meta['modality'] of our backbone.pth: rgb / flow / skeleton)."""
-    data = protocol_for(args.data)["modality"]
+    weights were pretrained on (meta['modality'] of our backbone.pth: rgb / flow / depth / skeleton)."""
+    data = "skeleton" if protocol_for(args.data)["modality"] == "skeleton" else "video"  # depth, flow: 3-D CNNs too
     arch = "skeleton" if args.arch in SKELETON_ARCHS else "video"
     if arch != data:
         raise common.UserError(f"evaluate.py: --arch {args.arch} is a {arch} encoder but --data {args.data} is "
                                f"{data} data; use a {data} encoder (or {arch} data)")
     pretrained = meta.get("modality")
-    if pretrained and {"rgb": "video", "flow": "video"}.get(pretrained, pretrained) != data:
+    if pretrained and {"rgb": "video", "flow": "video", "depth": "video"}.get(pretrained, pretrained) != data:
         raise common.UserError(f"evaluate.py: --weights {args.weights} holds a backbone pretrained on {pretrained} "
                                f"(its meta['modality']) but --data {args.data} is {data} data")
 
@@ -1587,8 +1623,8 @@ def describe_protocol(args, source, sizes, num_classes):
                   ("" if features_only else "random, ratio U(0.5, 1) (train); ") + "centred, ratio 0.95 (test)" +
                   (f"; body 0 as a SkeleMotion image (6, {args.frames}, 49), tau 1" if skelemotion else ""))
     elif features_only:
-        inputs = (f"video clips of {args.frames} frames at stride {p['stride']}: {args.test_clips} uniformly spaced "
-                  f"clips per video, short side {p['short_side']} + centre crop {p['crop']}")
+        inputs = (f"{p['modality']} clips of {args.frames} frames at stride {p['stride']}: {args.test_clips} "
+                  f"uniformly spaced clips per video, short side {p['short_side']} + centre crop {p['crop']}")
     elif args.task == "arrow-of-time":
         inputs = (f"{args.frames} frames spread linearly over the whole video (stride = length // {args.frames}), "
                   f"random offset (train) / centred (test), {p['crop']}x{p['crop']} centre crops, no augmentation; "
@@ -1596,7 +1632,8 @@ def describe_protocol(args, source, sizes, num_classes):
     else:
         train_aug = (f"RandomResizedCrop (scale {p['crop_scale'][0]}-{p['crop_scale'][1]})"
                      + (" + flip" if p["flip"] else "") + (" + colour jitter" if p["jitter"] else ""))
-        inputs = (f"video clips of {args.frames} frames at stride {p['stride']}, {p['crop']}x{p['crop']} crops; "
+        inputs = (f"{p['modality']} clips of {args.frames} frames at stride {p['stride']}, "
+                  f"{p['crop']}x{p['crop']} crops; "
                   f"train: 1 random clip, {train_aug}; test: {args.test_clips} uniformly spaced clips, short side "
                   f"{p['short_side']} + centre crop, "
                   + ("sigmoid max-pooled" if args.task == "multilabel" else "softmax averaged"))

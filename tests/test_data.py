@@ -809,8 +809,8 @@ def test_toy_skeleton_actions_are_distinguishable(toy_skeleton):
 def test_toy_paired_modalities_are_aligned(tmp_path):
     root = str(tmp_path / "toy-paired")
     ds = common.build_dataset("toy-paired", root, "train", clip_len=6, frame_strides=(2,))
-    assert len(ds) == 4 * 12 and ds.num_classes == 12
-    assert len(common.build_dataset("toy-paired", root, "val")) == 12
+    assert len(ds) == 4 * 12 * 2 and ds.num_classes == 12
+    assert len(common.build_dataset("toy-paired", root, "val")) == 3 * 12 * 2
     focal, hits, depth_err = 64 * 1.25, 0, []
     for i in range(0, len(ds), 7):
         item = ds[i]

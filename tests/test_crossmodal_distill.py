@@ -1,0 +1,353 @@
+"""crossmodal_distill.py: losses by hand, Eq. (2.3)'s clips and mean, aligned pairs, the frozen teacher, the feature
+cache, backbone.pth in evaluate.py, and one slow learning test (distilled depth student vs random init)."""
+import argparse
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import common
+import crossmodal_distill as cd
+import evaluate
+
+
+def _args(**kw):
+    parser = cd.add_method_args(argparse.ArgumentParser(parents=[common.get_common_parser()]))
+    parser.set_defaults(lr=None, wd=None, epochs=None, batch_size=None, workers=None, knn_every=None)
+    argv = sum(([f"--{k.replace('_', '-')}"] + ([] if v is True else [str(v)]) for k, v in kw.items()), [])
+    return cd.finalize_args(parser.parse_args(argv))
+
+
+def _run(tmp_path):
+    args = argparse.Namespace(amp="off", clip_grad=None, sync_bn=False, channels_last=False, compile=False)
+    return common.Run(args, torch.device("cpu"), str(tmp_path))
+
+
+# ---------------------------------------------------------------------------------------------- losses by hand
+def test_cosine_distance_parallel_orthogonal_opposite():
+    a = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 4.0]])
+    assert cd.cosine_distance(a, 5 * a).item() == pytest.approx(0.0, abs=1e-6)  # parallel: 1 - 1
+    assert cd.cosine_distance(a[:1], torch.tensor([[0.0, 7.0]])).item() == pytest.approx(1.0)  # orthogonal: 1 - 0
+    assert cd.cosine_distance(a, -0.5 * a).item() == pytest.approx(2.0)  # opposite: 1 - (-1)
+    # batch mean: (0 + 1) / 2
+    assert cd.cosine_distance(torch.tensor([[1.0, 0.0], [1.0, 0.0]]),
+                              torch.tensor([[2.0, 0.0], [0.0, 1.0]])).item() == pytest.approx(0.5)
+
+
+def test_mse_by_hand_and_granularities():
+    s, c, v = torch.tensor([[1.0, 2.0]]), torch.tensor([[0.0, 0.0]]), torch.tensor([[1.0, 0.0]])
+    assert cd.mse_loss(s, c).item() == pytest.approx((1 + 4) / 2)
+    assert cd.distill_loss(s, c, v, "clip", "mse").item() == pytest.approx(2.5)  # Eq. (2.1) vs F^clip
+    assert cd.distill_loss(s, c, v, "video-to-clip", "mse").item() == pytest.approx(2.0)  # Eq. (2.2) vs F^video
+    assert cd.distill_loss(s, c, v, "video", "mse").item() == pytest.approx(2.0)  # Eq. (2.5)
+    assert cd.distill_loss(s, c, v, "combined", "mse").item() == pytest.approx(4.5)  # Eq. (2.4) = sum
+    s, c, v = torch.randn(4, 8), torch.randn(4, 8), torch.randn(4, 8)
+    combined = cd.distill_loss(s, c, v, "combined")
+    assert combined.item() == pytest.approx((cd.distill_loss(s, c, v, "clip") +
+                                             cd.distill_loss(s, c, v, "video-to-clip")).item(), rel=1e-6)
+
+
+def test_alignment_metrics_by_hand():
+    t = torch.eye(3)
+    m = cd.alignment_metrics(t, t)
+    assert m["cos_pos"] == pytest.approx(1.0) and m["cos_neg"] == pytest.approx(0.0) and m["ret_acc"] == 1.0
+    m = cd.alignment_metrics(t[[1, 2, 0]], t)  # every student matches another video's target
+    assert m["cos_pos"] == pytest.approx(0.0) and m["cos_neg"] == pytest.approx(0.5) and m["ret_acc"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- Eq. (2.3)
+def test_clip_bounds_and_video_mean():
+    bounds = cd.clip_bounds(50, 16)  # N = 50 // 16 = 3 clips, frames 0-47 (the tail 48, 49 is left out)
+    assert bounds.shape == (3, 16) and bounds[0, 0] == 0 and bounds[2, -1] == 47
+    assert np.array_equal(bounds.reshape(-1), np.arange(48))
+    assert cd.clip_bounds(10, 16).shape == (1, 16)  # shorter than one clip: one clip
+    f = torch.tensor([[[1.0, 2.0], [3.0, 4.0], [5.0, 9.0]], [[2.0, 2.0], [100.0, 100.0], [100.0, 100.0]]])
+    video = cd.video_feature(f, torch.tensor([3, 1]))  # (B=2, N_max=3, D=2); video 2 has one valid clip
+    assert torch.allclose(video, torch.tensor([[3.0, 5.0], [2.0, 2.0]]))
+
+
+class FramePaired:
+    """A paired set whose frames carry their own index: depth (idx + 1) * 5 cm, RGB value idx."""
+
+    def __init__(self, lengths):
+        self.lengths = lengths
+
+    def __len__(self):
+        return len(self.lengths)
+
+    def length(self, i):
+        return self.lengths[i]
+
+    def read(self, i, idx, modalities):
+        idx = np.minimum(np.asarray(idx).reshape(-1), self.lengths[i] - 1)
+        value = torch.from_numpy(idx).view(1, -1, 1, 1).float()
+        out = {"depth": (value + 1) * 0.05 * torch.ones(1, len(idx), 20, 24),
+               "video": (value * torch.ones(3, len(idx), 20, 24)).to(torch.uint8)}
+        return {m: out[m] for m in modalities}
+
+
+def test_student_clip_is_teacher_clip_i(tmp_path):
+    args = _args(clip_len=16, crop_size=16, teacher_modality="rgb")
+    lengths = [50, 33, 16]
+    n_max = 3
+    cache = np.zeros((3, n_max, 4), dtype=np.float16)
+    for i, n in enumerate(lengths):
+        for k in range(len(cd.clip_bounds(n, 16))):
+            cache[i, k] = 10 * i + k  # F_k^clip of video i
+    path = str(tmp_path / "cache.npy")
+    np.save(path, cache)
+    cached, on_the_fly = cd.DistillPairs(FramePaired(lengths), args, path), \
+        cd.DistillPairs(FramePaired(lengths), args, None, n_max)
+    seen = set()
+    for trial in range(40):
+        i = trial % 3
+        torch.manual_seed(trial)
+        item = cached[i]
+        k, n = int(item["clip"]), int(item["num_clips"])
+        seen.add((i, k))
+        assert n == len(cd.clip_bounds(lengths[i], 16)) and 0 <= k < n
+        depth = (item["student"][0, :, 8, 8] + 1) / 2 * common.DEPTH_MAX  # metres, decoded from the input
+        frames = torch.round(depth / 0.05).long() - 1
+        assert torch.equal(frames, torch.from_numpy(np.minimum(cd.clip_bounds(lengths[i], 16)[k], lengths[i] - 1)))
+        assert torch.allclose(item["t_clip"], torch.full((4,), 10.0 * i + k))
+        assert torch.allclose(item["t_video"], torch.full((4,), 10.0 * i + (n - 1) / 2))  # mean of clips 0..N-1
+        torch.manual_seed(trial)
+        item2 = on_the_fly[i]
+        assert int(item2["clip"]) == k and item2["teacher_input"].shape == (n_max, 3, 16, 16, 16)
+        rgb = item2["teacher_input"][k, 0, :, 8, 8] * common.KINETICS_STD[0] + common.KINETICS_MEAN[0]
+        assert torch.equal(torch.round(rgb * 255).long(), frames)  # the teacher's clip k = the student's frames
+    assert (0, 0) in seen and (0, 2) in seen
+    clip_only = cd.DistillPairs(FramePaired(lengths), _args(clip_len=16, crop_size=16, teacher_modality="rgb",
+                                                            granularity="clip"), None, n_max)
+    for seed in range(6):  # Eq. (2.1) on the fly: only the student's clip goes through the teacher
+        torch.manual_seed(seed)
+        k = int(cached[0]["clip"])
+        torch.manual_seed(seed)
+        item = clip_only[0]
+        assert item["teacher_input"].shape[0] == 1 and int(item["clip"]) == 0
+        rgb = item["teacher_input"][0, 0, :, 8, 8] * common.KINETICS_STD[0] + common.KINETICS_MEAN[0]
+        assert torch.round(rgb * 255).long().tolist() == cd.clip_bounds(50, 16)[k].tolist()
+
+
+# ---------------------------------------------------------------------------------------------- frozen teacher
+def test_teacher_gets_no_gradient_and_keeps_bn_statistics(tmp_path):
+    args = _args(teacher_cache="none", teacher_modality="rgb")
+    teacher = cd.build_teacher(args)
+    before = {k: v.clone() for k, v in teacher.state_dict().items()}
+    student = cd.Student(cd.build_student(args), cd.stage_dims(teacher, args, False), False, args)
+    assert isinstance(student.proj[0], torch.nn.Identity)  # tiny3d -> tiny3d: 128 = 128, nothing to match
+    student.train()
+    optimizer = torch.optim.SGD(student.parameters(), lr=0.1)
+    step = cd.make_distill_step(student, teacher, optimizer, _run(tmp_path), args)
+    batch = {"student": torch.randn(4, 3, 8, 48, 48), "teacher_input": torch.randn(4, 2, 3, 8, 48, 48) * 3 + 1,
+             "clip": torch.tensor([0, 1, 0, 1]), "num_clips": torch.tensor([2, 2, 1, 2])}
+    s_before = [p.clone() for p in student.parameters()]
+    metrics = step(batch)
+    assert math.isfinite(metrics["loss"]) and not teacher.training
+    assert all(p.grad is None and not p.requires_grad for p in teacher.parameters())
+    for k, v in teacher.state_dict().items():  # weights and BN running mean / var / counters untouched
+        assert torch.equal(v, before[k]), k
+    assert any(not torch.equal(a, b) for a, b in zip(s_before, student.parameters()))
+
+
+def test_projection_and_match_blocks():
+    args = _args(student_arch="resnet3d_18", match_blocks=True, clip_len=4, crop_size=32)
+    teacher = cd.build_teacher(args)  # tiny3d stages: 16, 32, 64, 128
+    dims = cd.stage_dims(teacher, args, True)
+    assert dims == [16, 32, 64, 128]
+    student = cd.Student(cd.build_student(args), dims, True, args)
+    assert [p.in_features for p in student.proj] == [64, 128, 256, 512]  # ResNet-18 stages -> teacher sizes
+    out = student(torch.randn(2, 3, 4, 32, 32))
+    assert [o.shape[1] for o in out] == dims
+    assert torch.allclose(cd.block_features(student.backbone.eval(), torch.ones(1, 3, 4, 32, 32), True)[-1],
+                          student.backbone(torch.ones(1, 3, 4, 32, 32)))  # last stage = the feature
+
+
+def test_user_errors():
+    with pytest.raises(common.UserError, match="crossmodal_distill.py"):
+        _args(student="skeleton", granularity="clip")
+    with pytest.raises(common.UserError, match="--teacher-weights"):
+        _args(data="paired")
+    with pytest.raises(common.UserError, match="--match-blocks"):
+        _args(student="skeleton", match_blocks=True)
+
+
+# ---------------------------------------------------------------------------------------------- cache
+@pytest.fixture(scope="module")
+def small_paired(tmp_path_factory):
+    root = str(tmp_path_factory.mktemp("paired") / "toy-paired")
+    common.make_toy_paired(root, size=32, subjects=2, train_subjects=1, per_subject=1)  # 12 + 12 videos
+    return root
+
+
+def test_cached_features_equal_on_the_fly(small_paired, tmp_path):
+    args = _args(data="paired", data_root=small_paired, teacher_weights=__file__, crop_size=32, clip_len=8,
+                 teacher_arch="tiny3d", teacher_modality="rgb")
+    args.teacher_weights, args.teacher_cache = None, str(tmp_path / "cache")
+    torch.manual_seed(0)
+    teacher = cd.build_teacher(args)
+    paired = common.build_dataset("paired", small_paired, "train", modalities=("depth", "video"))
+    path = cd.build_teacher_cache(teacher, paired, args, _run(tmp_path), False)
+    assert os.path.basename(path) == f"teacher-{cd.teacher_key(teacher, paired, args, False)}.npy"
+    cache = np.load(path, mmap_mode="r")
+    n_max = max(paired.length(i) // 8 for i in range(len(paired)))  # 16-24 frames: 2-3 clips of 8
+    assert cache.dtype == np.float16 and cache.shape[:2] == (12, n_max) and n_max >= 2
+    ds = cd.DistillPairs(paired, args, None, n_max)
+    run = _run(tmp_path)
+    run.amp_dtype = torch.bfloat16  # the step's autocast as on a GPU
+    for i in range(0, 12, 5):
+        item = ds[i]
+        n = int(item["num_clips"])
+        with torch.no_grad(), run.autocast():
+            f = teacher(item["teacher_input"][:n]).float()  # (N, D) on the fly, bf16
+        cached = torch.from_numpy(cache[i, :n].astype(np.float32))  # (N, D)
+        assert (cached - f).abs().max() <= 2e-2 * f.abs().max()  # bf16: 8 bits of mantissa
+        assert (cached[:, None] - f[None]).abs().amax(-1).argmin(0).tolist() == list(range(n))  # clip k = clip k
+    teacher.layer = torch.nn.Identity()  # no parameter change ...
+    with torch.no_grad():
+        next(teacher.parameters()).add_(1)  # ... but other weights: a new key
+    assert cd.teacher_key(teacher, paired, args, False) not in path
+
+
+# ---------------------------------------------------------------------------------------------- evaluate.py
+def test_backbone_loads_in_evaluate(small_paired, tmp_path):
+    out = str(tmp_path / "run")
+    cd.main(["--data", "paired", "--data-root", small_paired, "--out-dir", out, "--max-steps", "2",
+             "--batch-size", "4", "--teacher-cache", str(tmp_path / "cache"), "--teacher-arch", "tiny3d",
+             "--student-arch", "tiny3d", "--clip-len", "8", "--crop-size", "32", "--workers", "0",
+             "--teacher-weights", _teacher_file(tmp_path)])
+    saved = torch.load(os.path.join(out, "backbone.pth"), weights_only=True)
+    assert saved["meta"]["modality"] == "depth" and not any(k.startswith("proj") for k in saved["state_dict"])
+    result = evaluate.main(["--task", "knn", "--data", "paired", "--data-root", small_paired, "--weights",
+                            os.path.join(out, "backbone.pth"), "--out-dir", str(tmp_path / "eval"),
+                            "--frames", "8", "--workers", "0"])
+    assert "nn1_acc" in result["metrics"]
+    assert "depth" in result["protocol"]
+
+
+def _teacher_file(tmp_path):
+    path = str(tmp_path / "teacher.pth")
+    common.save_backbone(common.build_backbone("tiny3d"), path, {"modality": "rgb"})
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- learning
+@pytest.mark.slow
+def test_distilled_depth_student_beats_random_init(tmp_path):
+    """The toy run: a flow teacher on 6 actions, distilled into depth on the other 6 without labels; kNN (k=200) and
+    1-NN on the student's actions (common.knn_monitor): distilled > random init. Measured (seeds 0, 1): kNN +22.2 /
+    +30.6 points, 1-NN +22.2 / +16.6."""
+    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "toy-paired")
+    out = str(tmp_path / "run")
+    result = cd.main(["--data-root", root, "--out-dir", out, "--teacher-cache", str(tmp_path / "cache")])
+    knn = result["knn"]
+    assert knn["student"]["knn_top1"] > knn["random_init"]["knn_top1"] + 10, json.dumps(knn)
+    assert knn["student"]["nn1_top1"] > knn["random_init"]["nn1_top1"] + 5, json.dumps(knn)
+
+
+def test_skeleton_student_video_granularity_runs(small_paired, tmp_path):
+    """Eq. (2.5): the whole skeleton sequence (ST-GCN, 256-d) against the video feature, through a projection."""
+    out = str(tmp_path / "skel")
+    result = cd.main(["--data", "paired", "--data-root", small_paired, "--out-dir", out, "--max-steps", "2",
+                      "--batch-size", "4", "--student", "skeleton", "--skeleton-frames", "24", "--teacher-cache",
+                      "none", "--teacher-arch", "tiny3d", "--clip-len", "8", "--crop-size", "32", "--workers", "0",
+                      "--teacher-weights", _teacher_file(tmp_path)])
+    assert result["step"] == 2
+    saved = torch.load(os.path.join(out, "backbone.pth"), weights_only=True)
+    assert saved["meta"]["arch"] == "stgcn" and saved["meta"]["modality"] == "skeleton"
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        record = json.loads(f.readlines()[-1])
+    assert {"cos_pos", "cos_neg", "ret_acc"} <= set(record)
+
+
+# ---------------------------------------------------------------------------------------------- official layouts
+def _write_skeleton(path, num_frames, bodies=1):
+    """A raw NTU .skeleton text file: body joints at x = frame index / 100 (so the frame can be read back)."""
+    lines = [str(num_frames)]
+    for t in range(num_frames):
+        lines.append(str(bodies))
+        for b in range(bodies):
+            lines += [f"7200000000000{b} 0 1 1 1 1 0 0.1 0.1 2", "25"]
+            lines += [f"{t / 100 + 0.01 * j} {0.1 * b} 3.0 0 0 0 0 0 0 0 0 2" for j in range(25)]
+    with open(path, "w") as f:
+        f.write("\n".join(lines) + "\n")
+
+
+@pytest.fixture(scope="module")
+def ntu_layout(tmp_path_factory):
+    """NTU RGB+D's official folders: RGB (12 frames, grey level 20 k at frame k), masked depth PNGs (9 frames,
+    (k + 1) * 100 mm) and skeletons (9 frames), cameras 1-3, two actions, plus A061 (NTU-120 only, left out)."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("ntu")
+    for name in ("S001C001P001R001A001", "S001C002P001R001A001", "S001C003P002R001A002", "S001C002P003R001A002",
+                 "S018C002P001R001A061"):
+        common.write_video(str(root / "nturgb+d_rgb" / f"{name}_rgb.avi"),
+                           np.stack([np.full((24, 32, 3), 20 * k, np.uint8) for k in range(12)]), fps=30)
+        (root / "nturgb+d_depth_masked" / name).mkdir(parents=True)
+        for k in range(9):
+            Image.fromarray(np.full((20, 26), (k + 1) * 100, np.uint16)).save(
+                root / "nturgb+d_depth_masked" / name / f"MDepth-{k + 1:08d}.png")
+        (root / "nturgb+d_skeletons").mkdir(exist_ok=True)
+        _write_skeleton(str(root / "nturgb+d_skeletons" / f"{name}.skeleton"), 9, bodies=2 if "A002" in name else 1)
+    (root / "nturgb+d_depth_masked" / "README.txt").write_text("not a sample")
+    return str(root)
+
+
+def test_ntu_paired_official_layout(ntu_layout):
+    train = common.build_dataset("ntu60-paired-xview", ntu_layout, "train", clip_len=4, sampling="uniform")
+    val = common.build_dataset("ntu60-paired-xview", ntu_layout, "val", clip_len=4)
+    assert train.names == ["S001C002P001R001A001", "S001C002P003R001A002", "S001C003P002R001A002"]  # cameras 2, 3
+    assert val.names == ["S001C001P001R001A001"] and list(train.labels) == [0, 1, 1] and train.num_classes == 60
+    xsub = common.build_dataset("ntu60-paired-xsub", ntu_layout, "train")  # subjects 1, 2 train; 3 val
+    assert [n[8:12] for n in xsub.names] == ["P001", "P001", "P002"]
+    assert train.length(0) == 9  # the depth frames are the time axis
+    item = train.read(0, np.arange(9))
+    depth_frames = torch.round(item["depth"][0, :, 5, 5] * 10).long() - 1  # (k + 1) * 100 mm -> k
+    rgb_frames = torch.round(item["video"][0, :, 5, 5].float() / 20).long()
+    assert depth_frames.tolist() == list(range(9))
+    assert rgb_frames.tolist() == [t * 12 // 9 for t in range(9)]  # 12 RGB frames aligned by time
+    assert item["skeleton"].shape == (3, 9, 25, 2)
+    assert torch.allclose(item["skeleton"][0, :, 0, 0], torch.arange(9) / 100)
+    sample = train[1]  # through the dataset: one clip of 4 frames of every modality, label and frame indices
+    assert sample["video"].shape == (3, 4, 24, 32) and sample["depth"].shape == (1, 4, 20, 26)
+    assert sample["label"] == 1 and sample["frame_indices"].tolist() == [0, 1, 2, 3]
+    source = common.build_dataset("ntu120-minus-60", ntu_layout, "train")  # A061-A120, relabelled from 0
+    assert source.names == ["S018C002P001R001A061"] and source.labels.tolist() == [0]
+    rgb_only = common.build_dataset("ntu120-minus-60", ntu_layout, "train", modalities=("video",))
+    assert rgb_only.time_axis == "video" and rgb_only.length(0) == 12  # the teacher's RGB: its own frames
+
+
+def test_distillation_runs_on_the_ntu_layout(ntu_layout, tmp_path):
+    teacher = str(tmp_path / "teacher")  # Sec. 2.4.3: the teacher learns A061-A120 from their RGB
+    cd.main(["--stage", "teacher", "--data", "ntu120-minus-60", "--data-root", ntu_layout, "--out-dir", teacher,
+             "--teacher-modality", "rgb", "--teacher-arch", "tiny3d", "--max-steps", "1", "--batch-size", "1",
+             "--clip-len", "4", "--crop-size", "32", "--workers", "0"])
+    assert torch.load(os.path.join(teacher, "backbone.pth"), weights_only=True)["meta"]["modality"] == "rgb"
+    out = str(tmp_path / "ntu")
+    result = cd.main(["--data", "ntu60-paired-xview", "--data-root", ntu_layout, "--out-dir", out, "--max-steps",
+                      "1", "--batch-size", "2", "--teacher-arch", "tiny3d", "--student-arch", "tiny3d",
+                      "--clip-len", "4", "--crop-size", "16", "--workers", "0", "--teacher-cache",
+                      str(tmp_path / "cache"), "--teacher-weights", _teacher_file(tmp_path)])
+    assert result["step"] == 1 and os.path.exists(os.path.join(out, "backbone.pth"))
+    scores = evaluate.main(["--task", "knn", "--data", "ntu60-paired-xview", "--data-root", ntu_layout, "--weights",
+                            os.path.join(out, "backbone.pth"), "--out-dir", str(tmp_path / "eval"), "--frames", "4",
+                            "--workers", "0"])
+    assert scores["sizes"] == {"train": 3, "val": 0, "test": 1} and "depth clips" in scores["protocol"]
+
+
+def test_two_gloo_processes_and_visualize(small_paired, tmp_path):
+    """--gpus 2 on CPU: the cache is written once by rank 0 (the others wait), every rank trains its shard;
+    --visualize writes the pairs and the cosine matrices before and after."""
+    out = str(tmp_path / "ddp")
+    cd.main(["--data", "paired", "--data-root", small_paired, "--out-dir", out, "--max-steps", "2", "--batch-size",
+             "4", "--gpus", "2", "--device", "cpu", "--teacher-arch", "tiny3d", "--student-arch", "tiny3d",
+             "--clip-len", "8", "--crop-size", "32", "--workers", "0", "--teacher-cache", str(tmp_path / "cache"),
+             "--teacher-weights", _teacher_file(tmp_path), "--visualize", "2"])
+    assert len(os.listdir(tmp_path / "cache")) == 1  # one cache file, no leftover temporary
+    for name in ("backbone.pth", "pairs.png", "cosine_before.png", "cosine_after.png"):
+        assert os.path.exists(os.path.join(out, name)), name
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        assert json.loads(f.readlines()[-1])["step"] == 2
