@@ -1072,13 +1072,16 @@ class VideoDataset(torch.utils.data.Dataset):
     def _load(self, i):
         path, label = self.samples[i]
         item, store = {}, {}
+        flow_dir = path if os.path.isdir(path) else os.path.splitext(path)[0]
         if "video" in self.modalities:
-            frames = _read_frames(path, lambda n: self._indices(n, store), self.decoder, self.size)
+            # with flow (one frame fewer, CoCLR layout) the clip is drawn from the frames both modalities have
+            n_flow = len(_frame_files(flow_dir, "flow")) if "flow" in self.modalities else None
+            frames = _read_frames(path, lambda n: self._indices(min(n, n_flow or n), store), self.decoder,
+                                  self.size)
             k = store["indices"].shape[0]
             video = torch.from_numpy(frames).view(k, self.clip_len, *frames.shape[1:]).permute(0, 4, 1, 2, 3)
             item["video"] = video[0] if self.sampling in ("random", "uniform") and self.num_clips == 1 else video
         if "flow" in self.modalities:
-            flow_dir = path if os.path.isdir(path) else os.path.splitext(path)[0]
             if "indices" not in store:
                 self._indices(len(_frame_files(flow_dir, "flow")), store)
             flow = read_flow_frames(flow_dir, store["indices"].reshape(-1), self.size)
@@ -1544,6 +1547,9 @@ def _parse_video_set(name, root, split, options):
     if name == "toy-motion":
         make_toy_motion(root, seed=options.get("toy_seed", 0))
         return parse_videofolder(root, split)
+    if name == "toy-motion-flow":
+        make_toy_motion_flow(root, seed=options.get("toy_seed", 0))
+        return parse_videofolder(root, split)
     if name in ("k400", "k600", "k700", "minik", "kinetics"):
         return parse_kinetics(root, split)
     if name == "ucf101":
@@ -1710,6 +1716,47 @@ def make_toy_motion(root, seed=0, size=64, num_frames=16, train_per_class=24, va
                     rng = np.random.default_rng([seed, split == "val", label, k])
                     frames = render_toy_motion(rng, label, size, num_frames)
                     write_video(os.path.join(tmp, split, name, f"{name}_{k:04d}.mp4"), frames, fps=8)
+    return _build_once(root, make)
+
+
+def toy_motion_flow(frames):
+    """True forward flow of a rendered toy-motion video, uint8 (T, H, W, 3) -> float32 (T - 1, H, W, 2) pixels:
+    the object (the uniformly coloured pixels: its colour is the most frequent RGB triple of frame 0; the
+    background is noisy) moves rigidly, so its pixels in frame t carry the displacement of its centre from t to
+    t + 1 (circular means: positions wrap around the frame); the static background has zero flow."""
+    t, h, w, _ = frames.shape
+    colours, counts = np.unique(frames[0].reshape(-1, 3), axis=0, return_counts=True)
+    mask = (frames == colours[counts.argmax()]).all(-1)  # (T, H, W) object pixels
+
+    def centre(m, axis, n):  # circular mean position of the mask along one image axis
+        angle = 2 * np.pi * np.nonzero(m)[axis] / n
+        return np.angle(np.exp(1j * angle).mean()) * n / (2 * np.pi)
+
+    flow = np.zeros((t - 1, h, w, 2), dtype=np.float32)
+    for k in range(t - 1):
+        if mask[k].any() and mask[k + 1].any():
+            dx = (centre(mask[k + 1], 1, w) - centre(mask[k], 1, w) + w / 2) % w - w / 2
+            dy = (centre(mask[k + 1], 0, h) - centre(mask[k], 0, h) + h / 2) % h - h / 2
+            flow[k][mask[k]] = (dx, dy)
+    return flow
+
+
+def make_toy_motion_flow(root, seed=0, size=64, num_frames=16, train_per_class=24, val_per_class=8):
+    """The toy-motion videos (same seeds) as CoCLR-layout frame folders with their true flow:
+    root/{train,val}/<class>/<class>_<k:04d>/{image_%05d.jpg (T frames), flow_%05d.jpg (T - 1 frames, +-20 px)}."""
+    from PIL import Image
+
+    def make(tmp):
+        for split, count in (("train", train_per_class), ("val", val_per_class)):
+            for label, name in enumerate(TOY_MOTION_CLASSES):
+                for k in range(count):
+                    rng = np.random.default_rng([seed, split == "val", label, k])  # as make_toy_motion
+                    frames = render_toy_motion(rng, label, size, num_frames)
+                    folder = os.path.join(tmp, split, name, f"{name}_{k:04d}")
+                    os.makedirs(folder)
+                    for i, img in enumerate(frames):
+                        Image.fromarray(img).save(os.path.join(folder, f"image_{i + 1:05d}.jpg"), quality=95)
+                    write_flow_frames(toy_motion_flow(frames), folder)
     return _build_once(root, make)
 
 
@@ -3071,6 +3118,41 @@ def lr_at_step(step, total_steps, base_lr, schedule="cosine", warmup_steps=0, fi
         return base_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class LARC(torch.optim.SGD):
+    """SGD with layer-wise adaptive rate scaling (You et al. 2017, "Large Batch Training of Convolutional
+    Networks"), with the semantics of NVIDIA apex's LARC wrapper as SwAV / ViCC use it (clip=False): for every
+    parameter p with a gradient g and ||p||, ||g|| both non-zero,
+        g <- trust * ||p|| / (||g|| + wd * ||p|| + eps) * (g + wd * p)
+    then a plain SGD step (momentum, lr) without weight decay; a parameter with ||p|| = 0 or ||g|| = 0 gets
+    neither scaling nor weight decay (as apex). clip=True: the factor becomes min(factor / lr, 1) (apex clip)."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, clip=False, eps=1e-8):
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.trust_coefficient, self.clip, self.eps = trust_coefficient, clip, eps
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        decays = []
+        for group in self.param_groups:
+            wd = group["weight_decay"]
+            decays.append(wd)
+            group["weight_decay"] = 0.0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                param_norm, grad_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
+                if param_norm != 0 and grad_norm != 0:
+                    factor = self.trust_coefficient * param_norm / (grad_norm + param_norm * wd + self.eps)
+                    if self.clip:
+                        factor = torch.clamp(factor / group["lr"], max=1.0)
+                    p.grad.add_(p, alpha=wd).mul_(factor)
+        try:
+            return super().step(closure)
+        finally:
+            for group, wd in zip(self.param_groups, decays):
+                group["weight_decay"] = wd
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
