@@ -457,7 +457,7 @@ def main_worker(args):
     return streams
 
 
-def main(argv=None):
+def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, parents=[common.get_common_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_method_args(parser)
@@ -475,7 +475,11 @@ def main(argv=None):
     if args.stage != "all" and args.out_dir is None:
         args.out_dir = os.path.join("runs", f"vicc-{args.data}-{args.stage}" + (f"-{args.train}" if args.train
                                                                                    else ""))
-    return common.launch(main_worker, args)
+    return args
+
+
+def main(argv=None):
+    return common.launch(main_worker, parse_args(argv))
 
 
 if __name__ == "__main__":

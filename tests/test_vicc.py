@@ -1,0 +1,293 @@
+"""vicc.py: Sinkhorn against SwAV's / ViCC's code transcribed to NumPy and by hand, the swapped-prediction losses by
+hand, the frozen stream, prototypes, queue, LARS, the stage driver, flow flips, two gloo processes, learning."""
+import argparse
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import common
+import vicc
+
+
+# ------------------------------------------------------------------------------------------- Sinkhorn
+def swav_sinkhorn_np(out, epsilon, iterations, world_size=1):
+    """facebookresearch/swav main_swav.py distributed_sinkhorn (2021 form), one process, in NumPy."""
+    q = np.exp(out / epsilon).T  # (K, B)
+    b, k = q.shape[1] * world_size, q.shape[0]
+    q = q / q.sum()
+    for _ in range(iterations):
+        q = q / q.sum(axis=1, keepdims=True) / k
+        q = q / q.sum(axis=0, keepdims=True) / b
+    return (q * b).T
+
+
+def vicc_sinkhorn_np(out, epsilon, iterations, world_size=1):
+    """The older SwAV form in martinetoering/ViCC pretrain.py (r, c, u; columns normalised at the end)."""
+    q = np.exp(out / epsilon).T
+    q = q / q.sum()
+    k, b = q.shape
+    r, c = np.ones(k) / k, np.ones(b) / (world_size * b)
+    for _ in range(iterations):
+        u = q.sum(axis=1)
+        q = q * (r / u)[:, None]
+        q = q * (c / q.sum(axis=0))[None, :]
+    return (q / q.sum(axis=0, keepdims=True)).T
+
+
+def test_sinkhorn_equals_swav_and_vicc_code():
+    gen = torch.Generator().manual_seed(0)
+    scores = torch.nn.functional.normalize(torch.randn(3, 20, 7, generator=gen), dim=2).double()  # (V, B, K)
+    codes = vicc.sinkhorn(scores, 0.05, 3).double()
+    for v in range(3):
+        np.testing.assert_allclose(codes[v].numpy(), swav_sinkhorn_np(scores[v].numpy(), 0.05, 3), rtol=1e-4)
+        np.testing.assert_allclose(codes[v].numpy(), vicc_sinkhorn_np(scores[v].numpy(), 0.05, 3), rtol=1e-4)
+
+
+def test_sinkhorn_two_by_two_by_hand():
+    # eps 1, exp(scores) = [[2, 1], [1, 1]] (samples x prototypes); one iteration, worked out on paper:
+    # Q/5 -> rows / row sum / 2 = [[1/3, 1/6], [1/4, 1/4]] -> columns / column sum / 2 -> x 2
+    scores = torch.tensor([[[math.log(2), 0.0], [0.0, 0.0]]])
+    codes = vicc.sinkhorn(scores, epsilon=1.0, iterations=1)[0]
+    torch.testing.assert_close(codes, torch.tensor([[4 / 7, 3 / 7], [2 / 5, 3 / 5]]))
+
+
+def test_sinkhorn_rows_are_distributions_and_prototypes_balance():
+    scores = torch.nn.functional.normalize(torch.randn(2, 64, 8), dim=2)
+    codes = vicc.sinkhorn(scores, 0.05, 3)
+    torch.testing.assert_close(codes.sum(dim=2), torch.ones(2, 64))  # every sample: a distribution
+    balanced = vicc.sinkhorn(scores, 0.5, 200)
+    torch.testing.assert_close(balanced.sum(dim=1), torch.full((2, 8), 64 / 8), rtol=1e-3, atol=1e-3)  # B/K each
+
+
+def test_queue_rows_enter_sinkhorn_but_not_the_codes():
+    scores = torch.nn.functional.normalize(torch.randn(2, 4, 5), dim=2)  # (V, B, K)
+    prototypes = torch.nn.functional.normalize(torch.randn(5, 3), dim=1)  # (K, D)
+    queue = torch.nn.functional.normalize(torch.randn(2, 6, 3), dim=2)  # (V, L, D)
+    codes = vicc.assign_codes(scores, queue, prototypes, True, 0.05, 3)
+    assert codes.shape == (2, 4, 5)
+    full = vicc.sinkhorn(torch.cat([queue @ prototypes.t(), scores], dim=1), 0.05, 3)  # (V, 10, K)
+    torch.testing.assert_close(codes, full[:, -4:])
+    assert not torch.allclose(codes, vicc.sinkhorn(scores, 0.05, 3))  # the queue changes the codes
+    torch.testing.assert_close(vicc.assign_codes(scores, queue, prototypes, False, 0.05, 3),
+                               vicc.sinkhorn(scores, 0.05, 3))
+
+
+# ------------------------------------------------------------------------------------------- losses
+def test_two_view_loss_by_hand():
+    # tau 1; view 0 uniform (log p = -ln 2), view 1 softmax [1/4, 3/4]; q0 = [1, 0], q1 = [1/4, 3/4]
+    scores = torch.tensor([[[0.0, 0.0]], [[0.0, math.log(3)]]])  # (V=2, B=1, K=2)
+    codes = torch.tensor([[[1.0, 0.0]], [[0.25, 0.75]]])
+    loss = vicc.swapped_prediction_loss(scores, codes, temperature=1.0)
+    # q0 from view 1: -ln(1/4) = 2 ln 2; q1 from view 0: ln 2; mean 1.5 ln 2
+    assert loss.item() == pytest.approx(1.5 * math.log(2), rel=1e-6)
+
+
+def test_four_view_loss_is_the_pseudocode():
+    gen = torch.Generator().manual_seed(1)
+    scores = torch.randn(4, 5, 6, generator=gen)
+    codes = torch.softmax(torch.randn(4, 5, 6, generator=gen), dim=2)
+    log_p = torch.log_softmax(scores / 0.1, dim=2)
+    rgb_i, rgb_j, flow_i, flow_j = range(4)  # supp. Sec. 1, term by term, summed over classes, mean over batch
+    terms = {rgb_i: (rgb_j, flow_i, flow_j), rgb_j: (rgb_i, flow_i, flow_j), flow_i: (rgb_i, rgb_j, flow_j),
+             flow_j: (rgb_i, rgb_j, flow_i)}
+    loss = -1 / 4 * sum(1 / 3 * sum((codes[v] * log_p[u]).sum(1).mean() for u in others)
+                        for v, others in terms.items())
+    assert vicc.swapped_prediction_loss(scores, codes, 0.1).item() == pytest.approx(loss.item(), rel=1e-5)
+    uniform = torch.zeros(4, 5, 300)  # equal scores: ln K, the initial loss of the paper's K = 300
+    assert vicc.swapped_prediction_loss(uniform, torch.softmax(uniform, 2)).item() == pytest.approx(math.log(300), abs=1e-4)
+
+
+# ------------------------------------------------------------------------------------------- model and step
+def make_args(tmp_path, *extra):
+    return vicc.parse_args(["--data-root", str(tmp_path / "toy"), "--out-dir", str(tmp_path / "run"),
+                            "--prototypes", "6", *extra])
+
+
+def make_batch(b=4, t=8, size=48, flow=True, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    batch = {"video": torch.randint(0, 256, (b, 2, 3, t, size, size), dtype=torch.uint8, generator=gen),
+             "strong": torch.tensor([[True, False]] * b)}
+    if flow:
+        batch["flow"] = torch.randint(0, 256, (b, 2, 3, t, size, size), dtype=torch.uint8, generator=gen)
+    return batch
+
+
+def make_step(args, model, steps_per_epoch=2, other=None, queue_start=0, freeze=0, lr=0.6):
+    run = common.Run(args, torch.device("cpu"), args.out_dir)
+    optimizer = common.LARC([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-6)
+    step = vicc.make_train_step(model, model, optimizer, run, args, steps_per_epoch, "video", other, queue_start,
+                                freeze)
+    return step, optimizer
+
+
+def test_frozen_stream_gets_no_gradient_and_keeps_its_statistics(tmp_path):
+    args = make_args(tmp_path)
+    torch.manual_seed(0)
+    stream, frozen = vicc.Stream("tiny3d", 128, 6), vicc.Stream("tiny3d", 128, 6)
+    model = vicc.ViCC(stream, frozen, queue_size=0).train()
+    before = {k: v.clone() for k, v in frozen.state_dict().items()}  # weights and BN running statistics
+    trained_before = stream.backbone.features[0][0].weight.clone()
+    step, _ = make_step(args, model, other="flow")
+    metrics = step(make_batch())
+    assert "agree_streams" in metrics and math.isfinite(float(metrics["loss"]))
+    assert not frozen.training and all(p.grad is None for p in frozen.parameters())
+    for k, v in frozen.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert not torch.equal(stream.backbone.features[0][0].weight, trained_before)
+    # the prototypes learn from the frozen stream's scores alone; the trained encoder gets nothing from them
+    z, scores = model(*(torch.randn(2, 3, 8, 48, 48) for _ in range(4)))
+    codes = vicc.sinkhorn(scores.detach())
+    model.zero_grad(set_to_none=True)
+    vicc.swapped_prediction_loss(scores[2:], codes[2:]).backward()
+    assert stream.prototypes.weight.grad.abs().sum() > 0
+    assert all(p.grad is None or not p.grad.any() for p in stream.backbone.parameters())
+
+
+def test_prototypes_frozen_then_moving_with_unit_rows(tmp_path):
+    args = make_args(tmp_path)
+    torch.manual_seed(0)
+    model = vicc.ViCC(vicc.Stream("tiny3d", 128, 6), None, queue_size=0).train()
+    step, _ = make_step(args, model, steps_per_epoch=2, freeze=1)  # frozen for epoch 0 = steps 0, 1
+    c0 = model.stream.prototypes.weight.clone()
+    torch.testing.assert_close(c0.norm(dim=1), torch.ones(6))
+    for i in range(2):
+        step(make_batch(flow=False, seed=i))
+    torch.testing.assert_close(model.stream.prototypes.weight, c0, rtol=0, atol=1e-7)  # only re-normalised
+    step(make_batch(flow=False, seed=2))
+    c1 = model.stream.prototypes.weight
+    assert not torch.allclose(c1, c0)
+    torch.testing.assert_close(c1.norm(dim=1), torch.ones(6))
+
+
+def test_queue_empty_before_its_epoch_then_fifo(tmp_path):
+    args = make_args(tmp_path)
+    torch.manual_seed(0)
+    model = vicc.ViCC(vicc.Stream("tiny3d", 128, 6), None, queue_size=8).train()
+    step, _ = make_step(args, model, steps_per_epoch=2, queue_start=1)
+    for i in range(2):
+        assert step(make_batch(flow=False, seed=i))["queue_used"] == 0
+    assert model.queue_count.item() == 0 and model.queue.abs().sum() == 0  # epoch 0: no queue
+    z = [torch.nn.functional.normalize(torch.randn(2, 4, 128), dim=2) for _ in range(3)]
+    for zi in z:
+        vicc.push_queue(model, zi)
+    torch.testing.assert_close(model.queue[:, :4], z[2])  # newest first
+    torch.testing.assert_close(model.queue[:, 4:], z[1])  # the oldest batch fell out
+    assert model.queue_count.item() == 8
+    assert step(make_batch(flow=False, seed=5))["queue_used"] == 1  # full: used from now on
+
+
+def test_lars_step_matches_the_formula():
+    torch.manual_seed(0)
+    p, q = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.zeros(3))
+    g = torch.randn(5)
+    opt = common.LARC([p, q], lr=0.5, momentum=0.9, weight_decay=0.1, trust_coefficient=0.001)
+    p0 = p.detach().clone()
+    gq = torch.randn(3)
+    p.grad, q.grad = g.clone(), gq.clone()
+    opt.step()
+    factor = 0.001 * p0.norm() / (g.norm() + 0.1 * p0.norm() + 1e-8)
+    d1 = factor * (g + 0.1 * p0)
+    torch.testing.assert_close(p.detach(), p0 - 0.5 * d1)
+    torch.testing.assert_close(q.detach(), -0.5 * gq)  # ||p|| = 0: the raw gradient, no decay (as apex)
+    assert opt.param_groups[0]["weight_decay"] == 0.1  # restored after the step
+    p1 = p.detach().clone()
+    p.grad = g.clone()
+    opt.step()
+    factor2 = 0.001 * p1.norm() / (g.norm() + 0.1 * p1.norm() + 1e-8)
+    torch.testing.assert_close(p.detach(), p1 - 0.5 * (0.9 * d1 + factor2 * (g + 0.1 * p1)))  # momentum
+
+
+# ------------------------------------------------------------------------------------------- stages, data
+def test_stage_plan_order_init_and_frozen():
+    args = argparse.Namespace(stage="all", cycles=2, init=None, frozen=None, train=None)
+    assert vicc.stage_plan(args) == [
+        ("rgb-1", "rgb", None, None), ("flow-1", "flow", None, None),
+        ("c1-rgb", "rgb", "rgb-1", "flow-1"), ("c1-flow", "flow", "flow-1", "c1-rgb"),
+        ("c2-rgb", "rgb", "c1-rgb", "c1-flow"), ("c2-flow", "flow", "c1-flow", "c2-rgb")]
+    args = argparse.Namespace(stage="cross", cycles=2, init="A", frozen="B", train="flow")
+    assert vicc.stage_plan(args) == [("cross-flow", "flow", "A", "B")]
+    with pytest.raises(common.UserError, match="--stage cross"):
+        vicc.parse_args(["--stage", "cross", "--train", "rgb"])
+
+
+def test_flip_negates_u_and_rgb_and_flow_share_crop_and_flip(tmp_path):
+    args = make_args(tmp_path, "--crop-size", "24")
+    x = torch.arange(32, dtype=torch.float32)  # image column
+    video = (x * 8).round().to(torch.uint8).view(1, 1, 1, 1, 32).expand(2, 3, 4, 32, 32).clone()  # R = 8·column
+    flow = torch.empty(2, 2, 4, 32, 32)
+    flow[:, 0] = 5.0  # u = +5 px everywhere
+    flow[:, 1] = (x / 31 * 40 - 20).view(1, 1, 32)  # v encodes the column: image byte ~ 8.2·column
+    transform = vicc.make_train_transform(args, ("video", "flow"))
+    flips = set()
+    for seed in range(12):
+        torch.manual_seed(seed)
+        out = transform({"video": video.clone(), "flow": flow.clone()})
+        for c in range(2):
+            r, u, v = out["video"][c, 0].float(), out["flow"][c, 0].float(), out["flow"][c, 1].float()
+            flipped = bool(r[0, 0, 0] > r[0, 0, -1])
+            flips.add(flipped)
+            u_px = u * 40 / 255 - 20
+            assert torch.allclose(u_px, torch.full_like(u_px, -5.0 if flipped else 5.0), atol=0.1)
+            assert (v - r).abs().max() <= 0.03 * 255 + 4  # the same crop box and flip for both modalities
+    assert flips == {True, False}
+    args.authors_code_flow_aug = True  # the code: flips keep u's sign
+    transform = vicc.make_train_transform(args, ("video", "flow"))
+    for seed in range(6):
+        torch.manual_seed(seed)
+        u = transform({"video": video.clone(), "flow": flow.clone()})["flow"][:, 0].float() * 40 / 255 - 20
+        assert torch.allclose(u, torch.full_like(u, 5.0), atol=0.1)
+
+
+def test_toy_motion_flow_is_the_true_motion():
+    rng = np.random.default_rng([0, False, 0, 3])  # class "right"
+    frames = common.render_toy_motion(rng, 0, 64, 16)
+    flow = common.toy_motion_flow(frames)
+    assert flow.shape == (15, 64, 64, 2)
+    moving = np.abs(flow).sum(-1) > 0
+    assert (moving.sum(axis=(1, 2)) > 40).all()  # the object, every frame
+    assert np.all(flow[moving][:, 0] > 1.5) and np.all(np.abs(flow[moving][:, 1]) < 0.5)  # rightwards, 2-3.5 px
+
+
+def test_video_and_flow_clips_share_frames_with_one_flow_frame_fewer(tmp_path):
+    root = tmp_path / "toy"
+    common.make_toy_motion_flow(str(root), train_per_class=1, val_per_class=1)
+    folder = root / "train" / "right" / "right_0000"
+    assert len(list(folder.glob("image_*.jpg"))) == 16 and len(list(folder.glob("flow_*.jpg"))) == 15
+    ds = common.build_dataset("toy-motion-flow", str(root), "train", clip_len=15, num_clips=2,
+                              modalities=("video", "flow"))
+    for i in range(len(ds)):
+        item = ds[i]
+        assert item["video"].shape == (2, 3, 15, 64, 64) and item["flow"].shape == (2, 2, 15, 64, 64)
+        assert item["frame_indices"].max() <= 14  # drawn from the 15 frames both modalities have
+
+
+# ------------------------------------------------------------------------------------------- two processes
+def _distributed_worker(rank, port, scores, z, results):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    half = scores.shape[1] // 2
+    codes = vicc.sinkhorn(scores[:, rank * half:(rank + 1) * half], 0.05, 3)
+    model = vicc.ViCC(vicc.Stream("tiny3d", 16, 4), None, queue_size=8, proj_dim=16)
+    for zi in z:
+        vicc.push_queue(model, zi[:, rank * 2:(rank + 1) * 2])  # each process its half of the batch
+    results[rank] = {"codes": codes, "queue": model.queue.clone(), "count": int(model.queue_count)}
+    dist.destroy_process_group()
+
+
+def test_two_gloo_processes_sinkhorn_and_queue_equal_one_process():
+    torch.manual_seed(0)
+    scores = torch.nn.functional.normalize(torch.randn(2, 12, 5), dim=2)
+    z = [torch.randn(2, 4, 16) for _ in range(3)]
+    results = mp.Manager().dict()
+    mp.spawn(_distributed_worker, args=(common._find_free_port(), scores, z, results), nprocs=2)
+    torch.testing.assert_close(torch.cat([results[0]["codes"], results[1]["codes"]], dim=1),
+                               vicc.sinkhorn(scores, 0.05, 3))
+    torch.testing.assert_close(results[0]["queue"], results[1]["queue"], rtol=0, atol=0)  # identical queues
+    assert results[0]["count"] == 8
+    torch.testing.assert_close(results[0]["queue"][:, :4], z[2])  # rank order: [rank 0 half, rank 1 half]
