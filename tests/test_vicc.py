@@ -291,3 +291,29 @@ def test_two_gloo_processes_sinkhorn_and_queue_equal_one_process():
     torch.testing.assert_close(results[0]["queue"], results[1]["queue"], rtol=0, atol=0)  # identical queues
     assert results[0]["count"] == 8
     torch.testing.assert_close(results[0]["queue"][:, :4], z[2])  # rank order: [rank 0 half, rank 1 half]
+
+
+# ------------------------------------------------------------------------------------------- stages on toy data
+def test_queue_kept_on_resume_and_a_finished_stage_is_skipped(tmp_path):
+    common.make_toy_motion_flow(str(tmp_path / "toy"), train_per_class=2, val_per_class=1)  # 16 videos
+    args = make_args(tmp_path, "--batch-size", "8", "--queue-size", "16", "--queue-start-rgb", "0", "--workers", "0",
+                     "--epochs", "2", "--max-steps", "1", "--log-every", "100")
+    run = common.setup(args, "vicc")
+    stage = tmp_path / "run" / "rgb-1"
+    vicc.run_stage(args, run, "rgb-1", "rgb", None, None, str(stage))
+    first = torch.load(stage / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
+    assert first["queue_count"].item() == 8 and first["steps"].item() == 1
+    args.max_steps = 2
+    _, result = vicc.run_stage(args, run, "rgb-1", "rgb", None, None, str(stage))  # resumes at step 1
+    second = torch.load(stage / "checkpoint.pth", map_location="cpu", weights_only=False)["model"]
+    assert result["step"] == 2 and second["queue_count"].item() == 16 and second["steps"].item() == 2
+    torch.testing.assert_close(second["queue"][:, 8:], first["queue"][:, :8])  # the queue survived the resume
+    mtime = os.path.getmtime(stage / "checkpoint.pth")
+    _, result = vicc.run_stage(args, run, "rgb-1", "rgb", None, None, str(stage))  # complete: nothing to train
+    assert result["step"] == 2 and os.path.getmtime(stage / "checkpoint.pth") == mtime
+    # a cross stage starts from it: encoder, head and prototypes loaded, the frozen stream without prototypes
+    stream = vicc.Stream("tiny3d", 128, 6)
+    vicc.load_stream(stream, str(stage))
+    torch.testing.assert_close(stream.prototypes.weight, second["stream.prototypes.weight"])
+    with pytest.raises(common.UserError, match="checkpoint.pth"):
+        vicc.load_stream(stream, str(tmp_path / "missing"))
