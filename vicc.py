@@ -8,7 +8,7 @@ stream's prototypes also score the frozen other stream's embeddings, so each str
 grouping (RGB-2, Flow-2).
 
     python vicc.py                                    # toy-motion-flow, tiny3d on CPU: all 6 stages, kNN vs random
-    python vicc.py --data ucf101 --gpus 4             # the paper: S3D 32x128², rgb-1 flow-1 c1-rgb c1-flow c2-rgb c2-flow
+    python vicc.py --data ucf101 --gpus 4             # the paper: S3D 32x128², rgb-1 flow-1 c{1,2}-rgb c{1,2}-flow
     python vicc.py --data ucf101 --stage cross --train rgb --init runs/x/rgb-1 --frozen runs/x/flow-1 --out-dir D
 
 Every stage is a resumable sub-folder of --out-dir (checkpoint.pth, backbone.pth for evaluate.py with meta
@@ -84,6 +84,7 @@ def add_method_args(parser):
     g.add_argument("--queue-start-rgb", type=int, default=None, help="epoch the RGB-1 queue starts (150)")
     g.add_argument("--queue-start-flow", type=int, default=None, help="epoch the Flow-1 queue starts (200)")
     g.add_argument("--queue-start-cross", type=int, default=None, help="epoch the queue starts in a cross stage (25)")
+    g.add_argument("--crop-scale-min", type=float, default=None, help="smallest crop area fraction (CoCLR 0.2)")
     g.add_argument("--lars-trust", type=float, default=0.001, help="LARS trust coefficient (apex LARC, 0.001)")
     g.add_argument("--authors-code", action="store_true", help="all --authors-code-* behaviours below")
     g.add_argument("--authors-code-schedule", action="store_true", help="single-stream cosine laid out for 5/3 x "
@@ -97,13 +98,13 @@ def add_method_args(parser):
 
 PAPER_DEFAULTS = dict(arch="s3d", clip_len=32, crop_size=128, epochs=300, cross_epochs=100, batch_size=192,
                       cross_batch_size=96, prototypes=300, queue_size=1920, queue_start_rgb=150, queue_start_flow=200,
-                      queue_start_cross=25, freeze_prototypes_epochs=100, lr=0.6, final_lr=6e-4, wd=1e-6,
-                      knn_every=0, workers=8)
+                      queue_start_cross=25, freeze_prototypes_epochs=100, crop_scale_min=0.2, lr=0.6, final_lr=6e-4,
+                      wd=1e-6, knn_every=0, workers=8)
 # Toy (measured in the report): 192 videos, batch 32 = 6 steps per epoch; K and the queue scaled to the set.
 TOY_DEFAULTS = dict(arch="tiny3d", clip_len=8, crop_size=48, epochs=40, cross_epochs=15, batch_size=32,
                     cross_batch_size=32, prototypes=30, queue_size=96, queue_start_rgb=20, queue_start_flow=25,
-                    queue_start_cross=4, freeze_prototypes_epochs=5, lr=0.6, final_lr=6e-4, wd=1e-6, knn_every=0,
-                    workers=1)
+                    queue_start_cross=4, freeze_prototypes_epochs=5, crop_scale_min=0.5, lr=0.6, final_lr=6e-4,
+                    wd=1e-6, knn_every=0, workers=1)
 
 # ==================================================================================================== MODEL
 
@@ -259,7 +260,7 @@ def make_train_transform(args, modalities):
             if one_clip:  # clip 2 := clip 1 (CoCLR's OneClipTransform)
                 x = torch.stack([x[0], x[0]])
             g = torch.Generator().manual_seed(seed)
-            x = common.random_resized_crop_clip(x, args.crop_size, scale=(0.2, 1.0), generator=g)
+            x = common.random_resized_crop_clip(x, args.crop_size, scale=(args.crop_scale_min, 1.0), generator=g)
             is_flow = m == "flow" and not args.authors_code_flow_aug
             x = common.horizontal_flip(x, generator=g, flow=is_flow)  # flow: u changes sign
             item[m] = flow_image(x) if m == "flow" else x
