@@ -2295,6 +2295,50 @@ class ResNet3D(nn.Module):
         return x if return_map else _pool_video_map(x)
 
 
+def _r21d_conv(cin, cout, kernel, stride=(1, 1, 1), padding=(0, 0, 0)):
+    """(2+1)D factorised conv (Tran et al. 2018, Sec. 3.5): 1xkxk spatial conv to M channels, BN, ReLU, kx1x1
+    temporal conv, with M = floor(k t k k cin cout / (k k cin + t cout)) so the parameters match the 3D conv."""
+    kt, kh, kw = kernel
+    m = (kt * kh * kw * cin * cout) // (kh * kw * cin + kt * cout)
+    return nn.Sequential(nn.Conv3d(cin, m, (1, kh, kw), (1, stride[1], stride[2]), (0, padding[1], padding[2]),
+                                   bias=False), nn.BatchNorm3d(m), nn.ReLU(inplace=True),
+                         nn.Conv3d(m, cout, (kt, 1, 1), (stride[0], 1, 1), (padding[0], 0, 0), bias=False))
+
+
+class R2Plus1DBlock(nn.Module):
+    """Residual block of two (2+1)D convs; downsample: stride 2 in space and time, (2+1)D 1x1x1 shortcut + BN."""
+
+    def __init__(self, cin, cout, downsample=False):
+        super().__init__()
+        s = (2, 2, 2) if downsample else (1, 1, 1)
+        self.conv1, self.bn1 = _r21d_conv(cin, cout, (3, 3, 3), s, (1, 1, 1)), nn.BatchNorm3d(cout)
+        self.conv2, self.bn2 = _r21d_conv(cout, cout, (3, 3, 3), padding=(1, 1, 1)), nn.BatchNorm3d(cout)
+        self.shortcut = nn.Sequential(_r21d_conv(cin, cout, (1, 1, 1), s), nn.BatchNorm3d(cout)) if downsample \
+            else nn.Identity()
+
+    def forward(self, x):
+        res = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(self.shortcut(x) + res)
+
+
+class R2Plus1D10(nn.Module):
+    """R(2+1)D with one block per stage, the "R(2+1)D" of VCOP / ViCC supp. Table 3 (14.4 M parameters in the
+    papers; ViCC's backbone/r21d.py with layer_sizes (1, 1, 1, 1)). Stem (2+1)D 3x7x7 stride (1, 2, 2), no
+    max-pool; 16x128² -> map (512, 2, 8, 8) -> pooled 512."""
+
+    def __init__(self, in_channels=3):
+        super().__init__()
+        self.stem = nn.Sequential(_r21d_conv(in_channels, 64, (3, 7, 7), (1, 2, 2), (1, 3, 3)), nn.BatchNorm3d(64),
+                                  nn.ReLU(inplace=True))
+        self.layers = nn.Sequential(R2Plus1DBlock(64, 64), R2Plus1DBlock(64, 128, True),
+                                    R2Plus1DBlock(128, 256, True), R2Plus1DBlock(256, 512, True))
+        self.feature_dim = 512
+
+    def forward(self, x, return_map=False):
+        x = self.layers(self.stem(x))  # (N, 512, T/8, H/16, W/16)
+        return x if return_map else _pool_video_map(x)
+
+
 class Tiny3D(nn.Module):
     """A small 3D CNN for CPU smoke runs and tests (~0.3 M parameters at width 16; not from any paper).
 
@@ -2696,7 +2740,7 @@ class SkeleMotionCNN(nn.Module):
 
 
 VIDEO_ARCHS = ("r2plus1d_18", "r3d_18", "mc3_18", "s3d", "r2d3d_18", "i3d", "resnet3d_18", "resnext3d_101",
-               "tiny3d")
+               "tiny3d", "r2plus1d_10")
 SKELETON_ARCHS = ("bigru", "hcn", "agcn", "stgcn", "skelemotion_cnn")
 
 
@@ -2729,6 +2773,8 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
         model = I3D(c, **eps, **options)
     elif arch == "tiny3d":
         model = Tiny3D(c, **eps, **options)
+    elif arch == "r2plus1d_10":
+        model = R2Plus1D10(c, **options)
     elif arch == "resnet3d_18":
         model = ResNet3D(BasicBlock3D, (2, 2, 2, 2), c, **eps, **options)
     elif arch == "resnext3d_101":

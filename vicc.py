@@ -12,7 +12,10 @@ grouping (RGB-2, Flow-2).
     python vicc.py --data ucf101 --stage cross --train rgb --init runs/x/rgb-1 --frozen runs/x/flow-1 --out-dir D
 
 Every stage is a resumable sub-folder of --out-dir (checkpoint.pth, backbone.pth for evaluate.py with meta
-modality rgb|flow); a finished stage is skipped when the schedule is rerun.
+modality rgb|flow); a finished stage is skipped when the schedule is rerun. Data: --data toy = toy-motion-flow
+(common.make_toy_motion_flow: the toy-motion videos as frame folders with their true flow); real sets give each
+video's flow as <video without extension>/flow_%05d.jpg (CoCLR/ViCC TV-L1 layout, +-20 px, one frame fewer than
+RGB), e.g. UCF-101/<Class>/v_X.avi + UCF-101/<Class>/v_X/flow_00001.jpg; clips come from frames both have.
 
 Implementation details (supp. Sec. 2 unless noted; "code" = the authors' released code):
 - z = L2-normalised head(f(x)), head = Linear(d, d) -> ReLU -> Linear(d, 128) on the pooled map (the code's
@@ -37,8 +40,10 @@ Implementation details (supp. Sec. 2 unless noted; "code" = the authors' release
 Differences from the code (flags reproduce it): view 2 under no_grad when shuffled (--authors-code-view2-nograd);
 colour ops also on flow and flips that keep u's sign (--authors-code-flow-aug); single-stream cosine laid out for
 500 epochs and stopped at 300 (--authors-code-schedule); Kinetics mean/std instead of ImageNet's; the crop's
-w/h swap is not reproduced; crops do not rescale flow vectors (as the code).
-Not implemented yet: r2plus1d_10 backbone (Table 3), extract-flow (TV-L1), evaluate.py flow input / CoCLR
+w/h swap is not reproduced; crops do not rescale flow vectors (as the code); the queue is one buffer shared by all
+processes (the code: one per rank, saved per rank). Toy defaults (--help) differ from the paper's: lr 4.8, crop
+area [0.5, 1], K 30, queue 96, 20 + 4 x 5 epochs.
+Not implemented yet: extract-flow (TV-L1), evaluate.py flow input / CoCLR
 protocol / R+F fusion / prototype clusters, --visualize, GPU JPEG decoding, loading the authors' .pth.tar.
 """
 import argparse
@@ -59,8 +64,9 @@ import common
 def add_method_args(parser):
     """The "method" group; None = filled from PAPER_DEFAULTS / TOY_DEFAULTS after parsing."""
     g = parser.add_argument_group("method")
-    g.add_argument("--arch", default=None, help="backbone: s3d (paper), tiny3d (toy)")
-    g.add_argument("--clip-len", type=int, default=None, help="frames per clip (paper 32)")
+    g.add_argument("--arch", default=None, help="backbone: s3d (paper), r2plus1d_10 (supp. Table 3, 16 frames), "
+                   "tiny3d (toy)")
+    g.add_argument("--clip-len", type=int, default=None, help="frames per clip (paper 32; 16 with r2plus1d_10)")
     g.add_argument("--crop-size", type=int, default=None, help="H = W (paper 128)")
     g.add_argument("--stage", choices=["all", "rgb-1", "flow-1", "cross"], default="all",
                    help="all: rgb-1, flow-1, then --cycles x (c<i>-rgb, c<i>-flow), one sub-folder each")
@@ -100,10 +106,11 @@ PAPER_DEFAULTS = dict(arch="s3d", clip_len=32, crop_size=128, epochs=300, cross_
                       cross_batch_size=96, prototypes=300, queue_size=1920, queue_start_rgb=150, queue_start_flow=200,
                       queue_start_cross=25, freeze_prototypes_epochs=100, crop_scale_min=0.2, lr=0.6, final_lr=6e-4,
                       wd=1e-6, knn_every=0, workers=8)
-# Toy (measured in the report): 192 videos, batch 32 = 6 steps per epoch; K and the queue scaled to the set.
-TOY_DEFAULTS = dict(arch="tiny3d", clip_len=8, crop_size=48, epochs=40, cross_epochs=15, batch_size=32,
-                    cross_batch_size=32, prototypes=30, queue_size=96, queue_start_rgb=20, queue_start_flow=25,
-                    queue_start_cross=4, freeze_prototypes_epochs=5, crop_scale_min=0.5, lr=0.6, final_lr=6e-4,
+# Toy: 192 videos, batch 32 = 6 steps per epoch; K, the queue and its start scaled to the set; lr 4.8 (SwAV's
+# ImageNet base lr): at 0.6 the 120 toy steps of LARS barely move the loss from ln K.
+TOY_DEFAULTS = dict(arch="tiny3d", clip_len=8, crop_size=48, epochs=20, cross_epochs=5, batch_size=32,
+                    cross_batch_size=32, prototypes=30, queue_size=96, queue_start_rgb=10, queue_start_flow=10,
+                    queue_start_cross=2, freeze_prototypes_epochs=5, crop_scale_min=0.5, lr=4.8, final_lr=6e-4,
                     wd=1e-6, knn_every=0, workers=1)
 
 # ==================================================================================================== MODEL
@@ -466,6 +473,8 @@ def parse_args(argv=None):
     parser.epilog = f"toy defaults (--data toy = toy-motion-flow): {TOY_DEFAULTS}; paper: {PAPER_DEFAULTS}"
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     toy = args.data.startswith("toy")
+    if args.arch == "r2plus1d_10" and args.clip_len is None:
+        args.clip_len = 16  # supp. Table 3: R(2+1)D at 16x128²
     common.fill_defaults(args, TOY_DEFAULTS if toy else PAPER_DEFAULTS)
     args.dataset_name = "toy-motion-flow" if args.data == "toy" else args.data
     args.data_root = args.data_root or os.path.join("data", args.dataset_name)
