@@ -469,6 +469,13 @@ def uint8_to_flow(img):
     return img[..., :2].astype(np.float32) * (2 * FLOW_BOUND / 255.0) - FLOW_BOUND
 
 
+def flow_image(flow):
+    """float flow clips (..., 2, T, H, W) in pixels -> the CoCLR / ViCC flow image uint8 (..., 3, T, H, W): u, v
+    mapped from +-20 px to 0..255 (flow_to_uint8), third channel 128; networks take it normalised like RGB."""
+    img = flow_to_uint8(flow.movedim(-4, -1).cpu().numpy())  # (..., T, H, W, 3)
+    return torch.from_numpy(img).movedim(-1, -4).contiguous()
+
+
 def write_flow_frames(flow, folder, start=1):
     """flow float (T, H, W, 2) -> folder/flow_%05d.jpg (JPEG quality 100, 4:4:4 so u and v do not bleed)."""
     from PIL import Image

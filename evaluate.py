@@ -211,6 +211,8 @@ def get_parser():
     g = parser.add_argument_group("retrieval and clusters")
     g.add_argument("--center-features", action="store_true", help="subtract each set's own feature mean before "
                    "L2 normalisation (CoCLR / ViCC retrieval code)")
+    g.add_argument("--modality", default=None, choices=["video", "flow"], help="input of a video encoder; flow = "
+                   "the CoCLR / ViCC flow image of <video>/flow_%%05d.jpg (default: the checkpoint meta's, else video)")
     g.add_argument("--num-clusters", type=int, default=None, help="K for k-means (default: number of classes, as "
                    "ViCC supp. Sec. 3.1.2)")
     g.add_argument("--cluster-source", default="auto", choices=["auto", "kmeans", "prototypes"],
@@ -591,6 +593,20 @@ def video_transform(item, train, crop, short_side, crop_scale=(0.08, 1.0), flip=
     return item
 
 
+def flow_transform(item, train, crop, short_side, crop_scale=(0.08, 1.0), flip=True, jitter=True):
+    """--modality flow: flow (2, T, H, W) or (K, 2, T, H, W) in pixels, cropped as video_transform (flips negate u,
+    no colour jitter), then the CoCLR / ViCC flow image (u, v, 128) normalised like RGB (vicc.py's input)."""
+    x = item["flow"]
+    if train:
+        x = common.random_resized_crop_clip(x, crop, scale=crop_scale)
+        if flip:
+            x = common.horizontal_flip(x, p=0.5, flow=True)
+    else:
+        x = common.center_crop(common.resize_short_side(x, short_side), crop)
+    item["flow"] = common.normalize(common.flow_image(x))
+    return item
+
+
 def temporal_crop_resize(x, frames, ratio, random_start):
     """Skeleton crop of App. A.1 (skeleton-contrast `crop_subsequence`, ref. Sec. 2.3): from the valid (non-zero)
     n frames of x (C, T, V, M) take L frames, L = n * ratio (random: ratio ~ U(ratio), L >= frames where possible,
@@ -651,13 +667,14 @@ def build_split(args, split, train, augment=True):
                                       center=not args.no_center, skelemotion=args.arch == "skelemotion_cnn")
         return common.build_dataset(args.data, args.data_root, split, transform=transform,
                                     strict=args.strict_data, bad_files_path=args.bad_files)
-    transform = functools.partial(video_transform, train=train and augment, crop=p["crop"],
+    transform = functools.partial(flow_transform if p["modality"] == "flow" else video_transform,
+                                  train=train and augment, crop=p["crop"],
                                   short_side=p["short_side"], crop_scale=p["crop_scale"], flip=p["flip"],
                                   jitter=p["jitter"])
     return common.build_dataset(args.data, args.data_root, split, clip_len=args.frames, frame_strides=(p["stride"],),
                                 num_clips=1 if train else args.test_clips, sampling="random" if train else "uniform",
                                 transform=transform, decoder=args.decoder, strict=args.strict_data,
-                                bad_files_path=args.bad_files)
+                                bad_files_path=args.bad_files, modalities=(p["modality"],))
 
 
 def dataset_labels(dataset):
@@ -1381,6 +1398,8 @@ def severe_task(run, args):
 def protocol_for(data):
     if data in PROTOCOLS:
         return PROTOCOLS[data]
+    if data == "toy-motion-flow":  # the toy-motion videos as frame folders with their flow
+        return PROTOCOLS["toy-motion"]
     if data.startswith(("ntu", "pku", "kinetics-skeleton")):
         return SKELETON
     return PROTOCOLS["ucf101"]  # videofolder / videolist / other video sets: UCF101's settings
@@ -1451,6 +1470,8 @@ def resolve_args(args):
         args.out_dir = os.path.join("runs", f"evaluate-{args.task}-{args.data}-{tag}")
     if args.task != "severe":
         apply_protocol(args)
+        if (args.modality or meta.get("modality")) == "flow":  # vicc.py flow streams
+            args.protocol = dict(args.protocol, modality="flow")
     else:  # each column applies its own protocol; the batch size here only satisfies common.setup's check
         args.protocol, args.bad_files = protocol_for(args.data), os.path.join(args.out_dir, "bad_files.txt")
         args.batch_size = args.batch_size or 32

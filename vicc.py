@@ -248,13 +248,6 @@ def swapped_prediction_loss(scores, codes, temperature=0.1):
 # ==================================================================================================== DATA
 
 
-def flow_image(flow):
-    """float flow (..., 2, T, H, W) pixels -> the CoCLR image uint8 (..., 3, T, H, W): u, v in [-20, 20] -> 0..255,
-    third channel 128 (common.flow_to_uint8)."""
-    img = common.flow_to_uint8(flow.movedim(-4, -1).numpy())  # (..., T, H, W, 3)
-    return torch.from_numpy(img).movedim(-1, -4).contiguous()
-
-
 def make_train_transform(args, modalities):
     """Worker side, per video: two clips (B's dim 0) -> crop + flip shared by RGB and flow of a clip, the code's
     one-/two-clip mixing; returns uint8 "video" / "flow" (2, 3, T, H, W) and "strong" (2,) for the device ops."""
@@ -270,7 +263,7 @@ def make_train_transform(args, modalities):
             x = common.random_resized_crop_clip(x, args.crop_size, scale=(args.crop_scale_min, 1.0), generator=g)
             is_flow = m == "flow" and not args.authors_code_flow_aug
             x = common.horizontal_flip(x, generator=g, flow=is_flow)  # flow: u changes sign
-            item[m] = flow_image(x) if m == "flow" else x
+            item[m] = common.flow_image(x) if m == "flow" else x
         item["strong"] = strong
         return item
     return transform
@@ -280,7 +273,7 @@ def make_eval_transform(args):
     def transform(item):
         for m in [k for k in ("video", "flow") if k in item]:
             x = common.center_crop(common.resize_short_side(item[m], args.crop_size), args.crop_size)
-            item[m] = flow_image(x) if m == "flow" else x
+            item[m] = common.flow_image(x) if m == "flow" else x
         return item
     return transform
 

@@ -344,3 +344,20 @@ def test_r2plus1d_10_is_the_papers_14_4m_network():
     assert sum(p.numel() for p in net.parameters()) == 14_365_303  # ViCC's r21d.py with layer_sizes (1, 1, 1, 1)
     assert net(torch.randn(1, 3, 16, 32, 32)).shape == (1, 512)
     assert vicc.parse_args(["--data", "ucf101", "--arch", "r2plus1d_10"]).clip_len == 16
+
+
+def test_evaluate_reads_flow_streams_as_vicc_trains_them(tmp_path):
+    import evaluate as ev
+
+    root = tmp_path / "toy-motion-flow"
+    common.make_toy_motion_flow(str(root), train_per_class=2, val_per_class=1)
+    torch.manual_seed(0)
+    stream = vicc.Stream("tiny3d", 16, 4)
+    common.save_backbone(stream.backbone, str(tmp_path / "backbone.pth"), {"arch": "tiny3d", "modality": "flow"})
+    result = ev.main(["--task", "knn", "--data", "toy-motion-flow", "--data-root", str(root), "--weights",
+                      str(tmp_path / "backbone.pth"), "--workers", "0", "--out-dir", str(tmp_path / "eval")])
+    assert result["sizes"] == {"train": 16, "val": 0, "test": 8} and 0 <= result["metrics"]["nn1_acc"] <= 100
+    item = ev.flow_transform({"flow": torch.full((2, 8, 64, 64), 20.0)}, train=False, crop=56, short_side=64)
+    assert item["flow"].shape == (3, 8, 56, 56)  # u, v at +20 px -> byte 255 -> (1 - mean) / std
+    torch.testing.assert_close(item["flow"][0], torch.full((8, 56, 56), (1 - common.KINETICS_MEAN[0]) /
+                                                           common.KINETICS_STD[0]))
