@@ -43,8 +43,8 @@ colour ops also on flow and flips that keep u's sign (--authors-code-flow-aug); 
 w/h swap is not reproduced; crops do not rescale flow vectors (as the code); the queue is one buffer shared by all
 processes (the code: one per rank, saved per rank). Toy defaults (--help) differ from the paper's: lr 4.8, crop
 area [0.5, 1], K 30, queue 96, 20 + 4 x 5 epochs.
-Not implemented yet: extract-flow (TV-L1), evaluate.py flow input / CoCLR
-protocol / R+F fusion / prototype clusters, --visualize, GPU JPEG decoding, loading the authors' .pth.tar.
+Not implemented yet: extract-flow (TV-L1), evaluate.py's CoCLR protocol / R+F fusion / prototype clusters,
+--visualize, --benchmark and GPU JPEG decoding. The authors' .pth.tar loading is tested on a synthetic file only.
 """
 import argparse
 import copy
@@ -354,15 +354,28 @@ def stage_plan(args):
 
 
 def load_stream(stream, path, prototypes=True):
-    """Our run folder (its checkpoint.pth) or checkpoint file -> encoder, head (and prototypes) of `stream`."""
+    """Our run folder (its checkpoint.pth), our checkpoint file or the authors' .pth.tar (state_dict with
+    encoder_q = (backbone, pool, 1x1x1 conv, ReLU, 1x1x1 conv) and prototypes) -> encoder, head (and prototypes)."""
     file = os.path.join(path, "checkpoint.pth") if os.path.isdir(path) else path
     if not os.path.isfile(file):
         raise common.UserError(f"vicc.py: --init/--frozen: expected a run folder with checkpoint.pth or a "
                                f"checkpoint file, found {path!r}")
-    state = torch.load(file, map_location="cpu", weights_only=False)["model"]
+    ckpt = torch.load(file, map_location="cpu", weights_only=False)
+    state = {k.removeprefix("module."): v for k, v in ckpt.get("model", ckpt.get("state_dict", ckpt)).items()}
+    if "encoder_q.2.weight" in state:  # the authors' layout; CoCLR's S3D names are renamed by common
+        common.load_backbone_weights(stream.backbone, {k: v for k, v in state.items()
+                                                       if k.startswith("encoder_q.0.")}, prefix="encoder_q.0.")
+        state = {f"stream.{ours}": state[theirs].flatten(1) if state[theirs].dim() > 1 else state[theirs]
+                 for ours, theirs in (("head.0.weight", "encoder_q.2.weight"), ("head.0.bias", "encoder_q.2.bias"),
+                                      ("head.2.weight", "encoder_q.4.weight"), ("head.2.bias", "encoder_q.4.bias"),
+                                      ("prototypes.weight", "prototypes.weight")) if theirs in state}
+        state.update({f"stream.backbone.{k}": v for k, v in stream.backbone.state_dict().items()})
     state = {k[len("stream."):]: v for k, v in state.items() if k.startswith("stream.")
              and (prototypes or not k.startswith("stream.prototypes."))}
-    missing, _ = stream.load_state_dict(state, strict=False)
+    try:
+        missing, _ = stream.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shapes differ
+        raise common.UserError(f"vicc.py: {file}: expected a checkpoint of this --arch/--prototypes ({e})") from None
     missing = [k for k in missing if prototypes or not k.startswith("prototypes.")]
     if missing:
         raise common.UserError(f"vicc.py: {file}: expected a ViCC checkpoint of this --arch/--prototypes, "
