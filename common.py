@@ -76,6 +76,27 @@ def all_gather_nograd(x):
     return torch.cat(gathered, dim=0)
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        gathered = [torch.empty_like(x) for _ in range(get_world_size())]
+        dist.all_gather(gathered, x.contiguous())
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every process's loss depends on every slice: sum their gradients
+        n = grad.shape[0] // get_world_size()
+        return grad[get_rank() * n:(get_rank() + 1) * n]
+
+
+def all_gather_with_grad(x):
+    """all_gather_nograd with gradient: the gradient of this process's slice is the sum over processes of the
+    gradients its copies received. The identity at world size 1."""
+    return x if get_world_size() == 1 else _AllGatherWithGrad.apply(x)
+
+
 @torch.no_grad()
 def all_reduce(x, op="sum"):
     """Sum or mean of `x` over processes, returned as a new tensor. The identity at world size 1."""

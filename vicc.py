@@ -141,7 +141,7 @@ def normalize_prototypes(stream):
 def batch_shuffle_embed(embed, x, grad=True):
     """embed(x) with MoCo's batch shuffle (Sec. 2.1): every process encodes a random 1/world of the global batch,
     so batch-norm statistics cannot leak which clips belong together; the embeddings are all-gathered with
-    gradient (torch.distributed.nn) and unshuffled. One process: plain embed(x)."""
+    gradient (common.all_gather_with_grad) and unshuffled. One process: plain embed(x)."""
     world = common.get_world_size()
     with torch.set_grad_enabled(grad and torch.is_grad_enabled()):
         if world == 1:
@@ -151,11 +151,7 @@ def batch_shuffle_embed(embed, x, grad=True):
         perm = torch.randperm(world * b, device=x.device)
         dist.broadcast(perm, 0)
         z = embed(x_all[perm.view(world, b)[rank]])  # (B, D) of other processes' clips
-        if grad:
-            import torch.distributed.nn.functional as dist_nn
-            z_all = torch.cat(dist_nn.all_gather(z))  # (W·B, D) in shuffled order, differentiable
-        else:
-            z_all = common.all_gather_nograd(z)
+        z_all = (common.all_gather_with_grad if grad else common.all_gather_nograd)(z)  # (W·B, D) shuffled
         return z_all[torch.argsort(perm)].view(world, b, -1)[rank]  # (B, D) this process's clips
 
 

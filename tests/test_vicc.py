@@ -277,7 +277,11 @@ def _distributed_worker(rank, port, scores, z, results):
     model = vicc.ViCC(vicc.Stream("tiny3d", 16, 4), None, queue_size=8, proj_dim=16)
     for zi in z:
         vicc.push_queue(model, zi[:, rank * 2:(rank + 1) * 2])  # each process its half of the batch
-    results[rank] = {"codes": codes, "queue": model.queue.clone(), "count": int(model.queue_count)}
+    x = torch.arange(4.0).view(2, 2)[rank:rank + 1].clone().requires_grad_()  # this process's row
+    y = common.all_gather_with_grad(x)  # (2, 2)
+    (y * torch.tensor([[1.0, 2.0], [3.0, 4.0]])).sum().backward()
+    results[rank] = {"codes": codes, "queue": model.queue.clone(), "count": int(model.queue_count),
+                     "gathered": y.detach(), "grad": x.grad}
     dist.destroy_process_group()
 
 
@@ -292,6 +296,10 @@ def test_two_gloo_processes_sinkhorn_and_queue_equal_one_process():
     torch.testing.assert_close(results[0]["queue"], results[1]["queue"], rtol=0, atol=0)  # identical queues
     assert results[0]["count"] == 8
     torch.testing.assert_close(results[0]["queue"][:, :4], z[2])  # rank order: [rank 0 half, rank 1 half]
+    torch.testing.assert_close(results[1]["gathered"], torch.arange(4.0).view(2, 2))
+    # both processes' losses use every row: row r's gradient is the sum of the two copies', 2 x its weights
+    torch.testing.assert_close(results[0]["grad"], torch.tensor([[2.0, 4.0]]))
+    torch.testing.assert_close(results[1]["grad"], torch.tensor([[6.0, 8.0]]))
 
 
 # ------------------------------------------------------------------------------------------- stages on toy data
