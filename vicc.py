@@ -234,7 +234,7 @@ def push_queue(model, z):
 def swapped_prediction_loss(scores, codes, temperature=0.1):
     """scores, codes (V, B, K). Each view's code is predicted from each other view (supp. Sec. 1; SwAV Eq. 1):
     mean over ordered pairs v != u of -(1/B) sum_b sum_k q_v[b, k] log softmax(scores_u[b] / tau)[k].
-    V = 4 gives the pseudocode's -1/4 * 1/3 * sum; uniform scores give ln K."""
+    V = 4 gives the pseudocode's -1/4 * 1/3 * sum; uniform scores give ln K (5.70 for K = 300: the initial loss)."""
     v, b, _ = scores.shape
     log_p = F.log_softmax(scores.float() / temperature, dim=2)  # (V, B, K)
     cross = -torch.einsum("vbk,ubk->vu", codes.float(), log_p) / b  # (V, V): [v, u] = q_v predicted from u
@@ -394,6 +394,9 @@ def run_stage(args, run, name, train, init, frozen, stage_dir):
     if args.queue_size and (queue_size == 0 or queue_size % run.world_size):
         raise common.UserError(f"vicc.py: --queue-size: expected 0 or >= the batch {a.batch_size}, divisible by "
                                f"{run.world_size} processes, found {args.queue_size}")
+    if a.batch_size % run.world_size:
+        raise common.UserError(f"vicc.py: --cross-batch-size: expected a multiple of the {run.world_size} "
+                               f"processes, found {a.batch_size}")
     common.seed_everything(args.seed + run.rank)
     stream = Stream(args.arch, args.proj_dim, args.prototypes)
     if init:
