@@ -77,6 +77,27 @@ def all_gather_nograd(x):
     return torch.cat(gathered, dim=0)
 
 
+class _AllGatherWithGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        gathered = [torch.empty_like(x) for _ in range(get_world_size())]
+        dist.all_gather(gathered, x.contiguous())
+        return torch.cat(gathered, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)  # every process's loss depends on every slice: sum their gradients
+        n = grad.shape[0] // get_world_size()
+        return grad[get_rank() * n:(get_rank() + 1) * n]
+
+
+def all_gather_with_grad(x):
+    """all_gather_nograd with gradient: the gradient of this process's slice is the sum over processes of the
+    gradients its copies received. The identity at world size 1."""
+    return x if get_world_size() == 1 else _AllGatherWithGrad.apply(x)
+
+
 @torch.no_grad()
 def all_reduce(x, op="sum"):
     """Sum or mean of `x` over processes, returned as a new tensor. The identity at world size 1."""
@@ -471,6 +492,13 @@ def flow_to_uint8(flow):
 def uint8_to_flow(img):
     """uint8 (..., >=2) flow image -> float32 (..., 2) pixels in [-20, 20]."""
     return img[..., :2].astype(np.float32) * (2 * FLOW_BOUND / 255.0) - FLOW_BOUND
+
+
+def flow_image(flow):
+    """float flow clips (..., 2, T, H, W) in pixels -> the CoCLR / ViCC flow image uint8 (..., 3, T, H, W): u, v
+    mapped from +-20 px to 0..255 (flow_to_uint8), third channel 128; networks take it normalised like RGB."""
+    img = flow_to_uint8(flow.movedim(-4, -1).cpu().numpy())  # (..., T, H, W, 3)
+    return torch.from_numpy(img).movedim(-1, -4).contiguous()
 
 
 def write_flow_frames(flow, folder, start=1):
@@ -1178,13 +1206,16 @@ class VideoDataset(torch.utils.data.Dataset):
     def _load(self, i):
         path, label = self.samples[i]
         item, store = {}, {}
+        flow_dir = path if os.path.isdir(path) else os.path.splitext(path)[0]
         if "video" in self.modalities:
-            frames = _read_frames(path, lambda n: self._indices(n, store), self.decoder, self.size)
+            # with flow (one frame fewer, CoCLR layout) the clip is drawn from the frames both modalities have
+            n_flow = len(_frame_files(flow_dir, "flow")) if "flow" in self.modalities else None
+            frames = _read_frames(path, lambda n: self._indices(min(n, n_flow or n), store), self.decoder,
+                                  self.size)
             k = store["indices"].shape[0]
             video = torch.from_numpy(frames).view(k, self.clip_len, *frames.shape[1:]).permute(0, 4, 1, 2, 3)
             item["video"] = video[0] if self.sampling in SINGLE_CLIP_SAMPLINGS and self.num_clips == 1 else video
         if "flow" in self.modalities:
-            flow_dir = path if os.path.isdir(path) else os.path.splitext(path)[0]
             if "indices" not in store:
                 self._indices(len(_frame_files(flow_dir, "flow")), store)
             flow = read_flow_frames(flow_dir, store["indices"].reshape(-1), self.size)
@@ -1826,6 +1857,9 @@ def _parse_video_set(name, root, split, options):
     if name == "toy-motion":
         make_toy_motion(root, seed=options.get("toy_seed", 0))
         return parse_videofolder(root, split)
+    if name == "toy-motion-flow":
+        make_toy_motion_flow(root, seed=options.get("toy_seed", 0))
+        return parse_videofolder(root, split)
     if name in ("k400", "k600", "k700", "minik", "kinetics"):
         return parse_kinetics(root, split)
     if name == "ucf101":
@@ -1995,6 +2029,47 @@ def make_toy_motion(root, seed=0, size=64, num_frames=16, train_per_class=24, va
                     rng = np.random.default_rng([seed, split == "val", label, k])
                     frames = render_toy_motion(rng, label, size, num_frames)
                     write_video(os.path.join(tmp, split, name, f"{name}_{k:04d}.mp4"), frames, fps=8)
+    return _build_once(root, make)
+
+
+def toy_motion_flow(frames):
+    """True forward flow of a rendered toy-motion video, uint8 (T, H, W, 3) -> float32 (T - 1, H, W, 2) pixels:
+    the object (the uniformly coloured pixels: its colour is the most frequent RGB triple of frame 0; the
+    background is noisy) moves rigidly, so its pixels in frame t carry the displacement of its centre from t to
+    t + 1 (circular means: positions wrap around the frame); the static background has zero flow."""
+    t, h, w, _ = frames.shape
+    colours, counts = np.unique(frames[0].reshape(-1, 3), axis=0, return_counts=True)
+    mask = (frames == colours[counts.argmax()]).all(-1)  # (T, H, W) object pixels
+
+    def centre(m, axis, n):  # circular mean position of the mask along one image axis
+        angle = 2 * np.pi * np.nonzero(m)[axis] / n
+        return np.angle(np.exp(1j * angle).mean()) * n / (2 * np.pi)
+
+    flow = np.zeros((t - 1, h, w, 2), dtype=np.float32)
+    for k in range(t - 1):
+        if mask[k].any() and mask[k + 1].any():
+            dx = (centre(mask[k + 1], 1, w) - centre(mask[k], 1, w) + w / 2) % w - w / 2
+            dy = (centre(mask[k + 1], 0, h) - centre(mask[k], 0, h) + h / 2) % h - h / 2
+            flow[k][mask[k]] = (dx, dy)
+    return flow
+
+
+def make_toy_motion_flow(root, seed=0, size=64, num_frames=16, train_per_class=24, val_per_class=8):
+    """The toy-motion videos (same seeds) as CoCLR-layout frame folders with their true flow:
+    root/{train,val}/<class>/<class>_<k:04d>/{image_%05d.jpg (T frames), flow_%05d.jpg (T - 1 frames, +-20 px)}."""
+    from PIL import Image
+
+    def make(tmp):
+        for split, count in (("train", train_per_class), ("val", val_per_class)):
+            for label, name in enumerate(TOY_MOTION_CLASSES):
+                for k in range(count):
+                    rng = np.random.default_rng([seed, split == "val", label, k])  # as make_toy_motion
+                    frames = render_toy_motion(rng, label, size, num_frames)
+                    folder = os.path.join(tmp, split, name, f"{name}_{k:04d}")
+                    os.makedirs(folder)
+                    for i, img in enumerate(frames):
+                        Image.fromarray(img).save(os.path.join(folder, f"image_{i + 1:05d}.jpg"), quality=95)
+                    write_flow_frames(toy_motion_flow(frames), folder)
     return _build_once(root, make)
 
 
@@ -2590,6 +2665,50 @@ class ResNet3D(nn.Module):
         return x if return_map else _pool_video_map(x)
 
 
+def _r21d_conv(cin, cout, kernel, stride=(1, 1, 1), padding=(0, 0, 0)):
+    """(2+1)D factorised conv (Tran et al. 2018, Sec. 3.5): 1xkxk spatial conv to M channels, BN, ReLU, kx1x1
+    temporal conv, with M = floor(k t k k cin cout / (k k cin + t cout)) so the parameters match the 3D conv."""
+    kt, kh, kw = kernel
+    m = (kt * kh * kw * cin * cout) // (kh * kw * cin + kt * cout)
+    return nn.Sequential(nn.Conv3d(cin, m, (1, kh, kw), (1, stride[1], stride[2]), (0, padding[1], padding[2]),
+                                   bias=False), nn.BatchNorm3d(m), nn.ReLU(inplace=True),
+                         nn.Conv3d(m, cout, (kt, 1, 1), (stride[0], 1, 1), (padding[0], 0, 0), bias=False))
+
+
+class R2Plus1DBlock(nn.Module):
+    """Residual block of two (2+1)D convs; downsample: stride 2 in space and time, (2+1)D 1x1x1 shortcut + BN."""
+
+    def __init__(self, cin, cout, downsample=False):
+        super().__init__()
+        s = (2, 2, 2) if downsample else (1, 1, 1)
+        self.conv1, self.bn1 = _r21d_conv(cin, cout, (3, 3, 3), s, (1, 1, 1)), nn.BatchNorm3d(cout)
+        self.conv2, self.bn2 = _r21d_conv(cout, cout, (3, 3, 3), padding=(1, 1, 1)), nn.BatchNorm3d(cout)
+        self.shortcut = nn.Sequential(_r21d_conv(cin, cout, (1, 1, 1), s), nn.BatchNorm3d(cout)) if downsample \
+            else nn.Identity()
+
+    def forward(self, x):
+        res = self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x)))))
+        return F.relu(self.shortcut(x) + res)
+
+
+class R2Plus1D10(nn.Module):
+    """R(2+1)D with one block per stage, the "R(2+1)D" of VCOP / ViCC supp. Table 3 (14.4 M parameters in the
+    papers; ViCC's backbone/r21d.py with layer_sizes (1, 1, 1, 1)). Stem (2+1)D 3x7x7 stride (1, 2, 2), no
+    max-pool; 16x128² -> map (512, 2, 8, 8) -> pooled 512."""
+
+    def __init__(self, in_channels=3):
+        super().__init__()
+        self.stem = nn.Sequential(_r21d_conv(in_channels, 64, (3, 7, 7), (1, 2, 2), (1, 3, 3)), nn.BatchNorm3d(64),
+                                  nn.ReLU(inplace=True))
+        self.layers = nn.Sequential(R2Plus1DBlock(64, 64), R2Plus1DBlock(64, 128, True),
+                                    R2Plus1DBlock(128, 256, True), R2Plus1DBlock(256, 512, True))
+        self.feature_dim = 512
+
+    def forward(self, x, return_map=False):
+        x = self.layers(self.stem(x))  # (N, 512, T/8, H/16, W/16)
+        return x if return_map else _pool_video_map(x)
+
+
 class Tiny3D(nn.Module):
     """A small 3D CNN for CPU smoke runs and tests (~0.3 M parameters at width 16; not from any paper).
 
@@ -2991,7 +3110,7 @@ class SkeleMotionCNN(nn.Module):
 
 
 VIDEO_ARCHS = ("r2plus1d_18", "r3d_18", "mc3_18", "s3d", "r2d3d_18", "i3d", "resnet3d_18", "resnext3d_101",
-               "tiny3d")
+               "tiny3d", "r2plus1d_10")
 SKELETON_ARCHS = ("bigru", "hcn", "agcn", "stgcn", "skelemotion_cnn")
 
 
@@ -3024,6 +3143,8 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
         model = I3D(c, **eps, **options)
     elif arch == "tiny3d":
         model = Tiny3D(c, **eps, **options)
+    elif arch == "r2plus1d_10":
+        model = R2Plus1D10(c, **options)
     elif arch == "resnet3d_18":
         model = ResNet3D(BasicBlock3D, (2, 2, 2, 2), c, **eps, **options)
     elif arch == "resnext3d_101":
@@ -3492,6 +3613,41 @@ def lr_at_step(step, total_steps, base_lr, schedule="cosine", warmup_steps=0, fi
         return base_lr * (step + 1) / warmup_steps
     progress = (step - warmup_steps) / max(total_steps - warmup_steps, 1)
     return final_lr + 0.5 * (base_lr - final_lr) * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+class LARC(torch.optim.SGD):
+    """SGD with layer-wise adaptive rate scaling (You et al. 2017, "Large Batch Training of Convolutional
+    Networks"), with the semantics of NVIDIA apex's LARC wrapper as SwAV / ViCC use it (clip=False): for every
+    parameter p with a gradient g and ||p||, ||g|| both non-zero,
+        g <- trust * ||p|| / (||g|| + wd * ||p|| + eps) * (g + wd * p)
+    then a plain SGD step (momentum, lr) without weight decay; a parameter with ||p|| = 0 or ||g|| = 0 gets
+    neither scaling nor weight decay (as apex). clip=True: the factor becomes min(factor / lr, 1) (apex clip)."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, clip=False, eps=1e-8):
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.trust_coefficient, self.clip, self.eps = trust_coefficient, clip, eps
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        decays = []
+        for group in self.param_groups:
+            wd = group["weight_decay"]
+            decays.append(wd)
+            group["weight_decay"] = 0.0
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                param_norm, grad_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
+                if param_norm != 0 and grad_norm != 0:
+                    factor = self.trust_coefficient * param_norm / (grad_norm + param_norm * wd + self.eps)
+                    if self.clip:
+                        factor = torch.clamp(factor / group["lr"], max=1.0)
+                    p.grad.add_(p, alpha=wd).mul_(factor)
+        try:
+            return super().step(closure)
+        finally:
+            for group, wd in zip(self.param_groups, decays):
+                group["weight_decay"] = wd
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

@@ -228,6 +228,8 @@ def get_parser():
     g = parser.add_argument_group("retrieval and clusters")
     g.add_argument("--center-features", action="store_true", help="subtract each set's own feature mean before "
                    "L2 normalisation (CoCLR / ViCC retrieval code)")
+    g.add_argument("--modality", default=None, choices=["video", "flow"], help="input of a video encoder; flow = "
+                   "the CoCLR / ViCC flow image of <video>/flow_%%05d.jpg (default: the checkpoint meta's, else video)")
     g.add_argument("--num-clusters", type=int, default=None, help="K for k-means (default: number of classes, as "
                    "ViCC supp. Sec. 3.1.2)")
     g.add_argument("--cluster-source", default="auto", choices=["auto", "kmeans", "prototypes"],
@@ -622,6 +624,20 @@ def video_transform(item, train, crop, short_side, crop_scale=(0.08, 1.0), flip=
     return item
 
 
+def flow_transform(item, train, crop, short_side, crop_scale=(0.08, 1.0), flip=True, jitter=True):
+    """--modality flow: flow (2, T, H, W) or (K, 2, T, H, W) in pixels, cropped as video_transform (flips negate u,
+    no colour jitter), then the CoCLR / ViCC flow image (u, v, 128) normalised like RGB (vicc.py's input)."""
+    x = item["flow"]
+    if train:
+        x = common.random_resized_crop_clip(x, crop, scale=crop_scale)
+        if flip:
+            x = common.horizontal_flip(x, p=0.5, flow=True)
+    else:
+        x = common.center_crop(common.resize_short_side(x, short_side), crop)
+    item["flow"] = common.normalize(common.flow_image(x))
+    return item
+
+
 def skeleton_transform(item, train, frames, center, skelemotion=False):
     """Centre, then crop (App. A.1) to (C, frames, V, M). skelemotion=True (--arch skelemotion_cnn): body 0 of the
     crop as a SkeleMotion image (6, frames, 49) (`common.skelemotion_image`, tau = 1, NTU-25 chaining), the input
@@ -670,7 +686,8 @@ def build_split(args, split, train, augment=True):
     """The dataset of `split` ("train" or "test" = the dataset's official evaluation split) with the protocol's
     sampling: train = one random clip (augmented unless augment=False), test = test_clips uniform clips."""
     p = args.protocol
-    if p["modality"] in ("depth", "flow"):
+    paired = protocol_for(args.data)["modality"] == "depth"  # depth/RGB/flow pairs (Ch. 2): 1- or 2-channel inputs
+    if paired and p["modality"] in ("depth", "flow"):
         transform = functools.partial(paired_transform, key=p["modality"], train=train and augment, crop=p["crop"],
                                       short_side=p["short_side"], crop_scale=p["crop_scale"], flip=p["flip"],
                                       channels=args.options.get("in_channels", 3))
@@ -683,7 +700,8 @@ def build_split(args, split, train, augment=True):
                                       center=not args.no_center, skelemotion=args.arch == "skelemotion_cnn")
         return common.build_dataset(args.data, args.data_root, split, transform=transform,
                                     strict=args.strict_data, bad_files_path=args.bad_files)
-    transform = functools.partial(video_transform, train=train and augment, crop=p["crop"],
+    transform = functools.partial(flow_transform if p["modality"] == "flow" else video_transform,
+                                  train=train and augment, crop=p["crop"],
                                   short_side=p["short_side"], crop_scale=p["crop_scale"], flip=p["flip"],
                                   jitter=p["jitter"])
     sampling = (("spread" if train else "spread-centre") if args.task == "arrow-of-time" else  # App. B.2.4
@@ -691,7 +709,7 @@ def build_split(args, split, train, augment=True):
     return common.build_dataset(args.data, args.data_root, split, clip_len=args.frames, frame_strides=(p["stride"],),
                                 num_clips=1 if train else args.test_clips, sampling=sampling,
                                 transform=transform, decoder=args.decoder, strict=args.strict_data,
-                                bad_files_path=args.bad_files)
+                                bad_files_path=args.bad_files, modalities=(p["modality"],))
 
 
 def dataset_labels(dataset):
@@ -1430,6 +1448,8 @@ def protocol_for(data):
         return PROTOCOLS["toy-paired"]
     if data in common.NTU_PAIRED_SETS:
         return PROTOCOLS["paired"]
+    if data == "toy-motion-flow":  # the toy-motion videos as frame folders with their flow
+        return PROTOCOLS["toy-motion"]
     if data.startswith(("ntu", "pku", "kinetics-skeleton")):
         return SKELETON
     return PROTOCOLS["ucf101"]  # videofolder / videolist / other video sets: UCF101's settings
@@ -1517,6 +1537,8 @@ def resolve_args(args):
         if protocol_for(args.data).get("modality") == "depth" and meta.get("modality") in ("depth", "flow", "rgb"):
             modality = {"rgb": "video"}.get(meta["modality"], meta["modality"])  # paired sets: the net's input
             args.protocol = dict(args.protocol, modality=modality)
+        elif (args.modality or meta.get("modality")) == "flow":  # vicc.py flow streams
+            args.protocol = dict(args.protocol, modality="flow")
     else:  # each column applies its own protocol; the batch size here only satisfies common.setup's check
         args.protocol, args.bad_files = protocol_for(args.data), os.path.join(args.out_dir, "bad_files.txt")
         args.batch_size = args.batch_size or 32
