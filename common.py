@@ -2270,6 +2270,39 @@ class Tiny3D(nn.Module):
         return x if return_map else _pool_video_map(x)
 
 
+
+class PHLVCVideo(nn.Module):
+    """P-HLVC video encoder up to FC2 (P-HLVC supp. Sec. 7.3, Listing 1; cvpranon42/phlvc model_3d.py).
+
+    trunk map (N, C, T', H', W') -> avg-pool (2, H', W') stride 1 -> `fc` = Conv3d 1x1x1 C -> hidden (the S3D
+    classifier conv re-purposed; for r2d3d_18 the issue's "Linear 256 -> 512", which a 1x1x1 conv on the pooled
+    map is) -> mean over time = FC1 (N, hidden) -> `vid_fc2` = BN1d - ReLU - Linear(hidden, hidden) = FC2.
+    tap: "fc2" (classification, Sec. 7.3) or "fc1" (retrieval: "the features before FC2"); forward(x, tap=...)
+    overrides it. S3D: kylemin BN (eps 1e-3, momentum 1e-3), 8,434,848 params to FC1 at hidden 512.
+    """
+
+    def __init__(self, trunk="s3d", hidden=512, tap="fc2", width=16):
+        super().__init__()
+        if tap not in ("fc1", "fc2"):
+            raise ValueError(f"common.py: phlvc_video tap must be 'fc1' or 'fc2', got {tap!r}")
+        options = {"s3d": dict(bn_eps=1e-3, bn_momentum=1e-3), "tiny3d": dict(width=width)}.get(trunk, {})
+        self.trunk = build_backbone(trunk, **options)
+        self.fc = nn.Sequential(nn.Conv3d(self.trunk.feature_dim, hidden, 1))
+        self.vid_fc2 = nn.Sequential(nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+        self.feature_dim, self.tap, self.trunk_name = hidden, tap, trunk
+        for m in self.vid_fc2.modules():  # authors' _initialize_weights: orthogonal weights, zero biases
+            if isinstance(m, nn.Linear):
+                nn.init.orthogonal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x, return_map=False, tap=None):
+        x = self.trunk(x, return_map=True)  # (N, C, T', H', W')
+        if return_map:
+            return x
+        x = F.avg_pool3d(x, (min(2, x.shape[2]), x.shape[3], x.shape[4]), stride=1)  # (N, C, T'-1, 1, 1)
+        fc1 = self.fc(x).flatten(2).mean(dim=2)  # (N, hidden): FC1
+        return fc1 if (tap or self.tap) == "fc1" else self.vid_fc2(fc1)  # (N, hidden)
+
 # ---------------------------------------------------------------------------------------------- skeleton graphs
 # NTU RGB+D 25 joints (1-based pairs child -> parent toward the spine), 2s-AGCN graph/ntu_rgb_d.py, ST-GCN.
 NTU25_INWARD = [(1, 2), (2, 21), (3, 21), (4, 3), (5, 21), (6, 5), (7, 6), (8, 7), (9, 21), (10, 9), (11, 10),
@@ -2649,7 +2682,7 @@ class SkeleMotionCNN(nn.Module):
 
 
 VIDEO_ARCHS = ("r2plus1d_18", "r3d_18", "mc3_18", "s3d", "r2d3d_18", "i3d", "resnet3d_18", "resnext3d_101",
-               "tiny3d")
+               "tiny3d", "phlvc_video")
 SKELETON_ARCHS = ("bigru", "hcn", "agcn", "stgcn", "skelemotion_cnn")
 
 
@@ -2666,6 +2699,7 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
         hcn: num_joints (25), num_persons (2), hidden (64), window_size (64 = T).
         agcn: num_joints, num_persons, layout ("ntu25" | "coco18"), hidden (64). stgcn: same + dropout.
         skelemotion_cnn: frames (32), joints (49), hidden (512).
+        phlvc_video: trunk ("s3d" | "r2d3d_18" | "tiny3d"), hidden (512), tap ("fc2" | "fc1"), width (tiny3d).
     """
     c = 3 if in_channels is None else in_channels
     eps = {} if bn_eps is None else {"bn_eps": bn_eps}
@@ -2691,6 +2725,10 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
         model = ResNet3D(BasicBlock3D, (2, 2, 2, 2), c, stem_kernel=(1, 7, 7),
                          widths=(64, 128, 256, 256), block_kernels=((1, 3, 3), (1, 3, 3), 3, 3),
                          temporal_strides=(1, 1, 2, 2), final_relu=False, **eps, **options)
+    elif arch == "phlvc_video":
+        if c != 3:
+            raise ValueError(f"common.py: phlvc_video expects in_channels=3, got {c}")
+        model = PHLVCVideo(**options)
     elif arch == "bigru":
         model = BiGRU(**options)
     elif arch == "hcn":
