@@ -237,7 +237,9 @@ def test_two_gloo_processes_keep_prototypes_and_queues_identical(tmp_path):
 
 @pytest.mark.slow
 def test_toy_pretraining_beats_random_init(tmp_path):
+    """The default toy run (60 epochs, 180 steps): leave-one-out 1-NN among the 48 pretraining videos, video tap
+    fc1. Measured (seeds 0 and 1): see the README; collapsed runs (e.g. with Table 6's jitter) stay at chance."""
     out = run_script(tmp_path, "--seed", 0)
     with open(tmp_path / "knn.json") as f:
         knn = json.load(f)
-    assert knn["pretrained_fc1"]["knn_top1"] >= knn["random_init_fc1"]["knn_top1"] + 15, out[-1500:]
+    assert knn["pretrained_fc1"]["loo_nn1"] >= knn["random_init_fc1"]["loo_nn1"] + 15, out[-1500:]
