@@ -8,6 +8,9 @@ agreement-accentuating cross-entropy (AXent) of Eq. (5); the prototypes grow fro
     python phlvc.py                                   # toy-paired (RGB + COCO-18 2-D poses), tiny3d, CPU, minutes
     python phlvc.py --data paired --data-root D --arch s3d --gpus 4    # paper configuration (S3D, 32x128², K 3k->10k)
 
+D in the toy-paired layout (rgb/<name>.mp4, pose2d/kinetics_{train,val}/<name>.json ST-GCN JSON, skeleton/ label
+arrays, see common.make_toy_paired); the k400-pose parser (Kinetics-400 + Kinetics-Skeleton) is not built yet.
+
 The file reads like the supplement: flags -> encoders (Sec. 7.3) -> SkeleMotion on the device (Sec. 7.5) ->
 prototypes, Sinkhorn, cluster growing, queue (Sec. 7.6, 7.8) -> losses Eq. (4), (5) (Sec. 7.9) -> multi-body pairs
 (Sec. 7.4) -> train step -> main.
@@ -116,8 +119,8 @@ PAPER_DEFAULTS = dict(arch="s3d", crop_size=128, hidden=512, rep_dim=256, protot
                       crop_area_min=0.05, color_jitter="table6")
 # Toy (measured in the report): tiny3d at 48² x 20 frames, K 24 -> 48 over the run, short freezes.
 TOY_DEFAULTS = dict(arch="tiny3d", clip_len=20, crop_size=48, hidden=128, rep_dim=64, prototypes=24,
-                    prototypes_final=48, grow_start_epoch=20, grow_per_epoch=8, freeze_prototypes_iters=30,
-                    single_track_iters=30, queue_size=64, queue_start_epoch=40, epochs=60, lr=1e-3,
+                    prototypes_final=48, grow_start_epoch=14, grow_per_epoch=8, freeze_prototypes_iters=30,
+                    single_track_iters=30, queue_size=64, queue_start_epoch=30, epochs=40, lr=1e-3,
                     warmup_epochs=2, batch_size=16, workers=1, knn_every=0, video_views=1, max_tracks=2,
                     pose_scale=30.0, crop_area_min=0.8, color_jitter="none")
 
