@@ -243,3 +243,12 @@ def test_toy_pretraining_beats_random_init(tmp_path):
     with open(tmp_path / "knn.json") as f:
         knn = json.load(f)
     assert knn["pretrained_fc1"]["loo_nn1"] >= knn["random_init_fc1"]["loo_nn1"] + 15, out[-1500:]
+
+
+def test_other_flags_run(tmp_path):
+    """K_v = 2 views, Eq. (4), batch pair mean, random new rows, the queue from the start: finite losses, growth."""
+    run_script(tmp_path, *SHORT, "--max-steps", 4, "--epochs", 2, "--video-views", 2, "--loss", "swav",
+               "--pair-mean", "batch", "--grow-init", "random", "--grow-start-epoch", 0, "--queue-start-epoch", 0,
+               "--color-jitter", "table6", "--crop-area-min", 0.05)
+    rows = losses(tmp_path)
+    assert [p for _, _, p in rows] == [32, 32, 32, 40] and all(math.isfinite(l) for _, l, _ in rows)
