@@ -1312,6 +1312,54 @@ class PairedDataset(torch.utils.data.Dataset):
         return _load_or_replace(self, index, self._load)
 
 
+class VideoPoseDataset(torch.utils.data.Dataset):
+    """Kinetics-400 videos paired with Kinetics-Skeleton poses ("k400-pose", P-HLVC supp. Sec. 7.2): samples from
+    parse_kinetics, poses from pose_root/kinetics_{train,val}/<youtube_id>.json (ST-GCN JSON, OpenPose COCO-18,
+    30 fps). Video frame t is read with pose frame t (reading: the ST-GCN preprocessing resampled the videos to
+    30 fps). Videos without a JSON are left out (printed). Items: "video" uint8 (C, T, H, W), "pose2d" float32
+    (3, T, 18, people) as read_kinetics_skeleton_json, "label", "index", "frame_indices"."""
+
+    def __init__(self, samples, class_names, pose_root, split, clip_len=16, transform=None, decoder="auto",
+                 people=5, strict=False, bad_files_path=None):
+        split = _split_name(split)
+        folder = _need(os.path.join(pose_root, f"kinetics_{split}"), "the Kinetics-Skeleton JSON folder")
+        have = {os.path.splitext(n)[0] for n in os.listdir(folder) if n.endswith(".json")}
+        ids = [os.path.basename(p).rsplit("_", 2)[0] for p, _ in samples]  # <youtube_id>_<start>_<end>.mp4
+        self.samples = [(p, y, os.path.join(folder, f"{i}.json")) for (p, y), i in zip(samples, ids) if i in have]
+        print(f"k400-pose {split}: {len(self.samples)} of {len(samples)} videos have a Kinetics-Skeleton JSON "
+              f"(P-HLVC supp.: 144,085 train videos)", flush=True)
+        self.class_names, self.num_classes = list(class_names), len(class_names)
+        self.clip_len, self.transform, self.decoder, self.people = clip_len, transform, decoder, people
+        self.strict, self.bad_files_path, self.bad_files = strict, bad_files_path, {}
+
+    def __len__(self):
+        return len(self.samples)
+
+    def sample_path(self, i):
+        return self.samples[i][0]
+
+    def _load(self, i):
+        path, label, pose_path = self.samples[i]
+        store = {}
+
+        def index_fn(n):
+            store["idx"] = sample_clip_indices(n, self.clip_len, (1,), 1, "random", _seed_rng())[0]
+            return store["idx"]
+        frames = _read_frames(path, index_fn, self.decoder)
+        idx = store["idx"]
+        pose, _ = read_kinetics_skeleton_json(pose_path, max_frames=int(idx.max()) + 1, people_in=self.people,
+                                              people_out=self.people)
+        item = {"video": torch.from_numpy(frames).permute(3, 0, 1, 2),
+                "pose2d": torch.from_numpy(np.ascontiguousarray(pose[:, idx]))}
+        if self.transform is not None:
+            item = self.transform(item)
+        item.update(label=torch.tensor(label), index=torch.tensor(i, dtype=torch.int64),
+                    frame_indices=torch.from_numpy(idx))
+        return item
+
+    def __getitem__(self, index):
+        return _load_or_replace(self, index, self._load)
+
 def read_ntu_skeleton(path, max_bodies=2):
     """Raw NTU RGB+D .skeleton text -> float32 (3, T, 25, max_bodies) x, y, z in metres. Bodies are tracked by
     bodyID and the max_bodies most active (largest summed std of the non-zero joint coordinates, as 2s-AGCN's
@@ -1484,7 +1532,8 @@ def build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides=
     transform(item: dict) -> dict gets the modality tensors of one sample ("video" uint8 (C, T, H, W), "flow",
     "skeleton", ...) before "label", "index" and "frame_indices" are added. dataset_options: fold (UCF101, HMDB51),
     ext (SSv2), list_file (videolist), size, jitter, step (VideoDataset), check_exists (drop listed but missing
-    videos, default True), pre_normalize (NTU raw), toy_seed (toy sets)."""
+    videos, default True), pre_normalize (NTU raw), toy_seed (toy sets), pose_root (k400-pose; default
+    root/kinetics-skeleton)."""
     root = root or os.path.join("data", name)
     skel_kwargs = dict(transform=transform, strict=strict, bad_files_path=bad_files_path)
     if name == "toy-skeleton":
@@ -1503,6 +1552,10 @@ def build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides=
         ds = _skeleton_set(out, split, lambda: convert_pku_mmd(root, out, bench), **skel_kwargs)
     elif name == "kinetics-skeleton":
         ds = KineticsSkeletonDataset(root, split, **skel_kwargs)
+    elif name == "k400-pose":
+        samples, classes = parse_kinetics(root, split)
+        pose_root = dataset_options.get("pose_root") or os.path.join(root, "kinetics-skeleton")
+        ds = VideoPoseDataset(samples, classes, pose_root, split, clip_len=clip_len, decoder=decoder, **skel_kwargs)
     elif name in ("toy-paired", "paired"):
         if name == "toy-paired":
             make_toy_paired(root, seed=dataset_options.get("toy_seed", 0))
@@ -1531,7 +1584,7 @@ def build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides=
                             jitter=dataset_options.get("jitter", False), step=dataset_options.get("step"))
     if fraction < 1.0 or per_class is not None:
         inner = ds.skeletons if isinstance(ds, PairedDataset) else ds
-        labels = inner.labels[inner.indices] if isinstance(inner, SkeletonDataset) else [y for _, y in ds.samples]
+        labels = inner.labels[inner.indices] if isinstance(inner, SkeletonDataset) else [x[1] for x in ds.samples]
         keep = stratified_subset(labels, fraction, per_class, seed)
         if isinstance(inner, SkeletonDataset):
             inner.indices = inner.indices[keep]

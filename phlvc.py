@@ -397,8 +397,11 @@ def build_sets(args, run):
               bad_files_path=os.path.join(run.out_dir, "bad_files.txt"))
     train = common.build_dataset(args.dataset_name, args.data_root, "train", modalities=("video", "pose2d"),
                                  transform=train_transform, fraction=args.data_fraction, seed=args.seed, **kw)
-    knn_sets = [common.build_dataset(args.dataset_name, args.data_root, split, modalities=("video",),
-                                     sampling="uniform", transform=eval_transform, **kw) for split in ("train", "val")]
+    if not (args.knn_every or args.dataset_name.startswith("toy")):
+        return train, None
+    knn_name = "k400" if args.dataset_name == "k400-pose" else args.dataset_name  # video only
+    knn_sets = [common.build_dataset(knn_name, args.data_root, split, modalities=("video",), sampling="uniform",
+                                     transform=eval_transform, **kw) for split in ("train", "val")]
     if args.dataset_name == "toy-paired":  # 12 val videos cannot show a margin: query the 48 videos of a toy set
         knn_sets[1] = common.build_dataset(  # drawn with another seed (new bodies, cameras, textures; same actions)
             "toy-paired", args.data_root.rstrip("/") + "-seed1", "train", modalities=("video",), sampling="uniform",
@@ -428,7 +431,7 @@ def main_worker(args):
     train_set, knn_sets = build_sets(args, run)
     loader = common.build_loader(train_set, args, run, train=True)
     train_step = make_train_step(ddp_model, model, optimizer, run, args, len(loader))
-    knn_loaders = [common.build_loader(s, args, run, train=False) for s in knn_sets]
+    knn_loaders = [common.build_loader(s, args, run, train=False) for s in knn_sets or ()]
     input_fn = lambda batch: common.normalize(batch["video"])  # noqa: E731
     meta = {"arch": "phlvc_video", "modality": "rgb", "method": "phlvc",
             "options": {"trunk": args.arch, "hidden": args.hidden, "tap": "fc2"}}
@@ -475,9 +478,9 @@ def main(argv=None):
     common.fill_defaults(args, TOY_DEFAULTS if toy else PAPER_DEFAULTS)
     common.fill_defaults(args, dict(workers=4))
     args.dataset_name = "toy-paired" if args.data == "toy" else args.data
-    if args.dataset_name not in ("toy-paired", "paired"):
-        raise common.UserError(f"phlvc.py --data: expected toy, toy-paired or paired (the toy-paired layout); "
-                               f"found {args.data!r} (the k400-pose / Sims4Action / Toyota parsers are not built yet)")
+    if args.dataset_name not in ("toy-paired", "paired", "k400-pose"):
+        raise common.UserError(f"phlvc.py --data: expected toy, toy-paired, paired or k400-pose; found {args.data!r} "
+                               f"(the Sims4Action / Toyota Smarthome parsers are not built yet)")
     args.data_root = args.data_root or os.path.join("data", args.dataset_name)
     finalize_method_args(args)
     return common.launch(main_worker, args)

@@ -252,3 +252,57 @@ def test_other_flags_run(tmp_path):
                "--color-jitter", "table6", "--crop-area-min", 0.05)
     rows = losses(tmp_path)
     assert [p for _, _, p in rows] == [32, 32, 32, 40] and all(math.isfinite(l) for _, l, _ in rows)
+
+
+# ------------------------------------------------------------------------------------------- k400-pose layout
+def write_k400_pose(root, frames=26):
+    """Kinetics-400 (annotations/{train,val}.csv, {split}/<label>/<id>_<start>_<end>.mp4) + Kinetics-Skeleton
+    (kinetics-skeleton/kinetics_{split}/<id>.json): ids with '_' and '-', a video without poses, frames with 0 and
+    3 people (noisy extras), odd resolution. Pose x of person 0 at frame t is 0.01 t + 0.1 (to check alignment)."""
+    import numpy as np
+    ids = {"train": [("abc_def-123", "jumping"), ("zz-yy_xx_01", "waving"), ("nopose_here", "waving")],
+           "val": [("val_video_1", "jumping")]}
+    for split, rows in ids.items():
+        os.makedirs(root / "annotations", exist_ok=True)
+        with open(root / "annotations" / f"{split}.csv", "w") as f:
+            f.write("label,youtube_id,time_start,time_end,split\n")
+            for vid, label in rows:
+                f.write(f"{label},{vid},3,13,{split}\n")
+        for k, (vid, label) in enumerate(rows):
+            rgb = np.random.default_rng(k).integers(0, 255, (frames, 36, 52, 3), dtype=np.uint8)
+            common.write_video(str(root / split / label / f"{vid}_000003_000013.mp4"), rgb)
+            if vid == "nopose_here":
+                continue
+            data = []
+            for t in range(frames):
+                people = [] if t == 4 else [{"pose": [0.01 * t + 0.1 + 0.2 * m, 0.5] * 18, "score": [0.9 - 0.3 * m] * 18}
+                                            for m in range(3 if t % 5 == 0 else 1)]
+                data.append({"frame_index": t, "skeleton": people})
+            folder = root / "kinetics-skeleton" / f"kinetics_{split}"
+            os.makedirs(folder, exist_ok=True)
+            with open(folder / f"{vid}.json", "w") as f:
+                json.dump({"data": data, "label": label, "label_index": 0}, f)
+
+
+def test_k400_pose_pairs_video_and_pose_frames(tmp_path):
+    write_k400_pose(tmp_path)
+    ds = common.build_dataset("k400-pose", str(tmp_path), "train", clip_len=21)
+    assert len(ds) == 2  # the video without a JSON is left out
+    for i in range(2):
+        item = ds[i]
+        idx = item["frame_indices"]
+        assert item["video"].shape == (3, 21, 36, 52) and item["pose2d"].shape == (3, 21, 18, 5)
+        x = item["pose2d"][0, :, 0, 0]  # person 0, joint 0: x - 0.5, zero where nobody is posed
+        expected = torch.where(idx == 4, torch.zeros(()), 0.01 * idx.float() + 0.1 - 0.5)
+        torch.testing.assert_close(x, expected, rtol=0, atol=1e-5)
+    order, present = phlvc.select_tracks(item["pose2d"][None], 5)
+    assert present.sum() == 3  # the two extra people of every fifth frame count as (weak) tracks
+
+
+def test_k400_pose_pretraining_step(tmp_path):
+    write_k400_pose(tmp_path)
+    out = run_script(tmp_path / "run", "--data", "k400-pose", "--data-root", tmp_path, "--arch", "tiny3d",
+                     "--clip-len", 20, "--crop-size", 32, "--hidden", 32, "--rep-dim", 16, "--prototypes", 4,
+                     "--prototypes-final", 4, "--batch-size", 2, "--max-steps", 2, "--workers", 0, "--log-every", 1)
+    assert "k400-pose train: 2 of 3 videos" in out
+    assert all(math.isfinite(l) for _, l, _ in losses(tmp_path / "run"))
