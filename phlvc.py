@@ -5,11 +5,14 @@ A video encoder and a body-pose encoder (SkeleMotion images of the pose tracks) 
 Sinkhorn-Knopp assignment q is the target for the *other* modality's prediction p (swapped prediction), with the
 agreement-accentuating cross-entropy (AXent) of Eq. (5); the prototypes grow from 3,000 to 10,000 during training.
 
-    python phlvc.py                                   # toy-paired (RGB + COCO-18 2-D poses), tiny3d, CPU, minutes
-    python phlvc.py --data paired --data-root D --arch s3d --gpus 4    # paper configuration (S3D, 32x128², K 3k->10k)
+    python phlvc.py                                   # toy-paired (RGB + COCO-18 2-D poses), tiny3d, CPU, ~2.5 min
+    python phlvc.py --data k400-pose --gpus 4                  # paper: S3D 32x128², batch 80, K 3,000 -> 10,000
+    python phlvc.py --data k400-pose --arch r2d3d_18 --gpus 4  # R2D3D 30x128², batch 56, K_v 2, K_s <= 2
 
-D in the toy-paired layout (rgb/<name>.mp4, pose2d/kinetics_{train,val}/<name>.json ST-GCN JSON, skeleton/ label
-arrays, see common.make_toy_paired); the k400-pose parser (Kinetics-400 + Kinetics-Skeleton) is not built yet.
+k400-pose = data/k400-pose in the Kinetics-400 layout of `common.parse_kinetics` (annotations/{train,val}.csv,
+{split}/<label>/<youtube_id>_<start>_<end>.mp4) + kinetics-skeleton/kinetics_{train,val}/<youtube_id>.json
+(ST-GCN's Kinetics-Skeleton, OpenPose COCO-18, 30 fps; --data-root, dataset option pose_root). --data paired reads
+the toy-paired layout (rgb/*.mp4, pose2d/kinetics_{split}/*.json, skeleton/ label arrays).
 
 The file reads like the supplement: flags -> encoders (Sec. 7.3) -> SkeleMotion on the device (Sec. 7.5) ->
 prototypes, Sinkhorn, cluster growing, queue (Sec. 7.6, 7.8) -> losses Eq. (4), (5) (Sec. 7.9) -> multi-body pairs
@@ -47,9 +50,11 @@ Implementation details and readings (the authors' code has the architecture only
   widths 128 / 64, K 24 -> 48, short freezes, lr 1e-3, crop area >= 0.8 and no colour jitter (with Table 6's
   jitter the toy video collapses), --pose-scale 30 (the toy's normalised 8-fps displacements sit mostly under
   SkeleMotion's 0.004 threshold; x30 ~ pixels at 64² / 2). The kNN report taps fc1 (retrieval) and fc2.
-Not implemented yet: the k400-pose / sims4action / toyota-smarthome parsers (use --data paired, the toy-paired
-layout), evaluate.py --task crossdomain and --protocol phlvc, --visualize, --show-prototypes, track ids from
-AlphaPose JSON (tracks are per-frame score ranks), more than 2 tracks per sample (the shared JSON reader keeps 2).
+Not implemented yet: the sims4action / toyota-smarthome parsers (AlphaPose conversion), evaluate.py --task
+crossdomain and --protocol phlvc, --visualize, --show-prototypes, track ids from AlphaPose JSON (tracks are
+per-frame score ranks), loading the authors' checkpoints (their vid_backbone.* names), the 'enough posed frames'
+filter of k400-pose (videos without a JSON are dropped; a clip without poses gives no pair), pose JSON cached as npy.
+toy-paired keeps 2 people per frame (its JSON reader's default); k400-pose keeps 5.
 """
 import argparse
 import copy
