@@ -2847,6 +2847,11 @@ COCLR_S3D_RENAMES = [
     (r"(branch\d\.\d)\.conv\.", r"\1.0."), (r"(branch\d\.\d)\.bn\.", r"\1.1."),
 ]
 
+# P-HLVC (cvpranon42/phlvc SkeleContrastS3D) video names -> phlvc_video: vid_backbone.base.* (kylemin S3D = the CoCLR
+# names) -> trunk.features.*, vid_backbone.fc.0 (the 1x1x1 conv) -> fc.0; vid_fc2.* keeps its name.
+PHLVC_RENAMES = [(r"(^|\.)vid_backbone\.base\.", r"\1trunk.base."), (r"(^|\.)vid_backbone\.fc\.", r"\1fc.")] + \
+    COCLR_S3D_RENAMES
+
 # Tubelet-contrast / hassony2 I3D names -> ours (`features.N` in the order of I3D.features).
 I3D_RENAMES = [
     (r"(^|\.)conv3d_1a_7x7\.", r"\1features.0."), (r"(^|\.)conv3d_2b_1x1\.", r"\1features.2."),
@@ -2925,7 +2930,7 @@ def load_backbone_weights(model, path_or_state_dict, prefix=None):
     target = model.state_dict()
     model_keys = set(target)
     best = None
-    for renames in (None, CTP_RENAMES, COCLR_S3D_RENAMES, I3D_RENAMES):
+    for renames in (None, CTP_RENAMES, COCLR_S3D_RENAMES, I3D_RENAMES, PHLVC_RENAMES):
         names = {k: k for k in state} if renames is None else _rename_keys(state, renames)
         renamed = {new: old for old, new in names.items()}
         if prefix is None:

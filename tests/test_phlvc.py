@@ -306,3 +306,24 @@ def test_k400_pose_pretraining_step(tmp_path):
                      "--prototypes-final", 4, "--batch-size", 2, "--max-steps", 2, "--workers", 0, "--log-every", 1)
     assert "k400-pose train: 2 of 3 videos" in out
     assert all(math.isfinite(l) for _, l, _ in losses(tmp_path / "run"))
+
+
+def test_phlvc_video_loads_the_authors_layout():
+    """SkeleContrastS3D state dict (DataParallel 'module.'): vid_backbone.base.* (kylemin/CoCLR S3D names),
+    vid_backbone.fc.0, vid_fc2.*; the Rep head, the pose branch and the prototypes are not the backbone."""
+    from test_backbones import _to_coclr
+    model = common.build_backbone("phlvc_video")
+    src = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    state = {}
+    for k, v in src.items():
+        name = ("vid_backbone." + _to_coclr(k[len("trunk."):]) if k.startswith("trunk.") else
+                "vid_backbone." + k if k.startswith("fc.") else k)
+        state["module." + name] = v
+    assert "module.vid_backbone.base.5.branch1.1.conv_t.weight" in state and "module.vid_fc2.2.weight" in state
+    state |= {"module.vid_fc_rep.1.weight": torch.ones(2), "module.prototypes": torch.ones(2),
+              "module.sk_fc_rep.1.weight": torch.ones(2)}
+    fresh = common.build_backbone("phlvc_video")
+    report = common.load_backbone_weights(fresh, {"state_dict": state})
+    assert report["missing"] == [] and report["prefix"] == "module."
+    for k, v in fresh.state_dict().items():
+        assert torch.equal(v, src[k]), k
