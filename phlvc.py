@@ -52,8 +52,8 @@ Implementation details and readings (the authors' code has the architecture only
   SkeleMotion's 0.004 threshold; x30 ~ pixels at 64² / 2). The kNN report taps fc1 (retrieval) and fc2.
 Not implemented yet: the sims4action / toyota-smarthome parsers (AlphaPose conversion), evaluate.py --task
 crossdomain and --protocol phlvc, --visualize, --show-prototypes, track ids from AlphaPose JSON (tracks are
-per-frame score ranks), the 'enough posed frames'
-filter of k400-pose (videos without a JSON are dropped; a clip without poses gives no pair), pose JSON cached as npy.
+per-frame score ranks), the 'enough posed frames' filter of k400-pose (videos without a JSON are dropped; a clip
+without poses gives no pair), pose JSON cached as npy.
 toy-paired keeps 2 people per frame (its JSON reader's default); k400-pose keeps 5.
 """
 import argparse
