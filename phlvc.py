@@ -51,7 +51,7 @@ Implementation details and readings (the authors' code has the architecture only
   jitter the toy video collapses), --pose-scale 30 (the toy's normalised 8-fps displacements sit mostly under
   SkeleMotion's 0.004 threshold; x30 ~ pixels at 64² / 2). The kNN report taps fc1 (retrieval) and fc2.
 Not implemented yet: the sims4action / toyota-smarthome parsers (AlphaPose conversion), evaluate.py --task
-crossdomain and --protocol phlvc, --visualize, --show-prototypes, track ids from AlphaPose JSON (tracks are
+crossdomain and --protocol phlvc, --show-prototypes, track ids from AlphaPose JSON (tracks are
 per-frame score ranks), the 'enough posed frames' filter of k400-pose (videos without a JSON are dropped; a clip
 without poses gives no pair), pose JSON cached as npy.
 toy-paired keeps 2 people per frame (its JSON reader's default); k400-pose keeps 5.
@@ -114,6 +114,8 @@ def add_method_args(parser):
                    "48 videos cannot be learnt from in minutes under it)")
     g.add_argument("--crop-area-min", type=float, default=None, help="smallest crop area: 0.05 (Table 6 MCA, our "
                    "reading for pretraining); toy 0.8 (its bodies are small)")
+    g.add_argument("--visualize", type=int, default=0, metavar="N", help="write visualize_<i>.png for N training "
+                   "samples (a frame with every track drawn, then each track's 6 SkeleMotion channels) and exit")
     return parser
 
 
@@ -415,6 +417,46 @@ def build_sets(args, run):
     return train, knn_sets
 
 
+def save_visualization(dataset, args, out_dir, num_samples):
+    """--visualize N: per sample one PNG: the clip's middle frame with the tracks' joints (red, green, blue, ... in
+    rank order), then the 6 SkeleMotion channels (orientation x3, magnitude x3; joints down, time across, each
+    scaled to its maximum; orientation 1.1 = 'no motion' is the brightest) of every used track. Returns the paths."""
+    from PIL import Image, ImageDraw
+    colours = [(255, 40, 40), (40, 220, 40), (60, 120, 255), (255, 210, 0), (220, 0, 255)]
+    scale_xy = torch.tensor([args.pose_scale, args.pose_scale, 1.0])[:, None, None, None]
+    paths = []
+    for i in range(min(num_samples, len(dataset))):
+        item = dataset[i]
+        video, pose = item["video"], item["pose2d"]  # (3, T+1, H, W) uint8, (3, T+1, 18, M)
+        t = video.shape[1] // 2
+        height, width = video.shape[2:]
+        zoom = max(1, 256 // max(height, width))
+        frame = Image.fromarray(video[:, t].permute(1, 2, 0).numpy()).resize((width * zoom, height * zoom))
+        draw = ImageDraw.Draw(frame)
+        order, present = select_tracks(pose[None], args.max_tracks)  # (1, M) each
+        images = skelemotion_batch(pose[None] * scale_xy)[0]  # (M, 6, T, 49)
+        tiles = []
+        for rank, m in enumerate(order[0].tolist()):
+            if not present[0, rank]:
+                continue
+            for j in torch.nonzero(pose[2, t, :, m] > 0).flatten().tolist():  # (x - 0.5, y - 0.5) in frame units
+                x, y = (pose[0, t, j, m] + 0.5) * width * zoom, (pose[1, t, j, m] + 0.5) * height * zoom
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colours[rank % len(colours)])
+            for channel in images[m]:  # (T, 49)
+                tile = (channel.t() / channel.max().clamp_min(1e-6) * 255).byte().numpy()  # (49, T)
+                tiles.append(Image.fromarray(tile).resize((tile.shape[1] * 4, 49 * 2), Image.NEAREST))
+        canvas = Image.new("RGB", (frame.width + sum(x.width + 4 for x in tiles), max([frame.height] +
+                                                                                   [x.height for x in tiles])))
+        canvas.paste(frame, (0, 0))
+        left = frame.width + 4
+        for tile in tiles:
+            canvas.paste(tile.convert("RGB"), (left, 0))
+            left += tile.width + 4
+        paths.append(os.path.join(out_dir, f"visualize_{i}.png"))
+        canvas.save(paths[-1])
+    return paths
+
+
 @torch.no_grad()
 def leave_one_out_nn1(encoder, input_fn, loader, run):
     """1-NN top-1 (%) of every sample against all the others of the same loader (cosine)."""
@@ -434,6 +476,12 @@ def main_worker(args):
     others = [p for n, p in model.named_parameters() if n != "prototypes"]
     optimizer = torch.optim.Adam([{"params": others}, {"params": prototypes, "lr_scale": args.prototype_lr_scale}],
                                  lr=args.lr, weight_decay=args.wd)
+    if args.visualize:  # raw frames and poses of the training split, no augmentation
+        raw = common.build_dataset(args.dataset_name, args.data_root, "train", clip_len=args.clip_len + 1,
+                                   modalities=("video", "pose2d"), decoder=args.decoder)
+        for path in save_visualization(raw, args, run.out_dir, args.visualize) if run.is_main else ():
+            run.print("wrote", path)
+        return {"visualized": args.visualize}
     train_set, knn_sets = build_sets(args, run)
     loader = common.build_loader(train_set, args, run, train=True)
     train_step = make_train_step(ddp_model, model, optimizer, run, args, len(loader))

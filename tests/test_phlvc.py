@@ -327,3 +327,11 @@ def test_phlvc_video_loads_the_authors_layout():
     assert report["missing"] == [] and report["prefix"] == "module."
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, src[k]), k
+
+
+def test_visualize_writes_frames_and_skelemotion_channels(tmp_path):
+    from PIL import Image
+    out = run_script(tmp_path, "--visualize", 2)
+    assert out.count("wrote") == 2
+    with Image.open(tmp_path / "visualize_0.png") as img:  # 64² frame x4 = 256, then >= 6 tiles of 20 x 4 px
+        assert img.height == 256 and img.width >= 256 + 6 * (80 + 4)
