@@ -51,7 +51,7 @@ Implementation details and readings (the authors' code has the architecture only
   jitter the toy video collapses), --pose-scale 30 (the toy's normalised 8-fps displacements sit mostly under
   SkeleMotion's 0.004 threshold; x30 ~ pixels at 64² / 2). The kNN report taps fc1 (retrieval) and fc2.
 Not implemented yet: the sims4action / toyota-smarthome parsers (AlphaPose conversion), evaluate.py --task
-crossdomain and --protocol phlvc, --show-prototypes, track ids from AlphaPose JSON (tracks are
+crossdomain and --protocol phlvc, track ids from AlphaPose JSON (tracks are
 per-frame score ranks), the 'enough posed frames' filter of k400-pose (videos without a JSON are dropped; a clip
 without poses gives no pair), pose JSON cached as npy.
 toy-paired keeps 2 people per frame (its JSON reader's default); k400-pose keeps 5.
@@ -116,6 +116,8 @@ def add_method_args(parser):
                    "reading for pretraining); toy 0.8 (its bodies are small)")
     g.add_argument("--visualize", type=int, default=0, metavar="N", help="write visualize_<i>.png for N training "
                    "samples (a frame with every track drawn, then each track's 6 SkeleMotion channels) and exit")
+    g.add_argument("--show-prototypes", type=int, default=0, metavar="K", help="after training, write prototypes.png: "
+                   "middle frames of up to 8 training clips of each of the K fullest prototypes (video arg-max)")
     return parser
 
 
@@ -405,7 +407,7 @@ def build_sets(args, run):
               bad_files_path=os.path.join(run.out_dir, "bad_files.txt"))
     train = common.build_dataset(args.dataset_name, args.data_root, "train", modalities=("video", "pose2d"),
                                  transform=train_transform, fraction=args.data_fraction, seed=args.seed, **kw)
-    if not (args.knn_every or args.dataset_name.startswith("toy")):
+    if not (args.knn_every or args.dataset_name.startswith("toy") or args.show_prototypes):
         return train, None
     knn_name = "k400" if args.dataset_name == "k400-pose" else args.dataset_name  # video only
     knn_sets = [common.build_dataset(knn_name, args.data_root, split, modalities=("video",), sampling="uniform",
@@ -458,6 +460,35 @@ def save_visualization(dataset, args, out_dir, num_samples):
 
 
 @torch.no_grad()
+def show_prototypes(model, loader, input_fn, run, num_prototypes):
+    """--show-prototypes K: the K prototypes that most clips of `loader` (this process's shard) pick with their
+    video embedding (arg-max of z_v C^T), up to 8 middle frames each, one row per prototype -> prototypes.png."""
+    from PIL import Image
+    from torchvision.utils import make_grid
+    was_training = model.training
+    model.eval()
+    assignments, frames = [], []
+    for batch in loader:
+        batch = common.to_device(batch, run.device)
+        z_v = F.normalize(model.vid_fc_rep(model.video(input_fn(batch), tap="fc2")).float(), dim=1)  # (B, D)
+        assignments.append((z_v @ model.prototypes[:int(model.active)].float().t()).argmax(dim=1).cpu())  # (B,)
+        frames.append(batch["video"][:, :, batch["video"].shape[2] // 2].cpu())  # (B, 3, H, W) uint8
+    model.train(was_training)
+    assignments, frames = torch.cat(assignments), torch.cat(frames)
+    counts = torch.bincount(assignments, minlength=int(model.active))  # (K,)
+    rows = []
+    for c in counts.argsort(descending=True)[:num_prototypes].tolist():
+        members = frames[assignments == c][:8]
+        rows += [members, torch.zeros(8 - len(members), *frames.shape[1:], dtype=frames.dtype)]
+    grid = make_grid(torch.cat(rows).float() / 255, nrow=8, padding=2, pad_value=1.0)  # (3, H', W')
+    path = os.path.join(run.out_dir, "prototypes.png")
+    Image.fromarray((grid * 255).byte().permute(1, 2, 0).numpy()).save(path)
+    run.print(f"wrote {path}: prototypes {counts.argsort(descending=True)[:num_prototypes].tolist()} hold "
+              f"{counts.sort(descending=True).values[:num_prototypes].tolist()} of {len(assignments)} clips")
+    return path
+
+
+@torch.no_grad()
 def leave_one_out_nn1(encoder, input_fn, loader, run):
     """1-NN top-1 (%) of every sample against all the others of the same loader (cosine)."""
     features, labels = common.extract_features(encoder, input_fn, loader, run)  # (N, D) normalised, (N,)
@@ -499,6 +530,8 @@ def main_worker(args):
         state = torch.cat([model.prototypes.detach().flatten(), model.queue.flatten()])[None]
         diff = (common.all_gather_nograd(state) - state).abs().max().item()
         run.print(f"prototypes and queues: largest difference between {run.world_size} processes {diff:.3g}")
+    if args.show_prototypes and run.is_main:
+        show_prototypes(model, knn_loaders[0], input_fn, run, args.show_prototypes)
     if args.dataset_name.startswith("toy") and result["step"] == args.epochs * len(loader):  # full toy runs only
         report = {}
         for name, video in (("pretrained", model.video), ("random_init", random_video.to(run.device))):

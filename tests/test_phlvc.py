@@ -335,3 +335,11 @@ def test_visualize_writes_frames_and_skelemotion_channels(tmp_path):
     assert out.count("wrote") == 2
     with Image.open(tmp_path / "visualize_0.png") as img:  # 64² frame x4 = 256, then >= 6 tiles of 20 x 4 px
         assert img.height == 256 and img.width >= 256 + 6 * (80 + 4)
+
+
+def test_show_prototypes_writes_the_fullest_prototypes(tmp_path):
+    from PIL import Image
+    out = run_script(tmp_path, *SHORT, "--max-steps", 2, "--epochs", 2, "--show-prototypes", 3)
+    assert "prototypes.png: prototypes" in out and "of 48 clips" in out
+    with Image.open(tmp_path / "prototypes.png") as img:  # 3 rows x 8 columns of 48² frames, 2 px padding
+        assert img.size == (8 * 50 + 2, 3 * 50 + 2)
