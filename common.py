@@ -1591,6 +1591,53 @@ class NTUPairedDataset(PairedDataset):
             item[modality] = x
         return item
 
+class VideoPoseDataset(torch.utils.data.Dataset):
+    """Kinetics-400 videos paired with Kinetics-Skeleton poses ("k400-pose", P-HLVC supp. Sec. 7.2): samples from
+    parse_kinetics, poses from pose_root/kinetics_{train,val}/<youtube_id>.json (ST-GCN JSON, OpenPose COCO-18,
+    30 fps). Video frame t is read with pose frame t (reading: the ST-GCN preprocessing resampled the videos to
+    30 fps). Videos without a JSON are left out (printed). Items: "video" uint8 (C, T, H, W), "pose2d" float32
+    (3, T, 18, people) as read_kinetics_skeleton_json, "label", "index", "frame_indices"."""
+
+    def __init__(self, samples, class_names, pose_root, split, clip_len=16, transform=None, decoder="auto",
+                 people=5, strict=False, bad_files_path=None):
+        split = _split_name(split)
+        folder = _need(os.path.join(pose_root, f"kinetics_{split}"), "the Kinetics-Skeleton JSON folder")
+        have = {os.path.splitext(n)[0] for n in os.listdir(folder) if n.endswith(".json")}
+        ids = [os.path.basename(p).rsplit("_", 2)[0] for p, _ in samples]  # <youtube_id>_<start>_<end>.mp4
+        self.samples = [(p, y, os.path.join(folder, f"{i}.json")) for (p, y), i in zip(samples, ids) if i in have]
+        print(f"k400-pose {split}: {len(self.samples)} of {len(samples)} videos have a Kinetics-Skeleton JSON "
+              f"(P-HLVC supp.: 144,085 train videos)", flush=True)
+        self.class_names, self.num_classes = list(class_names), len(class_names)
+        self.clip_len, self.transform, self.decoder, self.people = clip_len, transform, decoder, people
+        self.strict, self.bad_files_path, self.bad_files = strict, bad_files_path, {}
+
+    def __len__(self):
+        return len(self.samples)
+
+    def sample_path(self, i):
+        return self.samples[i][0]
+
+    def _load(self, i):
+        path, label, pose_path = self.samples[i]
+        store = {}
+
+        def index_fn(n):
+            store["idx"] = sample_clip_indices(n, self.clip_len, (1,), 1, "random", _seed_rng())[0]
+            return store["idx"]
+        frames = _read_frames(path, index_fn, self.decoder)
+        idx = store["idx"]
+        pose, _ = read_kinetics_skeleton_json(pose_path, max_frames=int(idx.max()) + 1, people_in=self.people,
+                                              people_out=self.people)
+        item = {"video": torch.from_numpy(frames).permute(3, 0, 1, 2),
+                "pose2d": torch.from_numpy(np.ascontiguousarray(pose[:, idx]))}
+        if self.transform is not None:
+            item = self.transform(item)
+        item.update(label=torch.tensor(label), index=torch.tensor(i, dtype=torch.int64),
+                    frame_indices=torch.from_numpy(idx))
+        return item
+
+    def __getitem__(self, index):
+        return _load_or_replace(self, index, self._load)
 
 def read_ntu_skeleton(path, max_bodies=2):
     """Raw NTU RGB+D .skeleton text -> float32 (3, T, 25, max_bodies) x, y, z in metres. Bodies are tracked by
@@ -1790,7 +1837,8 @@ def build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides=
     transform(item: dict) -> dict gets the modality tensors of one sample ("video" uint8 (C, T, H, W), "flow",
     "skeleton", ...) before "label", "index" and "frame_indices" are added. dataset_options: fold (UCF101, HMDB51),
     ext (SSv2), list_file (videolist), size, jitter, step (VideoDataset), check_exists (drop listed but missing
-    videos, default True), pre_normalize (NTU raw), toy_seed (toy sets)."""
+    videos, default True), pre_normalize (NTU raw), toy_seed (toy sets), pose_root (k400-pose; default
+    root/kinetics-skeleton)."""
     root = root or os.path.join("data", "toy-paired" if name in TOY_PAIRED_HALVES else name)
     skel_kwargs = dict(transform=transform, strict=strict, bad_files_path=bad_files_path)
     if name == "toy-skeleton":
@@ -1813,6 +1861,10 @@ def build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides=
         ds = _skeleton_set(out, split, lambda: convert_pku_mmd(root, out, bench), **skel_kwargs)
     elif name == "kinetics-skeleton":
         ds = KineticsSkeletonDataset(root, split, **skel_kwargs)
+    elif name == "k400-pose":
+        samples, classes = parse_kinetics(root, split)
+        pose_root = dataset_options.get("pose_root") or os.path.join(root, "kinetics-skeleton")
+        ds = VideoPoseDataset(samples, classes, pose_root, split, clip_len=clip_len, decoder=decoder, **skel_kwargs)
     elif name in ("toy-paired", "paired") + tuple(TOY_PAIRED_HALVES):
         if name.startswith("toy-paired"):
             make_toy_paired(root, seed=dataset_options.get("toy_seed", 0))
@@ -1844,7 +1896,7 @@ def build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides=
         ds.names, ds.labels, ds._indices = [ds.names[i] for i in keep], ds.labels[keep], np.arange(len(keep))
     elif fraction < 1.0 or per_class is not None:
         inner = ds.skeletons if isinstance(ds, PairedDataset) else ds
-        labels = inner.labels[inner.indices] if isinstance(inner, SkeletonDataset) else [y for _, y in ds.samples]
+        labels = inner.labels[inner.indices] if isinstance(inner, SkeletonDataset) else [x[1] for x in ds.samples]
         keep = stratified_subset(labels, fraction, per_class, seed)
         if isinstance(inner, SkeletonDataset):
             inner.indices = inner.indices[keep]
@@ -2731,6 +2783,39 @@ class Tiny3D(nn.Module):
         return x if return_map else _pool_video_map(x)
 
 
+
+class PHLVCVideo(nn.Module):
+    """P-HLVC video encoder up to FC2 (P-HLVC supp. Sec. 7.3, Listing 1; cvpranon42/phlvc model_3d.py).
+
+    trunk map (N, C, T', H', W') -> avg-pool (2, H', W') stride 1 -> `fc` = Conv3d 1x1x1 C -> hidden (the S3D
+    classifier conv re-purposed; for r2d3d_18 the issue's "Linear 256 -> 512", which a 1x1x1 conv on the pooled
+    map is) -> mean over time = FC1 (N, hidden) -> `vid_fc2` = BN1d - ReLU - Linear(hidden, hidden) = FC2.
+    tap: "fc2" (classification, Sec. 7.3) or "fc1" (retrieval: "the features before FC2"); forward(x, tap=...)
+    overrides it. S3D: kylemin BN (eps 1e-3, momentum 1e-3), 8,434,848 params to FC1 at hidden 512.
+    """
+
+    def __init__(self, trunk="s3d", hidden=512, tap="fc2", width=16):
+        super().__init__()
+        if tap not in ("fc1", "fc2"):
+            raise ValueError(f"common.py: phlvc_video tap must be 'fc1' or 'fc2', got {tap!r}")
+        options = {"s3d": dict(bn_eps=1e-3, bn_momentum=1e-3), "tiny3d": dict(width=width)}.get(trunk, {})
+        self.trunk = build_backbone(trunk, **options)
+        self.fc = nn.Sequential(nn.Conv3d(self.trunk.feature_dim, hidden, 1))
+        self.vid_fc2 = nn.Sequential(nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, hidden))
+        self.feature_dim, self.tap, self.trunk_name = hidden, tap, trunk
+        for m in self.vid_fc2.modules():  # authors' _initialize_weights: orthogonal weights, zero biases
+            if isinstance(m, nn.Linear):
+                nn.init.orthogonal_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x, return_map=False, tap=None):
+        x = self.trunk(x, return_map=True)  # (N, C, T', H', W')
+        if return_map:
+            return x
+        x = F.avg_pool3d(x, (min(2, x.shape[2]), x.shape[3], x.shape[4]), stride=1)  # (N, C, T'-1, 1, 1)
+        fc1 = self.fc(x).flatten(2).mean(dim=2)  # (N, hidden): FC1
+        return fc1 if (tap or self.tap) == "fc1" else self.vid_fc2(fc1)  # (N, hidden)
+
 # ---------------------------------------------------------------------------------------------- skeleton graphs
 # NTU RGB+D 25 joints (1-based pairs child -> parent toward the spine), 2s-AGCN graph/ntu_rgb_d.py, ST-GCN.
 NTU25_INWARD = [(1, 2), (2, 21), (3, 21), (4, 3), (5, 21), (6, 5), (7, 6), (8, 7), (9, 21), (10, 9), (11, 10),
@@ -3110,7 +3195,7 @@ class SkeleMotionCNN(nn.Module):
 
 
 VIDEO_ARCHS = ("r2plus1d_18", "r3d_18", "mc3_18", "s3d", "r2d3d_18", "i3d", "resnet3d_18", "resnext3d_101",
-               "tiny3d", "r2plus1d_10")
+               "tiny3d", "r2plus1d_10", "phlvc_video")
 SKELETON_ARCHS = ("bigru", "hcn", "agcn", "stgcn", "skelemotion_cnn")
 
 
@@ -3127,6 +3212,7 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
         hcn: num_joints (25), num_persons (2), hidden (64), window_size (64 = T).
         agcn: num_joints, num_persons, layout ("ntu25" | "coco18"), hidden (64). stgcn: same + dropout.
         skelemotion_cnn: frames (32), joints (49), hidden (512).
+        phlvc_video: trunk ("s3d" | "r2d3d_18" | "tiny3d"), hidden (512), tap ("fc2" | "fc1"), width (tiny3d).
     """
     c = 3 if in_channels is None else in_channels
     eps = {} if bn_eps is None else {"bn_eps": bn_eps}
@@ -3154,6 +3240,10 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
         model = ResNet3D(BasicBlock3D, (2, 2, 2, 2), c, stem_kernel=(1, 7, 7),
                          widths=(64, 128, 256, 256), block_kernels=((1, 3, 3), (1, 3, 3), 3, 3),
                          temporal_strides=(1, 1, 2, 2), final_relu=False, **eps, **options)
+    elif arch == "phlvc_video":
+        if c != 3:
+            raise ValueError(f"common.py: phlvc_video expects in_channels=3, got {c}")
+        model = PHLVCVideo(**options)
     elif arch == "bigru":
         model = BiGRU(**options)
     elif arch == "hcn":
@@ -3227,6 +3317,10 @@ COCLR_S3D_RENAMES = [
 # R(2+1)D-18 as a Sequential: N = 0 is the stem, N = 1..4 are layer1..4 (SEVERE-BENCHMARK backbones.py,
 # load_rspnet_checkpoint / load_pretext_contrast_checkpoint).
 BASE_NETWORK_RENAMES = [(r"(^|\.)base_network\.0\.", r"\1stem."), (r"(^|\.)base_network\.([1-4])\.", r"\1layer\2.")]
+# P-HLVC (cvpranon42/phlvc SkeleContrastS3D) video names -> phlvc_video: vid_backbone.base.* (kylemin S3D = the CoCLR
+# names) -> trunk.features.*, vid_backbone.fc.0 (the 1x1x1 conv) -> fc.0; vid_fc2.* keeps its name.
+PHLVC_RENAMES = [(r"(^|\.)vid_backbone\.base\.", r"\1trunk.base."), (r"(^|\.)vid_backbone\.fc\.", r"\1fc.")] + \
+    COCLR_S3D_RENAMES
 
 # Tubelet-contrast / hassony2 I3D names -> ours (`features.N` in the order of I3D.features).
 I3D_RENAMES = [
@@ -3368,7 +3462,7 @@ def load_backbone_weights(model, path_or_state_dict, prefix=None, trust=False):
     target = model.state_dict()
     model_keys = set(target)
     best = None
-    for renames in (None, CTP_RENAMES, COCLR_S3D_RENAMES, I3D_RENAMES, BASE_NETWORK_RENAMES):
+    for renames in (None, CTP_RENAMES, COCLR_S3D_RENAMES, I3D_RENAMES, BASE_NETWORK_RENAMES, PHLVC_RENAMES):
         names = {k: k for k in state} if renames is None else _rename_keys(state, renames)
         renamed = {new: old for old, new in names.items()}
         if prefix is None:
