@@ -24,7 +24,7 @@ def n_params(model):
 
 # ---------------------------------------------------------------------------------------------- parameter counts
 @pytest.mark.parametrize("arch, expected", [
-    ("r2plus1d_18", 31_300_125),  # reference notes Sec. 10 (torchvision 31,505,325 minus the 400-way fc)
+    ("r2plus1d_18", 31_300_125),  # torchvision: 31,505,325 minus the 400-way fc
     ("r3d_18", 33_166_272),
     ("s3d", 7_910_048),
     ("agcn", 3_454_090),  # includes PA (3 x 25 x 25 per unit) and data_bn, excludes fc
