@@ -343,6 +343,9 @@ def validate_args(args, world_size):
             raise UserError(f"--{flag.replace('_', '-')}: expected at least 1, found {value}")
     if getattr(args, "workers", None) is not None and args.workers < 0:
         raise UserError(f"--workers: expected a number >= 0, found {args.workers}")
+    resume = getattr(args, "resume", None)
+    if resume not in (None, "auto", "none") and not os.path.isfile(resume):
+        raise UserError(f"--resume: expected a checkpoint file, auto or none; found no file {resume}")
     if getattr(args, "out_dir", None):
         check_writable_folder(args.out_dir, "--out-dir")
 
@@ -3236,7 +3239,7 @@ class SeededItems(torch.utils.data.Dataset):
         seeds = np.random.SeedSequence([self.seed, self.rank, epoch, i]).generate_state(3)
         in_worker = torch.utils.data.get_worker_info() is not None
         saved = None if in_worker else (torch.get_rng_state(), np.random.get_state(), random.getstate())
-        torch.manual_seed(int(seeds[0]))
+        torch.default_generator.manual_seed(int(seeds[0]))  # the CPU generator only: CUDA streams stay the step's
         np.random.seed(int(seeds[1]))
         random.seed(int(seeds[2]))
         try:
@@ -3508,7 +3511,7 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
         run.print(f"resumed from {resume_path} at step {step} (epoch {step // steps_per_epoch})"
                   + (f"; arguments that differ from the checkpoint (saved, now): {changed}" if changed else ""))
         exported = torch.load(backbone_path, map_location="cpu", weights_only=False)["meta"].get("step") \
-            if os.path.exists(backbone_path) else None
+            if run.is_main and os.path.exists(backbone_path) else None
         if backbone is not None and run.is_main and exported != step:  # killed between the two saves
             save_atomic(backbone_file(ckpt["epoch"]), backbone_path)
             run.print(f"rewrote {backbone_path} (step {exported}) from the checkpoint's step {step}")

@@ -231,6 +231,8 @@ def run_script(*argv, timeout=120):
     (["--gpus", "3"], "--gpus 3: expected at most the visible GPUs, found 0 visible"),
     (["--lr", "0"], "--lr: expected a learning rate > 0, found 0.0"),
     (["--epochs", "0"], "--epochs: expected at least 1, found 0"),
+    (["--resume", "/nonexistent/checkpoint.pth"], "--resume: expected a checkpoint file, auto or none; found no "
+                                                  "file /nonexistent/checkpoint.pth"),
     (["--data", "k4000"], "--data: expected one of toy-motion, toy-ucfrep"),
     (["--data", "ucf101", "--data-root", "/nonexistent/ucf"], "--data ucf101: expected the dataset under "
                                                                "--data-root /nonexistent/ucf, found no such folder"),
