@@ -1599,11 +1599,16 @@ DATASET_NAMES = ("toy-motion", "toy-ucfrep", "toy-skeleton", "toy-paired", "k400
                  "pku1", "pku2", "pku1-xview", "pku2-xview", "kinetics-skeleton", "paired")
 
 
+def check_dataset_name(name):
+    """UserError unless `name` is a dataset build_dataset knows (scripts call it before building a model)."""
+    if name not in DATASET_NAMES:
+        raise UserError(f"--data: expected one of {', '.join(DATASET_NAMES)}; found {name!r}")
+
+
 def build_dataset(name, root=None, split="train", **kwargs):
     """`_build_dataset` with the user's mistakes as one-line UserErrors: an unknown name (the valid ones listed),
     a missing data root, annotation or list file (the path named)."""
-    if name not in DATASET_NAMES:
-        raise UserError(f"--data: expected one of {', '.join(DATASET_NAMES)}; found {name!r}")
+    check_dataset_name(name)
     root = root or os.path.join("data", name)
     if not os.path.exists(root) and not name.startswith("toy"):
         raise UserError(f"--data {name}: expected the dataset under --data-root {root}, found no such folder "

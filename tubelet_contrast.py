@@ -118,6 +118,7 @@ def add_method_args(parser):
 
 def finalize_method_args(args):
     """Derived values in one place (paper defaults that depend on --data / --arch / --crop-size)."""
+    common.check_dataset_name(getattr(args, "dataset_name", "toy-motion"))  # before any model is built
     if args.authors_code:
         args.authors_code_rotation = args.authors_code_patches = True
         args.authors_code_shared_jitter = args.authors_code_schedule = True

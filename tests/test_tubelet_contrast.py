@@ -506,3 +506,12 @@ def test_script_compile_runs_on_cpu(tmp_path):
     ckpt = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=False)
     assert ckpt["step"] == 2 and not [k for k in ckpt["model"] if "_orig_mod" in k]
     assert "backbone.stem.0.weight" in ckpt["model"] or any(k.startswith("backbone.") for k in ckpt["model"])
+
+
+def test_script_user_errors_are_one_line_before_anything_is_built(tmp_path):
+    for argv, expected in ((["--data", "k4000"], "error: --data: expected one of toy-motion"),
+                           (["--transform", "zoom"], "error: tubelet_contrast.py: expected --transform in none")):
+        out = subprocess.run([sys.executable, SCRIPT, *argv, "--out-dir", str(tmp_path / "run")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and out.stdout == "" and out.stderr.startswith(expected), out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
