@@ -3576,15 +3576,16 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
                     window_samples += args.batch_size
                     window_data += data_time
                     end_of_epoch = step % steps_per_epoch == 0
+                    log_due = step % args.log_every == 0 or step == last_step
                     save_due = step == last_step or end_of_epoch or step % args.ckpt_every == 0
                     local_stop = stop.requested and run.world_size == 1  # a plain bool: no collective needed
-                    if not (step % args.log_every == 0 or save_due or local_stop):
+                    if not (log_due or save_due or local_stop):
                         window_step_time += time.perf_counter() - tick
                         if bar is not None:
                             bar.update(1)
                         tick = time.perf_counter()
                         continue
-                    # ---- the one host sync of this --log-every window: metrics, NaN flag, stop flag
+                    # ---- the one host sync of this --log-every window (and before a save): metrics, NaN, stop
                     if run.device.type == "cuda":
                         torch.cuda.synchronize()  # honest step times on the logged steps
                     window_step_time += time.perf_counter() - tick
@@ -3602,25 +3603,17 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
                             f"loss is {bad_loss} at step {int(bad_step)} (epoch {int(bad_step) // steps_per_epoch}); "
                             f"stopping without saving. Last good checkpoint: {last_good}. Try a lower --lr, "
                             f"--amp off or --clip-grad.")
-                    record = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(keys, averaged)),
-                              "samples_per_s": window_samples / window_step_time,
-                              "data_time": window_data / window_steps, "step_time": window_step_time / window_steps,
-                              "data_share": window_data / window_step_time}
-                    if run.is_main:
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
-                        if writer is not None:
-                            for k, v in record.items():
-                                writer.add_scalar(f"train/{k}", v, step)
-                        if bar is None:
-                            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                           for k, v in record.items()), flush=True)
+                    if log_due:
+                        record = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(keys, averaged)),
+                                  "samples_per_s": window_samples / window_step_time,
+                                  "data_time": window_data / window_steps,
+                                  "step_time": window_step_time / window_steps,
+                                  "data_share": window_data / window_step_time}
+                        _write_record(run, record, metrics_file, writer, bar)
+                        window_sum.zero_()
+                        window_steps, window_samples, window_data, window_step_time = 0, 0, 0.0, 0.0
                     if bar is not None:
                         bar.update(1)
-                        bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}",
-                                        data=f"{record['data_share']:.0%}", refresh=False)
-                    window_sum.zero_()
-                    window_steps, window_samples, window_data, window_step_time = 0, 0, 0.0, 0.0
                     if interrupted or save_due:
                         save(step // steps_per_epoch)
                     if interrupted or step == last_step:
@@ -3656,6 +3649,22 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
         if writer is not None:
             writer.close()
     return {"step": step, "epoch": step // steps_per_epoch, "interrupted": interrupted, "knn": knn_result}
+
+
+def _write_record(run, record, metrics_file, writer, bar):
+    """One metrics.jsonl line (rank 0), the same scalars to TensorBoard, and the progress bar or a printed line."""
+    if not run.is_main:
+        return
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
+    if writer is not None:
+        for k, v in record.items():
+            writer.add_scalar(f"train/{k}", v, record["step"])
+    if bar is None:
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+    else:
+        bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}",
+                        data=f"{record['data_share']:.0%}", refresh=False)
 
 
 def _progress_bar(run, total, initial, desc):

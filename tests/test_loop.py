@@ -342,6 +342,10 @@ def test_fit_syncs_once_per_log_window(tmp_path, monkeypatch):
     run_tiny(tmp_path, "--epochs", 3, "--log-every", 4, "--knn-every", 0, "--ckpt-every", 100)
     assert [s for s, _ in losses(tmp_path)] == [4, 8, 12]  # 12 steps, one record per 4
     assert calls == ["tolist"] * 3, calls
+    calls.clear()  # checkpoints (every epoch end: 4 steps) between log steps: one more sync each, no extra record
+    run_tiny(tmp_path / "b", "--epochs", 3, "--log-every", 3, "--knn-every", 0, "--ckpt-every", 100)
+    assert [s for s, _ in losses(tmp_path / "b")] == [3, 6, 9, 12]
+    assert calls == ["tolist"] * 6, calls  # steps 3, 4, 6, 8, 9, 12
 
 
 def test_nan_on_one_process_stops_every_process(tmp_path):
