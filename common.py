@@ -3234,8 +3234,8 @@ class SeededItems(torch.utils.data.Dataset):
     def __len__(self):
         return len(self.dataset)
 
-    def __getattr__(self, name):  # the wrapped dataset's attributes (classes, samples, ...)
-        if name == "dataset":
+    def __getattr__(self, name):  # the wrapped dataset's attributes (classes, samples, ...), not its protocol
+        if name == "dataset" or name.startswith("__"):  # e.g. Subset.__getitems__ would bypass the seeding
             raise AttributeError(name)
         return getattr(self.dataset, name)
 

@@ -393,3 +393,14 @@ def test_knn_monitor_chunks_match_one_matrix():
 
 def F_normalize(x):
     return torch.nn.functional.normalize(x, dim=1)
+
+
+def test_loader_seeds_the_items_of_a_subset():
+    """torch's Subset has __getitems__, which the DataLoader prefers: it must not bypass the per-item seeding."""
+    subset = torch.utils.data.Subset(tiny_loop_script.BlobDataset(32, seed=0), list(range(16)))
+    args = common.get_common_parser().parse_args(["--workers", "0", "--batch-size", "8"])
+    run = type("R", (), {"rank": 0, "world_size": 1, "device": torch.device("cpu")})()
+    first = torch.cat([b["x"] for b in common.build_loader(subset, args, run, train=False)])
+    torch.manual_seed(123)  # the global RNG state does not decide the items
+    again = torch.cat([b["x"] for b in common.build_loader(subset, args, run, train=False)])
+    assert torch.equal(first, again)
