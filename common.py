@@ -130,58 +130,138 @@ def _launched_by_torchrun():
 
 
 def resolve_device_and_processes(args):
-    """Returns ("cuda" | "cpu", number of local processes) from --device and --gpus, with clear errors."""
+    """Returns ("cuda" | "cpu", number of local processes) from --device and --gpus; a UserError when they ask for
+    more than the machine has."""
     visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
     device = args.device
+    if args.gpus is not None and args.gpus < 0:
+        raise UserError(f"--gpus: expected a number >= 0, found {args.gpus}")
     if device == "auto":
         device = "cuda" if visible > 0 and args.gpus != 0 else "cpu"
         if device == "cpu" and args.gpus:
-            raise RuntimeError(f"--gpus {args.gpus} asks for more GPUs than are visible: 0. "
-                               f"For {args.gpus} CPU processes (gloo) pass --device cpu --gpus {args.gpus}")
+            raise UserError(f"--gpus {args.gpus}: expected at most the visible GPUs, found 0 visible; "
+                            f"for {args.gpus} CPU processes (gloo) pass --device cpu --gpus {args.gpus}")
     if device == "cuda" and visible == 0:
-        raise RuntimeError("--device cuda was requested but no CUDA GPU is visible (torch.cuda.device_count() == 0); "
-                           "use --device cpu or --gpus 0")
+        raise UserError("--device cuda: expected a visible CUDA GPU, found none (torch.cuda.device_count() == 0); "
+                        "use --device cpu or --gpus 0")
     if device == "cuda":
         gpus = visible if args.gpus is None else args.gpus
         if gpus > visible:
-            raise RuntimeError(f"--gpus {gpus} asks for more GPUs than are visible: {visible} "
-                               f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
+            raise UserError(f"--gpus {gpus}: expected at most the visible GPUs, found {visible} visible "
+                            f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
         return device, max(gpus, 1)
     # On CPU, --gpus N > 1 means N gloo processes: the distributed path, testable without GPUs.
     return device, max(args.gpus or 1, 1)
 
 
-def launch(main_worker, args):
+EXIT_USER_ERROR = 2  # a UserError: one line "error: ...", nothing written
+EXIT_INTERRUPTED = 3  # SIGTERM / SIGINT / SIGUSR1: the step was saved; rerun the same command to resume
+
+
+class RunInterrupted(SystemExit):
+    """Raised by `fit` after an interrupted run saved its step: the process exits with EXIT_INTERRUPTED, and the
+    script writes no final result."""
+
+    def __init__(self):
+        super().__init__(EXIT_INTERRUPTED)
+
+
+def launch(main_worker, args, finalize=None):
     """Run `main_worker(args)` in 1..N processes: under torchrun, as N spawned local workers, or in-process.
 
     torchrun (any number of nodes): every process already runs this script; `setup` reads its environment.
     `--gpus N > 1` without torchrun: spawn N local workers on a free port (Barlow Twins' pattern).
-    Otherwise: run in this process, without a process group."""
-    if _launched_by_torchrun():
-        return _finish_distributed(main_worker(args))
-    device, nprocs = resolve_device_and_processes(args)
-    if nprocs == 1:
-        return main_worker(args)
+    Otherwise: run in this process, without a process group.
+    finalize(args): the script's derived values and checks, run first (its UserErrors are reported like setup's).
+    A UserError ends the run with one line `error: ...` on stderr (printed by rank 0 only; --debug adds the
+    traceback) and exit status 2; an interrupted run exits with status 3 (see `fit`)."""
+    _PENDING_ARGS.clear()
+    try:
+        if finalize is not None:
+            finalize(args)
+        if _launched_by_torchrun():
+            return _run_worker(main_worker, args)
+        device, nprocs = resolve_device_and_processes(args)
+        validate_args(args, nprocs)
+        if nprocs == 1:
+            return _run_worker(main_worker, args)
+    except UserError as e:
+        _exit_user_error(e, args, int(os.environ.get("RANK", 0)))
     port = _find_free_port()
     print(f"launch: spawning {nprocs} {device.upper()} worker processes on 127.0.0.1:{port}", flush=True)
-    mp.spawn(_spawned_worker, args=(main_worker, args, nprocs, port), nprocs=nprocs, join=True)
+    message_file = os.path.join(tempfile.mkdtemp(prefix="launch-"), "user_error.txt")  # the first worker's line
+    context = mp.start_processes(_spawned_worker, args=(main_worker, args, nprocs, port, message_file),
+                                 nprocs=nprocs, join=False, start_method="spawn")
+    forward = lambda signum, frame: [os.kill(p.pid, signum) for p in context.processes if p.is_alive()]  # noqa
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGUSR1)}  # `timeout`, scancel
+    try:
+        while not context.join(grace_period=30):  # the others usually stop by themselves (same error, same flag)
+            pass
+    except mp.ProcessExitedException as e:
+        if e.exit_code == EXIT_USER_ERROR and os.path.exists(message_file):
+            with open(message_file) as f:
+                print(f"error: {f.read()}", file=sys.stderr, flush=True)
+        if e.exit_code in (EXIT_USER_ERROR, EXIT_INTERRUPTED):  # the workers said why; no launcher traceback
+            raise SystemExit(e.exit_code) from None
+        raise
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        shutil.rmtree(os.path.dirname(message_file), ignore_errors=True)
 
 
-def _spawned_worker(local_rank, main_worker, args, world_size, port):
+def _spawned_worker(local_rank, main_worker, args, world_size, port, message_file):
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    _finish_distributed(main_worker(args))
+    try:
+        _run_worker(main_worker, args)
+    except UserError as e:
+        _exit_user_error(e, args, local_rank, message_file)
+
+
+def _run_worker(main_worker, args):
+    try:
+        result = main_worker(args)
+    except RunInterrupted:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # every process saw the same flag and left fit together
+        raise
+    return _finish_distributed(result)
+
+
+def _exit_user_error(error, args, rank, message_file=None):
+    """Report a UserError once: one line on stderr from rank 0, or (spawned workers) the first worker's line in
+    `message_file` for the launcher to print; the traceback with --debug. Removes the run folder if this process
+    created it and it is still empty, then exits with EXIT_USER_ERROR."""
+    if getattr(args, "debug", False):
+        raise error
+    if message_file is not None:
+        try:
+            with open(message_file, "x") as f:
+                f.write(str(error))
+        except FileExistsError:
+            pass
+    elif rank == 0:
+        print(f"error: {error}", file=sys.stderr, flush=True)
+    created = _CREATED_FOLDERS.pop(os.path.abspath(args.out_dir), None) if getattr(args, "out_dir", None) else None
+    try:
+        if created and not os.listdir(created):
+            os.rmdir(created)
+    except OSError:
+        pass
+    raise SystemExit(EXIT_USER_ERROR)
 
 
 def _finish_distributed(result):
     """Wait for every process, then tear the process group down before the interpreter exits: a gloo group left to
     exit-time destructors can abort a process that finished early ("terminate called without an active
-    exception"), which fails the whole spawn."""
+    exception"), which fails the whole spawn. Also writes args.json of a run that never reached `fit`."""
+    while _PENDING_ARGS:
+        _PENDING_ARGS.pop().write_args()
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
     return result
-
 
 
 # ==================================================================================================== FLAGS
@@ -203,8 +283,8 @@ def get_common_parser():
                    help="stratified fraction of the training set, drawn with --seed (thesis Fig. 5.6 uses 0.05-0.5)")
     g.add_argument("--strict-data", action="store_true",
                    help="fail on an unreadable file instead of skipping it (skips are listed in bad_files.txt)")
-    g.add_argument("--workers", type=int, default=4, help="data-loading worker processes PER process; "
-                   "video decoding is usually the bottleneck: use 6-10 per GPU where cores allow")
+    g.add_argument("--workers", type=int, default=None, help="data-loading worker processes PER process; default: "
+                   "the visible CPU cores / processes - 1, at most 10 (video decoding is usually the bottleneck)")
 
     g = parser.add_argument_group("hardware")
     g.add_argument("--gpus", type=int, default=None, help="number of local GPUs (processes); 0 = CPU; "
@@ -215,8 +295,8 @@ def get_common_parser():
                    "off on CPU")
     g.add_argument("--channels-last", action="store_true", help="channels_last_3d memory format (faster convs)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model (slow first steps)")
-    g.add_argument("--sync-bn", action="store_true",
-                   help="SyncBatchNorm across processes (tubelet-contrast pretrains with it: 8 clips/GPU)")
+    g.add_argument("--sync-bn", action=argparse.BooleanOptionalAction, default=None,
+                   help="SyncBatchNorm across processes (default: the script's; tubelet-contrast pretrains with it)")
     g.add_argument("--deterministic", action="store_true",
                    help="deterministic algorithms and cuDNN (slower); seeds are always set")
 
@@ -255,6 +335,8 @@ def get_common_parser():
                    help="keep a copy checkpoint_<epoch>.pth every N epochs (0 = never)")
     g.add_argument("--knn-every", type=int, default=1,
                    help="epochs between online kNN monitors (when the script has labelled data; 0 = off)")
+    g.add_argument("--debug", action="store_true", help="show the traceback of a user error (wrong flag, missing "
+                   "data) instead of the one-line message")
     return parser
 
 
@@ -268,6 +350,40 @@ def fill_defaults(args, defaults):
         if getattr(args, name, None) is None:
             setattr(args, name, value)
     return args
+
+
+def validate_args(args, world_size):
+    """UserError for a flag that cannot work, before anything is written. `world_size`: processes of the run."""
+    batch_size, lr, epochs = (getattr(args, k, None) for k in ("batch_size", "lr", "epochs"))
+    if batch_size is not None and (batch_size < 1 or batch_size % world_size):
+        raise UserError(f"--batch-size: expected a positive multiple of the {world_size} processes (it is global), "
+                        f"found {batch_size}")
+    if lr is not None and not lr > 0:
+        raise UserError(f"--lr: expected a learning rate > 0, found {lr}")
+    if epochs is not None and epochs < 1:
+        raise UserError(f"--epochs: expected at least 1, found {epochs}")
+    for flag in ("max_steps", "log_every", "ckpt_every"):
+        value = getattr(args, flag, None)
+        if value is not None and value < 1:
+            raise UserError(f"--{flag.replace('_', '-')}: expected at least 1, found {value}")
+    if getattr(args, "workers", None) is not None and args.workers < 0:
+        raise UserError(f"--workers: expected a number >= 0, found {args.workers}")
+    resume = getattr(args, "resume", None)
+    if resume not in (None, "auto", "none") and not os.path.isfile(resume):
+        raise UserError(f"--resume: expected a checkpoint file, auto or none; found no file {resume}")
+    if getattr(args, "out_dir", None):
+        check_writable_folder(args.out_dir, "--out-dir")
+
+
+def check_writable_folder(path, flag):
+    """UserError unless `path` is a writable folder or can be created as one (nothing is created here)."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"{flag} {path}: expected a folder, found a file at {existing}")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {path}: expected a writable folder, found {existing} not writable")
 
 
 # ==================================================================================================== VIDEO DECODING
@@ -1830,9 +1946,36 @@ def _skeleton_set(root, split, convert, **kwargs):
                            os.path.join(root, f"{split}_num_frame.npy"), **kwargs)
 
 
-def build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides=(1,), num_clips=1,
-                  sampling="random", transform=None, modalities=None, fraction=1.0, per_class=None, seed=0,
-                  decoder="auto", strict=False, bad_files_path=None, **dataset_options):
+DATASET_NAMES = ("toy-motion", "toy-ucfrep", "toy-skeleton", "toy-paired", "k400", "k600", "k700", "minik",
+                 "kinetics", "ucf101", "hmdb51", "ssv2", "gym99", "gym288", *GYM_SUBSETS, "diving48", "charades",
+                 "ucfrep", "videofolder", "videolist", "ntu60-xsub", "ntu60-xview", "ntu120-xsub", "ntu120-xset",
+                 "pku1", "pku2", "pku1-xview", "pku2-xview", "kinetics-skeleton", "paired")
+
+
+def check_dataset_name(name):
+    """UserError unless `name` is a dataset build_dataset knows (scripts call it before building a model)."""
+    if name not in DATASET_NAMES:
+        raise UserError(f"--data: expected one of {', '.join(DATASET_NAMES)}; found {name!r}")
+
+
+def build_dataset(name, root=None, split="train", **kwargs):
+    """`_build_dataset` with the user's mistakes as one-line UserErrors: an unknown name (the valid ones listed),
+    a missing data root, annotation or list file (the path named)."""
+    check_dataset_name(name)
+    root = root or os.path.join("data", name)
+    if not os.path.exists(root) and not name.startswith("toy"):
+        raise UserError(f"--data {name}: expected the dataset under --data-root {root}, found no such folder "
+                        f"(see README 'Datasets' for its layout)")
+    try:
+        return _build_dataset(name, root, split, **kwargs)
+    except (FileNotFoundError, VideoReadError) as e:
+        found = f"{e.filename}: missing" if isinstance(e, FileNotFoundError) and e.filename else str(e)
+        raise UserError(f"--data {name} (--data-root {root}): {found}") from e
+
+
+def _build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides=(1,), num_clips=1,
+                   sampling="random", transform=None, modalities=None, fraction=1.0, per_class=None, seed=0,
+                   decoder="auto", strict=False, bad_files_path=None, **dataset_options):
     """The one entry point (see the README "Datasets" section for every layout).
     transform(item: dict) -> dict gets the modality tensors of one sample ("video" uint8 (C, T, H, W), "flow",
     "skeleton", ...) before "label", "index" and "frame_indices" are added. dataset_options: fold (UCF101, HMDB51),
@@ -3513,12 +3656,17 @@ def backbone_state_dict(model):
     return {k: v.detach().cpu().clone() for k, v in unwrap(model).state_dict().items()}
 
 
-def save_backbone(model, path, meta=None):
-    """Write backbone.pth = {"state_dict": backbone_state_dict(model), "meta": {...}} atomically."""
+def backbone_record(model, meta=None):
+    """What backbone.pth holds: {"state_dict": backbone_state_dict(model), "meta": {arch, feature_dim, ...}}."""
     meta = dict(meta or {})
     meta.setdefault("arch", getattr(model, "arch", type(model).__name__))
     meta.setdefault("feature_dim", getattr(model, "feature_dim", None))
-    save_atomic({"state_dict": backbone_state_dict(model), "meta": meta}, path)
+    return {"state_dict": backbone_state_dict(model), "meta": meta}
+
+
+def save_backbone(model, path, meta=None):
+    """Write backbone.pth = backbone_record(model, meta) atomically."""
+    save_atomic(backbone_record(model, meta), path)
 
 
 # ==================================================================================================== TRAINING LOOP
@@ -3535,6 +3683,7 @@ class Run:
         self.amp_dtype = resolve_amp_dtype(args.amp, device)
         fp16 = self.amp_dtype == torch.float16
         self.scaler = torch.amp.GradScaler(device.type, enabled=fp16)  # fp16 needs loss scaling; bf16 does not
+        self.args_written = False
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32,
@@ -3557,21 +3706,50 @@ class Run:
         self.backward(loss)
         self.optimizer_step(optimizer)
 
-    def prepare(self, model, find_unused_parameters=False):
+    def prepare(self, model, find_unused_parameters=False, method_syncs_buffers=False, compile_modules=None):
         """Move to the device; SyncBN / channels-last / DDP / compile as the flags say. Returns the model to call;
-        keep the unwrapped one for `fit` (it is what the checkpoint stores)."""
+        keep the unwrapped one for `fit` (it is what the checkpoint stores).
+
+        --sync-bn converts BatchNorm to SyncBatchNorm on multi-GPU runs (PyTorch's SyncBN needs CUDA: a multi-process
+        CPU run keeps per-process BN and says so). method_syncs_buffers=True: the method keeps its own buffers equal
+        on every process (a MoCo queue filled with all-gathered keys); if BN statistics are synchronised too (SyncBN)
+        or absent, DDP is built with broadcast_buffers=False and stops re-sending every buffer of rank 0 at every
+        forward (33.5 MB for a 65536 x 128 queue). DDP always uses gradient_as_bucket_view (no gradient copy).
+        compile_modules: with --compile, the submodules to torch.compile in place (the backbones); default the
+        whole model. A method whose forward updates state in place (momentum encoders, queues) passes its
+        backbones, so the compiled graphs stay pure and DDP wraps the eager model."""
         model = model.to(self.device)
-        if self.args.sync_bn and self.world_size > 1:
+        if self.args.sync_bn and self.world_size > 1 and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        elif self.args.sync_bn and self.world_size > 1:
+            self.print("--sync-bn: SyncBatchNorm needs CUDA; this CPU run keeps per-process BatchNorm")
+        unsynced_bn = any(isinstance(m, nn.modules.batchnorm._BatchNorm) and not isinstance(m, nn.SyncBatchNorm)
+                          and m.track_running_stats for m in model.modules())
         if self.args.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
+        if self.args.compile and compile_modules is not None:
+            for module in compile_modules(model):
+                module.compile()  # in place: state_dict keys and the module tree are unchanged
         if self.world_size > 1:
             device_ids = [self.device.index] if self.device.type == "cuda" else None
             model = nn.parallel.DistributedDataParallel(model, device_ids=device_ids,
-                                                        find_unused_parameters=find_unused_parameters)
-        if self.args.compile:
+                                                        find_unused_parameters=find_unused_parameters,
+                                                        broadcast_buffers=not method_syncs_buffers or unsynced_bn,
+                                                        gradient_as_bucket_view=True)
+        if self.args.compile and compile_modules is None:
             model = torch.compile(model)
         return model
+
+    def write_args(self):
+        """args.json (rank 0, once): called by `fit` after the data is built, so a failing command never
+        overwrites the record of the run whose folder it names."""
+        if self.is_main and not self.args_written:
+            write_json_atomic(os.path.join(self.out_dir, "args.json"), dict(
+                vars(self.args), command=sys.argv, git_commit=git_commit(), world_size=self.world_size))
+        self.args_written = True
+        _CREATED_FOLDERS.pop(os.path.abspath(self.out_dir), None)
+        if self in _PENDING_ARGS:
+            _PENDING_ARGS.remove(self)
 
     def print(self, *values, **kwargs):
         if self.is_main:
@@ -3579,18 +3757,35 @@ class Run:
 
 
 def resolve_amp_dtype(amp, device):
+    """--amp auto: bf16 where the GPU computes it natively (Ampere and later), else fp16 with a GradScaler, and no
+    autocast on the CPU. Emulated bf16 (torch.cuda.is_bf16_supported() is True on older GPUs) is never chosen."""
     if amp == "off" or (amp == "auto" and device.type != "cuda"):
         return None
-    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported()):
+    if amp == "bf16" or (amp == "auto" and torch.cuda.is_bf16_supported(including_emulation=False)):
         return torch.bfloat16
     if device.type != "cuda":
         raise ValueError("--amp fp16 needs CUDA (GradScaler); use --amp bf16 or off on CPU")
     return torch.float16
 
 
+_CREATED_FOLDERS = {}  # run folders this process created; an early UserError removes them again while empty
+_PENDING_ARGS = []  # runs whose args.json is not written yet (written by `fit`, else when main_worker returns)
+
+
 def setup(args, script_name):
-    """Per-process setup: process group (torchrun or spawned env), device, seeds, run folder, args.json."""
-    device_type, _ = resolve_device_and_processes(args)
+    """Per-process setup: flags validated, process group (torchrun or spawned env), device, seeds, run folder.
+
+    Writes nothing into the run folder (a mistyped flag must not touch a finished run): args.json is written by
+    `run.write_args()`, which `fit` calls once the data is built. A new run folder is created empty (data workers
+    append to bad_files.txt) and removed again if a UserError ends the run before anything was written."""
+    device_type, nprocs = resolve_device_and_processes(args)
+    world = int(os.environ["WORLD_SIZE"]) if _launched_by_torchrun() else nprocs
+    if args.out_dir is None:
+        args.out_dir = os.path.join("runs", f"{script_name}-{args.data}")
+    validate_args(args, world)
+    if args.workers is None:  # the visible cores shared by the processes of this machine, one left for the main
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", nprocs))
+        args.workers = min(max(len(os.sched_getaffinity(0)) // max(local, 1) - 1, 0), 10)
     if _launched_by_torchrun() and not is_distributed():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method="env://")
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
@@ -3600,21 +3795,20 @@ def setup(args, script_name):
     else:
         device = torch.device("cpu")
     seed_everything(args.seed + get_rank(), args.deterministic)
-    if args.out_dir is None:
-        args.out_dir = os.path.join("runs", f"{script_name}-{args.data}")
-    os.makedirs(args.out_dir, exist_ok=True)  # every rank: data workers may append to bad_files.txt
+    if not os.path.isdir(args.out_dir):
+        try:
+            os.makedirs(args.out_dir, exist_ok=True)  # every rank: data workers may append to bad_files.txt
+        except OSError as e:
+            raise UserError(f"--out-dir {args.out_dir}: expected a folder that can be created, found {e.strerror}")
+        _CREATED_FOLDERS[os.path.abspath(args.out_dir)] = os.path.abspath(args.out_dir)
     run = Run(args, device, args.out_dir)
-    world = get_world_size()
-    if args.batch_size % world:
-        raise ValueError(f"--batch-size {args.batch_size} is global and must divide by the {world} processes")
+    _PENDING_ARGS.append(run)
     if run.is_main:
         print("command:", " ".join([os.path.basename(sys.executable)] + sys.argv), flush=True)
         print("git commit:", git_commit(), flush=True)
         print("arguments:", json.dumps(vars(args), sort_keys=True), flush=True)
         print(f"processes: {world} on {device.type}; batch size {args.batch_size} global = "
               f"{args.batch_size // world} per process; lr {args.lr}; amp {run.amp_dtype}", flush=True)
-        write_json_atomic(os.path.join(args.out_dir, "args.json"),
-                          dict(vars(args), command=sys.argv, git_commit=git_commit(), world_size=world))
     return run
 
 
@@ -3645,40 +3839,87 @@ def git_commit():
 # ---------------------------------------------------------------------------------------------- data loading
 class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler (the identity split at world size 1) that can start an epoch at a given batch,
-    so an automatic resume continues with exactly the samples an uninterrupted run would see."""
+    so an automatic resume continues with exactly the samples an uninterrupted run would see. With
+    `with_epoch`, it yields (epoch, index) pairs for `SeededItems`."""
 
-    def __init__(self, dataset, batch_size, **kwargs):
+    def __init__(self, dataset, batch_size, with_epoch=False, **kwargs):
         super().__init__(dataset, **kwargs)
-        self.batch_size, self.start_batch = batch_size, 0
+        self.batch_size, self.start_batch, self.with_epoch = batch_size, 0, with_epoch
 
     def set_epoch(self, epoch, start_batch=0):
         super().set_epoch(epoch)
         self.start_batch = start_batch
 
     def __iter__(self):
-        return iter(list(super().__iter__())[self.start_batch * self.batch_size:])
+        indices = list(super().__iter__())[self.start_batch * self.batch_size:]
+        return iter([(self.epoch, i) for i in indices] if self.with_epoch else indices)
 
     def __len__(self):
         return max(self.num_samples - self.start_batch * self.batch_size, 0)
 
 
+class SeededItems(torch.utils.data.Dataset):
+    """Item (epoch, i) of `dataset` drawn with the global torch / numpy / random RNGs seeded from
+    (seed, rank, epoch, i): the augmentations of a sample do not depend on the worker that loads it, on the number
+    of workers or on where a resumed run restarts, so persistent workers keep resumes exact. In the main process
+    (--workers 0) the global RNG states are restored afterwards (the training step draws from them)."""
+
+    def __init__(self, dataset, seed, rank):
+        self.dataset, self.seed, self.rank = dataset, seed, rank
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getattr__(self, name):  # the wrapped dataset's attributes (classes, samples, ...), not its protocol
+        if name == "dataset" or name.startswith("__"):  # e.g. Subset.__getitems__ would bypass the seeding
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __getitem__(self, key):
+        epoch, i = key
+        seeds = np.random.SeedSequence([self.seed, self.rank, epoch, i]).generate_state(3)
+        in_worker = torch.utils.data.get_worker_info() is not None
+        saved = None if in_worker else (torch.get_rng_state(), np.random.get_state(), random.getstate())
+        torch.default_generator.manual_seed(int(seeds[0]))  # the CPU generator only: CUDA streams stay the step's
+        np.random.seed(int(seeds[1]))
+        random.seed(int(seeds[2]))
+        try:
+            return self.dataset[i]
+        finally:
+            if saved is not None:
+                torch.set_rng_state(saved[0])
+                np.random.set_state(saved[1])
+                random.setstate(saved[2])
+
+
 def _seed_worker(worker_id):
+    """Seeds a worker's RNGs (SeededItems reseeds them per training item) and makes it ignore SIGTERM / SIGUSR1:
+    a scheduler signals every process of the job, and the main process must be the one to decide (save, exit);
+    a worker still exits with its parent (the DataLoader's watchdog)."""
     worker_seed = torch.initial_seed() % 2**32  # distinct per worker, set by the DataLoader from its generator
     np.random.seed(worker_seed)
     random.seed(worker_seed)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def build_loader(dataset, args, run, train=True, batch_size=None, collate_fn=None):
     """A DataLoader for one process: its shard of the data (DistributedSampler), per-process batch size
-    (global / world size), seeded workers, pinned memory on CUDA. Training drops the last partial batch."""
+    (global / world size), pinned memory on CUDA, every item seeded from (seed, rank, epoch, index) (`SeededItems`:
+    evaluation passes do not move the training RNGs either). Training drops the last partial batch and has
+    persistent workers (no re-fork per epoch) and
+    prefetch_factor 4 (4 batches per worker in flight: video decoding times vary a lot from clip to clip)."""
     global_batch = batch_size or args.batch_size
     per_process = max(global_batch // run.world_size, 1)
-    sampler = ResumableDistributedSampler(dataset, per_process, num_replicas=run.world_size, rank=run.rank,
-                                          shuffle=train, seed=args.seed, drop_last=train)
+    sampler = ResumableDistributedSampler(dataset, per_process, with_epoch=True, num_replicas=run.world_size,
+                                          rank=run.rank, shuffle=train, seed=args.seed, drop_last=train)
+    workers = args.workers or 0
     return torch.utils.data.DataLoader(
-        dataset, batch_size=per_process, sampler=sampler, num_workers=args.workers, collate_fn=collate_fn,
-        pin_memory=run.device.type == "cuda", drop_last=train, worker_init_fn=_seed_worker,
-        generator=torch.Generator(), persistent_workers=False)
+        SeededItems(dataset, args.seed, run.rank), batch_size=per_process, sampler=sampler,
+        num_workers=workers, collate_fn=collate_fn, pin_memory=run.device.type == "cuda", drop_last=train,
+        worker_init_fn=_seed_worker, generator=torch.Generator().manual_seed(args.seed * 1000 + run.rank),
+        persistent_workers=train and workers > 0, prefetch_factor=(4 if train else 2) if workers > 0 else None)
 
 
 def to_device(batch, device):
@@ -3745,11 +3986,15 @@ class LARC(torch.optim.SGD):
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
+TMP_PREFIX = ".tmp-"  # save_atomic's temporary files; `remove_stale_temporaries` deletes those a kill left behind
+
+
 def save_atomic(obj, path):
     """torch.save to a temporary file in the same folder, fsync, then rename over `path`: a crash at any point
-    leaves either the old file or the new one, never a truncated one."""
+    leaves either the old file or the new one, never a truncated one (a SIGKILL can leave the temporary file,
+    named .tmp-*, which the next `fit` in that folder removes)."""
     folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pth", dir=folder)
+    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, suffix=".pth", dir=folder)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -3765,6 +4010,16 @@ def save_atomic(obj, path):
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+def remove_stale_temporaries(folder):
+    """Delete the temporary files of interrupted atomic saves (save_atomic, write_json_atomic) in `folder`."""
+    removed = []
+    for name in os.listdir(folder):
+        if name.startswith(TMP_PREFIX) or name.endswith(".json.tmp"):
+            os.remove(os.path.join(folder, name))
+            removed.append(name)
+    return removed
 
 
 def write_json_atomic(path, obj):
@@ -3801,8 +4056,49 @@ def find_resume_checkpoint(args):
         path = os.path.join(args.out_dir, "checkpoint.pth")
         return path if os.path.exists(path) else None
     if not os.path.exists(args.resume):
-        raise FileNotFoundError(f"--resume {args.resume}: no such checkpoint file")
+        raise UserError(f"--resume: expected a checkpoint file, auto or none; found no file {args.resume}")
     return args.resume
+
+
+def cpu_copy(obj):
+    """`obj` (nested dicts / lists of tensors) with every tensor copied to the CPU: what a background save writes
+    while training goes on changing the originals in place."""
+    if torch.is_tensor(obj):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, cpu_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(cpu_copy(v) for v in obj)
+    return obj
+
+
+class BackgroundSaver:
+    """At most one save in flight on a thread: the caller hands over CPU copies (`cpu_copy`, the only stall of the
+    training step) and goes on; the next `submit`, `wait` or the end of `fit` joins it and re-raises its error."""
+
+    def __init__(self):
+        self.thread, self.error = None, None
+
+    def submit(self, writes):
+        """writes: [(obj, path)] saved with save_atomic in this order."""
+        self.wait()
+
+        def work():
+            try:
+                for obj, path in writes:
+                    save_atomic(obj, path)
+            except BaseException as e:  # noqa: B902 - re-raised by wait() in the training thread
+                self.error = e
+        self.thread = threading.Thread(target=work, name="checkpoint-save", daemon=False)
+        self.thread.start()
+
+    def wait(self):
+        if self.thread is not None:
+            self.thread.join()
+            self.thread = None
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
 
 
 class NonFiniteLossError(RuntimeError):
@@ -3810,7 +4106,10 @@ class NonFiniteLossError(RuntimeError):
 
 
 class _StopFlag:
-    """SIGTERM/SIGINT ask the loop to finish the current step, save and exit; a second SIGINT aborts."""
+    """SIGTERM / SIGUSR1 (SLURM's warning ahead of the time limit) / SIGINT ask the loop to finish the current
+    step, save and exit; a second SIGINT aborts."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
 
     def __init__(self):
         self.requested = False
@@ -3818,7 +4117,7 @@ class _StopFlag:
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGTERM, signal.SIGINT):
+            for sig in self.SIGNALS:
                 self.previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -3838,14 +4137,22 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
     method's; `run.step(loss, optimizer)` does the usual three). The loop owns epochs, --max-steps, resume,
     the per-step LR schedule, device transfer, logs, the progress bar, checkpoints and the NaN guard.
 
+    The host waits for the device once per --log-every steps (and before a checkpoint), never in between: the
+    metrics are summed on the device, and one all-reduced tensor carries their sums, the non-finite-loss flag
+    and the stop flag of every process, so all processes stop together (NaN: without saving, naming the last good
+    checkpoint; SIGTERM / SIGUSR1 / SIGINT: after saving the step, with exit status EXIT_INTERRUPTED).
+
     model: the unwrapped module whose state_dict holds the whole method (encoders, queues, prototypes).
-    backbone: the module exported as backbone.pth, with `backbone_meta` (arch, modality, method).
+    backbone: the module exported as backbone.pth, with `backbone_meta` (arch, modality, method); its meta carries
+    the step of the checkpoint written with it.
     knn: optional (encoder, input_fn, train_loader, val_loader) for the online kNN monitor (see `knn_monitor`).
-    Returns {"step", "epoch", "interrupted", "knn": last monitor result}."""
+    Returns {"step", "epoch", "interrupted": False, "knn": last monitor result}; an interrupted run raises
+    RunInterrupted after saving."""
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
-        raise ValueError(f"the training loader is empty: {len(loader.dataset)} samples cannot fill one batch of "
-                         f"{loader.batch_size} per process (global --batch-size {args.batch_size})")
+        raise UserError(f"--batch-size {args.batch_size}: expected at most the {len(loader.dataset)} training "
+                        f"samples ({loader.batch_size} per process), found too few samples to fill one batch")
+    run.write_args()  # the data is built: the command is valid, its record may replace the folder's
     total_steps = args.epochs * steps_per_epoch
     # the schedule spans --schedule-epochs (default --epochs) even when --max-steps stops earlier
     schedule_steps = round((getattr(args, "schedule_epochs", None) or args.epochs) * steps_per_epoch)
@@ -3853,7 +4160,15 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
     warmup_steps = round(args.warmup_epochs * steps_per_epoch)
     milestones = [round(m * steps_per_epoch) for m in args.milestones]
     ckpt_path = os.path.join(run.out_dir, "checkpoint.pth")
+    backbone_path = os.path.join(run.out_dir, "backbone.pth")
     step, knn_result = 0, None
+    if run.is_main:
+        stale = remove_stale_temporaries(run.out_dir)
+        if stale:
+            print(f"removed {len(stale)} temporary file(s) of an interrupted save: {', '.join(stale)}", flush=True)
+
+    def backbone_file(epoch):  # backbone.pth's content, with the step of the checkpoint written beside it
+        return backbone_record(backbone, dict(backbone_meta or {}, step=step, epoch=epoch, args=vars(args)))
 
     resume_path = find_resume_checkpoint(args)
     if resume_path:
@@ -3871,119 +4186,156 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
                    if k not in ("resume", "max_steps", "out_dir") and vars(args).get(k) != v}
         run.print(f"resumed from {resume_path} at step {step} (epoch {step // steps_per_epoch})"
                   + (f"; arguments that differ from the checkpoint (saved, now): {changed}" if changed else ""))
+        exported = torch.load(backbone_path, map_location="cpu", weights_only=False)["meta"].get("step") \
+            if run.is_main and os.path.exists(backbone_path) else None
+        if backbone is not None and run.is_main and exported != step:  # killed between the two saves
+            save_atomic(backbone_file(ckpt["epoch"]), backbone_path)
+            run.print(f"rewrote {backbone_path} (step {exported}) from the checkpoint's step {step}")
     elif os.path.exists(ckpt_path) and args.resume == "none":
         run.print(f"--resume none: starting afresh; {ckpt_path} will be overwritten")
+
+    saver = BackgroundSaver()
 
     def save(epoch):
         rng = all_gather_objects(rng_state())  # every process's RNG, so a resume continues each stream exactly
         if not run.is_main:
             return
-        save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scaler": run.scaler.state_dict(), "step": step, "epoch": epoch, "args": vars(args),
-                     "rng": rng, "schedule": {"total_steps": schedule_steps, "steps_per_epoch": steps_per_epoch}},
-                    ckpt_path)
-        if backbone is not None:
-            save_backbone(backbone, os.path.join(run.out_dir, "backbone.pth"),
-                          dict(backbone_meta or {}, step=step, epoch=epoch, args=vars(args)))
+        state = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": run.scaler.state_dict(),
+                 "step": step, "epoch": epoch, "args": vars(args), "rng": rng,
+                 "schedule": {"total_steps": schedule_steps, "steps_per_epoch": steps_per_epoch}}
+        writes = [(cpu_copy(state), ckpt_path)]
+        if backbone is not None:  # after the checkpoint: the pair is checked (and repaired) on resume
+            writes.append((cpu_copy(backbone_file(epoch)), backbone_path))
+        saver.submit(writes)
 
     if step >= last_step:
         run.print(f"the run in {run.out_dir} is already complete at step {step}: nothing to train "
                   f"(raise --epochs or --max-steps to continue, or --resume none to start afresh)")
     writer = _tensorboard_writer(run)
     metrics_file = open(os.path.join(run.out_dir, "metrics.jsonl"), "a") if run.is_main else None
-    window = defaultdict(float)
+    keys, window_sum = None, None  # metric names, (M,) sums on the device since the last sync
+    first_bad = torch.full((2,), -1.0, device=run.device)  # (step, loss) of the first non-finite loss, on device
     window_steps, window_samples, window_data, window_step_time = 0, 0, 0.0, 0.0
     interrupted = False
-    with _StopFlag() as stop:
-        while step < last_step and not interrupted:
-            epoch, start_batch = divmod(step, steps_per_epoch)
-            loader.sampler.set_epoch(epoch, start_batch)
-            # Worker RNG depends on (seed, rank, epoch, start batch) only: resumes are reproducible.
-            loader.generator.manual_seed(((args.seed * 1000 + run.rank) * 100003 + epoch) * 100003 + start_batch)
-            model.train()
-            bar = _progress_bar(run, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch}")
-            tick = time.perf_counter()
-            for batch in loader:
-                data_time = time.perf_counter() - tick
-                batch = to_device(batch, run.device)
-                lr = lr_at_step(step, schedule_steps, args.lr, args.schedule, warmup_steps, args.final_lr,
-                                milestones, args.lr_gamma)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr * group.get("lr_scale", 1.0)
-                metrics = {k: float(v) for k, v in train_step(batch).items()}
-                if not math.isfinite(metrics["loss"]):
-                    last_good = ckpt_path if os.path.exists(ckpt_path) else "none (no checkpoint was written yet)"
-                    raise NonFiniteLossError(
-                        f"loss is {metrics['loss']} at step {step} (epoch {epoch}); stopping without saving. "
-                        f"Last good checkpoint: {last_good}. Try a lower --lr, --amp off or --clip-grad.")
-                step += 1
-                if run.device.type == "cuda" and step % args.log_every == 0:
-                    torch.cuda.synchronize()  # honest step times on the logged steps
-                step_time = time.perf_counter() - tick
-                for k, v in metrics.items():
-                    window[k] += v
-                window_steps += 1
-                window_samples += args.batch_size
-                window_data += data_time
-                window_step_time += step_time
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{metrics['loss']:.4f}", sps=f"{args.batch_size / step_time:.1f}",
-                                    data=f"{data_time / step_time:.0%}", refresh=False)
-                if step % args.log_every == 0 or step == last_step:
-                    keys = sorted(window)
-                    averaged = all_reduce(torch.tensor([window[k] / window_steps for k in keys], dtype=torch.float64,
-                                                       device=run.device), "mean").tolist()
-                    record = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(keys, averaged)),
-                              "samples_per_s": window_samples / window_step_time,
-                              "data_time": window_data / window_steps, "step_time": window_step_time / window_steps,
-                              "data_share": window_data / window_step_time}
-                    if run.is_main:
-                        metrics_file.write(json.dumps(record) + "\n")
-                        metrics_file.flush()
-                        if writer is not None:
-                            for k, v in record.items():
-                                writer.add_scalar(f"train/{k}", v, step)
-                        if bar is None:
-                            print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                           for k, v in record.items()), flush=True)
-                    window.clear()
-                    window_steps, window_samples, window_data, window_step_time = 0, 0, 0.0, 0.0
-                interrupted = _any_process(stop.requested, run)
-                end_of_epoch = step % steps_per_epoch == 0
-                if interrupted or step == last_step or end_of_epoch or step % args.ckpt_every == 0:
-                    save(step // steps_per_epoch)
-                if interrupted or step == last_step:
-                    break
+    try:
+        with _StopFlag() as stop:
+            while step < last_step and not interrupted:
+                epoch, start_batch = divmod(step, steps_per_epoch)
+                loader.sampler.set_epoch(epoch, start_batch)
+                model.train()
+                bar = _progress_bar(run, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch}")
                 tick = time.perf_counter()
-            if bar is not None:
-                bar.close()
-            if interrupted:
-                run.print(f"interrupted: saved step {step} to {ckpt_path}; rerun the same command "
-                          f"(same --out-dir) to resume")
-                break
-            completed_epoch = step // steps_per_epoch
-            if step % steps_per_epoch == 0:
-                _report_bad_files(run, completed_epoch)
-                if args.keep_every and completed_epoch % args.keep_every == 0 and run.is_main:
-                    shutil.copyfile(ckpt_path, os.path.join(run.out_dir, f"checkpoint_{completed_epoch:04d}.pth"))
-                if knn is not None and args.knn_every and completed_epoch % args.knn_every == 0:
-                    knn_result = knn_monitor(*knn, run=run)
-                    run.print(f"epoch {completed_epoch} kNN monitor: " + json.dumps(knn_result))
-                    if run.is_main:
-                        metrics_file.write(json.dumps({"step": step, "epoch": completed_epoch, **knn_result}) + "\n")
-                        metrics_file.flush()
-    if metrics_file is not None:
-        metrics_file.close()
-    if writer is not None:
-        writer.close()
+                for batch in loader:
+                    data_time = time.perf_counter() - tick
+                    batch = to_device(batch, run.device)
+                    lr = lr_at_step(step, schedule_steps, args.lr, args.schedule, warmup_steps, args.final_lr,
+                                    milestones, args.lr_gamma)
+                    for group in optimizer.param_groups:
+                        group["lr"] = lr * group.get("lr_scale", 1.0)
+                    metrics = train_step(batch)
+                    if keys is None:
+                        keys = list(metrics)
+                        window_sum = torch.zeros(len(keys), device=run.device)
+                    values = torch.stack([v.detach().float().reshape(()).to(run.device) if torch.is_tensor(v) else
+                                          torch.full((), float(v), device=run.device) for v in metrics.values()])
+                    window_sum += values  # (M,) no host sync
+                    new_bad = ~torch.isfinite(values[keys.index("loss")]) & (first_bad[0] < 0)
+                    first_bad = torch.where(new_bad, torch.stack([torch.full_like(values[0], step),
+                                                                  values[keys.index("loss")]]), first_bad)
+                    step += 1
+                    window_steps += 1
+                    window_samples += args.batch_size
+                    window_data += data_time
+                    end_of_epoch = step % steps_per_epoch == 0
+                    log_due = step % args.log_every == 0 or step == last_step
+                    save_due = step == last_step or end_of_epoch or step % args.ckpt_every == 0
+                    local_stop = stop.requested and run.world_size == 1  # a plain bool: no collective needed
+                    if not (log_due or save_due or local_stop):
+                        window_step_time += time.perf_counter() - tick
+                        if bar is not None:
+                            bar.update(1)
+                        tick = time.perf_counter()
+                        continue
+                    # ---- the one host sync of this --log-every window (and before a save): metrics, NaN, stop
+                    if run.device.type == "cuda":
+                        torch.cuda.synchronize()  # honest step times on the logged steps
+                    window_step_time += time.perf_counter() - tick
+                    flags = torch.stack([(first_bad[0] >= 0).float(),
+                                         torch.full((), float(stop.requested), device=run.device)])
+                    packed = all_reduce(torch.cat([window_sum / window_steps, flags]), "sum").tolist()
+                    averaged = [v / run.world_size for v in packed[:len(keys)]]
+                    any_bad, interrupted = packed[len(keys)] > 0, packed[len(keys) + 1] > 0
+                    if any_bad:
+                        bad = [b for b in all_gather_objects(first_bad.tolist()) if b[0] >= 0]
+                        bad_step, bad_loss = min(bad)
+                        saver.wait()
+                        last_good = ckpt_path if os.path.exists(ckpt_path) else "none (no checkpoint was written yet)"
+                        raise NonFiniteLossError(
+                            f"loss is {bad_loss} at step {int(bad_step)} (epoch {int(bad_step) // steps_per_epoch}); "
+                            f"stopping without saving. Last good checkpoint: {last_good}. Try a lower --lr, "
+                            f"--amp off or --clip-grad.")
+                    if log_due:
+                        record = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(keys, averaged)),
+                                  "samples_per_s": window_samples / window_step_time,
+                                  "data_time": window_data / window_steps,
+                                  "step_time": window_step_time / window_steps,
+                                  "data_share": window_data / window_step_time}
+                        _write_record(run, record, metrics_file, writer, bar)
+                        window_sum.zero_()
+                        window_steps, window_samples, window_data, window_step_time = 0, 0, 0.0, 0.0
+                    if bar is not None:
+                        bar.update(1)
+                    if interrupted or save_due:
+                        save(step // steps_per_epoch)
+                    if interrupted or step == last_step:
+                        break
+                    tick = time.perf_counter()
+                if bar is not None:
+                    bar.close()
+                if interrupted:
+                    saver.wait()
+                    if is_distributed():
+                        dist.barrier()  # no process leaves (and has its launcher stop the others) before the save
+                    run.print(f"interrupted: saved step {step} to {ckpt_path}; rerun the same command "
+                              f"(same --out-dir) to resume")
+                    raise RunInterrupted()
+                completed_epoch = step // steps_per_epoch
+                if step % steps_per_epoch == 0:
+                    _report_bad_files(run, completed_epoch)
+                    if args.keep_every and completed_epoch % args.keep_every == 0 and run.is_main:
+                        saver.wait()
+                        shutil.copyfile(ckpt_path, os.path.join(run.out_dir, f"checkpoint_{completed_epoch:04d}.pth"))
+                    if knn is not None and args.knn_every and completed_epoch % args.knn_every == 0:
+                        knn_result = knn_monitor(*knn, run=run)
+                        run.print(f"epoch {completed_epoch} kNN monitor: " + json.dumps(knn_result))
+                        if run.is_main:
+                            metrics_file.write(json.dumps({"step": step, "epoch": completed_epoch, **knn_result}) + "\n")
+                            metrics_file.flush()
+        saver.wait()
+    finally:
+        if saver.thread is not None:
+            saver.thread.join()
+        if metrics_file is not None:
+            metrics_file.close()
+        if writer is not None:
+            writer.close()
     return {"step": step, "epoch": step // steps_per_epoch, "interrupted": interrupted, "knn": knn_result}
 
 
-def _any_process(flag, run):
-    if run.world_size == 1:
-        return flag
-    return bool(all_reduce(torch.tensor([float(flag)], device=run.device)).item() > 0)
+def _write_record(run, record, metrics_file, writer, bar):
+    """One metrics.jsonl line (rank 0), the same scalars to TensorBoard, and the progress bar or a printed line."""
+    if not run.is_main:
+        return
+    metrics_file.write(json.dumps(record) + "\n")
+    metrics_file.flush()
+    if writer is not None:
+        for k, v in record.items():
+            writer.add_scalar(f"train/{k}", v, record["step"])
+    if bar is None:
+        print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
+    else:
+        bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}",
+                        data=f"{record['data_share']:.0%}", refresh=False)
 
 
 def _progress_bar(run, total, initial, desc):
@@ -4050,15 +4402,21 @@ def knn_classify(train_features, train_labels, test_features, num_classes, k=200
     return votes.argmax(dim=1), top_labels[:, 0]
 
 
-def knn_monitor(encoder, input_fn, train_loader, val_loader, run, k=200, temperature=0.1):
+def knn_monitor(encoder, input_fn, train_loader, val_loader, run, k=200, temperature=0.1, chunk=1024):
     """The cheap health signal of a pretraining run: weighted kNN (k=200, T=0.1) and 1-NN top-1 accuracy (%) of
-    L2-normalised features of `encoder(input_fn(batch))`, with the train loader as the gallery."""
+    L2-normalised features of `encoder(input_fn(batch))`, with the train loader as the gallery. The queries are
+    split across processes and classified `chunk` at a time, so no process holds more than a
+    (chunk, N_train) similarity matrix (Kinetics: 1024 x 240k instead of 20k x 240k)."""
     train_features, train_labels = extract_features(encoder, input_fn, train_loader, run)
     val_features, val_labels = extract_features(encoder, input_fn, val_loader, run)
     num_classes = int(max(train_labels.max(), val_labels.max())) + 1
-    knn_pred, nn1_pred = knn_classify(train_features, train_labels, val_features, num_classes, k, temperature)
-    return {"knn_top1": (knn_pred == val_labels).float().mean().item() * 100,
-            "nn1_top1": (nn1_pred == val_labels).float().mean().item() * 100}
+    hits = torch.zeros(2, device=val_features.device)  # (kNN, 1-NN) correct queries of this process
+    for part in torch.arange(run.rank, len(val_labels), run.world_size, device=val_labels.device).split(chunk):
+        knn_pred, nn1_pred = knn_classify(train_features, train_labels, val_features[part], num_classes, k,
+                                          temperature)
+        hits += torch.stack([(knn_pred == val_labels[part]).sum(), (nn1_pred == val_labels[part]).sum()])
+    knn_hits, nn1_hits = all_reduce(hits).tolist()
+    return {"knn_top1": knn_hits / len(val_labels) * 100, "nn1_top1": nn1_hits / len(val_labels) * 100}
 
 
 

@@ -8,6 +8,12 @@ clip 1); MoCo learns that they are the same instance, so the representation has 
     python tubelet_contrast.py --data k400 --gpus 4     # the paper's configuration (R(2+1)D-18, 16x112², queue 65536)
 
 The file reads like Sec. 5.3: flags -> MoCo model -> InfoNCE (Eq. 5.1) -> tubelets (Eq. 5.2-5.7) -> train step.
+
+Multi-GPU: BatchNorm is SyncBatchNorm by default (the authors' config; `--no-sync-bn` turns it off), so queries and
+their keys never share per-GPU batch statistics (the leak MoCo's shuffle-BN exists to prevent). PyTorch's SyncBN
+needs CUDA: a multi-process CPU run (gloo, for tests) keeps per-process BN and says so. Keys are all-gathered into the
+queue and SyncBN keeps the BN statistics equal, so DDP runs with broadcast_buffers=False. `--compile` compiles the
+two backbones in place, not DDP(MoCo), whose forward updates the key encoder and the queue.
 """
 import argparse
 import copy
@@ -34,7 +40,7 @@ def add_method_args(parser):
     g = parser.add_argument_group("method")
     g.add_argument("--arch", default=None, help="backbone: r2plus1d_18 (paper), r3d_18, i3d (App. C.2, 224²), tiny3d "
                    "(CPU). Default: tiny3d on toy data, r2plus1d_18 otherwise")
-    g.add_argument("--clip-len", type=int, default=16, help="T, frames per clip (paper 16)")
+    g.add_argument("--clip-len", type=int, default=None, help="T, frames per clip (paper 16; toy 8)")
     g.add_argument("--crop-size", type=int, default=None, help="H = W of a clip; default 112 (224 for i3d, App. C.2)")
     g.add_argument("--frame-strides", default="1,2,3,4", help="temporal strides sampled per clip; the thesis does "
                    "not state them, 1,2,3,4 is the authors' code")
@@ -86,7 +92,8 @@ def add_method_args(parser):
     # MoCo, Sec. 5.4.1
     g.add_argument("--queue-size", type=int, default=None, help="|N| negatives in the MoCo queue, Eq. (5.1): paper "
                    "16384 (Mini-Kinetics), 65536 (Kinetics-400); default by --data (256 on toy data: 192 videos)")
-    g.add_argument("--moco-momentum", type=float, default=0.999, help="m of the key encoder EMA (paper 0.999)")
+    g.add_argument("--moco-momentum", type=float, default=None, help="m of the key encoder EMA (paper 0.999; toy "
+                   "0.99)")
     g.add_argument("--temperature", type=float, default=0.2, help="τ in Eq. (5.1) (paper 0.2)")
     g.add_argument("--proj-dim", type=int, default=128, help="output of the 2-layer MLP projection head (paper 128)")
     # speed, teaching
@@ -111,6 +118,7 @@ def add_method_args(parser):
 
 def finalize_method_args(args):
     """Derived values in one place (paper defaults that depend on --data / --arch / --crop-size)."""
+    common.check_dataset_name(getattr(args, "dataset_name", "toy-motion"))  # before any model is built
     if args.authors_code:
         args.authors_code_rotation = args.authors_code_patches = True
         args.authors_code_shared_jitter = args.authors_code_schedule = True
@@ -126,6 +134,8 @@ def finalize_method_args(args):
     args.frame_strides = tuple(int(s) for s in str(args.frame_strides).strip("()").split(",") if s.strip())
     args.transforms = () if args.transform == "none" else tuple(t.strip() for t in args.transform.split(","))
     args.shape_ids = tuple(SHAPES.index(s.strip()) if s.strip() in SHAPES else -1 for s in args.shapes.split(","))
+    if args.authors_code_schedule:  # released models: a cosine laid out for 2x --epochs, stopped after --epochs
+        args.schedule_epochs = 2 * args.epochs
     checks = [
         (all(t in TRANSFORMS for t in args.transforms), f"--transform in none or {TRANSFORMS}", args.transform),
         (-1 not in args.shape_ids, f"--shapes from {SHAPES}", args.shapes),
@@ -141,7 +151,7 @@ def finalize_method_args(args):
     ]
     for ok, expected, actual in checks:
         if not ok:
-            raise ValueError(f"tubelet_contrast.py: expected {expected}, got {actual!r}")
+            raise common.UserError(f"tubelet_contrast.py: expected {expected}, found {actual!r}")
     return args
 
 
@@ -676,9 +686,13 @@ def heldout_pair_accuracy(model, loader, args, run, seed=1234):
 def main_worker(args):
     run = common.setup(args, "tubelet_contrast")
     backbone, model = build_model(args)
-    random_model = copy.deepcopy(model)  # the same architecture at the same seed, before any training
-    model = model.to(run.device)
-    ddp_model = run.prepare(model)
+    # SyncBN on multi-GPU runs (the authors' config): the queue is filled with all-gathered keys and SyncBN keeps
+    # the BN statistics equal, so DDP need not broadcast buffers; --compile compiles the two backbones only (the
+    # MoCo forward updates the key encoder and the queue in place).
+    ddp_model = run.prepare(model, method_syncs_buffers=True, compile_modules=lambda m: [m.backbone, m.backbone_k])
+    # the random-init baseline: the weights every process trains from (DDP has broadcast rank 0's), before training
+    random_model = build_model(args)[1]
+    random_model.load_state_dict(model.state_dict())
     optimizer = torch.optim.SGD(model.query_parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
     prepare = make_prepare(args)
     if args.tubelet_device == "cpu" and run.device.type != "cpu" and args.baseline == "none":
@@ -728,41 +742,38 @@ def main_worker(args):
 # Toy defaults (measured in README "Learning on toy data"): tiny3d at 48x48x8 learns the pairs in ~2,000 steps of
 # batch 16 at the paper's lr 0.01; momentum 0.99 because 2,000 steps are short for m = 0.999.
 TOY_DEFAULTS = dict(crop_size=48, clip_len=8, moco_momentum=0.99, epochs=160, batch_size=16, workers=1,
-                    knn_every=40)
-PAPER_DEFAULTS = dict(lr=0.01, epochs=100, wd=1e-4, schedule="cosine")
+                    knn_every=40, sync_bn=True)
+# Sec. 5.4.1; batch 128 on Kinetics-400, 32 otherwise; SyncBN on multi-GPU runs as the authors' config; no kNN
+# monitor (a kNN pass over Kinetics every epoch costs more than the epoch).
+PAPER_DEFAULTS = dict(clip_len=16, moco_momentum=0.999, lr=0.01, epochs=100, wd=1e-4, schedule="cosine",
+                      knn_every=0, sync_bn=True)
 
 
-def main(argv=None):
+def parse_args(argv=None):
+    """The command line with every default filled (toy or paper, by --data); finalize_method_args runs in launch."""
     parser = argparse.ArgumentParser(description=__doc__, parents=[common.get_common_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_method_args(parser)
     parser.add_argument("--crop-scale-min", type=float, default=0.2, help="smallest area fraction of the random "
                         "resized crop (standard augmentation; the thesis gives no value)")
-    parser.set_defaults(**PAPER_DEFAULTS)
+    # data-dependent flags stay None until fill_defaults: given values (abbreviated or --flag=value) are kept
+    parser.set_defaults(lr=0.01, wd=1e-4, schedule="cosine", epochs=None, batch_size=None, knn_every=None)
     parser.epilog = (f"--data toy (the default) is toy-motion (64x64, 16 frames, 192 train / 64 val videos) with toy "
                      f"defaults for a few CPU minutes: {TOY_DEFAULTS}, unless given on the command line. Real data "
                      f"keeps the paper's: r2plus1d_18, 16x112², batch 128 (k400) / 32, queue 65536 (k400) / 16384, "
-                     f"lr 0.01, 100 epochs, cosine.")
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
+                     f"lr 0.01, 100 epochs, cosine, SyncBN on multi-GPU runs.")
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
     # ---- derived values: toy vs paper defaults, the dataset name, then the method's own (finalize_method_args)
-    given = {a.split("=")[0] for a in argv if a.startswith("--")}
     toy = args.data == "toy" or args.data.startswith("toy")
-    if toy:
-        for key, value in TOY_DEFAULTS.items():
-            if "--" + key.replace("_", "-") not in given:
-                setattr(args, key, value)
-    else:
-        if "--batch-size" not in given:
-            args.batch_size = 128 if args.data == "k400" else 32  # Sec. 5.4.1
-        if "--knn-every" not in given:
-            args.knn_every = 0  # a kNN pass over all of Kinetics every epoch costs more than the epoch
+    common.fill_defaults(args, TOY_DEFAULTS if toy else dict(PAPER_DEFAULTS, batch_size=128 if args.data == "k400"
+                                                             else 32))
     args.dataset_name = "toy-motion" if args.data == "toy" else args.data
     args.data_root = args.data_root or os.path.join("data", args.dataset_name)
-    finalize_method_args(args)
-    if args.authors_code_schedule:  # released models: a cosine laid out for 2x --epochs, stopped after --epochs
-        args.schedule_epochs = 2 * args.epochs
-    common.launch(main_worker, args)
+    return args
+
+
+def main(argv=None):
+    return common.launch(main_worker, parse_args(argv), finalize=finalize_method_args)
 
 
 if __name__ == "__main__":

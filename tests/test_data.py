@@ -529,7 +529,7 @@ def test_ntu_npy_layout_is_memory_mapped_with_subset(tmp_path):
     item = ds[1]
     j = ds.indices[1]
     assert torch.equal(item["skeleton"], torch.from_numpy(data[j])) and int(item["length"]) == 10
-    with pytest.raises(common.VideoReadError, match="val_data_joint.npy"):
+    with pytest.raises(common.UserError, match="val_data_joint.npy"):  # a missing file is the user's to fix
         common.build_dataset("ntu60-xview", str(tmp_path), "val")
 
 
@@ -622,7 +622,7 @@ def test_missing_listed_videos_are_dropped_and_logged(tmp_path, ramp_mp4):
     with pytest.warns(UserWarning, match="1 of 2"):
         ds = common.build_dataset("videolist", str(tmp_path), "train", bad_files_path=str(log))
     assert len(ds) == 1 and log.read_text() == f"{tmp_path / 'gone.mp4'}\tfile not found\n"
-    with pytest.raises(common.VideoReadError, match="gone.mp4"), pytest.warns(UserWarning):
+    with pytest.raises(common.UserError, match="gone.mp4"), pytest.warns(UserWarning):
         common.build_dataset("videolist", str(tmp_path), "train", strict=True)
 
 

@@ -87,9 +87,10 @@ def test_collectives_at_world_size_2_with_gloo():
         assert r["x_after"] == [[float(rank + 1)] * 3] * 2  # all_reduce does not modify its input
 
 
-def test_more_gpus_than_visible_is_a_clear_error():
+def test_more_gpus_than_visible_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
     args = common.get_common_parser().parse_args(["--gpus", "3"])
-    with pytest.raises(RuntimeError, match="more GPUs than are visible: 0"):
+    with pytest.raises(common.UserError, match="--gpus 3: expected at most the visible GPUs, found 0 visible"):
         common.resolve_device_and_processes(args)
     args = common.get_common_parser().parse_args(["--device", "cpu", "--gpus", "2"])
     assert common.resolve_device_and_processes(args) == ("cpu", 2)
@@ -171,7 +172,7 @@ def test_sigterm_saves_and_the_rerun_continues(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 0, out
+    assert proc.returncode == common.EXIT_INTERRUPTED, out  # an interrupted run is not a finished one
     assert "interrupted: saved step" in out and "rerun the same command" in out
     interrupted_at = torch.load(tmp_path / "checkpoint.pth", weights_only=False)["step"]
     assert 5 <= interrupted_at < 200
@@ -215,3 +216,191 @@ def test_weighted_knn_and_1nn_against_hand_computed_votes():
     knn, _ = common.knn_classify(train, labels, test, num_classes=3, k=3, temperature=1.0)
     # T = 1: class 0: e^0.96 = 2.61; class 1: e^0.936 + e^0.28 = 2.55 + 1.32 = 3.87 -> class 1
     assert knn.tolist() == [1]
+
+
+# ------------------------------------------------------------------------------------------- honest failures
+def run_script(*argv, timeout=120):
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    return subprocess.run([sys.executable, SCRIPT, *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["--device", "cpu", "--gpus", "2", "--batch-size", "15"], "--batch-size: expected a positive multiple of the 2 "
+                                                                "processes (it is global), found 15"),
+    (["--gpus", "3"], "--gpus 3: expected at most the visible GPUs, found 0 visible"),
+    (["--lr", "0"], "--lr: expected a learning rate > 0, found 0.0"),
+    (["--epochs", "0"], "--epochs: expected at least 1, found 0"),
+    (["--resume", "/nonexistent/checkpoint.pth"], "--resume: expected a checkpoint file, auto or none; found no "
+                                                  "file /nonexistent/checkpoint.pth"),
+    (["--data", "k4000"], "--data: expected one of toy-motion, toy-ucfrep"),
+    (["--data", "ucf101", "--data-root", "/nonexistent/ucf"], "--data ucf101: expected the dataset under "
+                                                               "--data-root /nonexistent/ucf, found no such folder"),
+    (["--device", "cpu", "--gpus", "2", "--data", "k4000"], "found 'k4000'"),  # in the spawned workers
+])
+def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, argv, expected):
+    out = run_script("--out-dir", tmp_path / "run", *argv)
+    assert out.returncode == common.EXIT_USER_ERROR, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], out.stderr
+    assert "Traceback" not in out.stdout + out.stderr
+    assert not (tmp_path / "run").exists()  # not even the empty run folder
+
+
+def test_missing_annotation_file_names_the_path(tmp_path):
+    (tmp_path / "ucf").mkdir()
+    out = run_script("--out-dir", tmp_path / "run", "--data", "ucf101", "--data-root", tmp_path / "ucf")
+    assert out.returncode == common.EXIT_USER_ERROR
+    assert out.stderr.strip() == (f"error: --data ucf101 (--data-root {tmp_path / 'ucf'}): "
+                                  f"{tmp_path / 'ucf' / 'ucfTrainTestlist' / 'classInd.txt'}: missing; "
+                                  f"expected '1 ApplyEyeMakeup' lines")
+
+
+def test_unwritable_out_dir_and_debug_traceback(tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    out = run_script("--out-dir", tmp_path / "a_file" / "run")
+    assert out.returncode == common.EXIT_USER_ERROR
+    assert out.stderr.strip() == f"error: --out-dir {tmp_path / 'a_file' / 'run'}: expected a folder, found a file " \
+                                 f"at {tmp_path / 'a_file'}"
+    out = run_script("--out-dir", tmp_path / "run", "--lr", "-1", "--debug")
+    assert out.returncode != 0 and "Traceback" in out.stderr and "common.UserError: --lr" in out.stderr
+
+
+def test_a_mistyped_command_leaves_a_finished_run_untouched(tmp_path):
+    run_tiny(tmp_path, "--max-steps", 3)
+    before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path) if name != "tb"}
+    out = run_script("--out-dir", tmp_path, "--data", "ucf-101")
+    assert out.returncode == common.EXIT_USER_ERROR and "found 'ucf-101'" in out.stderr
+    after = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path) if name != "tb"}
+    assert after == before and json.loads(before["args.json"])["data"] == "blobs"
+
+
+# ------------------------------------------------------------------------------------------- signals, checkpoints
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_process_group_signal_with_workers_saves_and_exits_nonzero(tmp_path, sig):
+    """A scheduler signals every process of the job, DataLoader workers included."""
+    cmd = [sys.executable, SCRIPT, "--out-dir", str(tmp_path), "--epochs", "50", "--step-sleep", "0.05",
+           "--workers", "2"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and (not (tmp_path / "metrics.jsonl").exists() or len(losses(tmp_path)) < 5):
+        time.sleep(0.2)
+    os.killpg(proc.pid, sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == common.EXIT_INTERRUPTED, out
+    assert "interrupted: saved step" in out and "killed by signal" not in out
+    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert 5 <= ckpt["step"] < 200 and ckpt["step"] == losses(tmp_path)[-1][0]
+    assert torch.load(tmp_path / "backbone.pth", weights_only=False)["meta"]["step"] == ckpt["step"]
+
+
+def test_stale_temporaries_are_removed_and_backbone_step_follows_the_checkpoint(tmp_path):
+    run_tiny(tmp_path, "--max-steps", 4)
+    (tmp_path / ".tmp-abc123.pth").write_bytes(b"half a checkpoint, then SIGKILL")
+    (tmp_path / "args.json.tmp").write_text("{")
+    record = torch.load(tmp_path / "backbone.pth", weights_only=False)
+    assert record["meta"]["step"] == 4
+    record["meta"]["step"] = 2  # killed after checkpoint.pth (step 4) was renamed, before backbone.pth was
+    torch.save(record, tmp_path / "backbone.pth")
+    run_tiny(tmp_path, "--max-steps", 6)
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".tmp-") or n.endswith(".tmp")]
+    assert torch.load(tmp_path / "backbone.pth", weights_only=False)["meta"]["step"] == 6
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=False)["step"] == 6
+
+
+def test_background_save_writes_a_copy_not_the_live_tensors(tmp_path):
+    saver = common.BackgroundSaver()
+    weights = {"w": torch.zeros(3)}
+    saver.submit([(common.cpu_copy(weights), tmp_path / "a.pth")])
+    weights["w"].add_(1)  # training goes on while the thread writes
+    saver.submit([(common.cpu_copy(weights), tmp_path / "b.pth")])  # joins the first: one save in flight
+    saver.wait()
+    assert torch.load(tmp_path / "a.pth")["w"].tolist() == [0, 0, 0]
+    assert torch.load(tmp_path / "b.pth")["w"].tolist() == [1, 1, 1]
+    saver.submit([({"w": 1}, tmp_path / "missing" / "c.pth")])
+    with pytest.raises(FileNotFoundError):
+        saver.wait()  # the thread's error reaches the training thread
+
+
+# ------------------------------------------------------------------------------------------- the GPU step
+def test_fit_syncs_once_per_log_window(tmp_path, monkeypatch):
+    """Inside fit (train steps included), device-to-host transfers happen only on the --log-every steps. Counted:
+    calls made by the loop and the method script (the DataLoader's own CPU-side .tolist() of its permutation is
+    not a device transfer)."""
+    calls = []
+    ours = (os.path.abspath(common.__file__), os.path.abspath(SCRIPT))
+
+    def counting(name, real):
+        def wrapper(self, *a, **k):
+            if os.path.abspath(sys._getframe(1).f_code.co_filename) in ours:
+                calls.append(name)
+            return real(self, *a, **k)
+        return wrapper
+
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name, getattr(torch.Tensor, name)))
+    run_tiny(tmp_path, "--epochs", 3, "--log-every", 4, "--knn-every", 0, "--ckpt-every", 100)
+    assert [s for s, _ in losses(tmp_path)] == [4, 8, 12]  # 12 steps, one record per 4
+    assert calls == ["tolist"] * 3, calls
+    calls.clear()  # checkpoints (every epoch end: 4 steps) between log steps: one more sync each, no extra record
+    run_tiny(tmp_path / "b", "--epochs", 3, "--log-every", 3, "--knn-every", 0, "--ckpt-every", 100)
+    assert [s for s, _ in losses(tmp_path / "b")] == [3, 6, 9, 12]
+    assert calls == ["tolist"] * 6, calls  # steps 3, 4, 6, 8, 9, 12
+
+
+def test_nan_on_one_process_stops_every_process(tmp_path):
+    out = run_script("--device", "cpu", "--gpus", "2", "--out-dir", tmp_path, "--nan-at-step", 6, "--nan-rank", 1,
+                     "--ckpt-every", 5, "--log-every", 5, timeout=240)
+    assert out.returncode != 0
+    assert "loss is nan at step 6 (epoch 1)" in out.stdout + out.stderr
+    assert torch.load(tmp_path / "checkpoint.pth", weights_only=False)["step"] == 5
+
+
+def test_items_do_not_depend_on_the_workers(tmp_path):
+    """Augmentation noise is seeded per (seed, rank, epoch, index): 0 or 2 workers give the same losses, so
+    persistent workers and mid-epoch resumes stay exact."""
+    run_tiny(tmp_path / "w0", "--max-steps", 6, "--workers", 0)
+    run_tiny(tmp_path / "w2", "--max-steps", 6, "--workers", 2)
+    assert losses(tmp_path / "w0") == losses(tmp_path / "w2")
+
+
+def test_amp_auto_never_picks_emulated_bf16(monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported",
+                        lambda including_emulation=True: asked.append(including_emulation) or including_emulation)
+    assert common.resolve_amp_dtype("auto", torch.device("cuda")) == torch.float16  # only emulated: fp16
+    assert asked == [False]
+    assert common.resolve_amp_dtype("auto", torch.device("cpu")) is None
+
+
+def test_knn_monitor_chunks_match_one_matrix():
+    g = torch.Generator().manual_seed(0)
+    train, test = F_normalize(torch.randn(50, 8, generator=g)), F_normalize(torch.randn(23, 8, generator=g))
+    train_labels, test_labels = torch.randint(0, 4, (50,), generator=g), torch.randint(0, 4, (23,), generator=g)
+    knn, nn1 = common.knn_classify(train, train_labels, test, 4, k=10)
+    expected = {"knn_top1": (knn == test_labels).float().mean().item() * 100,
+                "nn1_top1": (nn1 == test_labels).float().mean().item() * 100}
+    features = iter([(train, train_labels), (test, test_labels)])
+    original = common.extract_features
+    common.extract_features = lambda *a, **k: next(features)
+    try:
+        result = common.knn_monitor(None, None, None, None, run=type("R", (), {"rank": 0, "world_size": 1})(),
+                                    k=10, chunk=5)
+    finally:
+        common.extract_features = original
+    assert result == pytest.approx(expected)
+
+
+def F_normalize(x):
+    return torch.nn.functional.normalize(x, dim=1)
+
+
+def test_loader_seeds_the_items_of_a_subset():
+    """torch's Subset has __getitems__, which the DataLoader prefers: it must not bypass the per-item seeding."""
+    subset = torch.utils.data.Subset(tiny_loop_script.BlobDataset(32, seed=0), list(range(16)))
+    args = common.get_common_parser().parse_args(["--workers", "0", "--batch-size", "8"])
+    run = type("R", (), {"rank": 0, "world_size": 1, "device": torch.device("cpu")})()
+    first = torch.cat([b["x"] for b in common.build_loader(subset, args, run, train=False)])
+    torch.manual_seed(123)  # the global RNG state does not decide the items
+    again = torch.cat([b["x"] for b in common.build_loader(subset, args, run, train=False)])
+    assert torch.equal(first, again)

@@ -12,7 +12,9 @@ torch.set_num_threads(1)
 
 
 def make_args(*argv):
-    return tc.finalize_method_args(tc.add_method_args(argparse.ArgumentParser()).parse_args(list(argv)))
+    """The method flags at the paper's defaults (crop 112, 16 frames), whatever --data says."""
+    ns = tc.add_method_args(argparse.ArgumentParser()).parse_args(list(argv))
+    return tc.finalize_method_args(tc.common.fill_defaults(ns, tc.PAPER_DEFAULTS))
 
 
 def gen(seed=0):
@@ -44,10 +46,51 @@ def test_defaults_are_the_papers():
     assert args.arch == "tiny3d" and args.queue_size == 256  # toy data (192 videos)
     ns = tc.add_method_args(argparse.ArgumentParser()).parse_args(["--arch", "i3d"])
     ns.data = "k400"
-    ns = tc.finalize_method_args(ns)
+    ns = tc.finalize_method_args(tc.common.fill_defaults(ns, tc.PAPER_DEFAULTS))
     assert (ns.crop_size, ns.patch_min, ns.patch_max, ns.queue_size) == (224, 32, 128, 65536)  # App. C.2
-    with pytest.raises(ValueError, match="tubelet_contrast.py.*--transform"):
+    with pytest.raises(tc.common.UserError, match="tubelet_contrast.py.*--transform"):
         make_args("--transform", "rotation,zoom")
+
+
+def test_given_flags_are_kept_in_any_spelling():
+    """Toy defaults fill only what the command line left unset: abbreviations and --flag=value count as given."""
+    assert tc.parse_args([]).batch_size == 16 and tc.parse_args(["--data", "k400"]).batch_size == 128
+    for argv in (["--batch", "8"], ["--batch-size=8"], ["--batch-s", "8"]):
+        args = tc.parse_args(argv)
+        assert args.batch_size == 8 and args.clip_len == 8 and args.crop_size == 48, argv  # the rest stays toy
+    args = tc.parse_args(["--data", "ucf101", "--clip-l=32", "--moco-m", "0.99", "--knn-every", "2"])
+    assert (args.batch_size, args.clip_len, args.moco_momentum, args.knn_every) == (32, 32, 0.99, 2)
+    assert tc.parse_args(["--data", "k400"]).sync_bn and not tc.parse_args(["--no-sync-bn"]).sync_bn
+
+
+def test_multi_gpu_paper_run_uses_syncbn_and_no_buffer_broadcast(monkeypatch):
+    """The paper command on 4 GPUs: BatchNorm becomes SyncBatchNorm (the authors' config; statistics over the
+    global batch), the queue is kept equal by all-gathered keys, so DDP neither broadcasts buffers nor copies
+    gradients; --compile compiles the two backbones in place, not DDP(MoCo)."""
+    args = tc.finalize_method_args(tc.parse_args(["--data", "k400", "--arch", "r2plus1d_18", "--compile"]))
+    model = tc.build_model(args)[1]
+    made = {}
+
+    class FakeDDP(nn.Module):  # records what DDP would be built with (no process group on this machine)
+        def __init__(self, module, **kwargs):
+            super().__init__()
+            self.module = module
+            made.update(kwargs)
+    monkeypatch.setattr(nn.parallel, "DistributedDataParallel", FakeDDP)
+    monkeypatch.setattr(nn.Module, "to", lambda self, *a, **k: self)  # a CUDA run without a GPU: stay on the CPU
+    compiled = []
+    monkeypatch.setattr(nn.Module, "compile", lambda self, *a, **k: compiled.append(self))
+    run = tc.common.Run.__new__(tc.common.Run)
+    run.args, run.device, run.world_size, run.rank, run.is_main = args, torch.device("cuda", 0), 4, 0, True
+    wrapped = run.prepare(model, method_syncs_buffers=True, compile_modules=lambda m: [m.backbone, m.backbone_k])
+    assert isinstance(wrapped, FakeDDP) and wrapped.module is model
+    assert made["broadcast_buffers"] is False and made["gradient_as_bucket_view"] is True
+    assert compiled == [model.backbone, model.backbone_k]
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert bns and all(isinstance(m, nn.SyncBatchNorm) for m in bns)
+    args.sync_bn = False  # --no-sync-bn: per-GPU BN statistics differ, so buffers are broadcast again
+    run.prepare(tc.build_model(args)[1], method_syncs_buffers=True)
+    assert made["broadcast_buffers"] is True
 
 
 # ---------------------------------------------------------------------------------------------------- motion
@@ -439,8 +482,8 @@ def test_learning_pretraining_beats_random_init_on_toy_motion(tmp_path, seed):
     """LEARNING TEST: the toy default run (tiny3d, 48x48x8, 1,920 steps), then (a) held-out tubelet pairs are told
     apart far above chance and far above the random-init network, (b) evaluate.py's 1-NN on toy-motion with the
     pretrained backbone.pth beats the same network at random init by a clear margin.
-    Measured (README "Learning on toy data", 2 threads): pairs 100.0 / 98.4 % vs 17.2 / 10.9 % (chance 6.7 %); 1-NN
-    35.9 / 37.5 % vs 18.8 / 20.3 % (seeds 0 / 1); 3.6 min per seed."""
+    Measured with items seeded per (seed, rank, epoch, index), 1 thread on a shared 2-core machine: pairs 100.0 / 98.4 %
+    vs 17.2 / 10.9 % (chance 6.7 %); 1-NN 37.5 / 35.9 % vs 18.8 / 20.3 % (seeds 0 / 1); 8.1 / 7.4 min per seed."""
     import evaluate as ev
 
     run_script(*LEARNING, "--seed", str(seed), "--out-dir", str(tmp_path / "pretrain"), timeout=900)
@@ -454,3 +497,21 @@ def test_learning_pretraining_beats_random_init_on_toy_motion(tmp_path, seed):
                            "--seed", str(seed), "--workers", "0", "--out-dir", str(tmp_path / name)])["metrics"]
         nn1[name] = metrics["nn1_acc"]
     assert nn1["pretrained"] >= nn1["random"] + 10, nn1
+
+
+@pytest.mark.slow
+def test_script_compile_runs_on_cpu(tmp_path):
+    """--compile compiles the backbones only: a short toy run trains, and the checkpoint keeps the plain keys."""
+    run_script(*SMALL, "--compile", "--batch-size", "8", "--max-steps", "2", "--out-dir", str(tmp_path), timeout=600)
+    ckpt = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=False)
+    assert ckpt["step"] == 2 and not [k for k in ckpt["model"] if "_orig_mod" in k]
+    assert "backbone.stem.0.weight" in ckpt["model"] or any(k.startswith("backbone.") for k in ckpt["model"])
+
+
+def test_script_user_errors_are_one_line_before_anything_is_built(tmp_path):
+    for argv, expected in ((["--data", "k4000"], "error: --data: expected one of toy-motion"),
+                           (["--transform", "zoom"], "error: tubelet_contrast.py: expected --transform in none")):
+        out = subprocess.run([sys.executable, SCRIPT, *argv, "--out-dir", str(tmp_path / "run")], cwd=ROOT,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and out.stdout == "" and out.stderr.startswith(expected), out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()

@@ -46,6 +46,8 @@ class TinyModel(nn.Module):
 
 def main_worker(args):
     run = common.setup(args, "tiny")
+    if args.data != "blobs":  # a real dataset name: built (and validated) as a method script builds it
+        common.build_dataset(args.data, args.data_root, "train")
     train_set, val_set = BlobDataset(64, seed=0), BlobDataset(32, seed=1)
     loader = common.build_loader(train_set, args, run, train=True)
     model = TinyModel()
@@ -56,7 +58,8 @@ def main_worker(args):
         with run.autocast():
             logits = ddp_model(batch["x"])  # (B, 4)
             loss = F.cross_entropy(logits, batch["label"])
-        if args.nan_at_step is not None and model.steps_seen.item() == args.nan_at_step:
+        if args.nan_at_step is not None and model.steps_seen.item() == args.nan_at_step and \
+                args.nan_rank in (None, run.rank):
             loss = loss * float("nan")
         run.step(loss, optimizer)
         model.steps_seen += 1
@@ -75,6 +78,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, parents=[common.get_common_parser()])
     group = parser.add_argument_group("test hooks")
     group.add_argument("--nan-at-step", type=int, default=None, help="make the loss NaN at this step")
+    group.add_argument("--nan-rank", type=int, default=None, help="only this process's loss becomes NaN")
     group.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep in every step")
     parser.set_defaults(epochs=4, batch_size=16, lr=0.1, workers=0, log_every=1, data="blobs")
     common.launch(main_worker, parser.parse_args())
