@@ -4146,7 +4146,7 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
     backbone: the module exported as backbone.pth, with `backbone_meta` (arch, modality, method); its meta carries
     the step of the checkpoint written with it.
     knn: optional (encoder, input_fn, train_loader, val_loader) for the online kNN monitor (see `knn_monitor`).
-    Returns {"step", "epoch", "interrupted": False, "knn": last monitor result}; an interrupted run raises
+    Returns {"step", "epoch", "knn": last monitor result}; an interrupted run raises
     RunInterrupted after saving."""
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
@@ -4319,7 +4319,7 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
             metrics_file.close()
         if writer is not None:
             writer.close()
-    return {"step": step, "epoch": step // steps_per_epoch, "interrupted": interrupted, "knn": knn_result}
+    return {"step": step, "epoch": step // steps_per_epoch, "knn": knn_result}
 
 
 def _write_record(run, record, metrics_file, writer, bar):

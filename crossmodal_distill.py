@@ -579,7 +579,7 @@ def main_worker(args):
     result = common.fit(run, args, student, optimizer, loader, train_step, backbone=backbone, backbone_meta=meta)
     if args.visualize and run.is_main:
         visualize(args, run, student, teacher, "after")
-    if args.toy and not result["interrupted"]:
+    if args.toy:
         result["knn"] = knn_report(args, run, backbone, random_backbone, teacher)
     return result
 

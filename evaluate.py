@@ -841,8 +841,6 @@ def train_and_select(run, args, model, train_set, select_set, num_classes, multi
                                                                                          args.max_steps)
         result = common.fit(run, chunk_args, model, optimizer, loader, train_step)
         chunk_args.resume = "auto"  # later chunks continue this run
-        if result["interrupted"]:
-            raise SystemExit(f"interrupted; rerun the same command to resume from {run.out_dir}")
         step = str(result["step"])
         if select_set is not None and step not in selection["scores"]:
             score = score_fn(model, select_set) if score_fn else classification_metrics(

@@ -56,7 +56,6 @@ import common
 # Skeleton representation -> backbone architecture of common.build_backbone (Sec. 3.4.2). Every backbone takes
 # the raw (N, C, T, V, M) sequence and builds its own input representation, so no converter lives here.
 REPRESENTATIONS = {"seq": "bigru", "image": "hcn", "graph": "agcn"}  # X^SEQ, X^IMG, X^STG
-EXIT_INTERRUPTED = 3  # exit status after SIGTERM/SIGINT: the job is not done (schedulers may requeue it)
 # Size of the negative set N (Sec. 3.4.2): 16384 on NTU, 8192 on PKU-MMD I, 2048 on PKU-MMD II.
 PAPER_QUEUE_SIZE = {"ntu": 16384, "pku1": 8192, "pku2": 2048}
 TOY_QUEUE_SIZE = 128  # not in the paper: the toy set has 252 training sequences
@@ -503,8 +502,6 @@ def main_worker(args):
             "options": encoder_options(evaluated, args, (c, v, m))}
     result = common.fit(run, args, model, optimizer, loader, train_step, backbone=model.encoder_q[evaluated],
                         backbone_meta=meta, knn=(model.encoder_q[evaluated], knn_input, *knn_loaders))
-    if result["interrupted"]:  # fit saved and printed the resume command; no result for a partial model
-        raise SystemExit(EXIT_INTERRUPTED)
 
     if run.world_size > 1:  # keys are all-gathered before enqueueing: every process must hold the same queues
         if not queues_synchronised(model):

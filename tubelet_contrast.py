@@ -719,7 +719,7 @@ def main_worker(args):
         diff = (queues - queues[:1]).abs().max().item()
         run.print(f"queue: {run.world_size} processes, pointer {model.queue_ptr.item()}, largest difference "
                   f"between processes {diff:.3g}")
-    if knn is not None and not result["interrupted"]:
+    if knn is not None:
         trained = common.knn_monitor(backbone, input_fn, *knn_loaders, run=run)
         random_model = random_model.to(run.device)
         random_init = common.knn_monitor(random_model.backbone, input_fn, *knn_loaders, run=run)

@@ -450,8 +450,6 @@ def main_worker(args):
         if args.stage == "all":
             init, frozen = (os.path.join(args.out_dir, n) if n else None for n in (init, frozen))
         stream, result = run_stage(args, run, name, train, init, frozen, stage_dir)
-        if result["interrupted"]:
-            return result
         streams[name] = (stream, "video" if train == "rgb" else "flow")
     if args.dataset_name.startswith("toy") or args.knn_every:
         common.seed_everything(args.seed + run.rank)

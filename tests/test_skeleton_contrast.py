@@ -448,7 +448,7 @@ def test_sigterm_exits_nonzero_without_a_result(tmp_path):
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=300)
-    assert proc.returncode == sc.EXIT_INTERRUPTED, out[-3000:]
+    assert proc.returncode == common.EXIT_INTERRUPTED, out[-3000:]
     assert "interrupted: saved step" in out and "rerun the same command" in out
     assert (out_dir / "checkpoint.pth").exists() and not (out_dir / "knn_vs_random_init.json").exists()
     assert "result:" not in out
