@@ -1949,7 +1949,9 @@ def _skeleton_set(root, split, convert, **kwargs):
 DATASET_NAMES = ("toy-motion", "toy-ucfrep", "toy-skeleton", "toy-paired", "k400", "k600", "k700", "minik",
                  "kinetics", "ucf101", "hmdb51", "ssv2", "gym99", "gym288", *GYM_SUBSETS, "diving48", "charades",
                  "ucfrep", "videofolder", "videolist", "ntu60-xsub", "ntu60-xview", "ntu120-xsub", "ntu120-xset",
-                 "pku1", "pku2", "pku1-xview", "pku2-xview", "kinetics-skeleton", "paired")
+                 "pku1", "pku2", "pku1-xview", "pku2-xview", "kinetics-skeleton", "paired", "toy-motion-flow",
+                 "k400-pose", "toy-paired-source", "toy-paired-target", "ntu60-paired-xview", "ntu60-paired-xsub",
+                 "ntu120-minus-60")
 
 
 def check_dataset_name(name):
