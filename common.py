@@ -33,6 +33,7 @@ import threading
 import time
 import warnings
 from collections import defaultdict
+from fractions import Fraction
 
 import numpy as np
 import torch
@@ -1652,22 +1653,43 @@ def _build_once(root, make):
     return root
 
 
-def _toy_background(rng, size):
-    """Smooth random colour field (8x8 noise, bilinear) plus fine grain -> float (size, size, 3)."""
+def _toy_background(rng, size, width=None):
+    """Smooth random colour field (8x8 noise, bilinear) plus fine grain -> float (size, width or size, 3)."""
+    width = size if width is None else width
     coarse = torch.from_numpy(rng.uniform(0, 255, (1, 3, 8, 8)).astype(np.float32))
-    smooth = F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
-    return smooth.numpy() + rng.normal(0, 10, (size, size, 3)).astype(np.float32)
+    smooth = F.interpolate(coarse, size=(size, width), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
+    return smooth.numpy() + rng.normal(0, 10, (size, width, 3)).astype(np.float32)
+
+
+# toy-motion files vary like real video collections: frame size and aspect ratio (landscape and portrait, sides
+# that are no multiple of the 16-pixel macroblock; even, as 4:2:0 H.264 needs), length, frame rate and keyframe
+# interval (GOP), so every clip still goes through the real decode, clamp and resize paths.
+TOY_MOTION_SIZES = ((64, 64), (64, 86), (64, 114), (72, 96), (60, 80), (78, 64), (96, 72), (64, 70))  # (H, W)
+TOY_MOTION_FRAMES = (16, 40)  # frame count drawn uniformly from this range
+TOY_MOTION_FPS = (8, 12, 15, 24, 25, Fraction(30000, 1001))
+TOY_MOTION_GOPS = (1, 4, 8, 16, 32, 250)  # 1: every frame a keyframe; 250: one keyframe (libx264's default)
+TOY_MOTION_VERSION = "2"  # written to root/.format; a set of another format is rebuilt
+
+
+def toy_motion_format(rng):
+    """One toy-motion file's container format -> dict(size=(H, W), num_frames, fps, gop); the first draws of rng."""
+    size = TOY_MOTION_SIZES[int(rng.integers(len(TOY_MOTION_SIZES)))]
+    num_frames = int(rng.integers(TOY_MOTION_FRAMES[0], TOY_MOTION_FRAMES[1] + 1))
+    fps = TOY_MOTION_FPS[int(rng.integers(len(TOY_MOTION_FPS)))]
+    return dict(size=size, num_frames=num_frames, fps=fps, gop=TOY_MOTION_GOPS[int(rng.integers(len(TOY_MOTION_GOPS)))])
 
 
 def render_toy_motion(rng, label, size=64, num_frames=16):
-    """uint8 (T, size, size, 3): one object moving with pattern TOY_MOTION_CLASSES[label] on a static textured
-    background. Positions wrap around the frame (a torus) and start uniformly at random, so in every single frame
-    the object position, like its shape, size and colour, has the same distribution for every class."""
-    bg = _toy_background(rng, size)
+    """uint8 (T, H, W, 3): one object moving with pattern TOY_MOTION_CLASSES[label] on a static textured
+    background; size = H = W or (H, W). Positions wrap around the frame (a torus) and start uniformly at random,
+    so in every single frame the object position, like its shape, size and colour, has the same distribution for
+    every class. Speeds are in pixels per frame (the frame rate of the file does not change them)."""
+    height, width = (size, size) if np.isscalar(size) else size
+    bg = _toy_background(rng, height, width)
     colour = rng.uniform(0, 255, 3).astype(np.float32)
     radius, shape = rng.uniform(4, 8), int(rng.integers(3))  # disc, square, diamond
     t = np.arange(num_frames, dtype=np.float64)
-    p0 = rng.uniform(0, size, 2)  # (x, y)
+    p0 = rng.uniform(0, 1, 2) * (width, height)  # (x, y)
     speed = rng.uniform(2.0, 3.5)
     name = TOY_MOTION_CLASSES[label]
     if name in ("right", "left", "down", "up"):
@@ -1684,11 +1706,10 @@ def render_toy_motion(rng, label, size=64, num_frames=16):
     else:  # shake_vertical: fast up-down oscillation in place
         amp, period, phase = rng.uniform(6, 10), rng.uniform(4, 6), rng.uniform(0, 2 * np.pi)
         x, y = p0[0] + 0 * t, p0[1] + amp * np.sin(2 * np.pi * t / period + phase)
-    grid = np.arange(size, dtype=np.float64)
-    frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
+    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
     for k in range(num_frames):
-        dx = (grid[None, :] - x[k] + size / 2) % size - size / 2  # wrapped offsets (1, W)
-        dy = (grid[:, None] - y[k] + size / 2) % size - size / 2  # (H, 1)
+        dx = (np.arange(width)[None, :] - x[k] + width / 2) % width - width / 2  # wrapped offsets (1, W)
+        dy = (np.arange(height)[:, None] - y[k] + height / 2) % height - height / 2  # (H, 1)
         if shape == 0:
             mask = dx ** 2 + dy ** 2 <= radius ** 2
         elif shape == 1:
@@ -1701,16 +1722,34 @@ def render_toy_motion(rng, label, size=64, num_frames=16):
     return frames
 
 
-def make_toy_motion(root, seed=0, size=64, num_frames=16, train_per_class=24, val_per_class=8):
-    """root/{train,val}/<class>/<class>_<k:04d>.mp4 (H.264, 8 fps): the videofolder layout; 8 classes."""
+def make_toy_motion(root, seed=0, train_per_class=24, val_per_class=8):
+    """root/{train,val}/<class>/<class>_<k:04d>.mp4 (H.264): the videofolder layout; 8 classes. Each file's size,
+    length, frame rate and GOP come from toy_motion_format (same seed, same files)."""
+    marker = os.path.join(root, ".format")
+    if os.path.exists(os.path.join(root, ".complete")) and not _read_text(marker) == TOY_MOTION_VERSION:
+        shutil.rmtree(root)  # an older toy-motion format (the .complete marker says this folder is a toy set)
+
     def make(tmp):
         for split, count in (("train", train_per_class), ("val", val_per_class)):
             for label, name in enumerate(TOY_MOTION_CLASSES):
                 for k in range(count):
                     rng = np.random.default_rng([seed, split == "val", label, k])
-                    frames = render_toy_motion(rng, label, size, num_frames)
-                    write_video(os.path.join(tmp, split, name, f"{name}_{k:04d}.mp4"), frames, fps=8)
+                    fmt = toy_motion_format(rng)
+                    frames = render_toy_motion(rng, label, fmt["size"], fmt["num_frames"])
+                    write_video(os.path.join(tmp, split, name, f"{name}_{k:04d}.mp4"), frames, fps=fmt["fps"],
+                                gop=fmt["gop"])
+        with open(os.path.join(tmp, ".format"), "w") as f:
+            f.write(TOY_MOTION_VERSION)
     return _build_once(root, make)
+
+
+def _read_text(path):
+    """Contents of a small text file, stripped; None when it does not exist."""
+    try:
+        with open(path) as f:
+            return f.read().strip()
+    except OSError:
+        return None
 
 
 def render_toy_repetitions(rng, count, size=64):
