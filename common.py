@@ -292,9 +292,9 @@ def _resize_frames(frames, size):
         size = (size, max(1, round(w * size / h))) if h <= w else (max(1, round(h * size / w)), size)
     if tuple(size) == (h, w):
         return frames
-    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float()  # (T, C, H, W)
-    x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-    return x.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, C, H, W) uint8, channels-last
+    x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)  # uint8 path
+    return x.permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def _frame_files(folder, prefix):
@@ -589,7 +589,12 @@ def _clips(x):
 
 
 def _resize_clip(clip, size):
-    """(C, T, h, w) -> (C, T, size[0], size[1]), bilinear with antialiasing, dtype kept."""
+    """(C, T, h, w) -> (C, T, size[0], size[1]), bilinear with antialiasing, dtype kept. uint8 on the CPU stays
+    uint8 (torch's vectorised uint8 path, channels-last: 2-3x faster than through float, within 1 level of it)."""
+    if clip.dtype == torch.uint8 and clip.device.type == "cpu":
+        x = clip.transpose(0, 1).contiguous(memory_format=torch.channels_last)  # (T, C, h, w)
+        x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
+        return x.transpose(0, 1).contiguous()
     x = clip.transpose(0, 1).float()  # (T, C, h, w)
     x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
     if clip.dtype == torch.uint8:
