@@ -12,6 +12,7 @@ Sections (search for the banners):
     CLIP SAMPLING    random, uniform, sliding-window and consecutive clip indices
     TRANSFORMS       batched torch transforms on uint8 clips (CPU workers or GPU)
     DATASETS         every dataset format of the papers, bad-data handling, `check-data`
+    DATA PREPARATION `prepare-videos`: re-encode a dataset tree small, with short keyframe intervals
     TOY DATASETS     real files in real formats, written once under --data-root
     BACKBONES        video and skeleton networks (`build_backbone`)
     CHECKPOINTS      loading weights from our and the authors' formats (`load_backbone_weights`)
@@ -1621,6 +1622,113 @@ def check_data(name, root=None, decoder="auto", splits=("train", "val"), out=pri
             out(f"  BAD {path}\t{reason}")
         report[split] = {"size": len(ds), "bad": bad}
     return report
+
+
+# ==================================================================================================== DATA PREPARATION
+# `python common.py prepare-videos --src DIR --dst DIR --short-side 128 --gop 16`: the same tree, re-encoded small and
+# with short keyframe intervals, so random clips decode fast (seeking lands on a keyframe close to the clip). Names,
+# layout and every non-video file are kept, so the scripts' --data-root simply points to --dst.
+
+MUXERS = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov", ".avi": "avi", ".mkv": "matroska",
+          ".webm": "matroska"}  # H.264 in .webm: a Matroska file under its old name (FFmpeg reads it by content)
+
+
+def prepare_videos(src, dst, short_side=128, gop=16, fps=None, workers=1, crf=23, out=print):
+    """Re-encode every video under src to dst (H.264, short side <= short_side, keyframe every gop frames, audio
+    dropped, optional constant fps); other files are copied. Resumable: finished outputs are skipped, each output
+    is written to a temporary name and renamed. Unreadable inputs go to dst/bad_files.txt. -> {done, skipped, bad}."""
+    if not os.path.isdir(src):
+        raise UserError(f"prepare-videos --src: expected a folder, found {src!r}")
+    if short_side < 2 or gop < 1 or (fps is not None and fps <= 0):
+        raise UserError(f"prepare-videos: expected --short-side >= 2, --gop >= 1, --fps > 0, found "
+                        f"{short_side}, {gop}, {fps}")
+    jobs, skipped = [], 0
+    for folder, _, names in os.walk(src):
+        for name in sorted(names):
+            source = os.path.join(folder, name)
+            target = os.path.join(dst, os.path.relpath(source, src))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            if os.path.exists(target):
+                skipped += 1
+            elif os.path.splitext(name)[1].lower() in MUXERS:
+                jobs.append((source, target, short_side, gop, fps, crf))
+            else:  # lists, annotations, frame folders' images: unchanged
+                shutil.copy2(source, target + ".part")
+                os.replace(target + ".part", target)
+    out(f"prepare-videos: {len(jobs)} videos to encode, {skipped} files already done, {workers} worker(s)")
+    bad = []
+    try:
+        from tqdm import tqdm
+        bar = tqdm(total=len(jobs), desc="prepare-videos", unit="video")
+    except ImportError:
+        bar = None
+    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    results = pool.imap_unordered(_prepare_one, jobs) if pool else map(_prepare_one, jobs)
+    try:
+        for source, reason in results:
+            if reason is not None:
+                bad.append((source, reason))
+            if bar is not None:
+                bar.update()
+    finally:
+        if pool:
+            pool.terminate()
+        if bar is not None:
+            bar.close()
+    if bad:
+        append_bad_files(os.path.join(dst, "bad_files.txt"), bad)
+        out(f"prepare-videos: {len(bad)} unreadable input(s) skipped, listed in {os.path.join(dst, 'bad_files.txt')}")
+    return {"done": len(jobs) - len(bad), "skipped": skipped, "bad": bad}
+
+
+def _prepare_one(job):
+    """Encode one video (see prepare_videos) -> (source, None) or (source, reason it could not be read)."""
+    import av
+    source, target, short_side, gop, fps, crf = job
+    folder, name = os.path.split(target)
+    for stale in [n for n in os.listdir(folder) if n.startswith(f".{name}.part-")]:  # left by a killed run
+        os.remove(os.path.join(folder, stale))
+    temporary = os.path.join(folder, f".{name}.part-{os.getpid()}")
+    try:
+        with av.open(source) as reader:
+            if not reader.streams.video:
+                raise VideoReadError(f"{source}: no video stream")
+            stream = reader.streams.video[0]
+            stream.thread_count = 1
+            h, w = stream.codec_context.height, stream.codec_context.width
+            scale = min(1.0, short_side / max(1, min(h, w)))  # never upscales
+            height, width = (max(2, int(round(v * scale / 2)) * 2) for v in (h, w))  # 4:2:0 needs even sides
+            rate = Fraction(fps).limit_denominator(1001) if fps else (stream.average_rate or Fraction(25))
+            written = 0
+            with av.open(temporary, "w", format=MUXERS[os.path.splitext(target)[1].lower()]) as writer:
+                encoder = writer.add_stream("libx264", rate=rate)
+                encoder.width, encoder.height, encoder.pix_fmt = width, height, "yuv420p"
+                encoder.options = {"crf": str(crf), "g": str(gop), "sc_threshold": "0", "threads": "1",
+                                   "preset": "fast"}  # sc_threshold 0: keyframes exactly every gop frames
+                in_rate, start = float(stream.average_rate or rate), None
+                for i, frame in enumerate(reader.decode(stream)):
+                    repeat = 1
+                    if fps:  # constant output rate: each input frame is shown until the next one's time
+                        t = frame.time if frame.time is not None else i / in_rate  # AVI may carry no timestamps
+                        start = t if start is None else start
+                        repeat = math.floor((t - start) * fps + 1e-6) + 1 - written  # slots k / fps <= t
+                    image = frame.reformat(width=width, height=height, format="yuv420p", interpolation="AREA")
+                    image.pict_type = 0  # NONE: the input's I-frames must not force keyframes off the --gop grid
+                    for _ in range(max(repeat, 0)):
+                        image.pts, image.time_base = written, 1 / Fraction(rate)
+                        for packet in encoder.encode(image):
+                            writer.mux(packet)
+                        written += 1
+                for packet in encoder.encode():
+                    writer.mux(packet)
+            if written == 0:
+                raise VideoReadError(f"{source}: no frame could be decoded")
+        os.replace(temporary, target)
+        return source, None
+    except Exception as e:  # any decoder error: the file is listed in bad_files.txt and skipped
+        if os.path.exists(temporary):
+            os.remove(temporary)
+        return source, f"{type(e).__name__}: {str(e).replace(source + ': ', '')}".replace("\n", " ").replace("\t", " ")
 
 
 # ==================================================================================================== TOY DATASETS
@@ -3448,4 +3556,23 @@ if __name__ == "__main__":
         result = check_data(cli_args.data, cli_args.data_root, cli_args.decoder,
                             (cli_args.split,) if cli_args.split else ("train", "val"))
         sys.exit(1 if any(r["bad"] for r in result.values()) else 0)
-    print("usage: python common.py check-data --data NAME [--data-root DIR] [--decoder auto|decord|pyav|torchcodec]")
+    if len(sys.argv) > 1 and sys.argv[1] == "prepare-videos":
+        cli = argparse.ArgumentParser(prog="common.py prepare-videos", description=prepare_videos.__doc__)
+        cli.add_argument("command")
+        cli.add_argument("--src", required=True, help="dataset tree to read (any layout; names are kept)")
+        cli.add_argument("--dst", required=True, help="output tree; point --data-root here")
+        cli.add_argument("--short-side", type=int, default=128, help="128 for 112² crops, 256 for I3D's 224²")
+        cli.add_argument("--gop", type=int, default=16, help="keyframe every N frames (short: fast random clips)")
+        cli.add_argument("--fps", type=float, default=None, help="constant output frame rate (default: keep)")
+        cli.add_argument("--crf", type=int, default=23, help="x264 quality (lower = better, larger)")
+        cli.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+        cli_args = cli.parse_args()
+        try:
+            result = prepare_videos(cli_args.src, cli_args.dst, cli_args.short_side, cli_args.gop, cli_args.fps,
+                                    cli_args.workers, cli_args.crf)
+        except UserError as e:
+            sys.exit(f"error: {e}")
+        sys.exit(1 if result["bad"] else 0)
+    print("usage: python common.py check-data --data NAME [--data-root DIR] [--decoder auto|decord|pyav|torchcodec]\n"
+          "       python common.py prepare-videos --src DIR --dst DIR [--short-side 128] [--gop 16] [--fps N] "
+          "[--workers N]")

@@ -762,3 +762,87 @@ def test_pyav_seek_matches_decord_far_into_a_video(tmp_path):
         assert np.array_equal(frames, sequential[np.minimum(idx, 159)])
         if HAVE_DECORD:
             assert np.array_equal(frames, common.read_video_frames(path, idx, "decord"))
+
+
+# ------------------------------------------------------------------------------------------------ data preparation
+
+WRITE_WITH_CODEC = """
+import sys, av, numpy as np
+path, codec, fmt, audio = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+frames = np.load(path + ".npy")
+with av.open(path, "w", format=fmt) as container:
+    stream = container.add_stream(codec, rate=25)
+    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    sound = container.add_stream("libopus" if fmt == "webm" else "aac", rate=48000) if audio else None
+    for img in frames:
+        for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            container.mux(packet)
+    if sound is not None:  # 20 ms of silence
+        silence = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.float32), format="fltp", layout="mono")
+        silence.sample_rate = 48000
+        for packet in [*sound.encode(silence), *sound.encode(None)]:
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+"""
+
+
+def _write_with_codec(path, frames, codec, fmt, audio=False):
+    """A fixture in a real-world format: MPEG-4 Part 2 in AVI (UCF101/HMDB51), VP8 in WebM with audio (SSv2-like).
+    Written in a fresh process: with decord's own FFmpeg loaded first, PyAV's libvpx encoder fails to open."""
+    np.save(path + ".npy", np.ascontiguousarray(frames))
+    subprocess.run([sys.executable, "-c", WRITE_WITH_CODEC, path, codec, fmt, "1" if audio else "0"], check=True,
+                   timeout=120)
+    os.remove(path + ".npy")
+
+
+def test_prepare_videos_keeps_layout_resumes_and_lists_bad_files(tmp_path):
+    import av
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    frames = common.render_toy_motion(np.random.default_rng(3), 0, (180, 240), 30)  # (30, 180, 240, 3)
+    (src / "videos" / "ClassA").mkdir(parents=True)
+    (src / "videos" / "ClassB").mkdir(parents=True)
+    common.write_video(str(src / "videos" / "ClassA" / "a.mp4"), frames, fps=30, gop=250)
+    _write_with_codec(str(src / "videos" / "ClassA" / "b.avi"), frames, "mpeg4", "avi")
+    _write_with_codec(str(src / "videos" / "ClassB" / "c.webm"), frames[:, :, :120], "libvpx", "webm", audio=True)
+    (src / "videos" / "ClassB" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(3000))
+    (src / "trainlist01.txt").write_text("ClassA/a.mp4 1\nClassA/b.avi 1\nClassB/c.webm 2\n")
+
+    result = common.prepare_videos(str(src), str(dst), short_side=64, gop=8, out=lambda *a: None)
+    assert result["done"] == 3 and [os.path.basename(p) for p, _ in result["bad"]] == ["broken.mp4"]
+    assert (dst / "trainlist01.txt").read_text() == (src / "trainlist01.txt").read_text()  # lists unchanged
+    bad_lines = (dst / "bad_files.txt").read_text().splitlines()
+    assert len(bad_lines) == 1 and bad_lines[0].startswith(str(src / "videos" / "ClassB" / "broken.mp4") + "\t")
+    assert not (dst / "videos" / "ClassB" / "broken.mp4").exists()
+    for rel, size in (("ClassA/a.mp4", (64, 86)), ("ClassA/b.avi", (64, 86)), ("ClassB/c.webm", (96, 64))):
+        path = str(dst / "videos" / rel)
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            keyframes = [i for i, frame in enumerate(container.decode(stream)) if frame.key_frame]
+            assert stream.codec_context.name == "h264" and not container.streams.audio, rel
+        assert keyframes[:4] == [0, 8, 16, 24], (rel, keyframes)
+        video = common.read_video_frames(path, range(30))
+        assert video.shape == (30, *size, 3) and common.count_frames(path) == 30, rel
+        original = common.read_video_frames(str(src / "videos" / rel), [0, 29], size=size)
+        assert np.abs(video[[0, 29]].astype(int) - original).mean() < 12, rel  # the same pictures, smaller
+    assert not [n for n in os.listdir(dst / "videos" / "ClassA") if ".part" in n]  # written atomically
+
+    # resume: an interrupted run left a partial file and missed one output; finished outputs are not rewritten
+    done = dst / "videos" / "ClassA" / "a.mp4"
+    stamp = os.stat(done).st_mtime_ns
+    os.remove(dst / "videos" / "ClassA" / "b.avi")
+    (dst / "videos" / "ClassA" / ".b.avi.part-999").write_bytes(b"partial")
+    again = common.prepare_videos(str(src), str(dst), short_side=64, gop=8, out=lambda *a: None)
+    assert again["done"] == 1 and again["skipped"] == 3 and os.stat(done).st_mtime_ns == stamp
+    assert common.count_frames(str(dst / "videos" / "ClassA" / "b.avi")) == 30
+    assert not [n for n in os.listdir(dst / "videos" / "ClassA") if ".part" in n]  # the stale partial is gone
+    assert len((dst / "bad_files.txt").read_text().splitlines()) == 1  # listed once
+
+    # --fps: a constant 15 fps from 30 fps input halves the frames; the CLI exits 1 when a file was bad
+    out = subprocess.run([sys.executable, "common.py", "prepare-videos", "--src", str(src), "--dst",
+                          str(tmp_path / "fps"), "--short-side", "64", "--fps", "15", "--workers", "2"],
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 1 and "1 unreadable input(s)" in out.stdout, out.stdout + out.stderr
+    assert common.count_frames(str(tmp_path / "fps" / "videos" / "ClassA" / "a.mp4")) == 15  # 30 frames at 30 fps
+    assert common.count_frames(str(tmp_path / "fps" / "videos" / "ClassA" / "b.avi")) == 18  # 30 at 25 fps: 1.2 s
