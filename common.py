@@ -688,33 +688,64 @@ def horizontal_flip(x, p=0.5, generator=None, flow=False):
 
 
 def color_jitter(x, brightness=0.4, contrast=0.4, saturation=0.4, hue=0.1, p=0.8, shared=False, generator=None):
-    """Colour jitter (torchvision factors, random order) on RGB clips, applied with probability p per clip.
-    shared=True draws one set of parameters for every clip in x (e.g. torch.stack of two views)."""
+    """Colour jitter (torchvision's factors and random order) on RGB clips, applied with probability p per clip,
+    batched: no loop over clips. shared=True draws one set of parameters for every clip in x (e.g. a stacked pair).
+
+    The four operations run in four stages; at stage s every clip applies its own s-th operation and the other
+    three with identity factors (b = c = s = 1, h = 0), so each clip gets its own order in one batched pass."""
     clips, lead = _clips(x)
     if clips.shape[1] != 3:
         raise ValueError(f"color_jitter: expected 3 channels, got shape {tuple(x.shape)}")
-    out, params = [], None
-    for clip in clips:
-        if params is None or not shared:
-            params = (torch.rand((), generator=generator).item() < p,
-                      _uniform(max(0, 1 - brightness), 1 + brightness, generator),
-                      _uniform(max(0, 1 - contrast), 1 + contrast, generator),
-                      _uniform(max(0, 1 - saturation), 1 + saturation, generator),
-                      _uniform(-hue, hue, generator), torch.randperm(4, generator=generator).tolist())
-        apply, b, c, s, h, order = params
-        img = clip.transpose(0, 1)  # (T, C, H, W): torchvision's image layout
-        if apply:
-            for k in order:
-                if k == 0:
-                    img = TF.adjust_brightness(img, b)
-                elif k == 1:
-                    img = TF.adjust_contrast(img, c)
-                elif k == 2:
-                    img = TF.adjust_saturation(img, s)
-                else:
-                    img = TF.adjust_hue(img, h)
-        out.append(img.transpose(0, 1))
-    return torch.stack(out).reshape(x.shape)
+    n, draws = clips.shape[0], 1 if shared else clips.shape[0]
+    rand = lambda: torch.rand(draws, generator=generator).expand(n)  # noqa: E731  (N,) on the CPU
+    apply = rand() < p
+    factors = [max(0, 1 - brightness) + rand() * (1 + brightness - max(0, 1 - brightness)),
+               max(0, 1 - contrast) + rand() * (1 + contrast - max(0, 1 - contrast)),
+               max(0, 1 - saturation) + rand() * (1 + saturation - max(0, 1 - saturation)),
+               hue * (2 * rand() - 1)]
+    order = torch.stack([torch.randperm(4, generator=generator) for _ in range(draws)]).expand(n, 4)  # (N, 4)
+    return apply_color_jitter(clips, apply, factors, order).reshape(x.shape)
+
+
+def apply_color_jitter(clips, apply, factors, order):
+    """clips (N, 3, T, H, W) uint8 or float in [0, 1]; apply (N,) bool; factors: [brightness, contrast,
+    saturation, hue], each (N,); order (N, 4): the operations' order per clip (0 brightness .. 3 hue)."""
+    x = clips.float() / 255 if clips.dtype == torch.uint8 else clips.float()
+    device, view = x.device, (-1, 1, 1, 1, 1)
+    identity = (1.0, 1.0, 1.0, 0.0)
+    gray = lambda v: (0.2989 * v[:, 0] + 0.587 * v[:, 1] + 0.114 * v[:, 2]).unsqueeze(1)  # noqa: E731 (N,1,T,H,W)
+    for stage in range(4):
+        for k in range(4):
+            chosen = (order[:, stage] == k) & apply  # (N,)
+            f = torch.where(chosen, factors[k], torch.full_like(factors[k], identity[k])).to(device).view(view)
+            if k == 0:  # brightness: blend with black
+                x = (x * f).clamp_(0, 1)
+            elif k == 1:  # contrast: blend with the mean grey level of each frame
+                x = (f * x + (1 - f) * gray(x).mean(dim=(-2, -1), keepdim=True)).clamp_(0, 1)
+            elif k == 2:  # saturation: blend with the grey image
+                x = (f * x + (1 - f) * gray(x)).clamp_(0, 1)
+            else:  # hue: rotate the HSV hue
+                x = _shift_hue(x, f)
+    return (x * 255).round_().to(torch.uint8) if clips.dtype == torch.uint8 else x.to(clips.dtype)
+
+
+def _shift_hue(x, shift):
+    """(N, 3, T, H, W) RGB in [0, 1], hue shift (N, 1, 1, 1, 1) in turns -> RGB (torchvision's HSV round trip)."""
+    r, g, b = x.unbind(1)
+    maxc, minc = x.amax(dim=1), x.amin(dim=1)
+    value, chroma = maxc, maxc - minc
+    sat = chroma / torch.where(maxc == 0, torch.ones_like(maxc), maxc)
+    c = torch.where(chroma == 0, torch.ones_like(chroma), chroma)
+    rc, gc, bc = (maxc - r) / c, (maxc - g) / c, (maxc - b) / c
+    h = torch.where(maxc == r, bc - gc, torch.where(maxc == g, 2.0 + rc - bc, 4.0 + gc - rc))
+    h = torch.fmod((h / 6.0 + 1.0) + shift[:, 0], 1.0)  # (N, T, H, W) in turns
+    i = torch.floor(h * 6.0)
+    f = h * 6.0 - i
+    i = i.to(torch.int64) % 6
+    p, q, t = ((value * (1 - sat * a)).clamp(0, 1) for a in (1.0, f, 1 - f))
+    table = torch.stack([torch.stack(v, 0) for v in ((value, t, p), (q, value, p), (p, value, t), (p, q, value),
+                                                     (t, p, value), (value, p, q))], 0)  # (6, 3, N, T, H, W)
+    return table.gather(0, i.unsqueeze(0).unsqueeze(0).expand(1, 3, *i.shape))[0].transpose(0, 1)  # (N, 3, T,H,W)
 
 
 def random_grayscale(x, p=0.2, generator=None):

@@ -209,6 +209,27 @@ def test_color_jitter_shared_between_two_clips():
     assert not out[0].equal(out[1])
 
 
+def test_batched_color_jitter_equals_torchvision_per_clip():
+    """One batched pass, each clip with its own factors and order, equals torchvision's adjust_* applied clip by
+    clip in that order (the per-clip loop it replaced)."""
+    import torchvision.transforms.v2.functional as TF
+    x = torch.rand(6, 3, 2, 9, 11, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    apply = torch.tensor([True, True, True, True, True, False])
+    factors = [0.6 + 0.8 * torch.rand(6, generator=g), 0.6 + 0.8 * torch.rand(6, generator=g),
+               0.6 + 0.8 * torch.rand(6, generator=g), 0.2 * torch.rand(6, generator=g) - 0.1]
+    order = torch.stack([torch.randperm(4, generator=g) for _ in range(6)])
+    out = common.apply_color_jitter(x, apply, factors, order)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for n in range(6):
+        img = x[n].transpose(0, 1)  # (T, C, H, W)
+        for k in order[n].tolist() if apply[n] else []:
+            img = ops[k](img, float(factors[k][n]))
+        assert torch.allclose(out[n], img.transpose(0, 1), atol=1e-4), n
+    uint8 = common.apply_color_jitter((x * 255).round().to(torch.uint8), apply, factors, order)
+    assert uint8.dtype == torch.uint8 and (uint8.float() - out * 255).abs().max() <= 2
+
+
 def test_grayscale_blur_normalize_values():
     x = _static_clips(1)
     gray = common.random_grayscale(x, 1.0)
