@@ -821,22 +821,22 @@ def test_prepare_videos_keeps_layout_resumes_and_lists_bad_files(tmp_path):
     import av
     src, dst = tmp_path / "src", tmp_path / "dst"
     frames = common.render_toy_motion(np.random.default_rng(3), 0, (180, 240), 30)  # (30, 180, 240, 3)
-    (src / "videos" / "ClassA").mkdir(parents=True)
-    (src / "videos" / "ClassB").mkdir(parents=True)
-    common.write_video(str(src / "videos" / "ClassA" / "a.mp4"), frames, fps=30, gop=250)
-    _write_with_codec(str(src / "videos" / "ClassA" / "b.avi"), frames, "mpeg4", "avi")
-    _write_with_codec(str(src / "videos" / "ClassB" / "c.webm"), frames[:, :, :120], "libvpx", "webm", audio=True)
-    (src / "videos" / "ClassB" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(3000))
+    (src / "train" / "ClassA").mkdir(parents=True)
+    (src / "train" / "ClassB").mkdir(parents=True)
+    common.write_video(str(src / "train" / "ClassA" / "a.mp4"), frames, fps=30, gop=250)
+    _write_with_codec(str(src / "train" / "ClassA" / "b.avi"), frames, "mpeg4", "avi")
+    _write_with_codec(str(src / "train" / "ClassB" / "c.webm"), frames[:, :, :120], "libvpx", "webm", audio=True)
+    (src / "train" / "ClassB" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(3000))
     (src / "trainlist01.txt").write_text("ClassA/a.mp4 1\nClassA/b.avi 1\nClassB/c.webm 2\n")
 
     result = common.prepare_videos(str(src), str(dst), short_side=64, gop=8, out=lambda *a: None)
     assert result["done"] == 3 and [os.path.basename(p) for p, _ in result["bad"]] == ["broken.mp4"]
     assert (dst / "trainlist01.txt").read_text() == (src / "trainlist01.txt").read_text()  # lists unchanged
     bad_lines = (dst / "bad_files.txt").read_text().splitlines()
-    assert len(bad_lines) == 1 and bad_lines[0].startswith(str(src / "videos" / "ClassB" / "broken.mp4") + "\t")
-    assert not (dst / "videos" / "ClassB" / "broken.mp4").exists()
+    assert len(bad_lines) == 1 and bad_lines[0].startswith(str(src / "train" / "ClassB" / "broken.mp4") + "\t")
+    assert not (dst / "train" / "ClassB" / "broken.mp4").exists()
     for rel, size in (("ClassA/a.mp4", (64, 86)), ("ClassA/b.avi", (64, 86)), ("ClassB/c.webm", (96, 64))):
-        path = str(dst / "videos" / rel)
+        path = str(dst / "train" / rel)
         with av.open(path) as container:
             stream = container.streams.video[0]
             keyframes = [i for i, frame in enumerate(container.decode(stream)) if frame.key_frame]
@@ -844,19 +844,19 @@ def test_prepare_videos_keeps_layout_resumes_and_lists_bad_files(tmp_path):
         assert keyframes[:4] == [0, 8, 16, 24], (rel, keyframes)
         video = common.read_video_frames(path, range(30))
         assert video.shape == (30, *size, 3) and common.count_frames(path) == 30, rel
-        original = common.read_video_frames(str(src / "videos" / rel), [0, 29], size=size)
+        original = common.read_video_frames(str(src / "train" / rel), [0, 29], size=size)
         assert np.abs(video[[0, 29]].astype(int) - original).mean() < 12, rel  # the same pictures, smaller
-    assert not [n for n in os.listdir(dst / "videos" / "ClassA") if ".part" in n]  # written atomically
+    assert not [n for n in os.listdir(dst / "train" / "ClassA") if ".part" in n]  # written atomically
 
     # resume: an interrupted run left a partial file and missed one output; finished outputs are not rewritten
-    done = dst / "videos" / "ClassA" / "a.mp4"
+    done = dst / "train" / "ClassA" / "a.mp4"
     stamp = os.stat(done).st_mtime_ns
-    os.remove(dst / "videos" / "ClassA" / "b.avi")
-    (dst / "videos" / "ClassA" / ".b.avi.part-999").write_bytes(b"partial")
+    os.remove(dst / "train" / "ClassA" / "b.avi")
+    (dst / "train" / "ClassA" / ".b.avi.part-999").write_bytes(b"partial")
     again = common.prepare_videos(str(src), str(dst), short_side=64, gop=8, out=lambda *a: None)
     assert again["done"] == 1 and again["skipped"] == 3 and os.stat(done).st_mtime_ns == stamp
-    assert common.count_frames(str(dst / "videos" / "ClassA" / "b.avi")) == 30
-    assert not [n for n in os.listdir(dst / "videos" / "ClassA") if ".part" in n]  # the stale partial is gone
+    assert common.count_frames(str(dst / "train" / "ClassA" / "b.avi")) == 30
+    assert not [n for n in os.listdir(dst / "train" / "ClassA") if ".part" in n]  # the stale partial is gone
     assert len((dst / "bad_files.txt").read_text().splitlines()) == 1  # listed once
 
     # --fps: a constant 15 fps from 30 fps input halves the frames; the CLI exits 1 when a file was bad
@@ -865,5 +865,7 @@ def test_prepare_videos_keeps_layout_resumes_and_lists_bad_files(tmp_path):
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 1 and "1 unreadable input(s)" in out.stdout, out.stdout + out.stderr
-    assert common.count_frames(str(tmp_path / "fps" / "videos" / "ClassA" / "a.mp4")) == 15  # 30 frames at 30 fps
-    assert common.count_frames(str(tmp_path / "fps" / "videos" / "ClassA" / "b.avi")) == 18  # 30 at 25 fps: 1.2 s
+    report = common.check_data("videofolder", str(dst), splits=("train",), out=lambda *a: None)
+    assert report["train"]["size"] == 3 and not report["train"]["bad"]  # check-data reads the prepared tree
+    assert common.count_frames(str(tmp_path / "fps" / "train" / "ClassA" / "a.mp4")) == 15  # 30 frames at 30 fps
+    assert common.count_frames(str(tmp_path / "fps" / "train" / "ClassA" / "b.avi")) == 18  # 30 at 25 fps: 1.2 s
