@@ -625,7 +625,7 @@ def test_learning_pretraining_beats_random_init_on_toy_motion(tmp_path, seed=0):
     SEED1_RESULT; 28 min per seed at that load."""
     import evaluate as ev
 
-    # ~4 min on 2 idle cores; 28 min on a machine shared by many jobs: the limit only catches a hang
+    # 28 min measured on 1 thread of 2 cores shared by ~8 jobs (load ~10): the limit catches a hang, not load
     run_script(*LEARNING, "--seed", str(seed), "--out-dir", str(tmp_path / "pretrain"), timeout=2400)
     result = json.load(open(tmp_path / "pretrain" / "knn.json"))
     trained, random_init = result["pretrained"], result["random_init"]
