@@ -1805,14 +1805,15 @@ def _toy_background(rng, size, width=None):
     return smooth.numpy() + rng.normal(0, 10, (size, width, 3)).astype(np.float32)
 
 
-# toy-motion files vary like real video collections: frame size and aspect ratio (landscape and portrait, sides
-# that are no multiple of the 16-pixel macroblock; even, as 4:2:0 H.264 needs), length, frame rate and keyframe
-# interval (GOP), so every clip still goes through the real decode, clamp and resize paths.
-TOY_MOTION_SIZES = ((64, 64), (64, 86), (64, 114), (72, 96), (60, 80), (78, 64), (96, 72), (64, 70))  # (H, W)
+# toy-motion files vary like a prepared real collection (`prepare-videos`: one short side): aspect ratio (landscape
+# and portrait, sides that are no multiple of the 16-pixel macroblock; even, as 4:2:0 H.264 needs; width 72 hits
+# decord's width bug, so PyAV takes over), length, frame rate and keyframe interval (GOP), so every clip still goes
+# through the real decode, clamp and resize paths.
+TOY_MOTION_SIZES = ((64, 64), (64, 86), (64, 114), (64, 72), (64, 96), (86, 64), (114, 64), (64, 70))  # (H, W)
 TOY_MOTION_FRAMES = (16, 40)  # frame count drawn uniformly from this range
 TOY_MOTION_FPS = (8, 12, 15, 24, 25, Fraction(30000, 1001))
 TOY_MOTION_GOPS = (1, 4, 8, 16, 32, 250)  # 1: every frame a keyframe; 250: one keyframe (libx264's default)
-TOY_MOTION_VERSION = "2"  # written to root/.format; a set of another format is rebuilt
+TOY_MOTION_VERSION = "3"  # written to root/.format; a set of another format is rebuilt
 
 
 def toy_motion_format(rng):
