@@ -365,20 +365,34 @@ def window_sides(tubelets):
     return (2 * extent.amax(dim=(2, 3))).ceil().long() + 3
 
 
-def render_windows(source, tubelets, side, shape_id):
+def max_window_side(args, height, width):
+    """The largest window_sides() any tubelet sample_tubelets can draw, from the flags alone (no look at the data):
+    |A h| <= ||A||_2 |h|_2 with ||R|| = 1, ||shear(s)|| = (|s| + sqrt(s² + 4)) / 2, ||diag(scale)|| = max scale,
+    |h|_2 = half the patch diagonal. Capped at 2 max(H, W) + 3: such a window covers the frame from any centre."""
+    longest = args.patch_max if not args.authors_code_patches else \
+        64 * args.resolution_scale * math.sqrt(2) * math.exp(0.18)  # largest side of the authors' 6 x 7 table
+    diagonal = math.hypot(min(longest, width), min(longest, height))
+    shear = max(abs(args.shear_min), abs(args.shear_max)) if "shear" in args.transforms else 0.0
+    norm = ((shear + math.sqrt(shear ** 2 + 4)) / 2) ** 2  # shear along x, then along y
+    norm *= max(abs(args.scale_min), abs(args.scale_max)) if "scale" in args.transforms else 1.0
+    return min(math.ceil(norm * diagonal) + 3, 2 * max(height, width) + 3)
+
+
+def render_windows(source, tubelets, side):
     """Patch pixels and alpha of n tubelets in per-frame windows of side S around their centres.
 
-    source (n, C, H, W): the frame of clip 1 the patches are cut from. tubelets: (n, ...) tensors, all of shape
-    shape_id (index into SHAPES).
+    source (n, C, H, W): the frame of clip 1 the patches are cut from. tubelets: (n, ...) tensors.
     Returns origin (n, T, 2) long (x, y of the window's top-left pixel), patch (n, C, T, S, S), alpha (n, T, S, S).
     Each window pixel p is mapped back into the patch, u = A_t^{-1} (p - c_t), and sampled from clip 1 at
     source_centre + u with one grid_sample for all tubelets and frames (Eq. 5.3 with the F(p, θ^t) of Eq. 5.7)."""
     n, c, h, w = source.shape
     t = tubelets["centres"].shape[1]
     origin = tubelets["centres"].floor().long() - side // 2  # (n, T, 2)
+    # A^-1 in closed form, [[d, -b], [-c, a]] / (ad - bc): torch.linalg.inv would check for errors on the host
+    a00, a01, a10, a11 = tubelets["matrix"].flatten(-2).unbind(-1)  # each (n, T)
+    inverse = torch.stack([a11, -a01, -a10, a00], -1).view(n, t, 2, 2) / (a00 * a11 - a01 * a10)[..., None, None]
     # positions are continuous (pixel x covers [x, x + 1), its centre is x + 0.5); window pixel centre
     # p = origin + (j, i) + 0.5, and u = A_t^{-1} (p - c_t) is affine in (j, i): u_0 + j A^-1[:, 0] + i A^-1[:, 1]
-    inverse = torch.linalg.inv(tubelets["matrix"])  # (n, T, 2, 2)
     u0 = (inverse @ (origin.float() + 0.5 - tubelets["centres"]).unsqueeze(-1)).squeeze(-1)  # (n, T, 2) u at (0, 0)
     j = torch.arange(side, dtype=torch.float, device=source.device).view(1, 1, 1, side)  # window columns
     i = j.view(1, 1, side, 1)  # window rows
@@ -396,46 +410,58 @@ def render_windows(source, tubelets, side, shape_id):
     patch = patch.view(n, c, t, side, side)  # (n, C, T, S, S)
     zero = torch.zeros(n, t, 2, device=source.device)
     rx, ry = (v.abs_() for v in affine(2 / tubelets["size"][:, None].expand(n, t, 2), zero))  # each (n, T, S, S)
-    # |u| / half-size per axis, 1 on the patch border; distance from the centre per shape (one shape per call):
-    d = {0: lambda: torch.maximum(rx, ry), 1: lambda: torch.hypot(rx, ry), 2: lambda: rx + ry}[shape_id]()
-    # rectangle: L_inf, ellipse: L2, rhombus: L1
-    soft = tubelets["soft"].view(n, 1, 1, 1)
-    alpha = torch.where(soft < 1, ((1 - d) / (1 - soft).clamp_min(1e-6)).clamp(0, 1), (d < 1).float())
+    # |u| / half-size per axis, 1 on the patch border; the distance from the centre of each tubelet's shape is
+    # chosen per tubelet with torch.where (no grouping by shape): rectangle L_inf, ellipse L2, rhombus L1
+    shape = tubelets["shape"].view(n, 1, 1, 1)
+    dist = torch.where(shape == 0, torch.maximum(rx, ry), torch.where(shape == 1, torch.hypot(rx, ry), rx + ry))
+    soft = tubelets["soft"].view(n, 1, 1, 1)  # 1: hard edge; s < 1: alpha falls linearly from d = s to d = 1
+    alpha = torch.where(soft < 1, ((1 - dist) / (1 - soft).clamp_min(1e-6)).clamp(0, 1), (dist < 1).float())
     return origin, patch, alpha * tubelets["opacity"][:, :, None, None]
 
 
-def paste_tubelets(clip_1, clip_2, tubelets):
+def paste_tubelets(clip_1, clip_2, tubelets, side=None):
     """Eq. (5.4): v̂_i = v_i ⊙ {Tubelet_p1 .. Tubelet_pM}, the same patches, paths, masks and transforms on both.
 
-    clip_1, clip_2 (B, C, T, H, W) uint8 or float; the patches are cut from clip_1. Returns float (B, C, T, H, W)
-    in the input's value range. Tubelets are grouped by window side and shape (a few groups of many
-    tubelets each), never looped per sample or frame."""
+    clip_1, clip_2 (B, C, T, H, W) uint8 or float; the patches are cut from clip_1. Returns two clips of the input's
+    dtype and value range (uint8: the blend is rounded, as the authors' uint8 images are). side: the window side S,
+    max_window_side(args, H, W) (tubelet_pairs passes it); None takes the exact largest (one host sync).
+
+    The plain version (tests/test_tubelet_contrast.py checks this one against it): for every sample b, tubelet m
+    and frame t, take the pixels p around the centre c_t, map each back into the patch, u = A_t^-1 (p - c_t), read
+    clip 1 at source_centre + u (bilinear), and blend it into both clips with the shape's alpha(u):
+    v(p) <- v(p) (1 - alpha) + patch(p) alpha. Here the loops over b and t become tensor dimensions, so there is one
+    pass per tubelet index m, of fixed shape: every tubelet gets a window of the same side S, pixels of the window
+    that fall outside the frame are sent to a scratch clip, and nothing waits for the device (no .item(), no
+    data-dependent shapes), so the launches do not depend on the batch."""
     b, c, t, h, w = clip_1.shape
     m = tubelets["size"].shape[1]
-    sides = window_sides(tubelets)  # (B, M)
-    sides = ((sides + 7) // 8) * 8  # group sizes to multiples of 8 px: few groups, little wasted area
-    numel = b * c * t * h * w
-    flat = torch.empty((2, numel + 1), device=clip_1.device)  # one spare element per clip for off-frame pixels
-    canvas = flat[:, :numel].view(2, b, c, t, h, w)
-    canvas[0], canvas[1] = clip_1, clip_2  # (2, B, C, T, H, W) float
-    plane = torch.arange(c * t, device=flat.device).view(1, c, t, 1, 1) * (h * w)  # (1, C, T, 1, 1)
+    side = int(window_sides(tubelets).max()) if side is None else side
+    # both output clips in one buffer (2, B + 1, C, T, H, W): the extra clip B is scratch space where the pixels
+    # of a window that fall outside the frame are sent, so every pass has the same shape (B windows of S x S)
+    buffer = torch.empty((2, b + 1, c, t, h, w), dtype=clip_1.dtype, device=clip_1.device)
+    buffer[0, :b], buffer[1, :b] = clip_1, clip_2  # only the windows are touched below, in the input's dtype
+    flat = buffer.view(2, -1)
+    samples = torch.arange(b, device=clip_1.device)
+    grid = torch.arange(side, device=clip_1.device)
+    scratch = b * c * t * h * w  # first element of the scratch clip
+    plane = (torch.arange(c, device=clip_1.device) * (t * h * w)).view(1, c, 1, 1, 1)  # (1, C, 1, 1, 1)
+    frame = (torch.arange(t, device=clip_1.device) * (h * w)).view(1, t, 1, 1)  # (1, T, 1, 1) frame offsets
     for j in range(m):  # tubelet j of every sample is pasted over tubelets 0 .. j - 1
-        groups = torch.unique(sides[:, j] * len(SHAPES) + tubelets["shape"][:, j]).tolist()
-        for side, shape_id in ((g // len(SHAPES), g % len(SHAPES)) for g in groups):  # same window side and shape
-            batch = ((sides[:, j] == side) & (tubelets["shape"][:, j] == shape_id)).nonzero()[:, 0]  # (n,)
-            tube = {k: v[batch, j] for k, v in tubelets.items()}
-            source = clip_1[batch, :, tube["source_frame"]].float()  # (n, C, H, W), the unpasted clip 1
-            origin, patch, alpha = render_windows(source, tube, side, shape_id)  # (n,T,2), (n,C,T,S,S), (n,T,S,S)
-            grid = torch.arange(side, device=flat.device)
-            y = origin[..., 1, None, None] + grid[:, None]  # (n, T, S, 1)
-            x = origin[..., 0, None, None] + grid[None, :]  # (n, T, 1, S)
-            inside = ((y >= 0) & (y < h) & (x >= 0) & (x < w)).unsqueeze(1)  # (n, 1, T, S, S)
-            index = batch.view(-1, 1, 1, 1, 1) * (c * t * h * w) + plane + (y * w + x).unsqueeze(1)  # (n,C,T,S,S)
-            index = torch.where(inside, index, numel).view(-1)  # off-frame pixels all go to the spare element
-            region = flat.index_select(1, index).view(2, *patch.shape)  # (2, n, C, T, S, S)
-            # alpha compositing v (1 - α) + patch α; lerp returns the patch exactly where α = 1
-            flat.index_copy_(1, index, torch.lerp(region, patch, alpha.unsqueeze(1)).view(2, -1))
-    return canvas[0], canvas[1]
+        tube = {k: v[:, j] for k, v in tubelets.items()}  # (B, ...)
+        source = clip_1[samples, :, tube["source_frame"]].float()  # (B, C, H, W): the frame of the unpasted clip 1
+        origin, patch, alpha = render_windows(source, tube, side)  # (B, T, 2), (B, C, T, S, S), (B, T, S, S)
+        y = origin[..., 1, None, None] + grid[:, None]  # (B, T, S, 1) frame row of each window row
+        x = origin[..., 0, None, None] + grid[None, :]  # (B, T, 1, S) frame column of each window column
+        inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)  # (B, T, S, S)
+        pixel = samples.view(-1, 1, 1, 1) * (c * t * h * w) + frame + y * w + x  # (B, T, S, S) channel 0
+        pixel = torch.where(inside, pixel, scratch)  # off-frame pixels go to the scratch clip
+        index = (pixel.unsqueeze(1) + plane).view(-1)  # (B * C * T * S * S,) every channel
+        region = flat.index_select(1, index).view(2, *patch.shape).float()  # (2, B, C, T, S, S) both clips
+        blended = torch.lerp(region, patch, alpha.unsqueeze(1))  # v (1 - α) + patch α, exactly patch where α = 1
+        if flat.dtype == torch.uint8:
+            blended = blended.round_()  # within [0, 255]: a blend of two values in [0, 255]
+        flat.index_copy_(1, index, blended.to(flat.dtype).view(2, -1))
+    return buffer[0, :b], buffer[1, :b]
 
 
 def tubelet_pairs(video, args, generator=None):
@@ -447,7 +473,7 @@ def tubelet_pairs(video, args, generator=None):
         raise ValueError(f"tubelet_contrast.py: tubelet pairs need clips of >= 2 videos per batch, got {video.shape}")
     b, _, t, h, w = video.shape
     tubelets = sample_tubelets(b, t, h, w, args, video.device, generator)
-    clip_1, clip_2 = paste_tubelets(video, video.roll(-1, dims=0), tubelets)
+    clip_1, clip_2 = paste_tubelets(video, video.roll(-1, dims=0), tubelets, max_window_side(args, h, w))
     return clip_1, clip_2, tubelets
 
 

@@ -1,110 +1,194 @@
-"""Tubelet generation speed: batched torch ops (tubelet_contrast.paste_tubelets) vs a straightforward per-sample,
-per-tubelet, per-frame implementation of the same procedure (how the authors' code works, one patch at a time).
+"""Tubelet generation speed: tubelet_contrast.py (sample_tubelets + paste_tubelets, batched torch) against the
+authors' procedure as their code runs it (fmthoker/tubelet-contrast, `Tubelets` + `tubelet_rotation`): per sample,
+per tubelet, per frame, numpy + OpenCV: the patch and its alpha mask resized to the frame's box (cv2.resize),
+rotated onto a grown canvas (imutils' rotate_bound: cv2.warpAffine), clipped by index at the frame border (the
+top-left part of the rotated patch is kept) and blended in float, once for clip A and again for clip B.
 
-    python benchmarks/bench_tubelets.py                       # CPU, 1 thread, batch 32 of 16x112x112
-    python benchmarks/bench_tubelets.py --device cuda --threads 16
+    python benchmarks/bench_tubelets.py                       # CPU, 1 thread, batch 32 of 16x112x112 (uint8)
+    python benchmarks/bench_tubelets.py --threads 2 --repeats 7
 
-Both paths use the same sampled tubelets (paths, transforms, masks), so their outputs are compared as a check.
-Prints one JSON line with pairs/s and clips/s (a pair = 2 clips) of both and the speed-up.
+OpenCV is needed for the baseline only and is not in requirements.txt: pip install opencv-python-headless.
+Both sides are timed in one process, interleaved (ours, theirs, ours, ...), median of --repeats, parameters
+sampled inside the timed region on both sides (the authors' with numpy/scipy-like smoothing, per sample). A check
+before timing: the baseline, given our sampled tubelets (rotation only), pastes the same kind of pairs: patch pixels
+identical in both clips and at the same places as ours (mask overlap). Prints one JSON line.
 """
 import argparse
 import json
+import math
 import os
+import statistics
 import sys
 import time
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import tubelet_contrast as tc  # noqa: E402
 
 
-def paste_loop(clip_1, clip_2, tub):
-    """Reference: for every sample, tubelet and frame, transform the patch into a window around its centre
-    (one small grid_sample) and alpha-composite it into both clips with slicing."""
-    b, c, t, h, w = clip_1.shape
-    out_1, out_2 = clip_1.float().clone(), clip_2.float().clone()
-    for i in range(b):
-        for j in range(tub["size"].shape[1]):
-            size, centre_src = tub["size"][i, j], tub["source_centre"][i, j]
-            source = clip_1[i, :, tub["source_frame"][i, j]].float()[None]  # (1, C, H, W)
-            for f in range(t):
-                matrix, centre = tub["matrix"][i, j, f], tub["centres"][i, j, f]
-                extent = (matrix.abs() @ (size / 2)).ceil().long() + 1  # half extent of the transformed box
-                x0, y0 = (centre.floor().long() - extent).tolist()
-                x1, y1 = (centre.floor().long() + extent + 1).tolist()
-                x0c, y0c, x1c, y1c = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
-                if x0c >= x1c or y0c >= y1c:
+# ---------------------------------------------------------------------------------------------------- the authors'
+
+
+def rotate_bound(cv2, image, angle):
+    """imutils.rotate_bound: rotate clockwise by `angle` degrees onto a canvas that holds the whole result."""
+    h, w = image.shape[:2]
+    matrix = cv2.getRotationMatrix2D((w / 2, h / 2), -angle, 1.0)
+    cos, sin = abs(matrix[0, 0]), abs(matrix[0, 1])
+    new_w, new_h = int(h * sin + w * cos), int(h * cos + w * sin)
+    matrix[0, 2] += new_w / 2 - w / 2
+    matrix[1, 2] += new_h / 2 - h / 2
+    return cv2.warpAffine(image, matrix, (new_w, new_h))
+
+
+def authors_alpha(w, h, shape, soft_threshold):
+    """pick_alphas: normalised distance d (L_inf, L2, L1 for rectangle, ellipse, rhombus), inside where d < 0.5;
+    soft edge: alpha = clip((0.5 - d) / (0.5 - t), 0, 1)."""
+    ys, xs = np.meshgrid(np.linspace(-0.5, 0.5, h), np.linspace(-0.5, 0.5, w), indexing="ij")
+    d = np.maximum(abs(xs), abs(ys)) if shape == 0 else np.hypot(xs, ys) if shape == 1 else abs(xs) + abs(ys)
+    alpha = (d < 0.5).astype(np.float32)
+    if soft_threshold is not None:
+        alpha *= np.clip((0.5 - d) / (0.5 - soft_threshold), 0, 1)
+    return alpha.astype(np.float32)
+
+
+def authors_sample(rng, t, height, width, num_tubelets=2):
+    """Per sample, numpy: anchor box, Gaussian-smoothed 48-point path stretched to S ~ U{20..89}, source frame,
+    shape and soft edge, per-frame opacity and a ±6° per frame random walk of the angle between key frames."""
+    tubelets = []
+    for _ in range(num_tubelets):
+        s, r = rng.choice([16, 24, 28, 32, 48, 64]), rng.choice([0.5, 0.67, 0.75, 1.0, 1.33, 1.5, 2.0])
+        w = int(np.clip(s * math.sqrt(r) * math.exp(rng.uniform(-0.18, 0.18)), 1, width - 1))
+        h = int(np.clip(s / math.sqrt(r) * math.exp(rng.uniform(-0.18, 0.18)), 1, height - 1))
+        points = rng.uniform(0, 1, (2, 48))
+        kernel = np.exp(-np.arange(-32, 33) ** 2 / (2 * 8.0 ** 2))
+        smooth = np.stack([np.convolve(np.pad(p, 32, mode="reflect"), kernel / kernel.sum(), "valid") for p in points])
+        unit = (smooth - smooth.min(1, keepdims=True)) / np.ptp(smooth, axis=1, keepdims=True)
+        span = rng.integers(20, 90)
+        path = unit * span + [[rng.integers(0, width - span)], [rng.integers(0, height - span)]]
+        path = np.clip(path[:, np.round(np.linspace(0, 47, t)).astype(int)], 0, width - 1).astype(int)  # (2, T)
+        keys = np.array([0, int(rng.integers(1, t - 1)), t - 1])
+        walk = np.concatenate([[0], np.cumsum(rng.uniform(-6, 6, 2) * np.diff(keys))])
+        angles = np.interp(np.arange(t), keys, walk).astype(int)
+        opacity = np.interp(np.arange(t), keys, rng.uniform(0.8, 1.0, 3))
+        f = int(rng.integers(t))
+        x0, y0 = int(np.clip(path[0, f] - w // 2, 0, width - w)), int(np.clip(path[1, f] - h // 2, 0, height - h))
+        tubelets.append(dict(source=(f, x0, y0, w, h), centres=path.T, angles=angles, opacity=opacity,
+                             shape=int(rng.choice(3, p=[0.5, 0.35, 0.15])),
+                             soft=rng.uniform(0.3, 0.45) if rng.uniform() < 0.5 else None))
+    return sorted(tubelets, key=lambda d: -d["source"][3] * d["source"][4])  # larger tubelet first
+
+
+def authors_paste(cv2, clip_a, clip_b, tubelets):
+    """clip_a, clip_b: lists of T uint8 (H, W, 3) frames, pasted in place. Per clip, tubelet and frame: resize the
+    patch and alpha to the box, rotate both (rotate_bound), clip at the border by index, blend in float."""
+    height, width = clip_a[0].shape[:2]
+    for tub in tubelets:
+        f, x0, y0, w, h = tub["source"]
+        patch_0 = clip_a[f][y0:y0 + h, x0:x0 + w].copy()  # cut before clip A is pasted
+        alpha_0 = authors_alpha(w, h, tub["shape"], tub["soft"])
+        for clip in (clip_a, clip_b):  # the authors' loop runs the whole per-frame work once per clip
+            for t, frame in enumerate(clip):
+                patch = cv2.resize(patch_0, (w, h))
+                alpha = cv2.resize(alpha_0, (w, h)) * tub["opacity"][t]
+                if tub["angles"][t] != 0:
+                    angle = tub["angles"][t]
+                    patch, alpha = rotate_bound(cv2, patch, angle), rotate_bound(cv2, alpha, angle)
+                ph, pw = patch.shape[:2]
+                cx, cy = tub["centres"][t]
+                left, top = cx - pw // 2, cy - ph // 2
+                x1, y1, x2, y2 = max(left, 0), max(top, 0), min(left + pw, width), min(top + ph, height)
+                if x1 >= x2 or y1 >= y2:
                     continue
-                ys, xs = torch.meshgrid(torch.arange(y0c, y1c, dtype=torch.float),
-                                        torch.arange(x0c, x1c, dtype=torch.float), indexing="ij")
-                p = torch.stack([xs, ys], dim=-1) + 0.5 - centre  # (h', w', 2)
-                u = p @ torch.linalg.inv(matrix).t()  # patch-local offsets
-                grid = (centre_src + u) * torch.tensor([2 / w, 2 / h]) - 1
-                patch = F.grid_sample(source, grid[None], mode="bilinear", align_corners=False)[0]  # (C, h', w')
-                r = (u / (size / 2)).abs()
-                shape = int(tub["shape"][i, j])
-                d = r.amax(-1) if shape == 0 else r.norm(dim=-1) if shape == 1 else r.sum(-1)
-                soft = float(tub["soft"][i, j])
-                alpha = ((1 - d) / (1 - soft)).clamp(0, 1) if soft < 1 else (d < 1).float()
-                alpha = alpha * tub["opacity"][i, j, f]
-                for out in (out_1, out_2):
-                    region = out[i, :, f, y0c:y1c, x0c:x1c]
-                    out[i, :, f, y0c:y1c, x0c:x1c] = torch.lerp(region, patch, alpha)
-    return out_1, out_2
+                patch, alpha = patch[:y2 - y1, :x2 - x1], alpha[:y2 - y1, :x2 - x1, None]  # top-left part kept
+                region = frame[y1:y2, x1:x2].astype(np.float32)
+                frame[y1:y2, x1:x2] = (region * (1 - alpha) + patch * alpha).astype(np.uint8)
 
 
-def timed(fn, repeats, sync):
-    fn()  # warm-up
-    sync()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        fn()
-    sync()
-    return (time.perf_counter() - start) / repeats
+def authors_batch(cv2, video_a, video_b, rng):
+    """(B, T, H, W, 3) uint8 numpy -> pasted copies, sampled and pasted one sample at a time."""
+    out_a, out_b = video_a.copy(), video_b.copy()
+    for i in range(len(video_a)):
+        clip_a, clip_b = list(out_a[i]), list(out_b[i])  # views: frames pasted in place
+        authors_paste(cv2, clip_a, clip_b, authors_sample(rng, video_a.shape[1], *video_a.shape[2:4]))
+    return out_a, out_b
+
+
+def from_ours(tub, i):
+    """Our sampled tubelets of sample i (rotation only, matrix = R(angle)) in the baseline's form, for the check."""
+    out = []
+    for j in range(tub["size"].shape[1]):
+        w, h = (int(round(v)) for v in tub["size"][i, j].tolist())
+        sx, sy = tub["source_centre"][i, j].tolist()
+        angles = torch.rad2deg(torch.atan2(tub["matrix"][i, j, :, 1, 0], tub["matrix"][i, j, :, 0, 0]))
+        out.append(dict(source=(int(tub["source_frame"][i, j]), int(round(sx - w / 2)), int(round(sy - h / 2)), w, h),
+                        centres=tub["centres"][i, j].floor().long().numpy(), angles=angles.round().long().numpy(),
+                        opacity=tub["opacity"][i, j].numpy(), shape=int(tub["shape"][i, j]), soft=None))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+
+
+def check_same_kind_of_pairs(cv2, args, size):
+    """White patches on a black clip 2: where the baseline and paste_tubelets put them (IoU of the masks)."""
+    b, t = 8, 16
+    tub = tc.sample_tubelets(b, t, size, size, args, generator=torch.Generator().manual_seed(1))
+    tub["soft"].fill_(1.0)
+    tub["opacity"].fill_(1.0)
+    white, black = torch.full((b, 3, t, size, size), 255, dtype=torch.uint8), torch.zeros(b, 3, t, size, size,
+                                                                                         dtype=torch.uint8)
+    _, ours = tc.paste_tubelets(white, black, tub, tc.max_window_side(args, size, size))
+    ours = ours[:, 0] > 127  # (B, T, H, W)
+    theirs = []
+    for i in range(b):
+        a, k = (list(v.permute(0, 2, 3, 4, 1)[i].numpy().copy()) for v in (white, black))
+        authors_paste(cv2, a, k, from_ours(tub, i))
+        theirs.append(np.stack(k)[..., 0] > 127)
+    theirs = torch.from_numpy(np.stack(theirs))
+    return (ours & theirs).sum().item() / max((ours | theirs).sum().item(), 1)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--crop-size", type=int, default=112)
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--transform", default="rotation")
-    parser.add_argument("--motion", default="nonlinear")
+    parser.add_argument("--repeats", type=int, default=5)
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
-    args = tc.add_method_args(argparse.ArgumentParser()).parse_args(
-        ["--transform", opts.transform, "--motion", opts.motion, "--crop-size", str(opts.crop_size)])
+    try:
+        import cv2
+    except ImportError:
+        sys.exit("bench_tubelets.py: the authors' baseline needs OpenCV (benchmark only, not in requirements.txt): "
+                 "pip install opencv-python-headless")
+    cv2.setNumThreads(opts.threads)
+    args = tc.add_method_args(argparse.ArgumentParser()).parse_args(["--crop-size", str(opts.crop_size)])
     args.data = "k400"
     args = tc.finalize_method_args(args)
-    device = torch.device(opts.device)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    g = torch.Generator(device=device).manual_seed(0)
-    s = opts.crop_size
-    video = torch.randint(0, 256, (opts.batch_size, 3, 16, s, s), dtype=torch.uint8, device=device)
-    clip_2 = video.roll(-1, 0)
-    tub = tc.sample_tubelets(opts.batch_size, 16, s, s, args, device, g)
-    t_sample = timed(lambda: tc.sample_tubelets(opts.batch_size, 16, s, s, args, device, g), opts.repeats, sync)
-    t_batched = timed(lambda: tc.paste_tubelets(video, clip_2, tub), opts.repeats, sync)
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({opts.threads} thread(s))",
-              "batch": opts.batch_size, "clip": f"16x{s}x{s}", "motion": opts.motion, "transform": opts.transform,
-              "sample_ms": round(1000 * t_sample, 2), "batched_ms": round(1000 * t_batched, 1),
-              "batched_pairs_per_s": round(opts.batch_size / (t_sample + t_batched), 1)}
-    if device.type == "cpu" or opts.batch_size <= 32:
-        tub_cpu = {k: v.cpu() for k, v in tub.items()}
-        t_loop = timed(lambda: paste_loop(video.cpu(), clip_2.cpu(), tub_cpu), 1, sync)
-        ref_1, ref_2 = paste_loop(video.cpu(), clip_2.cpu(), tub_cpu)
-        out_1, out_2 = tc.paste_tubelets(video, clip_2, tub)
-        diff = max((out_1.cpu() - ref_1).abs().max().item(), (out_2.cpu() - ref_2).abs().max().item())
-        result.update({"loop_ms": round(1000 * t_loop, 1),
-                       "loop_pairs_per_s": round(opts.batch_size / (t_sample + t_loop), 1),
-                       "speedup": round((t_sample + t_loop) / (t_sample + t_batched), 1),
-                       "max_abs_diff_0_255": round(diff, 4)})
-    for k in [k for k in result if k.endswith("pairs_per_s")]:
-        result[k.replace("pairs", "clips")] = round(2 * result[k], 1)
+    b, s = opts.batch_size, opts.crop_size
+    iou = check_same_kind_of_pairs(cv2, args, s)
+    g = torch.Generator().manual_seed(0)
+    video = torch.randint(0, 256, (b, 3, 16, s, s), dtype=torch.uint8, generator=g)
+    video_np = video.permute(0, 2, 3, 4, 1).numpy().copy()  # the authors' frames: (T, H, W, 3) per clip
+    rng = np.random.default_rng(0)
+    ours = lambda: tc.tubelet_pairs(video, args, g)  # noqa: E731  sampling + pasting, uint8 in and out
+    theirs = lambda: authors_batch(cv2, video_np, np.roll(video_np, -1, 0), rng)  # noqa: E731
+    ours(), theirs()  # warm-up
+    times = {"ours": [], "authors": []}
+    for _ in range(opts.repeats):
+        for name, fn in (("ours", ours), ("authors", theirs)):
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    median = {k: statistics.median(v) for k, v in times.items()}
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    result = {"device": f"cpu ({opts.threads} thread(s), {os.cpu_count()} cores, load {load:.1f})",
+              "batch": b, "clip": f"16x{s}x{s}", "repeats": opts.repeats,
+              "ours_clips_per_s": round(2 * b / median["ours"], 1),
+              "authors_clips_per_s": round(2 * b / median["authors"], 1),
+              "speedup": round(median["authors"] / median["ours"], 2), "mask_iou_vs_authors": round(iou, 3)}
     print(json.dumps(result))
 
 

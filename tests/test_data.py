@@ -5,6 +5,7 @@ import os
 import pickle
 import subprocess
 import sys
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -67,7 +68,7 @@ def test_decord_and_pyav_agree_on_toy_mp4(toy_motion):
     path = os.path.join(toy_motion, "train", "circle_cw", "circle_cw_0003.mp4")
     a = common.read_video_frames(path, range(16), "pyav")
     b = common.read_video_frames(path, range(16), "decord")
-    assert a.shape == (16, 64, 64, 3) and np.array_equal(a, b)
+    assert a.shape == (16, 64, 114, 3) and np.array_equal(a, b)  # toy-motion sizes vary (TOY_MOTION_SIZES)
 
 
 def test_auto_decoder_prefers_decord():
@@ -206,6 +207,27 @@ def test_color_jitter_shared_between_two_clips():
     assert out[0].equal(out[1]) and not out[0].equal(clip)
     out = common.color_jitter(pair, 0.4, 0.4, 0.4, 0.1, p=1.0, shared=False, generator=torch.Generator().manual_seed(0))
     assert not out[0].equal(out[1])
+
+
+def test_batched_color_jitter_equals_torchvision_per_clip():
+    """One batched pass, each clip with its own factors and order, equals torchvision's adjust_* applied clip by
+    clip in that order (the per-clip loop it replaced)."""
+    import torchvision.transforms.v2.functional as TF
+    x = torch.rand(6, 3, 2, 9, 11, generator=torch.Generator().manual_seed(0))
+    g = torch.Generator().manual_seed(1)
+    apply = torch.tensor([True, True, True, True, True, False])
+    factors = [0.6 + 0.8 * torch.rand(6, generator=g), 0.6 + 0.8 * torch.rand(6, generator=g),
+               0.6 + 0.8 * torch.rand(6, generator=g), 0.2 * torch.rand(6, generator=g) - 0.1]
+    order = torch.stack([torch.randperm(4, generator=g) for _ in range(6)])
+    out = common.apply_color_jitter(x, apply, factors, order)
+    ops = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation, TF.adjust_hue)
+    for n in range(6):
+        img = x[n].transpose(0, 1)  # (T, C, H, W)
+        for k in order[n].tolist() if apply[n] else []:
+            img = ops[k](img, float(factors[k][n]))
+        assert torch.allclose(out[n], img.transpose(0, 1), atol=1e-4), n
+    uint8 = common.apply_color_jitter((x * 255).round().to(torch.uint8), apply, factors, order)
+    assert uint8.dtype == torch.uint8 and (uint8.float() - out * 255).abs().max() <= 2
 
 
 def test_grayscale_blur_normalize_values():
@@ -659,10 +681,12 @@ def test_video_and_flow_share_indices(tmp_path):
 
 def test_multi_clip_and_consecutive_shapes(toy_motion):
     ds = common.build_dataset("toy-motion", toy_motion, "val", clip_len=4, num_clips=3, sampling="uniform")
+    path, _ = ds.samples[0]
+    n, (h, w) = common.count_frames(path), common.read_video_frames(path, [0]).shape[1:3]
     item = ds[0]
-    assert item["video"].shape == (3, 3, 4, 64, 64) and item["frame_indices"].tolist()[2] == [12, 13, 14, 15]
+    assert item["video"].shape == (3, 3, 4, h, w) and item["frame_indices"].tolist()[2] == list(range(n - 4, n))
     ds = common.build_dataset("toy-motion", toy_motion, "val", clip_len=5, sampling="consecutive")
-    assert ds[0]["video"].shape == (4, 3, 5, 64, 64)
+    assert ds[0]["video"].shape == (-(-n // 5), 3, 5, h, w)
     ds = common.build_dataset("toy-motion", toy_motion, "train", fraction=0.25, seed=1)
     assert len(ds) == 48 and np.bincount([y for _, y in ds.samples]).tolist() == [6] * 8
 
@@ -675,11 +699,17 @@ def test_toy_motion_layout_and_determinism(toy_motion, tmp_path):
     assert len(samples) == 8 * 24 and len(common.parse_videofolder(toy_motion, "val")[0]) == 8 * 8
     again = common.make_toy_motion(str(tmp_path / "again"), train_per_class=1, val_per_class=1)
     for label, c in enumerate(common.TOY_MOTION_CLASSES):
-        rendered = common.render_toy_motion(np.random.default_rng([0, False, label, 0]), label)
-        assert np.array_equal(rendered, common.render_toy_motion(np.random.default_rng([0, False, label, 0]), label))
+        draw = lambda: np.random.default_rng([0, False, label, 0])  # noqa: E731  the draws of make_toy_motion
+        rng = draw()
+        fmt = common.toy_motion_format(rng)
+        rendered = common.render_toy_motion(rng, label, fmt["size"], fmt["num_frames"])
+        rng = draw()
+        common.toy_motion_format(rng)
+        assert np.array_equal(rendered, common.render_toy_motion(rng, label, fmt["size"], fmt["num_frames"]))
         if c in ("zigzag", "up"):
-            a = common.read_video_frames(os.path.join(toy_motion, "train", c, f"{c}_0000.mp4"), range(16), "pyav")
-            b = common.read_video_frames(os.path.join(again, "train", c, f"{c}_0000.mp4"), range(16), "pyav")
+            n = fmt["num_frames"]
+            a = common.read_video_frames(os.path.join(toy_motion, "train", c, f"{c}_0000.mp4"), range(n), "pyav")
+            b = common.read_video_frames(os.path.join(again, "train", c, f"{c}_0000.mp4"), range(n), "pyav")
             # bit-identical in every run here but one CI run (cause not found: the rendered frames above are equal,
             # and one encode / decode of them is byte-identical across 64 buffer alignments), so the check is that
             # the two decodes are the same video (mean difference well under one level; another seed: ~59 levels)
@@ -693,17 +723,46 @@ def test_toy_motion_layout_and_determinism(toy_motion, tmp_path):
     assert not np.array_equal(other, common.render_toy_motion(np.random.default_rng([0, 0, 0, 0]), 0))
 
 
+def test_toy_motion_files_vary_like_real_collections(toy_motion):
+    """Sizes, aspect ratios, lengths, frame rates and keyframe intervals differ between files, as in real data; every
+    file decodes through the dataset's path (decord where it can: its width-72 bug falls back to PyAV) to its
+    stated size and length."""
+    import av
+    sizes, lengths, rates, gops = set(), set(), set(), set()
+    paths = sorted(p for p, _ in common.parse_videofolder(toy_motion, "train")[0])
+    for path in paths[::3]:
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            sizes.add((stream.height, stream.width))
+            rates.add(stream.average_rate)
+            keyframes = [i for i, packet in enumerate(container.demux(stream)) if packet.is_keyframe]
+            gops.add(keyframes[1] - keyframes[0] if len(keyframes) > 1 else None)  # None: a single keyframe
+            n = stream.frames
+        lengths.add(n)
+        frames = common.read_video_frames(path, [0, n - 1, n + 5])  # past the end: clamped to the last frame
+        assert frames.shape == (3, stream.height, stream.width, 3) and common.count_frames(path) == n
+        assert np.array_equal(frames[1], frames[2])
+    assert {h > w for h, w in sizes} == {True, False} and any(w % 16 for _, w in sizes) and len(sizes) >= 6
+    assert min(lengths) < 20 and max(lengths) > 32 and len(rates) >= 5 and Fraction(30000, 1001) in rates
+    assert {1, 4, None} <= gops and len(gops) >= 5
+    # a batch of training clips comes out of the real dataset path at one shape (random resized crop to 48)
+    ds = common.build_dataset("toy-motion", toy_motion, "train", clip_len=8, frame_strides=(1, 2, 3, 4),
+                              transform=lambda item: {"video": common.random_resized_crop_clip(item["video"], 48)})
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=24, shuffle=True)))
+    assert batch["video"].shape == (24, 3, 8, 48, 48) and batch["video"].dtype == torch.uint8
+
+
 def _motion_features(x):
-    """(N, T, H, W, 3) float -> per-video motion statistics of the object's circular centroid track."""
-    size = x.shape[2]
-    moving = (np.abs(x - np.median(x, axis=1, keepdims=True)).sum(-1) > 40).astype(np.float32)  # (N, T, H, W)
-    phase = np.exp(2j * np.pi * np.arange(size) / size)
-    cx = np.angle((moving * phase[None, None, None, :]).sum((2, 3))) * size / (2 * np.pi)
-    cy = np.angle((moving * phase[None, None, :, None]).sum((2, 3))) * size / (2 * np.pi)
-    dx, dy = ((np.diff(c, axis=1) + size / 2) % size - size / 2 for c in (cx, cy))
-    turn = dx[:, :-1] * dy[:, 1:] - dy[:, :-1] * dx[:, 1:]
-    return np.stack([dx.mean(1), dy.mean(1), np.abs(dx).mean(1), np.abs(dy).mean(1), turn.mean(1),
-                     (np.diff(np.sign(dy), axis=1) != 0).mean(1), (np.diff(np.sign(dx), axis=1) != 0).mean(1)], 1)
+    """(T, H, W, 3) float, one video -> motion statistics of the object's circular centroid track (the torus)."""
+    height, width = x.shape[1:3]
+    moving = (np.abs(x - np.median(x, axis=0, keepdims=True)).sum(-1) > 40).astype(np.float32)  # (T, H, W)
+    cx = np.angle((moving * np.exp(2j * np.pi * np.arange(width) / width)).sum((1, 2))) * width / (2 * np.pi)
+    cy = np.angle((moving * np.exp(2j * np.pi * np.arange(height) / height)[:, None]).sum((1, 2))) * height / (
+        2 * np.pi)
+    dx, dy = ((np.diff(c) + s / 2) % s - s / 2 for c, s in ((cx, width), (cy, height)))
+    turn = dx[:-1] * dy[1:] - dy[:-1] * dx[1:]
+    return np.array([dx.mean(), dy.mean(), np.abs(dx).mean(), np.abs(dy).mean(), turn.mean(),
+                     (np.diff(np.sign(dy)) != 0).mean(), (np.diff(np.sign(dx)) != 0).mean()])
 
 
 def _logistic_regression_accuracy(x_train, y_train, x_val, y_val, steps):
@@ -723,21 +782,20 @@ def _logistic_regression_accuracy(x_train, y_train, x_val, y_val, steps):
 
 
 def test_toy_motion_appearance_free_but_motion_learnable(toy_motion):
-    def load(split):
+    def load(split):  # 16 uniform frames of every video at its own size
         ds = common.build_dataset("toy-motion", toy_motion, split, clip_len=16, sampling="uniform")
         items = [ds[i] for i in range(len(ds))]
-        return (np.stack([it["video"].permute(1, 2, 3, 0).numpy() for it in items]).astype(np.float32),
-                np.array([int(it["label"]) for it in items]))
+        return [it["video"].permute(1, 2, 3, 0).numpy().astype(np.float32) for it in items], \
+            np.array([int(it["label"]) for it in items])
     x_train, y_train = load("train")
     x_val, y_val = load("val")
-    _, motion_acc = _logistic_regression_accuracy(_motion_features(x_train), y_train, _motion_features(x_val),
-                                                  y_val, 300)
+    motion = lambda xs: np.stack([_motion_features(x) for x in xs])  # noqa: E731
+    _, motion_acc = _logistic_regression_accuracy(motion(x_train), y_train, motion(x_val), y_val, 300)
     assert motion_acc > 0.8  # classes are learnable from motion
 
-    def frames(x):  # every frame a sample, 16x16 average-pooled pixels
-        n, t = x.shape[:2]
-        pooled = torch.nn.functional.avg_pool2d(torch.tensor(x).reshape(n * t, *x.shape[2:]).permute(0, 3, 1, 2), 4)
-        return pooled.reshape(n * t, -1).numpy()
+    def frames(xs):  # every frame a sample, pooled to 16x16 pixels
+        pooled = [torch.nn.functional.adaptive_avg_pool2d(torch.tensor(x).permute(0, 3, 1, 2), 16) for x in xs]
+        return torch.cat(pooled).flatten(1).numpy()
     train_acc, frame_acc = _logistic_regression_accuracy(frames(x_train), np.repeat(y_train, 16), frames(x_val),
                                                          np.repeat(y_val, 16), 100)
     assert train_acc > 0.9  # the frame classifier has the capacity to fit the training frames ...
@@ -864,3 +922,89 @@ def test_pyav_seek_matches_decord_far_into_a_video(tmp_path):
         assert np.array_equal(frames, sequential[np.minimum(idx, 159)])
         if HAVE_DECORD:
             assert np.array_equal(frames, common.read_video_frames(path, idx, "decord"))
+
+
+# ------------------------------------------------------------------------------------------------ data preparation
+
+WRITE_WITH_CODEC = """
+import sys, av, numpy as np
+path, codec, fmt, audio = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4] == "1"
+frames = np.load(path + ".npy")
+with av.open(path, "w", format=fmt) as container:
+    stream = container.add_stream(codec, rate=25)
+    stream.width, stream.height, stream.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
+    sound = container.add_stream("libopus" if fmt == "webm" else "aac", rate=48000) if audio else None
+    for img in frames:
+        for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+            container.mux(packet)
+    if sound is not None:  # 20 ms of silence
+        silence = av.AudioFrame.from_ndarray(np.zeros((1, 960), np.float32), format="fltp", layout="mono")
+        silence.sample_rate = 48000
+        for packet in [*sound.encode(silence), *sound.encode(None)]:
+            container.mux(packet)
+    for packet in stream.encode():
+        container.mux(packet)
+"""
+
+
+def _write_with_codec(path, frames, codec, fmt, audio=False):
+    """A fixture in a real-world format: MPEG-4 Part 2 in AVI (UCF101/HMDB51), VP8 in WebM with audio (SSv2-like).
+    Written in a fresh process: with decord's own FFmpeg loaded first, PyAV's libvpx encoder fails to open."""
+    np.save(path + ".npy", np.ascontiguousarray(frames))
+    subprocess.run([sys.executable, "-c", WRITE_WITH_CODEC, path, codec, fmt, "1" if audio else "0"], check=True,
+                   timeout=120)
+    os.remove(path + ".npy")
+
+
+def test_prepare_videos_keeps_layout_resumes_and_lists_bad_files(tmp_path):
+    import av
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    frames = common.render_toy_motion(np.random.default_rng(3), 0, (180, 240), 30)  # (30, 180, 240, 3)
+    (src / "train" / "ClassA").mkdir(parents=True)
+    (src / "train" / "ClassB").mkdir(parents=True)
+    common.write_video(str(src / "train" / "ClassA" / "a.mp4"), frames, fps=30, gop=250)
+    _write_with_codec(str(src / "train" / "ClassA" / "b.avi"), frames, "mpeg4", "avi")
+    _write_with_codec(str(src / "train" / "ClassB" / "c.webm"), frames[:, :, :120], "libvpx", "webm", audio=True)
+    (src / "train" / "ClassB" / "broken.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42" + os.urandom(3000))
+    (src / "trainlist01.txt").write_text("ClassA/a.mp4 1\nClassA/b.avi 1\nClassB/c.webm 2\n")
+
+    result = common.prepare_videos(str(src), str(dst), short_side=64, gop=8, out=lambda *a: None)
+    assert result["done"] == 3 and [os.path.basename(p) for p, _ in result["bad"]] == ["broken.mp4"]
+    assert (dst / "trainlist01.txt").read_text() == (src / "trainlist01.txt").read_text()  # lists unchanged
+    bad_lines = (dst / "bad_files.txt").read_text().splitlines()
+    assert len(bad_lines) == 1 and bad_lines[0].startswith(str(src / "train" / "ClassB" / "broken.mp4") + "\t")
+    assert not (dst / "train" / "ClassB" / "broken.mp4").exists()
+    for rel, size in (("ClassA/a.mp4", (64, 86)), ("ClassA/b.avi", (64, 86)), ("ClassB/c.webm", (96, 64))):
+        path = str(dst / "train" / rel)
+        with av.open(path) as container:
+            stream = container.streams.video[0]
+            keyframes = [i for i, frame in enumerate(container.decode(stream)) if frame.key_frame]
+            assert stream.codec_context.name == "h264" and not container.streams.audio, rel
+        assert keyframes[:4] == [0, 8, 16, 24], (rel, keyframes)
+        video = common.read_video_frames(path, range(30))
+        assert video.shape == (30, *size, 3) and common.count_frames(path) == 30, rel
+        original = common.read_video_frames(str(src / "train" / rel), [0, 29], size=size)
+        assert np.abs(video[[0, 29]].astype(int) - original).mean() < 12, rel  # the same pictures, smaller
+    assert not [n for n in os.listdir(dst / "train" / "ClassA") if ".part" in n]  # written atomically
+
+    # resume: an interrupted run left a partial file and missed one output; finished outputs are not rewritten
+    done = dst / "train" / "ClassA" / "a.mp4"
+    stamp = os.stat(done).st_mtime_ns
+    os.remove(dst / "train" / "ClassA" / "b.avi")
+    (dst / "train" / "ClassA" / ".b.avi.part-999").write_bytes(b"partial")
+    again = common.prepare_videos(str(src), str(dst), short_side=64, gop=8, out=lambda *a: None)
+    assert again["done"] == 1 and again["skipped"] == 3 and os.stat(done).st_mtime_ns == stamp
+    assert common.count_frames(str(dst / "train" / "ClassA" / "b.avi")) == 30
+    assert not [n for n in os.listdir(dst / "train" / "ClassA") if ".part" in n]  # the stale partial is gone
+    assert len((dst / "bad_files.txt").read_text().splitlines()) == 1  # listed once
+
+    # --fps: a constant 15 fps from 30 fps input halves the frames; the CLI exits 1 when a file was bad
+    out = subprocess.run([sys.executable, "common.py", "prepare-videos", "--src", str(src), "--dst",
+                          str(tmp_path / "fps"), "--short-side", "64", "--fps", "15", "--workers", "2"],
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 1 and "1 unreadable input(s)" in out.stdout, out.stdout + out.stderr
+    report = common.check_data("videofolder", str(dst), splits=("train",), out=lambda *a: None)
+    assert report["train"]["size"] == 3 and not report["train"]["bad"]  # check-data reads the prepared tree
+    assert common.count_frames(str(tmp_path / "fps" / "train" / "ClassA" / "a.mp4")) == 15  # 30 frames at 30 fps
+    assert common.count_frames(str(tmp_path / "fps" / "train" / "ClassA" / "b.avi")) == 18  # 30 at 25 fps: 1.2 s
