@@ -1,19 +1,49 @@
 """Tubelet-Contrastive Self-Supervision for Video-Efficient Generalization.
 
-Thoker, Doughty, Snoek, ICCV 2023 (arXiv:2303.11003); thesis Ch. 5 (Sec. 5.3) and App. C. README: "Tubelet-Contrast".
-Two clips from two *different* videos share only synthetic tubelets (moving, transforming image patches cut from
-clip 1); MoCo learns that they are the same instance, so the representation has to encode motion, not appearance.
+Thoker, Doughty, Snoek, ICCV 2023 (arXiv:2303.11003); thesis Ch. 5 (Sec. 5.3) and App. C; authors' code
+fmthoker/tubelet-contrast. Two clips from two *different* videos share only synthetic tubelets (moving, transforming
+image patches cut from clip 1); MoCo learns that they are the same instance, so the representation has to encode
+motion, not appearance.
 
-    python tubelet_contrast.py                          # toy data, tiny3d on CPU, a few minutes, kNN vs random init
+    python tubelet_contrast.py                          # toy data, tiny3d on CPU, minutes, kNN vs random init
     python tubelet_contrast.py --data k400 --gpus 4     # the paper's configuration (R(2+1)D-18, 16x112², queue 65536)
 
-The file reads like Sec. 5.3: flags -> MoCo model -> InfoNCE (Eq. 5.1) -> tubelets (Eq. 5.2-5.7) -> train step.
+The file follows Sec. 5.3: flags -> tubelets (5.3.2) -> motion (5.3.3) -> transformations (5.3.4) -> the temporal
+baseline (5.3.1) -> augmentation -> MoCo and InfoNCE (Eq. 5.1) -> train step -> main.
 
-Multi-GPU: BatchNorm is SyncBatchNorm by default (the authors' config; `--no-sync-bn` turns it off), so queries and
-their keys never share per-GPU batch statistics (the leak MoCo's shuffle-BN exists to prevent). PyTorch's SyncBN
-needs CUDA: a multi-process CPU run (gloo, for tests) keeps per-process BN and says so. Keys are all-gathered into the
-queue and SyncBN keeps the BN statistics equal, so DDP runs with broadcast_buffers=False. `--compile` compiles the
-two backbones in place, not DDP(MoCo), whose forward updates the key encoder and the queue.
+Implementation details
+- Pairs (Eq. 5.3-5.4): a batch of B clips of B videos is decoded once; pair i uses clip i as clip 1 (patch source,
+  query background) and clip i+1 (mod B) as the key's background. M = 2 tubelets per pair, pasted in order with
+  identical paths, masks, transforms and opacity on both clips (tubelet pixels are bit-identical; tested).
+- Patches: sides U(16, 64) at 112² (scaled with the crop), cut from a random frame of clip 1; rectangle, ellipse or
+  rhombus; a soft edge with p 0.5. Linear motion (Eq. 5.5): K = 3 keyframes, each next centre uniform in the disk
+  of radius Δ ~ U(40, 80) px around the previous one. Non-linear motion (Eq. 5.6): 48 uniform points per axis,
+  Gaussian filter σ 8, stretched to a random extent. Transformations (Eq. 5.7): scale U(0.5, 1.5), rotation
+  U(-90°, 90°), shear U(-1, 1) at keyframes, identity at frame 0, linear interpolation.
+- paste_tubelets: per tubelet index, one fixed window (sized from the flags) around each centre is mapped back into
+  the patch (u = A_t^-1 (p - c_t), closed-form 2x2 inverse), sampled with one grid_sample and alpha-composited into
+  both clips: no host syncs, no Python loop over samples or frames, the same launches at any batch size. It runs
+  on the GPU inside the train step by default (`--tubelet-device gpu`) or in the loader workers.
+- MoCo: query = backbone + MLP to 128-d, key encoder = EMA (m 0.999, torch._foreach_lerp_) updated before the keys
+  are computed; keys of all processes are gathered before enqueueing; the loss (Eq. 5.1, fp32) uses the queue as it
+  was before the current keys were added. `--baseline temporal`: two clips of the same video, no tubelets.
+- Multi-GPU: BatchNorm is SyncBatchNorm by default (the authors' config; `--no-sync-bn` turns it off), so queries
+  and their keys never share per-GPU batch statistics (the leak MoCo's shuffle-BN exists to prevent). PyTorch's
+  SyncBN needs CUDA: a multi-process CPU run (gloo, for tests) keeps per-process BN and says so. Keys are
+  all-gathered into the queue and SyncBN keeps the BN statistics equal, so DDP runs with broadcast_buffers=False.
+  `--compile` compiles the two backbones in place, not DDP(MoCo), whose forward updates the key encoder and queue.
+
+Differences from the paper
+- Non-linear paths are min-max normalised and stretched to a random extent (authors' code): Eq. (5.6) alone gives
+  paths of ~13 px on 112² frames, nearly static tubelets. Shear ±1.0 (App. C.5/C.6; Sec. 5.3.4 says ±1.5).
+- Clip 2 of a pair is another clip of the batch, not a separately decoded video (halves decoding).
+- Colour jitter: the thesis says only "color jitter"; we take the authors' values (`--color-jitter authors`:
+  brightness ±32/255, contrast x e^U(±0.2), hue ±24°, saturation x e^U(±0.1), each p 0.2) as one affine colour map
+  per clip on the device (hue/saturation in YIQ), drawn per clip. SimCLR-strength jitter (`strong`) stalls learning
+  on toy data. Unstated choices (shape probabilities, soft edges, strides 1-4) follow the authors' code.
+Differences from the authors' code (`--authors-code-*` flags reproduce them): their rotation is a random walk of
+±6° per frame (`-rotation`); patch sides from 6 scales x 7 ratios with opacity U(0.8, 1) (`-patches`); one jitter
+per pair (`-shared-jitter`); a 200-epoch cosine stopped at 100 (`-schedule`); only non-linear motion exists there.
 """
 import argparse
 import copy
@@ -155,167 +185,8 @@ def finalize_method_args(args):
     return args
 
 
-# ==================================================================================================== MOCO MODEL
-
-
-class MoCo(nn.Module):
-    """Momentum contrast (He et al., CVPR 2020) as used in Sec. 5.4.1.
-
-    Query encoder = backbone + 2-layer MLP head (feature_dim -> feature_dim -> proj_dim); key encoder = its
-    momentum copy; queue (K, D) of past keys and its pointer are buffers, so checkpoints carry them."""
-
-    def __init__(self, backbone, proj_dim=128, queue_size=16384, momentum=0.999, all_gather=common.all_gather_nograd):
-        super().__init__()
-        dim = backbone.feature_dim
-        self.backbone = backbone
-        self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
-        self.backbone_k = copy.deepcopy(self.backbone)
-        self.head_k = copy.deepcopy(self.head)
-        for p in self.key_parameters():
-            p.requires_grad_(False)
-        self.momentum = momentum
-        self.all_gather = all_gather  # keys of all processes enter the queue, like MoCo's concat_all_gather
-        self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))  # (K, D)
-        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-
-    def query_parameters(self):
-        return list(self.backbone.parameters()) + list(self.head.parameters())
-
-    def key_parameters(self):
-        return list(self.backbone_k.parameters()) + list(self.head_k.parameters())
-
-    @torch.no_grad()
-    def momentum_update(self):
-        # θ_k <- m θ_k + (1 - m) θ_q
-        torch._foreach_lerp_(self.key_parameters(), self.query_parameters(), 1.0 - self.momentum)
-
-    @torch.no_grad()
-    def enqueue(self, keys):
-        keys = self.all_gather(keys.detach().float())[-self.queue.shape[0]:]  # (n, D), n <= K
-        n, size = keys.shape[0], self.queue.shape[0]
-        index = (self.queue_ptr + torch.arange(n, device=keys.device)) % size  # wraps: K need not divide n
-        self.queue[index] = keys
-        self.queue_ptr.copy_((self.queue_ptr + n) % size)
-
-    def forward(self, clip_q, clip_k):
-        """Returns Z_q (B, D), Z_k (B, D) and the negatives (K, D) as they were before this batch was enqueued."""
-        z_q = F.normalize(self.head(self.backbone(clip_q)), dim=1)  # (B, D)
-        with torch.no_grad():
-            self.momentum_update()  # before the keys are computed, as in MoCo
-            z_k = F.normalize(self.head_k(self.backbone_k(clip_k)), dim=1)  # (B, D)
-        negatives = self.queue.clone()  # (K, D)
-        self.enqueue(z_k)
-        return z_q, z_k, negatives
-
-
-# ==================================================================================================== LOSS
-
-
-def info_nce(z_v, z_v_prime, negatives, tau):
-    """InfoNCE of Eq. (5.1), in the paper's notation: h(a, b) = exp(a·b / τ), N = the negative embeddings.
-
-    z_v (B, D), z_v_prime (B, D), negatives (K, D), all L2-normalised. Returns (mean loss, accuracy of picking the
-    positive among the K + 1 candidates); the loss is ln(K + 1) when all logits are equal."""
-    positive = (z_v * z_v_prime).sum(dim=1, keepdim=True)  # (B, 1)  Z_v·Z_v'
-    negative = z_v @ negatives.t()  # (B, K)  Z_v·Z_n
-    logits = torch.cat([positive, negative], dim=1) / tau  # (B, 1 + K)
-    target = torch.zeros(z_v.shape[0], dtype=torch.long, device=z_v.device)  # the positive is column 0
-    loss = F.cross_entropy(logits, target)  # -log h(v,v') / (h(v,v') + Σ_n h(v,n))
-    accuracy = (logits.argmax(dim=1) == 0).float().mean()
-    return loss, accuracy
-
-
-# ==================================================================================================== TUBELETS
-
-
-def sample_keyframes(n, clip_len, num_keyframes, device=None, generator=None):
-    """(n, K) sorted frame indices: 0, T - 1 and K - 2 distinct random inner frames (Sec. 5.3.3 / 5.3.4)."""
-    first = torch.zeros(n, 1, dtype=torch.long, device=device)
-    last = torch.full((n, 1), clip_len - 1, dtype=torch.long, device=device)
-    inner = torch.rand(n, clip_len - 2, device=device, generator=generator).argsort(dim=1)[:, :num_keyframes - 2] + 1
-    return torch.cat([first, inner, last], dim=1).sort(dim=1).values  # (n, K)
-
-
-def interpolate_keyframes(keyframes, values, clip_len):
-    """Linear interpolation ('Interp' of Eq. 5.5 and 5.7): keyframes (n, K) sorted, values (n, K, D) -> (n, T, D)."""
-    n, k = keyframes.shape
-    t = torch.arange(clip_len, device=keyframes.device).expand(n, clip_len).contiguous()  # (n, T)
-    segment = (torch.searchsorted(keyframes, t, right=True) - 1).clamp(0, k - 2)  # (n, T) keyframe to the left
-    t0, t1 = keyframes.gather(1, segment), keyframes.gather(1, segment + 1)  # (n, T)
-    w = ((t - t0).float() / (t1 - t0).float()).unsqueeze(-1)  # (n, T, 1)
-    index = segment.unsqueeze(-1).expand(-1, -1, values.shape[-1])  # (n, T, D)
-    v0, v1 = values.gather(1, index), values.gather(1, index + 1)
-    return v0 + w * (v1 - v0)  # (n, T, D)
-
-
-def linear_paths(n, clip_len, height, width, args, device=None, generator=None):
-    """Eq. (5.5): centres at K keyframes, neighbours at most Δ ~ U(delta_min, delta_max) apart, linear in between.
-
-    Returns centres (n, T, 2) as (x, y) pixels, keyframes (n, K), Δ (n,)."""
-    rand = lambda *shape: torch.rand(*shape, device=device, generator=generator)
-    size = torch.tensor([width, height], dtype=torch.float, device=device)
-    delta = (args.delta_min + rand(n) * (args.delta_max - args.delta_min)) * args.resolution_scale  # (n,)
-    points = [rand(n, 2) * size]  # (n, 2), first keyframe ~ (U(0, W), U(0, H))
-    for _ in range(args.keyframes - 1):
-        radius = delta * rand(n).sqrt()  # uniform in the disk of radius Δ around the previous keyframe
-        angle = 2 * math.pi * rand(n)
-        step = torch.stack([angle.cos(), angle.sin()], dim=1) * radius[:, None]  # (n, 2)
-        # clamping into the frame only moves the point towards the previous (inside) one, so |step| <= Δ still holds
-        points.append(torch.minimum(torch.maximum(points[-1] + step, torch.zeros_like(size)), size))
-    keyframes = sample_keyframes(n, clip_len, args.keyframes, device, generator)  # (n, K)
-    return interpolate_keyframes(keyframes, torch.stack(points, dim=1), clip_len), keyframes, delta
-
-
-def nonlinear_paths(n, clip_len, height, width, args, device=None, generator=None):
-    """Eq. (5.6): N uniform points, 1-D Gaussian smoothing (σ) of x and y, resampled from N to T. -> (n, T, 2)."""
-    rand = lambda *shape: torch.rand(*shape, device=device, generator=generator)
-    size = torch.tensor([width, height], dtype=torch.float, device=device).view(1, 2, 1)
-    points = rand(n, 2, args.nonlinear_points) * size  # (n, 2, N)
-    sigma, radius = args.nonlinear_sigma, int(4 * args.nonlinear_sigma + 0.5)  # scipy's truncate = 4
-    x = torch.arange(-radius, radius + 1, dtype=torch.float, device=device)
-    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
-    g = (g / g.sum()).view(1, 1, -1).expand(2, 1, -1)  # (2, 1, 2r + 1), discrete form of g(z) in Eq. (5.6)
-    smooth = F.conv1d(F.pad(points, (radius, radius), mode="reflect"), g, groups=2)  # (n, 2, N)
-    # Deviation (authors' code): min-max normalise and stretch to a random extent S at a random offset. Smoothing
-    # uniform noise alone leaves paths within a few pixels of the frame centre (README), i.e. nearly static.
-    lo, hi = smooth.amin(dim=2, keepdim=True), smooth.amax(dim=2, keepdim=True)
-    unit = (smooth - lo) / (hi - lo).clamp_min(1e-6)  # (n, 2, N) in [0, 1]
-    span_min, span_max = (s * args.resolution_scale for s in (args.nonlinear_span_min, args.nonlinear_span_max))
-    span = (span_min + rand(n, 1, 1) * (span_max - span_min)).clamp(max=min(height, width))  # (n, 1, 1)
-    offset = rand(n, 2, 1) * (size - span)  # (n, 2, 1), path stays inside [0, W] x [0, H]
-    path = F.interpolate(unit * span + offset, size=clip_len, mode="linear", align_corners=True)  # (n, 2, T)
-    return path.transpose(1, 2)  # (n, T, 2)
-
-
-def transform_matrices(n, clip_len, args, device=None, generator=None):
-    """Eq. (5.7): scale / rotation / shear parameters θ at K keyframes, identity at the first frame, linear in
-    between. Returns A (n, T, 2, 2) mapping patch offsets to frame offsets, and the parameters for inspection."""
-    rand = lambda *shape: torch.rand(*shape, device=device, generator=generator)
-    k = args.keyframes
-    keyframes = sample_keyframes(n, clip_len, k, device, generator)  # (n, K)
-    uniform = lambda lo, hi, d: lo + rand(n, k, d) * (hi - lo)  # θ^k ~ U(Min, Max)
-    scale = uniform(args.scale_min, args.scale_max, 2) if "scale" in args.transforms else torch.ones(n, k, 2,
-                                                                                                      device=device)
-    shear = uniform(args.shear_min, args.shear_max, 2) if "shear" in args.transforms else torch.zeros(n, k, 2,
-                                                                                                       device=device)
-    if "rotation" not in args.transforms:
-        angle = torch.zeros(n, k, 1, device=device)
-    elif args.authors_code_rotation:  # authors' code: random walk, ±6° per frame of keyframe gap
-        gap = (keyframes[:, 1:] - keyframes[:, :-1]).float().unsqueeze(-1)  # (n, K - 1, 1)
-        walk = (2 * rand(n, k - 1, 1) - 1) * 6 * gap
-        angle = torch.cat([torch.zeros(n, 1, 1, device=device), walk.cumsum(dim=1)], dim=1)
-    else:
-        angle = uniform(args.rotation_min, args.rotation_max, 1)  # (n, K, 1) degrees
-    scale[:, 0], shear[:, 0], angle[:, 0] = 1.0, 0.0, 0.0  # first keyframe (frame 0): the untransformed patch p
-    scale, shear, angle = (interpolate_keyframes(keyframes, v, clip_len) for v in (scale, shear, angle))
-    a = torch.deg2rad(angle[..., 0])  # (n, T); positive = clockwise on screen (image y points down)
-    one, zero = torch.ones_like(a), torch.zeros_like(a)
-    rotation = torch.stack([a.cos(), -a.sin(), a.sin(), a.cos()], dim=-1).view(n, clip_len, 2, 2)
-    # shear along x then y: det = 1 for every (r, s), unlike [[1, r], [s, 1]] which is singular at r = s = 1
-    shear_x = torch.stack([one, shear[..., 0], zero, one], dim=-1).view(n, clip_len, 2, 2)
-    shear_y = torch.stack([one, zero, shear[..., 1], one], dim=-1).view(n, clip_len, 2, 2)
-    matrix = rotation @ shear_y @ shear_x @ torch.diag_embed(scale)  # (n, T, 2, 2)
-    return matrix, dict(transform_keyframes=keyframes, scale=scale, shear=shear, angle=angle[..., 0])
+# ==================================================================================================== TUBELETS (Sec. 5.3.2, Eq. 5.2-5.4)
+# Patches cut from clip 1, moved and transformed over time, pasted identically onto both clips.
 
 
 def sample_tubelets(batch_size, clip_len, height, width, args, device=None, generator=None):
@@ -355,6 +226,64 @@ def sample_tubelets(batch_size, clip_len, height, width, args, device=None, gene
     else:
         out["opacity"] = torch.ones(n, t, device=device)
     return {k: v.view(b, m, *v.shape[1:]) for k, v in out.items()}
+
+
+def tubelet_pairs(video, args, generator=None):
+    """Tubelet-contrastive positive pairs (Sec. 5.3.2) from a batch of B clips of B different videos.
+
+    video (B, C, T, H, W). Clip 2 of pair i is the clip of video i + 1 (mod B), so every decoded clip serves as
+    clip 1 of one pair and as background of another (deviation: the authors decode a second random video)."""
+    if video.shape[0] < 2:
+        raise ValueError(f"tubelet_contrast.py: tubelet pairs need clips of >= 2 videos per batch, got {video.shape}")
+    b, _, t, h, w = video.shape
+    tubelets = sample_tubelets(b, t, h, w, args, video.device, generator)
+    clip_1, clip_2 = paste_tubelets(video, video.roll(-1, dims=0), tubelets, max_window_side(args, h, w))
+    return clip_1, clip_2, tubelets
+
+
+def paste_tubelets(clip_1, clip_2, tubelets, side=None):
+    """Eq. (5.4): v̂_i = v_i ⊙ {Tubelet_p1 .. Tubelet_pM}, the same patches, paths, masks and transforms on both.
+
+    clip_1, clip_2 (B, C, T, H, W) uint8 or float; the patches are cut from clip_1. Returns two clips of the input's
+    dtype and value range (uint8: the blend is rounded, as the authors' uint8 images are). side: the window side S,
+    max_window_side(args, H, W) (tubelet_pairs passes it); None takes the exact largest (one host sync).
+
+    The plain version (tests/test_tubelet_contrast.py checks this one against it): for every sample b, tubelet m
+    and frame t, take the pixels p around the centre c_t, map each back into the patch, u = A_t^-1 (p - c_t), read
+    clip 1 at source_centre + u (bilinear), and blend it into both clips with the shape's alpha(u):
+    v(p) <- v(p) (1 - alpha) + patch(p) alpha. Here the loops over b and t become tensor dimensions, so there is one
+    pass per tubelet index m, of fixed shape: every tubelet gets a window of the same side S, pixels of the window
+    that fall outside the frame are sent to a scratch clip, and nothing waits for the device (no .item(), no
+    data-dependent shapes), so the launches do not depend on the batch."""
+    b, c, t, h, w = clip_1.shape
+    m = tubelets["size"].shape[1]
+    side = int(window_sides(tubelets).max()) if side is None else side
+    # both output clips in one buffer (2, B + 1, C, T, H, W): the extra clip B is scratch space where the pixels
+    # of a window that fall outside the frame are sent, so every pass has the same shape (B windows of S x S)
+    buffer = torch.empty((2, b + 1, c, t, h, w), dtype=clip_1.dtype, device=clip_1.device)
+    buffer[0, :b], buffer[1, :b] = clip_1, clip_2  # only the windows are touched below, in the input's dtype
+    flat = buffer.view(2, -1)
+    samples = torch.arange(b, device=clip_1.device)
+    grid = torch.arange(side, device=clip_1.device)
+    scratch = b * c * t * h * w  # first element of the scratch clip
+    plane = (torch.arange(c, device=clip_1.device) * (t * h * w)).view(1, c, 1, 1, 1)  # (1, C, 1, 1, 1)
+    frame = (torch.arange(t, device=clip_1.device) * (h * w)).view(1, t, 1, 1)  # (1, T, 1, 1) frame offsets
+    for j in range(m):  # tubelet j of every sample is pasted over tubelets 0 .. j - 1
+        tube = {k: v[:, j] for k, v in tubelets.items()}  # (B, ...)
+        source = clip_1[samples, :, tube["source_frame"]].float()  # (B, C, H, W): the frame of the unpasted clip 1
+        origin, patch, alpha = render_windows(source, tube, side)  # (B, T, 2), (B, C, T, S, S), (B, T, S, S)
+        y = origin[..., 1, None, None] + grid[:, None]  # (B, T, S, 1) frame row of each window row
+        x = origin[..., 0, None, None] + grid[None, :]  # (B, T, 1, S) frame column of each window column
+        inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)  # (B, T, S, S)
+        pixel = samples.view(-1, 1, 1, 1) * (c * t * h * w) + frame + y * w + x  # (B, T, S, S) channel 0
+        pixel = torch.where(inside, pixel, scratch)  # off-frame pixels go to the scratch clip
+        index = (pixel.unsqueeze(1) + plane).view(-1)  # (B * C * T * S * S,) every channel
+        region = flat.index_select(1, index).view(2, *patch.shape).float()  # (2, B, C, T, S, S) both clips
+        blended = torch.lerp(region, patch, alpha.unsqueeze(1))  # v (1 - α) + patch α, exactly patch where α = 1
+        if flat.dtype == torch.uint8:
+            blended = blended.round_()  # within [0, 255]: a blend of two values in [0, 255]
+        flat.index_copy_(1, index, blended.to(flat.dtype).view(2, -1))
+    return buffer[0, :b], buffer[1, :b]
 
 
 def window_sides(tubelets):
@@ -419,72 +348,6 @@ def render_windows(source, tubelets, side):
     return origin, patch, alpha * tubelets["opacity"][:, :, None, None]
 
 
-def paste_tubelets(clip_1, clip_2, tubelets, side=None):
-    """Eq. (5.4): v̂_i = v_i ⊙ {Tubelet_p1 .. Tubelet_pM}, the same patches, paths, masks and transforms on both.
-
-    clip_1, clip_2 (B, C, T, H, W) uint8 or float; the patches are cut from clip_1. Returns two clips of the input's
-    dtype and value range (uint8: the blend is rounded, as the authors' uint8 images are). side: the window side S,
-    max_window_side(args, H, W) (tubelet_pairs passes it); None takes the exact largest (one host sync).
-
-    The plain version (tests/test_tubelet_contrast.py checks this one against it): for every sample b, tubelet m
-    and frame t, take the pixels p around the centre c_t, map each back into the patch, u = A_t^-1 (p - c_t), read
-    clip 1 at source_centre + u (bilinear), and blend it into both clips with the shape's alpha(u):
-    v(p) <- v(p) (1 - alpha) + patch(p) alpha. Here the loops over b and t become tensor dimensions, so there is one
-    pass per tubelet index m, of fixed shape: every tubelet gets a window of the same side S, pixels of the window
-    that fall outside the frame are sent to a scratch clip, and nothing waits for the device (no .item(), no
-    data-dependent shapes), so the launches do not depend on the batch."""
-    b, c, t, h, w = clip_1.shape
-    m = tubelets["size"].shape[1]
-    side = int(window_sides(tubelets).max()) if side is None else side
-    # both output clips in one buffer (2, B + 1, C, T, H, W): the extra clip B is scratch space where the pixels
-    # of a window that fall outside the frame are sent, so every pass has the same shape (B windows of S x S)
-    buffer = torch.empty((2, b + 1, c, t, h, w), dtype=clip_1.dtype, device=clip_1.device)
-    buffer[0, :b], buffer[1, :b] = clip_1, clip_2  # only the windows are touched below, in the input's dtype
-    flat = buffer.view(2, -1)
-    samples = torch.arange(b, device=clip_1.device)
-    grid = torch.arange(side, device=clip_1.device)
-    scratch = b * c * t * h * w  # first element of the scratch clip
-    plane = (torch.arange(c, device=clip_1.device) * (t * h * w)).view(1, c, 1, 1, 1)  # (1, C, 1, 1, 1)
-    frame = (torch.arange(t, device=clip_1.device) * (h * w)).view(1, t, 1, 1)  # (1, T, 1, 1) frame offsets
-    for j in range(m):  # tubelet j of every sample is pasted over tubelets 0 .. j - 1
-        tube = {k: v[:, j] for k, v in tubelets.items()}  # (B, ...)
-        source = clip_1[samples, :, tube["source_frame"]].float()  # (B, C, H, W): the frame of the unpasted clip 1
-        origin, patch, alpha = render_windows(source, tube, side)  # (B, T, 2), (B, C, T, S, S), (B, T, S, S)
-        y = origin[..., 1, None, None] + grid[:, None]  # (B, T, S, 1) frame row of each window row
-        x = origin[..., 0, None, None] + grid[None, :]  # (B, T, 1, S) frame column of each window column
-        inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)  # (B, T, S, S)
-        pixel = samples.view(-1, 1, 1, 1) * (c * t * h * w) + frame + y * w + x  # (B, T, S, S) channel 0
-        pixel = torch.where(inside, pixel, scratch)  # off-frame pixels go to the scratch clip
-        index = (pixel.unsqueeze(1) + plane).view(-1)  # (B * C * T * S * S,) every channel
-        region = flat.index_select(1, index).view(2, *patch.shape).float()  # (2, B, C, T, S, S) both clips
-        blended = torch.lerp(region, patch, alpha.unsqueeze(1))  # v (1 - α) + patch α, exactly patch where α = 1
-        if flat.dtype == torch.uint8:
-            blended = blended.round_()  # within [0, 255]: a blend of two values in [0, 255]
-        flat.index_copy_(1, index, blended.to(flat.dtype).view(2, -1))
-    return buffer[0, :b], buffer[1, :b]
-
-
-def tubelet_pairs(video, args, generator=None):
-    """Tubelet-contrastive positive pairs (Sec. 5.3.2) from a batch of B clips of B different videos.
-
-    video (B, C, T, H, W). Clip 2 of pair i is the clip of video i + 1 (mod B), so every decoded clip serves as
-    clip 1 of one pair and as background of another (deviation: the authors decode a second random video)."""
-    if video.shape[0] < 2:
-        raise ValueError(f"tubelet_contrast.py: tubelet pairs need clips of >= 2 videos per batch, got {video.shape}")
-    b, _, t, h, w = video.shape
-    tubelets = sample_tubelets(b, t, h, w, args, video.device, generator)
-    clip_1, clip_2 = paste_tubelets(video, video.roll(-1, dims=0), tubelets, max_window_side(args, h, w))
-    return clip_1, clip_2, tubelets
-
-
-def temporal_pairs(video):
-    """Temporal-contrast baseline (Sec. 5.3.1): two temporal crops of the same video, (B, 2, C, T, H, W)."""
-    if video.dim() != 6 or video.shape[1] != 2:
-        raise ValueError(f"tubelet_contrast.py: --baseline temporal expects (B, 2, C, T, H, W) from a dataset with "
-                         f"num_clips=2, got {tuple(video.shape)}")
-    return video[:, 0], video[:, 1]
-
-
 class TubeletCollate:
     """--tubelet-device cpu: collate, then make the pairs in the loader worker ("clip_q", "clip_k")."""
 
@@ -497,31 +360,120 @@ class TubeletCollate:
         return batch
 
 
-def save_visualization(clip_q, clip_k, out_dir, num_pairs):
-    """--visualize N: PNG grid (rows: clip 1 and clip 2 of each pair, columns: frames) and an animated GIF.
-
-    clip_q, clip_k (B, C, T, H, W) in [0, 255], before colour jitter and normalisation. Returns the written paths."""
-    import os
-
-    from PIL import Image
-    from torchvision.utils import make_grid
-
-    n, t = min(num_pairs, clip_q.shape[0]), clip_q.shape[2]
-    rows = torch.stack([clip_q[:n], clip_k[:n]], dim=1).flatten(0, 1)  # (2N, C, T, H, W): pair i = rows 2i, 2i + 1
-    frames = rows.permute(0, 2, 1, 3, 4).flatten(0, 1) / 255  # (2N * T, C, H, W)
-    grid = make_grid(frames, nrow=t, padding=2, pad_value=1.0)  # (C, H', W')
-    to_image = lambda x: Image.fromarray((x.clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy())
-    png, gif = os.path.join(out_dir, "tubelet_pairs.png"), os.path.join(out_dir, "tubelet_pairs.gif")
-    to_image(grid).save(png)
-    movie = [to_image(make_grid(rows[:, :, f] / 255, nrow=2, padding=2, pad_value=1.0)) for f in range(t)]
-    movie[0].save(gif, save_all=True, append_images=movie[1:], duration=150, loop=0)
-    return png, gif
+# ==================================================================================================== TUBELET MOTION (Sec. 5.3.3, Eq. 5.5-5.6)
 
 
-# ==================================================================================================== COLOUR JITTER
+def sample_keyframes(n, clip_len, num_keyframes, device=None, generator=None):
+    """(n, K) sorted frame indices: 0, T - 1 and K - 2 distinct random inner frames (Sec. 5.3.3 / 5.3.4)."""
+    first = torch.zeros(n, 1, dtype=torch.long, device=device)
+    last = torch.full((n, 1), clip_len - 1, dtype=torch.long, device=device)
+    inner = torch.rand(n, clip_len - 2, device=device, generator=generator).argsort(dim=1)[:, :num_keyframes - 2] + 1
+    return torch.cat([first, inner, last], dim=1).sort(dim=1).values  # (n, K)
+
+
+def interpolate_keyframes(keyframes, values, clip_len):
+    """Linear interpolation ('Interp' of Eq. 5.5 and 5.7): keyframes (n, K) sorted, values (n, K, D) -> (n, T, D)."""
+    n, k = keyframes.shape
+    t = torch.arange(clip_len, device=keyframes.device).expand(n, clip_len).contiguous()  # (n, T)
+    segment = (torch.searchsorted(keyframes, t, right=True) - 1).clamp(0, k - 2)  # (n, T) keyframe to the left
+    t0, t1 = keyframes.gather(1, segment), keyframes.gather(1, segment + 1)  # (n, T)
+    w = ((t - t0).float() / (t1 - t0).float()).unsqueeze(-1)  # (n, T, 1)
+    index = segment.unsqueeze(-1).expand(-1, -1, values.shape[-1])  # (n, T, D)
+    v0, v1 = values.gather(1, index), values.gather(1, index + 1)
+    return v0 + w * (v1 - v0)  # (n, T, D)
+
+
+def linear_paths(n, clip_len, height, width, args, device=None, generator=None):
+    """Eq. (5.5): centres at K keyframes, neighbours at most Δ ~ U(delta_min, delta_max) apart, linear in between.
+
+    Returns centres (n, T, 2) as (x, y) pixels, keyframes (n, K), Δ (n,)."""
+    rand = lambda *shape: torch.rand(*shape, device=device, generator=generator)
+    size = torch.tensor([width, height], dtype=torch.float, device=device)
+    delta = (args.delta_min + rand(n) * (args.delta_max - args.delta_min)) * args.resolution_scale  # (n,)
+    points = [rand(n, 2) * size]  # (n, 2), first keyframe ~ (U(0, W), U(0, H))
+    for _ in range(args.keyframes - 1):
+        radius = delta * rand(n).sqrt()  # uniform in the disk of radius Δ around the previous keyframe
+        angle = 2 * math.pi * rand(n)
+        step = torch.stack([angle.cos(), angle.sin()], dim=1) * radius[:, None]  # (n, 2)
+        # clamping into the frame only moves the point towards the previous (inside) one, so |step| <= Δ still holds
+        points.append(torch.minimum(torch.maximum(points[-1] + step, torch.zeros_like(size)), size))
+    keyframes = sample_keyframes(n, clip_len, args.keyframes, device, generator)  # (n, K)
+    return interpolate_keyframes(keyframes, torch.stack(points, dim=1), clip_len), keyframes, delta
+
+
+def nonlinear_paths(n, clip_len, height, width, args, device=None, generator=None):
+    """Eq. (5.6): N uniform points, 1-D Gaussian smoothing (σ) of x and y, resampled from N to T. -> (n, T, 2)."""
+    rand = lambda *shape: torch.rand(*shape, device=device, generator=generator)
+    size = torch.tensor([width, height], dtype=torch.float, device=device).view(1, 2, 1)
+    points = rand(n, 2, args.nonlinear_points) * size  # (n, 2, N)
+    sigma, radius = args.nonlinear_sigma, int(4 * args.nonlinear_sigma + 0.5)  # scipy's truncate = 4
+    x = torch.arange(-radius, radius + 1, dtype=torch.float, device=device)
+    g = torch.exp(-x ** 2 / (2 * sigma ** 2))
+    g = (g / g.sum()).view(1, 1, -1).expand(2, 1, -1)  # (2, 1, 2r + 1), discrete form of g(z) in Eq. (5.6)
+    smooth = F.conv1d(F.pad(points, (radius, radius), mode="reflect"), g, groups=2)  # (n, 2, N)
+    # Deviation (authors' code): min-max normalise and stretch to a random extent S at a random offset. Smoothing
+    # uniform noise alone leaves paths within a few pixels of the frame centre (README), i.e. nearly static.
+    lo, hi = smooth.amin(dim=2, keepdim=True), smooth.amax(dim=2, keepdim=True)
+    unit = (smooth - lo) / (hi - lo).clamp_min(1e-6)  # (n, 2, N) in [0, 1]
+    span_min, span_max = (s * args.resolution_scale for s in (args.nonlinear_span_min, args.nonlinear_span_max))
+    span = (span_min + rand(n, 1, 1) * (span_max - span_min)).clamp(max=min(height, width))  # (n, 1, 1)
+    offset = rand(n, 2, 1) * (size - span)  # (n, 2, 1), path stays inside [0, W] x [0, H]
+    path = F.interpolate(unit * span + offset, size=clip_len, mode="linear", align_corners=True)  # (n, 2, T)
+    return path.transpose(1, 2)  # (n, T, 2)
+
+
+# ==================================================================================================== TUBELET TRANSFORMATION (Sec. 5.3.4, Eq. 5.7)
+
+
+def transform_matrices(n, clip_len, args, device=None, generator=None):
+    """Eq. (5.7): scale / rotation / shear parameters θ at K keyframes, identity at the first frame, linear in
+    between. Returns A (n, T, 2, 2) mapping patch offsets to frame offsets, and the parameters for inspection."""
+    rand = lambda *shape: torch.rand(*shape, device=device, generator=generator)
+    k = args.keyframes
+    keyframes = sample_keyframes(n, clip_len, k, device, generator)  # (n, K)
+    uniform = lambda lo, hi, d: lo + rand(n, k, d) * (hi - lo)  # θ^k ~ U(Min, Max)
+    scale = uniform(args.scale_min, args.scale_max, 2) if "scale" in args.transforms else torch.ones(n, k, 2,
+                                                                                                      device=device)
+    shear = uniform(args.shear_min, args.shear_max, 2) if "shear" in args.transforms else torch.zeros(n, k, 2,
+                                                                                                       device=device)
+    if "rotation" not in args.transforms:
+        angle = torch.zeros(n, k, 1, device=device)
+    elif args.authors_code_rotation:  # authors' code: random walk, ±6° per frame of keyframe gap
+        gap = (keyframes[:, 1:] - keyframes[:, :-1]).float().unsqueeze(-1)  # (n, K - 1, 1)
+        walk = (2 * rand(n, k - 1, 1) - 1) * 6 * gap
+        angle = torch.cat([torch.zeros(n, 1, 1, device=device), walk.cumsum(dim=1)], dim=1)
+    else:
+        angle = uniform(args.rotation_min, args.rotation_max, 1)  # (n, K, 1) degrees
+    scale[:, 0], shear[:, 0], angle[:, 0] = 1.0, 0.0, 0.0  # first keyframe (frame 0): the untransformed patch p
+    scale, shear, angle = (interpolate_keyframes(keyframes, v, clip_len) for v in (scale, shear, angle))
+    a = torch.deg2rad(angle[..., 0])  # (n, T); positive = clockwise on screen (image y points down)
+    one, zero = torch.ones_like(a), torch.zeros_like(a)
+    rotation = torch.stack([a.cos(), -a.sin(), a.sin(), a.cos()], dim=-1).view(n, clip_len, 2, 2)
+    # shear along x then y: det = 1 for every (r, s), unlike [[1, r], [s, 1]] which is singular at r = s = 1
+    shear_x = torch.stack([one, shear[..., 0], zero, one], dim=-1).view(n, clip_len, 2, 2)
+    shear_y = torch.stack([one, zero, shear[..., 1], one], dim=-1).view(n, clip_len, 2, 2)
+    matrix = rotation @ shear_y @ shear_x @ torch.diag_embed(scale)  # (n, T, 2, 2)
+    return matrix, dict(transform_keyframes=keyframes, scale=scale, shear=shear, angle=angle[..., 0])
+
+
+# ==================================================================================================== TEMPORAL CONTRAST BASELINE (Sec. 5.3.1)
+
+
+def temporal_pairs(video):
+    """Temporal-contrast baseline (Sec. 5.3.1): two temporal crops of the same video, (B, 2, C, T, H, W)."""
+    if video.dim() != 6 or video.shape[1] != 2:
+        raise ValueError(f"tubelet_contrast.py: --baseline temporal expects (B, 2, C, T, H, W) from a dataset with "
+                         f"num_clips=2, got {tuple(video.shape)}")
+    return video[:, 0], video[:, 1]
+
+
+# ==================================================================================================== AUGMENTATION
+
 
 # RGB <-> YIQ (NTSC): Y is luma, (I, Q) the chroma plane; a hue shift is a rotation of (I, Q), saturation its scale
 RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
+
+
 YIQ_TO_RGB = torch.linalg.inv(RGB_TO_YIQ)
 
 
@@ -570,6 +522,76 @@ def make_prepare(args):
         return pair[:, 0].contiguous(), pair[:, 1].contiguous()
 
     return prepare
+
+
+# ==================================================================================================== MOCO (Sec. 5.4.1)
+
+
+class MoCo(nn.Module):
+    """Momentum contrast (He et al., CVPR 2020) as used in Sec. 5.4.1.
+
+    Query encoder = backbone + 2-layer MLP head (feature_dim -> feature_dim -> proj_dim); key encoder = its
+    momentum copy; queue (K, D) of past keys and its pointer are buffers, so checkpoints carry them."""
+
+    def __init__(self, backbone, proj_dim=128, queue_size=16384, momentum=0.999, all_gather=common.all_gather_nograd):
+        super().__init__()
+        dim = backbone.feature_dim
+        self.backbone = backbone
+        self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, proj_dim))
+        self.backbone_k = copy.deepcopy(self.backbone)
+        self.head_k = copy.deepcopy(self.head)
+        for p in self.key_parameters():
+            p.requires_grad_(False)
+        self.momentum = momentum
+        self.all_gather = all_gather  # keys of all processes enter the queue, like MoCo's concat_all_gather
+        self.register_buffer("queue", F.normalize(torch.randn(queue_size, proj_dim), dim=1))  # (K, D)
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+
+    def query_parameters(self):
+        return list(self.backbone.parameters()) + list(self.head.parameters())
+
+    def key_parameters(self):
+        return list(self.backbone_k.parameters()) + list(self.head_k.parameters())
+
+    @torch.no_grad()
+    def momentum_update(self):
+        # θ_k <- m θ_k + (1 - m) θ_q
+        torch._foreach_lerp_(self.key_parameters(), self.query_parameters(), 1.0 - self.momentum)
+
+    @torch.no_grad()
+    def enqueue(self, keys):
+        keys = self.all_gather(keys.detach().float())[-self.queue.shape[0]:]  # (n, D), n <= K
+        n, size = keys.shape[0], self.queue.shape[0]
+        index = (self.queue_ptr + torch.arange(n, device=keys.device)) % size  # wraps: K need not divide n
+        self.queue[index] = keys
+        self.queue_ptr.copy_((self.queue_ptr + n) % size)
+
+    def forward(self, clip_q, clip_k):
+        """Returns Z_q (B, D), Z_k (B, D) and the negatives (K, D) as they were before this batch was enqueued."""
+        z_q = F.normalize(self.head(self.backbone(clip_q)), dim=1)  # (B, D)
+        with torch.no_grad():
+            self.momentum_update()  # before the keys are computed, as in MoCo
+            z_k = F.normalize(self.head_k(self.backbone_k(clip_k)), dim=1)  # (B, D)
+        negatives = self.queue.clone()  # (K, D)
+        self.enqueue(z_k)
+        return z_q, z_k, negatives
+
+
+# ==================================================================================================== LOSS (Eq. 5.1)
+
+
+def info_nce(z_v, z_v_prime, negatives, tau):
+    """InfoNCE of Eq. (5.1), in the paper's notation: h(a, b) = exp(a·b / τ), N = the negative embeddings.
+
+    z_v (B, D), z_v_prime (B, D), negatives (K, D), all L2-normalised. Returns (mean loss, accuracy of picking the
+    positive among the K + 1 candidates); the loss is ln(K + 1) when all logits are equal."""
+    positive = (z_v * z_v_prime).sum(dim=1, keepdim=True)  # (B, 1)  Z_v·Z_v'
+    negative = z_v @ negatives.t()  # (B, K)  Z_v·Z_n
+    logits = torch.cat([positive, negative], dim=1) / tau  # (B, 1 + K)
+    target = torch.zeros(z_v.shape[0], dtype=torch.long, device=z_v.device)  # the positive is column 0
+    loss = F.cross_entropy(logits, target)  # -log h(v,v') / (h(v,v') + Σ_n h(v,n))
+    accuracy = (logits.argmax(dim=1) == 0).float().mean()
+    return loss, accuracy
 
 
 # ==================================================================================================== TRAIN STEP
@@ -659,6 +681,27 @@ def visualize(args, run, train_set):
         clip_q, clip_k, _ = tubelet_pairs(video.float(), args)
     for path in save_visualization(clip_q.float(), clip_k.float(), run.out_dir, args.visualize):
         run.print("wrote", path)
+
+
+def save_visualization(clip_q, clip_k, out_dir, num_pairs):
+    """--visualize N: PNG grid (rows: clip 1 and clip 2 of each pair, columns: frames) and an animated GIF.
+
+    clip_q, clip_k (B, C, T, H, W) in [0, 255], before colour jitter and normalisation. Returns the written paths."""
+    import os
+
+    from PIL import Image
+    from torchvision.utils import make_grid
+
+    n, t = min(num_pairs, clip_q.shape[0]), clip_q.shape[2]
+    rows = torch.stack([clip_q[:n], clip_k[:n]], dim=1).flatten(0, 1)  # (2N, C, T, H, W): pair i = rows 2i, 2i + 1
+    frames = rows.permute(0, 2, 1, 3, 4).flatten(0, 1) / 255  # (2N * T, C, H, W)
+    grid = make_grid(frames, nrow=t, padding=2, pad_value=1.0)  # (C, H', W')
+    to_image = lambda x: Image.fromarray((x.clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy())
+    png, gif = os.path.join(out_dir, "tubelet_pairs.png"), os.path.join(out_dir, "tubelet_pairs.gif")
+    to_image(grid).save(png)
+    movie = [to_image(make_grid(rows[:, :, f] / 255, nrow=2, padding=2, pad_value=1.0)) for f in range(t)]
+    movie[0].save(gif, save_all=True, append_images=movie[1:], duration=150, loop=0)
+    return png, gif
 
 
 def benchmark(args, run, model, train_step, steps=10, warmup=3):
@@ -769,6 +812,8 @@ def main_worker(args):
 # batch 16 at the paper's lr 0.01; momentum 0.99 because 2,000 steps are short for m = 0.999.
 TOY_DEFAULTS = dict(crop_size=48, clip_len=8, moco_momentum=0.99, epochs=160, batch_size=16, workers=1,
                     knn_every=40, sync_bn=True)
+
+
 # Sec. 5.4.1; batch 128 on Kinetics-400, 32 otherwise; SyncBN on multi-GPU runs as the authors' config; no kNN
 # monitor (a kNN pass over Kinetics every epoch costs more than the epoch).
 PAPER_DEFAULTS = dict(clip_len=16, moco_momentum=0.999, lr=0.01, epochs=100, wd=1e-4, schedule="cosine",
@@ -784,7 +829,7 @@ def parse_args(argv=None):
                         "resized crop (standard augmentation; the thesis gives no value)")
     # data-dependent flags stay None until fill_defaults: given values (abbreviated or --flag=value) are kept
     parser.set_defaults(lr=0.01, wd=1e-4, schedule="cosine", epochs=None, batch_size=None, knn_every=None)
-    parser.epilog = (f"--data toy (the default) is toy-motion (64x64, 16 frames, 192 train / 64 val videos) with toy "
+    parser.epilog = (f"--data toy (the default) is toy-motion (short side 64, 16-40 frames, 192 train / 64 val videos) with toy "
                      f"defaults for a few CPU minutes: {TOY_DEFAULTS}, unless given on the command line. Real data "
                      f"keeps the paper's: r2plus1d_18, 16x112², batch 128 (k400) / 32, queue 65536 (k400) / 16384, "
                      f"lr 0.01, 100 epochs, cosine, SyncBN on multi-GPU runs.")
