@@ -829,8 +829,9 @@ def parse_args(argv=None):
                         "resized crop (standard augmentation; the thesis gives no value)")
     # data-dependent flags stay None until fill_defaults: given values (abbreviated or --flag=value) are kept
     parser.set_defaults(lr=0.01, wd=1e-4, schedule="cosine", epochs=None, batch_size=None, knn_every=None)
-    parser.epilog = (f"--data toy (the default) is toy-motion (short side 64, 16-40 frames, 192 train / 64 val videos) with toy "
-                     f"defaults for a few CPU minutes: {TOY_DEFAULTS}, unless given on the command line. Real data "
+    parser.epilog = (f"--data toy (the default) is toy-motion (short side 64, 16-40 frames, 192 train / 64 val "
+                     f"videos) with toy defaults for a few CPU minutes: {TOY_DEFAULTS}, unless given on the command "
+                     f"line. Real data "
                      f"keeps the paper's: r2plus1d_18, 16x112², batch 128 (k400) / 32, queue 65536 (k400) / 16384, "
                      f"lr 0.01, 100 epochs, cosine, SyncBN on multi-GPU runs.")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
