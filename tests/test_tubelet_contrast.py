@@ -699,3 +699,28 @@ def test_script_user_errors_are_one_line_before_anything_is_built(tmp_path):
                              capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and out.stdout == "" and out.stderr.startswith(expected), out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+
+
+def test_train_step_makes_no_host_sync(monkeypatch, tmp_path):
+    """The whole tubelet train step (tubelets, the authors' colour jitter, MoCo forward with the momentum update and
+    the queue, Eq. 5.1, backward, optimizer step through common.Run) never reads a device value on the host: every
+    way a tensor reaches the host raises inside the step (on a GPU each read would stall the stream)."""
+    torch.manual_seed(0)
+    args = make_args("--queue-size", "16", "--color-jitter", "authors")
+    args.amp, args.clip_grad = "off", None
+    run = tc.common.Run(args, torch.device("cpu"), str(tmp_path))
+    model = tc.MoCo(TinyEncoder(), proj_dim=4, queue_size=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+    step = tc.make_train_step(model, opt, run, args, tc.make_prepare(args))
+    batch = {"video": torch.randint(0, 256, (4, 3, 4, 32, 32), dtype=torch.uint8)}
+    step(batch)  # warm-up: optimizer state is created on the first step
+
+    def forbidden(*_, **__):
+        raise AssertionError("host sync inside the train step")
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "unique"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    monkeypatch.setattr(torch, "nonzero", forbidden)
+    monkeypatch.setattr(torch, "unique", forbidden)
+    out = step(batch)
+    monkeypatch.undo()
+    assert torch.isfinite(out["loss"]) and model.queue_ptr.item() == 8
