@@ -86,6 +86,7 @@ def tubelet_args(opts):
     argv = ["--arch", opts.arch, "--clip-len", str(opts.clip_len), "--crop-size", str(opts.crop)]
     args = tc.add_method_args(argparse.ArgumentParser()).parse_args(argv)
     args.data = "k400"
+    tc.common.fill_defaults(args, tc.PAPER_DEFAULTS)  # the paper's m, etc. for every flag left None
     args = tc.finalize_method_args(args)
     args.queue_size = opts.queue
     return args
