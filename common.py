@@ -830,7 +830,8 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
                         knn_result = knn_monitor(*knn, run=run)
                         run.print(f"epoch {completed_epoch} kNN monitor: " + json.dumps(knn_result))
                         if run.is_main:
-                            metrics_file.write(json.dumps({"step": step, "epoch": completed_epoch, **knn_result}) + "\n")
+                            record = {"step": step, "epoch": completed_epoch, **knn_result}
+                            metrics_file.write(json.dumps(record) + "\n")
                             metrics_file.flush()
         saver.wait()
     finally:

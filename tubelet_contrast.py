@@ -185,7 +185,7 @@ def finalize_method_args(args):
     return args
 
 
-# ==================================================================================================== TUBELETS (Sec. 5.3.2, Eq. 5.2-5.4)
+# ================================================================================== TUBELETS (Sec. 5.3.2, Eq. 5.2-5.4)
 # Patches cut from clip 1, moved and transformed over time, pasted identically onto both clips.
 
 
@@ -360,7 +360,7 @@ class TubeletCollate:
         return batch
 
 
-# ==================================================================================================== TUBELET MOTION (Sec. 5.3.3, Eq. 5.5-5.6)
+# ============================================================================ TUBELET MOTION (Sec. 5.3.3, Eq. 5.5-5.6)
 
 
 def sample_keyframes(n, clip_len, num_keyframes, device=None, generator=None):
@@ -422,7 +422,7 @@ def nonlinear_paths(n, clip_len, height, width, args, device=None, generator=Non
     return path.transpose(1, 2)  # (n, T, 2)
 
 
-# ==================================================================================================== TUBELET TRANSFORMATION (Sec. 5.3.4, Eq. 5.7)
+# ======================================================================== TUBELET TRANSFORMATION (Sec. 5.3.4, Eq. 5.7)
 
 
 def transform_matrices(n, clip_len, args, device=None, generator=None):
@@ -456,7 +456,7 @@ def transform_matrices(n, clip_len, args, device=None, generator=None):
     return matrix, dict(transform_keyframes=keyframes, scale=scale, shear=shear, angle=angle[..., 0])
 
 
-# ==================================================================================================== TEMPORAL CONTRAST BASELINE (Sec. 5.3.1)
+# ============================================================================= TEMPORAL CONTRAST BASELINE (Sec. 5.3.1)
 
 
 def temporal_pairs(video):

@@ -211,7 +211,7 @@ def test_patch_content_is_copied_from_clip_1():
     assert torch.allclose(out1[0, :, 2, 70:90, 20:40], v1[0, :, 0, 46:66, 46:66], atol=1e-2)
 
 
-# ---------------------------------------------------------------------------------------------------- pasting: references
+# -------------------------------------------------------------------------------------------- pasting: references
 
 
 def plain_paste_tubelets(clip_1, clip_2, tub):
