@@ -4,8 +4,10 @@ import re
 import subprocess
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FORBIDDEN = re.compile(r"\.\./shared|/work/shared|reference notes|reference-implementations\.md|docs_wip|"
-                       r"this (session|task)\b|no GPU was available", re.IGNORECASE)
+# Assembled from pieces so that this file does not match itself.
+FORBIDDEN = re.compile("|".join([r"\.\./" + "shared", "/work/" + "shared", "reference" + " notes",
+                                 r"reference-" + r"implementations\.md", "docs" + "_wip",
+                                 r"this (" + r"session|task)\b", "no GPU " + "was available"]), re.IGNORECASE)
 
 
 def tracked_text_files():
@@ -16,8 +18,6 @@ def tracked_text_files():
 def test_no_pointers_outside_the_repository():
     hits = []
     for name in tracked_text_files():
-        if name == "tests/test_repository.py":
-            continue
         with open(os.path.join(ROOT, name), encoding="utf-8", errors="replace") as f:
             for number, line in enumerate(f, 1):
                 if FORBIDDEN.search(line):
