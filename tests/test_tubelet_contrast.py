@@ -358,6 +358,16 @@ def test_max_window_side_bounds_every_drawn_window():
     assert tc.max_window_side(make_args("--transform", "rotation"), 112, 112) == math.ceil(64 * math.sqrt(2)) + 3
 
 
+def forbid_host_syncs(monkeypatch, where):
+    """Make every way a tensor reaches the host raise (on a GPU each such read stalls the stream)."""
+    def forbidden(*_, **__):
+        raise AssertionError(f"host sync inside {where}")
+    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "unique"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    monkeypatch.setattr(torch, "nonzero", forbidden)
+    monkeypatch.setattr(torch, "unique", forbidden)
+
+
 def test_paste_makes_no_host_sync(monkeypatch):
     """paste_tubelets never reads a device value on the host (on a GPU each read stalls the stream): every way a
     tensor reaches the host raises inside the call."""
@@ -367,12 +377,7 @@ def test_paste_makes_no_host_sync(monkeypatch):
     side = tc.max_window_side(args, 48, 48)
     expected = tc.paste_tubelets(video, video.roll(-1, 0), tub, side)
 
-    def forbidden(*_, **__):
-        raise AssertionError("host sync inside paste_tubelets")
-    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "unique"):
-        monkeypatch.setattr(torch.Tensor, name, forbidden)
-    monkeypatch.setattr(torch, "nonzero", forbidden)
-    monkeypatch.setattr(torch, "unique", forbidden)
+    forbid_host_syncs(monkeypatch, "paste_tubelets")
     out = tc.paste_tubelets(video, video.roll(-1, 0), tub, side)
     monkeypatch.undo()
     assert torch.equal(out[0], expected[0]) and torch.equal(out[1], expected[1])
@@ -715,12 +720,7 @@ def test_train_step_makes_no_host_sync(monkeypatch, tmp_path):
     batch = {"video": torch.randint(0, 256, (4, 3, 4, 32, 32), dtype=torch.uint8)}
     step(batch)  # warm-up: optimizer state is created on the first step
 
-    def forbidden(*_, **__):
-        raise AssertionError("host sync inside the train step")
-    for name in ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__", "unique"):
-        monkeypatch.setattr(torch.Tensor, name, forbidden)
-    monkeypatch.setattr(torch, "nonzero", forbidden)
-    monkeypatch.setattr(torch, "unique", forbidden)
+    forbid_host_syncs(monkeypatch, "the train step")
     out = step(batch)
     monkeypatch.undo()
     assert torch.isfinite(out["loss"]) and model.queue_ptr.item() == 8
