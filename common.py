@@ -2247,6 +2247,9 @@ NTU_PAIRED_SETS = {  # name -> (actions kept (1-based), split rule on (setup, ca
     # its train/val split is not stated: we use NTU-120's cross-subject split
     "ntu120-minus-60": (range(61, 121), lambda setup, camera, subject: subject in NTU120_XSUB_TRAIN),
 }
+# PKU-MMD (Part I) with RGB, depth, skeletons and flow: name -> split file (thesis Sec. 2.4.2: cross-subject, 942 /
+# 132 videos; Table 2.6 detects actions in these)
+PKU_PAIRED_SETS = {"pku1-paired": "cross-subject.txt", "pku1-paired-xview": "cross-view.txt"}
 
 
 DATASET_NAMES = ("toy-motion", "toy-ucfrep", "toy-skeleton", "toy-paired", "k400", "k600", "k700", "minik",
@@ -2254,7 +2257,7 @@ DATASET_NAMES = ("toy-motion", "toy-ucfrep", "toy-skeleton", "toy-paired", "k400
                  "ucfrep", "videofolder", "videolist", "ntu60-xsub", "ntu60-xview", "ntu120-xsub", "ntu120-xset",
                  "pku1", "pku2", "pku1-xview", "pku2-xview", "kinetics-skeleton", "paired", "toy-motion-flow",
                  "k400-pose", "toy-paired-source", "toy-paired-target", "ntu60-paired-xview", "ntu60-paired-xsub",
-                 "ntu120-minus-60")
+                 "ntu120-minus-60", *PKU_PAIRED_SETS)
 
 
 def build_dataset(name, root=None, split="train", **kwargs):
@@ -2294,6 +2297,10 @@ def _build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides
         ds = _skeleton_set(root, split, None, class_names=TOY_SKELETON_ACTIONS, **skel_kwargs)
     elif name in NTU_PAIRED_SETS:
         ds = NTUPairedDataset(root, split, name, clip_len=clip_len, frame_strides=frame_strides, sampling=sampling,
+                              modalities=modalities, decoder=decoder, jitter=dataset_options.get("jitter", False),
+                              **skel_kwargs)
+    elif name in PKU_PAIRED_SETS:
+        ds = PKUPairedDataset(root, split, name, clip_len=clip_len, frame_strides=frame_strides, sampling=sampling,
                               modalities=modalities, decoder=decoder, jitter=dataset_options.get("jitter", False),
                               **skel_kwargs)
     elif name.startswith("ntu"):
@@ -2806,6 +2813,118 @@ class NTUPairedDataset(PairedDataset):
                 x = torch.from_numpy(uint8_to_flow(_read_jpegs(path, "flow", by_time, None))).permute(3, 0, 1, 2)
             else:
                 raise ValueError(f"modalities: NTU paired sets have video, depth, skeleton, flow; got {modality!r}")
+            item[modality] = x
+        return item
+
+
+class PKUPairedDataset(NTUPairedDataset):
+    """PKU-MMD Part I in its official layout, one sample per labelled action instance (items as PairedDataset):
+        RGB_VIDEO/<seq>.avi (or <seq>_color.avi)      1920x1080 RGB
+        DEPTH_VIDEO/<seq>/*.png (16-bit mm) or <seq>.avi (or <seq>_depth.avi: 8-bit grey read as 255 = DEPTH_MAX)
+        PKU_Skeleton_Renew/<seq>.txt                  150 floats per frame (2 bodies x 25 joints x xyz)
+        Train_Label_PKU_final/<seq>.txt               'label,start,end,confidence' (1-based labels, frames)
+        Split/cross-subject.txt | cross-view.txt      'Training videos:' list, 'Validation videos:' list
+        flow/<seq>/flow_%05d.jpg                      optional TV-L1 flow of the RGB (CoCLR layout)
+    The label frames count the skeleton stream (the Kinect's), which is the time axis (depth frames when a sequence
+    has no skeleton file, else RGB); frame t of a modality with n frames is floor(t * n / frames of the time axis),
+    so RGB and depth of different frame counts are aligned by time. Instance i is the time-axis frames [start, end];
+    `sequences` and `segments(seq)` give the untrimmed videos and their (label, start, end) rows (detection)."""
+
+    FOLDERS = {"video": ("RGB_VIDEO", "_color"), "depth": ("DEPTH_VIDEO", "_depth"), "flow": ("flow", "")}
+
+    def __init__(self, root, split, name="pku1-paired", clip_len=16, frame_strides=(1,), sampling="random",
+                 transform=None, modalities=None, decoder="auto", strict=False, bad_files_path=None, jitter=False):
+        split = _split_name(split)
+        self.root, self.split, self.decoder = root, split, decoder
+        self.modalities = tuple(modalities or ("video", "depth", "skeleton"))
+        self.skeleton_dir = _first_existing(root, ["PKU_Skeleton_Renew", "skeleton"], "per-sequence skeleton .txt")
+        self.label_dir = _first_existing(root, ["Train_Label_PKU_final", "label"], "per-sequence label .txt files")
+        split_dir = _first_existing(root, ["Split", "split"], "cross-subject.txt / cross-view.txt")
+        self.sequences = _pku_split_lists(os.path.join(split_dir, PKU_PAIRED_SETS[name]))[split]
+        if not self.sequences:
+            raise VideoReadError(f"{os.path.join(split_dir, PKU_PAIRED_SETS[name])}: no {split} videos listed")
+        self._segments, names, labels, self.instances = {}, [], [], {}
+        for seq in self.sequences:
+            for label, start, end in self.segments(seq):
+                names.append(f"{seq}_{start}_{end}")
+                labels.append(label)
+                self.instances[names[-1]] = (seq, start, end)
+        self.names, self.labels, self._indices = names, np.asarray(labels, dtype=np.int64), np.arange(len(names))
+        self.num_classes, self.class_names = 51, [f"A{a:02d}" for a in range(1, 52)]
+        self.clip_len, self.frame_strides, self.sampling, self.jitter = clip_len, frame_strides, sampling, jitter
+        self.transform, self.strict, self.bad_files_path, self.bad_files = transform, strict, bad_files_path, {}
+        self._frames = {}
+
+    def segments(self, seq):
+        """(K, 3) int64 rows (label from 0, start, end) of the labelled actions of sequence `seq`, frames inclusive."""
+        if seq not in self._segments:
+            rows = [[int(float(v)) for v in row.split(",")[:3]] for row in
+                    _read_lines(os.path.join(self.label_dir, f"{seq}.txt"), "'label,start,end,confidence' rows")]
+            self._segments[seq] = np.asarray(rows, dtype=np.int64).reshape(-1, 3) - [1, 0, 0]
+        return self._segments[seq]
+
+    def _path(self, seq, modality):
+        if modality == "skeleton":
+            return os.path.join(self.skeleton_dir, f"{seq}.txt")
+        folder, suffix = self.FOLDERS[modality]
+        candidates = [os.path.join(self.root, folder, seq)] + [os.path.join(self.root, folder, seq + s + ext)
+                                                               for s in ("", suffix) for ext in VIDEO_EXTENSIONS]
+        return next((p for p in candidates if os.path.exists(p)), candidates[1])
+
+    def num_frames(self, seq, modality):
+        """Frames of one modality of a sequence (skeleton: rows; depth: PNGs or video frames; flow: JPEGs)."""
+        if (seq, modality) not in self._frames:
+            path = self._path(seq, modality)
+            if modality == "skeleton":
+                with open(_need(path, "150 floats per frame")) as f:
+                    n = sum(1 for line in f if line.strip())
+            elif modality == "flow":
+                n = len(_frame_files(path, "flow"))
+            elif os.path.isdir(path):
+                n = len([f for f in os.listdir(path) if f.endswith(".png" if modality == "depth" else ".jpg")])
+            else:
+                n = count_frames(_need(path, f"the {modality} of {seq}"), self.decoder)
+            self._frames[(seq, modality)] = n
+        return self._frames[(seq, modality)]
+
+    def sequence_length(self, seq):
+        """Frames of the time axis (the label frames): the skeleton's, else the depth's, else the RGB's."""
+        axis = next((m for m in ("skeleton", "depth", "video") if os.path.exists(self._path(seq, m))), "skeleton")
+        return self.num_frames(seq, axis)
+
+    def sample_path(self, i):
+        return self._path(self.instances[self.names[i]][0], "depth")
+
+    def length(self, i):
+        seq, start, end = self.instances[self.names[i]]
+        return max(1, min(end, self.sequence_length(seq) - 1) - start + 1)
+
+    def read(self, i, idx, modalities=None):
+        seq, start, _ = self.instances[self.names[i]]
+        return self.read_sequence(seq, start + np.minimum(np.asarray(idx).reshape(-1), self.length(i) - 1),
+                                  self.modalities if modalities is None else modalities)
+
+    def read_sequence(self, seq, t, modalities):
+        """Modalities of sequence `seq` at time-axis frames t (clamped), each aligned by time, no transform."""
+        length, item = self.sequence_length(seq), {}
+        t = np.clip(np.asarray(t, dtype=np.int64).reshape(-1), 0, length - 1)
+        for modality in modalities:
+            path, n = self._path(seq, modality), self.num_frames(seq, modality)
+            at = np.minimum(t * n // length, n - 1)  # (T,) frames of this modality at the same times
+            if modality == "skeleton":
+                raw = np.loadtxt(path, dtype=np.float32, ndmin=2)  # (n, 150)
+                x = torch.from_numpy(np.ascontiguousarray(raw[at].reshape(-1, 2, 25, 3).transpose(3, 0, 2, 1)))
+            elif modality == "depth" and os.path.isdir(path):
+                x = torch.from_numpy(read_depth_frames(path, at))[None]  # (1, T, H, W) metres
+            elif modality == "depth":  # 8-bit depth video: grey level g -> g / 255 * DEPTH_MAX metres (assumed)
+                frames = read_video_frames(path, at, self.decoder)[..., 0]  # (T, H, W) uint8
+                x = torch.from_numpy(frames.astype(np.float32) * (DEPTH_MAX / 255))[None]
+            elif modality == "video":
+                x = torch.from_numpy(read_video_frames(path, at, self.decoder)).permute(3, 0, 1, 2)  # (3, T, H, W)
+            elif modality == "flow":
+                x = torch.from_numpy(read_flow_frames(path, at)).permute(3, 0, 1, 2)  # (2, T, H, W) pixels
+            else:
+                raise ValueError(f"modalities: PKU-MMD paired sets have video, depth, skeleton, flow; got {modality!r}")
             item[modality] = x
         return item
 
@@ -4630,6 +4749,20 @@ def _first_existing(root, names, what):
     raise VideoReadError(f"{os.path.join(root, names[0])}: missing; expected {what}")
 
 
+def _pku_split_lists(path):
+    """PKU-MMD Split/cross-subject.txt or cross-view.txt -> {"train": [seq, ...], "val": [...]}."""
+    lists, current = {"train": [], "val": []}, None
+    for line in _read_lines(path, "'Training videos:' / 'Validation videos:' blocks"):
+        low = line.lower()
+        if low.startswith("training"):
+            current = "train"
+        elif low.startswith("validat") or low.startswith("testing"):
+            current = "val"
+        elif current:
+            lists[current] += [s.strip() for s in line.split(",") if s.strip()]
+    return lists
+
+
 def convert_pku_mmd(root, out_dir, benchmark="xsub", max_frames=300):
     """PKU-MMD (I or II): root/PKU_Skeleton_Renew/<seq>.txt (one row of 150 floats per frame: 2 bodies x 25 joints
     x xyz), root/Train_Label_PKU_final/<seq>.txt ('label,start,end,confidence', 1-based labels),
@@ -4638,17 +4771,7 @@ def convert_pku_mmd(root, out_dir, benchmark="xsub", max_frames=300):
     skel_dir = _first_existing(root, ["PKU_Skeleton_Renew", "skeleton"], "per-sequence skeleton .txt files")
     label_dir = _first_existing(root, ["Train_Label_PKU_final", "label"], "per-sequence label .txt files")
     split_dir = _first_existing(root, ["Split", "split"], "cross-subject.txt / cross-view.txt")
-    split_path = os.path.join(split_dir, "cross-subject.txt" if benchmark == "xsub" else "cross-view.txt")
-    lines = _read_lines(split_path, "'Training videos:' / 'Validation videos:' blocks")
-    lists, current = {"train": [], "val": []}, None
-    for line in lines:
-        low = line.lower()
-        if low.startswith("training"):
-            current = "train"
-        elif low.startswith("validat") or low.startswith("testing"):
-            current = "val"
-        elif current:
-            lists[current] += [s.strip() for s in line.split(",") if s.strip()]
+    lists = _pku_split_lists(os.path.join(split_dir, "cross-subject.txt" if benchmark == "xsub" else "cross-view.txt"))
     counts = {}
     for split, seqs in lists.items():
         arrays, names, labels, lengths = [], [], [], []

@@ -338,6 +338,61 @@ def test_distillation_runs_on_the_ntu_layout(ntu_layout, tmp_path):
     assert scores["sizes"] == {"train": 3, "val": 0, "test": 1} and "depth clips" in scores["protocol"]
 
 
+@pytest.fixture(scope="module")
+def pku_layout(tmp_path_factory):
+    """PKU-MMD's official folders for three sequences (two train, one val, cross-subject): 20 skeleton rows (the
+    label frames; joint 0 of body 0 at x = t / 100), 30 RGB frames (grey level 8 k), depth with 16 frames: PNG
+    folders ((k + 1) * 100 mm) and, for 0002-M, an 8-bit depth video (grey level 15 (k + 1))."""
+    from PIL import Image
+    root = tmp_path_factory.mktemp("pku")
+    labels = {"0002-L": "3,2,9,1\n7,12,18,1\n", "0002-M": "3,0,5,1\n", "0003-L": "51,4,15,1\n"}
+    for folder in ("PKU_Skeleton_Renew", "Train_Label_PKU_final", "Split", "DEPTH_VIDEO"):
+        (root / folder).mkdir()
+    (root / "Split" / "cross-subject.txt").write_text("Training videos: \n0002-L, 0002-M\nValidataion videos: \n"
+                                                      "0003-L\n")
+    for seq, rows in labels.items():
+        (root / "Train_Label_PKU_final" / f"{seq}.txt").write_text(rows)
+        skeleton = np.zeros((20, 2, 25, 3), np.float32)
+        skeleton[:, 0, :, 0], skeleton[:, 0, :, 2] = (np.arange(20) / 100)[:, None], 3.0
+        np.savetxt(root / "PKU_Skeleton_Renew" / f"{seq}.txt", skeleton.reshape(20, 150), fmt="%.4f")
+        common.write_video(str(root / "RGB_VIDEO" / f"{seq}.avi"),
+                           np.stack([np.full((48, 64, 3), 8 * k, np.uint8) for k in range(30)]), fps=30)
+        if seq == "0002-M":
+            common.write_video(str(root / "DEPTH_VIDEO" / f"{seq}_depth.avi"),
+                               np.stack([np.full((20, 26, 3), 15 * (k + 1), np.uint8) for k in range(16)]), fps=30)
+            continue
+        (root / "DEPTH_VIDEO" / seq).mkdir()
+        for k in range(16):
+            Image.fromarray(np.full((20, 26), (k + 1) * 100, np.uint16)).save(
+                root / "DEPTH_VIDEO" / seq / f"{k:05d}.png")
+    return str(root)
+
+
+def test_pku_paired_official_layout(pku_layout):
+    """Instances from the label files, split by cross-subject.txt; RGB (30 frames) and depth (16) aligned by time on
+    the skeleton's 20 label frames; depth from PNG folders and from an 8-bit video."""
+    train = common.build_dataset("pku1-paired", pku_layout, "train", clip_len=4, sampling="uniform")
+    val = common.build_dataset("pku1-paired", pku_layout, "val")
+    assert train.names == ["0002-L_2_9", "0002-L_12_18", "0002-M_0_5"] and train.labels.tolist() == [2, 6, 2]
+    assert val.names == ["0003-L_4_15"] and val.labels.tolist() == [50] and train.num_classes == 51
+    assert train.segments("0002-L").tolist() == [[2, 2, 9], [6, 12, 18]] and train.sequences == ["0002-L", "0002-M"]
+    assert train.length(0) == 8 and train.length(1) == 7  # frames 2..9 and 12..18, inclusive
+    item = train.read(0, np.arange(8))  # label frames t = 2..9
+    assert torch.allclose(item["skeleton"][0, :, 0, 0], torch.arange(2, 10) / 100)
+    assert item["skeleton"].shape == (3, 8, 25, 2) and item["skeleton"][:, :, :, 1].abs().sum() == 0
+    depth = torch.round(item["depth"][0, :, 5, 5] * 10).long() - 1  # (k + 1) * 100 mm -> k
+    assert depth.tolist() == [t * 16 // 20 for t in range(2, 10)]
+    rgb = torch.round(item["video"][0, :, 5, 5].float() / 8).long()
+    assert rgb.tolist() == [t * 30 // 20 for t in range(2, 10)] and item["video"].shape == (3, 8, 48, 64)
+    video_depth = train.read(2, np.arange(6), ("depth",))["depth"][0, :, 5, 5]  # 0002-M: 8-bit depth video
+    expected = torch.tensor([15 * (t * 16 // 20 + 1) * common.DEPTH_MAX / 255 for t in range(6)])
+    assert torch.allclose(video_depth, expected, atol=0.05)
+    sample = train[1]  # through the dataset: a 4-frame clip of the 7-frame instance 12..18
+    assert sample["depth"].shape == (1, 4, 20, 26) and sample["label"] == 6
+    assert torch.allclose(sample["skeleton"][0, :, 0, 0], (12 + sample["frame_indices"]).float() / 100)
+    assert len(common.build_dataset("pku1-paired", pku_layout, "train", per_class=1)) == 2  # one per action
+
+
 def test_two_gloo_processes_and_visualize(small_paired, tmp_path):
     """--gpus 2 on CPU: the cache is written once by rank 0 (the others wait), every rank trains its shard;
     --visualize writes the pairs and the cosine matrices before and after."""
