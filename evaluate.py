@@ -691,10 +691,11 @@ def build_split(args, split, train, augment=True):
         transform = functools.partial(paired_transform, key=p["modality"], train=train and augment, crop=p["crop"],
                                       short_side=p["short_side"], crop_scale=p["crop_scale"], flip=p["flip"],
                                       channels=args.options.get("in_channels", 3))
-        return common.build_dataset(args.data, args.data_root, split, clip_len=args.frames,
-                                    frame_strides=(p["stride"],), sampling="random" if train else "uniform",
-                                    transform=transform, modalities=(p["modality"],), decoder=args.decoder,
-                                    strict=args.strict_data, bad_files_path=args.bad_files)
+        ds = common.build_dataset(args.data, args.data_root, split, clip_len=args.frames,
+                                  frame_strides=(p["stride"],), sampling="random" if train else "uniform",
+                                  transform=transform, modalities=(p["modality"],), decoder=args.decoder,
+                                  strict=args.strict_data, bad_files_path=args.bad_files)
+        return AllClips(ds, args.frames, p["modality"]) if args.protocol_name == "ch2" and not train else ds
     if p["modality"] == "skeleton":
         transform = functools.partial(skeleton_transform, train=train and augment, frames=args.frames,
                                       center=not args.no_center, skelemotion=args.arch == "skelemotion_cnn")
@@ -710,6 +711,24 @@ def build_split(args, split, train, augment=True):
                                 num_clips=1 if train else args.test_clips, sampling=sampling,
                                 transform=transform, decoder=args.decoder, strict=args.strict_data,
                                 bad_files_path=args.bad_files, modalities=(p["modality"],))
+
+
+class AllClips(torch.utils.data.Dataset):
+    """--protocol ch2 on paired sets (thesis Sec. 2.4.3: a video's score is the mean over ALL its clips): item i =
+    the N = max(1, frames // L) consecutive L-frame clips of video i (Eq. 2.3's clips) as (N, C, L, H, W), through
+    the dataset's own (test) transform. N varies: predict() reads these one video per batch."""
+
+    def __init__(self, dataset, clip_len, key):
+        self.dataset, self.clip_len, self.key = dataset, clip_len, key
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        ds, n = self.dataset, max(1, self.dataset.length(i) // self.clip_len)
+        x = ds.transform(ds.read(i, np.arange(n * self.clip_len), (self.key,)))[self.key]  # (C, N*L, H, W)
+        return {self.key: x.unflatten(1, (n, self.clip_len)).transpose(0, 1),  # (N, C, L, H, W)
+                "label": torch.tensor(ds.labels[ds.indices[i]]), "index": torch.tensor(i)}
 
 
 def dataset_labels(dataset):
@@ -731,7 +750,9 @@ def predict(model, dataset, args, run, multilabel=False, arrow=False):
     multi-label (SlowFast, App. B.2.4). arrow=True scores every video forward (label 0) and reversed (label 1).
     Returns dict(scores (N, C), outputs (N, C): raw outputs averaged over clips, labels, index)."""
     key = args.protocol["modality"]
-    loader = common.build_loader(dataset, args, run, train=False, batch_size=args.eval_batch_size)
+    all_clips = any(isinstance(d, AllClips) for d in (dataset, getattr(dataset, "dataset", None)))  # or a Subset
+    loader = common.build_loader(dataset, args, run, train=False, batch_size=run.world_size if all_clips else
+                                 args.eval_batch_size)  # AllClips: N varies per video, one video per process
     was_training = model.training
     model.eval()
     scores, outputs, labels, indices = [], [], [], []
@@ -1444,7 +1465,7 @@ def protocol_for(data):
         return PROTOCOLS[data]
     if data in common.TOY_PAIRED_HALVES:
         return PROTOCOLS["toy-paired"]
-    if data in common.NTU_PAIRED_SETS:
+    if data in common.NTU_PAIRED_SETS or data in common.PKU_PAIRED_SETS:
         return PROTOCOLS["paired"]
     if data == "toy-motion-flow":  # the toy-motion videos as frame folders with their flow
         return PROTOCOLS["toy-motion"]
@@ -1675,8 +1696,10 @@ def describe_protocol(args, source, sizes, num_classes):
         lines.append(f"  labels: {budget}, subset seed {args.subset_seed}")
     head = ("frozen backbone in eval mode + new linear classifier" if args.task == "linear" else
             f"only the new linear head and the backbone's last block ({last_block(args.arch)[0]}) trained, the rest "
-            f"frozen in eval mode (--protocol ch2, thesis Sec. 2.4.3; it averages ALL clips of a test video, we "
-            f"average {args.test_clips} uniformly spaced ones)" if args.protocol_name == "ch2" else
+            f"frozen in eval mode (--protocol ch2, thesis Sec. 2.4.3; test: " + ("softmax averaged over ALL "
+            f"frames // {args.frames} clips of a video)" if protocol_for(args.data)["modality"] == "depth" else
+            f"{args.test_clips} uniformly spaced clips averaged; the thesis averages all)")
+            if args.protocol_name == "ch2" else
             f"whole network trained, new linear head (dropout {args.protocol['dropout']})")
     lines += [f"  model: {head}",
               f"  optimisation: {args.optimizer} lr {args.lr} (momentum {args.momentum} for sgd) wd {args.wd}, "

@@ -393,6 +393,35 @@ def test_pku_paired_official_layout(pku_layout):
     assert len(common.build_dataset("pku1-paired", pku_layout, "train", per_class=1)) == 2  # one per action
 
 
+class _MeanDepthLogits(torch.nn.Module):
+    """Two logits per clip, (10 * mean input, 0): clips of different depth get different scores."""
+
+    def forward(self, x):  # (B, C, L, H, W)
+        m = 10 * x.float().mean((1, 2, 3, 4))
+        return torch.stack([m, torch.zeros_like(m)], 1)
+
+
+def test_ch2_protocol_scores_a_video_by_the_mean_over_all_its_clips(pku_layout, tmp_path):
+    """Thesis Sec. 2.4.3: at test the video score is the mean over ALL clips. The val instance has 12 label frames:
+    with 4-frame clips, N = 3 clips (frames 0-3, 4-7, 8-11), each softmaxed, then averaged."""
+    args = evaluate.resolve_args(evaluate.get_parser().parse_args(
+        ["--task", "fewshot", "--protocol", "ch2", "--data", "pku1-paired", "--data-root", pku_layout, "--frames", "4",
+         "--arch", "resnet3d_18", "--workers", "0", "--out-dir", str(tmp_path)]))
+    test = evaluate.build_split(args, "test", train=False)
+    item = test[0]
+    assert item["depth"].shape == (3, 3, 4, 112, 112) and item["label"] == 50  # (N, C, L, S, S)
+    inner = test.dataset
+    for k in range(3):  # clip k = the test transform of frames [4k, 4k + 4)
+        clip = inner.transform(inner.read(0, np.arange(4 * k, 4 * k + 4), ("depth",)))["depth"]
+        assert torch.equal(item["depth"][k], clip)
+    model = _MeanDepthLogits()
+    expected = model(item["depth"]).softmax(1).mean(0)  # mean of the 3 clip softmaxes
+    assert not torch.allclose(expected, model(item["depth"]).mean(0).softmax(0))  # differs from softmax of the mean
+    prediction = evaluate.predict(model, test, args, _run(tmp_path))
+    assert torch.allclose(prediction["scores"][0], expected, atol=1e-6) and prediction["labels"].tolist() == [50]
+    assert len(test.dataset) == 1 and evaluate.build_split(args, "train", train=True)[0]["depth"].dim() == 4
+
+
 def test_two_gloo_processes_and_visualize(small_paired, tmp_path):
     """--gpus 2 on CPU: the cache is written once by rank 0 (the others wait), every rank trains its shard;
     --visualize writes the pairs and the cosine matrices before and after."""
