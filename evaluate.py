@@ -31,6 +31,7 @@ then the real-data command (W = a backbone.pth, checkpoint.pth or an authors' ch
     fusion         python evaluate.py --task finetune --save-logits; python evaluate.py --task linear --save-logits;
                    python evaluate.py --task fusion --logits runs/evaluate-{finetune,linear}-toy-motion-*/logits.pth
                    python evaluate.py --task fusion --logits rgb/logits.pth flow/logits.pth pose/logits.pth
+                   (top1_mean_scores: the equal-weight mean of the streams' video scores, thesis Table 2.1)
     repcount       python evaluate.py --task repcount
                    python evaluate.py --task repcount --data ucfrep --arch r2plus1d_18 --weights W --gpus 4
     severe         python evaluate.py --task severe --max-steps 2
@@ -920,7 +921,7 @@ def classification_task(run, args, arrow=False):
         train_pred = predict(model, torch.utils.data.Subset(train_eval, train_idx), args, run, multilabel, arrow)
         if run.is_main:
             torch.save({"train": {"logits": train_pred["outputs"], "labels": train_pred["labels"]},
-                        "test": {"logits": test["outputs"], "labels": test["labels"]},
+                        "test": {"logits": test["outputs"], "labels": test["labels"], "scores": test["scores"]},
                         "class_names": getattr(train_full, "class_names", None), "arch": args.arch,
                         "weights": args.weights, "data": args.data}, os.path.join(run.out_dir, "logits.pth"))
     return {"metrics": metrics, "primary": args.protocol["metric"], "selection": selection, "sizes": sizes,
@@ -1062,6 +1063,8 @@ def fusion_task(run, args):
     name = "mAP" if multilabel else "top1"
     metrics = {f"{name}_input{m}": score(t) for m, t in enumerate(test)}  # input m = the m-th --logits file
     metrics[f"{name}_sum"] = score(test.sum(dim=0))
+    if all("scores" in s["test"] for s in saved):  # two-stream (thesis Table 2.1): equal-weight mean of the scores
+        metrics[f"{name}_mean_scores"] = score(torch.stack([s["test"]["scores"] for s in saved]).float().mean(0))
     with torch.no_grad():
         metrics[f"{name}_learned"] = score(fusion(test))
     run.print(f"fusion: {len(saved)} modalities, {'M x C' if per_class else 'M'} weights, Adam lr {args.lr}, "

@@ -422,6 +422,25 @@ def test_ch2_protocol_scores_a_video_by_the_mean_over_all_its_clips(pku_layout, 
     assert len(test.dataset) == 1 and evaluate.build_split(args, "train", train=True)[0]["depth"].dim() == 4
 
 
+def test_two_stream_fusion_averages_the_stream_scores_with_equal_weights(tmp_path):
+    """Table 2.1's two-stream: the RGB- and flow-taught students' video scores averaged. By hand: stream A is right
+    on video 0 only, B on videos 1 and 2; the means (0.65, 0.35), (0.35, 0.65), (0.55, 0.45) are all right."""
+    labels = torch.tensor([0, 1, 0])
+    streams = {"rgb": [[0.9, 0.1], [0.6, 0.4], [0.4, 0.6]], "flow": [[0.4, 0.6], [0.1, 0.9], [0.7, 0.3]]}
+    paths = []
+    for name, scores in streams.items():
+        scores = torch.tensor(scores)
+        logits = 4 * scores.log() if name == "rgb" else scores.log()  # sharper RGB logits: their plain sum errs
+        paths.append(str(tmp_path / f"{name}.pth"))
+        torch.save({"train": {"logits": torch.randn(8, 2), "labels": torch.arange(8) % 2},
+                    "test": {"logits": logits, "labels": labels, "scores": scores}}, paths[-1])
+    result = evaluate.main(["--task", "fusion", "--logits", *paths, "--out-dir", str(tmp_path / "fusion"),
+                            "--epochs", "1", "--workers", "0"])
+    m = result["metrics"]
+    assert (m["top1_input0"], m["top1_input1"]) == (pytest.approx(100 / 3), pytest.approx(200 / 3))
+    assert m["top1_mean_scores"] == pytest.approx(100.0) and m["top1_sum"] == pytest.approx(200 / 3)
+
+
 def test_two_gloo_processes_and_visualize(small_paired, tmp_path):
     """--gpus 2 on CPU: the cache is written once by rank 0 (the others wait), every rank trains its shard;
     --visualize writes the pairs and the cosine matrices before and after."""
