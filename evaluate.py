@@ -34,6 +34,8 @@ then the real-data command (W = a backbone.pth, checkpoint.pth or an authors' ch
                    (top1_mean_scores: the equal-weight mean of the streams' video scores, thesis Table 2.1)
     repcount       python evaluate.py --task repcount
                    python evaluate.py --task repcount --data ucfrep --arch r2plus1d_18 --weights W --gpus 4
+    detection      (no toy set; tests build a PKU-MMD layout) sliding-window detector, NOT R-C3D (thesis Table 2.6):
+                   python evaluate.py --task detection --data pku1-paired --weights W --label-fraction 0.25 --gpus 4
     severe         python evaluate.py --task severe --max-steps 2
                    python evaluate.py --task severe --arch r2plus1d_18 --weights W --data-root /datasets --gpus 8
 
@@ -63,7 +65,7 @@ import torch.nn.functional as F
 import common
 
 TASKS = ("finetune", "linear", "knn", "fewshot", "transfer", "multilabel", "arrow-of-time", "clusters", "fusion",
-         "repcount", "severe")
+         "repcount", "severe", "detection")
 SKELETON_ARCHS = common.SKELETON_ARCHS  # bigru, hcn, agcn, stgcn on (C, T, V, M); skelemotion_cnn on images
 RETRIEVAL_KS = (1, 5, 10, 20, 50)  # CoCLR / ViCC video retrieval R@k (their retrieval code)
 KNN_K, KNN_T = 200, 0.1  # weighted kNN (InstDisc; skeleton-contrast's and CoCLR's kNN monitor) beside the 1-NN
@@ -130,7 +132,8 @@ PROTOCOLS = {
                        sample_duration=64, repcount=_opt("adam", 8, 3e-3, 12, [])),
     # Paired sets (crossmodal_distill.py): the modality comes from the checkpoint's meta (depth by default, flow);
     # one clip per video at test (PairedDataset reads one clip). Toy: toy-paired-target's 6 actions, 16-24 frames.
-    "paired": dict(VIDEO, modality="depth", frames=16, short_side=112, jitter=False, test_clips=1),
+    "paired": dict(VIDEO, modality="depth", frames=16, short_side=112, jitter=False, test_clips=1,
+                   detection=_opt("sgd", 4, 1e-4, 8, [6], wd=5e-4)),  # Table 2.6 (R-C3D schedule), detection_task
     "toy-paired": dict(VIDEO, modality="depth", frames=8, crop=48, short_side=48, crop_scale=(0.5, 1.0),
                        jitter=False, test_clips=1, finetune=_opt("adam", 16, 1e-3, 10, [7]),
                        linear=_opt("adam", 16, 1e-2, 10, [7]), fewshot=_opt("adam", 16, 1e-3, 10, [7])),
@@ -143,7 +146,8 @@ PROTOCOLS = {
 TOY_ENCODER_OPTIONS = {"bigru": {"hidden": 64, "layers": 2}, "hcn": {"hidden": 16}, "agcn": {"hidden": 16},
                        "stgcn": {"hidden": 16}}
 PROTOCOL_TASK = {"finetune": "finetune", "linear": "linear", "fewshot": "fewshot", "transfer": "transfer",
-                 "multilabel": "multilabel", "arrow-of-time": "arrow", "repcount": "repcount"}
+                 "multilabel": "multilabel", "arrow-of-time": "arrow", "repcount": "repcount",
+                 "detection": "detection"}
 
 # The SEVERE benchmark, thesis Table 4.4 / 5.8: (column, --data, task, total examples for the 10^3 settings).
 SEVERE_COLUMNS = [("SSv2", "ssv2", "finetune", None), ("Gym99", "gym99", "finetune", None),
@@ -310,6 +314,46 @@ def repetition_count_errors(predicted, true):
     true = np.asarray(true, dtype=np.float64)
     error = np.abs(predicted - true)
     return {"mae": float(np.mean(error / true)), "obo": float(np.mean(error <= 1))}
+
+
+def temporal_iou(segment, segments):
+    """tIoU of one [start, end) with (K, 2) segments -> (K,) (ActivityNet's segment_iou: continuous times)."""
+    inter = (np.minimum(segment[1], segments[:, 1]) - np.maximum(segment[0], segments[:, 0])).clip(0)
+    return inter / ((segments[:, 1] - segments[:, 0]) + (segment[1] - segment[0]) - inter)
+
+
+def detection_average_precision(detections, ground_truth, tiou):
+    """AP of one class as ActivityNet's compute_average_precision_detection (R-C3D's evaluation): detections
+    [(video, start, end, score)] by falling score, each matched one-to-one to the unmatched ground truth
+    [(video, start, end)] of its video with the highest tIoU >= tiou (else a false positive); AP = area under the
+    monotone precision envelope (interpolated_prec_rec). Segments are [start, end) in frames."""
+    by_video = {}
+    for k, (video, start, end) in enumerate(ground_truth):
+        by_video.setdefault(video, []).append((k, start, end))
+    used, hits = np.zeros(len(ground_truth), dtype=bool), []
+    for video, start, end, _ in sorted(detections, key=lambda d: -d[3]):
+        gt = by_video.get(video, [])
+        ious = temporal_iou((start, end), np.array([g[1:] for g in gt], dtype=np.float64).reshape(-1, 2))
+        match = next((gt[j][0] for j in np.argsort(-ious, kind="stable") if ious[j] >= tiou and not used[gt[j][0]]),
+                     None)  # the best-overlapping ground truth still free
+        hits.append(match is not None)
+        if match is not None:
+            used[match] = True
+    tp = np.cumsum(hits, dtype=np.float64)
+    recall, precision = tp / max(len(ground_truth), 1), tp / np.arange(1, len(hits) + 1)
+    mrec, mprec = np.r_[0.0, recall, 1.0], np.r_[0.0, precision, 0.0]
+    mprec = np.maximum.accumulate(mprec[::-1])[::-1]
+    step = np.flatnonzero(mrec[1:] != mrec[:-1]) + 1
+    return float(np.sum((mrec[step] - mrec[step - 1]) * mprec[step]))
+
+
+def detection_map(detections, ground_truth, tious=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)):
+    """mAP over the classes present in the ground truth, per tIoU. detections [(video, class, start, end, score)],
+    ground_truth [(video, class, start, end)] -> {tiou: mAP}."""
+    classes = sorted({g[1] for g in ground_truth})
+    return {t: float(np.mean([detection_average_precision([(d[0], *d[2:]) for d in detections if d[1] == c],
+                                                          [(g[0], *g[2:]) for g in ground_truth if g[1] == c], t)
+                              for c in classes])) for t in tious}
 
 
 def contingency_matrix(clusters, labels):
@@ -1073,6 +1117,91 @@ def fusion_task(run, args):
             "sizes": {"train": train.shape[1], "val": 0, "test": test.shape[1]}, "inputs": args.logits}
 
 
+# ---------------------------------------------------------------------------------------------- temporal detection
+# Thesis Table 2.6 fine-tunes R-C3D [257] (backbone + temporal proposal subnet + RoI classification) with the depth
+# student as backbone. This is NOT R-C3D but a simpler sliding-window detector (ours): the backbone + a (C+1)-way
+# fc (C actions + background) fine-tuned on L-frame windows at stride L/2 of the untrimmed videos; at test,
+# consecutive windows whose most likely class is one action are merged into a segment scored by that class's mean
+# probability. Schedule as the thesis' R-C3D fine-tuning (8 epochs, lr 1e-4, 1e-5 for the last 2; SGD momentum 0.9,
+# wd 5e-4 as R-C3D's solver), but batch 4 = 4 windows, not 4 R-C3D buffers. Metric: ActivityNet-style mAP.
+class DetectionWindows(torch.utils.data.Dataset):
+    """L-frame windows at stride L/2 over untrimmed sequences of a PKU-MMD paired split, through its transform.
+    Window label: the action covering the most of it if that covers at least half, else background (= C)."""
+
+    def __init__(self, paired, sequences, clip_len, key):
+        self.paired, self.clip_len, self.key, self.windows, labels = paired, clip_len, key, [], []
+        for seq in sequences:
+            segments = paired.segments(seq)  # (K, 3): label, start, end (inclusive)
+            for start in range(0, max(paired.sequence_length(seq) - clip_len, 0) + 1, max(clip_len // 2, 1)):
+                cover = (np.minimum(segments[:, 2] + 1, start + clip_len) - np.maximum(segments[:, 1], start)).clip(0)
+                best = int(np.argmax(cover)) if len(segments) else 0
+                action = len(segments) and 2 * cover[best] >= clip_len
+                self.windows.append((seq, start))
+                labels.append(segments[best, 0] if action else paired.num_classes)
+        self.labels, self.indices = np.asarray(labels, dtype=np.int64), np.arange(len(self.windows))
+
+    def __len__(self):
+        return len(self.windows)
+
+    def __getitem__(self, i):
+        seq, start = self.windows[i]
+        item = self.paired.read_sequence(seq, np.arange(start, start + self.clip_len), (self.key,))
+        return {self.key: self.paired.transform(item)[self.key], "label": torch.tensor(self.labels[i]),
+                "index": torch.tensor(i)}
+
+
+def group_windows(scores, windows, clip_len, background):
+    """Window scores (W, C+1) in time order per sequence -> detections [(seq, class, start, end, score)]: a run of
+    overlapping or touching windows with the same most likely action is one segment [first start, last start + L),
+    scored by the mean probability of that action over the run; background windows end a run."""
+    detections, current = [], None
+    for (seq, start), p in zip(windows, scores):
+        c = int(np.argmax(p))
+        if current and (current[0], current[1]) == (seq, c) and start <= current[3]:
+            current[3], current[4] = start + clip_len, current[4] + [float(p[c])]
+            continue
+        if current and current[1] != background:
+            detections.append((*current[:4], float(np.mean(current[4]))))
+        current = [seq, c, start, start + clip_len, [float(p[c])]]
+    if current and current[1] != background:
+        detections.append((*current[:4], float(np.mean(current[4]))))
+    return detections
+
+
+def detection_task(run, args):
+    """--task detection on pku1-paired: fine-tune on the windows of --label-fraction of the training videos (thesis:
+    1/4, 1/2, all = 235, 470, 942), detect in the validation videos, mAP at tIoU 0.1-0.7 (primary 0.5)."""
+    backbone, source = build_encoder(args)
+    key, train_paired, test_paired = args.protocol["modality"], build_split(args, "train", True), build_split(
+        args, "test", False)
+    sequences = train_paired.sequences
+    if args.label_fraction:  # a random share of the training videos (seed --subset-seed, else --seed)
+        rng = np.random.default_rng(args.seed if args.subset_seed is None else args.subset_seed)
+        sequences = [sequences[i] for i in sorted(rng.permutation(len(sequences))[:round(args.label_fraction *
+                                                                                          len(sequences))])]
+    train_set, test_set = (DetectionWindows(p, s, args.frames, key) for p, s in ((train_paired, sequences),
+                                                                                 (test_paired, test_paired.sequences)))
+    num_classes = train_paired.num_classes
+    protocol = (f"protocol: --task detection on {args.data}: sliding-window detector (NOT R-C3D), {args.arch} "
+                f"{key} backbone + {num_classes + 1}-way fc, weights: {source}\n  windows of {args.frames} frames at "
+                f"stride {max(args.frames // 2, 1)}: train {len(train_set)} from {len(sequences)} videos, test "
+                f"{len(test_set)} from {len(test_paired.sequences)} videos; runs of one argmax action merged\n  "
+                f"optimisation: {args.optimizer} lr {args.lr} wd {args.wd}, batch {args.batch_size}, {args.epochs} "
+                f"epochs, lr x{args.lr_gamma} at {args.milestones}; the last epoch is tested\n  metric: mAP at tIoU "
+                f"0.1-0.7, ActivityNet-style one-to-one matching, classes with ground truth averaged")
+    run.print(protocol)
+    model = Classifier(backbone, num_classes + 1, frozen=False)
+    selection = train_and_select(run, args, model, train_set, None, num_classes + 1)
+    scores = predict(model, test_set, args, run)["scores"]  # (W, C + 1) softmax per window
+    check_finite(scores, "window scores")
+    detections = group_windows(scores.numpy(), test_set.windows, args.frames, num_classes)
+    truth = [(s, int(c), int(a), int(b) + 1) for s in test_paired.sequences for c, a, b in test_paired.segments(s)]
+    metrics = {f"mAP@{t:.1f}": 100 * v for t, v in detection_map(detections, truth).items()}
+    return {"metrics": metrics, "primary": "mAP@0.5", "selection": selection, "protocol": protocol,
+            "sizes": {"train": len(sequences), "val": 0, "test": len(test_paired.sequences)},
+            "weights_source": source, "num_detections": len(detections)}
+
+
 # ---------------------------------------------------------------------------------------------- repetition counting
 # Zhang et al., "Context-aware and Scale-insensitive Temporal Repetition Counting", CVPR 2020, as the SEVERE code
 # runs it (SEVERE-BENCHMARK Repetition-Counting/; README "Repetition counting"). Notation: a state is a frame m with the
@@ -1481,6 +1610,9 @@ def apply_protocol(args):
     """Fill the per-task optimisation and input settings from PROTOCOLS, keeping values given on the command line
     (args.overrides)."""
     args.protocol = protocol_for(args.data)
+    if args.task == "detection" and args.data not in common.PKU_PAIRED_SETS:
+        raise common.UserError(f"evaluate.py: --task detection expected --data in {list(common.PKU_PAIRED_SETS)} "
+                               f"(untrimmed videos with labelled segments), found {args.data}")
     task_key = PROTOCOL_TASK.get(args.task, "finetune")
     p = args.protocol
     if args.protocol_name == "ch2":  # thesis Sec. 2.4.3: fc + last block, SGD 0.1 (momentum 0.9), wd 1e-3, 100 epochs
@@ -1512,7 +1644,7 @@ def apply_protocol(args):
         raise ValueError(f"evaluate.py: --task repcount needs a UCFRep-layout dataset (ucfrep, toy-ucfrep); "
                          f"--data is {args.data}")
     if args.val_fraction is None:  # few-shot: extra labelled data for selection would break the label budget
-        args.val_fraction = 0.0 if args.task == "fewshot" else 0.1
+        args.val_fraction = 0.0 if args.task in ("fewshot", "detection") else 0.1
     args.bad_files = os.path.join(args.out_dir, "bad_files.txt")
 
 
@@ -1759,6 +1891,8 @@ def main_worker(args):
         result = fewshot_task(run, args)
     elif args.task == "repcount":
         result = repcount_task(run, args)
+    elif args.task == "detection":
+        result = detection_task(run, args)
     elif args.task == "severe":
         result = severe_task(run, args)
     else:

@@ -441,6 +441,57 @@ def test_two_stream_fusion_averages_the_stream_scores_with_equal_weights(tmp_pat
     assert m["top1_mean_scores"] == pytest.approx(100.0) and m["top1_sum"] == pytest.approx(200 / 3)
 
 
+def test_detection_ap_by_hand_one_to_one_matching():
+    """Ground truth [0, 10) and [20, 30) in video a. d1 [1, 10) tIoU 0.9; d2 [0, 6) tIoU 0.6 with the ground truth
+    d1 already took (a duplicate: false positive); d3 [22, 34) tIoU 8 / 14 = 0.571.
+    tIoU 0.5: TP FP TP -> precision 1, 1/2, 2/3 at recall 1/2, 1/2, 1 -> AP = 1/2 * 1 + 1/2 * 2/3 = 5/6.
+    tIoU 0.7: TP FP FP -> AP = 1/2 * 1."""
+    gt = [("a", 0, 10), ("a", 20, 30)]
+    det = [("a", 22, 34, 0.7), ("a", 1, 10, 0.9), ("a", 0, 6, 0.8)]
+    assert evaluate.temporal_iou((22, 34), np.array([[20.0, 30.0]]))[0] == pytest.approx(8 / 14)
+    assert evaluate.detection_average_precision(det, gt, 0.5) == pytest.approx(5 / 6)
+    assert evaluate.detection_average_precision(det, gt, 0.7) == pytest.approx(0.5)
+    assert evaluate.detection_average_precision(det, gt, 0.1) == pytest.approx(5 / 6)
+    # class 1: a detection in a video without its ground truth (FP, score 0.6) before a perfect one (TP, 0.5):
+    # precision 1/2 at recall 1 -> AP 1/2. Class 2 has detections but no ground truth: not averaged.
+    detections = [(v, 0, a, b, s) for v, a, b, s in det] + [("a", 1, 0, 10, 0.6), ("b", 1, 0, 10, 0.5),
+                                                              ("b", 2, 0, 5, 0.9)]
+    truth = [(v, 0, a, b) for v, a, b in gt] + [("b", 1, 0, 10)]
+    assert evaluate.detection_map(detections, truth, (0.5,))[0.5] == pytest.approx((5 / 6 + 1 / 2) / 2)
+
+
+def test_group_windows_merges_runs_of_one_action():
+    """4-frame windows at stride 2; class 2 = background. Windows 0-1 say action 0 (p 0.6, 0.8), window 2
+    background, windows 3-4 action 1 (0.5, 0.7), then a new sequence."""
+    windows = [("s", 0), ("s", 2), ("s", 4), ("s", 6), ("s", 8), ("t", 0)]
+    scores = np.array([[0.6, 0.1, 0.3], [0.8, 0.1, 0.1], [0.1, 0.1, 0.8], [0.2, 0.5, 0.3], [0.1, 0.7, 0.2],
+                       [0.1, 0.6, 0.3]])
+    got = evaluate.group_windows(scores, windows, 4, background=2)
+    assert [d[:4] for d in got] == [("s", 0, 0, 6), ("s", 1, 6, 12), ("t", 1, 0, 4)]
+    assert [d[4] for d in got] == pytest.approx([0.7, 0.6, 0.6])
+
+
+def test_detection_task_runs_on_the_pku_layout(pku_layout, tmp_path):
+    """--task detection end to end on the PKU-MMD fixture: windows labelled from the segments, the documented
+    simplification printed, mAP at every tIoU in [0, 100]."""
+    paired = common.build_dataset("pku1-paired", pku_layout, "train", transform=lambda item: item)
+    windows = evaluate.DetectionWindows(paired, ["0002-L"], 4, "depth")
+    # 20 frames, windows at 0, 2, ..., 16; segments 2-9 (label 2) and 12-18 (label 6); C = 51 = background
+    assert [w[1] for w in windows.windows] == [0, 2, 4, 6, 8, 10, 12, 14, 16]
+    assert windows.labels.tolist() == [2, 2, 2, 2, 2, 6, 6, 6, 6]  # window 0: 2 of 4 frames; 10: 10-13 has 12, 13
+    depth = torch.round(windows[1]["depth"][0, :, 5, 5] * 10).long() - 1  # frames 2-5 of the 16-frame PNG folder
+    assert depth.tolist() == [t * 16 // 20 for t in range(2, 6)] and windows[1]["label"] == 2
+    result = evaluate.main(["--task", "detection", "--data", "pku1-paired", "--data-root", pku_layout, "--arch",
+                            "tiny3d", "--frames", "4", "--epochs", "1", "--batch-size", "2", "--workers", "0",
+                            "--label-fraction", "0.5", "--out-dir", str(tmp_path / "det")])
+    assert "NOT R-C3D" in result["protocol"] and result["sizes"] == {"train": 1, "val": 0, "test": 1}
+    assert set(result["metrics"]) == {f"mAP@{t / 10:.1f}" for t in range(1, 8)}
+    assert all(0 <= v <= 100 for v in result["metrics"].values())
+    with pytest.raises(common.UserError, match="--task detection expected --data in"):
+        evaluate.main(["--task", "detection", "--data", "toy-paired-target", "--workers", "0", "--out-dir",
+                       str(tmp_path / "x")])
+
+
 def test_two_gloo_processes_and_visualize(small_paired, tmp_path):
     """--gpus 2 on CPU: the cache is written once by rank 0 (the others wait), every rank trains its shard;
     --visualize writes the pairs and the cosine matrices before and after."""
