@@ -11,10 +11,19 @@ fine-tuned with few labels (evaluate.py).
                                               # other 6), prints kNN of student vs random init vs teacher
     python evaluate.py --task linear --data toy-paired-target \
         --weights runs/crossmodal_distill-toy-paired-target/backbone.pth      # vs --weights none
-    # paper (NTU RGB+D official folders under NTU/, see common.NTUPairedDataset; flow = TV-L1, CoCLR layout):
+    # paper (NTU RGB+D official folders under NTU/, common.NTUPairedDataset; PKU-MMD under PKU/, PKUPairedDataset):
     python crossmodal_distill.py --stage teacher --data ntu120-minus-60 --data-root NTU --gpus 4
     python crossmodal_distill.py --data ntu60-paired-xview --data-root NTU --gpus 4 \
         --teacher-weights runs/crossmodal_distill-teacher-ntu120-minus-60/backbone.pth    # --student skeleton
+    python evaluate.py --task fewshot --protocol ch2 --per-class 20 --seeds 0 1 2 3 4 --data ntu60-paired-xview \
+        --data-root NTU --weights S/backbone.pth --save-logits      # Fig. 2.3 / Tables 2.1-2.4 (--weights none)
+    python evaluate.py --task fusion --logits RGB_EVAL/seed_0/logits.pth FLOW_EVAL/seed_0/logits.pth
+        # two-stream (Table 2.1): top1_mean_scores = equal-weight mean of the RGB- and flow-taught students' scores
+    python evaluate.py --task detection --data pku1-paired --data-root PKU --weights S/backbone.pth \
+        --label-fraction 0.25 --gpus 4      # Table 2.6 (1/4, 1/2, all); a sliding-window detector, NOT R-C3D
+    # flow/<name>/flow_%05d.jpg (CoCLR layout): OpenCV DualTVL1OpticalFlow between consecutive grey RGB frames,
+    # clipped to +-20 px, (u + 20) * 255 / 40 in channels 0 and 1 of a JPEG (quality 100), channel 2 = 128
+    # (common.write_flow_frames writes exactly this from float flow).
 
 The file follows Sec. 2.3: flags -> teacher (Sec. 2.3.1, frozen) -> student + projection -> clips of a video
 (Eq. 2.3) -> losses (Eq. 2.1-2.5) -> teacher feature cache -> data -> train steps -> main.
@@ -41,14 +50,15 @@ Implementation details (the thesis is silent on these; our choices):
      (share of students whose nearest target in the batch is their own): teacher features of different videos are
      alike (cos_neg is high), so a falling loss alone does not show that the student tells videos apart.
   8. NTU RGB+D: RGB, depth, skeletons and flow differ in frame count; they are aligned by time on the depth frames.
-     NTU-120-minus-60 (A061-A120) is split by NTU-120's cross-subject subjects (the thesis does not say).
+     NTU-120-minus-60 (A061-A120) is split by NTU-120's cross-subject subjects (the thesis does not say). PKU-MMD:
+     one sample per labelled action, aligned by time on the skeleton (label) frames; 8-bit depth videos read as
+     255 = 4.5 m (the files state no scale; 16-bit millimetre PNG folders are exact).
   9. Toy (not in the paper): tiny3d, 8 x 48², batch 8; teacher on flow, 40 epochs (in one run an RGB teacher's
      features keyed on the random backgrounds: kNN 11 % on the unseen actions vs 47 % for flow), student 100 epochs.
 
-Not implemented yet: PKU-MMD paired layouts and temporal action detection (R-C3D, Table 2.6);
-evaluate.py's Ch. 2 protocol (last block + fc, all clips averaged; evaluate.py reads one depth clip per video of
-paired sets) and skeleton students on paired sets in evaluate.py; two-stream students are two runs fused with
-evaluate.py --task fusion on saved logits; samples/s of cache vs on the fly were not measured on a GPU.
+Not implemented: R-C3D (evaluate.py --task detection is a simpler sliding-window detector on the student) and
+PKU-MMD's own mAP_action; skeleton students on paired sets in evaluate.py; samples/s with and without the teacher
+cache were not measured on a GPU.
 """
 import argparse
 import copy
@@ -302,7 +312,7 @@ def teacher_key(teacher, dataset, args, blocks):
     for name, value in sorted(teacher.state_dict().items()):
         h.update(name.encode())
         h.update(value.detach().cpu().float().numpy().tobytes())
-    names = [dataset.sample_path(i) for i in range(len(dataset))]
+    names = [dataset.sample_path(i) for i in range(len(dataset))] + list(getattr(dataset, "names", []))  # PKU: clips
     h.update(json.dumps([os.path.abspath(dataset.root), dataset.split, names, args.teacher_arch,
                          args.teacher_modality, args.clip_len, args.crop_size, blocks]).encode())
     return h.hexdigest()[:20]

@@ -393,6 +393,23 @@ def test_pku_paired_official_layout(pku_layout):
     assert len(common.build_dataset("pku1-paired", pku_layout, "train", per_class=1)) == 2  # one per action
 
 
+def test_distillation_runs_on_the_pku_layout(pku_layout, tmp_path):
+    """An RGB teacher (1920x1080 in the real files) teaches a depth student on PKU-MMD instances; the teacher cache
+    is keyed by the instances, not only by the files (two instances share one sequence's files)."""
+    out = str(tmp_path / "pku")
+    result = cd.main(["--data", "pku1-paired", "--data-root", pku_layout, "--out-dir", out, "--max-steps", "1",
+                      "--batch-size", "2", "--teacher-arch", "tiny3d", "--student-arch", "tiny3d", "--clip-len", "4",
+                      "--crop-size", "16", "--workers", "0", "--teacher-cache", str(tmp_path / "cache"),
+                      "--teacher-weights", _teacher_file(tmp_path)])
+    assert result["step"] == 1 and os.path.exists(os.path.join(out, "backbone.pth"))
+    args = _args(data="pku1-paired", data_root=pku_layout, teacher_arch="tiny3d", teacher_weights=_teacher_file(
+        tmp_path), clip_len=4, crop_size=16)
+    teacher, train = cd.build_teacher(args), common.build_dataset("pku1-paired", pku_layout, "train")
+    key = cd.teacher_key(teacher, train, args, False)
+    train.names = train.names[:1] + train.names[:1] + train.names[2:]  # same files, other instances
+    assert cd.teacher_key(teacher, train, args, False) != key
+
+
 class _MeanDepthLogits(torch.nn.Module):
     """Two logits per clip, (10 * mean input, 0): clips of different depth get different scores."""
 
