@@ -1191,6 +1191,7 @@ def detection_task(run, args):
                 f"0.1-0.7, ActivityNet-style one-to-one matching, classes with ground truth averaged")
     run.print(protocol)
     model = Classifier(backbone, num_classes + 1, frozen=False)
+    args.eval_every = args.epochs  # nothing to select on: one training chunk
     selection = train_and_select(run, args, model, train_set, None, num_classes + 1)
     scores = predict(model, test_set, args, run)["scores"]  # (W, C + 1) softmax per window
     check_finite(scores, "window scores")

@@ -509,6 +509,50 @@ def test_detection_task_runs_on_the_pku_layout(pku_layout, tmp_path):
                        str(tmp_path / "x")])
 
 
+def _write_detection_layout(root, seed):
+    """A PKU-MMD layout whose two actions are separable by depth alone (class 0 at 1.5 m, class 1 at 3 m, between
+    actions 0.5 m, noise 0.2 m): 6 train and 3 val sequences of 64 frames, each with one segment of either action
+    (16-24 frames) at a random place."""
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    for folder in ("PKU_Skeleton_Renew", "Train_Label_PKU_final", "Split", "DEPTH_VIDEO"):
+        os.makedirs(os.path.join(root, folder))
+    seqs = [f"{k:04d}-M" for k in range(9)]
+    with open(os.path.join(root, "Split", "cross-subject.txt"), "w") as f:
+        f.write(f"Training videos:\n{', '.join(seqs[:6])}\nValidation videos:\n{', '.join(seqs[6:])}\n")
+    for seq in seqs:
+        level = np.full(64, 500.0)
+        a = int(rng.integers(2, 12))
+        b = a + int(rng.integers(16, 24))
+        c = b + int(rng.integers(4, 8))
+        d = min(c + int(rng.integers(16, 24)), 62)
+        first = int(rng.integers(2))
+        level[a:b + 1], level[c:d + 1] = (1500, 3000)[first], (1500, 3000)[1 - first]
+        with open(os.path.join(root, "Train_Label_PKU_final", f"{seq}.txt"), "w") as f:
+            f.write(f"{first + 1},{a},{b},1\n{2 - first},{c},{d},1\n")
+        np.savetxt(os.path.join(root, "PKU_Skeleton_Renew", f"{seq}.txt"), np.zeros((64, 150)), fmt="%.1f")
+        os.makedirs(os.path.join(root, "DEPTH_VIDEO", seq))
+        for t in range(64):
+            noise = rng.normal(0, 200, (20, 26))
+            Image.fromarray((level[t] + noise).clip(0, 4500).astype(np.uint16)).save(
+                os.path.join(root, "DEPTH_VIDEO", seq, f"{t:05d}.png"))
+
+
+@pytest.mark.slow
+def test_detector_finds_actions_that_depth_separates(tmp_path):
+    """The sliding-window detector end to end on data it can learn: fine-tuned, it localises and classifies the
+    segments (mAP@0.5 far above the untrained network's). Measured with layout and run seeds 0 and 1: mAP@0.5
+    100.0 trained vs 0.0 untrained both times (about 25 s of CPU time)."""
+    _write_detection_layout(str(tmp_path / "pku"), seed=0)
+    metrics = {}
+    for name, lr, epochs in (("untrained", 1e-12, 1), ("trained", 0.05, 12)):  # 1e-12: BN statistics only
+        metrics[name] = evaluate.main(["--task", "detection", "--data", "pku1-paired", "--data-root",
+                                       str(tmp_path / "pku"), "--arch", "tiny3d", "--frames", "8", "--batch-size",
+                                       "8", "--lr", str(lr), "--epochs", str(epochs), "--milestones", "9",
+                                       "--workers", "0", "--out-dir", str(tmp_path / name)])["metrics"]
+    assert metrics["trained"]["mAP@0.5"] >= 80 and metrics["trained"]["mAP@0.5"] >= metrics["untrained"]["mAP@0.5"] + 40
+
+
 def test_two_gloo_processes_and_visualize(small_paired, tmp_path):
     """--gpus 2 on CPU: the cache is written once by rank 0 (the others wait), every rank trains its shard;
     --visualize writes the pairs and the cosine matrices before and after."""
