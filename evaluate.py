@@ -1811,7 +1811,10 @@ def describe_protocol(args, source, sizes, num_classes):
                      + (" + flip" if p["flip"] else "") + (" + colour jitter" if p["jitter"] else ""))
         inputs = (f"{p['modality']} clips of {args.frames} frames at stride {p['stride']}, "
                   f"{p['crop']}x{p['crop']} crops; "
-                  f"train: 1 random clip, {train_aug}; test: {args.test_clips} uniformly spaced clips, short side "
+                  f"train: 1 random clip, {train_aug}; test: " + (
+                      f"{args.test_clips} uniformly spaced clips" if args.protocol_name != "ch2" else
+                      f"ALL frames // {args.frames} consecutive clips" if protocol_for(args.data)["modality"] == "depth"
+                      else f"{args.test_clips} uniformly spaced clips (the thesis: all clips)") + ", short side "
                   f"{p['short_side']} + centre crop, "
                   + ("sigmoid max-pooled" if args.task == "multilabel" else "softmax averaged"))
     lines = [f"protocol: --task {args.task} on {args.data} ({num_classes} classes), backbone {args.arch} "
@@ -1832,10 +1835,7 @@ def describe_protocol(args, source, sizes, num_classes):
         lines.append(f"  labels: {budget}, subset seed {args.subset_seed}")
     head = ("frozen backbone in eval mode + new linear classifier" if args.task == "linear" else
             f"only the new linear head and the backbone's last block ({last_block(args.arch)[0]}) trained, the rest "
-            f"frozen in eval mode (--protocol ch2, thesis Sec. 2.4.3; test: " + ("softmax averaged over ALL "
-            f"frames // {args.frames} clips of a video)" if protocol_for(args.data)["modality"] == "depth" else
-            f"{args.test_clips} uniformly spaced clips averaged; the thesis averages all)")
-            if args.protocol_name == "ch2" else
+            f"frozen in eval mode (--protocol ch2, thesis Sec. 2.4.3)" if args.protocol_name == "ch2" else
             f"whole network trained, new linear head (dropout {args.protocol['dropout']})")
     lines += [f"  model: {head}",
               f"  optimisation: {args.optimizer} lr {args.lr} (momentum {args.momentum} for sgd) wd {args.wd}, "

@@ -437,6 +437,8 @@ def test_ch2_protocol_scores_a_video_by_the_mean_over_all_its_clips(pku_layout, 
     prediction = evaluate.predict(model, test, args, _run(tmp_path))
     assert torch.allclose(prediction["scores"][0], expected, atol=1e-6) and prediction["labels"].tolist() == [50]
     assert len(test.dataset) == 1 and evaluate.build_split(args, "train", train=True)[0]["depth"].dim() == 4
+    text = evaluate.describe_protocol(args, "random", {"train": 3, "val": 0, "test": 1}, 51)
+    assert "test: ALL frames // 4 consecutive clips" in text and "last block (layer4)" in text
 
 
 def test_two_stream_fusion_averages_the_stream_scores_with_equal_weights(tmp_path):
