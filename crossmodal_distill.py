@@ -56,9 +56,9 @@ Implementation details (the thesis is silent on these; our choices):
   9. Toy (not in the paper): tiny3d, 8 x 48², batch 8; teacher on flow, 40 epochs (in one run an RGB teacher's
      features keyed on the random backgrounds: kNN 11 % on the unseen actions vs 47 % for flow), student 100 epochs.
 
-Not implemented: R-C3D (evaluate.py --task detection is a simpler sliding-window detector on the student) and
-PKU-MMD's own mAP_action; skeleton students on paired sets in evaluate.py; samples/s with and without the teacher
-cache were not measured on a GPU.
+Not implemented: R-C3D (evaluate.py --task detection is a simpler sliding-window detector on the student; it
+reports ActivityNet-style mAP and PKU-MMD's own mAP_action); skeleton students on paired sets in evaluate.py;
+samples/s with and without the teacher cache were not measured on a GPU.
 """
 import argparse
 import copy

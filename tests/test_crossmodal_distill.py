@@ -479,6 +479,24 @@ def test_detection_ap_by_hand_one_to_one_matching():
     assert evaluate.detection_map(detections, truth, (0.5,))[0.5] == pytest.approx((5 / 6 + 1 / 2) / 2)
 
 
+def test_pku_mmd_map_action_by_hand():
+    """PKU-MMD's own evaluate.py (inclusive frames, overlap = intersection / hull, no one-to-one matching, AP walked
+    from the least confident detection, divided by 52 label slots).
+    Class 0: ground truth 0-9 and 20-29; detections 0-9 (0.9, positive), 30-39 (0.8, negative), 20-29 (0.7,
+    positive). From the least confident: 20-29 leaves 1 positive of 2 remaining -> precision 1/2, recall 1/2 ->
+    1/2 * (1 - 1/2); 0-9 is the last one (their loop breaks); + 1/2 * 1/2 -> AP 1/2 (ActivityNet-style: 5/6).
+    Class 1: ground truth 0-9; a duplicate 0-9 also counts as positive -> AP 1."""
+    truth = [("a", 0, 0, 9), ("a", 0, 20, 29), ("b", 1, 0, 9)]
+    detections = [("a", 0, 0, 9, 0.9), ("a", 0, 30, 39, 0.8), ("a", 0, 20, 29, 0.7), ("b", 1, 0, 9, 0.9),
+                  ("b", 1, 0, 9, 0.8), ("b", 1, 20, 29, 0.7)]
+    assert evaluate.pku_mmd_map_action(detections[:3], truth[:2], slots=1) == pytest.approx(0.5)
+    assert evaluate.pku_mmd_map_action(detections[3:], truth[2:], slots=1) == pytest.approx(1.0)
+    assert evaluate.pku_mmd_map_action(detections, truth) == pytest.approx(1.5 / 52)
+    exclusive = [(v, c, s, e + 1, *rest) for v, c, s, e, *rest in detections[:3]]
+    assert evaluate.detection_average_precision([(d[0], *d[2:]) for d in exclusive], [("a", 0, 10), ("a", 20, 30)],
+                                                0.5) == pytest.approx(5 / 6)
+
+
 def test_group_windows_merges_runs_of_one_action():
     """4-frame windows at stride 2; class 2 = background. Windows 0-1 say action 0 (p 0.6, 0.8), window 2
     background, windows 3-4 action 1 (0.5, 0.7), then a new sequence."""
@@ -504,7 +522,7 @@ def test_detection_task_runs_on_the_pku_layout(pku_layout, tmp_path):
                             "tiny3d", "--frames", "4", "--epochs", "1", "--batch-size", "2", "--workers", "0",
                             "--label-fraction", "0.5", "--out-dir", str(tmp_path / "det")])
     assert "NOT R-C3D" in result["protocol"] and result["sizes"] == {"train": 1, "val": 0, "test": 1}
-    assert set(result["metrics"]) == {f"mAP@{t / 10:.1f}" for t in range(1, 8)}
+    assert set(result["metrics"]) == {f"mAP@{t / 10:.1f}" for t in range(1, 8)} | {"pku_mAP_action@0.5"}
     assert all(0 <= v <= 100 for v in result["metrics"].values())
     with pytest.raises(common.UserError, match="--task detection expected --data in"):
         evaluate.main(["--task", "detection", "--data", "toy-paired-target", "--workers", "0", "--out-dir",
