@@ -131,7 +131,7 @@ PROTOCOLS = {
     "toy-ucfrep": dict(VIDEO, frames=32, crop=32, short_side=32, jitter=False, test_clips=1, metric="mae",
                        sample_duration=64, repcount=_opt("adam", 8, 3e-3, 12, [])),
     # Paired sets (crossmodal_distill.py): the modality comes from the checkpoint's meta (depth by default, flow);
-    # one clip per video at test (PairedDataset reads one clip). Toy: toy-paired-target's 6 actions, 16-24 frames.
+    # one clip per video at test (all frames // L: --protocol ch2). Toy: toy-paired-target's 6 actions, 16-24 frames.
     "paired": dict(VIDEO, modality="depth", frames=16, short_side=112, jitter=False, test_clips=1,
                    detection=_opt("sgd", 4, 1e-4, 8, [6], wd=5e-4)),  # Table 2.6 (R-C3D schedule), detection_task
     "toy-paired": dict(VIDEO, modality="depth", frames=8, crop=48, short_side=48, crop_scale=(0.5, 1.0),
@@ -224,7 +224,7 @@ def get_parser():
     g.add_argument("--per-class", type=int, default=None, help="N labelled examples per class (thesis Ch. 2: 20, 50, "
                    "100 with --protocol ch2)")
     g.add_argument("--label-fraction", type=float, default=None, help="stratified fraction of labels (Ch. 3: 0.01, "
-                   "0.05, 0.1, 0.2)")
+                   "0.05, 0.1, 0.2); --task detection: random share of the training videos (Table 2.6: 0.25, 0.5)")
     g.add_argument("--num-examples", type=int, default=None, help="SEVERE's '10^3 examples': ceil(N / C) per class")
     g.add_argument("--seeds", type=int, nargs="+", default=None, help="repeat over these seeds and report "
                    "mean +- std (Ch. 2/3: 5 seeds); default: --seed")
