@@ -2868,8 +2868,9 @@ class PKUPairedDataset(NTUPairedDataset):
             return os.path.join(self.skeleton_dir, f"{seq}.txt")
         folder, suffix = self.FOLDERS[modality]
         candidates = [os.path.join(self.root, folder, seq)] + [os.path.join(self.root, folder, seq + s + ext)
-                                                               for s in ("", suffix) for ext in VIDEO_EXTENSIONS]
-        return next((p for p in candidates if os.path.exists(p)), candidates[1])
+                                                               for s in ("", suffix) for ext in (".avi",) +
+                                                               VIDEO_EXTENSIONS]
+        return next((p for p in candidates if os.path.exists(p)), candidates[1])  # missing: named as <seq>.avi
 
     def num_frames(self, seq, modality):
         """Frames of one modality of a sequence (skeleton: rows; depth: PNGs or video frames; flow: JPEGs)."""

@@ -391,6 +391,8 @@ def test_pku_paired_official_layout(pku_layout):
     assert sample["depth"].shape == (1, 4, 20, 26) and sample["label"] == 6
     assert torch.allclose(sample["skeleton"][0, :, 0, 0], (12 + sample["frame_indices"]).float() / 100)
     assert len(common.build_dataset("pku1-paired", pku_layout, "train", per_class=1)) == 2  # one per action
+    with pytest.raises(common.VideoReadError, match=r"RGB_VIDEO/0009-R\.avi: missing"):
+        train.num_frames("0009-R", "video")  # a missing file is named as the official .avi
 
 
 def test_distillation_runs_on_the_pku_layout(pku_layout, tmp_path):
