@@ -599,17 +599,17 @@ def main(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     add_method_args(parser)
     parser.set_defaults(lr=None, wd=None, epochs=None, batch_size=None, workers=None, knn_every=None)
-    args = finalize_args(parser.parse_args(sys.argv[1:] if argv is None else argv))
-    if args.stage == "distill" and args.teacher_weights is None:  # toy: train the teacher first (Sec. 2.4.3)
-        teacher_args = copy.copy(args)
-        teacher_args.stage, teacher_args.data = "teacher", args.teacher_data
+    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
+    if args.stage == "distill" and args.teacher_weights is None and args.data.startswith("toy"):  # teacher first
+        teacher_args = copy.copy(args)  # its own defaults (Sec. 2.4.3), not the student's
+        teacher_args.stage, teacher_args.data = "teacher", args.teacher_data or TOY_DEFAULTS["teacher_data"]
         teacher_args.lr = teacher_args.wd = teacher_args.epochs = teacher_args.batch_size = None
-        teacher_args = finalize_args(teacher_args)
-        teacher_args.out_dir = os.path.join(args.out_dir or os.path.join("runs", f"crossmodal_distill-{args.data}"),
+        data = "toy-paired-target" if args.data == "toy" else args.data
+        teacher_args.out_dir = os.path.join(args.out_dir or os.path.join("runs", f"crossmodal_distill-{data}"),
                                             "teacher")
-        common.launch(main_worker, teacher_args)
+        common.launch(main_worker, teacher_args, finalize=finalize_args)
         args.teacher_weights = os.path.join(teacher_args.out_dir, "backbone.pth")
-    return common.launch(main_worker, args)
+    return common.launch(main_worker, args, finalize=finalize_args)  # UserErrors: one line, before any output
 
 
 if __name__ == "__main__":
