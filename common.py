@@ -4534,7 +4534,7 @@ def check_data(name, root=None, decoder="auto", splits=("train", "val"), out=pri
         if isinstance(ds, (VideoDataset, KineticsSkeletonDataset)):
             labels = [y for _, y in ds.samples if np.ndim(y) == 0 and not isinstance(y, float)]
         else:
-            inner = ds.skeletons if isinstance(ds, PairedDataset) else ds
+            inner = getattr(ds, "skeletons", ds)  # toy PairedDataset: its skeleton arrays; NTU / PKU-MMD: itself
             labels = inner.labels[inner.indices].tolist()
         if labels:
             counts = np.bincount(labels, minlength=ds.num_classes)

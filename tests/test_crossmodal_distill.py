@@ -318,6 +318,8 @@ def test_ntu_paired_official_layout(ntu_layout):
     assert source.names == ["S018C002P001R001A061"] and source.labels.tolist() == [0]
     rgb_only = common.build_dataset("ntu120-minus-60", ntu_layout, "train", modalities=("video",))
     assert rgb_only.time_axis == "video" and rgb_only.length(0) == 12  # the teacher's RGB: its own frames
+    report = common.check_data("ntu60-paired-xview", ntu_layout, out=lambda line: None)
+    assert {split: (r["size"], r["bad"]) for split, r in report.items()} == {"train": (3, []), "val": (1, [])}
 
 
 def test_distillation_runs_on_the_ntu_layout(ntu_layout, tmp_path):
@@ -393,6 +395,8 @@ def test_pku_paired_official_layout(pku_layout):
     assert len(common.build_dataset("pku1-paired", pku_layout, "train", per_class=1)) == 2  # one per action
     with pytest.raises(common.VideoReadError, match=r"RGB_VIDEO/0009-R\.avi: missing"):
         train.num_frames("0009-R", "video")  # a missing file is named as the official .avi
+    report = common.check_data("pku1-paired", pku_layout, out=lambda line: None)  # python common.py check-data
+    assert {split: (r["size"], r["bad"]) for split, r in report.items()} == {"train": (3, []), "val": (1, [])}
 
 
 def test_distillation_runs_on_the_pku_layout(pku_layout, tmp_path):
