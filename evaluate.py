@@ -31,6 +31,7 @@ then the real-data command (W = a backbone.pth, checkpoint.pth or an authors' ch
     fusion         python evaluate.py --task finetune --save-logits; python evaluate.py --task linear --save-logits;
                    python evaluate.py --task fusion --logits runs/evaluate-{finetune,linear}-toy-motion-*/logits.pth
                    python evaluate.py --task fusion --logits rgb/logits.pth flow/logits.pth pose/logits.pth
+                   (--task knn --save-logits files: ViCC's R+F retrieval, the sum of the streams' cosine similarities)
     repcount       python evaluate.py --task repcount
                    python evaluate.py --task repcount --data ucfrep --arch r2plus1d_18 --weights W --gpus 4
     severe         python evaluate.py --task severe --max-steps 2
@@ -211,7 +212,7 @@ def get_parser():
     g.add_argument("--no-center", action="store_true", help="skeletons: do not subtract body 0's spine joint per "
                    "frame (skeleton_contrast.py centres before pretraining; use the same setting here)")
     g.add_argument("--save-logits", action="store_true", help="also write logits.pth (train and test logits, "
-                   "eval transform) for --task fusion")
+                   "eval transform; --task knn: gallery and query features) for --task fusion")
     g = parser.add_argument_group("label efficiency (fewshot)")
     g.add_argument("--protocol", dest="protocol_name", default="dataset", choices=["dataset", "ch2"],
                    help="dataset = the --data entry of PROTOCOLS (whole network; UCF/Gym 10^3: thesis Table C.4); "
@@ -956,6 +957,10 @@ def knn_task(run, args):
     gallery, queries = F.normalize(gallery, dim=1), F.normalize(queries, dim=1)
     recall = retrieval_recall(queries, query_labels, gallery, gallery_labels, RETRIEVAL_KS)
     knn, _ = common.knn_classify(gallery, gallery_labels, queries, gallery_set.num_classes, KNN_K, KNN_T)
+    if args.save_logits and run.is_main:  # for --task fusion: R+F retrieval of two streams (ViCC supp. Sec. 3)
+        torch.save({"train": {"features": gallery, "labels": gallery_labels}, "test": {"features": queries,
+                    "labels": query_labels}, "arch": args.arch, "weights": args.weights, "data": args.data},
+                   os.path.join(run.out_dir, "logits.pth"))
     metrics = {"nn1_acc": 100 * recall[1], f"knn{KNN_K}_acc": 100 * (knn == query_labels).float().mean().item(),
                **{f"R@{k}": 100 * v for k, v in recall.items()}}
     return {"metrics": metrics, "primary": "nn1_acc", "sizes": sizes, "weights_source": source,
@@ -1014,7 +1019,8 @@ def clusters_task(run, args):
 # ---------------------------------------------------------------------------------------------- fusion
 def fusion_task(run, args):
     """JMRN supp. Sec. 3, Eq. (1): alpha per modality (or per modality and class for multi-label) learned on the
-    TRAIN logits saved by --save-logits, evaluated on the test logits beside each modality and the plain sum."""
+    TRAIN logits saved by --save-logits, evaluated on the test logits beside each modality, the plain sum and the
+    mean of softmax probabilities; --task knn files: R@k of each stream and of the sum of cosine similarities."""
     if not args.logits or len(args.logits) < 2:
         raise ValueError("evaluate.py --task fusion: pass two or more --logits files (written by --save-logits)")
     saved = [common.load_checkpoint_file(path, args.trust_checkpoint, flag="--logits") for path in args.logits]
@@ -1023,6 +1029,18 @@ def fusion_task(run, args):
             if not torch.equal(s[split]["labels"], saved[0][split]["labels"]):
                 raise ValueError(f"evaluate.py: {path}: its {split} labels differ from {args.logits[0]}'s; the "
                                  f"logits must come from the same samples in the same order")
+    if len({"features" in s["test"] for s in saved}) > 1:
+        raise common.UserError("evaluate.py: --logits: expected files of one kind, found knn features and logits")
+    if "features" in saved[0]["test"]:  # ViCC supp. Sec. 3 R+F retrieval: the sum of the streams' cosine similarities
+        query_labels, gallery_labels = saved[0]["test"]["labels"], saved[0]["train"]["labels"]
+        queries, gallery = ([s[split]["features"].float() for s in saved] for split in ("test", "train"))  # M x (N, D)
+        metrics = {f"R@{k}_input{m}": 100 * v for m in range(len(saved))
+                   for k, v in retrieval_recall(queries[m], query_labels, gallery[m], gallery_labels).items()}
+        # each stream's features are L2-normalised: dot products of their concatenations are the sums of cosines
+        recall = retrieval_recall(torch.cat(queries, 1), query_labels, torch.cat(gallery, 1), gallery_labels)
+        metrics.update({f"R@{k}_sum": 100 * v for k, v in recall.items()})
+        return {"metrics": metrics, "primary": "R@1_sum", "alpha": "none (sum of cosine similarities)",
+                "sizes": {"train": len(gallery_labels), "val": 0, "test": len(query_labels)}, "inputs": args.logits}
     train = torch.stack([s["train"]["logits"] for s in saved]).float()  # (M, N_train, C)
     test = torch.stack([s["test"]["logits"] for s in saved]).float()  # (M, N_test, C)
     if args.fusion_l2:
@@ -1041,6 +1059,8 @@ def fusion_task(run, args):
     name = "mAP" if multilabel else "top1"
     metrics = {f"{name}_input{m}": score(t) for m, t in enumerate(test)}  # input m = the m-th --logits file
     metrics[f"{name}_sum"] = score(test.sum(dim=0))
+    if not multilabel:  # ViCC supp. Sec. 3 R+F classification: the mean of the streams' softmax probabilities
+        metrics[f"{name}_softmax_mean"] = score(test.softmax(dim=2).mean(dim=0))
     with torch.no_grad():
         metrics[f"{name}_learned"] = score(fusion(test))
     run.print(f"fusion: {len(saved)} modalities, {'M x C' if per_class else 'M'} weights, Adam lr {args.lr}, "

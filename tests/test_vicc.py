@@ -385,3 +385,30 @@ def test_authors_checkpoint_layout_loads(tmp_path):
         torch.testing.assert_close(loaded.state_dict()[k], v, msg=k)
     with pytest.raises(common.UserError, match="--arch/--prototypes"):
         vicc.load_stream(vicc.Stream("tiny3d", 16, 5), str(tmp_path / "epoch299.pth.tar"))
+
+
+def test_r_plus_f_fusion_sums_cosines_and_averages_softmax_by_hand(tmp_path, capsys):
+    """ViCC supp. Sec. 3 R+F: retrieval ranks by the sum of both streams' cosine similarities, classification takes
+    the mean of both streams' softmax probabilities; each alone (and the logit sum) gets the query wrong."""
+    import evaluate as ev
+
+    labels = {"train": torch.tensor([0, 1, 2]), "test": torch.tensor([1])}
+    rgb = {"train": torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 1.0]]), "test": torch.tensor([[1.0, 0.0]])}
+    flow = {"train": torch.tensor([[0.0, 1.0], [0.8, 0.6], [1.0, 0.0]]), "test": torch.tensor([[1.0, 0.0]])}
+    # cosines of the query: RGB 1, 0.6, 0 (nearest: label 0); flow 0, 0.8, 1 (label 2); sum 1, 1.4, 1 (label 1)
+    for name, f in (("rgb", rgb), ("flow", flow)):
+        torch.save({s: {"features": f[s], "labels": labels[s]} for s in ("train", "test")}, tmp_path / f"{name}.pth")
+    files = [str(tmp_path / "rgb.pth"), str(tmp_path / "flow.pth")]
+    m = ev.main(["--task", "fusion", "--logits", *files, "--out-dir", str(tmp_path / "r")])["metrics"]
+    assert (m["R@1_input0"], m["R@1_input1"], m["R@1_sum"], m["R@5_input0"]) == (0.0, 0.0, 100.0, 100.0)
+    # logits: RGB [0, -10, 0] -> p ~ [1/2, 0, 1/2]; flow [0, 3, -1] -> p = [1, e^3, e^-1] / 21.46 = [.047, .936, .017]
+    # logit sum [0, -7, -1] -> class 0; mean of probabilities [.27, .47, .26] -> class 1 (the label)
+    logits = [torch.tensor([[0.0, -10.0, 0.0]]), torch.tensor([[0.0, 3.0, -1.0]])]
+    for name, x in zip(("rgb", "flow"), logits):
+        torch.save({s: {"logits": x, "labels": labels["test"]} for s in ("train", "test")}, tmp_path / f"{name}.pth")
+    m = ev.main(["--task", "fusion", "--logits", *files, "--epochs", "1", "--out-dir", str(tmp_path / "c")])["metrics"]
+    assert (m["top1_sum"], m["top1_softmax_mean"]) == (0.0, 100.0)
+    torch.save({s: {"features": rgb["test"], "labels": labels["test"]} for s in ("train", "test")}, files[0])
+    with pytest.raises(SystemExit):
+        ev.main(["--task", "fusion", "--logits", *files, "--out-dir", str(tmp_path / "x")])
+    assert "expected files of one kind" in capsys.readouterr().err
