@@ -214,9 +214,10 @@ def get_parser():
     g.add_argument("--save-logits", action="store_true", help="also write logits.pth (train and test logits, "
                    "eval transform; --task knn: gallery and query features) for --task fusion")
     g = parser.add_argument_group("label efficiency (fewshot)")
-    g.add_argument("--protocol", dest="protocol_name", default="dataset", choices=["dataset", "ch2"],
+    g.add_argument("--protocol", dest="protocol_name", default="dataset", choices=["dataset", "ch2", "coclr"],
                    help="dataset = the --data entry of PROTOCOLS (whole network; UCF/Gym 10^3: thesis Table C.4); "
-                   "ch2 = thesis Sec. 2.4.3: only fc + the last block trained, SGD 0.1, wd 1e-3, batch 128, 100 epochs")
+                   "ch2 = thesis Sec. 2.4.3: only fc + the last block trained, SGD 0.1, wd 1e-3, batch 128, 100 "
+                   "epochs; coclr = CoCLR / ViCC linear (L2 + BN + linear) and finetune (dropout 0.9) at 32x128²")
     g.add_argument("--per-class", type=int, default=None, help="N labelled examples per class (thesis Ch. 2: 20, 50, "
                    "100 with --protocol ch2)")
     g.add_argument("--label-fraction", type=float, default=None, help="stratified fraction of labels (Ch. 3: 0.01, "
@@ -519,9 +520,11 @@ class Classifier(nn.Module):
     its pretrained statistics (the SEVERE linear code trains in train mode and keeps torchvision's 400-way fc).
     trainable="layer4" (--protocol ch2) trains only that block of the backbone; the rest is frozen and in eval mode."""
 
-    def __init__(self, backbone, num_outputs, frozen, dropout=0.0, trainable=None):
+    def __init__(self, backbone, num_outputs, frozen, dropout=0.0, trainable=None, l2_bn=False):
         super().__init__()
         self.backbone, self.frozen, self.trainable = backbone, frozen, trainable
+        # --protocol coclr probe (CoCLR / ViCC LinearClassifier): L2-normalised features -> BatchNorm1d -> fc
+        self.bn = nn.BatchNorm1d(backbone.feature_dim) if l2_bn else None
         self.backbone.requires_grad_(not frozen and trainable is None)
         if trainable is not None:
             backbone.get_submodule(trainable).requires_grad_(True)
@@ -541,6 +544,8 @@ class Classifier(nn.Module):
     def forward(self, x):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             features = self.backbone(x)  # (N, D)
+        if self.bn is not None:
+            features = self.bn(F.normalize(features, dim=1))  # (N, D)
         return self.fc(self.dropout(features))  # (N, C)
 
 
@@ -892,7 +897,8 @@ def classification_task(run, args, arrow=False):
         run.print(f"  transfer: pretrained on {pretrained_on or 'unknown (no meta in --weights)'} -> {args.data}"
                   + (" (WARNING: source and target are the same dataset)" if pretrained_on == args.data else ""))
     model = Classifier(backbone, num_classes, frozen=args.task == "linear", dropout=args.protocol["dropout"],
-                       trainable=last_block(args.arch)[1] if args.protocol_name == "ch2" else None)
+                       trainable=last_block(args.arch)[1] if args.protocol_name == "ch2" else None,
+                       l2_bn=args.protocol_name == "coclr" and args.task == "linear")
     selection = train_and_select(run, args, model, train_set, select_set, num_classes, multilabel, arrow)
     test = predict(model, test_set, args, run, multilabel, arrow)
     metrics = classification_metrics(test, num_classes, multilabel)
@@ -1481,6 +1487,13 @@ def apply_protocol(args):
     p = args.protocol
     if args.protocol_name == "ch2":  # thesis Sec. 2.4.3: fc + last block, SGD 0.1 (momentum 0.9), wd 1e-3, 100 epochs
         spec = _opt("sgd", 128, 0.1, 100, [], wd=1e-3)
+    elif args.protocol_name == "coclr":  # CoCLR / ViCC main_classifier.py: SGD 0.1, wd 1e-3, batch 32
+        spec = (_opt("sgd", 32, 0.1, 100, [60, 80], wd=1e-3) if args.task == "linear" else
+                _opt("sgd", 32, 0.1, 500, [200, 300, 400, 450], wd=1e-3))
+        # 32x128² crops of area >= 0.2 (their test crop: 224 of the 256 short side, then 128); toy sets keep their
+        # input size. Differences: colour jitter as SEVERE's (p 1), one lr (their backbone lr / 10 by default)
+        p = args.protocol = dict(p, dropout=0.9 if args.task == "finetune" else 0.0, **({} if args.data.startswith(
+            "toy") else dict(frames=32, crop=128, short_side=146, crop_scale=(0.2, 1.0))))
     elif task_key == "arrow":
         spec = p.get("arrow") or PROTOCOLS["ucf101"]["arrow"]
     elif task_key in p:
@@ -1520,6 +1533,8 @@ def resolve_args(args):
     if args.protocol_name == "ch2" and args.task != "fewshot":
         raise common.UserError(f"evaluate.py: --protocol ch2 is the thesis Ch. 2 few-shot finetuning; use it with "
                                f"--task fewshot, not --task {args.task}")
+    if args.protocol_name == "coclr" and args.task not in ("linear", "finetune"):
+        raise common.UserError(f"evaluate.py: --protocol coclr: expected --task linear or finetune, found {args.task}")
     args.overrides = {name: getattr(args, name) for name in ("lr", "epochs", "batch_size", "wd", "milestones",
                                                              "frames", "test_clips", "eval_every")
                       if getattr(args, name) is not None}
@@ -1693,7 +1708,8 @@ def describe_protocol(args, source, sizes, num_classes):
         budget = (f"{args.per_class} per class" if args.per_class else f"{args.label_fraction:.0%} of each class"
                   if args.label_fraction else f"ceil({args.num_examples} / {num_classes}) per class")
         lines.append(f"  labels: {budget}, subset seed {args.subset_seed}")
-    head = ("frozen backbone in eval mode + new linear classifier" if args.task == "linear" else
+    head = ("frozen backbone in eval mode + new linear classifier" + (" on L2-normalised features + BN (--protocol "
+            "coclr)" if args.protocol_name == "coclr" else "") if args.task == "linear" else
             f"only the new linear head and the backbone's last block ({last_block(args.arch)[0]}) trained, the rest "
             f"frozen in eval mode (--protocol ch2, thesis Sec. 2.4.3; it averages ALL clips of a test video, we "
             f"average {args.test_clips} uniformly spaced ones)" if args.protocol_name == "ch2" else

@@ -412,3 +412,34 @@ def test_r_plus_f_fusion_sums_cosines_and_averages_softmax_by_hand(tmp_path, cap
     with pytest.raises(SystemExit):
         ev.main(["--task", "fusion", "--logits", *files, "--out-dir", str(tmp_path / "x")])
     assert "expected files of one kind" in capsys.readouterr().err
+
+
+def test_evaluate_protocol_coclr_schedules_and_l2_bn_probe(tmp_path):
+    """--protocol coclr (CoCLR / ViCC main_classifier.py): flags and schedule values, and the probe's head."""
+    import evaluate as ev
+
+    def resolve(*argv):
+        return ev.resolve_args(ev.get_parser().parse_args(["--protocol", "coclr", "--out-dir", str(tmp_path), *argv]))
+
+    a = resolve("--task", "linear", "--data", "ucf101")
+    assert (a.optimizer, a.lr, a.wd, a.batch_size, a.epochs, a.milestones, a.frames) == \
+        ("sgd", 0.1, 1e-3, 32, 100, [60, 80], 32)
+    assert (a.protocol["crop"], a.protocol["crop_scale"], a.protocol["dropout"]) == (128, (0.2, 1.0), 0.0)
+    a = resolve("--task", "finetune", "--data", "hmdb51", "--epochs", "3")
+    assert (a.lr, a.wd, a.epochs, a.milestones, a.protocol["dropout"]) == (0.1, 1e-3, 3, [200, 300, 400, 450], 0.9)
+    a = resolve("--task", "linear", "--data", "toy-motion")  # toy sets keep their input size
+    assert (a.frames, a.protocol["crop"], a.epochs) == (8, 56, 100) and ev.PROTOCOLS["ucf101"]["crop"] == 112
+    with pytest.raises(common.UserError, match="--protocol coclr"):
+        resolve("--task", "knn")
+    torch.manual_seed(0)
+    probe = ev.Classifier(common.build_backbone("tiny3d"), 5, frozen=True, l2_bn=True).train()
+    assert probe.bn.training and not probe.backbone.training
+    x = torch.randn(4, 3, 8, 32, 32)
+    logits = probe(x)
+    scaled = ev.Classifier(common.build_backbone("tiny3d"), 5, frozen=True, l2_bn=True).train()
+    scaled.load_state_dict(probe.state_dict())
+    scaled.backbone.features[-1][1].weight.data *= 7  # last BN's scale: features x 7 (ReLU commutes)
+    scaled.backbone.features[-1][1].bias.data *= 7
+    torch.testing.assert_close(scaled(x), logits)  # L2-normalised before BN: the feature scale does not matter
+    features = probe.bn(torch.nn.functional.normalize(probe.backbone(x), dim=1))  # (4, D): batch statistics
+    torch.testing.assert_close(features.mean(0), torch.zeros(features.shape[1]), atol=1e-5, rtol=0)
