@@ -43,8 +43,11 @@ colour ops also on flow and flips that keep u's sign (--authors-code-flow-aug); 
 w/h swap is not reproduced; crops do not rescale flow vectors (as the code); the queue is one buffer shared by all
 processes (the code: one per rank, saved per rank). Toy defaults (--help) differ from the paper's: lr 4.8, crop
 area [0.5, 1], K 30, queue 96, 20 + 4 x 5 epochs.
-Not implemented yet: extract-flow (TV-L1), evaluate.py's CoCLR protocol / R+F fusion / prototype clusters,
---visualize, --benchmark and GPU JPEG decoding. The authors' .pth.tar loading is tested on a synthetic file only.
+Evaluation (supp. Sec. 3): evaluate.py --task knn [--modality flow] --center-features (R@k), --protocol coclr
+(linear / finetune); R+F: --task knn --save-logits for both streams, then --task fusion --logits rgb flow (sum of
+cosine similarities; classification logits: mean of softmax probabilities).
+Not implemented yet: extract-flow (TV-L1), prototype clusters, --visualize, --benchmark and GPU JPEG decoding.
+The authors' .pth.tar loading is tested on a synthetic file only.
 """
 import argparse
 import copy

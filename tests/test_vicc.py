@@ -148,6 +148,23 @@ def test_frozen_stream_gets_no_gradient_and_keeps_its_statistics(tmp_path):
     vicc.swapped_prediction_loss(scores[2:], codes[2:]).backward()
     assert stream.prototypes.weight.grad.abs().sum() > 0
     assert all(p.grad is None or not p.grad.any() for p in stream.backbone.parameters())
+    # and the frozen stream's codes teach the trained encoder: other flow codes, another RGB gradient; the RGB
+    # scores' gradient is the hand formula d/ds_u = (3 p_u - sum_{v != u} q_v) / (12 B tau) (Sec. 1 pseudocode)
+    def rgb_gradients(codes):
+        model.zero_grad(set_to_none=True)
+        scores.retain_grad()
+        vicc.swapped_prediction_loss(scores, codes).backward(retain_graph=True)
+        return scores.grad[:2].clone(), stream.backbone.features[0][0].weight.grad.clone()
+    z, scores = model(*(torch.randn(2, 3, 8, 48, 48) for _ in range(4)))
+    codes = vicc.sinkhorn(scores.detach())  # (4, B, K)
+    grad_scores, grad_encoder = rgb_gradients(codes)
+    p = torch.softmax(scores.detach() / 0.1, dim=2)
+    for u in range(2):
+        others = codes[[v for v in range(4) if v != u]].sum(0)  # (B, K)
+        torch.testing.assert_close(grad_scores[u], (3 * p[u] - others) / (12 * 2 * 0.1))
+    rolled = codes.clone()
+    rolled[2:] = codes[2:].roll(1, dims=1)  # the flow views' codes of other clips
+    assert not torch.allclose(rgb_gradients(rolled)[1], grad_encoder)
 
 
 def test_prototypes_frozen_then_moving_with_unit_rows(tmp_path):
