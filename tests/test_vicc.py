@@ -350,8 +350,9 @@ def test_learning_flow_1_beats_random_init_on_toy(tmp_path):
     """LEARNING TEST: `python vicc.py --stage flow-1` with the toy defaults (tiny3d 8x48², 120 steps of batch 32),
     then the weighted kNN (k 200) on toy-motion-flow val from the flow backbone vs the same network at random init.
     Measured (0 workers, as here): seed 0 43.8 vs 25.0 %, seed 1 45.3 vs 14.1 % (1 worker: 39.1 vs 25.0, 45.3 vs
-    14.1); 116 s at 1 thread. 1-NN gains little (57.8 vs 50.0, 50.0 vs 50.0). RGB-1 / RGB-2 do not beat random init reliably on toy data (RGB clips of a toy video share
-    appearance, the classes are motion): not asserted, reported in the README."""
+    14.1); 116 s at 1 thread. 1-NN gains little (57.8 vs 50.0, 50.0 vs 50.0). RGB-1 / RGB-2 stay at chance on the
+    toy (its classes are motion alone; the cross stage's near-uniform codes, see vicc.py's docstring): not asserted;
+    the teaching path is tested by test_frozen_stream_gets_no_gradient_and_keeps_its_statistics."""
     out = tmp_path / "flow-1"
     vicc.main(["--stage", "flow-1", "--seed", "0", "--workers", "0", "--log-every", "1000", "--out-dir", str(out)])
     report = json.load(open(out / "knn.json"))
