@@ -31,7 +31,8 @@ then the real-data command (W = a backbone.pth, checkpoint.pth or an authors' ch
     fusion         python evaluate.py --task finetune --save-logits; python evaluate.py --task linear --save-logits;
                    python evaluate.py --task fusion --logits runs/evaluate-{finetune,linear}-toy-motion-*/logits.pth
                    python evaluate.py --task fusion --logits rgb/logits.pth flow/logits.pth pose/logits.pth
-                   (top1_mean_scores: the equal-weight mean of the streams' video scores, thesis Table 2.1)
+                   (top1_mean_scores: the equal-weight mean of the streams' class probabilities, thesis Table 2.1
+                   two-stream and ViCC's R+F; --task knn --save-logits files: R+F retrieval, the sum of cosines)
     repcount       python evaluate.py --task repcount
                    python evaluate.py --task repcount --data ucfrep --arch r2plus1d_18 --weights W --gpus 4
     detection      (no toy set; tests build a PKU-MMD layout) sliding-window detector, NOT R-C3D (thesis Table 2.6):
@@ -216,11 +217,12 @@ def get_parser():
     g.add_argument("--no-center", action="store_true", help="skeletons: do not subtract body 0's spine joint per "
                    "frame (skeleton_contrast.py centres before pretraining; use the same setting here)")
     g.add_argument("--save-logits", action="store_true", help="also write logits.pth (train and test logits, "
-                   "eval transform) for --task fusion")
+                   "eval transform; --task knn: gallery and query features) for --task fusion")
     g = parser.add_argument_group("label efficiency (fewshot)")
-    g.add_argument("--protocol", dest="protocol_name", default="dataset", choices=["dataset", "ch2"],
+    g.add_argument("--protocol", dest="protocol_name", default="dataset", choices=["dataset", "ch2", "coclr"],
                    help="dataset = the --data entry of PROTOCOLS (whole network; UCF/Gym 10^3: thesis Table C.4); "
-                   "ch2 = thesis Sec. 2.4.3: only fc + the last block trained, SGD 0.1, wd 1e-3, batch 128, 100 epochs")
+                   "ch2 = thesis Sec. 2.4.3: only fc + the last block trained, SGD 0.1, wd 1e-3, batch 128, 100 "
+                   "epochs; coclr = CoCLR / ViCC linear (L2 + BN + linear) and finetune (dropout 0.9) at 32x128²")
     g.add_argument("--per-class", type=int, default=None, help="N labelled examples per class (thesis Ch. 2: 20, 50, "
                    "100 with --protocol ch2)")
     g.add_argument("--label-fraction", type=float, default=None, help="stratified fraction of labels (Ch. 3: 0.01, "
@@ -593,9 +595,11 @@ class Classifier(nn.Module):
     its pretrained statistics (the SEVERE linear code trains in train mode and keeps torchvision's 400-way fc).
     trainable="layer4" (--protocol ch2) trains only that block of the backbone; the rest is frozen and in eval mode."""
 
-    def __init__(self, backbone, num_outputs, frozen, dropout=0.0, trainable=None):
+    def __init__(self, backbone, num_outputs, frozen, dropout=0.0, trainable=None, l2_bn=False):
         super().__init__()
         self.backbone, self.frozen, self.trainable = backbone, frozen, trainable
+        # --protocol coclr probe (CoCLR / ViCC LinearClassifier): L2-normalised features -> BatchNorm1d -> fc
+        self.bn = nn.BatchNorm1d(backbone.feature_dim) if l2_bn else None
         self.backbone.requires_grad_(not frozen and trainable is None)
         if trainable is not None:
             backbone.get_submodule(trainable).requires_grad_(True)
@@ -615,6 +619,8 @@ class Classifier(nn.Module):
     def forward(self, x):
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
             features = self.backbone(x)  # (N, D)
+        if self.bn is not None:
+            features = self.bn(F.normalize(features, dim=1))  # (N, D)
         return self.fc(self.dropout(features))  # (N, C)
 
 
@@ -987,7 +993,8 @@ def classification_task(run, args, arrow=False):
         run.print(f"  transfer: pretrained on {pretrained_on or 'unknown (no meta in --weights)'} -> {args.data}"
                   + (" (WARNING: source and target are the same dataset)" if pretrained_on == args.data else ""))
     model = Classifier(backbone, num_classes, frozen=args.task == "linear", dropout=args.protocol["dropout"],
-                       trainable=last_block(args.arch)[1] if args.protocol_name == "ch2" else None)
+                       trainable=last_block(args.arch)[1] if args.protocol_name == "ch2" else None,
+                       l2_bn=args.protocol_name == "coclr" and args.task == "linear")
     selection = train_and_select(run, args, model, train_set, select_set, num_classes, multilabel, arrow)
     test = predict(model, test_set, args, run, multilabel, arrow)
     metrics = classification_metrics(test, num_classes, multilabel)
@@ -1052,6 +1059,10 @@ def knn_task(run, args):
     gallery, queries = F.normalize(gallery, dim=1), F.normalize(queries, dim=1)
     recall = retrieval_recall(queries, query_labels, gallery, gallery_labels, RETRIEVAL_KS)
     knn, _ = common.knn_classify(gallery, gallery_labels, queries, gallery_set.num_classes, KNN_K, KNN_T)
+    if args.save_logits and run.is_main:  # for --task fusion: R+F retrieval of two streams (ViCC supp. Sec. 3)
+        torch.save({"train": {"features": gallery, "labels": gallery_labels}, "test": {"features": queries,
+                    "labels": query_labels}, "arch": args.arch, "weights": args.weights, "data": args.data},
+                   os.path.join(run.out_dir, "logits.pth"))
     metrics = {"nn1_acc": 100 * recall[1], f"knn{KNN_K}_acc": 100 * (knn == query_labels).float().mean().item(),
                **{f"R@{k}": 100 * v for k, v in recall.items()}}
     return {"metrics": metrics, "primary": "nn1_acc", "sizes": sizes, "weights_source": source,
@@ -1110,7 +1121,8 @@ def clusters_task(run, args):
 # ---------------------------------------------------------------------------------------------- fusion
 def fusion_task(run, args):
     """JMRN supp. Sec. 3, Eq. (1): alpha per modality (or per modality and class for multi-label) learned on the
-    TRAIN logits saved by --save-logits, evaluated on the test logits beside each modality and the plain sum."""
+    TRAIN logits saved by --save-logits, evaluated on the test logits beside each modality, the plain sum and the
+    mean of softmax probabilities; --task knn files: R@k of each stream and of the sum of cosine similarities."""
     if not args.logits or len(args.logits) < 2:
         raise ValueError("evaluate.py --task fusion: pass two or more --logits files (written by --save-logits)")
     saved = [common.load_checkpoint_file(path, args.trust_checkpoint, flag="--logits") for path in args.logits]
@@ -1119,6 +1131,18 @@ def fusion_task(run, args):
             if not torch.equal(s[split]["labels"], saved[0][split]["labels"]):
                 raise ValueError(f"evaluate.py: {path}: its {split} labels differ from {args.logits[0]}'s; the "
                                  f"logits must come from the same samples in the same order")
+    if len({"features" in s["test"] for s in saved}) > 1:
+        raise common.UserError("evaluate.py: --logits: expected files of one kind, found knn features and logits")
+    if "features" in saved[0]["test"]:  # ViCC supp. Sec. 3 R+F retrieval: the sum of the streams' cosine similarities
+        query_labels, gallery_labels = saved[0]["test"]["labels"], saved[0]["train"]["labels"]
+        queries, gallery = ([s[split]["features"].float() for s in saved] for split in ("test", "train"))  # M x (N, D)
+        metrics = {f"R@{k}_input{m}": 100 * v for m in range(len(saved))
+                   for k, v in retrieval_recall(queries[m], query_labels, gallery[m], gallery_labels).items()}
+        # each stream's features are L2-normalised: dot products of their concatenations are the sums of cosines
+        recall = retrieval_recall(torch.cat(queries, 1), query_labels, torch.cat(gallery, 1), gallery_labels)
+        metrics.update({f"R@{k}_sum": 100 * v for k, v in recall.items()})
+        return {"metrics": metrics, "primary": "R@1_sum", "alpha": "none (sum of cosine similarities)",
+                "sizes": {"train": len(gallery_labels), "val": 0, "test": len(query_labels)}, "inputs": args.logits}
     train = torch.stack([s["train"]["logits"] for s in saved]).float()  # (M, N_train, C)
     test = torch.stack([s["test"]["logits"] for s in saved]).float()  # (M, N_test, C)
     if args.fusion_l2:
@@ -1137,8 +1161,10 @@ def fusion_task(run, args):
     name = "mAP" if multilabel else "top1"
     metrics = {f"{name}_input{m}": score(t) for m, t in enumerate(test)}  # input m = the m-th --logits file
     metrics[f"{name}_sum"] = score(test.sum(dim=0))
-    if all("scores" in s["test"] for s in saved):  # two-stream (thesis Table 2.1): equal-weight mean of the scores
-        metrics[f"{name}_mean_scores"] = score(torch.stack([s["test"]["scores"] for s in saved]).float().mean(0))
+    if not multilabel:  # two-stream (thesis Table 2.1), ViCC R+F: the equal-weight mean of class probabilities,
+        # the saved video scores (softmax averaged over clips) where every file has them, else softmax(logits)
+        probs = [s["test"]["scores"].float() if "scores" in s["test"] else t.softmax(1) for s, t in zip(saved, test)]
+        metrics[f"{name}_mean_scores"] = score(torch.stack(probs).mean(0))
     with torch.no_grad():
         metrics[f"{name}_learned"] = score(fusion(test))
     run.print(f"fusion: {len(saved)} modalities, {'M x C' if per_class else 'M'} weights, Adam lr {args.lr}, "
@@ -1651,6 +1677,13 @@ def apply_protocol(args):
     p = args.protocol
     if args.protocol_name == "ch2":  # thesis Sec. 2.4.3: fc + last block, SGD 0.1 (momentum 0.9), wd 1e-3, 100 epochs
         spec = _opt("sgd", 128, 0.1, 100, [], wd=1e-3)
+    elif args.protocol_name == "coclr":  # CoCLR / ViCC main_classifier.py: SGD 0.1, wd 1e-3, batch 32
+        spec = (_opt("sgd", 32, 0.1, 100, [60, 80], wd=1e-3) if args.task == "linear" else
+                _opt("sgd", 32, 0.1, 500, [200, 300, 400, 450], wd=1e-3))
+        # 32x128² crops of area >= 0.2 (their test crop: 224 of the 256 short side, then 128); toy sets keep their
+        # input size. Differences: colour jitter as SEVERE's (p 1), one lr (their backbone lr / 10 by default)
+        p = args.protocol = dict(p, dropout=0.9 if args.task == "finetune" else 0.0, **({} if args.data.startswith(
+            "toy") else dict(frames=32, crop=128, short_side=146, crop_scale=(0.2, 1.0))))
     elif task_key == "arrow":
         spec = p.get("arrow") or PROTOCOLS["ucf101"]["arrow"]
     elif task_key in p:
@@ -1690,6 +1723,8 @@ def resolve_args(args):
     if args.protocol_name == "ch2" and args.task != "fewshot":
         raise common.UserError(f"evaluate.py: --protocol ch2 is the thesis Ch. 2 few-shot finetuning; use it with "
                                f"--task fewshot, not --task {args.task}")
+    if args.protocol_name == "coclr" and args.task not in ("linear", "finetune"):
+        raise common.UserError(f"evaluate.py: --protocol coclr: expected --task linear or finetune, found {args.task}")
     args.overrides = {name: getattr(args, name) for name in ("lr", "epochs", "batch_size", "wd", "milestones",
                                                              "frames", "test_clips", "eval_every")
                       if getattr(args, name) is not None}
@@ -1866,7 +1901,8 @@ def describe_protocol(args, source, sizes, num_classes):
         budget = (f"{args.per_class} per class" if args.per_class else f"{args.label_fraction:.0%} of each class"
                   if args.label_fraction else f"ceil({args.num_examples} / {num_classes}) per class")
         lines.append(f"  labels: {budget}, subset seed {args.subset_seed}")
-    head = ("frozen backbone in eval mode + new linear classifier" if args.task == "linear" else
+    head = ("frozen backbone in eval mode + new linear classifier" + (" on L2-normalised features + BN (--protocol "
+            "coclr)" if args.protocol_name == "coclr" else "") if args.task == "linear" else
             f"only the new linear head and the backbone's last block ({last_block(args.arch)[0]}) trained, the rest "
             f"frozen in eval mode (--protocol ch2, thesis Sec. 2.4.3)" if args.protocol_name == "ch2" else
             f"whole network trained, new linear head (dropout {args.protocol['dropout']})")
