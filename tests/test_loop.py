@@ -225,6 +225,15 @@ def run_script(*argv, timeout=120):
                           timeout=timeout, env=env)
 
 
+def run_inline(capsys, *argv):
+    """The script's main(argv) in this process, for runs that end in an error: (exit code, stdout, stderr). The same
+    code path as run_script without starting an interpreter."""
+    with pytest.raises(SystemExit) as stop:
+        tiny_loop_script.main(list(map(str, argv)))
+    out = capsys.readouterr()
+    return stop.value.code, out.out, out.err
+
+
 @pytest.mark.parametrize("argv, expected", [
     (["--device", "cpu", "--gpus", "2", "--batch-size", "15"], "--batch-size: expected a positive multiple of the 2 "
                                                                 "processes (it is global), found 15"),
@@ -238,39 +247,44 @@ def run_script(*argv, timeout=120):
                                                                "--data-root /nonexistent/ucf, found no such folder"),
     (["--device", "cpu", "--gpus", "2", "--data", "k4000"], "found 'k4000'"),  # in the spawned workers
 ])
-def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, argv, expected):
-    out = run_script("--out-dir", tmp_path / "run", *argv)
-    assert out.returncode == common.EXIT_USER_ERROR, out.stdout + out.stderr
-    lines = out.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], out.stderr
-    assert "Traceback" not in out.stdout + out.stderr
+def test_user_errors_are_one_line_exit_2_and_write_nothing(tmp_path, argv, expected, capsys):
+    if "--gpus" in argv and "--data" in argv:  # the data check runs in the spawned workers: a real command line
+        out = run_script("--out-dir", tmp_path / "run", *argv)
+        code, stdout, stderr = out.returncode, out.stdout, out.stderr
+    else:
+        code, stdout, stderr = run_inline(capsys, "--out-dir", tmp_path / "run", *argv)
+    assert code == common.EXIT_USER_ERROR, stdout + stderr
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], stderr
+    assert "Traceback" not in stdout + stderr
     assert not (tmp_path / "run").exists()  # not even the empty run folder
 
 
-def test_missing_annotation_file_names_the_path(tmp_path):
+def test_missing_annotation_file_names_the_path(tmp_path, capsys):
     (tmp_path / "ucf").mkdir()
-    out = run_script("--out-dir", tmp_path / "run", "--data", "ucf101", "--data-root", tmp_path / "ucf")
-    assert out.returncode == common.EXIT_USER_ERROR
-    assert out.stderr.strip() == (f"error: --data ucf101 (--data-root {tmp_path / 'ucf'}): "
+    code, _, stderr = run_inline(capsys, "--out-dir", tmp_path / "run", "--data", "ucf101",
+                                 "--data-root", tmp_path / "ucf")
+    assert code == common.EXIT_USER_ERROR
+    assert stderr.strip() == (f"error: --data ucf101 (--data-root {tmp_path / 'ucf'}): "
                                   f"{tmp_path / 'ucf' / 'ucfTrainTestlist' / 'classInd.txt'}: missing; "
                                   f"expected '1 ApplyEyeMakeup' lines")
 
 
-def test_unwritable_out_dir_and_debug_traceback(tmp_path):
+def test_unwritable_out_dir_and_debug_traceback(tmp_path, capsys):
     (tmp_path / "a_file").write_text("x")
-    out = run_script("--out-dir", tmp_path / "a_file" / "run")
-    assert out.returncode == common.EXIT_USER_ERROR
-    assert out.stderr.strip() == f"error: --out-dir {tmp_path / 'a_file' / 'run'}: expected a folder, found a file " \
+    code, _, stderr = run_inline(capsys, "--out-dir", tmp_path / "a_file" / "run")
+    assert code == common.EXIT_USER_ERROR
+    assert stderr.strip() == f"error: --out-dir {tmp_path / 'a_file' / 'run'}: expected a folder, found a file " \
                                  f"at {tmp_path / 'a_file'}"
     out = run_script("--out-dir", tmp_path / "run", "--lr", "-1", "--debug")
     assert out.returncode != 0 and "Traceback" in out.stderr and "common.UserError: --lr" in out.stderr
 
 
-def test_a_mistyped_command_leaves_a_finished_run_untouched(tmp_path):
+def test_a_mistyped_command_leaves_a_finished_run_untouched(tmp_path, capsys):
     run_tiny(tmp_path, "--max-steps", 3)
     before = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path) if name != "tb"}
-    out = run_script("--out-dir", tmp_path, "--data", "ucf-101")
-    assert out.returncode == common.EXIT_USER_ERROR and "found 'ucf-101'" in out.stderr
+    code, _, stderr = run_inline(capsys, "--out-dir", tmp_path, "--data", "ucf-101")
+    assert code == common.EXIT_USER_ERROR and "found 'ucf-101'" in stderr
     after = {name: (tmp_path / name).read_bytes() for name in os.listdir(tmp_path) if name != "tb"}
     assert after == before and json.loads(before["args.json"])["data"] == "blobs"
 

@@ -74,14 +74,14 @@ def main_worker(args):
     run.print("result:", result)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, parents=[common.get_common_parser()])
     group = parser.add_argument_group("test hooks")
     group.add_argument("--nan-at-step", type=int, default=None, help="make the loss NaN at this step")
     group.add_argument("--nan-rank", type=int, default=None, help="only this process's loss becomes NaN")
     group.add_argument("--step-sleep", type=float, default=0.0, help="seconds to sleep in every step")
     parser.set_defaults(epochs=4, batch_size=16, lr=0.1, workers=0, log_every=1, data="blobs")
-    common.launch(main_worker, parser.parse_args())
+    common.launch(main_worker, parser.parse_args(argv))
 
 
 if __name__ == "__main__":
