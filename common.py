@@ -454,10 +454,6 @@ def get_rank():
     return dist.get_rank() if is_distributed() else 0
 
 
-def is_main_process():
-    return get_rank() == 0
-
-
 @torch.no_grad()
 def all_gather_nograd(x):
     """Concatenate `x` from every process along dim 0 (no gradient). The identity at world size 1."""
@@ -1244,10 +1240,6 @@ def set_bn_eps(model, eps):
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eps = eps
     return model
-
-
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())
 
 
 def _pool_video_map(x):
