@@ -1038,41 +1038,6 @@ class SeededItems(torch.utils.data.Dataset):
                 random.setstate(saved[2])
 
 
-class LARC(torch.optim.SGD):
-    """SGD with layer-wise adaptive rate scaling (You et al. 2017, "Large Batch Training of Convolutional
-    Networks"), with the semantics of NVIDIA apex's LARC wrapper as SwAV / ViCC use it (clip=False): for every
-    parameter p with a gradient g and ||p||, ||g|| both non-zero,
-        g <- trust * ||p|| / (||g|| + wd * ||p|| + eps) * (g + wd * p)
-    then a plain SGD step (momentum, lr) without weight decay; a parameter with ||p|| = 0 or ||g|| = 0 gets
-    neither scaling nor weight decay (as apex). clip=True: the factor becomes min(factor / lr, 1) (apex clip)."""
-
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, clip=False, eps=1e-8):
-        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        self.trust_coefficient, self.clip, self.eps = trust_coefficient, clip, eps
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        decays = []
-        for group in self.param_groups:
-            wd = group["weight_decay"]
-            decays.append(wd)
-            group["weight_decay"] = 0.0
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                param_norm, grad_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
-                if param_norm != 0 and grad_norm != 0:
-                    factor = self.trust_coefficient * param_norm / (grad_norm + param_norm * wd + self.eps)
-                    if self.clip:
-                        factor = torch.clamp(factor / group["lr"], max=1.0)
-                    p.grad.add_(p, alpha=wd).mul_(factor)
-        try:
-            return super().step(closure)
-        finally:
-            for group, wd in zip(self.param_groups, decays):
-                group["weight_decay"] = wd
-
-
 def _write_record(run, record, metrics_file, writer, bar):
     """One metrics.jsonl line (rank 0), the same scalars to TensorBoard, and the progress bar or a printed line."""
     if not run.is_main:
@@ -3103,29 +3068,6 @@ def _shift_hue(x, shift):
     table = torch.stack([torch.stack(v, 0) for v in ((value, t, p), (q, value, p), (p, value, t), (p, q, value),
                                                      (t, p, value), (value, p, q))], 0)  # (6, 3, N, T, H, W)
     return table.gather(0, i.unsqueeze(0).unsqueeze(0).expand(1, 3, *i.shape))[0].transpose(0, 1)  # (N, 3, T,H,W)
-
-
-def random_grayscale(x, p=0.2, generator=None):
-    """Replace RGB by its luma (ITU-R 601, 3 channels kept) with probability p per clip."""
-    clips, lead = _clips(x)
-    out = clips.clone()
-    gray = torch.rand(clips.shape[0], generator=generator) < p
-    for n in torch.nonzero(gray).flatten().tolist():
-        out[n] = TF.rgb_to_grayscale(clips[n].transpose(0, 1), num_output_channels=3).transpose(0, 1)
-    return out.reshape(x.shape)
-
-
-def gaussian_blur(x, sigma=(0.1, 2.0), p=0.5, kernel_size=None, generator=None):
-    """Gaussian blur with sigma ~ U(sigma) per clip with probability p (SimCLR: kernel ~ 10 % of the side)."""
-    clips, lead = _clips(x)
-    if kernel_size is None:
-        kernel_size = max(3, int(0.1 * min(clips.shape[-2:])) // 2 * 2 + 1)
-    out = clips.clone()
-    for n in range(clips.shape[0]):
-        s = _uniform(sigma[0], sigma[1], generator)
-        if torch.rand((), generator=generator).item() < p:
-            out[n] = TF.gaussian_blur(clips[n].transpose(0, 1), [kernel_size, kernel_size], [s, s]).transpose(0, 1)
-    return out.reshape(x.shape)
 
 
 def normalize(x, mean=KINETICS_MEAN, std=KINETICS_STD):
