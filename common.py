@@ -3125,41 +3125,6 @@ def temporal_crop_resize(x, length=None, min_ratio=0.1, out_frames=64, min_lengt
     return torch.lerp(frames(left), frames(right), weight)  # (N, C, T_out, V, M)
 
 
-def draw_skeleton_rows(rows, path, columns=8, cell=96):
-    """rows: list of (title, sequence (C, T, V, M)) -> a PNG with `columns` evenly spaced frames of each row as
-    stick figures (x-y plane, NTU-25 bones, else dots). Pillow only (installed with torchvision)."""
-    from PIL import Image, ImageDraw
-
-    label_width = 120
-    image = Image.new("RGB", (label_width + columns * cell, len(rows) * cell), "white")
-    draw = ImageDraw.Draw(image)
-    colours = [(200, 30, 30), (30, 30, 200)]
-    for row, (title, seq) in enumerate(rows):
-        seq = seq.detach().float().cpu()
-        draw.text((4, row * cell + cell // 2 - 6), title, fill="black")
-        xy = seq[:2]  # (2, T, V, M)
-        present = xy.abs().sum(dim=(0, 1, 2)) > 0  # (M,) persons that are not all-zero padding
-        if not present.any():
-            continue
-        points = xy[..., present]
-        low = points.amin(dim=(1, 2, 3))
-        span = (points.amax(dim=(1, 2, 3)) - low).max().clamp(min=1e-6)  # one scale per row: shear shows
-        times = torch.linspace(0, seq.shape[1] - 1, columns).round().long()
-        for col, t in enumerate(times.tolist()):
-            ox, oy = label_width + col * cell, row * cell
-            draw.rectangle([ox, oy, ox + cell - 1, oy + cell - 1], outline=(220, 220, 220))
-            for person in present.nonzero().flatten().tolist():
-                u = (ox + 4 + (xy[0, t, :, person] - low[0]) / span * (cell - 8)).tolist()
-                w = (oy + cell - 4 - (xy[1, t, :, person] - low[1]) / span * (cell - 8)).tolist()  # y up
-                if seq.shape[2] == 25:
-                    for a, b in _NTU_BONES.tolist():
-                        draw.line([(u[a], w[a]), (u[b], w[b])], fill=colours[person % 2], width=2)
-                for px, py in zip(u, w):
-                    draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill="black")
-    image.save(path)
-    return path
-
-
 class VideoReadError(RuntimeError):
     """A video, frame folder or annotation file could not be read; the message names the file and the reason."""
 
