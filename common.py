@@ -514,8 +514,6 @@ def all_gather_with_grad(x):
 
 
 EXIT_USER_ERROR = 2  # a UserError: one line "error: ...", nothing written
-
-
 EXIT_INTERRUPTED = 3  # SIGTERM / SIGINT / SIGUSR1: the step was saved; rerun the same command to resume
 
 
@@ -561,8 +559,6 @@ def _exit_user_error(error, args, rank, message_file=None):
 
 
 _CREATED_FOLDERS = {}  # run folders this process created; an early UserError removes them again while empty
-
-
 _PENDING_ARGS = []  # runs whose args.json is not written yet (written by `fit`, else when main_worker returns)
 
 
@@ -1117,7 +1113,6 @@ class BackgroundSaver:
 VIDEO_ARCHS = ("r2plus1d_18", "r3d_18", "mc3_18", "s3d", "r2d3d_18", "i3d", "resnet3d_18", "resnext3d_101",
                "tiny3d", "r2plus1d_10", "phlvc_video")
 
-
 SKELETON_ARCHS = ("bigru", "hcn", "agcn", "stgcn", "skelemotion_cnn")
 
 
@@ -1520,14 +1515,11 @@ NTU25_INWARD = [(1, 2), (2, 21), (3, 21), (4, 3), (5, 21), (6, 5), (7, 6), (8, 7
                 (12, 11), (13, 1), (14, 13), (15, 14), (16, 15), (17, 1), (18, 17), (19, 18), (20, 19),
                 (22, 23), (23, 8), (24, 25), (25, 12)]
 
-
 NTU25_INWARD = [(i - 1, j - 1) for i, j in NTU25_INWARD]
-
 
 # OpenPose COCO-18 (0-based), 2s-AGCN graph/kinetics.py, ST-GCN 'openpose' layout.
 COCO18_INWARD = [(4, 3), (3, 2), (7, 6), (6, 5), (13, 12), (12, 11), (10, 9), (9, 8), (11, 5), (8, 2), (5, 1),
                  (2, 1), (0, 1), (15, 0), (14, 0), (17, 15), (16, 14)]
-
 
 SKELETON_GRAPHS = {"ntu25": (25, NTU25_INWARD, 20), "coco18": (18, COCO18_INWARD, 1)}  # (V, edges, centre)
 
@@ -2007,16 +1999,13 @@ CHECKPOINT_EXCLUDED_PREFIXES = ("encoder_k", "encoder_l", "key_encoder", "backbo
                                 "ema_model", "momentum", "momentum_encoder", "target", "target_encoder", "teacher",
                                 "sampler")
 
-
 # Key-path components of the query (online) encoder: preferred when another encoder also holds every backbone key.
 CHECKPOINT_QUERY_PREFIXES = ("encoder_q", "query_encoder", "backbone_q", "model_q", "online", "online_encoder")
-
 
 # Checkpoint entries that are heads or training state, reported as `skipped`, never as `unexpected`.
 CHECKPOINT_HEAD_NAMES = ("fc", "fc7", "fc8", "fcn", "head", "heads", "classifier", "proj", "projector",
                          "projection", "mlp", "prototypes", "queue", "queue_ptr", "queue_second", "logits",
                          "vid_fc2", "vid_fc_rep", "sk_fc_rep", "final", "final_fc", "cls_head")
-
 
 # CtP / tubelet-contrast R(2+1)D and R3D names -> torchvision (SEVERE-BENCHMARK backbones.py
 # load_tubelet_contrast_checkpoint).
@@ -2033,7 +2022,6 @@ CTP_RENAMES = [
     (r"(layer\d\.\d+)\.downsample_bn\.", r"\1.downsample.1."),
 ]
 
-
 # CoCLR / ViCC backbone/s3dg.py names -> torchvision S3D (`base.N` = `features.N`, same order of layers).
 COCLR_S3D_RENAMES = [
     (r"(^|\.)base\.(\d+)\.", r"\1features.\2."),
@@ -2043,18 +2031,15 @@ COCLR_S3D_RENAMES = [
     (r"(branch\d\.\d)\.conv\.", r"\1.0."), (r"(branch\d\.\d)\.bn\.", r"\1.1."),
 ]
 
-
 # RSPNet (`encoder_q.encoder.base_network.N.`) and Pretext-Contrast (`module.base_network.N.`) hold torchvision's
 # R(2+1)D-18 as a Sequential: N = 0 is the stem, N = 1..4 are layer1..4 (SEVERE-BENCHMARK backbones.py,
 # load_rspnet_checkpoint / load_pretext_contrast_checkpoint).
 BASE_NETWORK_RENAMES = [(r"(^|\.)base_network\.0\.", r"\1stem."), (r"(^|\.)base_network\.([1-4])\.", r"\1layer\2.")]
 
-
 # P-HLVC (cvpranon42/phlvc SkeleContrastS3D) video names -> phlvc_video: vid_backbone.base.* (kylemin S3D = the CoCLR
 # names) -> trunk.features.*, vid_backbone.fc.0 (the 1x1x1 conv) -> fc.0; vid_fc2.* keeps its name.
 PHLVC_RENAMES = [(r"(^|\.)vid_backbone\.base\.", r"\1trunk.base."), (r"(^|\.)vid_backbone\.fc\.", r"\1fc.")] + \
     COCLR_S3D_RENAMES
-
 
 # Tubelet-contrast / hassony2 I3D names -> ours (`features.N` in the order of I3D.features).
 I3D_RENAMES = [
@@ -2179,23 +2164,16 @@ def backbone_record(model, meta=None):
 
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)  # torchvision video models (Kinetics-400)
-
-
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
-
-
 FLOW_BOUND = 20.0  # CoCLR/ViCC/I3D: flow clipped to +-20 px and mapped linearly to 0..255
-
 
 # FineGym-99 label ranges per event (gym99_categories: VT 0-5, FX 6-40, BB 41-73, UB 74-98); FX-S1 = 6-16
 # (leaps-jumps-hops), UB-S1 = 74-88 (circles) as in SEVERE, relabelled from 0.
 GYM_SUBSETS = {"gym-vault": range(0, 6), "gym-floor": range(6, 41), "fx-s1": range(6, 17), "ub-s1": range(74, 89)}
 
-
 # toy-paired split by action, the toy counterpart of thesis Sec. 2.4.2: the teacher learns the "source" half
 # (as NTU-120-minus-60), the student is distilled and evaluated on the disjoint "target" half (as NTU RGB+D 60).
 TOY_PAIRED_HALVES = {"toy-paired-source": range(0, 6), "toy-paired-target": range(6, 12)}
-
 
 NTU_PAIRED_SETS = {  # name -> (actions kept (1-based), split rule on (setup, camera, subject) -> train?)
     "ntu60-paired-xview": (range(1, 61), lambda setup, camera, subject: camera in (2, 3)),  # 37,920 / 18,960
@@ -2204,7 +2182,6 @@ NTU_PAIRED_SETS = {  # name -> (actions kept (1-based), split rule on (setup, ca
     # its train/val split is not stated: we use NTU-120's cross-subject split
     "ntu120-minus-60": (range(61, 121), lambda setup, camera, subject: subject in NTU120_XSUB_TRAIN),
 }
-
 
 DATASET_NAMES = ("toy-motion", "toy-ucfrep", "toy-skeleton", "toy-paired", "k400", "k600", "k700", "minik",
                  "kinetics", "ucf101", "hmdb51", "ssv2", "gym99", "gym288", *GYM_SUBSETS, "diving48", "charades",
@@ -3394,7 +3371,6 @@ def write_video(path, frames, fps=8, crf=18, gop=16, faststart=False):
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v")
 
-
 PUBLISHED_SIZES = {  # split sizes stated by the papers (thesis Table 5.1; NTU README); check-data compares
     "ucf101": {"train": 9537, "val": 3783}, "hmdb51": {"train": 3570, "val": 1530},
     "ssv2": {"train": 168913, "val": 24777}, "gym99": {"train": 20484, "val": 8521},
@@ -3404,9 +3380,7 @@ PUBLISHED_SIZES = {  # split sizes stated by the papers (thesis Table 5.1; NTU R
     "ntu60-xsub": {"train": 40320, "val": 16560}, "ntu60-xview": {"train": 37920, "val": 18960},
 }
 
-
 NTU_XSUB_TRAIN = (1, 2, 4, 5, 8, 9, 13, 14, 15, 16, 17, 18, 19, 25, 27, 28, 31, 34, 35, 38)
-
 
 NTU120_XSUB_TRAIN = NTU_XSUB_TRAIN + (45, 46, 47, 49, 50, 52, 53, 54, 55, 56, 57, 58, 59, 70, 74, 78, 80, 81, 82,
                                       83, 84, 85, 86, 89, 91, 92, 93, 94, 95, 97, 98, 100, 103)
@@ -3733,7 +3707,6 @@ def ntu_body_energy(body):
 
 TOY_MOTION_CLASSES = ["right", "left", "down", "up", "circle_cw", "circle_ccw", "zigzag", "shake_vertical"]
 
-
 TOY_SKELETON_ACTIONS = ["wave_right", "wave_left", "raise_both_hands", "kick_right", "squat", "jump", "bow",
                         "clap", "punch_right", "touch_head", "handshake", "high_five"]
 
@@ -3776,17 +3749,9 @@ def _toy_background(rng, size, width=None):
 # decord's width bug, so PyAV takes over), length, frame rate and keyframe interval (GOP), so every clip still goes
 # through the real decode, clamp and resize paths.
 TOY_MOTION_SIZES = ((64, 64), (64, 86), (64, 114), (64, 72), (64, 96), (86, 64), (114, 64), (64, 70))  # (H, W)
-
-
 TOY_MOTION_FRAMES = (16, 40)  # frame count drawn uniformly from this range
-
-
 TOY_MOTION_FPS = (8, 12, 15, 24, 25, Fraction(30000, 1001))
-
-
 TOY_MOTION_GOPS = (1, 4, 8, 16, 32, 250)  # 1: every frame a keyframe; 250: one keyframe (libx264's default)
-
-
 TOY_MOTION_VERSION = "3"  # written to root/.format; a set of another format is rebuilt
 
 
@@ -4167,10 +4132,7 @@ _NTU_BONES = np.array([(0, 1), (1, 20), (20, 2), (2, 3), (20, 4), (4, 5), (5, 6)
                        (9, 10), (10, 11), (0, 12), (12, 13), (13, 14), (14, 15), (0, 16), (16, 17), (17, 18),
                        (18, 19), (7, 21), (11, 23)])
 
-
 NTU_TO_COCO18 = [3, 2, 8, 9, 10, 4, 5, 6, 16, 17, 18, 12, 13, 14, 3, 3, 3, 3]  # eyes/ears from the head joint
-
-
 _COCO18_HEAD_OFFSETS = {14: (-0.03, 0.03), 15: (0.03, 0.03), 16: (-0.07, 0.0), 17: (0.07, 0.0)}  # metres
 
 
