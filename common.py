@@ -182,14 +182,10 @@ def check_writable_folder(path, flag):
 
 
 def launch(main_worker, args, finalize=None):
-    """Run `main_worker(args)` in 1..N processes: under torchrun, as N spawned local workers, or in-process.
-
-    torchrun (any number of nodes): every process already runs this script; `setup` reads its environment.
-    `--gpus N > 1` without torchrun: spawn N local workers on a free port (Barlow Twins' pattern).
-    Otherwise: run in this process, without a process group.
-    finalize(args): the script's derived values and checks, run first (its UserErrors are reported like setup's).
-    A UserError ends the run with one line `error: ...` on stderr (printed by rank 0 only; --debug adds the
-    traceback) and exit status 2; an interrupted run exits with status 3 (see `fit`)."""
+    """Run `main_worker(args)` under torchrun (any number of nodes; `setup` reads its environment), as --gpus N > 1
+    spawned local workers on a free port, or in this process without a process group.
+    finalize(args): the script's derived values and checks, run first. A UserError ends the run with one line
+    `error: ...` on stderr from rank 0 (--debug: the traceback) and exit status 2; an interrupted run exits 3."""
     _PENDING_ARGS.clear()
     try:
         if finalize is not None:
@@ -357,17 +353,12 @@ class Run:
         self.optimizer_step(optimizer)
 
     def prepare(self, model, find_unused_parameters=False, method_syncs_buffers=False, compile_modules=None):
-        """Move to the device; SyncBN / channels-last / DDP / compile as the flags say. Returns the model to call;
-        keep the unwrapped one for `fit` (it is what the checkpoint stores).
-
-        --sync-bn converts BatchNorm to SyncBatchNorm on multi-GPU runs (PyTorch's SyncBN needs CUDA: a multi-process
-        CPU run keeps per-process BN and says so). method_syncs_buffers=True: the method keeps its own buffers equal
-        on every process (a MoCo queue filled with all-gathered keys); if BN statistics are synchronised too (SyncBN)
-        or absent, DDP is built with broadcast_buffers=False and stops re-sending every buffer of rank 0 at every
-        forward (33.5 MB for a 65536 x 128 queue). DDP always uses gradient_as_bucket_view (no gradient copy).
-        compile_modules: with --compile, the submodules to torch.compile in place (the backbones); default the
-        whole model. A method whose forward updates state in place (momentum encoders, queues) passes its
-        backbones, so the compiled graphs stay pure and DDP wraps the eager model."""
+        """Move to the device; SyncBN (CUDA only) / channels-last / DDP / compile as the flags say. Returns the
+        model to call; `fit` gets the unwrapped one (what the checkpoint stores).
+        method_syncs_buffers=True: the method keeps its buffers equal on every process (a MoCo queue of gathered
+        keys); with BN synchronised or absent, DDP then skips re-sending rank 0's buffers at every forward (33.5 MB
+        for a 65536 x 128 queue). compile_modules(model): with --compile, the submodules to compile in place (the
+        backbones, so methods that update state in forward keep pure graphs); default the whole model."""
         model = model.to(self.device)
         if self.args.sync_bn and self.world_size > 1 and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -568,11 +559,9 @@ _PENDING_ARGS = []  # runs whose args.json is not written yet (written by `fit`,
 
 
 def build_loader(dataset, args, run, train=True, batch_size=None, collate_fn=None):
-    """A DataLoader for one process: its shard of the data (DistributedSampler), per-process batch size
-    (global / world size), pinned memory on CUDA, every item seeded from (seed, rank, epoch, index) (`SeededItems`:
-    evaluation passes do not move the training RNGs either). Training drops the last partial batch and has
-    persistent workers (no re-fork per epoch) and
-    prefetch_factor 4 (4 batches per worker in flight: video decoding times vary a lot from clip to clip)."""
+    """A DataLoader for one process: its shard of the data, batch size global / world size, pinned memory on CUDA,
+    every item seeded from (seed, rank, epoch, index) (`SeededItems`). Training drops the last partial batch, keeps
+    its workers and has 4 batches per worker in flight (video decoding times vary a lot from clip to clip)."""
     global_batch = batch_size or args.batch_size
     per_process = max(global_batch // run.world_size, 1)
     sampler = ResumableDistributedSampler(dataset, per_process, with_epoch=True, num_replicas=run.world_size,
@@ -646,21 +635,15 @@ def lr_at_step(step, total_steps, base_lr, schedule="cosine", warmup_steps=0, fi
 
 
 def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone_meta=None, knn=None):
-    """Train `model` with the method's `train_step(batch) -> dict` (forward, backward and optimizer step are the
-    method's; `run.step(loss, optimizer)` does the usual three). The loop owns epochs, --max-steps, resume,
-    the per-step LR schedule, device transfer, logs, the progress bar, checkpoints and the NaN guard.
-
-    The host waits for the device once per --log-every steps (and before a checkpoint), never in between: the
-    metrics are summed on the device, and one all-reduced tensor carries their sums, the non-finite-loss flag
-    and the stop flag of every process, so all processes stop together (NaN: without saving, naming the last good
-    checkpoint; SIGTERM / SIGUSR1 / SIGINT: after saving the step, with exit status EXIT_INTERRUPTED).
-
-    model: the unwrapped module whose state_dict holds the whole method (encoders, queues, prototypes).
-    backbone: the module exported as backbone.pth, with `backbone_meta` (arch, modality, method); its meta carries
-    the step of the checkpoint written with it.
-    knn: optional (encoder, input_fn, train_loader, val_loader) for the online kNN monitor (see `knn_monitor`).
-    Returns {"step", "epoch", "knn": last monitor result}; an interrupted run raises
-    RunInterrupted after saving."""
+    """Train `model` with the method's `train_step(batch) -> dict of scalar metrics` (forward, backward and
+    optimizer step are the method's: `run.step(loss, optimizer)`). The loop owns epochs, --max-steps, resume, the
+    per-step LR, device transfer, logs, checkpoints and the NaN guard. The host waits for the device once per
+    --log-every steps (and before a save): one all-reduced tensor carries the metric sums, the non-finite-loss
+    flag and the stop flag of every process, so all stop together (NaN: without saving; SIGTERM / SIGUSR1 /
+    SIGINT: after saving, raising RunInterrupted).
+    model: the unwrapped module whose state_dict holds the whole method; backbone: the module exported as
+    backbone.pth with `backbone_meta` (arch, modality, method) and the checkpoint's step; knn: optional (encoder,
+    input_fn, train_loader, val_loader) for `knn_monitor`. Returns {"step", "epoch", "knn": last monitor result}."""
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {args.batch_size}: expected at most the {len(loader.dataset)} training "
