@@ -38,6 +38,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
@@ -483,25 +484,10 @@ def unwrap(model):
     return model
 
 
-class _AllGatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        gathered = [torch.empty_like(x) for _ in range(get_world_size())]
-        dist.all_gather(gathered, x.contiguous())
-        return torch.cat(gathered, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every process's loss depends on every slice: sum their gradients
-        n = grad.shape[0] // get_world_size()
-        return grad[get_rank() * n:(get_rank() + 1) * n]
-
-
 def all_gather_with_grad(x):
-    """all_gather_nograd with gradient: the gradient of this process's slice is the sum over processes of the
-    gradients its copies received. The identity at world size 1."""
-    return x if get_world_size() == 1 else _AllGatherWithGrad.apply(x)
+    """all_gather_nograd with gradient (torch.distributed.nn's all_gather): this process's slice receives the sum
+    over processes of the gradients its copies got. The identity at world size 1."""
+    return x if get_world_size() == 1 else torch.cat(dist_nn.all_gather(x), dim=0)  # (W * N, ...)
 
 
 EXIT_USER_ERROR = 2  # a UserError: one line "error: ...", nothing written
