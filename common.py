@@ -1525,18 +1525,10 @@ def stgcn_adjacency(layout="ntu25"):
     # partition. This is the original's behaviour (kept so that its checkpoints mean the same thing).
     dist = hop[:, center]
     norm = _normalize_digraph((hop <= 1).astype(np.float64))
-    # net/utils/graph.py get_adjacency('spatial'): A = [hop-0 root, hop-1 root + close, hop-1 further]
-    root, close, further = np.zeros((v, v)), np.zeros((v, v)), np.zeros((v, v))
-    for i in range(v):
-        for j in range(v):
-            if hop[j, i] == 0:
-                root[j, i] = norm[j, i]
-            elif hop[j, i] == 1:
-                if dist[j] >= dist[i]:
-                    close[j, i] = norm[j, i]
-                else:
-                    further[j, i] = norm[j, i]
-    return np.stack([root, close, further]).astype(np.float32)
+    # net/utils/graph.py get_adjacency('spatial'): A = [hop-0 root, hop-1 root + close, hop-1 further], at [j, i]
+    closer = dist[:, None] >= dist[None, :]  # (V, V): dist[j] >= dist[i]
+    return np.stack([np.where(hop == 0, norm, 0), np.where((hop == 1) & closer, norm, 0),
+                     np.where((hop == 1) & ~closer, norm, 0)]).astype(np.float32)  # (3, V, V)
 
 
 def skeleton_to_sequence(x):
