@@ -2435,7 +2435,6 @@ class KineticsSkeletonDataset(torch.utils.data.Dataset):
     out."""
 
     def __init__(self, root, split, transform=None, strict=False, bad_files_path=None, max_frames=300):
-        import json
         split = _split_name(split)
         with open(_need(os.path.join(root, f"kinetics_{split}_label.json"), "{id: {label_index, ...}}")) as f:
             info = json.load(f)
@@ -2628,7 +2627,6 @@ class NTUPairedDataset(PairedDataset):
 
     def __init__(self, root, split, name="ntu60-paired-xview", clip_len=16, frame_strides=(1,), sampling="random",
                  transform=None, modalities=None, decoder="auto", strict=False, bad_files_path=None, jitter=False):
-        import re
         actions, is_train = NTU_PAIRED_SETS[name]
         split = _split_name(split)
         self.root, self.split, self.decoder = root, split, decoder
@@ -3429,7 +3427,6 @@ def parse_hmdb51(root, split, fold=1):
 
 def parse_ssv2(root, split, ext="webm"):
     """root/labels/something-something-v2-{train,validation,labels}.json + root/videos/<id>.<ext>."""
-    import json
     labels_path = _need(os.path.join(root, "labels", "something-something-v2-labels.json"), "template -> index JSON")
     with open(labels_path) as f:
         index = {k: int(v) for k, v in json.load(f).items()}
@@ -3465,7 +3462,6 @@ def parse_finegym(root, split, name="gym99"):
 
 def parse_diving48(root, split):
     """root/Diving48_V2_{train,test}.json ([{vid_name, label, ...}]) + Diving48_vocab.json + root/rgb/<vid>.mp4."""
-    import json
     with open(_need(os.path.join(root, "Diving48_vocab.json"), "the 48 label tuples")) as f:
         classes = ["-".join(v) if isinstance(v, list) else str(v) for v in json.load(f)]
     name = "train" if _split_name(split) == "train" else "test"
@@ -3499,7 +3495,6 @@ def read_ucfrep_annotations(root, split):
     """root/annotations/{train,val}/<video>.mat (temporal_bound; needs scipy) or <video>.json
     ({"temporal_bound": [...]}) -> [(frame folder root/frames/<video>, bounds int64 (n + 1,))] sorted by name.
     Bounds are the 1-based frame numbers of image_%05d.jpg where the n repetitions start and end (UCFRep)."""
-    import json
     folder = _need(os.path.join(root, "annotations", _split_name(split)), "UCFRep annotation folder")
     videos = []
     for f in sorted(os.listdir(folder)):
@@ -3571,7 +3566,6 @@ def read_kinetics_skeleton_json(path, max_frames=300, people_in=5, people_out=2)
     """ST-GCN Kinetics-Skeleton JSON -> (float32 (3, T, 18, people_out) = (x - 0.5, y - 0.5, score), label_index).
     As st-gcn's Feeder_kinetics: up to people_in people per frame, coordinates zeroed where score == 0, people
     sorted per frame by total score, the first people_out kept."""
-    import json
     try:
         with open(path) as f:
             video = json.load(f)
@@ -3867,7 +3861,6 @@ def render_toy_repetitions(rng, count, size=64):
 def make_toy_ucfrep(root, seed=0, size=64, num_train=48, num_val=16, counts=(2, 8)):
     """The UCFRep layout: root/annotations/{train,val}/<video>.json ({"temporal_bound": [...]}) and
     root/frames/<video>/image_%05d.jpg; every video repeats one swing counts[0]..counts[1] times."""
-    import json
     from PIL import Image
 
     def make(tmp):
@@ -4148,7 +4141,6 @@ def make_toy_paired(root, seed=0, size=64, num_frames=24, subjects=7, train_subj
                                             to [0, 1] (Kinetics-Skeleton JSON), score 0 outside the frame
         flow/<name>/flow_%05d.jpg           the true image motion of the body (CoCLR layout, L - 1 frames)
     Frame t of every modality is the same instant."""
-    import json
     from PIL import Image
 
     def make(tmp):
@@ -4416,7 +4408,6 @@ def convert_ntu_skeletons(raw_dir, out_dir, benchmark="ntu60-xsub", max_frames=3
     {train,val}_label.pkl (names, 0-based labels), {train,val}_num_frame.npy. benchmark: ntu60-xsub, ntu60-xview
     (train cameras 2, 3), ntu120-xsub, ntu120-xset (even setups train). missing_file: the official list of
     samples with missing skeletons, left out."""
-    import re
     skip = set(_read_lines(missing_file, "sample names")) if missing_file else set()
     files = sorted(f for f in os.listdir(_need(raw_dir, "a folder of .skeleton files")) if f.endswith(".skeleton"))
     pattern = re.compile(r"S(\d{3})C(\d{3})P(\d{3})R(\d{3})A(\d{3})")
