@@ -594,13 +594,19 @@ def _seed_worker(worker_id):
 
 
 def to_device(batch, device):
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
+    """Every tensor of a (nested dict / list / tuple) batch moved to `device`, non-blocking."""
+    return map_tensors(lambda t: t.to(device, non_blocking=True), batch)
+
+
+def map_tensors(fn, obj):
+    """fn(tensor) applied to every tensor in nested dicts / lists / tuples (containers rebuilt, other leaves kept)."""
+    if torch.is_tensor(obj):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, map_tensors(fn, v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(fn, v) for v in obj)
+    return obj
 
 
 def lr_at_step(step, total_steps, base_lr, schedule="cosine", warmup_steps=0, final_lr=0.0,
@@ -1035,13 +1041,7 @@ def remove_stale_temporaries(folder):
 def cpu_copy(obj):
     """`obj` (nested dicts / lists of tensors) with every tensor copied to the CPU: what a background save writes
     while training goes on changing the originals in place."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return type(obj)((k, cpu_copy(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
-    return obj
+    return map_tensors(lambda t: t.detach().to("cpu", copy=True), obj)
 
 
 class BackgroundSaver:
