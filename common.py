@@ -2234,14 +2234,12 @@ def _build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides
                             sampling=sampling, transform=transform, modalities=modalities, decoder=decoder,
                             strict=strict, bad_files_path=bad_files_path, size=dataset_options.get("size"),
                             jitter=dataset_options.get("jitter", False), step=dataset_options.get("step"))
-    if (fraction < 1.0 or per_class is not None) and isinstance(ds, NTUPairedDataset):
-        keep = stratified_subset(ds.labels, fraction, per_class, seed)
-        ds.names, ds.labels, ds._indices = [ds.names[i] for i in keep], ds.labels[keep], np.arange(len(keep))
-    elif fraction < 1.0 or per_class is not None:
-        inner = ds.skeletons if isinstance(ds, PairedDataset) else ds
-        labels = inner.labels[inner.indices] if isinstance(inner, SkeletonDataset) else [x[1] for x in ds.samples]
-        keep = stratified_subset(labels, fraction, per_class, seed)
-        if isinstance(inner, SkeletonDataset):
+    if fraction < 1.0 or per_class is not None:
+        keep = stratified_subset(sample_labels(ds), fraction, per_class, seed)
+        if isinstance(ds, NTUPairedDataset):
+            ds.names, ds.labels, ds._indices = [ds.names[i] for i in keep], ds.labels[keep], np.arange(len(keep))
+        elif isinstance(ds, (SkeletonDataset, PairedDataset)):
+            inner = ds.skeletons if isinstance(ds, PairedDataset) else ds
             inner.indices = inner.indices[keep]
         else:
             ds.samples = [ds.samples[i] for i in keep]
@@ -2288,6 +2286,11 @@ def _skeleton_set(root, split, convert, **kwargs):
         convert()
     return SkeletonDataset(data, os.path.join(root, f"{split}_label.pkl"),
                            os.path.join(root, f"{split}_num_frame.npy"), **kwargs)
+
+
+def sample_labels(ds):
+    """The labels of a dataset's samples in order: (N,) class indices, or (N, C) multi-hot (Charades)."""
+    return ds.labels[ds.indices] if hasattr(ds, "indices") else [x[1] for x in ds.samples]
 
 
 def stratified_subset(labels, fraction=1.0, per_class=None, seed=0):
@@ -4225,11 +4228,7 @@ def check_data(name, root=None, decoder="auto", splits=("train", "val"), out=pri
         published = PUBLISHED_SIZES.get(name, {}).get(_split_name(split))
         out(f"[{split}] {len(ds)} samples" + (f" (published: {published})" if published else "")
             + f", {ds.num_classes} classes, {len(bad)} unreadable")
-        if isinstance(ds, (VideoDataset, KineticsSkeletonDataset)):
-            labels = [y for _, y in ds.samples if np.ndim(y) == 0 and not isinstance(y, float)]
-        else:
-            inner = ds.skeletons if isinstance(ds, PairedDataset) else ds
-            labels = inner.labels[inner.indices].tolist()
+        labels = [int(y) for y in sample_labels(ds) if np.ndim(y) == 0 and not isinstance(y, float)]  # not multi-label
         if labels:
             counts = np.bincount(labels, minlength=ds.num_classes)
             out(f"[{split}] labels {min(labels)}..{max(labels)}, per class: min {counts.min()}, max {counts.max()}, "
