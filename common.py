@@ -870,14 +870,12 @@ class _StopFlag:
 
 
 def find_resume_checkpoint(args):
-    if args.resume == "none":
-        return None
+    """The file --resume names: auto = <out-dir>/checkpoint.pth if it exists, none = None (checked by validate_args;
+    load_checkpoint_file names a file that went missing since)."""
     if args.resume == "auto":
         path = os.path.join(args.out_dir, "checkpoint.pth")
         return path if os.path.exists(path) else None
-    if not os.path.exists(args.resume):
-        raise UserError(f"--resume: expected a checkpoint file, auto or none; found no file {args.resume}")
-    return args.resume
+    return None if args.resume == "none" else args.resume
 
 
 def save_atomic(obj, path):
