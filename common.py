@@ -411,6 +411,7 @@ def resolve_amp_dtype(amp, device):
 
 
 def seed_everything(seed, deterministic=False):
+    """Seed Python, NumPy and torch; deterministic: deterministic algorithms and cuDNN, else cuDNN autotuning."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -422,6 +423,7 @@ def seed_everything(seed, deterministic=False):
 
 
 def git_commit():
+    """The project's git commit hash (+ "-dirty" with uncommitted changes), or "unknown"."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
@@ -435,14 +437,17 @@ def git_commit():
 
 
 def is_distributed():
+    """True inside an initialised process group."""
     return dist.is_available() and dist.is_initialized()
 
 
 def get_world_size():
+    """Number of processes (1 without a process group)."""
     return dist.get_world_size() if is_distributed() else 1
 
 
 def get_rank():
+    """This process's rank (0 without a process group)."""
     return dist.get_rank() if is_distributed() else 0
 
 
@@ -840,7 +845,7 @@ def _report_bad_files(run, epoch):
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """A non-finite loss: `fit` stops without saving and names the last good checkpoint."""
 
 
 class _StopFlag:
@@ -902,6 +907,7 @@ def save_atomic(obj, path):
 
 
 def write_json_atomic(path, obj):
+    """json.dump (indented, sorted) to path.tmp, then rename over `path`."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
@@ -909,11 +915,13 @@ def write_json_atomic(path, obj):
 
 
 def rng_state():
+    """Python, NumPy, torch CPU and CUDA RNG states of this process (a checkpoint's "rng")."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state):
+    """Restore what `rng_state` returned."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -1699,6 +1707,8 @@ class AGCNUnitGCN(nn.Module):
 
 
 class AGCNUnitTCN(nn.Module):
+    """2s-AGCN unit_tcn: (kernel x 1) temporal conv with stride, then BN; (N, C, T, V) -> (N, C', T / stride, V)."""
+
     def __init__(self, cin, cout, kernel=9, stride=1):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, (kernel, 1), (stride, 1), ((kernel - 1) // 2, 0))
@@ -2914,6 +2924,7 @@ def multiscale_corner_crop(x, size, scales=(1.0, 0.875, 0.75, 0.66), generator=N
 
 
 def center_crop(x, size):
+    """(..., H, W) -> the central (..., h, w) crop, size = h = w or (h, w); larger than the clip: ValueError."""
     h, w = _pair(size)
     height, width = x.shape[-2:]
     if h > height or w > width:
