@@ -38,6 +38,7 @@ from fractions import Fraction
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
@@ -182,14 +183,10 @@ def check_writable_folder(path, flag):
 
 
 def launch(main_worker, args, finalize=None):
-    """Run `main_worker(args)` in 1..N processes: under torchrun, as N spawned local workers, or in-process.
-
-    torchrun (any number of nodes): every process already runs this script; `setup` reads its environment.
-    `--gpus N > 1` without torchrun: spawn N local workers on a free port (Barlow Twins' pattern).
-    Otherwise: run in this process, without a process group.
-    finalize(args): the script's derived values and checks, run first (its UserErrors are reported like setup's).
-    A UserError ends the run with one line `error: ...` on stderr (printed by rank 0 only; --debug adds the
-    traceback) and exit status 2; an interrupted run exits with status 3 (see `fit`)."""
+    """Run `main_worker(args)` under torchrun (any number of nodes; `setup` reads its environment), as --gpus N > 1
+    spawned local workers on a free port, or in this process without a process group.
+    finalize(args): the script's derived values and checks, run first. A UserError ends the run with one line
+    `error: ...` on stderr from rank 0 (--debug: the traceback) and exit status 2; an interrupted run exits 3."""
     _PENDING_ARGS.clear()
     try:
         if finalize is not None:
@@ -357,17 +354,12 @@ class Run:
         self.optimizer_step(optimizer)
 
     def prepare(self, model, find_unused_parameters=False, method_syncs_buffers=False, compile_modules=None):
-        """Move to the device; SyncBN / channels-last / DDP / compile as the flags say. Returns the model to call;
-        keep the unwrapped one for `fit` (it is what the checkpoint stores).
-
-        --sync-bn converts BatchNorm to SyncBatchNorm on multi-GPU runs (PyTorch's SyncBN needs CUDA: a multi-process
-        CPU run keeps per-process BN and says so). method_syncs_buffers=True: the method keeps its own buffers equal
-        on every process (a MoCo queue filled with all-gathered keys); if BN statistics are synchronised too (SyncBN)
-        or absent, DDP is built with broadcast_buffers=False and stops re-sending every buffer of rank 0 at every
-        forward (33.5 MB for a 65536 x 128 queue). DDP always uses gradient_as_bucket_view (no gradient copy).
-        compile_modules: with --compile, the submodules to torch.compile in place (the backbones); default the
-        whole model. A method whose forward updates state in place (momentum encoders, queues) passes its
-        backbones, so the compiled graphs stay pure and DDP wraps the eager model."""
+        """Move to the device; SyncBN (CUDA only) / channels-last / DDP / compile as the flags say. Returns the
+        model to call; `fit` gets the unwrapped one (what the checkpoint stores).
+        method_syncs_buffers=True: the method keeps its buffers equal on every process (a MoCo queue of gathered
+        keys); with BN synchronised or absent, DDP then skips re-sending rank 0's buffers at every forward (33.5 MB
+        for a 65536 x 128 queue). compile_modules(model): with --compile, the submodules to compile in place (the
+        backbones, so methods that update state in forward keep pure graphs); default the whole model."""
         model = model.to(self.device)
         if self.args.sync_bn and self.world_size > 1 and self.device.type == "cuda":
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -419,6 +411,7 @@ def resolve_amp_dtype(amp, device):
 
 
 def seed_everything(seed, deterministic=False):
+    """Seed Python, NumPy and torch; deterministic: deterministic algorithms and cuDNN, else cuDNN autotuning."""
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
@@ -430,6 +423,7 @@ def seed_everything(seed, deterministic=False):
 
 
 def git_commit():
+    """The project's git commit hash (+ "-dirty" with uncommitted changes), or "unknown"."""
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
@@ -443,19 +437,18 @@ def git_commit():
 
 
 def is_distributed():
+    """True inside an initialised process group."""
     return dist.is_available() and dist.is_initialized()
 
 
 def get_world_size():
+    """Number of processes (1 without a process group)."""
     return dist.get_world_size() if is_distributed() else 1
 
 
 def get_rank():
+    """This process's rank (0 without a process group)."""
     return dist.get_rank() if is_distributed() else 0
-
-
-def is_main_process():
-    return get_rank() == 0
 
 
 @torch.no_grad()
@@ -496,30 +489,13 @@ def unwrap(model):
     return model
 
 
-class _AllGatherWithGrad(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x):
-        gathered = [torch.empty_like(x) for _ in range(get_world_size())]
-        dist.all_gather(gathered, x.contiguous())
-        return torch.cat(gathered, dim=0)
-
-    @staticmethod
-    def backward(ctx, grad):
-        grad = grad.contiguous()
-        dist.all_reduce(grad)  # every process's loss depends on every slice: sum their gradients
-        n = grad.shape[0] // get_world_size()
-        return grad[get_rank() * n:(get_rank() + 1) * n]
-
-
 def all_gather_with_grad(x):
-    """all_gather_nograd with gradient: the gradient of this process's slice is the sum over processes of the
-    gradients its copies received. The identity at world size 1."""
-    return x if get_world_size() == 1 else _AllGatherWithGrad.apply(x)
+    """all_gather_nograd with gradient (torch.distributed.nn's all_gather): this process's slice receives the sum
+    over processes of the gradients its copies got. The identity at world size 1."""
+    return x if get_world_size() == 1 else torch.cat(dist_nn.all_gather(x), dim=0)  # (W * N, ...)
 
 
 EXIT_USER_ERROR = 2  # a UserError: one line "error: ...", nothing written
-
-
 EXIT_INTERRUPTED = 3  # SIGTERM / SIGINT / SIGUSR1: the step was saved; rerun the same command to resume
 
 
@@ -565,8 +541,6 @@ def _exit_user_error(error, args, rank, message_file=None):
 
 
 _CREATED_FOLDERS = {}  # run folders this process created; an early UserError removes them again while empty
-
-
 _PENDING_ARGS = []  # runs whose args.json is not written yet (written by `fit`, else when main_worker returns)
 
 
@@ -576,11 +550,9 @@ _PENDING_ARGS = []  # runs whose args.json is not written yet (written by `fit`,
 
 
 def build_loader(dataset, args, run, train=True, batch_size=None, collate_fn=None):
-    """A DataLoader for one process: its shard of the data (DistributedSampler), per-process batch size
-    (global / world size), pinned memory on CUDA, every item seeded from (seed, rank, epoch, index) (`SeededItems`:
-    evaluation passes do not move the training RNGs either). Training drops the last partial batch and has
-    persistent workers (no re-fork per epoch) and
-    prefetch_factor 4 (4 batches per worker in flight: video decoding times vary a lot from clip to clip)."""
+    """A DataLoader for one process: its shard of the data, batch size global / world size, pinned memory on CUDA,
+    every item seeded from (seed, rank, epoch, index) (`SeededItems`). Training drops the last partial batch, keeps
+    its workers and has 4 batches per worker in flight (video decoding times vary a lot from clip to clip)."""
     global_batch = batch_size or args.batch_size
     per_process = max(global_batch // run.world_size, 1)
     sampler = ResumableDistributedSampler(dataset, per_process, with_epoch=True, num_replicas=run.world_size,
@@ -627,13 +599,19 @@ def _seed_worker(worker_id):
 
 
 def to_device(batch, device):
-    if torch.is_tensor(batch):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: to_device(v, device) for k, v in batch.items()}
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(to_device(v, device) for v in batch)
-    return batch
+    """Every tensor of a (nested dict / list / tuple) batch moved to `device`, non-blocking."""
+    return map_tensors(lambda t: t.to(device, non_blocking=True), batch)
+
+
+def map_tensors(fn, obj):
+    """fn(tensor) applied to every tensor in nested dicts / lists / tuples (containers rebuilt, other leaves kept)."""
+    if torch.is_tensor(obj):
+        return fn(obj)
+    if isinstance(obj, dict):
+        return type(obj)((k, map_tensors(fn, v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(map_tensors(fn, v) for v in obj)
+    return obj
 
 
 def lr_at_step(step, total_steps, base_lr, schedule="cosine", warmup_steps=0, final_lr=0.0,
@@ -654,21 +632,15 @@ def lr_at_step(step, total_steps, base_lr, schedule="cosine", warmup_steps=0, fi
 
 
 def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone_meta=None, knn=None):
-    """Train `model` with the method's `train_step(batch) -> dict` (forward, backward and optimizer step are the
-    method's; `run.step(loss, optimizer)` does the usual three). The loop owns epochs, --max-steps, resume,
-    the per-step LR schedule, device transfer, logs, the progress bar, checkpoints and the NaN guard.
-
-    The host waits for the device once per --log-every steps (and before a checkpoint), never in between: the
-    metrics are summed on the device, and one all-reduced tensor carries their sums, the non-finite-loss flag
-    and the stop flag of every process, so all processes stop together (NaN: without saving, naming the last good
-    checkpoint; SIGTERM / SIGUSR1 / SIGINT: after saving the step, with exit status EXIT_INTERRUPTED).
-
-    model: the unwrapped module whose state_dict holds the whole method (encoders, queues, prototypes).
-    backbone: the module exported as backbone.pth, with `backbone_meta` (arch, modality, method); its meta carries
-    the step of the checkpoint written with it.
-    knn: optional (encoder, input_fn, train_loader, val_loader) for the online kNN monitor (see `knn_monitor`).
-    Returns {"step", "epoch", "knn": last monitor result}; an interrupted run raises
-    RunInterrupted after saving."""
+    """Train `model` with the method's `train_step(batch) -> dict of scalar metrics` (forward, backward and
+    optimizer step are the method's: `run.step(loss, optimizer)`). The loop owns epochs, --max-steps, resume, the
+    per-step LR, device transfer, logs, checkpoints and the NaN guard. The host waits for the device once per
+    --log-every steps (and before a save): one all-reduced tensor carries the metric sums, the non-finite-loss
+    flag and the stop flag of every process, so all stop together (NaN: without saving; SIGTERM / SIGUSR1 /
+    SIGINT: after saving, raising RunInterrupted).
+    model: the unwrapped module whose state_dict holds the whole method; backbone: the module exported as
+    backbone.pth with `backbone_meta` (arch, modality, method) and the checkpoint's step; knn: optional (encoder,
+    input_fn, train_loader, val_loader) for `knn_monitor`. Returns {"step", "epoch", "knn": last monitor result}."""
     steps_per_epoch = len(loader)
     if steps_per_epoch == 0:
         raise UserError(f"--batch-size {args.batch_size}: expected at most the {len(loader.dataset)} training "
@@ -873,7 +845,7 @@ def _report_bad_files(run, epoch):
 
 
 class NonFiniteLossError(RuntimeError):
-    pass
+    """A non-finite loss: `fit` stops without saving and names the last good checkpoint."""
 
 
 class _StopFlag:
@@ -903,14 +875,12 @@ class _StopFlag:
 
 
 def find_resume_checkpoint(args):
-    if args.resume == "none":
-        return None
+    """The file --resume names: auto = <out-dir>/checkpoint.pth if it exists, none = None (checked by validate_args;
+    load_checkpoint_file names a file that went missing since)."""
     if args.resume == "auto":
         path = os.path.join(args.out_dir, "checkpoint.pth")
         return path if os.path.exists(path) else None
-    if not os.path.exists(args.resume):
-        raise UserError(f"--resume: expected a checkpoint file, auto or none; found no file {args.resume}")
-    return args.resume
+    return None if args.resume == "none" else args.resume
 
 
 def save_atomic(obj, path):
@@ -937,6 +907,7 @@ def save_atomic(obj, path):
 
 
 def write_json_atomic(path, obj):
+    """json.dump (indented, sorted) to path.tmp, then rename over `path`."""
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
         json.dump(obj, f, indent=2, sort_keys=True, default=str)
@@ -944,11 +915,13 @@ def write_json_atomic(path, obj):
 
 
 def rng_state():
+    """Python, NumPy, torch CPU and CUDA RNG states of this process (a checkpoint's "rng")."""
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
 
 
 def set_rng_state(state):
+    """Restore what `rng_state` returned."""
     torch.set_rng_state(state["torch"])
     np.random.set_state(state["numpy"])
     random.setstate(state["python"])
@@ -1042,41 +1015,6 @@ class SeededItems(torch.utils.data.Dataset):
                 random.setstate(saved[2])
 
 
-class LARC(torch.optim.SGD):
-    """SGD with layer-wise adaptive rate scaling (You et al. 2017, "Large Batch Training of Convolutional
-    Networks"), with the semantics of NVIDIA apex's LARC wrapper as SwAV / ViCC use it (clip=False): for every
-    parameter p with a gradient g and ||p||, ||g|| both non-zero,
-        g <- trust * ||p|| / (||g|| + wd * ||p|| + eps) * (g + wd * p)
-    then a plain SGD step (momentum, lr) without weight decay; a parameter with ||p|| = 0 or ||g|| = 0 gets
-    neither scaling nor weight decay (as apex). clip=True: the factor becomes min(factor / lr, 1) (apex clip)."""
-
-    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, clip=False, eps=1e-8):
-        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-        self.trust_coefficient, self.clip, self.eps = trust_coefficient, clip, eps
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        decays = []
-        for group in self.param_groups:
-            wd = group["weight_decay"]
-            decays.append(wd)
-            group["weight_decay"] = 0.0
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                param_norm, grad_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
-                if param_norm != 0 and grad_norm != 0:
-                    factor = self.trust_coefficient * param_norm / (grad_norm + param_norm * wd + self.eps)
-                    if self.clip:
-                        factor = torch.clamp(factor / group["lr"], max=1.0)
-                    p.grad.add_(p, alpha=wd).mul_(factor)
-        try:
-            return super().step(closure)
-        finally:
-            for group, wd in zip(self.param_groups, decays):
-                group["weight_decay"] = wd
-
-
 def _write_record(run, record, metrics_file, writer, bar):
     """One metrics.jsonl line (rank 0), the same scalars to TensorBoard, and the progress bar or a printed line."""
     if not run.is_main:
@@ -1109,13 +1047,7 @@ def remove_stale_temporaries(folder):
 def cpu_copy(obj):
     """`obj` (nested dicts / lists of tensors) with every tensor copied to the CPU: what a background save writes
     while training goes on changing the originals in place."""
-    if torch.is_tensor(obj):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return type(obj)((k, cpu_copy(v)) for k, v in obj.items())
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(cpu_copy(v) for v in obj)
-    return obj
+    return map_tensors(lambda t: t.detach().to("cpu", copy=True), obj)
 
 
 class BackgroundSaver:
@@ -1155,7 +1087,6 @@ class BackgroundSaver:
 
 VIDEO_ARCHS = ("r2plus1d_18", "r3d_18", "mc3_18", "s3d", "r2d3d_18", "i3d", "resnet3d_18", "resnext3d_101",
                "tiny3d", "r2plus1d_10", "phlvc_video")
-
 
 SKELETON_ARCHS = ("bigru", "hcn", "agcn", "stgcn", "skelemotion_cnn")
 
@@ -1244,10 +1175,6 @@ def set_bn_eps(model, eps):
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eps = eps
     return model
-
-
-def count_parameters(model):
-    return sum(p.numel() for p in model.parameters())
 
 
 def _pool_video_map(x):
@@ -1563,14 +1490,11 @@ NTU25_INWARD = [(1, 2), (2, 21), (3, 21), (4, 3), (5, 21), (6, 5), (7, 6), (8, 7
                 (12, 11), (13, 1), (14, 13), (15, 14), (16, 15), (17, 1), (18, 17), (19, 18), (20, 19),
                 (22, 23), (23, 8), (24, 25), (25, 12)]
 
-
 NTU25_INWARD = [(i - 1, j - 1) for i, j in NTU25_INWARD]
-
 
 # OpenPose COCO-18 (0-based), 2s-AGCN graph/kinetics.py, ST-GCN 'openpose' layout.
 COCO18_INWARD = [(4, 3), (3, 2), (7, 6), (6, 5), (13, 12), (12, 11), (10, 9), (9, 8), (11, 5), (8, 2), (5, 1),
                  (2, 1), (0, 1), (15, 0), (14, 0), (17, 15), (16, 14)]
-
 
 SKELETON_GRAPHS = {"ntu25": (25, NTU25_INWARD, 20), "coco18": (18, COCO18_INWARD, 1)}  # (V, edges, centre)
 
@@ -1607,18 +1531,10 @@ def stgcn_adjacency(layout="ntu25"):
     # partition. This is the original's behaviour (kept so that its checkpoints mean the same thing).
     dist = hop[:, center]
     norm = _normalize_digraph((hop <= 1).astype(np.float64))
-    # net/utils/graph.py get_adjacency('spatial'): A = [hop-0 root, hop-1 root + close, hop-1 further]
-    root, close, further = np.zeros((v, v)), np.zeros((v, v)), np.zeros((v, v))
-    for i in range(v):
-        for j in range(v):
-            if hop[j, i] == 0:
-                root[j, i] = norm[j, i]
-            elif hop[j, i] == 1:
-                if dist[j] >= dist[i]:
-                    close[j, i] = norm[j, i]
-                else:
-                    further[j, i] = norm[j, i]
-    return np.stack([root, close, further]).astype(np.float32)
+    # net/utils/graph.py get_adjacency('spatial'): A = [hop-0 root, hop-1 root + close, hop-1 further], at [j, i]
+    closer = dist[:, None] >= dist[None, :]  # (V, V): dist[j] >= dist[i]
+    return np.stack([np.where(hop == 0, norm, 0), np.where((hop == 1) & closer, norm, 0),
+                     np.where((hop == 1) & ~closer, norm, 0)]).astype(np.float32)  # (3, V, V)
 
 
 def skeleton_to_sequence(x):
@@ -1791,6 +1707,8 @@ class AGCNUnitGCN(nn.Module):
 
 
 class AGCNUnitTCN(nn.Module):
+    """2s-AGCN unit_tcn: (kernel x 1) temporal conv with stride, then BN; (N, C, T, V) -> (N, C', T / stride, V)."""
+
     def __init__(self, cin, cout, kernel=9, stride=1):
         super().__init__()
         self.conv = nn.Conv2d(cin, cout, (kernel, 1), (stride, 1), ((kernel - 1) // 2, 0))
@@ -2050,16 +1968,13 @@ CHECKPOINT_EXCLUDED_PREFIXES = ("encoder_k", "encoder_l", "key_encoder", "backbo
                                 "ema_model", "momentum", "momentum_encoder", "target", "target_encoder", "teacher",
                                 "sampler")
 
-
 # Key-path components of the query (online) encoder: preferred when another encoder also holds every backbone key.
 CHECKPOINT_QUERY_PREFIXES = ("encoder_q", "query_encoder", "backbone_q", "model_q", "online", "online_encoder")
-
 
 # Checkpoint entries that are heads or training state, reported as `skipped`, never as `unexpected`.
 CHECKPOINT_HEAD_NAMES = ("fc", "fc7", "fc8", "fcn", "head", "heads", "classifier", "proj", "projector",
                          "projection", "mlp", "prototypes", "queue", "queue_ptr", "queue_second", "logits",
                          "vid_fc2", "vid_fc_rep", "sk_fc_rep", "final", "final_fc", "cls_head")
-
 
 # CtP / tubelet-contrast R(2+1)D and R3D names -> torchvision (SEVERE-BENCHMARK backbones.py
 # load_tubelet_contrast_checkpoint).
@@ -2076,7 +1991,6 @@ CTP_RENAMES = [
     (r"(layer\d\.\d+)\.downsample_bn\.", r"\1.downsample.1."),
 ]
 
-
 # CoCLR / ViCC backbone/s3dg.py names -> torchvision S3D (`base.N` = `features.N`, same order of layers).
 COCLR_S3D_RENAMES = [
     (r"(^|\.)base\.(\d+)\.", r"\1features.\2."),
@@ -2086,18 +2000,15 @@ COCLR_S3D_RENAMES = [
     (r"(branch\d\.\d)\.conv\.", r"\1.0."), (r"(branch\d\.\d)\.bn\.", r"\1.1."),
 ]
 
-
 # RSPNet (`encoder_q.encoder.base_network.N.`) and Pretext-Contrast (`module.base_network.N.`) hold torchvision's
 # R(2+1)D-18 as a Sequential: N = 0 is the stem, N = 1..4 are layer1..4 (SEVERE-BENCHMARK backbones.py,
 # load_rspnet_checkpoint / load_pretext_contrast_checkpoint).
 BASE_NETWORK_RENAMES = [(r"(^|\.)base_network\.0\.", r"\1stem."), (r"(^|\.)base_network\.([1-4])\.", r"\1layer\2.")]
 
-
 # P-HLVC (cvpranon42/phlvc SkeleContrastS3D) video names -> phlvc_video: vid_backbone.base.* (kylemin S3D = the CoCLR
 # names) -> trunk.features.*, vid_backbone.fc.0 (the 1x1x1 conv) -> fc.0; vid_fc2.* keeps its name.
 PHLVC_RENAMES = [(r"(^|\.)vid_backbone\.base\.", r"\1trunk.base."), (r"(^|\.)vid_backbone\.fc\.", r"\1fc.")] + \
     COCLR_S3D_RENAMES
-
 
 # Tubelet-contrast / hassony2 I3D names -> ours (`features.N` in the order of I3D.features).
 I3D_RENAMES = [
@@ -2222,23 +2133,16 @@ def backbone_record(model, meta=None):
 
 
 KINETICS_MEAN = (0.43216, 0.394666, 0.37645)  # torchvision video models (Kinetics-400)
-
-
 KINETICS_STD = (0.22803, 0.22145, 0.216989)
-
-
 FLOW_BOUND = 20.0  # CoCLR/ViCC/I3D: flow clipped to +-20 px and mapped linearly to 0..255
-
 
 # FineGym-99 label ranges per event (gym99_categories: VT 0-5, FX 6-40, BB 41-73, UB 74-98); FX-S1 = 6-16
 # (leaps-jumps-hops), UB-S1 = 74-88 (circles) as in SEVERE, relabelled from 0.
 GYM_SUBSETS = {"gym-vault": range(0, 6), "gym-floor": range(6, 41), "fx-s1": range(6, 17), "ub-s1": range(74, 89)}
 
-
 # toy-paired split by action, the toy counterpart of thesis Sec. 2.4.2: the teacher learns the "source" half
 # (as NTU-120-minus-60), the student is distilled and evaluated on the disjoint "target" half (as NTU RGB+D 60).
 TOY_PAIRED_HALVES = {"toy-paired-source": range(0, 6), "toy-paired-target": range(6, 12)}
-
 
 NTU_PAIRED_SETS = {  # name -> (actions kept (1-based), split rule on (setup, camera, subject) -> train?)
     "ntu60-paired-xview": (range(1, 61), lambda setup, camera, subject: camera in (2, 3)),  # 37,920 / 18,960
@@ -2250,7 +2154,6 @@ NTU_PAIRED_SETS = {  # name -> (actions kept (1-based), split rule on (setup, ca
 # PKU-MMD (Part I) with RGB, depth, skeletons and flow: name -> split file (thesis Sec. 2.4.2: cross-subject, 942 /
 # 132 videos; Table 2.6 detects actions in these)
 PKU_PAIRED_SETS = {"pku1-paired": "cross-subject.txt", "pku1-paired-xview": "cross-view.txt"}
-
 
 DATASET_NAMES = ("toy-motion", "toy-ucfrep", "toy-skeleton", "toy-paired", "k400", "k600", "k700", "minik",
                  "kinetics", "ucf101", "hmdb51", "ssv2", "gym99", "gym288", *GYM_SUBSETS, "diving48", "charades",
@@ -2346,14 +2249,12 @@ def _build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides
                             sampling=sampling, transform=transform, modalities=modalities, decoder=decoder,
                             strict=strict, bad_files_path=bad_files_path, size=dataset_options.get("size"),
                             jitter=dataset_options.get("jitter", False), step=dataset_options.get("step"))
-    if (fraction < 1.0 or per_class is not None) and isinstance(ds, NTUPairedDataset):
-        keep = stratified_subset(ds.labels, fraction, per_class, seed)
-        ds.names, ds.labels, ds._indices = [ds.names[i] for i in keep], ds.labels[keep], np.arange(len(keep))
-    elif fraction < 1.0 or per_class is not None:
-        inner = ds.skeletons if isinstance(ds, PairedDataset) else ds
-        labels = inner.labels[inner.indices] if isinstance(inner, SkeletonDataset) else [x[1] for x in ds.samples]
-        keep = stratified_subset(labels, fraction, per_class, seed)
-        if isinstance(inner, SkeletonDataset):
+    if fraction < 1.0 or per_class is not None:
+        keep = stratified_subset(sample_labels(ds), fraction, per_class, seed)
+        if isinstance(ds, NTUPairedDataset):
+            ds.names, ds.labels, ds._indices = [ds.names[i] for i in keep], ds.labels[keep], np.arange(len(keep))
+        elif isinstance(ds, (SkeletonDataset, PairedDataset)):
+            inner = ds.skeletons if isinstance(ds, PairedDataset) else ds
             inner.indices = inner.indices[keep]
         else:
             ds.samples = [ds.samples[i] for i in keep]
@@ -2400,6 +2301,11 @@ def _skeleton_set(root, split, convert, **kwargs):
         convert()
     return SkeletonDataset(data, os.path.join(root, f"{split}_label.pkl"),
                            os.path.join(root, f"{split}_num_frame.npy"), **kwargs)
+
+
+def sample_labels(ds):
+    """The labels of a dataset's samples in order: (N,) class indices, or (N, C) multi-hot (Charades)."""
+    return ds.labels[ds.indices] if hasattr(ds, "indices") else [x[1] for x in ds.samples]
 
 
 def stratified_subset(labels, fraction=1.0, per_class=None, seed=0):
@@ -2547,7 +2453,6 @@ class KineticsSkeletonDataset(torch.utils.data.Dataset):
     out."""
 
     def __init__(self, root, split, transform=None, strict=False, bad_files_path=None, max_frames=300):
-        import json
         split = _split_name(split)
         with open(_need(os.path.join(root, f"kinetics_{split}_label.json"), "{id: {label_index, ...}}")) as f:
             info = json.load(f)
@@ -2740,7 +2645,6 @@ class NTUPairedDataset(PairedDataset):
 
     def __init__(self, root, split, name="ntu60-paired-xview", clip_len=16, frame_strides=(1,), sampling="random",
                  transform=None, modalities=None, decoder="auto", strict=False, bad_files_path=None, jitter=False):
-        import re
         actions, is_train = NTU_PAIRED_SETS[name]
         split = _split_name(split)
         self.root, self.split, self.decoder = root, split, decoder
@@ -3140,6 +3044,7 @@ def multiscale_corner_crop(x, size, scales=(1.0, 0.875, 0.75, 0.66), generator=N
 
 
 def center_crop(x, size):
+    """(..., H, W) -> the central (..., h, w) crop, size = h = w or (h, w); larger than the clip: ValueError."""
     h, w = _pair(size)
     height, width = x.shape[-2:]
     if h > height or w > width:
@@ -3233,29 +3138,6 @@ def _shift_hue(x, shift):
     return table.gather(0, i.unsqueeze(0).unsqueeze(0).expand(1, 3, *i.shape))[0].transpose(0, 1)  # (N, 3, T,H,W)
 
 
-def random_grayscale(x, p=0.2, generator=None):
-    """Replace RGB by its luma (ITU-R 601, 3 channels kept) with probability p per clip."""
-    clips, lead = _clips(x)
-    out = clips.clone()
-    gray = torch.rand(clips.shape[0], generator=generator) < p
-    for n in torch.nonzero(gray).flatten().tolist():
-        out[n] = TF.rgb_to_grayscale(clips[n].transpose(0, 1), num_output_channels=3).transpose(0, 1)
-    return out.reshape(x.shape)
-
-
-def gaussian_blur(x, sigma=(0.1, 2.0), p=0.5, kernel_size=None, generator=None):
-    """Gaussian blur with sigma ~ U(sigma) per clip with probability p (SimCLR: kernel ~ 10 % of the side)."""
-    clips, lead = _clips(x)
-    if kernel_size is None:
-        kernel_size = max(3, int(0.1 * min(clips.shape[-2:])) // 2 * 2 + 1)
-    out = clips.clone()
-    for n in range(clips.shape[0]):
-        s = _uniform(sigma[0], sigma[1], generator)
-        if torch.rand((), generator=generator).item() < p:
-            out[n] = TF.gaussian_blur(clips[n].transpose(0, 1), [kernel_size, kernel_size], [s, s]).transpose(0, 1)
-    return out.reshape(x.shape)
-
-
 def normalize(x, mean=KINETICS_MEAN, std=KINETICS_STD):
     """uint8 (0..255) or float (0..1) clips -> float32 (x - mean) / std per channel (dim -4)."""
     x = x.float() / 255.0 if x.dtype == torch.uint8 else x.float()
@@ -3309,41 +3191,6 @@ def temporal_crop_resize(x, length=None, min_ratio=0.1, out_frames=64, min_lengt
         return x.reshape(n * c * t, v * m).index_select(0, rows.reshape(-1)).view(n, c, out_frames, v, m)
 
     return torch.lerp(frames(left), frames(right), weight)  # (N, C, T_out, V, M)
-
-
-def draw_skeleton_rows(rows, path, columns=8, cell=96):
-    """rows: list of (title, sequence (C, T, V, M)) -> a PNG with `columns` evenly spaced frames of each row as
-    stick figures (x-y plane, NTU-25 bones, else dots). Pillow only (installed with torchvision)."""
-    from PIL import Image, ImageDraw
-
-    label_width = 120
-    image = Image.new("RGB", (label_width + columns * cell, len(rows) * cell), "white")
-    draw = ImageDraw.Draw(image)
-    colours = [(200, 30, 30), (30, 30, 200)]
-    for row, (title, seq) in enumerate(rows):
-        seq = seq.detach().float().cpu()
-        draw.text((4, row * cell + cell // 2 - 6), title, fill="black")
-        xy = seq[:2]  # (2, T, V, M)
-        present = xy.abs().sum(dim=(0, 1, 2)) > 0  # (M,) persons that are not all-zero padding
-        if not present.any():
-            continue
-        points = xy[..., present]
-        low = points.amin(dim=(1, 2, 3))
-        span = (points.amax(dim=(1, 2, 3)) - low).max().clamp(min=1e-6)  # one scale per row: shear shows
-        times = torch.linspace(0, seq.shape[1] - 1, columns).round().long()
-        for col, t in enumerate(times.tolist()):
-            ox, oy = label_width + col * cell, row * cell
-            draw.rectangle([ox, oy, ox + cell - 1, oy + cell - 1], outline=(220, 220, 220))
-            for person in present.nonzero().flatten().tolist():
-                u = (ox + 4 + (xy[0, t, :, person] - low[0]) / span * (cell - 8)).tolist()
-                w = (oy + cell - 4 - (xy[1, t, :, person] - low[1]) / span * (cell - 8)).tolist()  # y up
-                if seq.shape[2] == 25:
-                    for a, b in _NTU_BONES.tolist():
-                        draw.line([(u[a], w[a]), (u[b], w[b])], fill=colours[person % 2], width=2)
-                for px, py in zip(u, w):
-                    draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill="black")
-    image.save(path)
-    return path
 
 
 class VideoReadError(RuntimeError):
@@ -3615,7 +3462,6 @@ def write_video(path, frames, fps=8, crf=18, gop=16, faststart=False):
 
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".webm", ".mkv", ".mov", ".m4v")
 
-
 PUBLISHED_SIZES = {  # split sizes stated by the papers (thesis Table 5.1; NTU README); check-data compares
     "ucf101": {"train": 9537, "val": 3783}, "hmdb51": {"train": 3570, "val": 1530},
     "ssv2": {"train": 168913, "val": 24777}, "gym99": {"train": 20484, "val": 8521},
@@ -3625,9 +3471,7 @@ PUBLISHED_SIZES = {  # split sizes stated by the papers (thesis Table 5.1; NTU R
     "ntu60-xsub": {"train": 40320, "val": 16560}, "ntu60-xview": {"train": 37920, "val": 18960},
 }
 
-
 NTU_XSUB_TRAIN = (1, 2, 4, 5, 8, 9, 13, 14, 15, 16, 17, 18, 19, 25, 27, 28, 31, 34, 35, 38)
-
 
 NTU120_XSUB_TRAIN = NTU_XSUB_TRAIN + (45, 46, 47, 49, 50, 52, 53, 54, 55, 56, 57, 58, 59, 70, 74, 78, 80, 81, 82,
                                       83, 84, 85, 86, 89, 91, 92, 93, 94, 95, 97, 98, 100, 103)
@@ -3715,7 +3559,6 @@ def parse_hmdb51(root, split, fold=1):
 
 def parse_ssv2(root, split, ext="webm"):
     """root/labels/something-something-v2-{train,validation,labels}.json + root/videos/<id>.<ext>."""
-    import json
     labels_path = _need(os.path.join(root, "labels", "something-something-v2-labels.json"), "template -> index JSON")
     with open(labels_path) as f:
         index = {k: int(v) for k, v in json.load(f).items()}
@@ -3751,7 +3594,6 @@ def parse_finegym(root, split, name="gym99"):
 
 def parse_diving48(root, split):
     """root/Diving48_V2_{train,test}.json ([{vid_name, label, ...}]) + Diving48_vocab.json + root/rgb/<vid>.mp4."""
-    import json
     with open(_need(os.path.join(root, "Diving48_vocab.json"), "the 48 label tuples")) as f:
         classes = ["-".join(v) if isinstance(v, list) else str(v) for v in json.load(f)]
     name = "train" if _split_name(split) == "train" else "test"
@@ -3785,7 +3627,6 @@ def read_ucfrep_annotations(root, split):
     """root/annotations/{train,val}/<video>.mat (temporal_bound; needs scipy) or <video>.json
     ({"temporal_bound": [...]}) -> [(frame folder root/frames/<video>, bounds int64 (n + 1,))] sorted by name.
     Bounds are the 1-based frame numbers of image_%05d.jpg where the n repetitions start and end (UCFRep)."""
-    import json
     folder = _need(os.path.join(root, "annotations", _split_name(split)), "UCFRep annotation folder")
     videos = []
     for f in sorted(os.listdir(folder)):
@@ -3857,7 +3698,6 @@ def read_kinetics_skeleton_json(path, max_frames=300, people_in=5, people_out=2)
     """ST-GCN Kinetics-Skeleton JSON -> (float32 (3, T, 18, people_out) = (x - 0.5, y - 0.5, score), label_index).
     As st-gcn's Feeder_kinetics: up to people_in people per frame, coordinates zeroed where score == 0, people
     sorted per frame by total score, the first people_out kept."""
-    import json
     try:
         with open(path) as f:
             video = json.load(f)
@@ -3954,7 +3794,6 @@ def ntu_body_energy(body):
 
 TOY_MOTION_CLASSES = ["right", "left", "down", "up", "circle_cw", "circle_ccw", "zigzag", "shake_vertical"]
 
-
 TOY_SKELETON_ACTIONS = ["wave_right", "wave_left", "raise_both_hands", "kick_right", "squat", "jump", "bow",
                         "clap", "punch_right", "touch_head", "handshake", "high_five"]
 
@@ -3997,17 +3836,9 @@ def _toy_background(rng, size, width=None):
 # decord's width bug, so PyAV takes over), length, frame rate and keyframe interval (GOP), so every clip still goes
 # through the real decode, clamp and resize paths.
 TOY_MOTION_SIZES = ((64, 64), (64, 86), (64, 114), (64, 72), (64, 96), (86, 64), (114, 64), (64, 70))  # (H, W)
-
-
 TOY_MOTION_FRAMES = (16, 40)  # frame count drawn uniformly from this range
-
-
 TOY_MOTION_FPS = (8, 12, 15, 24, 25, Fraction(30000, 1001))
-
-
 TOY_MOTION_GOPS = (1, 4, 8, 16, 32, 250)  # 1: every frame a keyframe; 250: one keyframe (libx264's default)
-
-
 TOY_MOTION_VERSION = "3"  # written to root/.format; a set of another format is rebuilt
 
 
@@ -4162,7 +3993,6 @@ def render_toy_repetitions(rng, count, size=64):
 def make_toy_ucfrep(root, seed=0, size=64, num_train=48, num_val=16, counts=(2, 8)):
     """The UCFRep layout: root/annotations/{train,val}/<video>.json ({"temporal_bound": [...]}) and
     root/frames/<video>/image_%05d.jpg; every video repeats one swing counts[0]..counts[1] times."""
-    import json
     from PIL import Image
 
     def make(tmp):
@@ -4388,10 +4218,7 @@ _NTU_BONES = np.array([(0, 1), (1, 20), (20, 2), (2, 3), (20, 4), (4, 5), (5, 6)
                        (9, 10), (10, 11), (0, 12), (12, 13), (13, 14), (14, 15), (0, 16), (16, 17), (17, 18),
                        (18, 19), (7, 21), (11, 23)])
 
-
 NTU_TO_COCO18 = [3, 2, 8, 9, 10, 4, 5, 6, 16, 17, 18, 12, 13, 14, 3, 3, 3, 3]  # eyes/ears from the head joint
-
-
 _COCO18_HEAD_OFFSETS = {14: (-0.03, 0.03), 15: (0.03, 0.03), 16: (-0.07, 0.0), 17: (0.07, 0.0)}  # metres
 
 
@@ -4446,7 +4273,6 @@ def make_toy_paired(root, seed=0, size=64, num_frames=24, subjects=7, train_subj
                                             to [0, 1] (Kinetics-Skeleton JSON), score 0 outside the frame
         flow/<name>/flow_%05d.jpg           the true image motion of the body (CoCLR layout, L - 1 frames)
     Frame t of every modality is the same instant."""
-    import json
     from PIL import Image
 
     def make(tmp):
@@ -4531,11 +4357,7 @@ def check_data(name, root=None, decoder="auto", splits=("train", "val"), out=pri
         published = PUBLISHED_SIZES.get(name, {}).get(_split_name(split))
         out(f"[{split}] {len(ds)} samples" + (f" (published: {published})" if published else "")
             + f", {ds.num_classes} classes, {len(bad)} unreadable")
-        if isinstance(ds, (VideoDataset, KineticsSkeletonDataset)):
-            labels = [y for _, y in ds.samples if np.ndim(y) == 0 and not isinstance(y, float)]
-        else:
-            inner = getattr(ds, "skeletons", ds)  # toy PairedDataset: its skeleton arrays; NTU / PKU-MMD: itself
-            labels = inner.labels[inner.indices].tolist()
+        labels = [int(y) for y in sample_labels(ds) if np.ndim(y) == 0 and not isinstance(y, float)]  # not multi-label
         if labels:
             counts = np.bincount(labels, minlength=ds.num_classes)
             out(f"[{split}] labels {min(labels)}..{max(labels)}, per class: min {counts.min()}, max {counts.max()}, "
@@ -4714,7 +4536,6 @@ def convert_ntu_skeletons(raw_dir, out_dir, benchmark="ntu60-xsub", max_frames=3
     {train,val}_label.pkl (names, 0-based labels), {train,val}_num_frame.npy. benchmark: ntu60-xsub, ntu60-xview
     (train cameras 2, 3), ntu120-xsub, ntu120-xset (even setups train). missing_file: the official list of
     samples with missing skeletons, left out."""
-    import re
     skip = set(_read_lines(missing_file, "sample names")) if missing_file else set()
     files = sorted(f for f in os.listdir(_need(raw_dir, "a folder of .skeleton files")) if f.endswith(".skeleton"))
     pattern = re.compile(r"S(\d{3})C(\d{3})P(\d{3})R(\d{3})A(\d{3})")

@@ -421,6 +421,34 @@ def make_train_step(model, optimizer, run, args):
 # ============================================================================================================ VISUALIZE
 
 
+def draw_skeleton_rows(rows, path, columns=8, cell=96):
+    """rows: list of (title, sequence (C, T, V, M)) -> a PNG with `columns` evenly spaced frames of each row as
+    stick figures (x-y plane, NTU-25 bones, else dots); one scale per row, so shear shows. Pillow only."""
+    from PIL import Image, ImageDraw
+    image = Image.new("RGB", (120 + columns * cell, len(rows) * cell), "white")  # 120 px for the titles
+    draw = ImageDraw.Draw(image)
+    for row, (title, seq) in enumerate(rows):
+        draw.text((4, row * cell + cell // 2 - 6), title, fill="black")
+        xy = seq[:2].detach().float().cpu()  # (2, T, V, M)
+        present = (xy.abs().sum(dim=(0, 1, 2)) > 0).nonzero().flatten().tolist()  # persons that are not padding
+        if not present:
+            continue
+        low = xy[..., present].amin(dim=(1, 2, 3))  # (2,)
+        span = (xy[..., present].amax(dim=(1, 2, 3)) - low).max().clamp(min=1e-6)
+        for col, t in enumerate(torch.linspace(0, xy.shape[1] - 1, columns).round().long().tolist()):
+            ox, oy = 120 + col * cell, row * cell
+            draw.rectangle([ox, oy, ox + cell - 1, oy + cell - 1], outline=(220, 220, 220))
+            for person in present:
+                u = (ox + 4 + (xy[0, t, :, person] - low[0]) / span * (cell - 8)).tolist()
+                w = (oy + cell - 4 - (xy[1, t, :, person] - low[1]) / span * (cell - 8)).tolist()  # y up
+                for a, b in common.NTU25_INWARD if xy.shape[2] == 25 else ():
+                    draw.line([(u[a], w[a]), (u[b], w[b])], fill=((200, 30, 30), (30, 30, 200))[person % 2], width=2)
+                for px, py in zip(u, w):
+                    draw.ellipse([px - 1.5, py - 1.5, px + 1.5, py + 1.5], fill="black")
+    image.save(path)
+    return path
+
+
 def save_augmentation_figures(skeletons, out_dir, args, length=None):
     """--visualize: one PNG per sequence of skeletons (N, C, T, V, M) (valid lengths (N,) or None) with the
     original and each augmentation over time. Returns the list of written paths."""
@@ -437,7 +465,7 @@ def save_augmentation_figures(skeletons, out_dir, args, length=None):
                 ("jitter (3.2)", joint_jitter(full, args.joint_jitter_count, args.authors_jitter)[0]),
                 ("view q (3.4)", augment_from_args(x, n, args)[0]),
                 ("view k (3.4)", augment_from_args(x, n, args)[0])]
-        paths.append(common.draw_skeleton_rows(rows, os.path.join(out_dir, f"augmentations_{i:03d}.png")))
+        paths.append(draw_skeleton_rows(rows, os.path.join(out_dir, f"augmentations_{i:03d}.png")))
     return paths
 
 

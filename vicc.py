@@ -28,7 +28,7 @@ Implementation details (supp. Sec. 2 unless noted; "code" = the authors' release
   with the current prototypes, each process its 1/world slice so each entry counts once); filled from epoch 150
   (RGB-1), 200 (Flow-1), 25 (each cross stage), used once full (SwAV); rounded down to a multiple of the batch.
 - Prototypes frozen for the first 100 epochs of a single-stream stage, trained from the start in cross stages.
-- SGD momentum 0.9 + LARS (common.LARC: apex LARC, trust 0.001, no clipping), lr 0.6 per-step cosine to 6e-4,
+- SGD momentum 0.9 + LARS (`LARC`: apex LARC, trust 0.001, no clipping), lr 0.6 per-step cosine to 6e-4,
   wd 1e-6, no warm-up (code); batch 192 single, 96 cross (code: 24 x 4).
 - Batch shuffle (Sec. 2.1) on the second clip across processes, with gradient (pseudocode: both views train the
   encoder); a no-op on one process. The frozen stream runs once, in eval mode, under no_grad, for both clips.
@@ -64,6 +64,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision.transforms.v2.functional as TF
 
 import common
 
@@ -283,12 +284,29 @@ def make_eval_transform(args):
     return transform
 
 
+def random_grayscale(x, p=0.2):
+    """(N, 3, T, H, W) RGB -> each clip replaced by its luma (ITU-R 601, 3 channels kept) with probability p."""
+    gray = (torch.rand(x.shape[0]) < p).to(x.device).view(-1, 1, 1, 1, 1)  # (N, 1, 1, 1, 1)
+    return torch.where(gray, TF.rgb_to_grayscale(x.transpose(1, 2), 3).transpose(1, 2), x)  # (N, 3, T, H, W)
+
+
+def gaussian_blur(x, sigma=(0.1, 2.0), p=0.5):
+    """(N, 3, T, H, W) -> each clip blurred with probability p, sigma ~ U(sigma), kernel ~ 10 % of the side (SimCLR)."""
+    k = max(3, int(0.1 * min(x.shape[-2:])) // 2 * 2 + 1)
+    out = x.clone()
+    for n in range(x.shape[0]):
+        s = sigma[0] + (sigma[1] - sigma[0]) * torch.rand(()).item()
+        if torch.rand(()).item() < p:
+            out[n] = TF.gaussian_blur(x[n].transpose(0, 1), [k, k], [s, s]).transpose(0, 1)  # (3, T, H, W)
+    return out
+
+
 def strong_augment(x, strong):
     """Colour jitter (0.4, 0.4, 0.4, 0.1) p 0.8, grey p 0.2, blur p 0.5 on the clips where strong; x float [0, 1]."""
     if strong.any():
         y = common.color_jitter(x[strong], 0.4, 0.4, 0.4, 0.1, p=0.8)
         x = x.clone()
-        x[strong] = common.gaussian_blur(common.random_grayscale(y, p=0.2), p=0.5)
+        x[strong] = gaussian_blur(random_grayscale(y, p=0.2), p=0.5)
     return x
 
 
@@ -302,6 +320,32 @@ def prepare_views(batch, modality, args):
 
 
 # ==================================================================================================== TRAIN STEP
+
+
+class LARC(torch.optim.SGD):
+    """SGD with layer-wise adaptive rate scaling (You et al. 2017) as apex's LARC wrapper with clip=False (SwAV,
+    ViCC): g <- trust * ||p|| / (||g|| + wd * ||p|| + eps) * (g + wd * p), then SGD (momentum, lr) without weight
+    decay; a parameter with ||p|| = 0 or ||g|| = 0 gets neither scaling nor weight decay (as apex)."""
+
+    def __init__(self, params, lr, momentum=0.9, weight_decay=0.0, trust_coefficient=0.001, eps=1e-8):
+        super().__init__(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        self.trust_coefficient, self.eps = trust_coefficient, eps
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        decays = [group["weight_decay"] for group in self.param_groups]
+        for group, wd in zip(self.param_groups, decays):
+            group["weight_decay"] = 0.0
+            for p in (p for p in group["params"] if p.grad is not None):
+                param_norm, grad_norm = torch.linalg.vector_norm(p), torch.linalg.vector_norm(p.grad)
+                if param_norm != 0 and grad_norm != 0:
+                    p.grad.add_(p, alpha=wd).mul_(self.trust_coefficient * param_norm /
+                                                  (grad_norm + param_norm * wd + self.eps))
+        try:
+            return super().step(closure)
+        finally:
+            for group, wd in zip(self.param_groups, decays):
+                group["weight_decay"] = wd
 
 
 def make_train_step(ddp_model, model, optimizer, run, args, steps_per_epoch, modality, other, queue_start,
@@ -416,8 +460,8 @@ def run_stage(args, run, name, train, init, frozen, stage_dir):
         load_stream(other_stream, frozen, prototypes=False)
     model = ViCC(stream, other_stream, queue_size, args.proj_dim, not args.authors_code_view2_nograd).to(run.device)
     ddp_model = run.prepare(model)
-    optimizer = common.LARC([p for p in model.parameters() if p.requires_grad], lr=a.lr, momentum=0.9,
-                            weight_decay=a.wd, trust_coefficient=args.lars_trust)
+    optimizer = LARC([p for p in model.parameters() if p.requires_grad], lr=a.lr, momentum=0.9,
+                     weight_decay=a.wd, trust_coefficient=args.lars_trust)
     modalities = tuple(m for m in ("video", "flow") if m in (modality, other))
     train_set = common.build_dataset(args.dataset_name, args.data_root, "train", clip_len=args.clip_len,
                                      num_clips=2, sampling="random", modalities=modalities,

@@ -296,6 +296,15 @@ def ntu_layout(tmp_path_factory):
     return str(root)
 
 
+def test_check_data_and_class_subsets_on_the_ntu_paired_layout(ntu_layout):
+    lines = []
+    report = common.check_data("ntu60-paired-xview", ntu_layout, "pyav", ("train",), out=lines.append)
+    assert report == {"train": {"size": 3, "bad": []}}
+    assert "[train] labels 0..1, per class: min 0, max 2, 58 classes without samples" in lines
+    subset = common.build_dataset("ntu60-paired-xview", ntu_layout, "train", per_class=1)
+    assert sorted(subset.labels.tolist()) == [0, 1] and len(subset) == 2
+
+
 def test_ntu_paired_official_layout(ntu_layout):
     train = common.build_dataset("ntu60-paired-xview", ntu_layout, "train", clip_len=4, sampling="uniform")
     val = common.build_dataset("ntu60-paired-xview", ntu_layout, "val", clip_len=4)

@@ -171,8 +171,7 @@ def test_spatial_transforms_are_clip_consistent_and_shaped():
     g = torch.Generator().manual_seed(1)
     for out in (common.random_resized_crop_clip(x, 16, generator=g),
                 common.multiscale_corner_crop(x, (16, 16), generator=g),
-                common.horizontal_flip(x, 0.5, g), common.color_jitter(x, p=1.0, generator=g),
-                common.random_grayscale(x, 1.0, g), common.gaussian_blur(x, p=1.0, generator=g)):
+                common.horizontal_flip(x, 0.5, g), common.color_jitter(x, p=1.0, generator=g)):
         assert out.dtype == torch.uint8 and out.shape[:3] == x.shape[:3] and _frames_equal(out)
     assert common.random_resized_crop_clip(x, 16).shape == (3, 3, 4, 16, 16)
     assert common.center_crop(x, (8, 10)).equal(x[..., 12:20, 15:25])
@@ -230,13 +229,7 @@ def test_batched_color_jitter_equals_torchvision_per_clip():
     assert uint8.dtype == torch.uint8 and (uint8.float() - out * 255).abs().max() <= 2
 
 
-def test_grayscale_blur_normalize_values():
-    x = _static_clips(1)
-    gray = common.random_grayscale(x, 1.0)
-    assert gray[:, 0].equal(gray[:, 1]) and gray[:, 1].equal(gray[:, 2])
-    xf = x.float()
-    blurred = common.gaussian_blur(xf, sigma=(2.0, 2.0), p=1.0, kernel_size=7)
-    assert blurred.std() < xf.std() * 0.8 and abs(blurred.mean() - xf.mean()) < 5
+def test_normalize_values():
     ones = torch.full((3, 1, 1, 1), 255, dtype=torch.uint8)
     expected = [(1 - m) / s for m, s in zip(common.KINETICS_MEAN, common.KINETICS_STD)]
     assert torch.allclose(common.normalize(ones).flatten(), torch.tensor(expected))

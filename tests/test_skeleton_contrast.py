@@ -360,9 +360,16 @@ def test_toy_and_paper_defaults_keep_what_the_user_gave():
 def test_visualize_writes_png(tmp_path):
     pytest.importorskip("PIL")
     x = torch.randn(1, 3, 40, 25, 2)
+    x[..., 1] = 0  # the second body is padding: only red (first body) bones are drawn
     paths = sc.save_augmentation_figures(x, str(tmp_path), method_args(frames=16))
-    with open(paths[0], "rb") as f:
-        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+    with Image.open(paths[0]) as img:
+        rgb = img.convert("RGB")
+    rgb = torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3)
+    assert rgb.shape == (6 * 96, 120 + 8 * 96, 3)  # 6 rows, a title column and 8 frames
+    red = (rgb == torch.tensor([200, 30, 30], dtype=torch.uint8)).all(-1)
+    blue = (rgb == torch.tensor([30, 30, 200], dtype=torch.uint8)).all(-1)
+    assert all(red[r * 96:(r + 1) * 96].any() for r in range(6)) and not blue.any()
 
 
 # ---------------------------------------------------------------------------------------------- with common.py

@@ -121,7 +121,7 @@ def make_batch(b=4, t=8, size=48, flow=True, seed=0):
 
 def make_step(args, model, steps_per_epoch=2, other=None, queue_start=0, freeze=0, lr=0.6):
     run = common.Run(args, torch.device("cpu"), args.out_dir)
-    optimizer = common.LARC([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-6)
+    optimizer = vicc.LARC([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=1e-6)
     step = vicc.make_train_step(model, model, optimizer, run, args, steps_per_epoch, "video", other, queue_start,
                                 freeze)
     return step, optimizer
@@ -204,7 +204,7 @@ def test_lars_step_matches_the_formula():
     torch.manual_seed(0)
     p, q = torch.nn.Parameter(torch.randn(5)), torch.nn.Parameter(torch.zeros(3))
     g = torch.randn(5)
-    opt = common.LARC([p, q], lr=0.5, momentum=0.9, weight_decay=0.1, trust_coefficient=0.001)
+    opt = vicc.LARC([p, q], lr=0.5, momentum=0.9, weight_decay=0.1, trust_coefficient=0.001)
     p0 = p.detach().clone()
     gq = torch.randn(3)
     p.grad, q.grad = g.clone(), gq.clone()
@@ -219,6 +219,18 @@ def test_lars_step_matches_the_formula():
     opt.step()
     factor2 = 0.001 * p1.norm() / (g.norm() + 0.1 * p1.norm() + 1e-8)
     torch.testing.assert_close(p.detach(), p1 - 0.5 * (0.9 * d1 + factor2 * (g + 0.1 * p1)))  # momentum
+
+
+def test_grayscale_and_blur_per_clip():
+    x = torch.rand(4, 3, 2, 64, 64, generator=torch.Generator().manual_seed(0))
+    gray = vicc.random_grayscale(x, p=1.0)
+    assert gray[:, 0].equal(gray[:, 1]) and gray[:, 1].equal(gray[:, 2])
+    torch.testing.assert_close(gray[:, 0], 0.2989 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])
+    assert vicc.random_grayscale(x, p=0.0).equal(x) and vicc.gaussian_blur(x, p=0.0).equal(x)
+    static = x[:, :, :1].expand_as(x).contiguous()  # every frame equal: the blur must keep them equal
+    blurred = vicc.gaussian_blur(static, sigma=(2.0, 2.0), p=1.0)  # kernel 7 at 64 px
+    assert blurred.shape == x.shape and blurred[:, :, 0].equal(blurred[:, :, 1])
+    assert blurred.std() < static.std() * 0.8 and abs(blurred.mean() - static.mean()) < 0.02
 
 
 # ------------------------------------------------------------------------------------------- stages, data
