@@ -237,13 +237,22 @@ def test_two_gloo_processes_keep_prototypes_and_queues_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_toy_pretraining_beats_random_init(tmp_path):
-    """The default toy run (60 epochs, 180 steps): leave-one-out 1-NN among the 48 pretraining videos, video tap
-    fc1. Measured (seeds 0 and 1): see the README; collapsed runs (e.g. with Table 6's jitter) stay at chance."""
-    out = run_script(tmp_path, "--seed", 0)
-    with open(tmp_path / "knn.json") as f:
-        knn = json.load(f)
-    assert knn["pretrained_fc1"]["loo_nn1"] >= knn["random_init_fc1"]["loo_nn1"] + 15, out[-1500:]
+def test_toy_pretraining_beats_random_init_on_held_out_videos(tmp_path, seed=0):
+    """LEARNING TEST (one seed; margins over seeds 0 and 1 measured once, see the README): a shortened toy run
+    (20 epochs, 120 steps; video encoder on toy-paired depth, the toy default), then evaluate.py --task knn on
+    toy-paired (gallery: the 96 pretraining videos, queries: the 72 val videos of 3 unseen subjects; 12 actions,
+    chance 8.3 %) with backbone.pth at tap fc1 (retrieval, Sec. 7.3) against the same network at random init."""
+    import evaluate as ev
+    run_script(tmp_path / "pretrain", "--seed", seed, "--epochs", 20, "--grow-start-epoch", 10,
+               "--queue-start-epoch", 15)
+    nn1 = {}
+    for name, weights in (("pretrained", str(tmp_path / "pretrain" / "backbone.pth")), ("random", "none")):
+        nn1[name] = ev.main(["--task", "knn", "--data", "toy-paired", "--data-root", os.path.join(ROOT, "data",
+                             "toy-paired"), "--arch", "phlvc_video", "--arch-options", json.dumps(
+                             {"trunk": "tiny3d", "hidden": 128, "tap": "fc1"}), "--frames", "20", "--weights",
+                             weights, "--seed", str(seed), "--workers", "0", "--out-dir", str(tmp_path / name)]
+                            )["metrics"]["nn1_acc"]
+    assert nn1["pretrained"] >= nn1["random"] + 20 and nn1["pretrained"] >= 40, nn1
 
 
 def test_other_flags_run(tmp_path):
