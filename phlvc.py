@@ -145,6 +145,11 @@ TOY_DEFAULTS = dict(arch="tiny3d", clip_len=20, crop_size=48, hidden=128, rep_di
 
 def finalize_method_args(args):
     """Derived values in one block; user errors name the flag before anything is written."""
+    if args.dataset_name not in ("toy-paired", "paired", "k400-pose"):
+        raise common.UserError(f"phlvc.py --data: expected toy, toy-paired, paired or k400-pose; found {args.data!r} "
+                               f"(the Sims4Action / Toyota Smarthome parsers are not built yet)")
+    if args.video_input == "depth" and args.dataset_name == "k400-pose":
+        raise common.UserError("phlvc.py --video-input: expected rgb with --data k400-pose (no depth), found depth")
     r2d3d = args.arch == "r2d3d_18"
     common.fill_defaults(args, dict(clip_len=30 if r2d3d else 32, video_views=2 if r2d3d else 1,
                                     max_tracks=2 if r2d3d else 5, batch_size=56 if r2d3d else 80))
@@ -585,14 +590,8 @@ def main(argv=None):
     common.fill_defaults(args, TOY_DEFAULTS if toy else PAPER_DEFAULTS)
     common.fill_defaults(args, dict(workers=4))
     args.dataset_name = "toy-paired" if args.data == "toy" else args.data
-    if args.video_input == "depth" and args.dataset_name == "k400-pose":
-        raise common.UserError("phlvc.py --video-input: expected rgb with --data k400-pose (no depth), found depth")
-    if args.dataset_name not in ("toy-paired", "paired", "k400-pose"):
-        raise common.UserError(f"phlvc.py --data: expected toy, toy-paired, paired or k400-pose; found {args.data!r} "
-                               f"(the Sims4Action / Toyota Smarthome parsers are not built yet)")
     args.data_root = args.data_root or os.path.join("data", args.dataset_name)
-    finalize_method_args(args)
-    return common.launch(main_worker, args)
+    return common.launch(main_worker, args, finalize=finalize_method_args)
 
 
 if __name__ == "__main__":
