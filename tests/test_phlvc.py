@@ -365,3 +365,61 @@ def test_user_errors_are_one_line_before_anything_is_written(tmp_path):
                              cwd=ROOT, capture_output=True, text=True, timeout=120)
         assert out.returncode == 2 and out.stderr.startswith(expected), out.stderr
         assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------- cross-domain layouts
+SIMS_CSV = ("VideoName;Subject;Scene;CameraSetup;CameraAngle;Duration;Uploaded;Split\n"
+            "Co_S1K1_fC6.avi;S1;Kitchen1;fixed;C6;00:00:59;yes;train\n"
+            "Dr_S2D1_m3.avi;S2;Dining1;moving;3;00:00:14;yes;train\n"
+            "GS_S5L1_fC9.avi;S5;Living1;fixed;C9;00:00:18;yes;train\n"
+            "TV_S6L2_m4.avi;S6;Living2;moving;4;00:02:00;yes;train\n"
+            "Co_S7K1_fC5.avi;S7;Kitchen1;fixed;C5;00:01:00;yes;val\n"
+            "Dr_S7K2_fC17.avi;S7;Kitchen2;fixed;C17;00:00:34;yes;val\n"
+            "Co_S8K1_fC5.avi;S8;Kitchen1;fixed;C5;00:01:04;yes;test\n"
+            "UT_S4D1_m4.avi;S4;Dining1;moving;4;00:00:40;yes;test\n")
+TOYOTA_NAMES = ("Cook.Cut_p02_r00_v02_c03", "Cook.Cleandishes_p03_r01_v05_c01", "Sitdown_p11_r03_v07_c07",
+                "Getup_p04_r00_v01_c02", "Uselaptop_p09_r02_v11_c05", "Enter_p02_r00_v00_c04", "Eat.Snack_p16_r0_v3_c2",
+                "Drink.Fromcup_p13_r01_v10_c06")
+
+
+def write_crossdomain(root, frames=20, size=(36, 52)):
+    """Sims4Action (official ';' split CSV, videos/<name>.avi) and Toyota Smarthome (mp4/<Action>_p_r_v_c.mp4, an
+    unmapped action, odd sizes) with the class as a per-class brightness, so a classifier can learn it."""
+    import numpy as np
+    sims, toyota = root / "sims4action", root / "toyota-smarthome"
+    os.makedirs(sims / "videos")
+    (sims / "SimsSplitsCompleteVideos.csv").write_text(SIMS_CSV)
+    classes = list(common.SIMS4ACTION_CLASSES)
+    for line in SIMS_CSV.splitlines()[1:]:
+        name = line.split(";")[0]
+        value = 20 + 22 * classes.index(name.split("_")[0])
+        rgb = np.full((frames, *size, 3), value, dtype=np.uint8)
+        common.write_video(str(sims / "videos" / name), rgb)
+    for name in TOYOTA_NAMES:
+        sims_class = common.TOYOTA_TO_SIMS_PHLVC_CODE.get(name.split("_")[0], "Walk")
+        value = 20 + 22 * list(common.SIMS4ACTION_CLASSES.values()).index(sims_class)
+        common.write_video(str(toyota / "mp4" / f"{name}.mp4"), np.full((frames, size[1], size[0], 3), value,
+                                                                         dtype=np.uint8))
+    return sims, toyota
+
+
+def test_sims4action_and_toyota_smarthome_parsers(tmp_path):
+    sims, toyota = write_crossdomain(tmp_path)
+    names = list(common.SIMS4ACTION_CLASSES.values())
+    for split, expected in (("train", ["Cook", "Drink", "Getup", "WatchTV"]), ("val", ["Cook", "Drink"]),
+                            ("test", ["Cook", "Usetablet"])):
+        ds = common.build_dataset("sims4action", str(sims), split, clip_len=8)
+        assert [names[y] for _, y in ds.samples] == expected and ds.num_classes == 10
+    item = common.build_dataset("sims4action", str(sims), "test", clip_len=8)[1]
+    assert item["video"].shape == (3, 8, 36, 52) and names[int(item["label"])] == "Usetablet"
+    official = common.build_dataset("toyota-smarthome", str(toyota), "test", clip_len=8)
+    code = common.build_dataset("toyota-smarthome", str(toyota), "test", clip_len=8, class_map="phlvc-code")
+    label_of = lambda ds: {os.path.basename(p).split("_")[0]: names[y] for p, y in ds.samples}  # noqa: E731
+    assert label_of(official) == {"Cook.Cut": "Cook", "Sitdown": "Getup", "Getup": "Getup", "Uselaptop": "Usecomputer",
+                                  "Drink.Fromcup": "Drink"}  # Enter unmapped, Cleandishes / Snack only in the code's
+    assert label_of(code) == dict(label_of(official), **{"Cook.Cleandishes": "Cook", "Eat.Snack": "Eat"})
+    with pytest.raises(ValueError, match="only the cross-domain test set"):
+        common.build_dataset("toyota-smarthome", str(toyota), "train")
+    (sims / "SimsSplitsCompleteVideos.csv").write_text(SIMS_CSV.replace("Dr_S2D1", "Xx_S2D1"))
+    with pytest.raises(common.UserError, match=r"SimsSplitsCompleteVideos.csv:3: expected"):
+        common.build_dataset("sims4action", str(sims), "train")
