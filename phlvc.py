@@ -57,10 +57,14 @@ Implementation details and readings (the authors' code has the architecture only
   learning), while the pose stream is informative (random-init pose CNN 72 % held-out 1-NN). With depth the same
   run reaches 78 % vs 31 % (random init) held-out 1-NN in evaluate.py. --video-input rgb runs the toy on RGB.
   The kNN report taps fc1 (retrieval) and fc2.
-Not implemented yet: the sims4action / toyota-smarthome parsers (AlphaPose conversion), evaluate.py --task
-crossdomain and --protocol phlvc, track ids from AlphaPose JSON (tracks are
-per-frame score ranks), the 'enough posed frames' filter of k400-pose (videos without a JSON are dropped; a clip
-without poses gives no pair), pose JSON cached as npy.
+Cross-domain (Sec. 7.2): `common.py` parses sims4action (official split CSV) and toyota-smarthome (the videos of
+the classes mapped to Sims4Action, --class-map sims4action | phlvc-code); `evaluate.py --task crossdomain --data
+sims4action --target toyota-smarthome` finetunes on Sims4Action (selects on its val split S7) and reports top-1
+and mean class accuracy on Toyota, video features only. Not implemented yet: AlphaPose JSON -> COCO-18 (so no
+pretraining on Sims4Action / Toyota poses), pose and concatenated features and --calibrate in the cross-domain
+test, Toyota's own cross-subject / cross-view splits, evaluate.py --protocol phlvc, track ids from AlphaPose JSON
+(tracks are per-frame score ranks), the 'enough posed frames' filter of k400-pose (videos without a JSON are
+dropped; a clip without poses gives no pair), pose JSON cached as npy.
 toy-paired keeps 2 people per frame (its JSON reader's default); k400-pose keeps 5.
 """
 import argparse
@@ -147,7 +151,7 @@ def finalize_method_args(args):
     """Derived values in one block; user errors name the flag before anything is written."""
     if args.dataset_name not in ("toy-paired", "paired", "k400-pose"):
         raise common.UserError(f"phlvc.py --data: expected toy, toy-paired, paired or k400-pose; found {args.data!r} "
-                               f"(the Sims4Action / Toyota Smarthome parsers are not built yet)")
+                               f"(pretraining on Sims4Action needs its AlphaPose poses: not built yet)")
     if args.video_input == "depth" and args.dataset_name == "k400-pose":
         raise common.UserError("phlvc.py --video-input: expected rgb with --data k400-pose (no depth), found depth")
     r2d3d = args.arch == "r2d3d_18"

@@ -423,3 +423,27 @@ def test_sims4action_and_toyota_smarthome_parsers(tmp_path):
     (sims / "SimsSplitsCompleteVideos.csv").write_text(SIMS_CSV.replace("Dr_S2D1", "Xx_S2D1"))
     with pytest.raises(common.UserError, match=r"SimsSplitsCompleteVideos.csv:3: expected"):
         common.build_dataset("sims4action", str(sims), "train")
+
+
+def test_evaluate_crossdomain_trains_on_sims_selects_on_its_val_and_tests_on_mapped_toyota(tmp_path):
+    """evaluate.py --task crossdomain: Sims4Action train (4 videos) -> select on its val (2) -> Toyota Smarthome test
+    (the 7 videos the P-HLVC code's map keeps, labelled with their Sims4Action class); top-1 and mean class accuracy
+    agree with the saved test logits."""
+    import evaluate as ev
+    sims, toyota = write_crossdomain(tmp_path)
+    result = ev.main(["--task", "crossdomain", "--data", "sims4action", "--data-root", str(sims), "--target",
+                      "toyota-smarthome", "--target-root", str(toyota), "--class-map", "phlvc-code", "--arch", "tiny3d",
+                      "--weights", "none", "--frames", "8", "--epochs", "1", "--batch-size", "2", "--lr", "1e-3",
+                      "--test-clips", "1", "--save-logits", "--workers", "0", "--out-dir", str(tmp_path / "run")])
+    assert result["sizes"] == {"train": 4, "val": 2, "test": 7} and result["num_classes"] == 10
+    saved = torch.load(tmp_path / "run" / "logits.pth", weights_only=False)
+    names = list(common.SIMS4ACTION_CLASSES.values())
+    expected = sorted((n, common.TOYOTA_TO_SIMS_PHLVC_CODE[n.split("_")[0]]) for n in TOYOTA_NAMES if "Enter" not in n)
+    assert [names[y] for y in saved["test"]["labels"].tolist()] == [c for _, c in expected]
+    hits = saved["test"]["logits"].argmax(1) == saved["test"]["labels"]
+    assert result["metrics"]["top1"] == pytest.approx(100 * hits.float().mean().item())
+    per_class = [hits[saved["test"]["labels"] == c].float().mean().item() for c in saved["test"]["labels"].unique()]
+    assert result["metrics"]["mean_class_acc"] == pytest.approx(100 * sum(per_class) / len(per_class))
+    with pytest.raises(common.UserError, match="expected --target with --task crossdomain only"):
+        ev.main(["--task", "finetune", "--data", "sims4action", "--data-root", str(sims), "--target",
+                 "toyota-smarthome", "--out-dir", str(tmp_path / "bad")])
