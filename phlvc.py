@@ -5,7 +5,7 @@ A video encoder and a body-pose encoder (SkeleMotion images of the pose tracks) 
 Sinkhorn-Knopp assignment q is the target for the *other* modality's prediction p (swapped prediction), with the
 agreement-accentuating cross-entropy (AXent) of Eq. (5); the prototypes grow from 3,000 to 10,000 during training.
 
-    python phlvc.py                                   # toy-paired (depth + COCO-18 2-D poses), tiny3d, CPU, ~1 min
+    python phlvc.py                                   # toy-paired (depth + COCO-18 2-D poses), tiny3d, ~1.6 CPU min
     python phlvc.py --data k400-pose --gpus 4                  # paper: S3D 32x128², batch 80, K 3,000 -> 10,000
     python phlvc.py --data k400-pose --arch r2d3d_18 --gpus 4  # R2D3D 30x128², batch 56, K_v 2, K_s <= 2
 
