@@ -2160,7 +2160,7 @@ DATASET_NAMES = ("toy-motion", "toy-ucfrep", "toy-skeleton", "toy-paired", "k400
                  "ucfrep", "videofolder", "videolist", "ntu60-xsub", "ntu60-xview", "ntu120-xsub", "ntu120-xset",
                  "pku1", "pku2", "pku1-xview", "pku2-xview", "kinetics-skeleton", "paired", "toy-motion-flow",
                  "k400-pose", "toy-paired-source", "toy-paired-target", "ntu60-paired-xview", "ntu60-paired-xsub",
-                 "ntu120-minus-60", *PKU_PAIRED_SETS)
+                 "ntu120-minus-60", *PKU_PAIRED_SETS, "sims4action", "toyota-smarthome")
 
 
 def build_dataset(name, root=None, split="train", **kwargs):
@@ -2192,7 +2192,7 @@ def _build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides
     "skeleton", ...) before "label", "index" and "frame_indices" are added. dataset_options: fold (UCF101, HMDB51),
     ext (SSv2), list_file (videolist), size, jitter, step (VideoDataset), check_exists (drop listed but missing
     videos, default True), pre_normalize (NTU raw), toy_seed (toy sets), pose_root (k400-pose; default
-    root/kinetics-skeleton)."""
+    root/kinetics-skeleton), class_map (toyota-smarthome: "sims4action" or "phlvc-code")."""
     root = root or os.path.join("data", "toy-paired" if name in TOY_PAIRED_HALVES else name)
     skel_kwargs = dict(transform=transform, strict=strict, bad_files_path=bad_files_path)
     if name == "toy-skeleton":
@@ -2291,6 +2291,10 @@ def _parse_video_set(name, root, split, options):
         return parse_videofolder(root, split)
     if name == "videolist":
         return parse_videolist(root, split, options.get("list_file"))
+    if name == "sims4action":
+        return parse_sims4action(root, split)
+    if name == "toyota-smarthome":
+        return parse_toyota_smarthome(root, split, options.get("class_map", "sims4action"))
     raise ValueError(f"--data: unknown dataset {name!r}")
 
 
@@ -3691,6 +3695,61 @@ def parse_videolist(root, split, list_file=None):
         classes = _read_lines(names_path, "one class name per line")
     else:
         classes = [str(i) for i in range(max(y for _, y in samples) + 1)] if samples else []
+    return samples, classes
+
+
+# Sims4Action (P-HLVC supp. Sec. 7.2; aroitberg/sims4action): its 10 classes in the order of the Gaming->Real
+# benchmark's numeric ids, keyed by the video-name prefix ("Co_S1K1_fC6.avi": Cook, subject S1, Kitchen1, camera C6).
+SIMS4ACTION_CLASSES = {"Co": "Cook", "Dr": "Drink", "Ea": "Eat", "GS": "Getup", "RB": "Readbook", "UC": "Usecomputer",
+                       "UT": "Usetablet", "UP": "Usephone", "Wa": "Walk", "TV": "WatchTV"}
+
+
+# Toyota Smarthome action -> Sims4Action class: sims4action's GamingToRealBenchmark/sims_toyota_label_correspondences
+# .csv (16 Toyota actions -> 10); "phlvc-code" (the P-HLVC code's reading) adds Cook.Cleandishes / Cleanup, Eat.Snack.
+TOYOTA_TO_SIMS = {"Cook.Cut": "Cook", "Cook.Stir": "Cook", "Cook.Usestove": "Cook", "Drink.Frombottle": "Drink",
+                  "Drink.Fromcan": "Drink", "Drink.Fromcup": "Drink", "Drink.Fromglass": "Drink",
+                  "Eat.Attable": "Eat", "Getup": "Getup", "Sitdown": "Getup", "Readbook": "Readbook",
+                  "Uselaptop": "Usecomputer", "Usetablet": "Usetablet", "Usetelephone": "Usephone", "Walk": "Walk",
+                  "WatchTV": "WatchTV"}
+TOYOTA_TO_SIMS_PHLVC_CODE = dict(TOYOTA_TO_SIMS, **{"Cook.Cleandishes": "Cook", "Cook.Cleanup": "Cook",
+                                                    "Eat.Snack": "Eat"})
+
+
+def parse_sims4action(root, split):
+    """root/SimsSplitsCompleteVideos.csv (';'-separated: VideoName;Subject;...;Split, split train = S1-3, S5-6,
+    val = S7, test = S4, S8) + root/videos/<VideoName>.avi; the label from the name's prefix."""
+    import csv
+    if split not in ("train", "val", "test"):
+        raise ValueError(f"sims4action: split expected train, val or test, got {split!r}")
+    path = _need(os.path.join(root, "SimsSplitsCompleteVideos.csv"), "the official Sims4Action split file")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f, delimiter=";"))
+    classes = list(SIMS4ACTION_CLASSES.values())
+    samples = []
+    for n, row in enumerate(rows):
+        prefix = (row.get("VideoName") or "").split("_")[0]
+        if prefix not in SIMS4ACTION_CLASSES or row.get("Split") not in ("train", "val", "test"):
+            raise VideoReadError(f"{path}:{n + 2}: expected <{'|'.join(SIMS4ACTION_CLASSES)}>_... and a split "
+                                 f"train/val/test, found {row.get('VideoName')!r} / {row.get('Split')!r}")
+        if row["Split"] == split:
+            samples.append((os.path.join(root, "videos", row["VideoName"]),
+                            classes.index(SIMS4ACTION_CLASSES[prefix])))
+    return samples, classes
+
+
+def parse_toyota_smarthome(root, split, class_map="sims4action"):
+    """root/mp4/<Action>_pNN_rNN_vNN_cNN.mp4 as the cross-domain target of Sims4Action (P-HLVC supp. Sec. 7.2):
+    every video whose action `class_map` maps ("sims4action": TOYOTA_TO_SIMS, "phlvc-code"), labelled with the
+    Sims4Action class; one set for every split name but "train" (the cross-subject / cross-view protocols with
+    Toyota's own 31 classes are not built)."""
+    if _split_name(split) == "train":
+        raise ValueError("toyota-smarthome: only the cross-domain test set (every mapped video) is built; "
+                         "expected split val or test, got train")
+    mapping = {"sims4action": TOYOTA_TO_SIMS, "phlvc-code": TOYOTA_TO_SIMS_PHLVC_CODE}[class_map]
+    folder = _need(os.path.join(root, "mp4"), "a folder of <Action>_pNN_rNN_vNN_cNN.mp4 files")
+    classes = list(SIMS4ACTION_CLASSES.values())
+    samples = [(os.path.join(folder, f), classes.index(mapping[f.split("_")[0]])) for f in sorted(os.listdir(folder))
+               if f.endswith(".mp4") and f.split("_")[0] in mapping]
     return samples, classes
 
 

@@ -66,7 +66,7 @@ import torch.nn.functional as F
 import common
 
 TASKS = ("finetune", "linear", "knn", "fewshot", "transfer", "multilabel", "arrow-of-time", "clusters", "fusion",
-         "repcount", "severe", "detection")
+         "repcount", "severe", "detection", "crossdomain")
 SKELETON_ARCHS = common.SKELETON_ARCHS  # bigru, hcn, agcn, stgcn on (C, T, V, M); skelemotion_cnn on images
 RETRIEVAL_KS = (1, 5, 10, 20, 50)  # CoCLR / ViCC video retrieval R@k (their retrieval code)
 KNN_K, KNN_T = 200, 0.1  # weighted kNN (InstDisc; skeleton-contrast's and CoCLR's kNN monitor) beside the 1-NN
@@ -189,6 +189,11 @@ def get_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("evaluation")
     g.add_argument("--task", default="linear", choices=TASKS)
+    g.add_argument("--target", default=None, help="--task crossdomain (P-HLVC supp. Sec. 7.2): finetune on --data "
+                   "(select on its val split), test on this set's mapped classes: toyota-smarthome")
+    g.add_argument("--target-root", default=None, help="root of --target (default data/<target>)")
+    g.add_argument("--class-map", default="sims4action", choices=["sims4action", "phlvc-code"], help="Toyota -> "
+                   "Sims4Action classes: sims4action's correspondence CSV (16 -> 10) or the P-HLVC code's (+3)")
     g.add_argument("--arch", default=None, help="backbone (common.build_backbone); default: the checkpoint's "
                    "meta['arch'], else tiny3d on toy-motion, bigru on skeletons, r2plus1d_18 on real video")
     g.add_argument("--arch-options", default=None, help="JSON kwargs of build_backbone, e.g. '{\"hidden\": 64}'; "
@@ -788,10 +793,12 @@ def build_split(args, split, train, augment=True):
                                   jitter=p["jitter"])
     sampling = (("spread" if train else "spread-centre") if args.task == "arrow-of-time" else  # App. B.2.4
                 "random" if train else "uniform")
-    return common.build_dataset(args.data, args.data_root, split, clip_len=args.frames, frame_strides=(p["stride"],),
+    target = args.task == "crossdomain" and split == "test"  # the other domain's videos, mapped classes
+    return common.build_dataset(args.target if target else args.data, args.target_root if target else args.data_root,
+                                split, clip_len=args.frames, frame_strides=(p["stride"],),
                                 num_clips=1 if train else args.test_clips, sampling=sampling,
                                 transform=transform, decoder=args.decoder, strict=args.strict_data,
-                                bad_files_path=args.bad_files, modalities=(p["modality"],))
+                                bad_files_path=args.bad_files, modalities=(p["modality"],), class_map=args.class_map)
 
 
 class AllClips(torch.utils.data.Dataset):
@@ -975,7 +982,7 @@ def classification_task(run, args, arrow=False):
     num_classes = 2 if arrow else train_full.num_classes
     labels = dataset_labels(train_full)
     train_idx, val_idx = np.arange(len(labels)), None
-    if not args.select_on_test and args.val_fraction > 0:
+    if not args.select_on_test and args.val_fraction > 0 and args.task != "crossdomain":
         train_idx, val_idx = train_val_split(labels, args.val_fraction, seed=args.seed)
     if args.per_class or args.label_fraction or args.num_examples:  # the labelled budget, drawn from the rest
         per_class = args.per_class or (math.ceil(args.num_examples / num_classes) if args.num_examples else None)
@@ -983,9 +990,10 @@ def classification_task(run, args, arrow=False):
                                           seed=args.subset_seed)  # ceil(1000 / C) per class, SEVERE get_subset_data
         train_idx = train_idx[chosen]
     train_set = torch.utils.data.Subset(train_full, train_idx)
-    select_set = (test_set if args.select_on_test else
+    select_set = (test_set if args.select_on_test else  # crossdomain: the source's own val split (Sims4Action: S7)
+                  build_split(args, "val", train=False) if args.task == "crossdomain" else
                   torch.utils.data.Subset(train_eval, val_idx) if val_idx is not None else None)
-    sizes = {"train": len(train_set), "val": 0 if val_idx is None else len(val_idx), "test": len(test_set)}
+    sizes = {"train": len(train_set), "val": len(select_set or ()), "test": len(test_set)}
     protocol = describe_protocol(args, source, sizes, num_classes)
     run.print(protocol)
     pretrained_on = checkpoint_meta(args.weights, args.trust_checkpoint).get("args", {}).get("data")
@@ -1717,6 +1725,9 @@ def apply_protocol(args):
 
 def resolve_args(args):
     """Arch from the checkpoint's meta, toy data by modality, the run folder, then the protocol."""
+    if (args.task == "crossdomain") != (args.target is not None):
+        raise common.UserError(f"evaluate.py: expected --target with --task crossdomain only, found --task "
+                               f"{args.task}, --target {args.target}")
     if args.data_fraction != 1.0:
         raise ValueError("evaluate.py: --data-fraction is for pretraining scripts; use --label-fraction (stratified "
                          "labelled subset, --task fewshot) or --per-class here")
@@ -1829,6 +1840,8 @@ def run_identity(args):
     protocol = {k: getattr(args, k, None) for k in IDENTITY_FLAGS if not (k == "seed" and args.task == "fewshot")}
     identity = {"task": args.task, "data": args.data, "data_root": args.data_root and os.path.abspath(args.data_root),
                 **weights, "protocol": protocol}
+    if getattr(args, "target", None):  # --task crossdomain: the target set is part of what is measured
+        identity.update(target=args.target, target_root=args.target_root, class_map=args.class_map)
     return json.loads(json.dumps(identity))  # tuples -> lists, as read back
 
 
@@ -1895,8 +1908,9 @@ def describe_protocol(args, source, sizes, num_classes):
                   + (", each set mean-centred" if args.center_features else "") + ", L2-normalised"
                   + (f"; 1-NN, R@k and weighted {KNN_K}-NN (T {KNN_T})" if args.task == "knn" else "")]
         return "\n".join(lines)
-    lines.append(f"  samples: train {sizes['train']} / validation {sizes['val']} / test {sizes['test']} (test = the "
-                 f"dataset's official evaluation split)")
+    lines.append(f"  samples: train {sizes['train']} / validation {sizes['val']} / test {sizes['test']} (test = " + (
+        f"{args.target}'s videos of the mapped classes, --class-map {args.class_map})" if args.target else
+        "the dataset's official evaluation split)"))
     if args.per_class or args.label_fraction or args.num_examples:
         budget = (f"{args.per_class} per class" if args.per_class else f"{args.label_fraction:.0%} of each class"
                   if args.label_fraction else f"ceil({args.num_examples} / {num_classes}) per class")
@@ -1918,6 +1932,8 @@ def selection_text(args, chosen="selected"):
     """Which checkpoint is tested (the protocol's 'selection' line)."""
     if args.select_on_test:
         return "checkpoint selected on the TEST split (--select-on-test, as the authors' code; optimistic)"
+    if args.task == "crossdomain":
+        return f"checkpoint {chosen} on {args.data}'s official val split, every {args.eval_every} epochs"
     if args.val_fraction > 0:
         return (f"checkpoint {chosen} on a {args.val_fraction:.0%} stratified validation split of the training set "
                 f"(seed {args.seed}), every {args.eval_every} epochs")

@@ -237,20 +237,31 @@ def test_two_gloo_processes_keep_prototypes_and_queues_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_toy_pretraining_beats_random_init(tmp_path):
-    """The default toy run (60 epochs, 180 steps): leave-one-out 1-NN among the 48 pretraining videos, video tap
-    fc1. Measured (seeds 0 and 1): see the README; collapsed runs (e.g. with Table 6's jitter) stay at chance."""
-    out = run_script(tmp_path, "--seed", 0)
-    with open(tmp_path / "knn.json") as f:
-        knn = json.load(f)
-    assert knn["pretrained_fc1"]["loo_nn1"] >= knn["random_init_fc1"]["loo_nn1"] + 15, out[-1500:]
+def test_toy_pretraining_beats_random_init_on_held_out_videos(tmp_path, seed=0):
+    """LEARNING TEST (one seed; margins over seeds 0 and 1 measured once): the default toy run (40 epochs, 240
+    steps; video encoder on toy-paired depth, the toy default), then evaluate.py --task knn on
+    toy-paired (gallery: the 96 pretraining videos, queries: the 72 val videos of 3 unseen subjects; 12 actions,
+    chance 8.3 %) with backbone.pth at tap fc1 (retrieval, Sec. 7.3) against the same network at random init.
+    Measured 1-NN (seeds 0 / 1): 77.8 / 65.3 % vs 30.6 / 33.3 % at random init (+47.2 / +31.9 points); 20 epochs
+    are not enough for seed 1 (22.2 vs 33.3 %: its loss stays on a plateau until ~step 140)."""
+    import evaluate as ev
+    run_script(tmp_path / "pretrain", "--seed", seed)
+    nn1 = {}
+    for name, weights in (("pretrained", str(tmp_path / "pretrain" / "backbone.pth")), ("random", "none")):
+        nn1[name] = ev.main(["--task", "knn", "--data", "toy-paired", "--data-root", os.path.join(ROOT, "data",
+                             "toy-paired"), "--arch", "phlvc_video", "--arch-options", json.dumps(
+                             {"trunk": "tiny3d", "hidden": 128, "tap": "fc1"}), "--frames", "20", "--weights",
+                             weights, "--seed", str(seed), "--workers", "0", "--out-dir", str(tmp_path / name)]
+                            )["metrics"]["nn1_acc"]
+    assert nn1["pretrained"] >= nn1["random"] + 20 and nn1["pretrained"] >= 40, nn1
 
 
 def test_other_flags_run(tmp_path):
-    """K_v = 2 views, Eq. (4), batch pair mean, random new rows, the queue from the start: finite losses, growth."""
+    """K_v = 2 views, Eq. (4), batch pair mean, random new rows, the queue from the start, RGB input with Table 6's
+    jitter: finite losses, growth."""
     run_script(tmp_path, *SHORT, "--max-steps", 4, "--epochs", 2, "--video-views", 2, "--loss", "swav",
                "--pair-mean", "batch", "--grow-init", "random", "--grow-start-epoch", 0, "--queue-start-epoch", 0,
-               "--color-jitter", "table6", "--crop-area-min", 0.05)
+               "--color-jitter", "table6", "--crop-area-min", 0.05, "--video-input", "rgb")
     rows = losses(tmp_path)
     assert [p for _, _, p in rows] == [32, 32, 32, 40] and all(math.isfinite(l) for _, l, _ in rows)
 
@@ -345,3 +356,94 @@ def test_show_prototypes_writes_the_fullest_prototypes(tmp_path):
     assert held and 0 < sum(map(int, held.group(1).split(","))) <= int(held.group(2)), out
     with Image.open(tmp_path / "prototypes.png") as img:  # 3 rows x 8 columns of 48² frames, 2 px padding
         assert img.size == (8 * 50 + 2, 3 * 50 + 2)
+
+
+def test_user_errors_are_one_line_before_anything_is_written(tmp_path):
+    for argv, expected in ((["--data", "k400-pose", "--video-input", "depth"], "error: phlvc.py --video-input: "
+                            "expected rgb"), (["--data", "sims"], "error: phlvc.py --data: expected toy")):
+        out = subprocess.run([sys.executable, os.path.join(ROOT, "phlvc.py"), *argv, "--out-dir", str(tmp_path / "r")],
+                             cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 2 and out.stderr.startswith(expected), out.stderr
+        assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+# ------------------------------------------------------------------------------------------- cross-domain layouts
+SIMS_CSV = ("VideoName;Subject;Scene;CameraSetup;CameraAngle;Duration;Uploaded;Split\n"
+            "Co_S1K1_fC6.avi;S1;Kitchen1;fixed;C6;00:00:59;yes;train\n"
+            "Dr_S2D1_m3.avi;S2;Dining1;moving;3;00:00:14;yes;train\n"
+            "GS_S5L1_fC9.avi;S5;Living1;fixed;C9;00:00:18;yes;train\n"
+            "TV_S6L2_m4.avi;S6;Living2;moving;4;00:02:00;yes;train\n"
+            "Co_S7K1_fC5.avi;S7;Kitchen1;fixed;C5;00:01:00;yes;val\n"
+            "Dr_S7K2_fC17.avi;S7;Kitchen2;fixed;C17;00:00:34;yes;val\n"
+            "Co_S8K1_fC5.avi;S8;Kitchen1;fixed;C5;00:01:04;yes;test\n"
+            "UT_S4D1_m4.avi;S4;Dining1;moving;4;00:00:40;yes;test\n")
+TOYOTA_NAMES = ("Cook.Cut_p02_r00_v02_c03", "Cook.Cleandishes_p03_r01_v05_c01", "Sitdown_p11_r03_v07_c07",
+                "Getup_p04_r00_v01_c02", "Uselaptop_p09_r02_v11_c05", "Enter_p02_r00_v00_c04", "Eat.Snack_p16_r0_v3_c2",
+                "Drink.Fromcup_p13_r01_v10_c06")
+
+
+def write_crossdomain(root, frames=20, size=(36, 52)):
+    """Sims4Action (official ';' split CSV, videos/<name>.avi) and Toyota Smarthome (mp4/<Action>_p_r_v_c.mp4, an
+    unmapped action, odd sizes) with the class as a per-class brightness, so a classifier can learn it."""
+    import numpy as np
+    sims, toyota = root / "sims4action", root / "toyota-smarthome"
+    os.makedirs(sims / "videos")
+    (sims / "SimsSplitsCompleteVideos.csv").write_text(SIMS_CSV)
+    classes = list(common.SIMS4ACTION_CLASSES)
+    for line in SIMS_CSV.splitlines()[1:]:
+        name = line.split(";")[0]
+        value = 20 + 22 * classes.index(name.split("_")[0])
+        rgb = np.full((frames, *size, 3), value, dtype=np.uint8)
+        common.write_video(str(sims / "videos" / name), rgb)
+    for name in TOYOTA_NAMES:
+        sims_class = common.TOYOTA_TO_SIMS_PHLVC_CODE.get(name.split("_")[0], "Walk")
+        value = 20 + 22 * list(common.SIMS4ACTION_CLASSES.values()).index(sims_class)
+        common.write_video(str(toyota / "mp4" / f"{name}.mp4"), np.full((frames, size[1], size[0], 3), value,
+                                                                         dtype=np.uint8))
+    return sims, toyota
+
+
+def test_sims4action_and_toyota_smarthome_parsers(tmp_path):
+    sims, toyota = write_crossdomain(tmp_path)
+    names = list(common.SIMS4ACTION_CLASSES.values())
+    for split, expected in (("train", ["Cook", "Drink", "Getup", "WatchTV"]), ("val", ["Cook", "Drink"]),
+                            ("test", ["Cook", "Usetablet"])):
+        ds = common.build_dataset("sims4action", str(sims), split, clip_len=8)
+        assert [names[y] for _, y in ds.samples] == expected and ds.num_classes == 10
+    item = common.build_dataset("sims4action", str(sims), "test", clip_len=8)[1]
+    assert item["video"].shape == (3, 8, 36, 52) and names[int(item["label"])] == "Usetablet"
+    official = common.build_dataset("toyota-smarthome", str(toyota), "test", clip_len=8)
+    code = common.build_dataset("toyota-smarthome", str(toyota), "test", clip_len=8, class_map="phlvc-code")
+    label_of = lambda ds: {os.path.basename(p).split("_")[0]: names[y] for p, y in ds.samples}  # noqa: E731
+    assert label_of(official) == {"Cook.Cut": "Cook", "Sitdown": "Getup", "Getup": "Getup", "Uselaptop": "Usecomputer",
+                                  "Drink.Fromcup": "Drink"}  # Enter unmapped, Cleandishes / Snack only in the code's
+    assert label_of(code) == dict(label_of(official), **{"Cook.Cleandishes": "Cook", "Eat.Snack": "Eat"})
+    with pytest.raises(ValueError, match="only the cross-domain test set"):
+        common.build_dataset("toyota-smarthome", str(toyota), "train")
+    (sims / "SimsSplitsCompleteVideos.csv").write_text(SIMS_CSV.replace("Dr_S2D1", "Xx_S2D1"))
+    with pytest.raises(common.UserError, match=r"SimsSplitsCompleteVideos.csv:3: expected"):
+        common.build_dataset("sims4action", str(sims), "train")
+
+
+def test_evaluate_crossdomain_trains_on_sims_selects_on_its_val_and_tests_on_mapped_toyota(tmp_path):
+    """evaluate.py --task crossdomain: Sims4Action train (4 videos) -> select on its val (2) -> Toyota Smarthome test
+    (the 7 videos the P-HLVC code's map keeps, labelled with their Sims4Action class); top-1 and mean class accuracy
+    agree with the saved test logits."""
+    import evaluate as ev
+    sims, toyota = write_crossdomain(tmp_path)
+    result = ev.main(["--task", "crossdomain", "--data", "sims4action", "--data-root", str(sims), "--target",
+                      "toyota-smarthome", "--target-root", str(toyota), "--class-map", "phlvc-code", "--arch", "tiny3d",
+                      "--weights", "none", "--frames", "8", "--epochs", "1", "--batch-size", "2", "--lr", "1e-3",
+                      "--test-clips", "1", "--save-logits", "--workers", "0", "--out-dir", str(tmp_path / "run")])
+    assert result["sizes"] == {"train": 4, "val": 2, "test": 7} and result["num_classes"] == 10
+    saved = torch.load(tmp_path / "run" / "logits.pth", weights_only=False)
+    names = list(common.SIMS4ACTION_CLASSES.values())
+    expected = sorted((n, common.TOYOTA_TO_SIMS_PHLVC_CODE[n.split("_")[0]]) for n in TOYOTA_NAMES if "Enter" not in n)
+    assert [names[y] for y in saved["test"]["labels"].tolist()] == [c for _, c in expected]
+    hits = saved["test"]["logits"].argmax(1) == saved["test"]["labels"]
+    assert result["metrics"]["top1"] == pytest.approx(100 * hits.float().mean().item())
+    per_class = [hits[saved["test"]["labels"] == c].float().mean().item() for c in saved["test"]["labels"].unique()]
+    assert result["metrics"]["mean_class_acc"] == pytest.approx(100 * sum(per_class) / len(per_class))
+    with pytest.raises(common.UserError, match="expected --target with --task crossdomain only"):
+        ev.main(["--task", "finetune", "--data", "sims4action", "--data-root", str(sims), "--target",
+                 "toyota-smarthome", "--out-dir", str(tmp_path / "bad")])
