@@ -682,34 +682,26 @@ def build_encoder(args):
 
 
 # ==================================================================================================== DATA
-def video_transform(item, train, crop, short_side, crop_scale=(0.08, 1.0), flip=True, jitter=True):
-    """uint8 (C, T, H, W) or (K, C, T, H, W) -> normalised float clips of crop x crop (App. B.2.1 / SEVERE-BENCHMARK).
-    Train: RandomResizedCrop (scale 0.08-1; the thesis calls it a "multi-scale crop"), flip, colour jitter
-    (0.4, 0.4, 0.4, 0.2) on every clip as the SEVERE code. Test: short side to short_side, centre crop."""
-    x = item["video"]
+def clip_transform(item, key, to_input, train, crop, short_side, crop_scale=(0.08, 1.0), flip=True, jitter=True,
+                   channels=3):
+    """item[key]: RGB uint8, flow (pixels) or depth (metres), (C, T, H, W) or (K, C, T, H, W) -> the network input,
+    crop x crop (App. B.2.1 / SEVERE-BENCHMARK). Train: RandomResizedCrop (scale 0.08-1; the thesis calls it a
+    "multi-scale crop"), flip (negating flow's u), colour jitter (0.4, 0.4, 0.4, 0.2) on every RGB clip as the SEVERE
+    code. Test: short side to short_side, centre crop. to_input: "rgb" normalised; "flow_image" the CoCLR / ViCC flow
+    image (u, v, 128) normalised like RGB (vicc.py's input); "depth" / "flow" common.depth_to_input / flow_to_input
+    (crossmodal_distill.py's student on paired sets)."""
+    x = item[key]
     if train:
         x = common.random_resized_crop_clip(x, crop, scale=crop_scale)
         if flip:
-            x = common.horizontal_flip(x, p=0.5)
-        if jitter:
+            x = common.horizontal_flip(x, p=0.5, flow=key == "flow")
+        if jitter and key == "video":
             x = common.color_jitter(x, 0.4, 0.4, 0.4, 0.2, p=1.0)
     else:
         x = common.center_crop(common.resize_short_side(x, short_side), crop)
-    item["video"] = common.normalize(x)
-    return item
-
-
-def flow_transform(item, train, crop, short_side, crop_scale=(0.08, 1.0), flip=True, jitter=True):
-    """--modality flow: flow (2, T, H, W) or (K, 2, T, H, W) in pixels, cropped as video_transform (flips negate u,
-    no colour jitter), then the CoCLR / ViCC flow image (u, v, 128) normalised like RGB (vicc.py's input)."""
-    x = item["flow"]
-    if train:
-        x = common.random_resized_crop_clip(x, crop, scale=crop_scale)
-        if flip:
-            x = common.horizontal_flip(x, p=0.5, flow=True)
-    else:
-        x = common.center_crop(common.resize_short_side(x, short_side), crop)
-    item["flow"] = common.normalize(common.flow_image(x))
+    item[key] = (common.normalize(x) if to_input == "rgb" else common.normalize(common.flow_image(x))
+                 if to_input == "flow_image" else common.depth_to_input(x, channels) if to_input == "depth" else
+                 common.flow_to_input(x))
     return item
 
 
@@ -742,50 +734,26 @@ def skeleton_transform(item, train, frames, center, skelemotion=False):
     return item
 
 
-def paired_transform(item, key, train, crop, short_side, crop_scale, flip, channels):
-    """Depth (metres) or flow (pixels) clip of a paired set -> the network input of crossmodal_distill.py's
-    student: train = RandomResizedCrop + flip, test = short side + centre crop; common.depth_to_input /
-    flow_to_input (flow: short side resized with its vectors)."""
-    x = item[key]
-    if train:
-        x = common.random_resized_crop_clip(x, crop, scale=crop_scale)
-        if flip:
-            x = common.horizontal_flip(x, p=0.5, flow=key == "flow")
-    else:
-        x = common.center_crop(common.resize_short_side(x, short_side), crop)
-    item[key] = common.depth_to_input(x, channels) if key == "depth" else common.flow_to_input(x)
-    return item
-
-
 def build_split(args, split, train, augment=True):
     """The dataset of `split` ("train" or "test" = the dataset's official evaluation split) with the protocol's
     sampling: train = one random clip (augmented unless augment=False), test = test_clips uniform clips."""
-    p = args.protocol
-    paired = protocol_for(args.data)["modality"] == "depth"  # depth/RGB/flow pairs (Ch. 2): 1- or 2-channel inputs
-    if paired and p["modality"] in ("depth", "flow"):
-        transform = functools.partial(paired_transform, key=p["modality"], train=train and augment, crop=p["crop"],
-                                      short_side=p["short_side"], crop_scale=p["crop_scale"], flip=p["flip"],
-                                      channels=args.options.get("in_channels", 3))
-        ds = common.build_dataset(args.data, args.data_root, split, clip_len=args.frames,
-                                  frame_strides=(p["stride"],), sampling="random" if train else "uniform",
-                                  transform=transform, modalities=(p["modality"],), decoder=args.decoder,
-                                  strict=args.strict_data, bad_files_path=args.bad_files)
-        return AllClips(ds, args.frames, p["modality"]) if args.protocol_name == "ch2" and not train else ds
+    p, checks = args.protocol, dict(strict=args.strict_data, bad_files_path=args.bad_files)
     if p["modality"] == "skeleton":
         transform = functools.partial(skeleton_transform, train=train and augment, frames=args.frames,
                                       center=not args.no_center, skelemotion=args.arch == "skelemotion_cnn")
-        return common.build_dataset(args.data, args.data_root, split, transform=transform,
-                                    strict=args.strict_data, bad_files_path=args.bad_files)
-    transform = functools.partial(flow_transform if p["modality"] == "flow" else video_transform,
-                                  train=train and augment, crop=p["crop"],
-                                  short_side=p["short_side"], crop_scale=p["crop_scale"], flip=p["flip"],
-                                  jitter=p["jitter"])
-    sampling = (("spread" if train else "spread-centre") if args.task == "arrow-of-time" else  # App. B.2.4
-                "random" if train else "uniform")
-    return common.build_dataset(args.data, args.data_root, split, clip_len=args.frames, frame_strides=(p["stride"],),
-                                num_clips=1 if train else args.test_clips, sampling=sampling,
-                                transform=transform, decoder=args.decoder, strict=args.strict_data,
-                                bad_files_path=args.bad_files, modalities=(p["modality"],))
+        return common.build_dataset(args.data, args.data_root, split, transform=transform, **checks)
+    # paired sets (Ch. 2): a depth or flow student's 1- or 2-channel inputs; their datasets ignore num_clips
+    paired = protocol_for(args.data)["modality"] == "depth" and p["modality"] in ("depth", "flow")
+    transform = functools.partial(clip_transform, key=p["modality"], to_input=p["modality"] if paired else
+                                  "flow_image" if p["modality"] == "flow" else "rgb", train=train and augment,
+                                  crop=p["crop"], short_side=p["short_side"], crop_scale=p["crop_scale"],
+                                  flip=p["flip"], jitter=p["jitter"], channels=args.options.get("in_channels", 3))
+    sampling = (("spread" if train else "spread-centre") if args.task == "arrow-of-time" and not paired else
+                "random" if train else "uniform")  # App. B.2.4
+    ds = common.build_dataset(args.data, args.data_root, split, clip_len=args.frames, frame_strides=(p["stride"],),
+                              num_clips=1 if train else args.test_clips, sampling=sampling, transform=transform,
+                              decoder=args.decoder, modalities=(p["modality"],), **checks)
+    return AllClips(ds, args.frames, p["modality"]) if paired and args.protocol_name == "ch2" and not train else ds
 
 
 class AllClips(torch.utils.data.Dataset):
