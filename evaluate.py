@@ -819,14 +819,8 @@ def predict(model, dataset, args, run, multilabel=False, arrow=False):
         labels.append(y)
         indices.append(index)
     model.train(was_training)
-    scores, outputs, labels, indices = (common.all_gather_nograd(torch.cat(t)) for t in
-                                        (scores, outputs, labels, indices))
-    order = torch.argsort(indices)
-    keep = torch.ones_like(order, dtype=torch.bool)  # the distributed sampler pads with repeated samples
-    keep[1:] = indices[order][1:] != indices[order][:-1]
-    order = order[keep]
-    return {"scores": scores[order].cpu(), "outputs": outputs[order].cpu(), "labels": labels[order].cpu(),
-            "index": indices[order].cpu()}
+    gathered = common.gather_in_sample_order(*(torch.cat(t) for t in (indices, scores, outputs, labels)))
+    return {name: t.cpu() for name, t in zip(("index", "scores", "outputs", "labels"), gathered)}
 
 
 def check_finite(values, what):
@@ -1475,9 +1469,9 @@ def count_videos(model, dataset, args, run):
         count = count_repetitions(model, batch["video"][0], int(batch["length"][0]), args.frames)
         rows.append(torch.tensor([[float(batch["index"][0]), count, float(batch["label"][0])]], dtype=torch.float64))
     model.train(was_training)
-    rows = common.all_gather_nograd(torch.cat(rows).to(run.device)).cpu()
-    _, first = np.unique(rows[:, 0].numpy(), return_index=True)  # the sampler pads with repeated videos
-    return rows[first, 1].numpy(), rows[first, 2].numpy()
+    rows = torch.cat(rows).to(run.device)  # (N_local, 3): index, predicted, true
+    rows = common.gather_in_sample_order(rows[:, 0], rows)[1].cpu()
+    return rows[:, 1].numpy(), rows[:, 2].numpy()
 
 
 def repcount_task(run, args):
