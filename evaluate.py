@@ -79,6 +79,7 @@ KNN_K, KNN_T = 200, 0.1  # weighted kNN (InstDisc; skeleton-contrast's and CoCLR
 # Skeletons: App. A.1 (linear SGD 0.1, 80 epochs, [50, 70]; semi-supervised and transfer Adam 1e-4, 50 epochs,
 # [30, 40]; 64-frame crops, random in training and centred at test), batch 64 as the authors' scripts.
 def _opt(optimizer, batch, lr, epochs, milestones, wd=0.0, momentum=0.9):
+    """One task's optimisation settings as a dict (the PROTOCOLS entries)."""
     return dict(optimizer=optimizer, batch=batch, lr=lr, epochs=epochs, milestones=list(milestones), wd=wd,
                 momentum=momentum)
 
@@ -184,6 +185,7 @@ SEVERE_REFERENCE = {
 
 
 def get_parser():
+    """common's flags + the evaluation flags; protocol values stay None unless given (apply_protocol fills them)."""
     parser = argparse.ArgumentParser(description=__doc__, parents=[common.get_common_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("evaluation")
@@ -252,7 +254,6 @@ def get_parser():
                    "(ours; Zhang et al. roll out up to 11 model-driven states per loaded batch instead)")
     g = parser.add_argument_group("severe")
     g.add_argument("--severe-columns", nargs="+", default=None, help="run only these columns (e.g. SSv2 FX-S1)")
-    # Protocol values come from PROTOCOLS unless given on the command line.
     parser.set_defaults(epochs=None, lr=None, batch_size=None, wd=None, milestones=None, schedule="multistep",
                         lr_gamma=0.1, workers=4, knn_every=0, log_every=20)
     return parser
@@ -396,6 +397,7 @@ def contingency_matrix(clusters, labels):
 
 
 def _entropy(counts):
+    """Entropy (nats) of the distribution given by counts (K,)."""
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
@@ -668,13 +670,19 @@ def load_encoder(arch, options, weights, prefix=None, trust=False):
                       + ("; TCLR's dilated layer4.0.conv1.0 built as released" if report["tclr_layer4"] else "") + ")")
 
 
+def encoder_options(arch, options_json, meta, data):
+    """build_backbone kwargs: the JSON flag, else the checkpoint meta's options (they fit its own arch only), else
+    TOY_ENCODER_OPTIONS on toy skeletons without a checkpoint."""
+    return (json.loads(options_json) if options_json else meta.get("options", {}) if meta.get("arch") == arch else
+            TOY_ENCODER_OPTIONS.get(arch, {}) if data == "toy-skeleton" and not meta else {})
+
+
 def build_encoder(args):
+    """The --arch encoder with --weights (and the --concat one beside it) -> (module, description of its weights)."""
     backbone, source = load_encoder(args.arch, args.options, args.weights, args.weights_prefix, args.trust_checkpoint)
     if args.concat:
-        meta = checkpoint_meta(args.concat_weights, args.trust_checkpoint)
-        options = (json.loads(args.concat_options) if args.concat_options else
-                   meta.get("options", {}) if meta.get("arch") == args.concat else
-                   TOY_ENCODER_OPTIONS.get(args.concat, {}) if args.data == "toy-skeleton" and not meta else {})
+        options = encoder_options(args.concat, args.concat_options, checkpoint_meta(args.concat_weights,
+                                                                                    args.trust_checkpoint), args.data)
         second, source2 = load_encoder(args.concat, options, args.concat_weights, args.concat_prefix,
                                        args.trust_checkpoint)
         return ConcatEncoder(backbone, second), f"{source} + {args.concat}: {source2}"
@@ -811,10 +819,7 @@ def predict(model, dataset, args, run, multilabel=False, arrow=False):
         b, k = x.shape[:2]
         with run.autocast():
             out = model(x.flatten(0, 1)).float().view(b, k, -1)  # (B, K clips, C)
-        if multilabel:
-            scores.append(torch.sigmoid(out).amax(dim=1))
-        else:
-            scores.append(out.softmax(dim=-1).mean(dim=1))
+        scores.append(torch.sigmoid(out).amax(dim=1) if multilabel else out.softmax(dim=-1).mean(dim=1))
         outputs.append(out.mean(dim=1))
         labels.append(y)
         indices.append(index)
@@ -1062,9 +1067,8 @@ def clusters_task(run, args):
         k = args.num_clusters or test_set.num_classes
         assignments, _ = kmeans(features, k, seed=args.seed)
         source_name = f"k-means (K={k})"
-    metrics = cluster_metrics(assignments.numpy(), labels.numpy())
-    metrics = {"acc": 100 * metrics["acc"], "nmi": 100 * metrics["nmi"], "ari": 100 * metrics["ari"],
-               "entropy": metrics["entropy"], "max_purity": 100 * metrics["max_purity"]}
+    metrics = {name: value if name == "entropy" else 100 * value  # entropy in nats, the rest in %
+               for name, value in cluster_metrics(assignments.numpy(), labels.numpy()).items()}
     return {"metrics": metrics, "primary": "nmi", "sizes": sizes, "weights_source": source,
             "assignments": source_name, "num_classes": test_set.num_classes, "protocol": protocol}
 
@@ -1589,6 +1593,7 @@ def severe_task(run, args):
 
 # ==================================================================================================== MAIN
 def protocol_for(data):
+    """The PROTOCOLS entry of --data (paired, skeleton and other video sets map to their family's)."""
     if data in PROTOCOLS:
         return PROTOCOLS[data]
     if data in common.TOY_PAIRED_HALVES:
@@ -1669,9 +1674,7 @@ def resolve_args(args):
     if args.arch is None:
         skeleton = protocol_for(args.data)["modality"] == "skeleton"
         args.arch = "tiny3d" if args.data in ("toy-motion", "toy-ucfrep") else "bigru" if skeleton else "r2plus1d_18"
-    args.options = (json.loads(args.arch_options) if args.arch_options else  # the meta's options fit its own arch
-                    meta.get("options", {}) if meta.get("arch") == args.arch else
-                    TOY_ENCODER_OPTIONS.get(args.arch, {}) if args.data == "toy-skeleton" and not meta else {})
+    args.options = encoder_options(args.arch, args.arch_options, meta, args.data)
     check_modality(args, meta)
     if args.concat and args.arch not in SKELETON_ARCHS:
         raise ValueError("evaluate.py: --concat combines two skeleton encoders (App. A.4); --arch is "
@@ -1728,6 +1731,7 @@ def weights_tag(weights):
 
 
 def file_sha256(path):
+    """Hex SHA-256 of a file's content, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -1874,6 +1878,7 @@ def write_result(args, result):
 
 
 def main_worker(args):
+    """One process: set up the run, dispatch --task, write result.json / result.txt. Returns the result dict."""
     run = common.setup(args, "evaluate")
     if run.is_main and args.task != "fusion":
         common.write_json_atomic(os.path.join(args.out_dir, "identity.json"), args.identity)
@@ -1899,6 +1904,7 @@ def main_worker(args):
 
 
 def main(argv=None):
+    """Parse and resolve the flags, check the run folder's identity, launch (one process per GPU)."""
     args = resolve_args(get_parser().parse_args(argv))
     if args.task != "fusion":  # fusion resumes nothing: it recomputes from its --logits files every time
         args.identity = run_identity(args)
