@@ -849,6 +849,19 @@ def classification_metrics(prediction, num_classes, multilabel):
 
 
 # ---------------------------------------------------------------------------------------------- training
+def classification_loss(net, batch, args, run, multilabel=False, arrow=False):
+    """Cross-entropy (BCE for multi-label) of net(batch[modality]) (B, C) against batch["label"]; arrow=True plays
+    each clip forward (label 0) or backward (label 1) with probability 1/2 (App. B.2.4)."""
+    x, y = batch[args.protocol["modality"]], batch["label"]
+    if arrow:  # time is dim -3 of (B, C, T, H, W) and (B, C, T, V, M)
+        reverse = torch.rand(x.shape[0], device=x.device) < 0.5
+        x = torch.where(reverse.view(-1, *[1] * (x.dim() - 1)), x.flip(-3), x)
+        y = reverse.long()
+    with run.autocast():
+        logits = net(x).float()  # (B, C)
+    return F.binary_cross_entropy_with_logits(logits, y.float()) if multilabel else F.cross_entropy(logits, y)
+
+
 def train_and_select(run, args, model, train_set, select_set, num_classes, multilabel=False, arrow=False,
                      loss_fn=None, score_fn=None, lower_is_better=False):
     """Train with common.fit in chunks of --eval-every epochs; after each chunk score `select_set` and keep the best
@@ -856,7 +869,10 @@ def train_and_select(run, args, model, train_set, select_set, num_classes, multi
     Classification by default; a task with its own loss_fn(net, batch) -> loss and score_fn(model, select_set) ->
     float (repcount) passes them, with lower_is_better for error metrics.
     The run folder holds checkpoint.pth, best.pth and selection.json, so rerunning the command resumes."""
-    key, metric = args.protocol["modality"], args.protocol["metric"]
+    metric = args.protocol["metric"]
+    loss_fn = loss_fn or functools.partial(classification_loss, args=args, run=run, multilabel=multilabel, arrow=arrow)
+    score_fn = score_fn or (lambda m, s: classification_metrics(predict(m, s, args, run, multilabel, arrow),
+                                                                num_classes, multilabel)[metric])
     loader = common.build_loader(train_set, args, run, train=True)
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "adam":
@@ -866,21 +882,7 @@ def train_and_select(run, args, model, train_set, select_set, num_classes, multi
     net = run.prepare(model)
 
     def train_step(batch):
-        if loss_fn is not None:
-            loss = loss_fn(net, batch)
-            run.step(loss, optimizer)
-            return {"loss": loss.detach()}
-        x, y = batch[key], batch["label"]
-        if arrow:  # App. B.2.4: each video played forward (0) or backward (1) with probability 1/2
-            reverse = torch.rand(x.shape[0], device=x.device) < 0.5
-            x = torch.where(reverse.view(-1, *[1] * (x.dim() - 1)), x.flip(-3), x)
-            y = reverse.long()
-        with run.autocast():
-            logits = net(x)  # (B, C)
-            if multilabel:
-                loss = F.binary_cross_entropy_with_logits(logits.float(), y.float())
-            else:
-                loss = F.cross_entropy(logits.float(), y)
+        loss = loss_fn(net, batch)
         run.step(loss, optimizer)
         return {"loss": loss.detach()}
 
@@ -906,8 +908,7 @@ def train_and_select(run, args, model, train_set, select_set, num_classes, multi
         chunk_args.resume = "auto"  # later chunks continue this run
         step = str(result["step"])
         if select_set is not None and step not in selection["scores"]:
-            score = score_fn(model, select_set) if score_fn else classification_metrics(
-                predict(model, select_set, args, run, multilabel, arrow), num_classes, multilabel)[metric]
+            score = score_fn(model, select_set)
             selection["scores"][step] = score
             run.print(f"step {step} (epoch {result['step'] / steps_per_epoch:.1f}): selection {metric} {score:.2f}")
             if selection["best"] is None or (score < selection["best"] if lower_is_better else
