@@ -397,6 +397,7 @@ def test_skelemotion_transform_rejects_a_non_ntu_layout():
 
 # ---------------------------------------------------------------------------------------------- end to end (toy)
 SMALL_BIGRU = '{"hidden": 32, "layers": 1}'
+TINY3D_W4 = '{"width": 4}'  # counting a toy-ucfrep video runs ~150 clips through the backbone: keep it cheap
 
 
 @pytest.fixture
@@ -657,8 +658,10 @@ def test_fusion_task_learns_to_trust_the_informative_modality(tmp_path, one_thre
 
 
 def test_severe_suite_on_toy_data_prints_our_row_beside_the_references(tmp_path, one_thread):
+    # a width-4 tiny3d, 1 test clip, no validation split: cheaper; every column still trains, tests, is tabulated
     result = run_evaluate(tmp_path, "--task", "severe", "--severe-columns", "UCF (10^3)", "FX-S1", "UCF-RC",
-                          "Charades", "--max-steps", "1", "--test-clips", "1")  # 1 clip: reaches every column
+                          "Charades", "--max-steps", "1", "--test-clips", "1", "--val-fraction", "0",
+                          "--arch-options", TINY3D_W4)
     assert result["columns"] == ["UCF (10^3)", "FX-S1", "UCF-RC"]
     assert list(result["notes"]) == ["Charades"]
     table = result["table"]
@@ -670,7 +673,7 @@ def test_severe_suite_on_toy_data_prints_our_row_beside_the_references(tmp_path,
 
 
 def test_repcount_toy_end_to_end(tmp_path, one_thread, capsys):
-    result = run_evaluate(tmp_path, "--task", "repcount", "--max-steps", "2")
+    result = run_evaluate(tmp_path, "--task", "repcount", "--max-steps", "2", "--arch-options", TINY3D_W4)
     out = capsys.readouterr().out
     assert "--task repcount on toy-ucfrep" in out and "checkpoint with the lowest MAE" in out
     assert result["sizes"] == {"train": 41, "val": 7, "test": 16}  # toy-ucfrep: 48 train, 16 test videos
