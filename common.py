@@ -961,11 +961,18 @@ def extract_features(encoder, input_fn, loader, run):
         labels.append(batch["label"])
         indices.append(batch["index"])
     encoder.train(was_training)
-    feats, labels, indices = (all_gather_nograd(torch.cat(x)) for x in (feats, labels, indices))
-    order = torch.argsort(indices)
+    return gather_in_sample_order(torch.cat(indices), torch.cat(feats), torch.cat(labels))[1:]
+
+
+def gather_in_sample_order(index, *tensors):
+    """Per-process outputs of an evaluation loader -> every sample once, in dataset order: index (N_local,) and
+    tensors (N_local, ...) gathered over processes, sorted by index, the distributed sampler's padding (repeated
+    samples) dropped. Returns (index (N,), *tensors (N, ...))."""
+    index, *tensors = (all_gather_nograd(t) for t in (index, *tensors))
+    order = torch.argsort(index)
     keep = torch.ones_like(order, dtype=torch.bool)
-    keep[1:] = indices[order][1:] != indices[order][:-1]
-    return feats[order][keep], labels[order][keep]
+    keep[1:] = index[order][1:] != index[order][:-1]
+    return tuple(t[order][keep] for t in (index, *tensors))
 
 
 @torch.no_grad()

@@ -80,6 +80,7 @@ KNN_K, KNN_T = 200, 0.1  # weighted kNN (InstDisc; skeleton-contrast's and CoCLR
 # Skeletons: App. A.1 (linear SGD 0.1, 80 epochs, [50, 70]; semi-supervised and transfer Adam 1e-4, 50 epochs,
 # [30, 40]; 64-frame crops, random in training and centred at test), batch 64 as the authors' scripts.
 def _opt(optimizer, batch, lr, epochs, milestones, wd=0.0, momentum=0.9):
+    """One task's optimisation settings as a dict (the PROTOCOLS entries)."""
     return dict(optimizer=optimizer, batch=batch, lr=lr, epochs=epochs, milestones=list(milestones), wd=wd,
                 momentum=momentum)
 
@@ -185,6 +186,7 @@ SEVERE_REFERENCE = {
 
 
 def get_parser():
+    """common's flags + the evaluation flags; protocol values stay None unless given (apply_protocol fills them)."""
     parser = argparse.ArgumentParser(description=__doc__, parents=[common.get_common_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("evaluation")
@@ -259,7 +261,6 @@ def get_parser():
                    "(ours; Zhang et al. roll out up to 11 model-driven states per loaded batch instead)")
     g = parser.add_argument_group("severe")
     g.add_argument("--severe-columns", nargs="+", default=None, help="run only these columns (e.g. SSv2 FX-S1)")
-    # Protocol values come from PROTOCOLS unless given on the command line.
     parser.set_defaults(epochs=None, lr=None, batch_size=None, wd=None, milestones=None, schedule="multistep",
                         lr_gamma=0.1, workers=4, knn_every=0, log_every=20)
     return parser
@@ -403,6 +404,7 @@ def contingency_matrix(clusters, labels):
 
 
 def _entropy(counts):
+    """Entropy (nats) of the distribution given by counts (K,)."""
     p = counts[counts > 0] / counts.sum()
     return float(-(p * np.log(p)).sum())
 
@@ -679,13 +681,19 @@ def load_encoder(arch, options, weights, prefix=None, trust=False):
                       + ("; TCLR's dilated layer4.0.conv1.0 built as released" if report["tclr_layer4"] else "") + ")")
 
 
+def encoder_options(arch, options_json, meta, data):
+    """build_backbone kwargs: the JSON flag, else the checkpoint meta's options (they fit its own arch only), else
+    TOY_ENCODER_OPTIONS on toy skeletons without a checkpoint."""
+    return (json.loads(options_json) if options_json else meta.get("options", {}) if meta.get("arch") == arch else
+            TOY_ENCODER_OPTIONS.get(arch, {}) if data == "toy-skeleton" and not meta else {})
+
+
 def build_encoder(args):
+    """The --arch encoder with --weights (and the --concat one beside it) -> (module, description of its weights)."""
     backbone, source = load_encoder(args.arch, args.options, args.weights, args.weights_prefix, args.trust_checkpoint)
     if args.concat:
-        meta = checkpoint_meta(args.concat_weights, args.trust_checkpoint)
-        options = (json.loads(args.concat_options) if args.concat_options else
-                   meta.get("options", {}) if meta.get("arch") == args.concat else
-                   TOY_ENCODER_OPTIONS.get(args.concat, {}) if args.data == "toy-skeleton" and not meta else {})
+        options = encoder_options(args.concat, args.concat_options, checkpoint_meta(args.concat_weights,
+                                                                                    args.trust_checkpoint), args.data)
         second, source2 = load_encoder(args.concat, options, args.concat_weights, args.concat_prefix,
                                        args.trust_checkpoint)
         return ConcatEncoder(backbone, second), f"{source} + {args.concat}: {source2}"
@@ -693,34 +701,26 @@ def build_encoder(args):
 
 
 # ==================================================================================================== DATA
-def video_transform(item, train, crop, short_side, crop_scale=(0.08, 1.0), flip=True, jitter=True):
-    """uint8 (C, T, H, W) or (K, C, T, H, W) -> normalised float clips of crop x crop (App. B.2.1 / SEVERE-BENCHMARK).
-    Train: RandomResizedCrop (scale 0.08-1; the thesis calls it a "multi-scale crop"), flip, colour jitter
-    (0.4, 0.4, 0.4, 0.2) on every clip as the SEVERE code. Test: short side to short_side, centre crop."""
-    x = item["video"]
+def clip_transform(item, key, to_input, train, crop, short_side, crop_scale=(0.08, 1.0), flip=True, jitter=True,
+                   channels=3):
+    """item[key]: RGB uint8, flow (pixels) or depth (metres), (C, T, H, W) or (K, C, T, H, W) -> the network input,
+    crop x crop (App. B.2.1 / SEVERE-BENCHMARK). Train: RandomResizedCrop (scale 0.08-1; the thesis calls it a
+    "multi-scale crop"), flip (negating flow's u), colour jitter (0.4, 0.4, 0.4, 0.2) on every RGB clip as the SEVERE
+    code. Test: short side to short_side, centre crop. to_input: "rgb" normalised; "flow_image" the CoCLR / ViCC flow
+    image (u, v, 128) normalised like RGB (vicc.py's input); "depth" / "flow" common.depth_to_input / flow_to_input
+    (crossmodal_distill.py's student on paired sets)."""
+    x = item[key]
     if train:
         x = common.random_resized_crop_clip(x, crop, scale=crop_scale)
         if flip:
-            x = common.horizontal_flip(x, p=0.5)
-        if jitter:
+            x = common.horizontal_flip(x, p=0.5, flow=key == "flow")
+        if jitter and key == "video":
             x = common.color_jitter(x, 0.4, 0.4, 0.4, 0.2, p=1.0)
     else:
         x = common.center_crop(common.resize_short_side(x, short_side), crop)
-    item["video"] = common.normalize(x)
-    return item
-
-
-def flow_transform(item, train, crop, short_side, crop_scale=(0.08, 1.0), flip=True, jitter=True):
-    """--modality flow: flow (2, T, H, W) or (K, 2, T, H, W) in pixels, cropped as video_transform (flips negate u,
-    no colour jitter), then the CoCLR / ViCC flow image (u, v, 128) normalised like RGB (vicc.py's input)."""
-    x = item["flow"]
-    if train:
-        x = common.random_resized_crop_clip(x, crop, scale=crop_scale)
-        if flip:
-            x = common.horizontal_flip(x, p=0.5, flow=True)
-    else:
-        x = common.center_crop(common.resize_short_side(x, short_side), crop)
-    item["flow"] = common.normalize(common.flow_image(x))
+    item[key] = (common.normalize(x) if to_input == "rgb" else common.normalize(common.flow_image(x))
+                 if to_input == "flow_image" else common.depth_to_input(x, channels) if to_input == "depth" else
+                 common.flow_to_input(x))
     return item
 
 
@@ -753,52 +753,28 @@ def skeleton_transform(item, train, frames, center, skelemotion=False):
     return item
 
 
-def paired_transform(item, key, train, crop, short_side, crop_scale, flip, channels):
-    """Depth (metres) or flow (pixels) clip of a paired set -> the network input of crossmodal_distill.py's
-    student: train = RandomResizedCrop + flip, test = short side + centre crop; common.depth_to_input /
-    flow_to_input (flow: short side resized with its vectors)."""
-    x = item[key]
-    if train:
-        x = common.random_resized_crop_clip(x, crop, scale=crop_scale)
-        if flip:
-            x = common.horizontal_flip(x, p=0.5, flow=key == "flow")
-    else:
-        x = common.center_crop(common.resize_short_side(x, short_side), crop)
-    item[key] = common.depth_to_input(x, channels) if key == "depth" else common.flow_to_input(x)
-    return item
-
-
 def build_split(args, split, train, augment=True):
     """The dataset of `split` ("train" or "test" = the dataset's official evaluation split) with the protocol's
     sampling: train = one random clip (augmented unless augment=False), test = test_clips uniform clips."""
-    p = args.protocol
-    paired = protocol_for(args.data)["modality"] == "depth"  # depth/RGB/flow pairs (Ch. 2): 1- or 2-channel inputs
-    if paired and p["modality"] in ("depth", "flow"):
-        transform = functools.partial(paired_transform, key=p["modality"], train=train and augment, crop=p["crop"],
-                                      short_side=p["short_side"], crop_scale=p["crop_scale"], flip=p["flip"],
-                                      channels=args.options.get("in_channels", 3))
-        ds = common.build_dataset(args.data, args.data_root, split, clip_len=args.frames,
-                                  frame_strides=(p["stride"],), sampling="random" if train else "uniform",
-                                  transform=transform, modalities=(p["modality"],), decoder=args.decoder,
-                                  strict=args.strict_data, bad_files_path=args.bad_files)
-        return AllClips(ds, args.frames, p["modality"]) if args.protocol_name == "ch2" and not train else ds
+    p, checks = args.protocol, dict(strict=args.strict_data, bad_files_path=args.bad_files)
     if p["modality"] == "skeleton":
         transform = functools.partial(skeleton_transform, train=train and augment, frames=args.frames,
                                       center=not args.no_center, skelemotion=args.arch == "skelemotion_cnn")
-        return common.build_dataset(args.data, args.data_root, split, transform=transform,
-                                    strict=args.strict_data, bad_files_path=args.bad_files)
-    transform = functools.partial(flow_transform if p["modality"] == "flow" else video_transform,
-                                  train=train and augment, crop=p["crop"],
-                                  short_side=p["short_side"], crop_scale=p["crop_scale"], flip=p["flip"],
-                                  jitter=p["jitter"])
-    sampling = (("spread" if train else "spread-centre") if args.task == "arrow-of-time" else  # App. B.2.4
-                "random" if train else "uniform")
+        return common.build_dataset(args.data, args.data_root, split, transform=transform, **checks)
+    # paired sets (Ch. 2): a depth or flow student's 1- or 2-channel inputs; their datasets ignore num_clips
+    paired = protocol_for(args.data)["modality"] == "depth" and p["modality"] in ("depth", "flow")
+    transform = functools.partial(clip_transform, key=p["modality"], to_input=p["modality"] if paired else
+                                  "flow_image" if p["modality"] == "flow" else "rgb", train=train and augment,
+                                  crop=p["crop"], short_side=p["short_side"], crop_scale=p["crop_scale"],
+                                  flip=p["flip"], jitter=p["jitter"], channels=args.options.get("in_channels", 3))
+    sampling = (("spread" if train else "spread-centre") if args.task == "arrow-of-time" and not paired else
+                "random" if train else "uniform")  # App. B.2.4
     target = args.task == "crossdomain" and split == "test"  # the other domain's videos, mapped classes
-    return common.build_dataset(args.target if target else args.data, args.target_root if target else args.data_root,
-                                split, clip_len=args.frames, frame_strides=(p["stride"],),
-                                num_clips=1 if train else args.test_clips, sampling=sampling,
-                                transform=transform, decoder=args.decoder, strict=args.strict_data,
-                                bad_files_path=args.bad_files, modalities=(p["modality"],), class_map=args.class_map)
+    ds = common.build_dataset(args.target if target else args.data, args.target_root if target else args.data_root,
+                              split, clip_len=args.frames, frame_strides=(p["stride"],),
+                              num_clips=1 if train else args.test_clips, sampling=sampling, transform=transform,
+                              decoder=args.decoder, modalities=(p["modality"],), class_map=args.class_map, **checks)
+    return AllClips(ds, args.frames, p["modality"]) if paired and args.protocol_name == "ch2" and not train else ds
 
 
 class AllClips(torch.utils.data.Dataset):
@@ -856,22 +832,13 @@ def predict(model, dataset, args, run, multilabel=False, arrow=False):
         b, k = x.shape[:2]
         with run.autocast():
             out = model(x.flatten(0, 1)).float().view(b, k, -1)  # (B, K clips, C)
-        if multilabel:
-            scores.append(torch.sigmoid(out).amax(dim=1))
-        else:
-            scores.append(out.softmax(dim=-1).mean(dim=1))
+        scores.append(torch.sigmoid(out).amax(dim=1) if multilabel else out.softmax(dim=-1).mean(dim=1))
         outputs.append(out.mean(dim=1))
         labels.append(y)
         indices.append(index)
     model.train(was_training)
-    scores, outputs, labels, indices = (common.all_gather_nograd(torch.cat(t)) for t in
-                                        (scores, outputs, labels, indices))
-    order = torch.argsort(indices)
-    keep = torch.ones_like(order, dtype=torch.bool)  # the distributed sampler pads with repeated samples
-    keep[1:] = indices[order][1:] != indices[order][:-1]
-    order = order[keep]
-    return {"scores": scores[order].cpu(), "outputs": outputs[order].cpu(), "labels": labels[order].cpu(),
-            "index": indices[order].cpu()}
+    gathered = common.gather_in_sample_order(*(torch.cat(t) for t in (indices, scores, outputs, labels)))
+    return {name: t.cpu() for name, t in zip(("index", "scores", "outputs", "labels"), gathered)}
 
 
 def check_finite(values, what):
@@ -895,6 +862,19 @@ def classification_metrics(prediction, num_classes, multilabel):
 
 
 # ---------------------------------------------------------------------------------------------- training
+def classification_loss(net, batch, args, run, multilabel=False, arrow=False):
+    """Cross-entropy (BCE for multi-label) of net(batch[modality]) (B, C) against batch["label"]; arrow=True plays
+    each clip forward (label 0) or backward (label 1) with probability 1/2 (App. B.2.4)."""
+    x, y = batch[args.protocol["modality"]], batch["label"]
+    if arrow:  # time is dim -3 of (B, C, T, H, W) and (B, C, T, V, M)
+        reverse = torch.rand(x.shape[0], device=x.device) < 0.5
+        x = torch.where(reverse.view(-1, *[1] * (x.dim() - 1)), x.flip(-3), x)
+        y = reverse.long()
+    with run.autocast():
+        logits = net(x).float()  # (B, C)
+    return F.binary_cross_entropy_with_logits(logits, y.float()) if multilabel else F.cross_entropy(logits, y)
+
+
 def train_and_select(run, args, model, train_set, select_set, num_classes, multilabel=False, arrow=False,
                      loss_fn=None, score_fn=None, lower_is_better=False):
     """Train with common.fit in chunks of --eval-every epochs; after each chunk score `select_set` and keep the best
@@ -902,7 +882,10 @@ def train_and_select(run, args, model, train_set, select_set, num_classes, multi
     Classification by default; a task with its own loss_fn(net, batch) -> loss and score_fn(model, select_set) ->
     float (repcount) passes them, with lower_is_better for error metrics.
     The run folder holds checkpoint.pth, best.pth and selection.json, so rerunning the command resumes."""
-    key, metric = args.protocol["modality"], args.protocol["metric"]
+    metric = args.protocol["metric"]
+    loss_fn = loss_fn or functools.partial(classification_loss, args=args, run=run, multilabel=multilabel, arrow=arrow)
+    score_fn = score_fn or (lambda m, s: classification_metrics(predict(m, s, args, run, multilabel, arrow),
+                                                                num_classes, multilabel)[metric])
     loader = common.build_loader(train_set, args, run, train=True)
     params = [p for p in model.parameters() if p.requires_grad]
     if args.optimizer == "adam":
@@ -912,21 +895,7 @@ def train_and_select(run, args, model, train_set, select_set, num_classes, multi
     net = run.prepare(model)
 
     def train_step(batch):
-        if loss_fn is not None:
-            loss = loss_fn(net, batch)
-            run.step(loss, optimizer)
-            return {"loss": loss.detach()}
-        x, y = batch[key], batch["label"]
-        if arrow:  # App. B.2.4: each video played forward (0) or backward (1) with probability 1/2
-            reverse = torch.rand(x.shape[0], device=x.device) < 0.5
-            x = torch.where(reverse.view(-1, *[1] * (x.dim() - 1)), x.flip(-3), x)
-            y = reverse.long()
-        with run.autocast():
-            logits = net(x)  # (B, C)
-            if multilabel:
-                loss = F.binary_cross_entropy_with_logits(logits.float(), y.float())
-            else:
-                loss = F.cross_entropy(logits.float(), y)
+        loss = loss_fn(net, batch)
         run.step(loss, optimizer)
         return {"loss": loss.detach()}
 
@@ -952,8 +921,7 @@ def train_and_select(run, args, model, train_set, select_set, num_classes, multi
         chunk_args.resume = "auto"  # later chunks continue this run
         step = str(result["step"])
         if select_set is not None and step not in selection["scores"]:
-            score = score_fn(model, select_set) if score_fn else classification_metrics(
-                predict(model, select_set, args, run, multilabel, arrow), num_classes, multilabel)[metric]
+            score = score_fn(model, select_set)
             selection["scores"][step] = score
             run.print(f"step {step} (epoch {result['step'] / steps_per_epoch:.1f}): selection {metric} {score:.2f}")
             if selection["best"] is None or (score < selection["best"] if lower_is_better else
@@ -1119,9 +1087,8 @@ def clusters_task(run, args):
         k = args.num_clusters or test_set.num_classes
         assignments, _ = kmeans(features, k, seed=args.seed)
         source_name = f"k-means (K={k})"
-    metrics = cluster_metrics(assignments.numpy(), labels.numpy())
-    metrics = {"acc": 100 * metrics["acc"], "nmi": 100 * metrics["nmi"], "ari": 100 * metrics["ari"],
-               "entropy": metrics["entropy"], "max_purity": 100 * metrics["max_purity"]}
+    metrics = {name: value if name == "entropy" else 100 * value  # entropy in nats, the rest in %
+               for name, value in cluster_metrics(assignments.numpy(), labels.numpy()).items()}
     return {"metrics": metrics, "primary": "nmi", "sizes": sizes, "weights_source": source,
             "assignments": source_name, "num_classes": test_set.num_classes, "protocol": protocol}
 
@@ -1541,9 +1508,9 @@ def count_videos(model, dataset, args, run):
         count = count_repetitions(model, batch["video"][0], int(batch["length"][0]), args.frames)
         rows.append(torch.tensor([[float(batch["index"][0]), count, float(batch["label"][0])]], dtype=torch.float64))
     model.train(was_training)
-    rows = common.all_gather_nograd(torch.cat(rows).to(run.device)).cpu()
-    _, first = np.unique(rows[:, 0].numpy(), return_index=True)  # the sampler pads with repeated videos
-    return rows[first, 1].numpy(), rows[first, 2].numpy()
+    rows = torch.cat(rows).to(run.device)  # (N_local, 3): index, predicted, true
+    rows = common.gather_in_sample_order(rows[:, 0], rows)[1].cpu()
+    return rows[:, 1].numpy(), rows[:, 2].numpy()
 
 
 def repcount_task(run, args):
@@ -1661,6 +1628,7 @@ def severe_task(run, args):
 
 # ==================================================================================================== MAIN
 def protocol_for(data):
+    """The PROTOCOLS entry of --data (paired, skeleton and other video sets map to their family's)."""
     if data in PROTOCOLS:
         return PROTOCOLS[data]
     if data in common.TOY_PAIRED_HALVES:
@@ -1753,9 +1721,7 @@ def resolve_args(args):
     if args.arch is None:
         skeleton = protocol_for(args.data)["modality"] == "skeleton"
         args.arch = "tiny3d" if args.data in ("toy-motion", "toy-ucfrep") else "bigru" if skeleton else "r2plus1d_18"
-    args.options = (json.loads(args.arch_options) if args.arch_options else  # the meta's options fit its own arch
-                    meta.get("options", {}) if meta.get("arch") == args.arch else
-                    TOY_ENCODER_OPTIONS.get(args.arch, {}) if args.data == "toy-skeleton" and not meta else {})
+    args.options = encoder_options(args.arch, args.arch_options, meta, args.data)
     check_modality(args, meta)
     if args.concat and args.arch not in SKELETON_ARCHS:
         raise ValueError("evaluate.py: --concat combines two skeleton encoders (App. A.4); --arch is "
@@ -1812,6 +1778,7 @@ def weights_tag(weights):
 
 
 def file_sha256(path):
+    """Hex SHA-256 of a file's content, read in 4 MiB blocks."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
@@ -1964,6 +1931,7 @@ def write_result(args, result):
 
 
 def main_worker(args):
+    """One process: set up the run, dispatch --task, write result.json / result.txt. Returns the result dict."""
     run = common.setup(args, "evaluate")
     if run.is_main and args.task != "fusion":
         common.write_json_atomic(os.path.join(args.out_dir, "identity.json"), args.identity)
@@ -1989,6 +1957,7 @@ def main_worker(args):
 
 
 def main(argv=None):
+    """Parse and resolve the flags, check the run folder's identity, launch (one process per GPU)."""
     args = resolve_args(get_parser().parse_args(argv))
     if args.task != "fusion":  # fusion resumes nothing: it recomputes from its --logits files every time
         args.identity = run_identity(args)

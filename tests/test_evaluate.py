@@ -397,6 +397,7 @@ def test_skelemotion_transform_rejects_a_non_ntu_layout():
 
 # ---------------------------------------------------------------------------------------------- end to end (toy)
 SMALL_BIGRU = '{"hidden": 32, "layers": 1}'
+TINY3D_W4 = '{"width": 4}'  # counting a toy-ucfrep video runs ~150 clips through the backbone: keep it cheap
 
 
 @pytest.fixture
@@ -485,7 +486,7 @@ def test_skelemotion_cnn_knn_linear_fewshot_and_transfer_on_toy_skeleton(tmp_pat
     assert "SkeleMotion image (6, 32, 49)" in knn["protocol"] and "crops resampled to 33 frames" in knn["protocol"]
     assert knn["sizes"] == {"train": 252, "val": 0, "test": 108} and 0 < knn["metrics"]["nn1_acc"] <= 100
     linear = run_evaluate(tmp_path / "linear", "--task", "linear", "--data", "toy-skeleton", "--arch",
-                          "skelemotion_cnn", "--arch-options", small, "--epochs", "2")
+                          "skelemotion_cnn", "--arch-options", small, "--max-steps", "2")  # one selection at step 2
     assert set(linear["metrics"]) == {"top1", "top5", "mean_class_acc"} and linear["selection"]["best"] is not None
     fewshot = run_evaluate(tmp_path / "fewshot", "--task", "fewshot", "--data", "toy-skeleton", "--arch",
                            "skelemotion_cnn", "--arch-options", small, "--per-class", "3", "--max-steps", "1")
@@ -657,8 +658,10 @@ def test_fusion_task_learns_to_trust_the_informative_modality(tmp_path, one_thre
 
 
 def test_severe_suite_on_toy_data_prints_our_row_beside_the_references(tmp_path, one_thread):
+    # a width-4 tiny3d, 1 test clip, no validation split: cheaper; every column still trains, tests, is tabulated
     result = run_evaluate(tmp_path, "--task", "severe", "--severe-columns", "UCF (10^3)", "FX-S1", "UCF-RC",
-                          "Charades", "--max-steps", "1")
+                          "Charades", "--max-steps", "1", "--test-clips", "1", "--val-fraction", "0",
+                          "--arch-options", TINY3D_W4)
     assert result["columns"] == ["UCF (10^3)", "FX-S1", "UCF-RC"]
     assert list(result["notes"]) == ["Charades"]
     table = result["table"]
@@ -670,7 +673,7 @@ def test_severe_suite_on_toy_data_prints_our_row_beside_the_references(tmp_path,
 
 
 def test_repcount_toy_end_to_end(tmp_path, one_thread, capsys):
-    result = run_evaluate(tmp_path, "--task", "repcount", "--max-steps", "2")
+    result = run_evaluate(tmp_path, "--task", "repcount", "--max-steps", "2", "--arch-options", TINY3D_W4)
     out = capsys.readouterr().out
     assert "--task repcount on toy-ucfrep" in out and "checkpoint with the lowest MAE" in out
     assert result["sizes"] == {"train": 41, "val": 7, "test": 16}  # toy-ucfrep: 48 train, 16 test videos
@@ -687,8 +690,8 @@ def test_two_cpu_processes_gather_every_test_sample_once(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1")
     out = subprocess.run([sys.executable, os.path.join(root, "evaluate.py"), "--task", "linear", "--data",
-                          "toy-skeleton", "--arch", "bigru", "--arch-options", SMALL_BIGRU, "--epochs", "1", "--device",
-                          "cpu", "--gpus", "2", "--workers", "0", "--out-dir", str(tmp_path)], env=env,
+                          "toy-skeleton", "--arch", "bigru", "--arch-options", SMALL_BIGRU, "--max-steps", "2",
+                          "--device", "cpu", "--gpus", "2", "--workers", "0", "--out-dir", str(tmp_path)], env=env,
                          capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     with open(tmp_path / "result.json") as f:
@@ -728,8 +731,10 @@ def test_two_weight_files_of_one_folder_get_their_own_runs(tmp_path, one_thread,
     """The default out-dir comes from the weights FILE: a second file of the same folder must not resume (and
     report) the first file's finished run."""
     first, second = _two_bigru_files(tmp_path / "pretrain")
+    toy = os.path.abspath(os.path.join("data", "toy-skeleton"))  # the shared toy set: writing it again takes ~14 s
     monkeypatch.chdir(tmp_path)
-    argv = ["--task", "linear", "--data", "toy-skeleton", "--workers", "0", "--max-steps", "1", "--val-fraction", "0"]
+    argv = ["--task", "linear", "--data", "toy-skeleton", "--data-root", toy, "--workers", "0", "--max-steps", "1",
+            "--val-fraction", "0"]
     a = ev.main([*argv, "--weights", first])
     b = ev.main([*argv, "--weights", second])
     runs = sorted(os.listdir(tmp_path / "runs"))
