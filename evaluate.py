@@ -619,7 +619,7 @@ def video_transform(item, train, crop, short_side, crop_scale=(0.08, 1.0), flip=
         if jitter:
             x = common.color_jitter(x, 0.4, 0.4, 0.4, 0.2, p=1.0)
     else:
-        x = common.center_crop(common.resize_short_side(x, short_side), crop)
+        x = common.resized_center_crop(x, short_side, crop)
     item["video"] = common.normalize(x)
     return item
 
@@ -633,7 +633,7 @@ def flow_transform(item, train, crop, short_side, crop_scale=(0.08, 1.0), flip=T
         if flip:
             x = common.horizontal_flip(x, p=0.5, flow=True)
     else:
-        x = common.center_crop(common.resize_short_side(x, short_side), crop)
+        x = common.resized_center_crop(x, short_side, crop)
     item["flow"] = common.normalize(common.flow_image(x))
     return item
 
@@ -677,7 +677,7 @@ def paired_transform(item, key, train, crop, short_side, crop_scale, flip, chann
         if flip:
             x = common.horizontal_flip(x, p=0.5, flow=key == "flow")
     else:
-        x = common.center_crop(common.resize_short_side(x, short_side), crop)
+        x = common.resized_center_crop(x, short_side, crop)
     item[key] = common.depth_to_input(x, channels) if key == "depth" else common.flow_to_input(x)
     return item
 
@@ -1129,7 +1129,7 @@ class RepetitionVideos(torch.utils.data.Dataset):
             int(torch.randint(2 ** 62, ())))) if self.train else (int(t[0]), int(t[-1]), len(t) - 1)
         frames = common.read_video_frames(path, np.arange(begin, end + 1))  # (T, H, W, C) uint8
         x = torch.from_numpy(frames).permute(3, 0, 1, 2)  # (C, T, H, W)
-        x = common.center_crop(common.resize_short_side(x, self.short_side), self.crop)
+        x = common.resized_center_crop(x, self.short_side, self.crop)
         if self.train and self.flip:
             x = common.horizontal_flip(x, p=0.5)
         x = common.normalize(x)  # (C, T, crop, crop)

@@ -400,7 +400,7 @@ def build_sets(args, run):
         return item
 
     def eval_transform(item):
-        item["video"] = common.center_crop(common.resize_short_side(item["video"][:, :t], crop), crop)
+        item["video"] = common.resized_center_crop(item["video"][:, :t], crop, crop)
         return item
 
     kw = dict(clip_len=t + 1, decoder=args.decoder, strict=args.strict_data,

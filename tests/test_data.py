@@ -200,6 +200,39 @@ def test_flip_and_flow_sign():
     assert common.horizontal_flip(x, 0.0).equal(x)
 
 
+def test_flip_picks_the_generators_clips_and_returns_a_new_tensor():
+    x = _static_clips(6)
+    out = common.horizontal_flip(x, 0.5, torch.Generator().manual_seed(4))
+    flipped = (torch.rand(6, generator=torch.Generator().manual_seed(4)) < 0.5).tolist()
+    assert 0 < sum(flipped) < 6  # the seed gives both kinds
+    for k, f in enumerate(flipped):
+        assert out[k].equal(x[k].flip(-1) if f else x[k])
+    out[~torch.tensor(flipped)] = 0
+    assert x.ne(0).any(-1).all()  # writing into the output leaves the input alone
+
+
+def test_resized_center_crop_is_the_resized_frames_centre_crop():
+    ref = lambda x, s, c: common.center_crop(common.resize_short_side(x, s), c)  # noqa: E731
+    # no scaling: the same pixels, no resampling
+    x = _static_clips(2, 3, 36, 48)
+    assert common.resized_center_crop(x, 36, 28).equal(ref(x, 36, 28)) and common.resized_center_crop(
+        x, 36, 28).equal(x[..., 4:32, 10:38])
+    # box edges on whole source pixels (96x120 -> 64x80, crop 56: box rows 6..90, cols 18..102): identical but for
+    # the outermost output pixels, whose filter would reach past the box
+    x = _static_clips(2, 3, 96, 120)
+    out, full = common.resized_center_crop(x, 64, 56), ref(x, 64, 56)
+    assert out.shape == full.shape == (2, 3, 3, 56, 56) and out.dtype == torch.uint8
+    assert out[..., 1:-1, 1:-1].equal(full[..., 1:-1, 1:-1]) and not out.equal(full)
+    # UCF101's 320x240 -> 171x128 -> 112: box edges rounded, each at most half a source pixel off; on a clip whose
+    # channels are the column and row coordinates the output's coordinates move by at most that half pixel
+    rows, cols = torch.meshgrid(torch.arange(240.0), torch.arange(320.0), indexing="ij")
+    x = torch.stack([cols, rows]).unsqueeze(1).expand(2, 2, 240, 320)  # (C, T, H, W) float
+    shift = (common.resized_center_crop(x, 128, 112) - ref(x, 128, 112)).abs()[..., 1:-1, 1:-1]
+    assert 0 < shift.max() <= 0.5 + 1e-4
+    with pytest.raises(ValueError, match="larger than the resized clip"):
+        common.resized_center_crop(x, 100, 112)
+
+
 def test_color_jitter_shared_between_two_clips():
     clip = _static_clips(1)[0]
     pair = torch.stack([clip, clip])
