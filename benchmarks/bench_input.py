@@ -14,7 +14,8 @@ keyframe interval (250, as downloaded), and 170x128 / 340x256 with a keyframe ev
   eval     resize short side to 128 + centre crop 112 (evaluate.py's clips; common.resized_center_crop),
   loader-* each of the three through common.build_loader (the training scripts' loader) with one worker, batch 8.
 Every path reads the same clips: items are seeded from (epoch, index) as common.SeededItems does, and raw / raw2
-draw their indices from the same seeds. Paths run interleaved (order rotated each repeat), median of --repeats.
+draw their indices from the same seeds. The in-process paths run interleaved item by item (order rotated per
+item), then each loader one epoch; median over --repeats after a warm-up repeat.
 
 "per core" = clips per CPU second: the CPU time of this process and of the loader's worker (all threads, from
 /proc), so other jobs on a shared machine slow the wall clock but hardly this figure; wall-clock clips/s and the
@@ -23,8 +24,9 @@ loader-twoclip over raw2. One JSON line per format, then a table.
 
 --prepared: --videos UCF101-like videos (320x240, 25 fps, 7.2 s, libx264 default keyframes) are re-encoded by
 common.prepare_videos (--short-side 128 --gop 16, one worker); raw, train and loader-train are measured on both
-trees interleaved, with the disk use of each tree and the encoding time. Synthetic content (moving smooth noise):
-the disk saving depends on content, the decode speed-up mostly on the resolution and keyframe interval.
+trees interleaved, with the disk use of each tree and the encoding time. The content is synthetic (textured, moving,
+~320 kbit/s at 320x240): the disk saving depends on content, the decode speed-up mostly on the resolution and
+keyframe interval.
 """
 import argparse
 import json
@@ -45,19 +47,40 @@ FORMATS = (("320x240-gop250", 240, 320, 250), ("170x128-gop16", 128, 170, 16), (
 STRIDES, SEED = (1, 2, 3, 4), 0
 
 
+def texture(rng, height, width, cell):
+    """Smooth colour noise with detail every `cell` pixels -> float (3, height, width) in 0..255."""
+    small = torch.from_numpy(rng.uniform(0, 255, (1, 3, height // cell + 3, width // cell + 3))).float()
+    return torch.nn.functional.interpolate(small, scale_factor=cell, mode="bicubic")[0, :, :height, :width] \
+        .clamp(0, 255).numpy()
+
+
+def synthetic_video(seed, height, width, frames):
+    """uint8 (T, H, W, 3): a textured background under a slowly wandering camera, two textured squares bouncing
+    across it, sensor noise. At 320x240 / 25 fps libx264 CRF 23 spends ~320 kbit/s on it (UCF101's XviD files:
+    ~500), so the decoder works on real-looking bitstreams."""
+    rng, margin, side = np.random.default_rng(seed), 48, min(56, height // 2, width // 2)
+    background = texture(rng, height + 2 * margin, width + 2 * margin, 6)  # (3, H + 2m, W + 2m)
+    pan = np.clip(np.cumsum(rng.normal(0, 0.7, (frames, 2)), 0), -margin, margin).round().astype(int) + margin
+    room = np.array([height - side, width - side])
+    objects = [(texture(rng, side, side, 4), rng.uniform(0, room), rng.normal(0, 2.5, 2)) for _ in range(2)]
+    video = np.empty((frames, height, width, 3), np.uint8)
+    for t in range(frames):
+        frame = background[:, pan[t, 0]:pan[t, 0] + height, pan[t, 1]:pan[t, 1] + width].copy()  # (3, H, W)
+        for tex, start, velocity in objects:
+            y, x = np.abs((start + velocity * t + room) % (2 * room) - room).astype(int)  # bounces off the borders
+            frame[:, y:y + side, x:x + side] = tex
+        video[t] = np.clip(frame + rng.normal(0, 3, frame.shape), 0, 255).astype(np.uint8).transpose(1, 2, 0)
+    return video
+
+
 def make_videos(folder, name, height, width, gop, count, frames=96, fps=25):
-    """count videos of moving noise blobs (compressible like real video, not like white noise) -> paths."""
+    """count synthetic H.264 videos (libx264 CRF 23, a keyframe every gop frames) -> paths; existing ones are
+    reused."""
     paths = []
     for k in range(count):
         path = os.path.join(folder, name, f"video_{k:03d}.mp4")
         if not os.path.exists(path):
-            rng = np.random.default_rng(k)
-            base = torch.nn.functional.interpolate(torch.from_numpy(rng.uniform(0, 255, (1, 3, 12, 16)))
-                                                   .float(), size=(height, width), mode="bicubic")[0]
-            shifts = np.cumsum(rng.integers(-3, 4, (frames, 2)), axis=0)
-            video = np.stack([np.roll(base.numpy(), tuple(s), axis=(1, 2)) for s in shifts])  # (T, 3, H, W)
-            video = np.clip(video + rng.normal(0, 4, video.shape), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-            common.write_video(path, video, fps=fps, crf=23, gop=gop)
+            common.write_video(path, synthetic_video(k, height, width, frames), fps=fps, crf=23, gop=gop)
         paths.append(path)
     return paths
 
@@ -123,6 +146,14 @@ def build_paths(paths, wanted, decoder):
                 return [b for b in loader]
             out[name] = (iterate, len(loader) * args.batch_size * clips, loader)
     return out
+
+
+def close(groups):
+    """Stop the loaders' persistent workers (left to interpreter exit, they can hang it)."""
+    for fns in groups.values():
+        for _, _, loader in fns.values():
+            if getattr(loader, "_iterator", None) is not None:
+                loader._iterator._shutdown_workers()
 
 
 def worker_pids(loader):
@@ -197,16 +228,17 @@ def main(argv=None):
         dst = [os.path.join(dst_root, os.path.relpath(p, os.path.join(folder, "ucf-like"))) for p in src]
         start = load()
         trees = {"before 320x240 gop250": src, "after 170x128 gop16": dst}
-        result = measure({k: build_paths(v, ("raw", "train", "loader-train"), opts.decoder)
-                          for k, v in trees.items()}, opts.repeats, opts.videos)
+        groups = {k: build_paths(v, ("raw", "train", "loader-train"), opts.decoder) for k, v in trees.items()}
+        result = measure(groups, opts.repeats, opts.videos)
+        close(groups)
         for label, paths in trees.items():
             per, wall = ({k: v[i] for k, v in result[label].items()} for i in (0, 1))
             rows.append((label, per, wall, ratios(per, base)))
             print(json.dumps({"tree": label, "per_core": per, "wall": wall, "ratio_per_core": rows[-1][3],
                               "disk_MB": round(folder_bytes(paths) / 2 ** 20, 2), "cpu": f"{machine}, {start} -> "
                               f"{load()}", **({"prepare": encode} if label.startswith("after") else {})}), flush=True)
-        print(f"raw decode speed-up {rows[1][1]['raw'] / rows[0][1]['raw']:.2f}x per core, disk "
-              f"{folder_bytes(src) / folder_bytes(dst):.2f}x smaller")
+        print(f"prepared / original: raw decode {rows[1][1]['raw'] / rows[0][1]['raw']:.2f}x clips/s per core, "
+              f"disk {folder_bytes(dst) / folder_bytes(src):.2f}x")
     else:
         for name, height, width, gop in FORMATS:
             paths = make_videos(folder, name, height, width, gop, opts.videos)
@@ -214,6 +246,7 @@ def main(argv=None):
             fns = build_paths(paths, ("raw", "raw2", "train", "twoclip", "eval", "loader-train",
                                       "loader-twoclip", "loader-eval"), opts.decoder)
             result = measure({name: fns}, opts.repeats, opts.videos)[name]
+            close({name: fns})
             per, wall = ({k: v[i] for k, v in result.items()} for i in (0, 1))
             rows.append((name, per, wall, ratios(per, base)))
             print(json.dumps({"format": name, "per_core": per, "wall": wall, "ratio_per_core": rows[-1][3],
