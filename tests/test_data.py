@@ -57,6 +57,8 @@ def test_read_indices_and_clamp(ramp_mp4, decoder):
     frames = common.read_video_frames(ramp_mp4, [0, 3, 3, 11, 50], decoder)
     assert frames.shape == (5, 32, 48, 3) and frames.dtype == np.uint8
     assert _frame_level(frames).tolist() == [0, 3, 3, 11, 11]  # 50 clamped to the last frame
+    two_clips = common.read_video_frames(ramp_mp4, [6, 7, 8, 2, 3, 4, 11, 11], decoder)  # decoded once, in order
+    assert _frame_level(two_clips).tolist() == [6, 7, 8, 2, 3, 4, 11, 11]
     small = common.read_video_frames(ramp_mp4, [2], decoder, size=(16, 24))
     assert small.shape == (1, 16, 24, 3) and _frame_level(small).tolist() == [2]
     short = common.read_video_frames(ramp_mp4, [1], decoder, size=16)  # short side
