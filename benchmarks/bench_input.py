@@ -20,7 +20,9 @@ item), then each loader one epoch; median over --repeats after a warm-up repeat.
 "per core" = clips per CPU second: the CPU time of this process and of the loader's worker (all threads, from
 /proc), so other jobs on a shared machine slow the wall clock but hardly this figure; wall-clock clips/s and the
 load average are printed next to it. Ratios: train, eval, loader-train, loader-eval over raw; twoclip and
-loader-twoclip over raw2. One JSON line per format, then a table.
+loader-twoclip over raw2; on a shared machine they move by up to +-0.1 from run to run. transform_ms: the CPU
+time of the train / eval transform alone per clip (next to raw_ms, 1000 / raw per core: the ratio the transform
+alone allows is raw_ms / (raw_ms + transform_ms)). One JSON line per format, then a table.
 
 --prepared: --videos UCF101-like videos (320x240, 25 fps, 7.2 s, libx264 default keyframes) are re-encoded by
 common.prepare_videos (--short-side 128 --gop 16, one worker); raw, train and loader-train are measured on both
@@ -192,6 +194,21 @@ def measure(groups, repeats, items):
             for label, fns in groups.items()}
 
 
+def transform_ms(paths, decoder, repeats=5):
+    """CPU ms per clip of the train and eval transforms alone, on one decoded clip per video (the part of the
+    dataset's cost that is not decoding; far less noisy on a shared machine than the ratios)."""
+    clips = [torch.from_numpy(common.read_video_frames(p, np.arange(16), decoder)).permute(3, 0, 1, 2)
+             for p in paths]  # (C, T, H, W) views of the decoder's (T, H, W, C), as VideoDataset passes them
+    out = {}
+    for name, fn in zip(("train", "eval"), transforms()):
+        c0 = time.process_time()
+        for _ in range(repeats):
+            for clip in clips:
+                fn({"video": clip})
+        out[name] = round((time.process_time() - c0) * 1000 / (repeats * len(clips)), 2)
+    return out
+
+
 def ratios(per, base):
     return {name: round(per[name] / per[base.get(name, "raw")], 2) for name in per if not name.startswith("raw")}
 
@@ -250,8 +267,9 @@ def main(argv=None):
             per, wall = ({k: v[i] for k, v in result.items()} for i in (0, 1))
             rows.append((name, per, wall, ratios(per, base)))
             print(json.dumps({"format": name, "per_core": per, "wall": wall, "ratio_per_core": rows[-1][3],
-                              "ratio_wall": ratios(wall, base), "cpu": f"{machine}, {start} -> {load()}"}),
-                  flush=True)
+                              "ratio_wall": ratios(wall, base), "raw_ms": round(1000 / per["raw"], 1),
+                              "transform_ms": transform_ms(paths, opts.decoder),
+                              "cpu": f"{machine}, {start} -> {load()}"}), flush=True)
     names = list(rows[0][1])
     print("\nclips/s per core (ratio to raw decode; twoclip to raw2)")
     print("| " + " | ".join(["format"] + names) + " |")
