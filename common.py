@@ -2995,7 +2995,7 @@ def _resize_clip(clip, size):
     if clip.dtype == torch.uint8 and clip.device.type == "cpu":
         x = clip.transpose(0, 1).contiguous(memory_format=torch.channels_last)  # (T, C, h, w)
         x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-        return x.transpose(0, 1).contiguous()
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 1).numpy()))  # numpy's strided copy: 2x faster
     x = clip.transpose(0, 1).float()  # (T, C, h, w)
     x = F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
     if clip.dtype == torch.uint8:
@@ -3064,27 +3064,52 @@ def center_crop(x, size):
     return x[..., i:i + h, j:j + w]
 
 
+def _short_side_size(height, width, size):
+    """(H, W) after resizing min(H, W) to size, keeping the aspect ratio."""
+    if height <= width:
+        return size, max(1, int(round(width * size / height)))
+    return max(1, int(round(height * size / width))), size
+
+
 def resize_short_side(x, size):
     """Resize so that min(H, W) == size, keeping the aspect ratio."""
-    height, width = x.shape[-2:]
-    if height <= width:
-        new = (size, max(1, int(round(width * size / height))))
-    else:
-        new = (max(1, int(round(height * size / width))), size)
+    new = _short_side_size(*x.shape[-2:], size)
     clips, lead = _clips(x)
     out = torch.stack([_resize_clip(c, new) for c in clips])
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def resized_center_crop(x, short_side, crop):
+    """center_crop(resize_short_side(x, short_side), crop), crop first: the source box that becomes the centre
+    crop is cut on whole pixels and only it is resized (3-4x less work at 320x240 -> 128 -> 112). Versus resizing
+    the whole frame, each box edge is at most half a source pixel off and the outermost output pixels are filtered
+    without the source pixels beyond the box; with no scaling (short side already short_side) it is the same slice."""
+    height, width = x.shape[-2:]
+    h, w = _pair(crop)
+    new_h, new_w = _short_side_size(height, width, short_side)
+    if h > new_h or w > new_w:
+        raise ValueError(f"resized_center_crop: crop {h}x{w} larger than the resized clip {new_h}x{new_w}")
+    i, j = (new_h - h) // 2, (new_w - w) // 2  # center_crop's box in the resized frame
+    top, bottom = round(i * height / new_h), round((i + h) * height / new_h)  # its edges in source pixels
+    left, right = round(j * width / new_w), round((j + w) * width / new_w)
+    box = x[..., top:bottom, left:right]  # (..., C, T, h', w') view
+    if box.shape[-2:] == (h, w):
+        return box
+    clips, lead = _clips(box)
+    out = torch.stack([_resize_clip(c, (h, w)) for c in clips])  # (N, C, T, h, w)
     return out.reshape(*lead, *out.shape[1:])
 
 
 def horizontal_flip(x, p=0.5, generator=None, flow=False):
     """Flip each clip with probability p. flow=True: channel 0 is the horizontal displacement and changes sign."""
     clips, lead = _clips(x)
-    flip = (torch.rand(clips.shape[0], generator=generator) < p).to(x.device)
-    out = clips.clone()
-    if flip.any():
-        out[flip] = out[flip].flip(-1)
-        if flow:
-            out[flip, 0] = -out[flip, 0]
+    flip = torch.rand(clips.shape[0], generator=generator) < p  # (N,) drawn on the CPU: no host sync
+    if clips.device.type == "cpu":  # clip by clip: one copy each (a masked or torch.where pass costs 15-40x more)
+        out = torch.stack([c.flip(-1) if f else c for c, f in zip(clips, flip.tolist())])  # (N, C, T, H, W)
+    else:
+        out = torch.where(flip.to(x.device).view(-1, 1, 1, 1, 1), clips.flip(-1), clips)  # (N, C, T, H, W)
+    if flow:  # horizontal displacement u changes sign where flipped
+        out[:, 0] *= (1 - 2 * flip.to(out)).view(-1, 1, 1, 1)  # (N, 1, 1, 1)
     return out.reshape(x.shape)
 
 
@@ -3238,7 +3263,7 @@ def _resize_frames(frames, size):
         return frames
     h, w = frames.shape[1:3]
     if isinstance(size, int):
-        size = (size, max(1, round(w * size / h))) if h <= w else (max(1, round(h * size / w)), size)
+        size = _short_side_size(h, w, size)
     if tuple(size) == (h, w):
         return frames
     x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2)  # (T, C, H, W) uint8, channels-last
@@ -3285,10 +3310,18 @@ def _read_decord(path, index_fn, size):
     if n <= 0:
         raise VideoReadError(f"{path}: decord reports 0 frames")
     indices = _clamp(index_fn(n), n)
+    # decord decodes in the order asked and seeks back to a keyframe for every index below the previous one (two
+    # clips, repeated last frames): ask for each frame once, in order, then put them in place (two 16-frame clips:
+    # 18-30 % less CPU; the same frames)
+    wanted, order = np.unique(indices, return_inverse=True)
     try:
-        frames = vr.get_batch(indices.tolist()).asnumpy()
+        frames = vr.get_batch(wanted.tolist()).asnumpy()  # (len(wanted), H, W, 3)
     except Exception:  # the container over-reported its length: retry with the tail pulled in (sec. A1.6)
-        frames = vr.get_batch(_clamp(indices, max(1, n - 8)).tolist()).asnumpy()
+        indices = _clamp(indices, max(1, n - 8))
+        wanted, order = np.unique(indices, return_inverse=True)
+        frames = vr.get_batch(wanted.tolist()).asnumpy()
+    if not np.array_equal(wanted, indices):  # not increasing: frames in the order asked, (T, H, W, 3)
+        frames = frames[order.reshape(-1)]
     return _resize_frames(frames, size) if isinstance(size, int) else frames
 
 
@@ -3441,7 +3474,7 @@ def read_flow_frames(folder, indices, size=None):
     if size is not None:
         h, w = flow.shape[1:3]
         if isinstance(size, int):
-            size = (size, max(1, round(w * size / h))) if h <= w else (max(1, round(h * size / w)), size)
+            size = _short_side_size(h, w, size)
         x = F.interpolate(torch.from_numpy(flow).permute(0, 3, 1, 2), size=tuple(size), mode="bilinear",
                           align_corners=False, antialias=True)  # (T, 2, H', W')
         x = x * torch.tensor([size[1] / w, size[0] / h]).view(1, 2, 1, 1)  # displacements scale with the image

@@ -221,7 +221,7 @@ def teacher_input(clips, args):
     """Deterministic teacher input: uint8 RGB (..., 3, T, H, W) or flow in pixels (..., 2, T, H, W) -> short side
     resized to --crop-size, centre crop, normalised (Kinetics mean/std; flow / FLOW_BOUND in [-1, 1])."""
     size = min(clips.shape[-2:])
-    x = common.center_crop(common.resize_short_side(clips.float(), args.crop_size), args.crop_size)
+    x = common.resized_center_crop(clips.float(), args.crop_size, args.crop_size)
     if args.teacher_modality == "flow":
         return common.flow_to_input(x * args.crop_size / size)  # displacements scale with the image
     return common.normalize(x / 255)
@@ -404,7 +404,7 @@ class DistillPairs(torch.utils.data.Dataset):
 
 def depth_eval_transform(item, args):
     """kNN / evaluation input of the depth student: short side to --crop-size, centre crop, no flip."""
-    depth = common.center_crop(common.resize_short_side(item["depth"], args.crop_size), args.crop_size)
+    depth = common.resized_center_crop(item["depth"], args.crop_size, args.crop_size)
     item["depth"] = common.depth_to_input(depth, args.depth_channels)
     return item
 

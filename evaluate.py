@@ -717,7 +717,7 @@ def clip_transform(item, key, to_input, train, crop, short_side, crop_scale=(0.0
         if jitter and key == "video":
             x = common.color_jitter(x, 0.4, 0.4, 0.4, 0.2, p=1.0)
     else:
-        x = common.center_crop(common.resize_short_side(x, short_side), crop)
+        x = common.resized_center_crop(x, short_side, crop)
     item[key] = (common.normalize(x) if to_input == "rgb" else common.normalize(common.flow_image(x))
                  if to_input == "flow_image" else common.depth_to_input(x, channels) if to_input == "depth" else
                  common.flow_to_input(x))
@@ -1317,7 +1317,7 @@ class RepetitionVideos(torch.utils.data.Dataset):
             int(torch.randint(2 ** 62, ())))) if self.train else (int(t[0]), int(t[-1]), len(t) - 1)
         frames = common.read_video_frames(path, np.arange(begin, end + 1))  # (T, H, W, C) uint8
         x = torch.from_numpy(frames).permute(3, 0, 1, 2)  # (C, T, H, W)
-        x = common.center_crop(common.resize_short_side(x, self.short_side), self.crop)
+        x = common.resized_center_crop(x, self.short_side, self.crop)
         if self.train and self.flip:
             x = common.horizontal_flip(x, p=0.5)
         x = common.normalize(x)  # (C, T, crop, crop)

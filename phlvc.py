@@ -426,7 +426,7 @@ def build_sets(args, run):
 
     def eval_transform(item):
         item = as_video(item)
-        item["video"] = common.center_crop(common.resize_short_side(item["video"][:, :t], crop), crop)
+        item["video"] = common.resized_center_crop(item["video"][:, :t], crop, crop)
         return item
 
     kw = dict(clip_len=t + 1, decoder=args.decoder, strict=args.strict_data,

@@ -655,7 +655,7 @@ def build_sets(args, run):
         return item
 
     def eval_transform(item):
-        item["video"] = common.center_crop(common.resize_short_side(item["video"], crop), crop)
+        item["video"] = common.resized_center_crop(item["video"], crop, crop)
         return item
 
     common_kw = dict(clip_len=args.clip_len, decoder=args.decoder, strict=args.strict_data,

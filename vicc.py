@@ -278,7 +278,7 @@ def make_train_transform(args, modalities):
 def make_eval_transform(args):
     def transform(item):
         for m in [k for k in ("video", "flow") if k in item]:
-            x = common.center_crop(common.resize_short_side(item[m], args.crop_size), args.crop_size)
+            x = common.resized_center_crop(item[m], args.crop_size, args.crop_size)
             item[m] = common.flow_image(x) if m == "flow" else x
         return item
     return transform

@@ -23,3 +23,19 @@ def test_gpu_report_runs_at_tiny_sizes_on_cpu(tmp_path, monkeypatch):
     assert rows["end_to_end"]["samples_per_s"] > 0 and 0 <= rows["end_to_end"]["data_share"] <= 1
     assert rows["tubelets"]["cpu_clips_per_s"] > 0 and rows["skeleton_aug"]["sequences_per_s"] > 0
     assert "| moco_step |" in (tmp_path / "gpu_report.md").read_text()
+
+
+def test_bench_input_raw_decode_reads_the_clips_the_dataset_reads(tmp_path):
+    """The ratios compare like with like: raw / raw2 decode exactly the frames of the seeded dataset items."""
+    import bench_input
+    import common
+    paths = bench_input.make_videos(str(tmp_path), "fmt", 64, 80, 16, count=2, frames=40)
+    ds = common.SeededItems(common.VideoDataset([(p, 0) for p in paths], ["x"], clip_len=16,
+                                                frame_strides=bench_input.STRIDES, num_clips=2), bench_input.SEED, 0)
+    seen = []
+    for epoch in (1, 2):
+        for i in range(2):
+            expected = ds[(epoch, i)]["frame_indices"].numpy()  # (2, 16)
+            assert (bench_input.clip_indices(epoch, i, 40, 2) == expected).all()
+            seen.append(expected)
+    assert len({a.tobytes() for a in seen}) == 4  # epochs and items draw different clips

@@ -57,6 +57,8 @@ def test_read_indices_and_clamp(ramp_mp4, decoder):
     frames = common.read_video_frames(ramp_mp4, [0, 3, 3, 11, 50], decoder)
     assert frames.shape == (5, 32, 48, 3) and frames.dtype == np.uint8
     assert _frame_level(frames).tolist() == [0, 3, 3, 11, 11]  # 50 clamped to the last frame
+    two_clips = common.read_video_frames(ramp_mp4, [6, 7, 8, 2, 3, 4, 11, 11], decoder)  # decoded once, in order
+    assert _frame_level(two_clips).tolist() == [6, 7, 8, 2, 3, 4, 11, 11]
     small = common.read_video_frames(ramp_mp4, [2], decoder, size=(16, 24))
     assert small.shape == (1, 16, 24, 3) and _frame_level(small).tolist() == [2]
     short = common.read_video_frames(ramp_mp4, [1], decoder, size=16)  # short side
@@ -197,6 +199,39 @@ def test_flip_and_flow_sign():
     out = common.horizontal_flip(x, 1.0, flow=True)
     assert out[0, 0, 0, 0].tolist() == [-5, -4, -3, -2, -1, -0.0] and out[0, 1, 0, 0].tolist() == [5, 4, 3, 2, 1, 0]
     assert common.horizontal_flip(x, 0.0).equal(x)
+
+
+def test_flip_picks_the_generators_clips_and_returns_a_new_tensor():
+    x = _static_clips(6)
+    out = common.horizontal_flip(x, 0.5, torch.Generator().manual_seed(4))
+    flipped = (torch.rand(6, generator=torch.Generator().manual_seed(4)) < 0.5).tolist()
+    assert 0 < sum(flipped) < 6  # the seed gives both kinds
+    for k, f in enumerate(flipped):
+        assert out[k].equal(x[k].flip(-1) if f else x[k])
+    out[~torch.tensor(flipped)] = 0
+    assert x.ne(0).any(-1).all()  # writing into the output leaves the input alone
+
+
+def test_resized_center_crop_is_the_resized_frames_centre_crop():
+    ref = lambda x, s, c: common.center_crop(common.resize_short_side(x, s), c)  # noqa: E731
+    # no scaling: the same pixels, no resampling
+    x = _static_clips(2, 3, 36, 48)
+    assert common.resized_center_crop(x, 36, 28).equal(ref(x, 36, 28)) and common.resized_center_crop(
+        x, 36, 28).equal(x[..., 4:32, 10:38])
+    # box edges on whole source pixels (96x120 -> 64x80, crop 56: box rows 6..90, cols 18..102): identical but for
+    # the outermost output pixels, whose filter would reach past the box
+    x = _static_clips(2, 3, 96, 120)
+    out, full = common.resized_center_crop(x, 64, 56), ref(x, 64, 56)
+    assert out.shape == full.shape == (2, 3, 3, 56, 56) and out.dtype == torch.uint8
+    assert out[..., 1:-1, 1:-1].equal(full[..., 1:-1, 1:-1]) and not out.equal(full)
+    # UCF101's 320x240 -> 171x128 -> 112: box edges rounded, each at most half a source pixel off; on a clip whose
+    # channels are the column and row coordinates the output's coordinates move by at most that half pixel
+    rows, cols = torch.meshgrid(torch.arange(240.0), torch.arange(320.0), indexing="ij")
+    x = torch.stack([cols, rows]).unsqueeze(1).expand(2, 2, 240, 320)  # (C, T, H, W) float
+    shift = (common.resized_center_crop(x, 128, 112) - ref(x, 128, 112)).abs()[..., 1:-1, 1:-1]
+    assert 0 < shift.max() <= 0.5 + 1e-4
+    with pytest.raises(ValueError, match="larger than the resized clip"):
+        common.resized_center_crop(x, 100, 112)
 
 
 def test_color_jitter_shared_between_two_clips():
