@@ -245,16 +245,69 @@ def paste_tubelets(clip_1, clip_2, tubelets, side=None):
     """Eq. (5.4): v̂_i = v_i ⊙ {Tubelet_p1 .. Tubelet_pM}, the same patches, paths, masks and transforms on both.
 
     clip_1, clip_2 (B, C, T, H, W) uint8 or float; the patches are cut from clip_1. Returns two clips of the input's
-    dtype and value range (uint8: the blend is rounded, as the authors' uint8 images are). side: the window side S,
-    max_window_side(args, H, W) (tubelet_pairs passes it); None takes the exact largest (one host sync).
+    dtype and value range (uint8: the blend is rounded, as the authors' uint8 images are). side: the fixed window
+    side S of the GPU pass, max_window_side(args, H, W) (tubelet_pairs passes it; None: the exact largest).
 
-    The plain version (tests/test_tubelet_contrast.py checks this one against it): for every sample b, tubelet m
+    The plain version (tests/test_tubelet_contrast.py checks both paths against it): for every sample b, tubelet m
     and frame t, take the pixels p around the centre c_t, map each back into the patch, u = A_t^-1 (p - c_t), read
     clip 1 at source_centre + u (bilinear), and blend it into both clips with the shape's alpha(u):
-    v(p) <- v(p) (1 - alpha) + patch(p) alpha. Here the loops over b and t become tensor dimensions, so there is one
-    pass per tubelet index m, of fixed shape: every tubelet gets a window of the same side S, pixels of the window
-    that fall outside the frame are sent to a scratch clip, and nothing waits for the device (no .item(), no
-    data-dependent shapes), so the launches do not depend on the batch."""
+    v(p) <- v(p) (1 - alpha) + patch(p) alpha."""
+    # a GPU wants a few fixed-shape launches and no host syncs; one CPU core wants the fewest pixels touched
+    if clip_1.device.type == "cpu":
+        return paste_exact_windows(clip_1, clip_2, tubelets)
+    return paste_fixed_windows(clip_1, clip_2, tubelets, side)
+
+
+def paste_exact_windows(clip_1, clip_2, tubelets):
+    """CPU path of paste_tubelets: the plain loop over samples and tubelets, each with a window of its own size
+    (window_sides, cut to the frame size), so few pixels are touched. Each frame's window is moved into the frame
+    (alpha is computed exactly at every pixel, so any window holding the tubelet gives the same result): no pixel
+    falls outside, and the windows of all frames are read and written at once by indexing with small (T, S) row and
+    column indices. Patch and alpha are rendered once per tubelet for both clips; the rest stays in the input dtype."""
+    b, c, t, h, w = clip_1.shape
+    # two outputs, not one stacked (2, B, ...) buffer: a fresh block over 32 MB costs page faults on every call
+    out_1, out_2 = clip_1.clone(), clip_2.clone()  # (B, C, T, H, W) each, the input's dtype
+    sides = window_sides(tubelets)  # (B, M)
+    frame = torch.tensor([w, h])
+    window = torch.minimum(sides[..., None], frame)  # (B, M, 2) window width, height: at most the frame's
+    origin = tubelets["centres"].floor().long() - (sides // 2)[..., None, None]  # (B, M, T, 2) top-left pixel
+    origin = torch.minimum(origin.clamp(min=0), (frame - window)[:, :, None])  # moved into the frame
+    # u = A_t^-1 (p - c_t) at window pixel (j, i), whose centre is p = origin + (j, i) + 0.5: u0 + j col_0 + i col_1
+    inverse = torch.linalg.inv(tubelets["matrix"])  # (B, M, T, 2, 2)
+    u0 = (inverse @ (origin + 0.5 - tubelets["centres"])[..., None])[..., 0]  # (B, M, T, 2)
+    rounding = 0.5 if out_1.dtype == torch.uint8 else 0.0  # uint8: x + 0.5 truncated by .to(uint8) = x rounded
+    host = zip(window.tolist(), tubelets["shape"].tolist(), tubelets["soft"].tolist(),
+               tubelets["source_frame"].tolist())
+    for i, (window_i, shapes_i, softs_i, frames_i) in enumerate(host):
+        for j, (sx, sy) in enumerate(window_i):  # tubelet j is pasted over tubelets 0 .. j - 1
+            cols = torch.arange(sx, dtype=torch.float).view(1, 1, sx, 1)
+            rows = torch.arange(sy, dtype=torch.float).view(1, sy, 1, 1)
+            col_0, col_1 = inverse[i, j, :, None, None, :, 0], inverse[i, j, :, None, None, :, 1]  # (T, 1, 1, 2)
+            u = torch.addcmul(torch.addcmul(u0[i, j, :, None, None], cols, col_0), rows, col_1)  # (T, Sy, Sx, 2)
+            to_source = 2 / frame  # frame pixels -> grid_sample's [-1, 1] (align_corners=False)
+            grid = torch.addcmul(tubelets["source_centre"][i, j] * to_source - 1, u, to_source)  # (T, Sy, Sx, 2)
+            source = clip_1[i, None, :, frames_i[j]].float()  # (1, C, H, W): the frame of the unpasted clip 1
+            patch = F.grid_sample(source, grid.view(1, t * sy, sx, 2), align_corners=False)  # (1, C, T*Sy, Sx)
+            rx, ry = (u * (2 / tubelets["size"][i, j])).abs_().unbind(-1)  # (T, Sy, Sx) |u| / half-size, 1 on border
+            # distance from the centre of the shape: rectangle L_inf, ellipse L2, rhombus L1
+            dist = torch.maximum(rx, ry) if shapes_i[j] == 0 else torch.hypot(rx, ry) if shapes_i[j] == 1 else rx + ry
+            soft = softs_i[j]  # 1: hard edge; s < 1: alpha falls linearly from d = s to d = 1
+            alpha = ((1 - dist) / (1 - soft)).clamp_(0, 1) if soft < 1 else (dist < 1).float()  # (T, Sy, Sx)
+            alpha *= tubelets["opacity"][i, j].view(t, 1, 1)
+            keep = (1 - alpha).unbind(0)  # T x (Sy, Sx)
+            add = (patch.view(c, t, sy, sx) * alpha).add_(rounding).unbind(1)  # T x (C, Sy, Sx)
+            for f, (x0, y0) in enumerate(origin[i, j].tolist()):
+                for out in (out_1, out_2):
+                    region = out[i, :, f, y0:y0 + sy, x0:x0 + sx]  # (C, Sy, Sx) view
+                    region.copy_(torch.addcmul(add[f], region, keep[f]))  # v (1 - α) + patch α (+ 0.5: rounding)
+    return out_1, out_2
+
+
+def paste_fixed_windows(clip_1, clip_2, tubelets, side=None):
+    """GPU path of paste_tubelets: the loops over b and t become tensor dimensions, so there is one pass per
+    tubelet index m, of fixed shape: every tubelet gets a window of the same side S, pixels of the window that fall
+    outside the frame are sent to a scratch clip, and nothing waits for the device (no .item(), no data-dependent
+    shapes), so the launches do not depend on the batch. side None: the exact largest (one host sync)."""
     b, c, t, h, w = clip_1.shape
     m = tubelets["size"].shape[1]
     side = int(window_sides(tubelets).max()) if side is None else side
