@@ -260,10 +260,10 @@ def paste_tubelets(clip_1, clip_2, tubelets, side=None):
 
 def paste_exact_windows(clip_1, clip_2, tubelets):
     """CPU path of paste_tubelets: the plain loop over samples and tubelets, each with a window of its own size
-    (window_sides, cut to the frame size), so few pixels are touched. Each frame's window is moved into the frame
-    (alpha is computed exactly at every pixel, so any window holding the tubelet gives the same result): no pixel
-    falls outside, and the windows of all frames are read and written at once by indexing with small (T, S) row and
-    column indices. Patch and alpha are rendered once per tubelet for both clips; the rest stays in the input dtype."""
+    (window_sides, cut to the frame size), so few pixels are touched. Patch and alpha are rendered once per tubelet,
+    for all frames and both clips. Each frame's window is moved into the frame (alpha is exact at every pixel, so
+    any window that holds the tubelet gives the same result), and only the transformed patch's bounding box in it is
+    blended, through slices of the clips (no index tensors); the rest of the clips stays in the input's dtype."""
     b, c, t, h, w = clip_1.shape
     # two outputs, not one stacked (2, B, ...) buffer: a fresh block over 32 MB costs page faults on every call
     out_1, out_2 = clip_1.clone(), clip_2.clone()  # (B, C, T, H, W) each, the input's dtype
@@ -275,16 +275,21 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
     # u = A_t^-1 (p - c_t) at window pixel (j, i), whose centre is p = origin + (j, i) + 0.5: u0 + j col_0 + i col_1
     inverse = torch.linalg.inv(tubelets["matrix"])  # (B, M, T, 2, 2)
     u0 = (inverse @ (origin + 0.5 - tubelets["centres"])[..., None])[..., 0]  # (B, M, T, 2)
-    rounding = 0.5 if out_1.dtype == torch.uint8 else 0.0  # uint8: x + 0.5 truncated by .to(uint8) = x rounded
-    host = zip(window.tolist(), tubelets["shape"].tolist(), tubelets["soft"].tolist(),
-               tubelets["source_frame"].tolist())
-    for i, (window_i, shapes_i, softs_i, frames_i) in enumerate(host):
+    # per frame, the bounding box of the transformed patch (alpha is 0 outside it) in window coordinates
+    extent = (tubelets["matrix"].abs() @ (tubelets["size"] / 2)[:, :, None, :, None])[..., 0]  # (B, M, T, 2)
+    box_lo = ((tubelets["centres"] - extent).floor().long() - 1 - origin).clamp(min=0)  # (B, M, T, 2)
+    box_hi = torch.minimum((tubelets["centres"] + extent).ceil().long() + 1 - origin, window[:, :, None])
+    rounding = 0.5 if out_1.dtype == torch.uint8 else 0.0  # uint8: x + 0.5 truncated on assignment = x rounded
+    host = zip(window.tolist(), torch.cat([origin, box_lo, box_hi], -1).tolist(), tubelets["shape"].tolist(),
+               tubelets["soft"].tolist(), tubelets["source_frame"].tolist())
+    outs = (out_1.numpy(), out_2.numpy())  # the same memory; numpy slices cost a fraction of torch's per call
+    to_source = 2 / frame  # frame pixels -> grid_sample's [-1, 1] (align_corners=False)
+    for i, (window_i, boxes_i, shapes_i, softs_i, frames_i) in enumerate(host):
         for j, (sx, sy) in enumerate(window_i):  # tubelet j is pasted over tubelets 0 .. j - 1
             cols = torch.arange(sx, dtype=torch.float).view(1, 1, sx, 1)
             rows = torch.arange(sy, dtype=torch.float).view(1, sy, 1, 1)
             col_0, col_1 = inverse[i, j, :, None, None, :, 0], inverse[i, j, :, None, None, :, 1]  # (T, 1, 1, 2)
             u = torch.addcmul(torch.addcmul(u0[i, j, :, None, None], cols, col_0), rows, col_1)  # (T, Sy, Sx, 2)
-            to_source = 2 / frame  # frame pixels -> grid_sample's [-1, 1] (align_corners=False)
             grid = torch.addcmul(tubelets["source_centre"][i, j] * to_source - 1, u, to_source)  # (T, Sy, Sx, 2)
             source = clip_1[i, None, :, frames_i[j]].float()  # (1, C, H, W): the frame of the unpasted clip 1
             patch = F.grid_sample(source, grid.view(1, t * sy, sx, 2), align_corners=False)  # (1, C, T*Sy, Sx)
@@ -294,12 +299,14 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
             soft = softs_i[j]  # 1: hard edge; s < 1: alpha falls linearly from d = s to d = 1
             alpha = ((1 - dist) / (1 - soft)).clamp_(0, 1) if soft < 1 else (dist < 1).float()  # (T, Sy, Sx)
             alpha *= tubelets["opacity"][i, j].view(t, 1, 1)
-            keep = (1 - alpha).unbind(0)  # T x (Sy, Sx)
-            add = (patch.view(c, t, sy, sx) * alpha).add_(rounding).unbind(1)  # T x (C, Sy, Sx)
-            for f, (x0, y0) in enumerate(origin[i, j].tolist()):
-                for out in (out_1, out_2):
-                    region = out[i, :, f, y0:y0 + sy, x0:x0 + sx]  # (C, Sy, Sx) view
-                    region.copy_(torch.addcmul(add[f], region, keep[f]))  # v (1 - α) + patch α (+ 0.5: rounding)
+            keep = (1 - alpha).numpy()  # (T, Sy, Sx)
+            add = (patch.view(c, t, sy, sx) * alpha).add_(rounding).numpy()  # (C, T, Sy, Sx)
+            for f, (x0, y0, x1, y1, x2, y2) in enumerate(boxes_i[j]):  # window origin, box in the window
+                if x1 < x2 and y1 < y2:
+                    keep_f, add_f = keep[f, y1:y2, x1:x2], add[:, f, y1:y2, x1:x2]  # (h', w'), (C, h', w')
+                    for out in outs:
+                        region = out[i, :, f, y0 + y1:y0 + y2, x0 + x1:x0 + x2]  # (C, h', w') view
+                        region[...] = region * keep_f + add_f  # v (1 - α) + patch α (+ 0.5: rounding)
     return out_1, out_2
 
 
