@@ -245,8 +245,8 @@ def paste_tubelets(clip_1, clip_2, tubelets, side=None):
     """Eq. (5.4): v̂_i = v_i ⊙ {Tubelet_p1 .. Tubelet_pM}, the same patches, paths, masks and transforms on both.
 
     clip_1, clip_2 (B, C, T, H, W) uint8 or float; the patches are cut from clip_1. Returns two clips of the input's
-    dtype and value range (uint8: the blend is rounded, as the authors' uint8 images are). side: the fixed window
-    side S of the GPU pass, max_window_side(args, H, W) (tubelet_pairs passes it; None: the exact largest).
+    dtype and value range (uint8: the blend is rounded, as the authors' uint8 images are). side: the window side S
+    of the GPU pass, max_window_side(args, H, W) (tubelet_pairs passes it; None: the exact largest).
 
     The plain version (tests/test_tubelet_contrast.py checks both paths against it): for every sample b, tubelet m
     and frame t, take the pixels p around the centre c_t, map each back into the patch, u = A_t^-1 (p - c_t), read
@@ -258,49 +258,81 @@ def paste_tubelets(clip_1, clip_2, tubelets, side=None):
     return paste_fixed_windows(clip_1, clip_2, tubelets, side)
 
 
+def render_tubelets(source, tubelets, origin, width, height, shape=None, soft=None):
+    """Patch pixels and alpha of n tubelets in per-frame windows of width x height pixels (Eq. 5.3, Eq. 5.7).
+
+    source (n, C, H, W): the frame of clip 1 each patch is cut from; tubelets: (n, ...) tensors; origin (n, T, 2):
+    x, y of each window's top-left pixel. Returns patch (n, C, T, height, width), alpha (n, T, height, width).
+    Each window pixel p is mapped back into the patch, u = A_t^-1 (p - c_t), and read from clip 1 at
+    source_centre + u with one grid_sample for all tubelets and frames; alpha is the tubelet's shape at u.
+    shape, soft: Python numbers shared by the n tubelets (the CPU path: one distance, no torch.where), or None:
+    each tubelet's own, picked by torch.where (no host sync)."""
+    n, c, h, w = source.shape
+    t, device = origin.shape[1], source.device
+    # A^-1 in closed form, [[d, -b], [-c, a]] / (ad - bc): torch.linalg.inv would check for errors on the host
+    a00, a01, a10, a11 = tubelets["matrix"].flatten(-2).unbind(-1)  # each (n, T)
+    inverse = torch.stack([a11, -a01, -a10, a00], -1).view(n, t, 1, 1, 2, 2) / (a00 * a11 - a01 * a10).view(
+        n, t, 1, 1, 1, 1)  # (n, T, 1, 1, 2, 2)
+    # pixel x covers [x, x + 1), its centre is x + 0.5: at window pixel (j, i), p = origin + (j, i) + 0.5 and
+    # u = u_0 + j A^-1[:, 0] + i A^-1[:, 1] with u_0 = A^-1 (origin + 0.5 - c)
+    u0 = (inverse[:, :, 0, 0] @ (origin + 0.5 - tubelets["centres"])[..., None])[..., None, None, :, 0]  # (n,T,1,1,2)
+    cols = torch.arange(width, dtype=torch.float, device=device).view(width, 1)  # j
+    rows = torch.arange(height, dtype=torch.float, device=device).view(height, 1, 1)  # i
+    u = torch.addcmul(torch.addcmul(u0, cols, inverse[..., 0]), rows, inverse[..., 1])  # (n, T, height, width, 2)
+    to_source = 2 / torch.tensor([w, h], dtype=torch.float, device=device)  # pixels -> grid_sample's [-1, 1]
+    grid = (u + tubelets["source_centre"][:, None, None, None]) * to_source - 1  # align_corners=False convention
+    patch = F.grid_sample(source, grid.view(n, t * height, width, 2), align_corners=False)  # (n, C, T*h, w)
+    rx, ry = (u * (2 / tubelets["size"])[:, None, None, None]).abs_().unbind(-1)  # (n, T, h, w), 1 on the border
+    # distance from the centre of the shape: rectangle L_inf, ellipse L2, rhombus L1
+    if shape is not None:
+        dist = (torch.maximum, torch.hypot, torch.add)[shape](rx, ry)  # (n, T, h, w)
+    else:
+        shape = tubelets["shape"].view(n, 1, 1, 1)
+        dist = torch.where(shape == 0, torch.maximum(rx, ry), torch.where(shape == 1, torch.hypot(rx, ry), rx + ry))
+    # soft 1: hard edge; s < 1: alpha falls linearly from d = s to d = 1
+    if soft is not None:
+        alpha = ((1 - dist) / (1 - soft)).clamp_(0, 1) if soft < 1 else (dist < 1).float()
+    else:
+        soft = tubelets["soft"].view(n, 1, 1, 1)
+        alpha = torch.where(soft < 1, ((1 - dist) / (1 - soft).clamp_min(1e-6)).clamp(0, 1), (dist < 1).float())
+    return patch.view(n, c, t, height, width), alpha * tubelets["opacity"][:, :, None, None]
+
+
+def window_sides(tubelets):
+    """(B, M) side of the square window that holds a tubelet's transformed patch in every frame (+ rounding slack)."""
+    extent = (tubelets["matrix"].abs() @ (tubelets["size"] / 2)[:, :, None, :, None])[..., 0]  # (B, M, T, 2) half
+    return (2 * extent.amax(dim=(2, 3))).ceil().long() + 3
+
+
 def paste_exact_windows(clip_1, clip_2, tubelets):
-    """CPU path of paste_tubelets: the plain loop over samples and tubelets, each with a window of its own size
-    (window_sides, cut to the frame size), so few pixels are touched. Patch and alpha are rendered once per tubelet,
-    for all frames and both clips. Each frame's window is moved into the frame (alpha is exact at every pixel, so
-    any window that holds the tubelet gives the same result), and only the transformed patch's bounding box in it is
-    blended, through slices of the clips (no index tensors); the rest of the clips stays in the input's dtype."""
+    """CPU path of paste_tubelets: the plain loop over samples and tubelets, each in a window of its own size
+    (window_sides, at most the frame's), rendered once for all frames and both clips. Each frame's window is moved
+    into the frame (alpha is exact at every pixel, so any window that holds the tubelet gives the same result), and
+    only the transformed patch's bounding box is blended, through slices; the rest stays in the input's dtype."""
     b, c, t, h, w = clip_1.shape
     # two outputs, not one stacked (2, B, ...) buffer: a fresh block over 32 MB costs page faults on every call
     out_1, out_2 = clip_1.clone(), clip_2.clone()  # (B, C, T, H, W) each, the input's dtype
     sides = window_sides(tubelets)  # (B, M)
     frame = torch.tensor([w, h])
-    window = torch.minimum(sides[..., None], frame)  # (B, M, 2) window width, height: at most the frame's
+    window = torch.minimum(sides[..., None], frame)  # (B, M, 2) window width, height
     origin = tubelets["centres"].floor().long() - (sides // 2)[..., None, None]  # (B, M, T, 2) top-left pixel
     origin = torch.minimum(origin.clamp(min=0), (frame - window)[:, :, None])  # moved into the frame
-    # u = A_t^-1 (p - c_t) at window pixel (j, i), whose centre is p = origin + (j, i) + 0.5: u0 + j col_0 + i col_1
-    inverse = torch.linalg.inv(tubelets["matrix"])  # (B, M, T, 2, 2)
-    u0 = (inverse @ (origin + 0.5 - tubelets["centres"])[..., None])[..., 0]  # (B, M, T, 2)
     # per frame, the bounding box of the transformed patch (alpha is 0 outside it) in window coordinates
     extent = (tubelets["matrix"].abs() @ (tubelets["size"] / 2)[:, :, None, :, None])[..., 0]  # (B, M, T, 2)
     box_lo = ((tubelets["centres"] - extent).floor().long() - 1 - origin).clamp(min=0)  # (B, M, T, 2)
     box_hi = torch.minimum((tubelets["centres"] + extent).ceil().long() + 1 - origin, window[:, :, None])
     rounding = 0.5 if out_1.dtype == torch.uint8 else 0.0  # uint8: x + 0.5 truncated on assignment = x rounded
-    host = zip(window.tolist(), torch.cat([origin, box_lo, box_hi], -1).tolist(), tubelets["shape"].tolist(),
-               tubelets["soft"].tolist(), tubelets["source_frame"].tolist())
+    host = zip(window.tolist(), torch.cat([origin, box_lo, box_hi], -1).tolist(), tubelets["source_frame"].tolist(),
+               tubelets["shape"].tolist(), tubelets["soft"].tolist())
     outs = (out_1.numpy(), out_2.numpy())  # the same memory; numpy slices cost a fraction of torch's per call
-    to_source = 2 / frame  # frame pixels -> grid_sample's [-1, 1] (align_corners=False)
-    for i, (window_i, boxes_i, shapes_i, softs_i, frames_i) in enumerate(host):
+    keys = ("matrix", "centres", "source_centre", "size", "opacity")
+    for i, (window_i, boxes_i, frames_i, shapes_i, softs_i) in enumerate(host):
         for j, (sx, sy) in enumerate(window_i):  # tubelet j is pasted over tubelets 0 .. j - 1
-            cols = torch.arange(sx, dtype=torch.float).view(1, 1, sx, 1)
-            rows = torch.arange(sy, dtype=torch.float).view(1, sy, 1, 1)
-            col_0, col_1 = inverse[i, j, :, None, None, :, 0], inverse[i, j, :, None, None, :, 1]  # (T, 1, 1, 2)
-            u = torch.addcmul(torch.addcmul(u0[i, j, :, None, None], cols, col_0), rows, col_1)  # (T, Sy, Sx, 2)
-            grid = torch.addcmul(tubelets["source_centre"][i, j] * to_source - 1, u, to_source)  # (T, Sy, Sx, 2)
+            tube = {k: tubelets[k][i, j, None] for k in keys}  # (1, ...)
             source = clip_1[i, None, :, frames_i[j]].float()  # (1, C, H, W): the frame of the unpasted clip 1
-            patch = F.grid_sample(source, grid.view(1, t * sy, sx, 2), align_corners=False)  # (1, C, T*Sy, Sx)
-            rx, ry = (u * (2 / tubelets["size"][i, j])).abs_().unbind(-1)  # (T, Sy, Sx) |u| / half-size, 1 on border
-            # distance from the centre of the shape: rectangle L_inf, ellipse L2, rhombus L1
-            dist = torch.maximum(rx, ry) if shapes_i[j] == 0 else torch.hypot(rx, ry) if shapes_i[j] == 1 else rx + ry
-            soft = softs_i[j]  # 1: hard edge; s < 1: alpha falls linearly from d = s to d = 1
-            alpha = ((1 - dist) / (1 - soft)).clamp_(0, 1) if soft < 1 else (dist < 1).float()  # (T, Sy, Sx)
-            alpha *= tubelets["opacity"][i, j].view(t, 1, 1)
-            keep = (1 - alpha).numpy()  # (T, Sy, Sx)
-            add = (patch.view(c, t, sy, sx) * alpha).add_(rounding).numpy()  # (C, T, Sy, Sx)
+            # patch (1, C, T, Sy, Sx), alpha (1, T, Sy, Sx)
+            patch, alpha = render_tubelets(source, tube, origin[i, j, None], sx, sy, shapes_i[j], softs_i[j])
+            keep, add = (1 - alpha[0]).numpy(), (patch[0] * alpha[0]).add_(rounding).numpy()  # (T, ..), (C, T, ..)
             for f, (x0, y0, x1, y1, x2, y2) in enumerate(boxes_i[j]):  # window origin, box in the window
                 if x1 < x2 and y1 < y2:
                     keep_f, add_f = keep[f, y1:y2, x1:x2], add[:, f, y1:y2, x1:x2]  # (h', w'), (C, h', w')
@@ -311,10 +343,10 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
 
 
 def paste_fixed_windows(clip_1, clip_2, tubelets, side=None):
-    """GPU path of paste_tubelets: the loops over b and t become tensor dimensions, so there is one pass per
-    tubelet index m, of fixed shape: every tubelet gets a window of the same side S, pixels of the window that fall
-    outside the frame are sent to a scratch clip, and nothing waits for the device (no .item(), no data-dependent
-    shapes), so the launches do not depend on the batch. side None: the exact largest (one host sync)."""
+    """GPU path of paste_tubelets: the loops over b and t become tensor dimensions, one pass per tubelet index m
+    of fixed shape: every tubelet gets a window of the same side S, window pixels outside the frame are sent to a
+    scratch clip, and nothing waits for the device (no .item(), no data-dependent shapes), so the launches do not
+    depend on the batch. side None: the exact largest (one host sync)."""
     b, c, t, h, w = clip_1.shape
     m = tubelets["size"].shape[1]
     side = int(window_sides(tubelets).max()) if side is None else side
@@ -331,7 +363,8 @@ def paste_fixed_windows(clip_1, clip_2, tubelets, side=None):
     for j in range(m):  # tubelet j of every sample is pasted over tubelets 0 .. j - 1
         tube = {k: v[:, j] for k, v in tubelets.items()}  # (B, ...)
         source = clip_1[samples, :, tube["source_frame"]].float()  # (B, C, H, W): the frame of the unpasted clip 1
-        origin, patch, alpha = render_windows(source, tube, side)  # (B, T, 2), (B, C, T, S, S), (B, T, S, S)
+        origin = tube["centres"].floor().long() - side // 2  # (B, T, 2) window's top-left pixel
+        patch, alpha = render_tubelets(source, tube, origin, side, side)  # (B, C, T, S, S), (B, T, S, S)
         y = origin[..., 1, None, None] + grid[:, None]  # (B, T, S, 1) frame row of each window row
         x = origin[..., 0, None, None] + grid[None, :]  # (B, T, 1, S) frame column of each window column
         inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)  # (B, T, S, S)
@@ -346,14 +379,6 @@ def paste_fixed_windows(clip_1, clip_2, tubelets, side=None):
     return buffer[0, :b], buffer[1, :b]
 
 
-def window_sides(tubelets):
-    """(B, M) side of the square window that holds a tubelet's transformed patch in every frame (+ rounding slack)."""
-    a = tubelets["matrix"].abs()  # (B, M, T, 2, 2)
-    half = tubelets["size"].unsqueeze(2) / 2  # (B, M, 1, 2)
-    extent = (a @ half.unsqueeze(-1)).squeeze(-1)  # (B, M, T, 2) half extent of the transformed box
-    return (2 * extent.amax(dim=(2, 3))).ceil().long() + 3
-
-
 def max_window_side(args, height, width):
     """The largest window_sides() any tubelet sample_tubelets can draw, from the flags alone (no look at the data):
     |A h| <= ||A||_2 |h|_2 with ||R|| = 1, ||shear(s)|| = (|s| + sqrt(s² + 4)) / 2, ||diag(scale)|| = max scale,
@@ -365,47 +390,6 @@ def max_window_side(args, height, width):
     norm = ((shear + math.sqrt(shear ** 2 + 4)) / 2) ** 2  # shear along x, then along y
     norm *= max(abs(args.scale_min), abs(args.scale_max)) if "scale" in args.transforms else 1.0
     return min(math.ceil(norm * diagonal) + 3, 2 * max(height, width) + 3)
-
-
-def render_windows(source, tubelets, side):
-    """Patch pixels and alpha of n tubelets in per-frame windows of side S around their centres.
-
-    source (n, C, H, W): the frame of clip 1 the patches are cut from. tubelets: (n, ...) tensors.
-    Returns origin (n, T, 2) long (x, y of the window's top-left pixel), patch (n, C, T, S, S), alpha (n, T, S, S).
-    Each window pixel p is mapped back into the patch, u = A_t^{-1} (p - c_t), and sampled from clip 1 at
-    source_centre + u with one grid_sample for all tubelets and frames (Eq. 5.3 with the F(p, θ^t) of Eq. 5.7)."""
-    n, c, h, w = source.shape
-    t = tubelets["centres"].shape[1]
-    origin = tubelets["centres"].floor().long() - side // 2  # (n, T, 2)
-    # A^-1 in closed form, [[d, -b], [-c, a]] / (ad - bc): torch.linalg.inv would check for errors on the host
-    a00, a01, a10, a11 = tubelets["matrix"].flatten(-2).unbind(-1)  # each (n, T)
-    inverse = torch.stack([a11, -a01, -a10, a00], -1).view(n, t, 2, 2) / (a00 * a11 - a01 * a10)[..., None, None]
-    # positions are continuous (pixel x covers [x, x + 1), its centre is x + 0.5); window pixel centre
-    # p = origin + (j, i) + 0.5, and u = A_t^{-1} (p - c_t) is affine in (j, i): u_0 + j A^-1[:, 0] + i A^-1[:, 1]
-    u0 = (inverse @ (origin.float() + 0.5 - tubelets["centres"]).unsqueeze(-1)).squeeze(-1)  # (n, T, 2) u at (0, 0)
-    j = torch.arange(side, dtype=torch.float, device=source.device).view(1, 1, 1, side)  # window columns
-    i = j.view(1, 1, side, 1)  # window rows
-
-    def affine(scale, offset):  # (n, T, 2) per-axis factor and offset -> [x, y] of scale * u + offset, (n, T, S, S)
-        k = lambda v: v[..., None, None]
-        return [k(offset[..., a] + scale[..., a] * u0[..., a]) + k(scale[..., a] * inverse[..., a, 0]) * j
-                + k(scale[..., a] * inverse[..., a, 1]) * i for a in (0, 1)]
-
-    to_source = 2 / torch.tensor([w, h], dtype=torch.float, device=source.device)  # pixels -> [-1, 1]
-    source_0 = tubelets["source_centre"] * to_source - 1  # (n, 2), grid_sample's align_corners=False convention
-    grid = torch.stack(affine(to_source.expand(n, t, 2), source_0[:, None].expand(n, t, 2)), -1)  # (n, T, S, S, 2)
-    patch = F.grid_sample(source, grid.view(n, t * side, side, 2), mode="bilinear", padding_mode="zeros",
-                          align_corners=False)  # (n, C, T*S, S)
-    patch = patch.view(n, c, t, side, side)  # (n, C, T, S, S)
-    zero = torch.zeros(n, t, 2, device=source.device)
-    rx, ry = (v.abs_() for v in affine(2 / tubelets["size"][:, None].expand(n, t, 2), zero))  # each (n, T, S, S)
-    # |u| / half-size per axis, 1 on the patch border; the distance from the centre of each tubelet's shape is
-    # chosen per tubelet with torch.where (no grouping by shape): rectangle L_inf, ellipse L2, rhombus L1
-    shape = tubelets["shape"].view(n, 1, 1, 1)
-    dist = torch.where(shape == 0, torch.maximum(rx, ry), torch.where(shape == 1, torch.hypot(rx, ry), rx + ry))
-    soft = tubelets["soft"].view(n, 1, 1, 1)  # 1: hard edge; s < 1: alpha falls linearly from d = s to d = 1
-    alpha = torch.where(soft < 1, ((1 - dist) / (1 - soft).clamp_min(1e-6)).clamp(0, 1), (dist < 1).float())
-    return origin, patch, alpha * tubelets["opacity"][:, :, None, None]
 
 
 class TubeletCollate:
