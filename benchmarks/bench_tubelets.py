@@ -164,7 +164,8 @@ def main():
         sys.exit("bench_tubelets.py: the authors' baseline needs OpenCV (benchmark only, not in requirements.txt): "
                  "pip install opencv-python-headless")
     cv2.setNumThreads(opts.threads)
-    args = tc.add_method_args(argparse.ArgumentParser()).parse_args(["--crop-size", str(opts.crop_size), "--clip-len", "16"])
+    argv = ["--crop-size", str(opts.crop_size), "--clip-len", "16"]
+    args = tc.add_method_args(argparse.ArgumentParser()).parse_args(argv)
     args.data = "k400"
     args = tc.finalize_method_args(args)
     b, s = opts.batch_size, opts.crop_size
