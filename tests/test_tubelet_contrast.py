@@ -290,7 +290,8 @@ def old_render_windows(source, tubelets, side, shape_id):
 
 
 def old_paste_tubelets(clip_1, clip_2, tubelets):
-    """The implementation before the fixed-shape pass (grouped by window side and shape, host syncs): Eq. (5.4): v̂_i = v_i ⊙ {Tubelet_p1 .. Tubelet_pM}, the same patches, paths, masks and transforms on both.
+    """The implementation before the fixed-shape pass (grouped by window side and shape, host syncs): Eq. (5.4),
+    v̂_i = v_i ⊙ {Tubelet_p1 .. Tubelet_pM}, the same patches, paths, masks and transforms on both.
 
     clip_1, clip_2 (B, C, T, H, W) uint8 or float; the patches are cut from clip_1. Returns float (B, C, T, H, W)
     in the input's value range. Tubelets are grouped by window side and shape (a few groups of many
