@@ -7,9 +7,11 @@ motion, not appearance.
 
     python tubelet_contrast.py                          # toy data, tiny3d on CPU, minutes, kNN vs random init
     python tubelet_contrast.py --data k400 --gpus 4     # the paper's configuration (R(2+1)D-18, 16x112², queue 65536)
+    python tubelet_contrast.py --visualize 8            # PNG + GIF of 8 training pairs
+    python benchmarks/gpu_report.py --skip end_to_end,tubelets,skeleton_aug,s3d_step   # model-only samples/s
 
-The file follows Sec. 5.3: flags -> tubelets (5.3.2) -> motion (5.3.3) -> transformations (5.3.4) -> the temporal
-baseline (5.3.1) -> augmentation -> MoCo and InfoNCE (Eq. 5.1) -> train step -> main.
+Order of Sec. 5.3: flags -> tubelets (5.3.2) -> motion (5.3.3) -> transformations (5.3.4) -> temporal baseline
+(5.3.1) -> augmentation -> MoCo and InfoNCE (Eq. 5.1) -> train step -> main.
 
 Implementation details
 - Pairs (Eq. 5.3-5.4): a batch of B clips of B videos is decoded once; pair i uses clip i as clip 1 (patch source,
@@ -20,10 +22,11 @@ Implementation details
   of radius Δ ~ U(40, 80) px around the previous one. Non-linear motion (Eq. 5.6): 48 uniform points per axis,
   Gaussian filter σ 8, stretched to a random extent. Transformations (Eq. 5.7): scale U(0.5, 1.5), rotation
   U(-90°, 90°), shear U(-1, 1) at keyframes, identity at frame 0, linear interpolation.
-- paste_tubelets: per tubelet index, one fixed window (sized from the flags) around each centre is mapped back into
-  the patch (u = A_t^-1 (p - c_t), closed-form 2x2 inverse), sampled with one grid_sample and alpha-composited into
-  both clips: no host syncs, no Python loop over samples or frames, the same launches at any batch size. It runs
-  on the GPU inside the train step by default (`--tubelet-device gpu`) or in the loader workers.
+- paste_tubelets maps the pixels of a window around each centre back into the patch (u = A_t^-1 (p - c_t)),
+  samples them with grid_sample and alpha-composites them into both clips. On a GPU: one fixed-shape window per
+  tubelet index (sized from the flags), no host syncs, the same launches at any batch size; it runs inside the train
+  step (`--tubelet-device gpu`, the default) or in the loader workers. On a CPU: an exact window per tubelet, moved
+  into the frame, blended frame by frame through slices of the uint8 clips (the fewest pixels touched).
 - MoCo: query = backbone + MLP to 128-d, key encoder = EMA (m 0.999, torch._foreach_lerp_) updated before the keys
   are computed; keys of all processes are gathered before enqueueing; the loss (Eq. 5.1, fp32) uses the queue as it
   was before the current keys were added. `--baseline temporal`: two clips of the same video, no tubelets.
@@ -63,86 +66,74 @@ TRANSFORMS = ("scale", "rotation", "shear")
 
 
 # ==================================================================================================== FLAGS
-
-
 def add_method_args(parser):
     """Adds the "method" group; defaults reproduce thesis Sec. 5.4.1 (Mini-Kinetics / Kinetics-400 pretraining)."""
     g = parser.add_argument_group("method")
-    g.add_argument("--arch", default=None, help="backbone: r2plus1d_18 (paper), r3d_18, i3d (App. C.2, 224²), tiny3d "
-                   "(CPU). Default: tiny3d on toy data, r2plus1d_18 otherwise")
-    g.add_argument("--clip-len", type=int, default=None, help="T, frames per clip (paper 16; toy 8)")
-    g.add_argument("--crop-size", type=int, default=None, help="H = W of a clip; default 112 (224 for i3d, App. C.2)")
-    g.add_argument("--frame-strides", default="1,2,3,4", help="temporal strides sampled per clip; the thesis does "
-                   "not state them, 1,2,3,4 is the authors' code")
-    g.add_argument("--baseline", choices=["none", "temporal"], default="none",
-                   help="temporal: the temporal-contrast baseline of Sec. 5.3.1 (MoCo on two temporal crops of one "
-                   "video, no tubelets), for Tables 5.2 and 5.6")
+    add = g.add_argument
+    add("--arch", default=None, help="backbone: r2plus1d_18 (paper), r3d_18, i3d (App. C.2, 224²), tiny3d (CPU). "
+        "Default: tiny3d on toy data, r2plus1d_18 otherwise")
+    add("--clip-len", type=int, default=None, help="T, frames per clip (paper 16; toy 8)")
+    add("--crop-size", type=int, default=None, help="H = W of a clip; default 112 (224 for i3d, App. C.2)")
+    add("--frame-strides", default="1,2,3,4", help="temporal strides sampled per clip (not in the thesis; authors' "
+        "code)")
+    add("--baseline", choices=["none", "temporal"], default="none", help="temporal: the temporal-contrast baseline "
+        "of Sec. 5.3.1 (MoCo on two temporal crops of one video, no tubelets), Tables 5.2 and 5.6")
     # Sec. 5.3.2: tubelets
-    g.add_argument("--num-tubelets", type=int, default=2, help="M tubelets per pair, Eq. (5.4); paper 2 (Table 5.5: "
-                   "1 already beats the baseline, 2 is better)")
-    g.add_argument("--patch-min", type=float, default=None, help="smallest patch side H', W' in pixels; paper 16 at "
-                   "112² (32 at 224²); default scales 16 with --crop-size/112")
-    g.add_argument("--patch-max", type=float, default=None, help="largest patch side; paper 64 at 112² (128 at 224²)")
-    g.add_argument("--shapes", default="rectangle,ellipse,rhombus", help="patch shape masks drawn uniformly "
-                   "(Sec. 5.4.1 'predefined shapes'); each may get soft edges, see --soft-edge-prob")
-    g.add_argument("--soft-edge-prob", type=float, default=0.5, help="probability of a soft-edged mask (alpha falls "
-                   "linearly to 0 at the border); the thesis names no value, 0.5 is the authors' code")
+    add("--num-tubelets", type=int, default=2, help="M tubelets per pair, Eq. (5.4); paper 2 (Table 5.5)")
+    add("--patch-min", type=float, default=None, help="smallest patch side H', W' in pixels; paper 16 at 112² (32 "
+        "at 224²); default scales 16 with --crop-size/112")
+    add("--patch-max", type=float, default=None, help="largest patch side; paper 64 at 112² (128 at 224²)")
+    add("--shapes", default="rectangle,ellipse,rhombus", help="patch shapes drawn uniformly (Sec. 5.4.1 "
+        "'predefined shapes')")
+    add("--soft-edge-prob", type=float, default=0.5, help="probability of a soft-edged mask (alpha falls linearly "
+        "to 0 at the border); not in the thesis, 0.5 is the authors' code")
     # Sec. 5.3.3: motion
-    g.add_argument("--motion", choices=["linear", "nonlinear", "none"], default="nonlinear",
-                   help="tubelet motion: nonlinear Eq. (5.6) (paper default, best in Table 5.3), linear Eq. (5.5), "
-                   "none = static tubelets ('Tubelet Generation' row of Table 5.2)")
-    g.add_argument("--keyframes", type=int, default=3, help="K keyframes for linear motion and transformations, "
-                   "first and last frame included (paper 3)")
-    g.add_argument("--delta-min", type=float, default=40, help="linear motion: Δ, the largest distance between the "
-                   "centres of neighbouring keyframes, is drawn from [delta-min, delta-max] px at 112² (paper 40-80)")
-    g.add_argument("--delta-max", type=float, default=80, help="see --delta-min")
-    g.add_argument("--nonlinear-points", type=int, default=48, help="N random points before smoothing, Eq. (5.6); "
-                   "paper 48 (N >> T, a small N gives straight paths)")
-    g.add_argument("--nonlinear-sigma", type=float, default=8, help="σ of the 1-D Gaussian smoothing, Eq. (5.6); "
-                   "paper 8")
-    g.add_argument("--nonlinear-span-min", type=float, default=20, help="non-linear paths are min-max normalised "
-                   "and stretched to a random extent in [min, max] px at 112² (authors' code 20-89; the thesis' "
-                   "Eq. (5.6) alone gives near-static paths, see README)")
-    g.add_argument("--nonlinear-span-max", type=float, default=89, help="see --nonlinear-span-min")
+    add("--motion", choices=["linear", "nonlinear", "none"], default="nonlinear", help="nonlinear Eq. (5.6) (paper "
+        "default, Table 5.3), linear Eq. (5.5), none = static tubelets (Table 5.2)")
+    add("--keyframes", type=int, default=3, help="K keyframes of linear motion and transformations, first and last "
+        "frame included (paper 3)")
+    add("--delta-min", type=float, default=40, help="linear motion: Δ, the largest distance between neighbouring "
+        "keyframe centres, ~ U(delta-min, delta-max) px at 112² (paper 40-80)")
+    add("--delta-max", type=float, default=80, help="see --delta-min")
+    add("--nonlinear-points", type=int, default=48, help="N random points before smoothing, Eq. (5.6); paper 48")
+    add("--nonlinear-sigma", type=float, default=8, help="σ of the 1-D Gaussian smoothing, Eq. (5.6); paper 8")
+    add("--nonlinear-span-min", type=float, default=20, help="non-linear paths are min-max normalised and stretched "
+        "to a random extent in [min, max] px at 112² (authors' code 20-89; see the module docstring)")
+    add("--nonlinear-span-max", type=float, default=89, help="see --nonlinear-span-min")
     # Sec. 5.3.4 and App. C.5: transformations
-    g.add_argument("--transform", default="rotation", help="none, or a comma list of scale,rotation,shear "
-                   "(App. C.5 combinations, e.g. 'rotation,scale'); rotation is the paper's best (Table 5.4)")
-    g.add_argument("--scale-min", type=float, default=0.5, help="scale (w, h) factor range, Sec. 5.3.4: 0.5")
-    g.add_argument("--scale-max", type=float, default=1.5, help="Sec. 5.3.4: 1.5")
-    g.add_argument("--rotation-min", type=float, default=-90, help="rotation angle range in degrees: -90")
-    g.add_argument("--rotation-max", type=float, default=90, help="+90 (App. C.6: ±45 and ±180 are as good)")
-    g.add_argument("--shear-min", type=float, default=-1.0, help="shear factor range; App. C.5 states ±1.0, "
-                   "Sec. 5.3.4 says ±1.5 (App. C.6: both give similar results); we default to App. C.5")
-    g.add_argument("--shear-max", type=float, default=1.0, help="see --shear-min")
+    add("--transform", default="rotation", help="none, or a comma list of scale,rotation,shear (App. C.5); rotation "
+        "is the paper's best (Table 5.4)")
+    add("--scale-min", type=float, default=0.5, help="scale (w, h) factor range, Sec. 5.3.4: 0.5")
+    add("--scale-max", type=float, default=1.5, help="Sec. 5.3.4: 1.5")
+    add("--rotation-min", type=float, default=-90, help="rotation angle range in degrees: -90")
+    add("--rotation-max", type=float, default=90, help="+90 (App. C.6: ±45 and ±180 are as good)")
+    add("--shear-min", type=float, default=-1.0, help="shear range; App. C.5 ±1.0 (default), Sec. 5.3.4 ±1.5 "
+        "(App. C.6: similar results)")
+    add("--shear-max", type=float, default=1.0, help="see --shear-min")
     # standard augmentations, Sec. 5.4.1 ("random crops, horizontal flip, and color jitter", no values given)
-    g.add_argument("--color-jitter", choices=["authors", "strong", "none"], default="authors",
-                   help="authors: the released code's values (brightness ±32/255, contrast x e^U(±0.2), hue ±24°, "
-                   "saturation x e^U(±0.1), each with p 0.2), batched on the device; strong: SimCLR/torchvision "
-                   "(0.4, 0.4, 0.4, 0.1, p 0.8), per clip; none. Drawn per clip (see --authors-code-shared-jitter)")
+    add("--color-jitter", choices=["authors", "strong", "none"], default="authors", help="authors: the released "
+        "code's values, batched on the device (authors_color_jitter); strong: SimCLR's (0.4, 0.4, 0.4, 0.1, p 0.8); "
+        "none. Drawn per clip (see --authors-code-shared-jitter)")
     # MoCo, Sec. 5.4.1
-    g.add_argument("--queue-size", type=int, default=None, help="|N| negatives in the MoCo queue, Eq. (5.1): paper "
-                   "16384 (Mini-Kinetics), 65536 (Kinetics-400); default by --data (256 on toy data: 192 videos)")
-    g.add_argument("--moco-momentum", type=float, default=None, help="m of the key encoder EMA (paper 0.999; toy "
-                   "0.99)")
-    g.add_argument("--temperature", type=float, default=0.2, help="τ in Eq. (5.1) (paper 0.2)")
-    g.add_argument("--proj-dim", type=int, default=128, help="output of the 2-layer MLP projection head (paper 128)")
+    add("--queue-size", type=int, default=None, help="|N| negatives in the queue, Eq. (5.1): paper 16384 "
+        "(Mini-Kinetics), 65536 (Kinetics-400); 256 on toy data (192 videos)")
+    add("--moco-momentum", type=float, default=None, help="m of the key encoder EMA (paper 0.999; toy 0.99)")
+    add("--temperature", type=float, default=0.2, help="τ in Eq. (5.1) (paper 0.2)")
+    add("--proj-dim", type=int, default=128, help="output of the 2-layer MLP projection head (paper 128)")
     # speed, teaching
-    g.add_argument("--tubelet-device", choices=["gpu", "cpu"], default="gpu", help="where tubelets are made: gpu = "
-                   "batched in the training step on the run's device (workers only decode); cpu = in the loader "
-                   "workers (use when the GPU is the bottleneck)")
-    g.add_argument("--visualize", type=int, default=0, metavar="N", help="write a PNG grid (and GIF) of N positive "
-                   "pairs over time into the run folder, then exit")
-    g.add_argument("--benchmark", action="store_true", help="synthetic inputs, no decoding: model-only samples/s")
-    # the authors' code (fmthoker/tubelet-contrast), where it differs from the thesis; see README
-    g.add_argument("--authors-code", action="store_true", help="all --authors-code-* behaviours below")
-    g.add_argument("--authors-code-rotation", action="store_true", help="rotation as a random walk of ±6° per frame "
-                   "between keyframes instead of U(rotation-min, rotation-max) at keyframes")
-    g.add_argument("--authors-code-patches", action="store_true", help="patch sides from 6 scales x 7 aspect ratios "
-                   "with ±18%% jitter, shapes with p 0.5/0.35/0.15, per-frame opacity in [0.8, 1]")
-    g.add_argument("--authors-code-shared-jitter", action="store_true", help="one colour jitter for both clips of a "
-                   "pair (the thesis implies independent augmentation)")
-    g.add_argument("--authors-code-schedule", action="store_true", help="cosine schedule laid out for 2x --epochs "
-                   "and stopped after --epochs (released models: 200-epoch cosine stopped at 100)")
+    add("--tubelet-device", choices=["gpu", "cpu"], default="gpu", help="gpu: tubelets batched in the training step "
+        "on the run's device (workers only decode); cpu: in the loader workers (when the GPU is the bottleneck)")
+    add("--visualize", type=int, default=0, metavar="N", help="write a PNG grid and a GIF of N positive pairs into "
+        "the run folder, then exit")
+    # the authors' code (fmthoker/tubelet-contrast), where it differs from the thesis
+    add("--authors-code", action="store_true", help="all --authors-code-* behaviours below")
+    add("--authors-code-rotation", action="store_true", help="rotation as a random walk of ±6° per frame between "
+        "keyframes instead of U(rotation-min, rotation-max) at keyframes")
+    add("--authors-code-patches", action="store_true", help="patch sides from 6 scales x 7 aspect ratios with ±18%% "
+        "jitter, shapes with p 0.5/0.35/0.15, per-frame opacity in [0.8, 1]")
+    add("--authors-code-shared-jitter", action="store_true", help="one colour jitter for both clips of a pair")
+    add("--authors-code-schedule", action="store_true", help="cosine schedule laid out for 2x --epochs, stopped "
+        "after --epochs (released models: 200-epoch cosine stopped at 100)")
     return parser
 
 
@@ -245,16 +236,108 @@ def paste_tubelets(clip_1, clip_2, tubelets, side=None):
     """Eq. (5.4): v̂_i = v_i ⊙ {Tubelet_p1 .. Tubelet_pM}, the same patches, paths, masks and transforms on both.
 
     clip_1, clip_2 (B, C, T, H, W) uint8 or float; the patches are cut from clip_1. Returns two clips of the input's
-    dtype and value range (uint8: the blend is rounded, as the authors' uint8 images are). side: the window side S,
-    max_window_side(args, H, W) (tubelet_pairs passes it); None takes the exact largest (one host sync).
+    dtype and value range (uint8: the blend is rounded, as the authors' uint8 images are). side: the window side S
+    of the GPU pass, max_window_side(args, H, W) (tubelet_pairs passes it; None: the exact largest).
 
-    The plain version (tests/test_tubelet_contrast.py checks this one against it): for every sample b, tubelet m
+    The plain version (tests/test_tubelet_contrast.py checks both paths against it): for every sample b, tubelet m
     and frame t, take the pixels p around the centre c_t, map each back into the patch, u = A_t^-1 (p - c_t), read
     clip 1 at source_centre + u (bilinear), and blend it into both clips with the shape's alpha(u):
-    v(p) <- v(p) (1 - alpha) + patch(p) alpha. Here the loops over b and t become tensor dimensions, so there is one
-    pass per tubelet index m, of fixed shape: every tubelet gets a window of the same side S, pixels of the window
-    that fall outside the frame are sent to a scratch clip, and nothing waits for the device (no .item(), no
-    data-dependent shapes), so the launches do not depend on the batch."""
+    v(p) <- v(p) (1 - alpha) + patch(p) alpha."""
+    # a GPU wants a few fixed-shape launches and no host syncs; one CPU core wants the fewest pixels touched
+    if clip_1.device.type == "cpu":
+        return paste_exact_windows(clip_1, clip_2, tubelets)
+    return paste_fixed_windows(clip_1, clip_2, tubelets, side)
+
+
+def render_tubelets(source, tubelets, origin, width, height, shape=None, soft=None):
+    """Patch pixels and alpha of n tubelets in per-frame windows of width x height pixels (Eq. 5.3, Eq. 5.7).
+
+    source (n, C, H, W): the frame of clip 1 each patch is cut from; tubelets: (n, ...) tensors; origin (n, T, 2):
+    x, y of each window's top-left pixel. Returns patch (n, C, T, height, width), alpha (n, T, height, width).
+    Each window pixel p is mapped back into the patch, u = A_t^-1 (p - c_t), and read from clip 1 at
+    source_centre + u with one grid_sample for all tubelets and frames; alpha is the tubelet's shape at u.
+    shape, soft: Python numbers shared by the n tubelets (the CPU path: one distance, no torch.where), or None:
+    each tubelet's own, picked by torch.where (no host sync)."""
+    n, c, h, w = source.shape
+    t, device = origin.shape[1], source.device
+    # A^-1 in closed form, [[d, -b], [-c, a]] / (ad - bc): torch.linalg.inv would check for errors on the host
+    a00, a01, a10, a11 = tubelets["matrix"].flatten(-2).unbind(-1)  # each (n, T)
+    inverse = torch.stack([a11, -a01, -a10, a00], -1).view(n, t, 1, 1, 2, 2) / (a00 * a11 - a01 * a10).view(
+        n, t, 1, 1, 1, 1)  # (n, T, 1, 1, 2, 2)
+    # pixel x covers [x, x + 1), its centre is x + 0.5: at window pixel (j, i), p = origin + (j, i) + 0.5 and
+    # u = u_0 + j A^-1[:, 0] + i A^-1[:, 1] with u_0 = A^-1 (origin + 0.5 - c)
+    u0 = (inverse[:, :, 0, 0] @ (origin + 0.5 - tubelets["centres"])[..., None])[..., None, None, :, 0]  # (n,T,1,1,2)
+    cols = torch.arange(width, dtype=torch.float, device=device).view(width, 1)  # j
+    rows = torch.arange(height, dtype=torch.float, device=device).view(height, 1, 1)  # i
+    u = torch.addcmul(torch.addcmul(u0, cols, inverse[..., 0]), rows, inverse[..., 1])  # (n, T, height, width, 2)
+    to_source = 2 / torch.tensor([w, h], dtype=torch.float, device=device)  # pixels -> grid_sample's [-1, 1]
+    grid = (u + tubelets["source_centre"][:, None, None, None]) * to_source - 1  # align_corners=False convention
+    patch = F.grid_sample(source, grid.view(n, t * height, width, 2), align_corners=False)  # (n, C, T*h, w)
+    rx, ry = (u * (2 / tubelets["size"])[:, None, None, None]).abs_().unbind(-1)  # (n, T, h, w), 1 on the border
+    # distance from the centre of the shape: rectangle L_inf, ellipse L2, rhombus L1
+    if shape is not None:
+        dist = (torch.maximum, torch.hypot, torch.add)[shape](rx, ry)  # (n, T, h, w)
+    else:
+        shape = tubelets["shape"].view(n, 1, 1, 1)
+        dist = torch.where(shape == 0, torch.maximum(rx, ry), torch.where(shape == 1, torch.hypot(rx, ry), rx + ry))
+    # soft 1: hard edge; s < 1: alpha falls linearly from d = s to d = 1
+    if soft is not None:
+        alpha = ((1 - dist) / (1 - soft)).clamp_(0, 1) if soft < 1 else (dist < 1).float()
+    else:
+        soft = tubelets["soft"].view(n, 1, 1, 1)
+        alpha = torch.where(soft < 1, ((1 - dist) / (1 - soft).clamp_min(1e-6)).clamp(0, 1), (dist < 1).float())
+    return patch.view(n, c, t, height, width), alpha * tubelets["opacity"][:, :, None, None]
+
+
+def window_sides(tubelets):
+    """(B, M) side of the square window that holds a tubelet's transformed patch in every frame (+ rounding slack)."""
+    extent = (tubelets["matrix"].abs() @ (tubelets["size"] / 2)[:, :, None, :, None])[..., 0]  # (B, M, T, 2) half
+    return (2 * extent.amax(dim=(2, 3))).ceil().long() + 3
+
+
+def paste_exact_windows(clip_1, clip_2, tubelets):
+    """CPU path of paste_tubelets: the plain loop over samples and tubelets, each in a window of its own size
+    (window_sides, at most the frame's), rendered once for all frames and both clips. Each frame's window is moved
+    into the frame (alpha is exact at every pixel, so any window that holds the tubelet gives the same result), and
+    only the transformed patch's bounding box is blended, through slices; the rest stays in the input's dtype."""
+    b, c, t, h, w = clip_1.shape
+    # two outputs, not one stacked (2, B, ...) buffer: a fresh block over 32 MB costs page faults on every call
+    out_1, out_2 = clip_1.clone(), clip_2.clone()  # (B, C, T, H, W) each, the input's dtype
+    sides = window_sides(tubelets)  # (B, M)
+    frame = torch.tensor([w, h])
+    window = torch.minimum(sides[..., None], frame)  # (B, M, 2) window width, height
+    origin = tubelets["centres"].floor().long() - (sides // 2)[..., None, None]  # (B, M, T, 2) top-left pixel
+    origin = torch.minimum(origin.clamp(min=0), (frame - window)[:, :, None])  # moved into the frame
+    # per frame, the bounding box of the transformed patch (alpha is 0 outside it) in window coordinates
+    extent = (tubelets["matrix"].abs() @ (tubelets["size"] / 2)[:, :, None, :, None])[..., 0]  # (B, M, T, 2)
+    box_lo = ((tubelets["centres"] - extent).floor().long() - 1 - origin).clamp(min=0)  # (B, M, T, 2)
+    box_hi = torch.minimum((tubelets["centres"] + extent).ceil().long() + 1 - origin, window[:, :, None])
+    rounding = 0.5 if out_1.dtype == torch.uint8 else 0.0  # uint8: x + 0.5 truncated on assignment = x rounded
+    host = zip(window.tolist(), torch.cat([origin, box_lo, box_hi], -1).tolist(), tubelets["source_frame"].tolist(),
+               tubelets["shape"].tolist(), tubelets["soft"].tolist())
+    outs = (out_1.numpy(), out_2.numpy())  # the same memory; numpy slices cost a fraction of torch's per call
+    keys = ("matrix", "centres", "source_centre", "size", "opacity")
+    for i, (window_i, boxes_i, frames_i, shapes_i, softs_i) in enumerate(host):
+        for j, (sx, sy) in enumerate(window_i):  # tubelet j is pasted over tubelets 0 .. j - 1
+            tube = {k: tubelets[k][i, j, None] for k in keys}  # (1, ...)
+            source = clip_1[i, None, :, frames_i[j]].float()  # (1, C, H, W): the frame of the unpasted clip 1
+            # patch (1, C, T, Sy, Sx), alpha (1, T, Sy, Sx)
+            patch, alpha = render_tubelets(source, tube, origin[i, j, None], sx, sy, shapes_i[j], softs_i[j])
+            keep, add = (1 - alpha[0]).numpy(), (patch[0] * alpha[0]).add_(rounding).numpy()  # (T, ..), (C, T, ..)
+            for f, (x0, y0, x1, y1, x2, y2) in enumerate(boxes_i[j]):  # window origin, box in the window
+                if x1 < x2 and y1 < y2:
+                    keep_f, add_f = keep[f, y1:y2, x1:x2], add[:, f, y1:y2, x1:x2]  # (h', w'), (C, h', w')
+                    for out in outs:
+                        region = out[i, :, f, y0 + y1:y0 + y2, x0 + x1:x0 + x2]  # (C, h', w') view
+                        region[...] = region * keep_f + add_f  # v (1 - α) + patch α (+ 0.5: rounding)
+    return out_1, out_2
+
+
+def paste_fixed_windows(clip_1, clip_2, tubelets, side=None):
+    """GPU path of paste_tubelets: the loops over b and t become tensor dimensions, one pass per tubelet index m
+    of fixed shape: every tubelet gets a window of the same side S, window pixels outside the frame are sent to a
+    scratch clip, and nothing waits for the device (no .item(), no data-dependent shapes), so the launches do not
+    depend on the batch. side None: the exact largest (one host sync)."""
     b, c, t, h, w = clip_1.shape
     m = tubelets["size"].shape[1]
     side = int(window_sides(tubelets).max()) if side is None else side
@@ -271,7 +354,8 @@ def paste_tubelets(clip_1, clip_2, tubelets, side=None):
     for j in range(m):  # tubelet j of every sample is pasted over tubelets 0 .. j - 1
         tube = {k: v[:, j] for k, v in tubelets.items()}  # (B, ...)
         source = clip_1[samples, :, tube["source_frame"]].float()  # (B, C, H, W): the frame of the unpasted clip 1
-        origin, patch, alpha = render_windows(source, tube, side)  # (B, T, 2), (B, C, T, S, S), (B, T, S, S)
+        origin = tube["centres"].floor().long() - side // 2  # (B, T, 2) window's top-left pixel
+        patch, alpha = render_tubelets(source, tube, origin, side, side)  # (B, C, T, S, S), (B, T, S, S)
         y = origin[..., 1, None, None] + grid[:, None]  # (B, T, S, 1) frame row of each window row
         x = origin[..., 0, None, None] + grid[None, :]  # (B, T, 1, S) frame column of each window column
         inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)  # (B, T, S, S)
@@ -284,14 +368,6 @@ def paste_tubelets(clip_1, clip_2, tubelets, side=None):
             blended = blended.round_()  # within [0, 255]: a blend of two values in [0, 255]
         flat.index_copy_(1, index, blended.to(flat.dtype).view(2, -1))
     return buffer[0, :b], buffer[1, :b]
-
-
-def window_sides(tubelets):
-    """(B, M) side of the square window that holds a tubelet's transformed patch in every frame (+ rounding slack)."""
-    a = tubelets["matrix"].abs()  # (B, M, T, 2, 2)
-    half = tubelets["size"].unsqueeze(2) / 2  # (B, M, 1, 2)
-    extent = (a @ half.unsqueeze(-1)).squeeze(-1)  # (B, M, T, 2) half extent of the transformed box
-    return (2 * extent.amax(dim=(2, 3))).ceil().long() + 3
 
 
 def max_window_side(args, height, width):
@@ -307,47 +383,6 @@ def max_window_side(args, height, width):
     return min(math.ceil(norm * diagonal) + 3, 2 * max(height, width) + 3)
 
 
-def render_windows(source, tubelets, side):
-    """Patch pixels and alpha of n tubelets in per-frame windows of side S around their centres.
-
-    source (n, C, H, W): the frame of clip 1 the patches are cut from. tubelets: (n, ...) tensors.
-    Returns origin (n, T, 2) long (x, y of the window's top-left pixel), patch (n, C, T, S, S), alpha (n, T, S, S).
-    Each window pixel p is mapped back into the patch, u = A_t^{-1} (p - c_t), and sampled from clip 1 at
-    source_centre + u with one grid_sample for all tubelets and frames (Eq. 5.3 with the F(p, θ^t) of Eq. 5.7)."""
-    n, c, h, w = source.shape
-    t = tubelets["centres"].shape[1]
-    origin = tubelets["centres"].floor().long() - side // 2  # (n, T, 2)
-    # A^-1 in closed form, [[d, -b], [-c, a]] / (ad - bc): torch.linalg.inv would check for errors on the host
-    a00, a01, a10, a11 = tubelets["matrix"].flatten(-2).unbind(-1)  # each (n, T)
-    inverse = torch.stack([a11, -a01, -a10, a00], -1).view(n, t, 2, 2) / (a00 * a11 - a01 * a10)[..., None, None]
-    # positions are continuous (pixel x covers [x, x + 1), its centre is x + 0.5); window pixel centre
-    # p = origin + (j, i) + 0.5, and u = A_t^{-1} (p - c_t) is affine in (j, i): u_0 + j A^-1[:, 0] + i A^-1[:, 1]
-    u0 = (inverse @ (origin.float() + 0.5 - tubelets["centres"]).unsqueeze(-1)).squeeze(-1)  # (n, T, 2) u at (0, 0)
-    j = torch.arange(side, dtype=torch.float, device=source.device).view(1, 1, 1, side)  # window columns
-    i = j.view(1, 1, side, 1)  # window rows
-
-    def affine(scale, offset):  # (n, T, 2) per-axis factor and offset -> [x, y] of scale * u + offset, (n, T, S, S)
-        k = lambda v: v[..., None, None]
-        return [k(offset[..., a] + scale[..., a] * u0[..., a]) + k(scale[..., a] * inverse[..., a, 0]) * j
-                + k(scale[..., a] * inverse[..., a, 1]) * i for a in (0, 1)]
-
-    to_source = 2 / torch.tensor([w, h], dtype=torch.float, device=source.device)  # pixels -> [-1, 1]
-    source_0 = tubelets["source_centre"] * to_source - 1  # (n, 2), grid_sample's align_corners=False convention
-    grid = torch.stack(affine(to_source.expand(n, t, 2), source_0[:, None].expand(n, t, 2)), -1)  # (n, T, S, S, 2)
-    patch = F.grid_sample(source, grid.view(n, t * side, side, 2), mode="bilinear", padding_mode="zeros",
-                          align_corners=False)  # (n, C, T*S, S)
-    patch = patch.view(n, c, t, side, side)  # (n, C, T, S, S)
-    zero = torch.zeros(n, t, 2, device=source.device)
-    rx, ry = (v.abs_() for v in affine(2 / tubelets["size"][:, None].expand(n, t, 2), zero))  # each (n, T, S, S)
-    # |u| / half-size per axis, 1 on the patch border; the distance from the centre of each tubelet's shape is
-    # chosen per tubelet with torch.where (no grouping by shape): rectangle L_inf, ellipse L2, rhombus L1
-    shape = tubelets["shape"].view(n, 1, 1, 1)
-    dist = torch.where(shape == 0, torch.maximum(rx, ry), torch.where(shape == 1, torch.hypot(rx, ry), rx + ry))
-    soft = tubelets["soft"].view(n, 1, 1, 1)  # 1: hard edge; s < 1: alpha falls linearly from d = s to d = 1
-    alpha = torch.where(soft < 1, ((1 - dist) / (1 - soft).clamp_min(1e-6)).clamp(0, 1), (dist < 1).float())
-    return origin, patch, alpha * tubelets["opacity"][:, :, None, None]
-
-
 class TubeletCollate:
     """--tubelet-device cpu: collate, then make the pairs in the loader worker ("clip_q", "clip_k")."""
 
@@ -361,8 +396,6 @@ class TubeletCollate:
 
 
 # ============================================================================ TUBELET MOTION (Sec. 5.3.3, Eq. 5.5-5.6)
-
-
 def sample_keyframes(n, clip_len, num_keyframes, device=None, generator=None):
     """(n, K) sorted frame indices: 0, T - 1 and K - 2 distinct random inner frames (Sec. 5.3.3 / 5.3.4)."""
     first = torch.zeros(n, 1, dtype=torch.long, device=device)
@@ -423,8 +456,6 @@ def nonlinear_paths(n, clip_len, height, width, args, device=None, generator=Non
 
 
 # ======================================================================== TUBELET TRANSFORMATION (Sec. 5.3.4, Eq. 5.7)
-
-
 def transform_matrices(n, clip_len, args, device=None, generator=None):
     """Eq. (5.7): scale / rotation / shear parameters θ at K keyframes, identity at the first frame, linear in
     between. Returns A (n, T, 2, 2) mapping patch offsets to frame offsets, and the parameters for inspection."""
@@ -457,8 +488,6 @@ def transform_matrices(n, clip_len, args, device=None, generator=None):
 
 
 # ============================================================================= TEMPORAL CONTRAST BASELINE (Sec. 5.3.1)
-
-
 def temporal_pairs(video):
     """Temporal-contrast baseline (Sec. 5.3.1): two temporal crops of the same video, (B, 2, C, T, H, W)."""
     if video.dim() != 6 or video.shape[1] != 2:
@@ -468,8 +497,6 @@ def temporal_pairs(video):
 
 
 # ==================================================================================================== AUGMENTATION
-
-
 # RGB <-> YIQ (NTSC): Y is luma, (I, Q) the chroma plane; a hue shift is a rotation of (I, Q), saturation its scale
 RGB_TO_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]])
 
@@ -525,8 +552,6 @@ def make_prepare(args):
 
 
 # ==================================================================================================== MOCO (Sec. 5.4.1)
-
-
 class MoCo(nn.Module):
     """Momentum contrast (He et al., CVPR 2020) as used in Sec. 5.4.1.
 
@@ -578,8 +603,6 @@ class MoCo(nn.Module):
 
 
 # ==================================================================================================== LOSS (Eq. 5.1)
-
-
 def info_nce(z_v, z_v_prime, negatives, tau):
     """InfoNCE of Eq. (5.1), in the paper's notation: h(a, b) = exp(a·b / τ), N = the negative embeddings.
 
@@ -595,8 +618,6 @@ def info_nce(z_v, z_v_prime, negatives, tau):
 
 
 # ==================================================================================================== TRAIN STEP
-
-
 @torch.no_grad()
 def batch_accuracy(z_q, z_k, args):
     """In-batch instance discrimination: is k_i the closest of the batch's keys to q_i (chance 1/(B-1) with
@@ -635,8 +656,6 @@ def make_train_step(model, optimizer, run, args, prepare):
 
 
 # ==================================================================================================== MAIN
-
-
 def build_model(args):
     """Backbone (query encoder) + MoCo around it. The pretraining BN eps is the backbone's default (see README)."""
     backbone = common.build_backbone(args.arch)
@@ -671,85 +690,41 @@ def build_sets(args, run):
     return train, knn_sets
 
 
-def visualize(args, run, train_set):
-    """--visualize N: N positive pairs of real training clips, before colour jitter, as PNG + GIF; then exit."""
-    n = max(args.visualize, 2)
-    video = torch.stack([train_set[i]["video"] for i in range(n)])  # (N, C, T, H, W) uint8
-    if args.baseline == "temporal":
-        clip_q, clip_k = temporal_pairs(video)
-    else:
-        clip_q, clip_k, _ = tubelet_pairs(video.float(), args)
-    for path in save_visualization(clip_q.float(), clip_k.float(), run.out_dir, args.visualize):
-        run.print("wrote", path)
-
-
 def save_visualization(clip_q, clip_k, out_dir, num_pairs):
     """--visualize N: PNG grid (rows: clip 1 and clip 2 of each pair, columns: frames) and an animated GIF.
 
     clip_q, clip_k (B, C, T, H, W) in [0, 255], before colour jitter and normalisation. Returns the written paths."""
-    import os
-
     from PIL import Image
     from torchvision.utils import make_grid
 
     n, t = min(num_pairs, clip_q.shape[0]), clip_q.shape[2]
-    rows = torch.stack([clip_q[:n], clip_k[:n]], dim=1).flatten(0, 1)  # (2N, C, T, H, W): pair i = rows 2i, 2i + 1
-    frames = rows.permute(0, 2, 1, 3, 4).flatten(0, 1) / 255  # (2N * T, C, H, W)
-    grid = make_grid(frames, nrow=t, padding=2, pad_value=1.0)  # (C, H', W')
-    to_image = lambda x: Image.fromarray((x.clamp(0, 1) * 255).byte().permute(1, 2, 0).cpu().numpy())
+    rows = torch.stack([clip_q[:n], clip_k[:n]], dim=1).flatten(0, 1) / 255  # (2N, C, T, H, W): pair i = 2i, 2i + 1
+    to_image = lambda x, nrow: Image.fromarray((make_grid(x.cpu(), nrow=nrow, padding=2, pad_value=1.0).clamp(0, 1)
+                                                * 255).byte().permute(1, 2, 0).numpy())  # noqa: E731
     png, gif = os.path.join(out_dir, "tubelet_pairs.png"), os.path.join(out_dir, "tubelet_pairs.gif")
-    to_image(grid).save(png)
-    movie = [to_image(make_grid(rows[:, :, f] / 255, nrow=2, padding=2, pad_value=1.0)) for f in range(t)]
+    to_image(rows.transpose(1, 2).flatten(0, 1), t).save(png)  # (2N * T, C, H, W): one row of frames per clip
+    movie = [to_image(rows[:, :, f], 2) for f in range(t)]  # one image per frame: the two clips of a pair side by side
     movie[0].save(gif, save_all=True, append_images=movie[1:], duration=150, loop=0)
     return png, gif
 
 
-def benchmark(args, run, model, train_step, steps=10, warmup=3):
-    """--benchmark: synthetic uint8 clips already on the device, no decoding: the model-only samples/s ceiling."""
-    import time
-
-    b = args.batch_size // run.world_size
-    shape = (b, 2, 3, args.clip_len, args.crop_size, args.crop_size) if args.baseline == "temporal" else \
-        (b, 3, args.clip_len, args.crop_size, args.crop_size)
-    video = torch.randint(0, 256, shape, dtype=torch.uint8, device=run.device)
-    model.train()
-    for i in range(warmup + steps):
-        if i == warmup:
-            if run.device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-        train_step({"video": video})
-    if run.device.type == "cuda":
-        torch.cuda.synchronize()
-    rate = steps * args.batch_size / (time.perf_counter() - start)
-    run.print(f"benchmark: {rate:.1f} samples/s (model only, synthetic {tuple(shape)} per process, "
-              f"{run.world_size} process(es), {run.device.type}, amp {run.amp_dtype}, tubelets on "
-              f"{'the device' if args.baseline == 'none' else 'none'})")
-    return rate
-
-
 @torch.no_grad()
 def heldout_pair_accuracy(model, loader, args, run, seed=1234):
-    """Instance discrimination on held-out pairs: tubelet pairs made from the kNN val clips with a fixed seed (the
-    same pairs for every model), query encoder on clip 1, key encoder on clip 2, eval mode; batch_accuracy per
-    batch (chance 1/(B-1)), averaged over batches. Returns (accuracy %, chance %)."""
-    generator = torch.Generator(device=run.device).manual_seed(seed)
-    was_training = model.training
+    """Instance discrimination on held-out pairs made from the kNN val clips with a fixed seed (the same pairs for
+    every model): query encoder on clip 1, key encoder on clip 2, eval mode, batch_accuracy (chance 1/(B-1)) averaged
+    over batches. Returns (accuracy %, chance %)."""
+    generator, was_training = torch.Generator(device=run.device).manual_seed(seed), model.training
     model.eval()
-    hits, chance, batches = 0.0, 0.0, 0
-    for batch in loader:
-        video = batch["video"].to(run.device)
-        if video.shape[0] < 3:
-            continue
-        clip_q, clip_k, _ = tubelet_pairs(video.float(), args, generator)
-        clip_q, clip_k = common.normalize(clip_q / 255), common.normalize(clip_k / 255)
-        z_q = F.normalize(model.head(model.backbone(clip_q)), dim=1)  # (B, D)
-        z_k = F.normalize(model.head_k(model.backbone_k(clip_k)), dim=1)  # (B, D)
-        hits += batch_accuracy(z_q, z_k, argparse.Namespace(baseline="none")).item()
-        chance += 1 / (video.shape[0] - 1)
-        batches += 1
+    hits, chance = [], []
+    for video in (batch["video"].to(run.device) for batch in loader):
+        if video.shape[0] >= 3:
+            clip_q, clip_k, _ = tubelet_pairs(video.float(), args, generator)
+            z_q = F.normalize(model.head(model.backbone(common.normalize(clip_q / 255))), dim=1)  # (B, D)
+            z_k = F.normalize(model.head_k(model.backbone_k(common.normalize(clip_k / 255))), dim=1)  # (B, D)
+            hits.append(batch_accuracy(z_q, z_k, argparse.Namespace(baseline="none")).item())
+            chance.append(1 / (video.shape[0] - 1))
     model.train(was_training)
-    return 100 * hits / batches, 100 * chance / batches
+    return 100 * sum(hits) / len(hits), 100 * sum(chance) / len(chance)
 
 
 def main_worker(args):
@@ -763,18 +738,17 @@ def main_worker(args):
     random_model = build_model(args)[1]
     random_model.load_state_dict(model.state_dict())
     optimizer = torch.optim.SGD(model.query_parameters(), lr=args.lr, momentum=0.9, weight_decay=args.wd)
-    prepare = make_prepare(args)
-    if args.tubelet_device == "cpu" and run.device.type != "cpu" and args.baseline == "none":
-        collate = TubeletCollate(args)
-    else:
-        collate = None
-    train_step = make_train_step(ddp_model, optimizer, run, args, prepare)
-    if args.benchmark:
-        return benchmark(args, run, ddp_model, train_step)
+    train_step = make_train_step(ddp_model, optimizer, run, args, make_prepare(args))
     train_set, knn_sets = build_sets(args, run)
-    if args.visualize:
-        return visualize(args, run, train_set)
-    loader = common.build_loader(train_set, args, run, train=True, collate_fn=collate)
+    if args.visualize:  # N pairs of real training clips, before colour jitter; then exit
+        video = torch.stack([train_set[i]["video"] for i in range(max(args.visualize, 2))])  # (N, C, T, H, W)
+        pairs = temporal_pairs(video) if args.baseline == "temporal" else tubelet_pairs(video.float(), args)[:2]
+        for path in save_visualization(*pairs, run.out_dir, args.visualize):
+            run.print("wrote", path)
+        return None
+    workers_pair = args.tubelet_device == "cpu" and run.device.type != "cpu" and args.baseline == "none"
+    loader = common.build_loader(train_set, args, run, train=True,
+                                 collate_fn=TubeletCollate(args) if workers_pair else None)
     knn = None
     if knn_sets is not None:
         knn_loaders = [common.build_loader(s, args, run, train=False) for s in knn_sets]
@@ -785,13 +759,12 @@ def main_worker(args):
                         knn=knn if args.knn_every else None)
     if run.world_size > 1:  # keys are gathered before enqueueing: every process must hold the same queue
         queues = common.all_gather_nograd(model.queue[None])  # (world, K, D)
-        diff = (queues - queues[:1]).abs().max().item()
         run.print(f"queue: {run.world_size} processes, pointer {model.queue_ptr.item()}, largest difference "
-                  f"between processes {diff:.3g}")
-    if knn is not None:
-        trained = common.knn_monitor(backbone, input_fn, *knn_loaders, run=run)
+                  f"between processes {(queues - queues[:1]).abs().max().item():.3g}")
+    if knn is not None:  # the toy run's report: pretrained against the same network at random init
         random_model = random_model.to(run.device)
-        random_init = common.knn_monitor(random_model.backbone, input_fn, *knn_loaders, run=run)
+        trained, random_init = (common.knn_monitor(m.backbone, input_fn, *knn_loaders, run=run)
+                                for m in (model, random_model))
         trained["pair_acc"], chance = heldout_pair_accuracy(model, knn_loaders[1], args, run)
         random_init["pair_acc"], _ = heldout_pair_accuracy(random_model, knn_loaders[1], args, run)
         run.print(f"held-out tubelet pairs ({args.dataset_name} val, instance discrimination within a batch): "
@@ -801,21 +774,18 @@ def main_worker(args):
                   f"{trained['knn_top1']:.1f} %, random init (same arch, seed {args.seed}) "
                   f"{random_init['knn_top1']:.1f} %; 1-NN: {trained['nn1_top1']:.1f} % vs "
                   f"{random_init['nn1_top1']:.1f} %")
-        common.write_json_atomic(os.path.join(run.out_dir, "knn.json") if run.is_main else os.devnull,
-                                 {"pretrained": trained, "random_init": random_init, "pair_chance": chance,
-                                      "step": result["step"]}) \
-            if run.is_main else None
+        if run.is_main:
+            common.write_json_atomic(os.path.join(run.out_dir, "knn.json"), {
+                "pretrained": trained, "random_init": random_init, "pair_chance": chance, "step": result["step"]})
     return result
 
 
-# Toy defaults (measured in README "Learning on toy data"): tiny3d at 48x48x8 learns the pairs in ~2,000 steps of
-# batch 16 at the paper's lr 0.01; momentum 0.99 because 2,000 steps are short for m = 0.999.
+# Toy defaults: tiny3d at 48x48x8 learns the pairs in ~2,000 steps of batch 16 at the paper's lr 0.01; momentum
+# 0.99 because 2,000 steps are short for m = 0.999.
 TOY_DEFAULTS = dict(crop_size=48, clip_len=8, moco_momentum=0.99, epochs=160, batch_size=16, workers=1,
                     knn_every=40, sync_bn=True)
-
-
-# Sec. 5.4.1; batch 128 on Kinetics-400, 32 otherwise; SyncBN on multi-GPU runs as the authors' config; no kNN
-# monitor (a kNN pass over Kinetics every epoch costs more than the epoch).
+# Sec. 5.4.1; batch 128 on Kinetics-400, 32 otherwise (set in parse_args); no kNN monitor (a kNN pass over
+# Kinetics every epoch costs more than the epoch).
 PAPER_DEFAULTS = dict(clip_len=16, moco_momentum=0.999, lr=0.01, epochs=100, wd=1e-4, schedule="cosine",
                       knn_every=0, sync_bn=True)
 
@@ -831,14 +801,12 @@ def parse_args(argv=None):
     parser.set_defaults(lr=0.01, wd=1e-4, schedule="cosine", epochs=None, batch_size=None, knn_every=None)
     parser.epilog = (f"--data toy (the default) is toy-motion (short side 64, 16-40 frames, 192 train / 64 val "
                      f"videos) with toy defaults for a few CPU minutes: {TOY_DEFAULTS}, unless given on the command "
-                     f"line. Real data "
-                     f"keeps the paper's: r2plus1d_18, 16x112², batch 128 (k400) / 32, queue 65536 (k400) / 16384, "
-                     f"lr 0.01, 100 epochs, cosine, SyncBN on multi-GPU runs.")
+                     f"line. Real data keeps the paper's: r2plus1d_18, 16x112², batch 128 (k400) / 32, queue 65536 "
+                     f"(k400) / 16384, lr 0.01, 100 epochs, cosine, SyncBN on multi-GPU runs.")
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    # ---- derived values: toy vs paper defaults, the dataset name, then the method's own (finalize_method_args)
     toy = args.data == "toy" or args.data.startswith("toy")
-    common.fill_defaults(args, TOY_DEFAULTS if toy else dict(PAPER_DEFAULTS, batch_size=128 if args.data == "k400"
-                                                             else 32))
+    paper = dict(PAPER_DEFAULTS, batch_size=128 if args.data == "k400" else 32)
+    common.fill_defaults(args, TOY_DEFAULTS if toy else paper)
     args.dataset_name = "toy-motion" if args.data == "toy" else args.data
     args.data_root = args.data_root or os.path.join("data", args.dataset_name)
     return args
