@@ -961,7 +961,8 @@ def classification_task(run, args, arrow=False):
     select_set = (test_set if args.select_on_test else  # crossdomain: the source's own val split (Sims4Action: S7)
                   build_split(args, "val", train=False) if args.task == "crossdomain" else
                   torch.utils.data.Subset(train_eval, val_idx) if val_idx is not None else None)
-    sizes = {"train": len(train_set), "val": len(select_set or ()), "test": len(test_set)}
+    sizes = {"train": len(train_set), "val": 0 if args.select_on_test else len(select_set or ()),  # held out
+             "test": len(test_set)}
     protocol = describe_protocol(args, source, sizes, num_classes)
     run.print(protocol)
     pretrained_on = checkpoint_meta(args.weights, args.trust_checkpoint).get("args", {}).get("data")

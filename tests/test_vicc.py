@@ -382,8 +382,9 @@ def test_evaluate_reads_flow_streams_as_vicc_trains_them(tmp_path, monkeypatch):
     import evaluate as ev
 
     calls = []
-    flow_transform = ev.flow_transform
-    monkeypatch.setattr(ev, "flow_transform", lambda item, **kw: calls.append(1) or flow_transform(item, **kw))
+    clip_transform = ev.clip_transform
+    monkeypatch.setattr(ev, "clip_transform", lambda item, **kw: calls.append(kw["to_input"]) or
+                        clip_transform(item, **kw))
 
     root = tmp_path / "toy-motion-flow"
     common.make_toy_motion_flow(str(root), train_per_class=2, val_per_class=1)
@@ -393,8 +394,9 @@ def test_evaluate_reads_flow_streams_as_vicc_trains_them(tmp_path, monkeypatch):
     result = ev.main(["--task", "knn", "--data", "toy-motion-flow", "--data-root", str(root), "--weights",
                       str(tmp_path / "backbone.pth"), "--workers", "0", "--out-dir", str(tmp_path / "eval")])
     assert result["sizes"] == {"train": 16, "val": 0, "test": 8} and 0 <= result["metrics"]["nn1_acc"] <= 100
-    assert len(calls) == 24  # every video read as flow: the checkpoint's meta says modality flow
-    item = ev.flow_transform({"flow": torch.full((2, 8, 64, 64), 20.0)}, train=False, crop=56, short_side=64)
+    assert calls == ["flow_image"] * 24  # every video read as flow: the checkpoint's meta says modality flow
+    item = ev.clip_transform({"flow": torch.full((2, 8, 64, 64), 20.0)}, key="flow", to_input="flow_image",
+                             train=False, crop=56, short_side=64)
     assert item["flow"].shape == (3, 8, 56, 56)  # u, v at +20 px -> byte 255 -> (1 - mean) / std
     torch.testing.assert_close(item["flow"][0], torch.full((8, 56, 56), (1 - common.KINETICS_MEAN[0]) /
                                                            common.KINETICS_STD[0]))
