@@ -358,13 +358,15 @@ def test_show_prototypes_writes_the_fullest_prototypes(tmp_path):
         assert img.size == (8 * 50 + 2, 3 * 50 + 2)
 
 
-def test_user_errors_are_one_line_before_anything_is_written(tmp_path):
+def test_user_errors_are_one_line_before_anything_is_written(tmp_path, capsys):
+    """phlvc.main() in this process: the same launch / exit-2 path as the command line, without an interpreter."""
     for argv, expected in ((["--data", "k400-pose", "--video-input", "depth"], "error: phlvc.py --video-input: "
                             "expected rgb"), (["--data", "sims"], "error: phlvc.py --data: expected toy")):
-        out = subprocess.run([sys.executable, os.path.join(ROOT, "phlvc.py"), *argv, "--out-dir", str(tmp_path / "r")],
-                             cwd=ROOT, capture_output=True, text=True, timeout=120)
-        assert out.returncode == 2 and out.stderr.startswith(expected), out.stderr
-        assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+        with pytest.raises(SystemExit) as stop:
+            phlvc.main([*argv, "--out-dir", str(tmp_path / "r")])
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and err.startswith(expected), err
+        assert len(err.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
 
 
 # ------------------------------------------------------------------------------------------- cross-domain layouts

@@ -703,13 +703,15 @@ def test_script_compile_runs_on_cpu(tmp_path):
     assert "backbone.stem.0.weight" in ckpt["model"] or any(k.startswith("backbone.") for k in ckpt["model"])
 
 
-def test_script_user_errors_are_one_line_before_anything_is_built(tmp_path):
+def test_script_user_errors_are_one_line_before_anything_is_built(tmp_path, capsys):
+    """The script's main() in this process (the same launch / exit-2 path as the command line, no interpreter)."""
     for argv, expected in ((["--data", "k4000"], "error: --data: expected one of toy-motion"),
                            (["--transform", "zoom"], "error: tubelet_contrast.py: expected --transform in none")):
-        out = subprocess.run([sys.executable, SCRIPT, *argv, "--out-dir", str(tmp_path / "run")], cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
-        assert out.returncode == 2 and out.stdout == "" and out.stderr.startswith(expected), out.stderr
-        assert len(out.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
+        with pytest.raises(SystemExit) as stop:
+            tc.main([*argv, "--out-dir", str(tmp_path / "run")])
+        out = capsys.readouterr()
+        assert stop.value.code == 2 and out.out == "" and out.err.startswith(expected), out.err
+        assert len(out.err.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 def test_train_step_makes_no_host_sync(monkeypatch, tmp_path):
