@@ -2315,8 +2315,11 @@ def _skeleton_set(root, split, convert, **kwargs):
 
 
 def sample_labels(ds):
-    """The labels of a dataset's samples in order: (N,) class indices, or (N, C) multi-hot (Charades)."""
-    return ds.labels[ds.indices] if hasattr(ds, "indices") else [x[1] for x in ds.samples]
+    """The labels of a dataset's samples in order, nothing decoded: (N,) class indices, or (N, C) multi-hot
+    (Charades). Skeleton / paired sets keep .labels and .indices; video sets (path, label, ...) samples."""
+    if hasattr(ds, "indices"):
+        return np.asarray(ds.labels)[np.asarray(ds.indices)]
+    return np.stack([np.asarray(x[1]) for x in ds.samples]) if ds.samples else np.zeros(0, dtype=np.int64)
 
 
 def stratified_subset(labels, fraction=1.0, per_class=None, seed=0):

@@ -795,16 +795,6 @@ class AllClips(torch.utils.data.Dataset):
                 "label": torch.tensor(ds.labels[ds.indices[i]]), "index": torch.tensor(i)}
 
 
-def dataset_labels(dataset):
-    """Labels of every sample without decoding anything: (N,) ints or (N, C) multi-hot."""
-    if hasattr(dataset, "labels") and hasattr(dataset, "indices"):  # skeleton arrays
-        return np.asarray(dataset.labels)[np.asarray(dataset.indices)]
-    if hasattr(dataset, "samples"):  # (path, label) lists
-        return np.stack([np.asarray(label) for _, label in dataset.samples])
-    raise TypeError(f"evaluate.py: cannot read the labels of {type(dataset).__name__} (expected .samples or "
-                    f".labels/.indices)")
-
-
 # ==================================================================================================== PROTOCOLS
 # ---------------------------------------------------------------------------------------------- inference
 @torch.no_grad()
@@ -948,7 +938,7 @@ def classification_task(run, args, arrow=False):
     train_eval = build_split(args, "train", train=False)
     test_set = build_split(args, "test", train=False)
     num_classes = 2 if arrow else train_full.num_classes
-    labels = dataset_labels(train_full)
+    labels = common.sample_labels(train_full)
     train_idx, val_idx = np.arange(len(labels)), None
     if not args.select_on_test and args.val_fraction > 0 and args.task != "crossdomain":
         train_idx, val_idx = train_val_split(labels, args.val_fraction, seed=args.seed)
