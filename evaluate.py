@@ -86,7 +86,7 @@ def _opt(optimizer, batch, lr, epochs, milestones, wd=0.0, momentum=0.9):
 
 
 VIDEO = dict(modality="video", frames=32, stride=1, crop=112, short_side=128, crop_scale=(0.08, 1.0), flip=True,
-             jitter=True, test_clips=10, metric="top1", dropout=0.0)
+             jitter=(0.4, 0.4, 0.4, 0.2), test_clips=10, metric="top1", dropout=0.0)
 SKELETON = dict(modality="skeleton", frames=64, stride=1, test_clips=1, metric="top1", dropout=0.0,
                 linear=_opt("sgd", 64, 0.1, 80, [50, 70]), fewshot=_opt("adam", 64, 1e-4, 50, [30, 40]),
                 finetune=_opt("adam", 64, 1e-4, 50, [30, 40]), transfer=_opt("adam", 64, 1e-4, 50, [30, 40]))
@@ -226,10 +226,12 @@ def get_parser():
     g.add_argument("--save-logits", action="store_true", help="also write logits.pth (train and test logits, "
                    "eval transform; --task knn: gallery and query features) for --task fusion")
     g = parser.add_argument_group("label efficiency (fewshot)")
-    g.add_argument("--protocol", dest="protocol_name", default="dataset", choices=["dataset", "ch2", "coclr"],
+    g.add_argument("--protocol", dest="protocol_name", default="dataset", choices=["dataset", "ch2", "coclr", "phlvc"],
                    help="dataset = the --data entry of PROTOCOLS (whole network; UCF/Gym 10^3: thesis Table C.4); "
                    "ch2 = thesis Sec. 2.4.3: only fc + the last block trained, SGD 0.1, wd 1e-3, batch 128, 100 "
-                   "epochs; coclr = CoCLR / ViCC linear (L2 + BN + linear) and finetune (dropout 0.9) at 32x128²")
+                   "epochs; coclr = CoCLR / ViCC linear (L2 + BN + linear) and finetune (dropout 0.9) at 32x128²; "
+                   "phlvc = P-HLVC supp. Sec. 7.6 finetune (Table 6 augmentation, 10 random test crops, "
+                   "dropout-ReLU-linear head)")
     g.add_argument("--per-class", type=int, default=None, help="N labelled examples per class (thesis Ch. 2: 20, 50, "
                    "100 with --protocol ch2)")
     g.add_argument("--label-fraction", type=float, default=None, help="stratified fraction of labels (Ch. 3: 0.01, "
@@ -602,9 +604,9 @@ class Classifier(nn.Module):
     its pretrained statistics (the SEVERE linear code trains in train mode and keeps torchvision's 400-way fc).
     trainable="layer4" (--protocol ch2) trains only that block of the backbone; the rest is frozen and in eval mode."""
 
-    def __init__(self, backbone, num_outputs, frozen, dropout=0.0, trainable=None, l2_bn=False):
+    def __init__(self, backbone, num_outputs, frozen, dropout=0.0, trainable=None, l2_bn=False, relu=False):
         super().__init__()
-        self.backbone, self.frozen, self.trainable = backbone, frozen, trainable
+        self.backbone, self.frozen, self.trainable, self.relu = backbone, frozen, trainable, relu
         # --protocol coclr probe (CoCLR / ViCC LinearClassifier): L2-normalised features -> BatchNorm1d -> fc
         self.bn = nn.BatchNorm1d(backbone.feature_dim) if l2_bn else None
         self.backbone.requires_grad_(not frozen and trainable is None)
@@ -628,6 +630,8 @@ class Classifier(nn.Module):
             features = self.backbone(x)  # (N, D)
         if self.bn is not None:
             features = self.bn(F.normalize(features, dim=1))  # (N, D)
+        features = F.relu(features) if self.relu else features  # --protocol phlvc: dropout-ReLU-linear (P-HLVC
+        # supp. Sec. 7.3); ReLU before dropout is the same function (dropout's mask and scale commute with ReLU)
         return self.fc(self.dropout(features))  # (N, C)
 
 
@@ -701,27 +705,43 @@ def build_encoder(args):
 
 
 # ==================================================================================================== DATA
-def clip_transform(item, key, to_input, train, crop, short_side, crop_scale=(0.08, 1.0), flip=True, jitter=True,
-                   channels=3):
+def clip_transform(item, key, to_input, train, crop, short_side, crop_scale=(0.08, 1.0), flip=True,
+                   jitter=(0.4, 0.4, 0.4, 0.2), channels=3, ratio=(3 / 4, 4 / 3), test_crop=None):
     """item[key]: RGB uint8, flow (pixels) or depth (metres), (C, T, H, W) or (K, C, T, H, W) -> the network input,
     crop x crop (App. B.2.1 / SEVERE-BENCHMARK). Train: RandomResizedCrop (scale 0.08-1; the thesis calls it a
     "multi-scale crop"), flip (negating flow's u), colour jitter (0.4, 0.4, 0.4, 0.2) on every RGB clip as the SEVERE
-    code. Test: short side to short_side, centre crop. to_input: "rgb" normalised; "flow_image" the CoCLR / ViCC flow
-    image (u, v, 128) normalised like RGB (vicc.py's input); "depth" / "flow" common.depth_to_input / flow_to_input
-    (crossmodal_distill.py's student on paired sets)."""
+    code; jitter: (brightness, contrast, saturation, hue) or False. Test: short side to short_side, centre crop, or
+    test_crop = (p, side, area): phlvc_test_crop (--protocol phlvc). to_input: "rgb" normalised; "flow_image" the
+    CoCLR / ViCC flow image (u, v, 128) normalised like RGB (vicc.py's input); "depth" / "flow"
+    common.depth_to_input / flow_to_input (crossmodal_distill.py's student on paired sets)."""
     x = item[key]
     if train:
-        x = common.random_resized_crop_clip(x, crop, scale=crop_scale)
+        x = common.random_resized_crop_clip(x, crop, scale=crop_scale, ratio=ratio)
         if flip:
             x = common.horizontal_flip(x, p=0.5, flow=key == "flow")
         if jitter and key == "video":
-            x = common.color_jitter(x, 0.4, 0.4, 0.4, 0.2, p=1.0)
+            x = common.color_jitter(x, *jitter, p=1.0)
+    elif test_crop:
+        x = phlvc_test_crop(x, crop, *test_crop)
     else:
         x = common.resized_center_crop(x, short_side, crop)
     item[key] = (common.normalize(x) if to_input == "rgb" else common.normalize(common.flow_image(x))
                  if to_input == "flow_image" else common.depth_to_input(x, channels) if to_input == "depth" else
                  common.flow_to_input(x))
     return item
+
+
+def phlvc_test_crop(x, crop, p_centre, side, min_area):
+    """P-HLVC supp. Sec. 7.6 test crops, per clip: with probability p_centre the centre square of `side` x the short
+    side (theirs: 130 of frames scaled to 224), else a random square of >= min_area of the frame's area; -> crop²
+    (theirs: 128). Difference: one antialiased bilinear resize (the authors' code: nearest to 224, then bilinear).
+    (..., C, T, H, W) -> (..., C, T, crop, crop)"""
+    clips = x.reshape(-1, *x.shape[-4:])  # (N, C, T, H, W)
+    box = round(side * min(x.shape[-2:]))
+    out = [common.resized_center_crop(common.center_crop(c, box), crop, crop) if centre else
+           common.random_resized_crop_clip(c, crop, scale=(min_area, 1.0), ratio=(1.0, 1.0))
+           for c, centre in zip(clips, (torch.rand(len(clips)) < p_centre).tolist())]  # N x (C, T, crop, crop)
+    return torch.stack(out).reshape(*x.shape[:-2], crop, crop)
 
 
 def skeleton_transform(item, train, frames, center, skelemotion=False):
@@ -766,9 +786,10 @@ def build_split(args, split, train, augment=True):
     transform = functools.partial(clip_transform, key=p["modality"], to_input=p["modality"] if paired else
                                   "flow_image" if p["modality"] == "flow" else "rgb", train=train and augment,
                                   crop=p["crop"], short_side=p["short_side"], crop_scale=p["crop_scale"],
-                                  flip=p["flip"], jitter=p["jitter"], channels=args.options.get("in_channels", 3))
+                                  flip=p["flip"], jitter=p["jitter"], channels=args.options.get("in_channels", 3),
+                                  **{k: p[k] for k in ("ratio", "test_crop") if k in p})  # --protocol phlvc
     sampling = (("spread" if train else "spread-centre") if args.task == "arrow-of-time" and not paired else
-                "random" if train else "uniform")  # App. B.2.4
+                "random" if train or p.get("test_crop") else "uniform")  # App. B.2.4; P-HLVC: random test clips
     target = args.task == "crossdomain" and split == "test"  # the other domain's videos, mapped classes
     ds = common.build_dataset(args.target if target else args.data, args.target_root if target else args.data_root,
                               split, clip_len=args.frames, frame_strides=(p["stride"],),
@@ -961,7 +982,8 @@ def classification_task(run, args, arrow=False):
                   + (" (WARNING: source and target are the same dataset)" if pretrained_on == args.data else ""))
     model = Classifier(backbone, num_classes, frozen=args.task == "linear", dropout=args.protocol["dropout"],
                        trainable=last_block(args.arch)[1] if args.protocol_name == "ch2" else None,
-                       l2_bn=args.protocol_name == "coclr" and args.task == "linear")
+                       l2_bn=args.protocol_name == "coclr" and args.task == "linear",
+                       relu=args.protocol_name == "phlvc")
     selection = train_and_select(run, args, model, train_set, select_set, num_classes, multilabel, arrow)
     test = predict(model, test_set, args, run, multilabel, arrow)
     metrics = classification_metrics(test, num_classes, multilabel)
@@ -1651,6 +1673,15 @@ def apply_protocol(args):
         # input size. Differences: colour jitter as SEVERE's (p 1), one lr (their backbone lr / 10 by default)
         p = args.protocol = dict(p, dropout=0.9 if args.task == "finetune" else 0.0, **({} if args.data.startswith(
             "toy") else dict(frames=32, crop=128, short_side=146, crop_scale=(0.2, 1.0))))
+    elif args.protocol_name == "phlvc":  # P-HLVC supp. Sec. 7.6: optimiser not given; the authors' transfer.py CLI
+        # defaults (unverified as the paper's): Adam lr 1e-3 x --fine_tuning 0.1 for backbone AND head, wd 1e-3, 250
+        # epochs, x0.1 at [30, 50, 100, 150], dropout 0.5. Batch not given (their default 1): 32 as --protocol coclr
+        spec = _opt("adam", 32, 1e-4, 250, [30, 50, 100, 150], wd=1e-3)
+        b, s, area = (0.8, 1.0, 0.05) if args.data == "hmdb51" else (0.5, 0.5, 0.1)  # Table 6 (UCF101's elsewhere)
+        trunk = args.options.get("trunk", args.arch)  # Table 7: R2D3D transfers 40-frame clips, S3D 32
+        p = args.protocol = dict(p, dropout=0.5, test_crop=(0.4, 130 / 224, 0.6), **({} if args.data.startswith(
+            "toy") else dict(frames=40 if trunk == "r2d3d_18" else 32, crop=128, short_side=224, crop_scale=(area, 1.0),
+                             ratio=(1.0, 1.0), flip=True, jitter=(b, 0.0, s, 0.5))))  # square crops, hue +-180°
     elif task_key == "arrow":
         spec = p.get("arrow") or PROTOCOLS["ucf101"]["arrow"]
     elif task_key in p:
@@ -1693,8 +1724,10 @@ def resolve_args(args):
     if args.protocol_name == "ch2" and args.task != "fewshot":
         raise common.UserError(f"evaluate.py: --protocol ch2 is the thesis Ch. 2 few-shot finetuning; use it with "
                                f"--task fewshot, not --task {args.task}")
-    if args.protocol_name == "coclr" and args.task not in ("linear", "finetune"):
-        raise common.UserError(f"evaluate.py: --protocol coclr: expected --task linear or finetune, found {args.task}")
+    tasks = {"coclr": ("linear", "finetune"), "phlvc": ("finetune", "crossdomain")}.get(args.protocol_name)
+    if tasks and args.task not in tasks:
+        raise common.UserError(f"evaluate.py: --protocol {args.protocol_name}: expected --task {' or '.join(tasks)}, "
+                               f"found {args.task}")
     args.overrides = {name: getattr(args, name) for name in ("lr", "epochs", "batch_size", "wd", "milestones",
                                                              "frames", "test_clips", "eval_every")
                       if getattr(args, name) is not None}
@@ -1846,15 +1879,19 @@ def describe_protocol(args, source, sizes, num_classes):
                   f"random offset (train) / centred (test), {p['crop']}x{p['crop']} centre crops, no augmentation; "
                   f"every test video scored forward and reversed")
     else:
-        train_aug = (f"RandomResizedCrop (scale {p['crop_scale'][0]}-{p['crop_scale'][1]})"
-                     + (" + flip" if p["flip"] else "") + (" + colour jitter" if p["jitter"] else ""))
+        train_aug = (f"RandomResizedCrop (scale {p['crop_scale'][0]}-{p['crop_scale'][1]}"
+                     + (", square)" if p.get("ratio") == (1.0, 1.0) else ")") + (" + flip" if p["flip"] else "")
+                     + (f" + colour jitter {p['jitter']}" if p["jitter"] else ""))
         inputs = (f"{p['modality']} clips of {args.frames} frames at stride {p['stride']}, "
                   f"{p['crop']}x{p['crop']} crops; "
                   f"train: 1 random clip, {train_aug}; test: " + (
-                      f"{args.test_clips} uniformly spaced clips" if args.protocol_name != "ch2" else
-                      f"ALL frames // {args.frames} consecutive clips" if protocol_for(args.data)["modality"] == "depth"
-                      else f"{args.test_clips} uniformly spaced clips (the thesis: all clips)") + ", short side "
-                  f"{p['short_side']} + centre crop, "
+                      f"{args.test_clips} clips at random positions, per clip a centre square of 130/224 of the short "
+                      f"side (p 0.4) or a random square of >= 60% of the area -> {p['crop']}²" if p.get("test_crop")
+                      else (
+                          f"{args.test_clips} uniformly spaced clips" if args.protocol_name != "ch2" else
+                          f"ALL frames // {args.frames} consecutive clips" if protocol_for(args.data)["modality"] ==
+                          "depth" else f"{args.test_clips} uniformly spaced clips (the thesis: all clips)") +
+                      f", short side {p['short_side']} + centre crop") + ", "
                   + ("sigmoid max-pooled" if args.task == "multilabel" else "softmax averaged"))
     lines = [f"protocol: --task {args.task} on {args.data} ({num_classes} classes), backbone {args.arch} "
              f"{args.options or ''}" + (f" + {args.concat}" if args.concat else ""), f"  weights: {source}",
@@ -1877,7 +1914,8 @@ def describe_protocol(args, source, sizes, num_classes):
             "coclr)" if args.protocol_name == "coclr" else "") if args.task == "linear" else
             f"only the new linear head and the backbone's last block ({last_block(args.arch)[0]}) trained, the rest "
             f"frozen in eval mode (--protocol ch2, thesis Sec. 2.4.3)" if args.protocol_name == "ch2" else
-            f"whole network trained, new linear head (dropout {args.protocol['dropout']})")
+            f"whole network trained, new " + ("dropout-ReLU-linear" if args.protocol_name == "phlvc" else "linear")
+            + f" head (dropout {args.protocol['dropout']})")
     lines += [f"  model: {head}",
               f"  optimisation: {args.optimizer} lr {args.lr} (momentum {args.momentum} for sgd) wd {args.wd}, "
               f"global batch {args.batch_size}, {args.epochs} epochs, lr x{args.lr_gamma} at epochs "

@@ -60,9 +60,11 @@ Implementation details and readings (the authors' code has the architecture only
 Cross-domain (Sec. 7.2): `common.py` parses sims4action (official split CSV) and toyota-smarthome (the videos of
 the classes mapped to Sims4Action, --class-map sims4action | phlvc-code); `evaluate.py --task crossdomain --data
 sims4action --target toyota-smarthome` finetunes on Sims4Action (selects on its val split S7) and reports top-1
-and mean class accuracy on Toyota, video features only. Not implemented yet: AlphaPose JSON -> COCO-18 (so no
+and mean class accuracy on Toyota, video features only. `evaluate.py --task finetune --protocol phlvc` = Sec. 7.6's
+finetuning (Table 6 augmentation, 10 random test clips and crops, dropout-ReLU-linear head; optimiser: the authors'
+transfer.py CLI defaults, unverified). Not implemented yet: AlphaPose JSON -> COCO-18 (so no
 pretraining on Sims4Action / Toyota poses), pose and concatenated features and --calibrate in the cross-domain
-test, Toyota's own cross-subject / cross-view splits, evaluate.py --protocol phlvc, track ids from AlphaPose JSON
+test, Toyota's own cross-subject / cross-view splits, track ids from AlphaPose JSON
 (tracks are per-frame score ranks), the 'enough posed frames' filter of k400-pose (videos without a JSON are
 dropped; a clip without poses gives no pair), pose JSON cached as npy.
 toy-paired keeps 2 people per frame (its JSON reader's default); k400-pose keeps 5.

@@ -449,3 +449,62 @@ def test_evaluate_crossdomain_trains_on_sims_selects_on_its_val_and_tests_on_map
     with pytest.raises(common.UserError, match="expected --target with --task crossdomain only"):
         ev.main(["--task", "finetune", "--data", "sims4action", "--data-root", str(sims), "--target",
                  "toyota-smarthome", "--out-dir", str(tmp_path / "bad")])
+
+
+# ------------------------------------------------------------------------------------------- evaluate --protocol phlvc
+def test_evaluate_protocol_phlvc_settings_head_and_test_crops(tmp_path):
+    """--protocol phlvc (P-HLVC supp. Sec. 7.6, Table 6; optimiser = the authors' transfer.py CLI defaults): the
+    values per dataset and trunk, the dropout-ReLU-linear head, and the test crops by hand."""
+    import evaluate as ev
+
+    def resolve(*argv):
+        return ev.resolve_args(ev.get_parser().parse_args(["--protocol", "phlvc", "--task", "finetune", "--out-dir",
+                                                           str(tmp_path), *argv]))
+
+    a = resolve("--data", "ucf101", "--arch", "phlvc_video", "--arch-options", '{"trunk": "s3d"}')
+    p = a.protocol
+    assert (a.optimizer, a.lr, a.wd, a.batch_size, a.epochs, a.milestones, a.frames, a.test_clips) == \
+        ("adam", 1e-4, 1e-3, 32, 250, [30, 50, 100, 150], 32, 10)
+    assert (p["crop"], p["crop_scale"], p["ratio"], p["flip"], p["jitter"], p["dropout"]) == \
+        (128, (0.1, 1.0), (1.0, 1.0), True, (0.5, 0.0, 0.5, 0.5), 0.5)  # Table 6 UCF101: B 50 %, S 50 %, H 180°
+    a = resolve("--data", "hmdb51", "--arch", "phlvc_video", "--arch-options", '{"trunk": "r2d3d_18"}')
+    assert (a.frames, a.protocol["crop_scale"], a.protocol["jitter"]) == (40, (0.05, 1.0), (0.8, 0.0, 1.0, 0.5))
+    a = resolve("--data", "toy-motion")  # toy sets keep their input size and augmentation
+    assert (a.frames, a.protocol["crop"], a.protocol["flip"], a.lr) == (8, 56, False, 1e-4)
+    with pytest.raises(common.UserError, match="--protocol phlvc: expected --task finetune or crossdomain"):
+        resolve("--task", "knn")
+    torch.manual_seed(0)
+    head = ev.Classifier(common.build_backbone("tiny3d"), 5, frozen=False, dropout=0.5, relu=True).eval()
+    x = torch.randn(2, 3, 8, 32, 32)
+    torch.testing.assert_close(head(x), head.fc(torch.relu(head.backbone(x))))
+    # centre branch: 130 of a 224 short side, centred, no resize at crop 130 -> the slice itself
+    frame = torch.arange(300, dtype=torch.uint8).expand(3, 2, 224, 300).clone()  # (C, T, H, W): value = column
+    torch.testing.assert_close(ev.phlvc_test_crop(frame, 130, 1.0, 130 / 224, 0.6), frame[..., 47:177, 85:215])
+    # 100 x 100 frames with a central 50 x 50 block of ones: a centre crop (58 px) keeps 2500 / 58² = 74 % ones, a
+    # random square of area >= 60 % (side >= 78, so it holds the block) 2500 / side² = 25-42 %; p_centre 0.4
+    clips = torch.zeros(400, 1, 1, 100, 100)
+    clips[..., 25:75, 25:75] = 1
+    ones = ev.phlvc_test_crop(clips, 40, 0.4, 130 / 224, 0.6).mean(dim=(1, 2, 3, 4))  # (400,)
+    centre = (ones - 2500 / 58 ** 2).abs() < 0.03
+    assert ((ones[~centre] > 0.25 - 0.03) & (ones[~centre] < 2500 / 6000 + 0.03)).all()
+    assert 160 - 3 * 9.8 < centre.sum() < 160 + 3 * 9.8  # binomial(400, 0.4): 160 +- 3 sd
+
+
+def test_evaluate_protocol_phlvc_tiny_run(tmp_path):
+    """A tiny --protocol phlvc run (the cross-domain fixture, a non-toy set: 128² square crops, Table 6 jitter, random
+    test clips and crops): it trains, reports, and its protocol text says so."""
+    import evaluate as ev
+    sims, toyota = write_crossdomain(tmp_path)
+    argv = ["--task", "crossdomain", "--protocol", "phlvc", "--data", "sims4action", "--data-root", str(sims),
+            "--target", "toyota-smarthome", "--target-root", str(toyota), "--arch", "tiny3d", "--weights", "none",
+            "--frames", "4", "--epochs", "1", "--batch-size", "2", "--test-clips", "2", "--workers", "0", "--out-dir",
+            str(tmp_path / "run")]
+    result = ev.main(argv)
+    assert result["sizes"] == {"train": 4, "val": 2, "test": 5} and 0 <= result["metrics"]["top1"] <= 100
+    assert ("2 clips at random positions, per clip a centre square of 130/224 of the short side (p 0.4) or a random "
+            "square of >= 60% of the area -> 128²" in result["protocol"])
+    assert "(scale 0.1-1.0, square) + flip + colour jitter (0.5, 0.0, 0.5, 0.5)" in result["protocol"]
+    assert "dropout-ReLU-linear head (dropout 0.5)" in result["protocol"] and "adam lr 0.0001" in result["protocol"]
+    args = ev.resolve_args(ev.get_parser().parse_args(argv))
+    test_set = ev.build_split(args, "test", train=False)
+    assert test_set.sampling == "random" and test_set[0]["video"].shape == (2, 3, 4, 128, 128)
