@@ -3824,6 +3824,68 @@ def read_kinetics_skeleton_json(path, max_frames=300, people_in=5, people_out=2)
     return data[:, :, :, :people_out], label
 
 
+# AlphaPose (COCO-17) -> OpenPose COCO-18 order; None = the neck, which COCO-17 lacks (AlphaPose's own "--format
+# open" writer: the shoulders' midpoint, their mean score).
+COCO17_TO_COCO18 = [0, None, 6, 8, 10, 5, 7, 9, 12, 14, 16, 11, 13, 15, 2, 1, 4, 3]
+
+
+def alphapose_to_stgcn(path, width, height):
+    """AlphaPose results (alphapose-results.json: a list of {"image_id": "<frame>.jpg", "category_id": 1,
+    "keypoints": 17 x (x, y, score) in pixels, "score", "idx": track id (--pose_track; a list without tracking)})
+    -> the ST-GCN Kinetics-Skeleton dict read_kinetics_skeleton_json reads: per frame the people as COCO-18
+    (x / width, y / height, score), plus "id" = idx (the first of a list). P-HLVC supp. Sec. 7.2 (Sims4Action,
+    Toyota Smarthome poses)."""
+    try:
+        with open(path) as f:
+            results = json.load(f)
+        frames = {}
+        for r in results:
+            k = np.asarray(r["keypoints"], dtype=np.float64).reshape(17, 3)  # (17, 3) x, y, score
+            k18 = np.stack([(k[5] + k[6]) / 2 if j is None else k[j] for j in COCO17_TO_COCO18])  # (18, 3)
+            t = int(os.path.splitext(os.path.basename(str(r["image_id"])))[0])
+            idx = r.get("idx", -1)
+            frames.setdefault(t, []).append({
+                "pose": np.round(k18[:, :2] / (width, height), 4).reshape(-1).tolist(),  # x0, y0, x1, y1, ...
+                "score": np.round(k18[:, 2], 4).tolist(), "id": int(idx[0] if isinstance(idx, list) else idx)})
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as e:
+        raise UserError(f"{path}: expected AlphaPose results (a list of {{image_id: '<frame>.jpg', keypoints: 51 "
+                        f"numbers, idx}}), found {type(e).__name__}: {e}") from None
+    return {"data": [{"frame_index": t, "skeleton": people} for t, people in sorted(frames.items())],
+            "label": "unknown", "label_index": -1}
+
+
+def convert_alphapose(src, dst, width=None, height=None, videos=None):
+    """`python common.py convert-alphapose`: src = one alphapose-results.json -> dst file, or a folder of
+    <name>.json / <name>/alphapose-results.json -> dst/<name>.json. Frame size: width, height, else the first frame
+    of `videos` (the video file; with a folder: videos/<name>.*). Every input is checked before anything is
+    written. Returns the number of files written."""
+    if os.path.isdir(src):
+        names = sorted(n[:-len(".json")] if n.endswith(".json") else n for n in os.listdir(src)
+                       if n.endswith(".json") or os.path.isfile(os.path.join(src, n, "alphapose-results.json")))
+        jobs = [(os.path.join(src, n + ".json") if os.path.isfile(os.path.join(src, n + ".json")) else
+                 os.path.join(src, n, "alphapose-results.json"), os.path.join(dst, n + ".json"), n) for n in names]
+    elif os.path.isfile(src):
+        jobs = [(src, dst, None)]
+    else:
+        raise UserError(f"convert-alphapose --src {src}: expected an AlphaPose results JSON or a folder of them, "
+                        f"found nothing")
+    sizes = []
+    for path, _, name in jobs:
+        video = videos if name is None or videos is None else next(
+            (os.path.join(videos, v) for v in sorted(os.listdir(videos)) if os.path.splitext(v)[0] == name), None)
+        if width is None and (video is None or not os.path.exists(video)):
+            raise UserError(f"convert-alphapose {path}: expected --width and --height, or --videos holding its "
+                            f"video, found {video or 'neither'}")
+        sizes.append((width, height) if width else read_video_frames(video, [0]).shape[2:0:-1])  # (W, H)
+        alphapose_to_stgcn(path, *sizes[-1])  # a broken file: UserError now, before anything is written
+    for (path, out, _), size in zip(jobs, sizes):
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out + ".tmp", "w") as f:
+            json.dump(alphapose_to_stgcn(path, *size), f, separators=(",", ":"))
+        os.replace(out + ".tmp", out)
+    return len(jobs)
+
+
 def read_depth_frames(folder, indices):
     """16-bit depth PNGs (NTU masked depth: MDepth-%08d.png, any sorted *.png works) -> float32 (T, H, W) metres
     (stored millimetres / 1000; 0 = no depth), indices clamped."""
@@ -4746,6 +4808,25 @@ if __name__ == "__main__":
         except UserError as e:
             sys.exit(f"error: {e}")
         sys.exit(1 if result["bad"] else 0)
+    if len(sys.argv) > 1 and sys.argv[1] == "convert-alphapose":
+        cli = argparse.ArgumentParser(prog="common.py convert-alphapose", description=convert_alphapose.__doc__)
+        cli.add_argument("command")
+        cli.add_argument("--src", required=True, help="alphapose-results.json, or a folder of <name>.json / "
+                         "<name>/alphapose-results.json")
+        cli.add_argument("--dst", required=True, help="pose2d/<name>.json, or the pose2d folder (folder --src)")
+        cli.add_argument("--width", type=int, default=None, help="frame width in pixels (with --height)")
+        cli.add_argument("--height", type=int, default=None)
+        cli.add_argument("--videos", default=None, help="else: the video (folder --src: its folder) for the size")
+        cli_args = cli.parse_args()
+        try:
+            if (cli_args.width is None) != (cli_args.height is None):
+                raise UserError(f"convert-alphapose: expected --width and --height together, found --width "
+                                f"{cli_args.width} --height {cli_args.height}")
+            count = convert_alphapose(cli_args.src, cli_args.dst, cli_args.width, cli_args.height, cli_args.videos)
+            print(f"wrote {count} COCO-18 pose JSON file(s) to {cli_args.dst}")
+        except UserError as e:
+            sys.exit(f"error: {e}")
+        sys.exit(0)
     print("usage: python common.py check-data --data NAME [--data-root DIR] [--decoder auto|decord|pyav|torchcodec]\n"
           "       python common.py prepare-videos --src DIR --dst DIR [--short-side 128] [--gop 16] [--fps N] "
           "[--workers N]")

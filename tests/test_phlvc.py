@@ -508,3 +508,53 @@ def test_evaluate_protocol_phlvc_tiny_run(tmp_path):
     args = ev.resolve_args(ev.get_parser().parse_args(argv))
     test_set = ev.build_split(args, "test", train=False)
     assert test_set.sampling == "random" and test_set[0]["video"].shape == (2, 3, 4, 128, 128)
+
+
+# ------------------------------------------------------------------------------------------- AlphaPose -> COCO-18
+def alphapose_person(image_id, idx, dx=0.0):
+    """One AlphaPose result as its writer (pPose_nms.write_json) saves it: COCO-17 joint j at (10 j + 5 + dx,
+    2 j + 1) px with score 0.5 + 0.01 j; "idx" an int with --pose_track, a list without tracking."""
+    keypoints = [v for j in range(17) for v in (10 * j + 5 + dx, 2 * j + 1, 0.5 + 0.01 * j)]
+    return {"image_id": image_id, "category_id": 1, "keypoints": keypoints, "score": 2.7,
+            "box": [1.0, 2.0, 160.0, 33.0], "idx": idx}
+
+
+def test_convert_alphapose_to_coco18_stgcn_json(tmp_path):
+    """COCO-17 + idx -> COCO-18 ST-GCN JSON: neck = the shoulders' midpoint (x (55 + 65) / 2 = 60 px -> 60 / 200
+    = 0.3, y 12 px -> 0.12, score (0.55 + 0.56) / 2), OpenPose order, x / width, y / height; read back by the
+    Kinetics-Skeleton reader (x - 0.5, y - 0.5, score). Folder mode takes the frame size from the video."""
+    results = [alphapose_person("0.jpg", 4), alphapose_person("0.jpg", [7, 9], dx=20), alphapose_person("2.jpg", 4)]
+    src = tmp_path / "alphapose-results.json"
+    src.write_text(json.dumps(results))
+    out = subprocess.run([sys.executable, "common.py", "convert-alphapose", "--src", str(src), "--dst",
+                          str(tmp_path / "pose2d" / "Co_S1K1_fC6.json"), "--width", "200", "--height", "100"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    video = json.loads((tmp_path / "pose2d" / "Co_S1K1_fC6.json").read_text())
+    assert [f["frame_index"] for f in video["data"]] == [0, 2] and [len(f["skeleton"]) for f in video["data"]] == [2, 1]
+    first, second = video["data"][0]["skeleton"]
+    assert (first["id"], second["id"]) == (4, 7)
+    assert first["pose"][2:4] == pytest.approx([0.3, 0.12]) and first["score"][1] == pytest.approx(0.555)  # neck
+    assert first["pose"][4:6] == pytest.approx([65 / 200, 13 / 100])  # COCO-18 2 = right shoulder = COCO-17 6
+    assert first["pose"][28:30] == pytest.approx([25 / 200, 5 / 100]) and first["score"][14] == pytest.approx(0.52)
+    assert first["pose"][30:32] == pytest.approx([15 / 200, 3 / 100])  # 14, 15 = right, left eye = COCO-17 2, 1
+    assert second["pose"][2] == pytest.approx(0.4)  # shifted by 20 px = 0.1 of the width
+    pose, _ = common.read_kinetics_skeleton_json(str(tmp_path / "pose2d" / "Co_S1K1_fC6.json"), max_frames=3)
+    assert pose.shape == (3, 3, 18, 2) and pose[:, 0, 1, 0] == pytest.approx([0.3 - 0.5, 0.12 - 0.5, 0.555])
+    assert not pose[:, 1].any()  # frame 1: nobody
+    # folder mode: <name>/alphapose-results.json (AlphaPose's --outdir per video), size from videos/<name>.mp4
+    name = "Cook.Cut_p02_r00_v02_c03"
+    os.makedirs(tmp_path / "ap" / name)
+    (tmp_path / "ap" / name / "alphapose-results.json").write_text(json.dumps(results[:1]))
+    import numpy as np
+    common.write_video(str(tmp_path / "mp4" / f"{name}.mp4"), np.zeros((2, 48, 80, 3), dtype=np.uint8))
+    assert common.convert_alphapose(str(tmp_path / "ap"), str(tmp_path / "out"), videos=str(tmp_path / "mp4")) == 1
+    person = json.loads((tmp_path / "out" / f"{name}.json").read_text())["data"][0]["skeleton"][0]
+    assert person["pose"][2:4] == pytest.approx([60 / 80, 12 / 48])
+    # user errors: one line naming the file, nothing written
+    (tmp_path / "ap" / "broken.json").write_text(json.dumps([dict(results[0], keypoints=[1.0] * 50)]))
+    with pytest.raises(common.UserError, match=r"broken.json: expected AlphaPose results .* found ValueError"):
+        common.convert_alphapose(str(tmp_path / "ap"), str(tmp_path / "out2"), width=80, height=48)
+    with pytest.raises(common.UserError, match=r"expected --width and --height, or --videos holding its video"):
+        common.convert_alphapose(str(src), str(tmp_path / "out2" / "x.json"))
+    assert not (tmp_path / "out2").exists()
