@@ -2167,7 +2167,8 @@ DATASET_NAMES = ("toy-motion", "toy-ucfrep", "toy-skeleton", "toy-paired", "k400
                  "ucfrep", "videofolder", "videolist", "ntu60-xsub", "ntu60-xview", "ntu120-xsub", "ntu120-xset",
                  "pku1", "pku2", "pku1-xview", "pku2-xview", "kinetics-skeleton", "paired", "toy-motion-flow",
                  "k400-pose", "toy-paired-source", "toy-paired-target", "ntu60-paired-xview", "ntu60-paired-xsub",
-                 "ntu120-minus-60", *PKU_PAIRED_SETS, "sims4action", "toyota-smarthome")
+                 "ntu120-minus-60", *PKU_PAIRED_SETS, "sims4action", "toyota-smarthome", "toyota-smarthome-cs",
+                 "toyota-smarthome-cv1", "toyota-smarthome-cv2")
 
 
 def build_dataset(name, root=None, split="train", **kwargs):
@@ -2300,8 +2301,8 @@ def _parse_video_set(name, root, split, options):
         return parse_videolist(root, split, options.get("list_file"))
     if name == "sims4action":
         return parse_sims4action(root, split)
-    if name == "toyota-smarthome":
-        return parse_toyota_smarthome(root, split, options.get("class_map", "sims4action"))
+    if name.startswith("toyota-smarthome"):  # -cs, -cv1, -cv2: Toyota's own protocols
+        return parse_toyota_smarthome(root, split, options.get("class_map", "sims4action"), name[17:] or None)
     raise ValueError(f"--data: unknown dataset {name!r}")
 
 
@@ -3780,11 +3781,35 @@ def parse_sims4action(root, split):
     return samples, classes
 
 
-def parse_toyota_smarthome(root, split, class_map="sims4action"):
-    """root/mp4/<Action>_pNN_rNN_vNN_cNN.mp4 as the cross-domain target of Sims4Action (P-HLVC supp. Sec. 7.2):
-    every video whose action `class_map` maps ("sims4action": TOYOTA_TO_SIMS, "phlvc-code"), labelled with the
-    Sims4Action class; one set for every split name but "train" (the cross-subject / cross-view protocols with
-    Toyota's own 31 classes are not built)."""
+# Toyota Smarthome's own protocols (Das et al., ICCV 2019; as the P-HLVC code's ADL dataset and the official
+# smarthome_gendata.py): its 31 actions (0-based ids, alphabetical); cross-subject trains on 11 subjects and tests on
+# the other 7; cross-view uses 19 actions, cameras train 1 (CV1) or 1, 3, 4, 6, 7 (CV2), val 5, test 2.
+TOYOTA_CLASSES = ("Cook.Cleandishes", "Cook.Cleanup", "Cook.Cut", "Cook.Stir", "Cook.Usestove", "Cutbread",
+                  "Drink.Frombottle", "Drink.Fromcan", "Drink.Fromcup", "Drink.Fromglass", "Eat.Attable", "Eat.Snack",
+                  "Enter", "Getup", "Laydown", "Leave", "Makecoffee.Pourgrains", "Makecoffee.Pourwater",
+                  "Maketea.Boilwater", "Maketea.Insertteabag", "Pour.Frombottle", "Pour.Fromcan", "Pour.Fromkettle",
+                  "Readbook", "Sitdown", "Takepills", "Uselaptop", "Usetablet", "Usetelephone", "Walk", "WatchTV")
+TOYOTA_CV_CLASSES = ("Cutbread", "Drink.Frombottle", "Drink.Fromcan", "Drink.Fromcup", "Drink.Fromglass",
+                     "Eat.Attable", "Eat.Snack", "Enter", "Getup", "Leave", "Pour.Frombottle", "Pour.Fromcan",
+                     "Readbook", "Sitdown", "Takepills", "Uselaptop", "Usetablet", "Usetelephone", "Walk")
+TOYOTA_CS_TRAIN_SUBJECTS = (3, 4, 6, 7, 9, 12, 13, 15, 17, 19, 25)
+TOYOTA_CV_CAMERAS = {"cv1": {"train": (1,), "val": (5,), "test": (2,)},
+                     "cv2": {"train": (1, 3, 4, 6, 7), "val": (5,), "test": (2,)}}
+
+
+def parse_toyota_smarthome(root, split, class_map="sims4action", protocol=None):
+    """root/mp4/<Action>_pNN_rNN_vNN_cNN.mp4. protocol None: the cross-domain target of Sims4Action (P-HLVC supp.
+    Sec. 7.2): every video whose action `class_map` maps ("sims4action": TOYOTA_TO_SIMS, "phlvc-code"), labelled
+    with the Sims4Action class, for every split name but "train". protocol "cs" / "cv1" / "cv2": Toyota's own
+    protocols (TOYOTA_CLASSES / TOYOTA_CV_CLASSES; cs: train subjects vs the rest, val = test; cv: by camera)."""
+    if protocol:
+        classes = TOYOTA_CLASSES if protocol == "cs" else TOYOTA_CV_CLASSES
+        split = "test" if protocol == "cs" and split != "train" else split
+        folder = _need(os.path.join(root, "mp4"), "a folder of <Action>_pNN_rNN_vNN_cNN.mp4 files")
+        parsed = [(f, re.fullmatch(r"(.+)_p(\d+)_r\d+_v\d+_c(\d+)\.mp4", f)) for f in sorted(os.listdir(folder))]
+        return [(os.path.join(folder, f), classes.index(m[1])) for f, m in parsed if m and m[1] in classes and (
+            (int(m[2]) in TOYOTA_CS_TRAIN_SUBJECTS) == (split == "train") if protocol == "cs" else
+            int(m[3]) in TOYOTA_CV_CAMERAS[protocol][split])], list(classes)
     if _split_name(split) == "train":
         raise ValueError("toyota-smarthome: only the cross-domain test set (every mapped video) is built; "
                          "expected split val or test, got train")

@@ -1652,6 +1652,8 @@ def protocol_for(data):
         return PROTOCOLS["toy-motion"]
     if data.startswith(("ntu", "pku", "kinetics-skeleton")):
         return SKELETON
+    if data.startswith("toyota-smarthome-"):  # its own protocols report mean class accuracy (Das et al., 2019)
+        return dict(PROTOCOLS["ucf101"], metric="mean_class_acc")
     return PROTOCOLS["ucf101"]  # videofolder / videolist / other video sets: UCF101's settings
 
 

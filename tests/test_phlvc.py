@@ -422,6 +422,16 @@ def test_sims4action_and_toyota_smarthome_parsers(tmp_path):
     assert label_of(code) == dict(label_of(official), **{"Cook.Cleandishes": "Cook", "Eat.Snack": "Eat"})
     with pytest.raises(ValueError, match="only the cross-domain test set"):
         common.build_dataset("toyota-smarthome", str(toyota), "train")
+    runs = (("cs", "train"), ("cs", "test"), ("cv1", "train"), ("cv2", "train"), ("cv2", "val"), ("cv2", "test"))
+    own = {f"{p}-{s}": [os.path.basename(f).split("_")[0] for f, _ in common.build_dataset(
+        f"toyota-smarthome-{p}", str(toyota), s).samples] for p, s in runs}
+    assert own == {"cs-train": ["Cook.Cleandishes", "Drink.Fromcup", "Getup", "Uselaptop"],  # subjects 3, 13, 4, 9
+                   "cs-test": ["Cook.Cut", "Eat.Snack", "Enter", "Sitdown"],
+                   "cv1-train": [],  # camera 1 holds Cook.Cleandishes only, not one of the 19 cross-view actions
+                   "cv2-train": ["Drink.Fromcup", "Enter", "Sitdown"], "cv2-val": ["Uselaptop"],  # cameras 6, 4, 7; 5
+                   "cv2-test": ["Eat.Snack", "Getup"]}  # camera 2
+    cs = common.build_dataset("toyota-smarthome-cs", str(toyota), "train")
+    assert cs.num_classes == 31 and [cs.class_names[y] for _, y in cs.samples][0] == "Cook.Cleandishes"
     (sims / "SimsSplitsCompleteVideos.csv").write_text(SIMS_CSV.replace("Dr_S2D1", "Xx_S2D1"))
     with pytest.raises(common.UserError, match=r"SimsSplitsCompleteVideos.csv:3: expected"):
         common.build_dataset("sims4action", str(sims), "train")
@@ -471,6 +481,7 @@ def test_evaluate_protocol_phlvc_settings_head_and_test_crops(tmp_path):
     assert (a.frames, a.protocol["crop_scale"], a.protocol["jitter"]) == (40, (0.05, 1.0), (0.8, 0.0, 1.0, 0.5))
     a = resolve("--data", "toy-motion")  # toy sets keep their input size and augmentation
     assert (a.frames, a.protocol["crop"], a.protocol["flip"], a.lr) == (8, 56, False, 1e-4)
+    assert resolve("--data", "toyota-smarthome-cs").protocol["metric"] == "mean_class_acc"
     with pytest.raises(common.UserError, match="--protocol phlvc: expected --task finetune or crossdomain"):
         resolve("--task", "knn")
     torch.manual_seed(0)
