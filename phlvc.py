@@ -57,18 +57,19 @@ Implementation details and readings (the authors' code has the architecture only
   learning), while the pose stream is informative (random-init pose CNN 72 % held-out 1-NN). With depth the same
   run reaches 78 % vs 31 % (random init) held-out 1-NN in evaluate.py. --video-input rgb runs the toy on RGB.
   The kNN report taps fc1 (retrieval) and fc2.
-Cross-domain (Sec. 7.2): `common.py` parses sims4action (official split CSV) and toyota-smarthome (the videos of
-the classes mapped to Sims4Action, --class-map sims4action | phlvc-code; toyota-smarthome-cs / -cv1 / -cv2: its own
-protocols and classes, for finetuning); `evaluate.py --task crossdomain --data
-sims4action --target toyota-smarthome` finetunes on Sims4Action (selects on its val split S7) and reports top-1
-and mean class accuracy on Toyota, video features only. `evaluate.py --task finetune --protocol phlvc` = Sec. 7.6's
-finetuning (Table 6 augmentation, 10 random test clips and crops, dropout-ReLU-linear head; optimiser: the authors'
-transfer.py CLI defaults, unverified). `python common.py convert-alphapose` turns AlphaPose results (COCO-17,
---pose_track ids) into COCO-18 ST-GCN JSON (neck = shoulder midpoint, / frame size, "id" kept). Not implemented
-yet: a Sims4Action / Toyota pose reader (so no pretraining on their poses), pose and concatenated features and
---calibrate in the cross-domain test, track ids from AlphaPose JSON
-(tracks are per-frame score ranks), the 'enough posed frames' filter of k400-pose (videos without a JSON are
-dropped; a clip without poses gives no pair), pose JSON cached as npy.
+Cross-domain (Sec. 7.2): `common.py` parses sims4action (official split CSV) and toyota-smarthome (the videos of the
+classes mapped to Sims4Action, --class-map sims4action | phlvc-code; toyota-smarthome-cs / -cv1 / -cv2: its own
+protocols and classes, for finetuning); `evaluate.py --task crossdomain --data sims4action --target
+toyota-smarthome` finetunes on Sims4Action (selects on its val split S7) and reports top-1 and mean class accuracy
+on Toyota, video features only; --calibrate N: our reading of the undefined "domain calibration" (eps 0.05): N
+epochs on Sinkhorn-balanced pseudo-labels of the Toyota videos (transductive). `evaluate.py --task finetune
+--protocol phlvc` = Sec. 7.6's finetuning (Table 6 augmentation, 10 random test clips and crops, dropout-ReLU-linear
+head; optimiser: the authors' transfer.py CLI defaults, unverified). `python common.py convert-alphapose` turns
+AlphaPose results (COCO-17, --pose_track ids) into COCO-18 ST-GCN JSON (neck = shoulder midpoint, / frame size, "id"
+kept). Not implemented yet: a Sims4Action / Toyota pose reader (so no pretraining on their poses), pose and
+concatenated features in the cross-domain test, track ids from AlphaPose JSON (tracks are per-frame score ranks),
+the 'enough posed frames' filter of k400-pose (videos without a JSON are dropped; a clip without poses gives no
+pair), pose JSON cached as npy.
 toy-paired keeps 2 people per frame (its JSON reader's default); k400-pose keeps 5.
 """
 import argparse

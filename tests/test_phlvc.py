@@ -456,7 +456,7 @@ def test_evaluate_crossdomain_trains_on_sims_selects_on_its_val_and_tests_on_map
     assert result["metrics"]["top1"] == pytest.approx(100 * hits.float().mean().item())
     per_class = [hits[saved["test"]["labels"] == c].float().mean().item() for c in saved["test"]["labels"].unique()]
     assert result["metrics"]["mean_class_acc"] == pytest.approx(100 * sum(per_class) / len(per_class))
-    with pytest.raises(common.UserError, match="expected --target with --task crossdomain only"):
+    with pytest.raises(common.UserError, match=r"expected --target \(and --calibrate\) with --task crossdomain only"):
         ev.main(["--task", "finetune", "--data", "sims4action", "--data-root", str(sims), "--target",
                  "toyota-smarthome", "--out-dir", str(tmp_path / "bad")])
 
@@ -501,16 +501,20 @@ def test_evaluate_protocol_phlvc_settings_head_and_test_crops(tmp_path):
     assert 160 - 3 * 9.8 < centre.sum() < 160 + 3 * 9.8  # binomial(400, 0.4): 160 +- 3 sd
 
 
-def test_evaluate_protocol_phlvc_tiny_run(tmp_path):
+def test_evaluate_protocol_phlvc_tiny_run_with_calibration(tmp_path):
     """A tiny --protocol phlvc run (the cross-domain fixture, a non-toy set: 128² square crops, Table 6 jitter, random
-    test clips and crops): it trains, reports, and its protocol text says so."""
+    test clips and crops) with --calibrate 1: it trains, calibrates in run/calibrate, reports the metrics before and
+    after, and its protocol text says so."""
     import evaluate as ev
     sims, toyota = write_crossdomain(tmp_path)
     argv = ["--task", "crossdomain", "--protocol", "phlvc", "--data", "sims4action", "--data-root", str(sims),
             "--target", "toyota-smarthome", "--target-root", str(toyota), "--arch", "tiny3d", "--weights", "none",
             "--frames", "4", "--epochs", "1", "--batch-size", "2", "--test-clips", "2", "--workers", "0", "--out-dir",
-            str(tmp_path / "run")]
+            str(tmp_path / "run"), "--calibrate", "1"]
     result = ev.main(argv)
+    assert {"top1", "uncalibrated_top1", "uncalibrated_mean_class_acc"} <= set(result["metrics"])
+    assert (tmp_path / "run" / "calibrate" / "checkpoint.pth").exists()
+    assert "calibration: 1 epochs on Sinkhorn-balanced (eps 0.05) pseudo-labels" in result["protocol"]
     assert result["sizes"] == {"train": 4, "val": 2, "test": 5} and 0 <= result["metrics"]["top1"] <= 100
     assert ("2 clips at random positions, per clip a centre square of 130/224 of the short side (p 0.4) or a random "
             "square of >= 60% of the area -> 128²" in result["protocol"])
@@ -569,3 +573,22 @@ def test_convert_alphapose_to_coco18_stgcn_json(tmp_path):
     with pytest.raises(common.UserError, match=r"expected --width and --height, or --videos holding its video"):
         common.convert_alphapose(str(src), str(tmp_path / "out2" / "x.json"))
     assert not (tmp_path / "out2").exists()
+
+
+def test_calibrate_balances_the_pseudo_labels_with_sinkhorn(tmp_path, monkeypatch):
+    """--calibrate's pseudo-labels: every target video prefers class 0 (argmax: all 0), Sinkhorn's equal class
+    marginals move the least confident ones to class 1, in order of confidence; N epochs, metrics before."""
+    import types
+    import evaluate as ev
+    p0 = torch.tensor([0.9, 0.8, 0.7, 0.6])  # (4,) softmax of class 0
+    scores = {"scores": torch.stack([p0, 1 - p0], 1), "labels": torch.tensor([0, 0, 1, 1]), "index": torch.arange(4)}
+    seen = {}
+    monkeypatch.setattr(ev, "predict", lambda *a, **k: scores)
+    monkeypatch.setattr(ev, "build_split", lambda *a, **k: [{"video": None} for _ in range(4)])
+    monkeypatch.setattr(common, "Run", lambda *a: None)
+    monkeypatch.setattr(ev, "train_and_select", lambda run, args, model, target, *rest: seen.update(
+        labels=[int(target[i]["label"]) for i in range(len(target))], epochs=args.epochs, out=args.out_dir))
+    args = types.SimpleNamespace(calibrate=3, out_dir=str(tmp_path), milestones=[60], eval_every=10, epochs=100)
+    before = ev.calibrate(types.SimpleNamespace(device="cpu"), args, None, None, 2)
+    assert before["uncalibrated_top1"] == 50.0 and (seen["epochs"], seen["out"]) == (3, str(tmp_path / "calibrate"))
+    assert seen["labels"][0] == 0 and seen["labels"][-1] == 1 and seen["labels"] == sorted(seen["labels"])
