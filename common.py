@@ -2229,8 +2229,15 @@ def _build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides
         ds = KineticsSkeletonDataset(root, split, **skel_kwargs)
     elif name == "k400-pose":
         samples, classes = parse_kinetics(root, split)
-        pose_root = dataset_options.get("pose_root") or os.path.join(root, "kinetics-skeleton")
-        ds = VideoPoseDataset(samples, classes, pose_root, split, clip_len=clip_len, decoder=decoder, **skel_kwargs)
+        folder = os.path.join(dataset_options.get("pose_root") or os.path.join(root, "kinetics-skeleton"),
+                              f"kinetics_{_split_name(split)}")  # <youtube_id>.json for <youtube_id>_<start>_<end>.mp4
+        ds = VideoPoseDataset(samples, classes, lambda p: os.path.join(folder, os.path.basename(p).rsplit("_", 2)[0]
+                                                                       + ".json"), f"k400-pose {split}",
+                              clip_len=clip_len, decoder=decoder, **skel_kwargs)
+    elif name.startswith(("sims4action", "toyota-smarthome")) and "pose2d" in (modalities or ()):  # AlphaPose
+        samples, classes = _parse_video_set(name, root, split, dataset_options)
+        ds = VideoPoseDataset(samples, classes, lambda p: os.path.join(root, "pose2d", os.path.splitext(
+            os.path.basename(p))[0] + ".json"), f"{name} {split}", clip_len=clip_len, decoder=decoder, **skel_kwargs)
     elif name in ("toy-paired", "paired") + tuple(TOY_PAIRED_HALVES):
         if name.startswith("toy-paired"):
             make_toy_paired(root, seed=dataset_options.get("toy_seed", 0))
@@ -2850,21 +2857,20 @@ class PKUPairedDataset(NTUPairedDataset):
 
 
 class VideoPoseDataset(torch.utils.data.Dataset):
-    """Kinetics-400 videos paired with Kinetics-Skeleton poses ("k400-pose", P-HLVC supp. Sec. 7.2): samples from
-    parse_kinetics, poses from pose_root/kinetics_{train,val}/<youtube_id>.json (ST-GCN JSON, OpenPose COCO-18,
-    30 fps). Video frame t is read with pose frame t (reading: the ST-GCN preprocessing resampled the videos to
-    30 fps). Videos without a JSON are left out (printed). Items: "video" uint8 (C, T, H, W), "pose2d" float32
-    (3, T, 18, people) as read_kinetics_skeleton_json, "label", "index", "frame_indices"."""
+    """Videos paired with COCO-18 pose JSON (P-HLVC supp. Sec. 7.2): "k400-pose" = Kinetics-400 + Kinetics-Skeleton
+    (pose_root/kinetics_{train,val}/<youtube_id>.json, OpenPose, 30 fps; reading: the ST-GCN preprocessing resampled
+    the videos to 30 fps); "sims4action" / "toyota-smarthome" with "pose2d" = root/pose2d/<video name>.json
+    (`python common.py convert-alphapose`). Video frame t is read with pose frame t; pose_path(video) names the
+    JSON; videos without one are left out (printed as `what`; P-HLVC supp.: 144,085 k400-pose train videos).
+    Items: "video" uint8 (C, T, H, W), "pose2d" float32 (3, T, 18, people) as read_kinetics_skeleton_json,
+    "label", "index", "frame_indices"."""
 
-    def __init__(self, samples, class_names, pose_root, split, clip_len=16, transform=None, decoder="auto",
+    def __init__(self, samples, class_names, pose_path, what, clip_len=16, transform=None, decoder="auto",
                  people=5, strict=False, bad_files_path=None):
-        split = _split_name(split)
-        folder = _need(os.path.join(pose_root, f"kinetics_{split}"), "the Kinetics-Skeleton JSON folder")
-        have = {os.path.splitext(n)[0] for n in os.listdir(folder) if n.endswith(".json")}
-        ids = [os.path.basename(p).rsplit("_", 2)[0] for p, _ in samples]  # <youtube_id>_<start>_<end>.mp4
-        self.samples = [(p, y, os.path.join(folder, f"{i}.json")) for (p, y), i in zip(samples, ids) if i in have]
-        print(f"k400-pose {split}: {len(self.samples)} of {len(samples)} videos have a Kinetics-Skeleton JSON "
-              f"(P-HLVC supp.: 144,085 train videos)", flush=True)
+        folder = _need(os.path.dirname(pose_path(samples[0][0])) if samples else ".", "the pose JSON folder")
+        have = set(os.listdir(folder))
+        self.samples = [(p, y, pose_path(p)) for p, y in samples if os.path.basename(pose_path(p)) in have]
+        print(f"{what}: {len(self.samples)} of {len(samples)} videos have a pose JSON", flush=True)
         self.class_names, self.num_classes = list(class_names), len(class_names)
         self.clip_len, self.transform, self.decoder, self.people = clip_len, transform, decoder, people
         self.strict, self.bad_files_path, self.bad_files = strict, bad_files_path, {}

@@ -66,10 +66,11 @@ epochs on Sinkhorn-balanced pseudo-labels of the Toyota videos (transductive). `
 --protocol phlvc` = Sec. 7.6's finetuning (Table 6 augmentation, 10 random test clips and crops, dropout-ReLU-linear
 head; optimiser: the authors' transfer.py CLI defaults, unverified). `python common.py convert-alphapose` turns
 AlphaPose results (COCO-17, --pose_track ids) into COCO-18 ST-GCN JSON (neck = shoulder midpoint, / frame size, "id"
-kept). Not implemented yet: a Sims4Action / Toyota pose reader (so no pretraining on their poses), pose and
-concatenated features in the cross-domain test, track ids from AlphaPose JSON (tracks are per-frame score ranks),
-the 'enough posed frames' filter of k400-pose (videos without a JSON are dropped; a clip without poses gives no
-pair), pose JSON cached as npy.
+kept); pretraining on Sims4Action (`--data sims4action`, Sec. 7.2) reads videos/<name>.avi with those
+pose2d/<name>.json (pose frame t = video frame t). Not implemented yet: pose and concatenated features in the
+cross-domain test, track ids from AlphaPose JSON (tracks are per-frame score ranks), the 'enough posed frames'
+filter of k400-pose (videos without a JSON are dropped; a clip without poses gives no pair), pose JSON cached as
+npy.
 toy-paired keeps 2 people per frame (its JSON reader's default); k400-pose keeps 5.
 """
 import argparse
@@ -154,11 +155,11 @@ TOY_DEFAULTS = dict(arch="tiny3d", clip_len=20, crop_size=48, hidden=128, rep_di
 
 def finalize_method_args(args):
     """Derived values in one block; user errors name the flag before anything is written."""
-    if args.dataset_name not in ("toy-paired", "paired", "k400-pose"):
-        raise common.UserError(f"phlvc.py --data: expected toy, toy-paired, paired or k400-pose; found {args.data!r} "
-                               f"(pretraining on Sims4Action needs its AlphaPose poses: not built yet)")
-    if args.video_input == "depth" and args.dataset_name == "k400-pose":
-        raise common.UserError("phlvc.py --video-input: expected rgb with --data k400-pose (no depth), found depth")
+    if args.dataset_name not in ("toy-paired", "paired", "k400-pose", "sims4action"):
+        raise common.UserError(f"phlvc.py --data: expected toy, toy-paired, paired, k400-pose or sims4action; found "
+                               f"{args.data!r}")
+    if args.video_input == "depth" and args.dataset_name in ("k400-pose", "sims4action"):
+        raise common.UserError(f"phlvc.py --video-input: expected rgb with --data {args.data} (no depth), found depth")
     r2d3d = args.arch == "r2d3d_18"
     common.fill_defaults(args, dict(clip_len=30 if r2d3d else 32, video_views=2 if r2d3d else 1,
                                     max_tracks=2 if r2d3d else 5, batch_size=56 if r2d3d else 80))

@@ -592,3 +592,25 @@ def test_calibrate_balances_the_pseudo_labels_with_sinkhorn(tmp_path, monkeypatc
     before = ev.calibrate(types.SimpleNamespace(device="cpu"), args, None, None, 2)
     assert before["uncalibrated_top1"] == 50.0 and (seen["epochs"], seen["out"]) == (3, str(tmp_path / "calibrate"))
     assert seen["labels"][0] == 0 and seen["labels"][-1] == 1 and seen["labels"] == sorted(seen["labels"])
+
+
+def test_sims4action_pretraining_on_converted_alphapose_poses(tmp_path):
+    """Sec. 7.2: AlphaPose results for the Sims4Action videos -> convert-alphapose (size from the videos) ->
+    pose2d/<name>.json, read with the videos (frame t with pose frame t) by phlvc.py --data sims4action."""
+    import numpy as np
+    sims, _ = write_crossdomain(tmp_path)
+    os.makedirs(tmp_path / "ap")
+    for k, name in enumerate(["Co_S1K1_fC6", "Dr_S2D1_m3", "GS_S5L1_fC9"]):  # TV_S6L2_m4 has no poses
+        people = [alphapose_person(f"{t}.jpg", 1, dx=t + k) for t in range(20)]
+        (tmp_path / "ap" / f"{name}.json").write_text(json.dumps(people))
+    assert common.convert_alphapose(str(tmp_path / "ap"), str(sims / "pose2d"), videos=str(sims / "videos")) == 3
+    ds = common.build_dataset("sims4action", str(sims), "train", clip_len=8, modalities=("video", "pose2d"))
+    item = ds[0]
+    t = item["frame_indices"].numpy()  # (8,) the clip's video frames; joint 0 moves 1 px per frame over 52 px
+    assert len(ds) == 3 and item["video"].shape == (3, 8, 36, 52)
+    np.testing.assert_allclose(item["pose2d"][0, :, 0, 0].numpy(), (5 + t) / 52 - 0.5, atol=1e-3)
+    out = run_script(tmp_path / "run", "--data", "sims4action", "--data-root", sims, "--arch", "tiny3d",
+                     "--clip-len", 19, "--crop-size", 32, "--hidden", 32, "--rep-dim", 16, "--prototypes", 4,
+                     "--prototypes-final", 4, "--batch-size", 2, "--max-steps", 2, "--workers", 0, "--log-every", 1)
+    assert "sims4action train: 3 of 4 videos have a pose JSON" in out
+    assert all(math.isfinite(l) for _, l, _ in losses(tmp_path / "run"))
