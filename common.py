@@ -3830,16 +3830,25 @@ def parse_toyota_smarthome(root, split, class_map="sims4action", protocol=None):
 def read_kinetics_skeleton_json(path, max_frames=300, people_in=5, people_out=2):
     """ST-GCN Kinetics-Skeleton JSON -> (float32 (3, T, 18, people_out) = (x - 0.5, y - 0.5, score), label_index).
     As st-gcn's Feeder_kinetics: up to people_in people per frame, coordinates zeroed where score == 0, people
-    sorted per frame by total score, the first people_out kept."""
+    sorted per frame by total score, the first people_out kept. If every person has an "id" (convert-alphapose of
+    AlphaPose --pose_track results), slot m holds one track throughout: tracks ranked by their summed score."""
     try:
         with open(path) as f:
             video = json.load(f)
         data = np.zeros((3, max_frames, 18, people_in), dtype=np.float32)
+        people = [p for frame in video["data"] for p in frame["skeleton"]]
+        total = {}
+        for p in people if people and all("id" in p for p in people) else ():
+            total[p["id"]] = total.get(p["id"], 0.0) + sum(p["score"])
+        slot = {i: m for m, i in enumerate(sorted(total, key=lambda i: -total[i]))}  # track id -> slot, {} = none
         for frame in video["data"]:
             t = int(frame["frame_index"])
             if t >= max_frames:
                 continue
-            for m, person in enumerate(frame["skeleton"][:people_in]):
+            for m, person in enumerate(frame["skeleton"] if slot else frame["skeleton"][:people_in]):
+                m = slot[person["id"]] if slot else m
+                if m >= people_in:
+                    continue
                 data[0, t, :, m] = person["pose"][0::2]
                 data[1, t, :, m] = person["pose"][1::2]
                 data[2, t, :, m] = person["score"]
@@ -3850,7 +3859,7 @@ def read_kinetics_skeleton_json(path, max_frames=300, people_in=5, people_out=2)
     data[0][data[2] == 0] = 0
     data[1][data[2] == 0] = 0
     order = (-data[2].sum(axis=1)).argsort(axis=1)  # (T, M): people by descending total score per frame
-    for t in range(max_frames):
+    for t in range(max_frames if not slot else 0):
         data[:, t] = data[:, t][:, :, order[t]]
     return data[:, :, :, :people_out], label
 
@@ -3864,8 +3873,8 @@ def alphapose_to_stgcn(path, width, height):
     """AlphaPose results (alphapose-results.json: a list of {"image_id": "<frame>.jpg", "category_id": 1,
     "keypoints": 17 x (x, y, score) in pixels, "score", "idx": track id (--pose_track; a list without tracking)})
     -> the ST-GCN Kinetics-Skeleton dict read_kinetics_skeleton_json reads: per frame the people as COCO-18
-    (x / width, y / height, score), plus "id" = idx (the first of a list). P-HLVC supp. Sec. 7.2 (Sims4Action,
-    Toyota Smarthome poses)."""
+    (x / width, y / height, score), plus "id" = idx where it is a track id (a number, not a list). P-HLVC supp.
+    Sec. 7.2 (Sims4Action, Toyota Smarthome poses)."""
     try:
         with open(path) as f:
             results = json.load(f)
@@ -3874,10 +3883,10 @@ def alphapose_to_stgcn(path, width, height):
             k = np.asarray(r["keypoints"], dtype=np.float64).reshape(17, 3)  # (17, 3) x, y, score
             k18 = np.stack([(k[5] + k[6]) / 2 if j is None else k[j] for j in COCO17_TO_COCO18])  # (18, 3)
             t = int(os.path.splitext(os.path.basename(str(r["image_id"])))[0])
-            idx = r.get("idx", -1)
+            idx = r.get("idx", [])
             frames.setdefault(t, []).append({
                 "pose": np.round(k18[:, :2] / (width, height), 4).reshape(-1).tolist(),  # x0, y0, x1, y1, ...
-                "score": np.round(k18[:, 2], 4).tolist(), "id": int(idx[0] if isinstance(idx, list) else idx)})
+                "score": np.round(k18[:, 2], 4).tolist(), **({} if isinstance(idx, list) else {"id": int(idx)})})
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, IndexError) as e:
         raise UserError(f"{path}: expected AlphaPose results (a list of {{image_id: '<frame>.jpg', keypoints: 51 "
                         f"numbers, idx}}), found {type(e).__name__}: {e}") from None

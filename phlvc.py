@@ -35,8 +35,8 @@ Implementation details and readings (the authors' code has the architecture only
   -sum_k [q_k log p_k + (1 - q_k) log(1 - p_k)]: minimal only where p = q, penalises (p, q) = (1, 0), balanced
   (Sec. 7.9, Fig. 7). --loss swav = Eq. (4) (with the minus sign the printed equation lacks); --loss
   axent-symmetric = -sum_k [q_k log p_k + p_k log q_k], the other reading that fits Fig. 7.
-- Multi-body (Sec. 7.4): every (video view, pose track) pair gets l_A; tracks ranked by summed score (per-frame
-  score rank, as the ST-GCN reader orders people), at most --max-tracks (1 for the first 6,000 iterations), absent
+- Multi-body (Sec. 7.4): every (video view, pose track) pair gets l_A; tracks ranked by summed score (slots: track ids
+  where the JSON has them, else the per-frame score rank as the ST-GCN reader), at most --max-tracks (1 for the first 6,000 iterations), absent
   tracks not encoded; mean over a sample's pairs, then over samples (--pair-mean batch: over all pairs).
 - Cluster growing (Sec. 7.6, 7.8, Fig. 10), our reading: --prototypes-final rows are allocated, `active` of them
   used; from --grow-start-epoch, --grow-per-epoch rows per epoch, each the split normalize(parent + 0.01 xi) of one
@@ -66,11 +66,10 @@ epochs on Sinkhorn-balanced pseudo-labels of the Toyota videos (transductive). `
 --protocol phlvc` = Sec. 7.6's finetuning (Table 6 augmentation, 10 random test clips and crops, dropout-ReLU-linear
 head; optimiser: the authors' transfer.py CLI defaults, unverified). `python common.py convert-alphapose` turns
 AlphaPose results (COCO-17, --pose_track ids) into COCO-18 ST-GCN JSON (neck = shoulder midpoint, / frame size, "id"
-kept); pretraining on Sims4Action (`--data sims4action`, Sec. 7.2) reads videos/<name>.avi with those
-pose2d/<name>.json (pose frame t = video frame t). Not implemented yet: pose and concatenated features in the
-cross-domain test, track ids from AlphaPose JSON (tracks are per-frame score ranks), the 'enough posed frames'
-filter of k400-pose (videos without a JSON are dropped; a clip without poses gives no pair), pose JSON cached as
-npy.
+kept: the JSON reader then keeps each track in one slot); pretraining on Sims4Action (`--data sims4action`, Sec.
+7.2) reads videos/<name>.avi with those pose2d/<name>.json (pose frame t = video frame t). Not implemented yet: pose
+and concatenated features in the cross-domain test, the 'enough posed frames' filter of k400-pose (videos without a
+JSON are dropped; a clip without poses gives no pair), pose JSON cached as npy.
 toy-paired keeps 2 people per frame (its JSON reader's default); k400-pose keeps 5.
 """
 import argparse

@@ -548,7 +548,7 @@ def test_convert_alphapose_to_coco18_stgcn_json(tmp_path):
     video = json.loads((tmp_path / "pose2d" / "Co_S1K1_fC6.json").read_text())
     assert [f["frame_index"] for f in video["data"]] == [0, 2] and [len(f["skeleton"]) for f in video["data"]] == [2, 1]
     first, second = video["data"][0]["skeleton"]
-    assert (first["id"], second["id"]) == (4, 7)
+    assert first["id"] == 4 and "id" not in second  # a list (no tracking) is not a track id
     assert first["pose"][2:4] == pytest.approx([0.3, 0.12]) and first["score"][1] == pytest.approx(0.555)  # neck
     assert first["pose"][4:6] == pytest.approx([65 / 200, 13 / 100])  # COCO-18 2 = right shoulder = COCO-17 6
     assert first["pose"][28:30] == pytest.approx([25 / 200, 5 / 100]) and first["score"][14] == pytest.approx(0.52)
@@ -557,6 +557,14 @@ def test_convert_alphapose_to_coco18_stgcn_json(tmp_path):
     pose, _ = common.read_kinetics_skeleton_json(str(tmp_path / "pose2d" / "Co_S1K1_fC6.json"), max_frames=3)
     assert pose.shape == (3, 3, 18, 2) and pose[:, 0, 1, 0] == pytest.approx([0.3 - 0.5, 0.12 - 0.5, 0.555])
     assert not pose[:, 1].any()  # frame 1: nobody
+    # track ids: track 1 (summed score 18 x 1.3) outscores track 2 (18 x 1.1) but not in frame 1: it keeps slot 0
+    tracked = [alphapose_person(f"{t}.jpg", i, dx=40 * i) for t, i in ((0, 1), (0, 2), (1, 1), (1, 2))]
+    for person, score in zip(tracked, (0.9, 0.5, 0.4, 0.6)):  # every joint of a person scored alike
+        person["keypoints"][2::3] = [score] * 17
+    src.write_text(json.dumps(tracked))
+    common.convert_alphapose(str(src), str(tmp_path / "tracked.json"), width=200, height=100)
+    pose, _ = common.read_kinetics_skeleton_json(str(tmp_path / "tracked.json"), max_frames=2)
+    assert pose[0, :, 0, 0] == pytest.approx([45 / 200 - 0.5] * 2) and pose[2, :, 0, 0] == pytest.approx([0.9, 0.4])
     # folder mode: <name>/alphapose-results.json (AlphaPose's --outdir per video), size from videos/<name>.mp4
     name = "Cook.Cut_p02_r00_v02_c03"
     os.makedirs(tmp_path / "ap" / name)
