@@ -35,9 +35,10 @@ Implementation details and readings (the authors' code has the architecture only
   -sum_k [q_k log p_k + (1 - q_k) log(1 - p_k)]: minimal only where p = q, penalises (p, q) = (1, 0), balanced
   (Sec. 7.9, Fig. 7). --loss swav = Eq. (4) (with the minus sign the printed equation lacks); --loss
   axent-symmetric = -sum_k [q_k log p_k + p_k log q_k], the other reading that fits Fig. 7.
-- Multi-body (Sec. 7.4): every (video view, pose track) pair gets l_A; tracks ranked by summed score (slots: track ids
-  where the JSON has them, else the per-frame score rank as the ST-GCN reader), at most --max-tracks (1 for the first 6,000 iterations), absent
-  tracks not encoded; mean over a sample's pairs, then over samples (--pair-mean batch: over all pairs).
+- Multi-body (Sec. 7.4): every (video view, pose track) pair gets l_A; tracks ranked by summed score (slots: track
+  ids where the JSON has them, else the per-frame score rank as the ST-GCN reader), at most --max-tracks (1 for the
+  first 6,000 iterations), absent tracks not encoded; mean over a sample's pairs, then over samples (--pair-mean
+  batch: over all pairs).
 - Cluster growing (Sec. 7.6, 7.8, Fig. 10), our reading: --prototypes-final rows are allocated, `active` of them
   used; from --grow-start-epoch, --grow-per-epoch rows per epoch, each the split normalize(parent + 0.01 xi) of one
   of the most-assigned prototypes since the last growth (parent unchanged); their Adam moments are reset (Adam's
