@@ -229,8 +229,8 @@ def get_parser():
     g = parser.add_argument_group("label efficiency (fewshot)")
     g.add_argument("--protocol", dest="protocol_name", default="dataset", choices=["dataset", "ch2", "coclr"],
                    help="dataset = the --data entry of PROTOCOLS (whole network; UCF/Gym 10^3: thesis Table C.4); "
-                   "ch2 = thesis Sec. 2.4.3: only fc + the last block trained, SGD 0.1, wd 1e-3, batch 128, 100 "
-                   "epochs; coclr = CoCLR / ViCC linear (L2 + BN + linear) and finetune (dropout 0.9) at 32x128²")
+                   "ch2 = thesis Sec. 2.4.3: depth: only fc + the last block trained, SGD 0.1, wd 1e-3, batch 128, "
+                   "100 epochs; skeletons: all layers, wd 1e-5, batch 100, 70 epochs, whole sequences; coclr = CoCLR / ViCC linear (L2 + BN + linear) and finetune (dropout 0.9) at 32x128²")
     g.add_argument("--per-class", type=int, default=None, help="N labelled examples per class (thesis Ch. 2: 20, 50, "
                    "100 with --protocol ch2)")
     g.add_argument("--label-fraction", type=float, default=None, help="stratified fraction of labels (Ch. 3: 0.01, "
@@ -725,13 +725,17 @@ def clip_transform(item, key, to_input, train, crop, short_side, crop_scale=(0.0
     return item
 
 
-def skeleton_transform(item, train, frames, center, skelemotion=False):
-    """Centre, then crop (App. A.1) to (C, frames, V, M). skelemotion=True (--arch skelemotion_cnn): body 0 of the
+def skeleton_transform(item, train, frames, center, skelemotion=False, whole=False):
+    """Centre, then crop (App. A.1) to (C, frames, V, M); whole=True (--protocol ch2, thesis Sec. 2.4.3 "whole
+    3D-skeleton sequences", no augmentation): the first `frames` frames, zero-padded. skelemotion=True (--arch skelemotion_cnn): body 0 of the
     crop as a SkeleMotion image (6, frames, 49) (`common.skelemotion_image`, tau = 1, NTU-25 chaining), the input
     of P-HLVC's SkeleMotion CNN. P-HLVC forwards every present body separately; we keep body 0, as the crop and the
     centring are anchored on it (the second person of two-person actions is dropped)."""
     x = item["skeleton"].float()  # (C, T, V, M), zero-padded after item["length"] frames
     x = common.center_on_spine(x) if center else x
+    if whole:
+        item["skeleton"] = F.pad(x, (0, 0, 0, 0, 0, max(frames - x.shape[1], 0)))[:, :frames]  # (C, frames, V, M)
+        return item
 
     def crop(out_frames):  # App. A.1 (authors' `crop_subsequence`): train L_ratio ~ U[0.5, 1], L >= out_frames
         # where the sequence is that long, random start; test L_ratio 0.95, centred. -> (C, out_frames, V, M)
@@ -760,7 +764,8 @@ def build_split(args, split, train, augment=True):
     p, checks = args.protocol, dict(strict=args.strict_data, bad_files_path=args.bad_files)
     if p["modality"] == "skeleton":
         transform = functools.partial(skeleton_transform, train=train and augment, frames=args.frames,
-                                      center=not args.no_center, skelemotion=args.arch == "skelemotion_cnn")
+                                      center=not args.no_center, skelemotion=args.arch == "skelemotion_cnn",
+                                      whole=args.protocol_name == "ch2")
         return common.build_dataset(args.data, args.data_root, split, transform=transform, **checks)
     # paired sets (Ch. 2): a depth or flow student's 1- or 2-channel inputs; their datasets ignore num_clips
     paired = protocol_for(args.data)["modality"] == "depth" and p["modality"] in ("depth", "flow")
@@ -961,7 +966,8 @@ def classification_task(run, args, arrow=False):
         run.print(f"  transfer: pretrained on {pretrained_on or 'unknown (no meta in --weights)'} -> {args.data}"
                   + (" (WARNING: source and target are the same dataset)" if pretrained_on == args.data else ""))
     model = Classifier(backbone, num_classes, frozen=args.task == "linear", dropout=args.protocol["dropout"],
-                       trainable=last_block(args.arch)[1] if args.protocol_name == "ch2" else None,
+                       trainable=last_block(args.arch)[1] if args.protocol_name == "ch2" and args.arch not in
+                       SKELETON_ARCHS else None,
                        l2_bn=args.protocol_name == "coclr" and args.task == "linear")
     selection = train_and_select(run, args, model, train_set, select_set, num_classes, multilabel, arrow)
     test = predict(model, test_set, args, run, multilabel, arrow)
@@ -1806,7 +1812,10 @@ def apply_protocol(args):
                                f"(untrimmed videos with labelled segments), found {args.data}")
     task_key = PROTOCOL_TASK.get(args.task, "finetune")
     p = args.protocol
-    if args.protocol_name == "ch2":  # thesis Sec. 2.4.3: fc + last block, SGD 0.1 (momentum 0.9), wd 1e-3, 100 epochs
+    ch2_skeleton = args.protocol_name == "ch2" and p["modality"] == "skeleton"
+    if ch2_skeleton:  # Sec. 2.4.3 skeleton student: all layers, SGD 0.1 (momentum 0.9), wd 1e-5, batch 100, 70 epochs
+        spec = _opt("sgd", 100, 0.1, 70, [], wd=1e-5)
+    elif args.protocol_name == "ch2":  # Sec. 2.4.3 depth: fc + last block, SGD 0.1 (momentum 0.9), wd 1e-3, 100 epochs
         spec = _opt("sgd", 128, 0.1, 100, [], wd=1e-3)
     elif args.protocol_name == "coclr":  # CoCLR / ViCC main_classifier.py: SGD 0.1, wd 1e-3, batch 32
         spec = (_opt("sgd", 32, 0.1, 100, [60, 80], wd=1e-3) if args.task == "linear" else
@@ -1831,6 +1840,8 @@ def apply_protocol(args):
                   milestones=spec["milestones"], frames=p["frames"], test_clips=p["test_clips"])
     if args.task == "arrow-of-time":
         values.update(frames=8, test_clips=1)  # App. B.2.4: 8 frames, one clip at test
+    if ch2_skeleton:  # whole sequences, zero-padded to 300 frames as the student saw them (ST-GCN's input)
+        values.update(frames=300)
     if args.task == "detection":
         values.update(frames=RC3D_BUFFER)  # R-C3D's buffer of frames (their THUMOS'14 LENGTH)
     for name, value in values.items():
@@ -1838,7 +1849,7 @@ def apply_protocol(args):
     args.optimizer, args.momentum = spec["optimizer"], spec["momentum"]
     args.eval_every = args.overrides.get("eval_every") or max(1, args.epochs // 10)
     args.eval_batch_size = max(1, 2 * args.batch_size // args.test_clips)
-    if args.protocol_name == "ch2":
+    if args.protocol_name == "ch2" and not ch2_skeleton:
         last_block(args.arch)  # an encoder without a last ResNet block: refused before anything is written
     if args.task == "repcount" and protocol_for(args.data).get("metric") != "mae":
         raise ValueError(f"evaluate.py: --task repcount needs a UCFRep-layout dataset (ucfrep, toy-ucfrep); "
@@ -2000,10 +2011,12 @@ def describe_protocol(args, source, sizes, num_classes):
     features_only = args.task in ("knn", "clusters")
     if p["modality"] == "skeleton":
         skelemotion = args.arch == "skelemotion_cnn"
-        inputs = (("" if args.no_center else "centred on body 0's spine joint; ") +
+        inputs = (("" if args.no_center else "centred on body 0's spine joint; ") + (
+                  f"whole sequences, the first {args.frames} frames, zero-padded, no augmentation" if
+                  args.protocol_name == "ch2" else
                   f"crops resampled to {args.frames + 1 if skelemotion else args.frames} frames: " +
                   ("" if features_only else "random, ratio U(0.5, 1) (train); ") + "centred, ratio 0.95 (test)" +
-                  (f"; body 0 as a SkeleMotion image (6, {args.frames}, 49), tau 1" if skelemotion else ""))
+                  (f"; body 0 as a SkeleMotion image (6, {args.frames}, 49), tau 1" if skelemotion else "")))
     elif features_only:
         inputs = (f"{p['modality']} clips of {args.frames} frames at stride {p['stride']}: {args.test_clips} "
                   f"uniformly spaced clips per video, short side {p['short_side']} + centre crop {p['crop']}")
@@ -2041,6 +2054,8 @@ def describe_protocol(args, source, sizes, num_classes):
         lines.append(f"  labels: {budget}, subset seed {args.subset_seed}")
     head = ("frozen backbone in eval mode + new linear classifier" + (" on L2-normalised features + BN (--protocol "
             "coclr)" if args.protocol_name == "coclr" else "") if args.task == "linear" else
+            "whole network and a new linear head trained (--protocol ch2, skeleton student, thesis Sec. 2.4.3)"
+            if args.protocol_name == "ch2" and p["modality"] == "skeleton" else
             f"only the new linear head and the backbone's last block ({last_block(args.arch)[0]}) trained, the rest "
             f"frozen in eval mode (--protocol ch2, thesis Sec. 2.4.3)" if args.protocol_name == "ch2" else
             f"whole network trained, new linear head (dropout {args.protocol['dropout']})")

@@ -640,3 +640,28 @@ def test_two_gloo_processes_and_visualize(small_paired, tmp_path):
         assert os.path.exists(os.path.join(out, name)), name
     with open(os.path.join(out, "metrics.jsonl")) as f:
         assert json.loads(f.readlines()[-1])["step"] == 2
+
+
+def test_ch2_protocol_for_skeleton_students(tmp_path):
+    """Thesis Sec. 2.4.3, skeleton student: SGD lr 0.1, momentum 0.9, wd 1e-5, batch 100, 70 epochs, all layers
+    trained; whole sequences (the first 300 frames, zero-padded, as the student saw them in distillation) without
+    augmentation, in training and at test."""
+    argv = ["--task", "fewshot", "--protocol", "ch2", "--data", "toy-skeleton", "--arch", "stgcn", "--per-class", "2",
+            "--workers", "0", "--out-dir", str(tmp_path)]
+    args = evaluate.resolve_args(evaluate.get_parser().parse_args(argv))
+    assert (args.optimizer, args.lr, args.momentum, args.wd, args.batch_size, args.epochs, args.milestones,
+            args.frames) == ("sgd", 0.1, 0.9, 1e-5, 100, 70, [], 300)
+    raw = common.build_dataset("toy-skeleton", None, "train", transform=lambda item: item)[3]
+    expected = common.center_on_spine(raw["skeleton"].float())  # (3, 300, 25, 2): toy sequences are padded to 300
+    assert expected.shape == (3, 300, 25, 2) and raw["length"] < 300
+    for train in (True, False):  # the same input twice: no random crop, no resampling
+        split = evaluate.build_split(args, "train", train=train)
+        assert torch.equal(split[3]["skeleton"], expected) and torch.equal(split[3]["skeleton"], expected)
+    short = evaluate.skeleton_transform({"skeleton": raw["skeleton"][:, :40], "length": raw["length"]}, True, 64,
+                                        False, whole=True)["skeleton"]  # 40 frames -> zero-padded to 64
+    assert torch.equal(short[:, :40], raw["skeleton"][:, :40].float()) and short[:, 40:].abs().sum() == 0
+    text = evaluate.describe_protocol(args, "random", {"train": 24, "val": 0, "test": 6}, 12)
+    assert "whole network and a new linear head trained" in text and "zero-padded, no augmentation" in text
+    result = evaluate.main(argv[:-2] + ["--epochs", "1", "--batch-size", "8", "--arch-options", '{"hidden": 8}',
+                                        "--out-dir", str(tmp_path / "run")])
+    assert "whole network" in result["protocol"] and result["sizes"]["train"] == 24
