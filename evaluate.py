@@ -1281,8 +1281,8 @@ class RC3D(nn.Module):
 
     def heads(self, fmap, rois, buffer_of, stride):
         """Classification subnet on RoIs (R, 2) -> class logits (R, C + 1), offsets (R, C + 1, 2)."""
-        h = self.fc(roi_pool_3d(fmap, rois, buffer_of, stride).float())  # (R, width)
-        return self.cls(h), self.twin(h).view(len(rois), -1, 2)
+        h = self.fc(roi_pool_3d(fmap, rois, buffer_of, stride))  # (R, width)
+        return self.cls(h).float(), self.twin(h).float().view(len(rois), -1, 2)  # fp32: offsets scale frames
 
     def classify(self, fmap, proposals, stride):
         """Test: per buffer (proposals (R, 2), softmax (R, C + 1), refined segments (R, C + 1, 2))."""
