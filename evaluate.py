@@ -35,7 +35,7 @@ then the real-data command (W = a backbone.pth, checkpoint.pth or an authors' ch
                    two-stream and ViCC's R+F; --task knn --save-logits files: R+F retrieval, the sum of cosines)
     repcount       python evaluate.py --task repcount
                    python evaluate.py --task repcount --data ucfrep --arch r2plus1d_18 --weights W --gpus 4
-    detection      (no toy set; tests build a PKU-MMD layout) sliding-window detector, NOT R-C3D (thesis Table 2.6):
+    detection      (no toy set; tests build a PKU-MMD layout) R-C3D on the student's trunk (thesis Table 2.6):
                    python evaluate.py --task detection --data pku1-paired --weights W --label-fraction 0.25 --gpus 4
     severe         python evaluate.py --task severe --max-steps 2
                    python evaluate.py --task severe --arch r2plus1d_18 --weights W --data-root /datasets --gpus 8
@@ -62,6 +62,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torchvision
 
 import common
 
@@ -135,7 +136,7 @@ PROTOCOLS = {
     # Paired sets (crossmodal_distill.py): the modality comes from the checkpoint's meta (depth by default, flow);
     # one clip per video at test (all frames // L: --protocol ch2). Toy: toy-paired-target's 6 actions, 16-24 frames.
     "paired": dict(VIDEO, modality="depth", frames=16, short_side=112, jitter=False, test_clips=1,
-                   detection=_opt("sgd", 4, 1e-4, 8, [6], wd=5e-4)),  # Table 2.6 (R-C3D schedule), detection_task
+                   detection=_opt("sgd", 4, 1e-4, 8, [6], wd=5e-4)),  # Table 2.6; wd: R-C3D's solver
     "toy-paired": dict(VIDEO, modality="depth", frames=8, crop=48, short_side=48, crop_scale=(0.5, 1.0),
                        jitter=False, test_clips=1, finetune=_opt("adam", 16, 1e-3, 10, [7]),
                        linear=_opt("adam", 16, 1e-2, 10, [7]), fewshot=_opt("adam", 16, 1e-3, 10, [7])),
@@ -231,10 +232,10 @@ def get_parser():
     g = parser.add_argument_group("label efficiency (fewshot)")
     g.add_argument("--protocol", dest="protocol_name", default="dataset", choices=["dataset", "ch2", "coclr", "phlvc"],
                    help="dataset = the --data entry of PROTOCOLS (whole network; UCF/Gym 10^3: thesis Table C.4); "
-                   "ch2 = thesis Sec. 2.4.3: only fc + the last block trained, SGD 0.1, wd 1e-3, batch 128, 100 "
-                   "epochs; coclr = CoCLR / ViCC linear (L2 + BN + linear) and finetune (dropout 0.9) at 32x128²; "
-                   "phlvc = P-HLVC supp. Sec. 7.6 finetune (Table 6 augmentation, 10 random test crops, "
-                   "dropout-ReLU-linear head)")
+                   "ch2 = thesis Sec. 2.4.3: depth: only fc + the last block trained, SGD 0.1, wd 1e-3, batch 128, "
+                   "100 epochs; skeletons: all layers, wd 1e-5, batch 100, 70 epochs, whole sequences; coclr = "
+                   "CoCLR / ViCC linear (L2 + BN + linear) and finetune (dropout 0.9) at 32x128²; phlvc = P-HLVC "
+                   "supp. Sec. 7.6 finetune (Table 6 augmentation, 10 random test crops, dropout-ReLU-linear head)")
     g.add_argument("--per-class", type=int, default=None, help="N labelled examples per class (thesis Ch. 2: 20, 50, "
                    "100 with --protocol ch2)")
     g.add_argument("--label-fraction", type=float, default=None, help="stratified fraction of labels (Ch. 3: 0.01, "
@@ -747,13 +748,17 @@ def phlvc_test_crop(x, crop, p_centre, side, min_area):
     return torch.stack(out).reshape(*x.shape[:-2], crop, crop)
 
 
-def skeleton_transform(item, train, frames, center, skelemotion=False):
-    """Centre, then crop (App. A.1) to (C, frames, V, M). skelemotion=True (--arch skelemotion_cnn): body 0 of the
-    crop as a SkeleMotion image (6, frames, 49) (`common.skelemotion_image`, tau = 1, NTU-25 chaining), the input
+def skeleton_transform(item, train, frames, center, skelemotion=False, whole=False):
+    """Centre, then crop (App. A.1) to (C, frames, V, M); whole=True (--protocol ch2, thesis Sec. 2.4.3 "whole
+    3D-skeleton sequences", no augmentation): the first `frames` frames, zero-padded. skelemotion=True (--arch
+    skelemotion_cnn): body 0 of the crop as a SkeleMotion image (6, frames, 49) (`common.skelemotion_image`, tau = 1, NTU-25 chaining), the input
     of P-HLVC's SkeleMotion CNN. P-HLVC forwards every present body separately; we keep body 0, as the crop and the
     centring are anchored on it (the second person of two-person actions is dropped)."""
     x = item["skeleton"].float()  # (C, T, V, M), zero-padded after item["length"] frames
     x = common.center_on_spine(x) if center else x
+    if whole:
+        item["skeleton"] = F.pad(x, (0, 0, 0, 0, 0, max(frames - x.shape[1], 0)))[:, :frames]  # (C, frames, V, M)
+        return item
 
     def crop(out_frames):  # App. A.1 (authors' `crop_subsequence`): train L_ratio ~ U[0.5, 1], L >= out_frames
         # where the sequence is that long, random start; test L_ratio 0.95, centred. -> (C, out_frames, V, M)
@@ -782,7 +787,8 @@ def build_split(args, split, train, augment=True):
     p, checks = args.protocol, dict(strict=args.strict_data, bad_files_path=args.bad_files)
     if p["modality"] == "skeleton":
         transform = functools.partial(skeleton_transform, train=train and augment, frames=args.frames,
-                                      center=not args.no_center, skelemotion=args.arch == "skelemotion_cnn")
+                                      center=not args.no_center, skelemotion=args.arch == "skelemotion_cnn",
+                                      whole=args.protocol_name == "ch2")
         return common.build_dataset(args.data, args.data_root, split, transform=transform, **checks)
     # paired sets (Ch. 2): a depth or flow student's 1- or 2-channel inputs; their datasets ignore num_clips
     paired = protocol_for(args.data)["modality"] == "depth" and p["modality"] in ("depth", "flow")
@@ -984,7 +990,8 @@ def classification_task(run, args, arrow=False):
         run.print(f"  transfer: pretrained on {pretrained_on or 'unknown (no meta in --weights)'} -> {args.data}"
                   + (" (WARNING: source and target are the same dataset)" if pretrained_on == args.data else ""))
     model = Classifier(backbone, num_classes, frozen=args.task == "linear", dropout=args.protocol["dropout"],
-                       trainable=last_block(args.arch)[1] if args.protocol_name == "ch2" else None,
+                       trainable=last_block(args.arch)[1] if args.protocol_name == "ch2" and args.arch not in
+                       SKELETON_ARCHS else None,
                        l2_bn=args.protocol_name == "coclr" and args.task == "linear",
                        relu=args.protocol_name == "phlvc")
     selection = train_and_select(run, args, model, train_set, select_set, num_classes, multilabel, arrow)
@@ -1199,59 +1206,218 @@ def fusion_task(run, args):
 
 
 # ---------------------------------------------------------------------------------------------- temporal detection
-# Thesis Table 2.6 fine-tunes R-C3D [257] (backbone + temporal proposal subnet + RoI classification) with the depth
-# student as backbone. This is NOT R-C3D but a simpler sliding-window detector (ours): the backbone + a (C+1)-way
-# fc (C actions + background) fine-tuned on L-frame windows at stride L/2 of the untrimmed videos; at test,
-# consecutive windows whose most likely class is one action are merged into a segment scored by that class's mean
-# probability. Schedule as the thesis' R-C3D fine-tuning (8 epochs, lr 1e-4, 1e-5 for the last 2; SGD momentum 0.9,
-# wd 5e-4 as R-C3D's solver), but batch 4 = 4 windows, not 4 R-C3D buffers. Metric: ActivityNet-style mAP.
-class DetectionWindows(torch.utils.data.Dataset):
-    """L-frame windows at stride L/2 over untrimmed sequences of a PKU-MMD paired split, through its transform.
-    Window label: the action covering the most of it if that covers at least half, else background (= C)."""
+# R-C3D (Xu et al., "R-C3D: Region Convolutional 3D Network for Temporal Activity Detection", ICCV 2017), thesis
+# Table 2.6, with the student's 3D conv trunk as the shared feature map (C, L/s, H', W') in place of C3D's conv5b
+# (s = the trunk's temporal stride: 16 for resnet3d_18, 8 for C3D). From the paper and the authors' code
+# (VisionLearningGroup/R-C3D): K anchor segments at each temporal position, THUMOS'14 scales in feature cells
+# (Sec. 3.2 / 4.1); proposal subnet = 3x3x3 conv + ReLU, max-pool over H', W', 1x1 objectness (2-way softmax) and
+# offsets; anchors positive at tIoU >= 0.7 or the best one of a ground truth, negative < 0.3, 64 per buffer, at most
+# half positive (Sec. 3.4); offsets (dc, dl) = ((c* - c) / l, log(l* / l)) (Eq. 2); proposals: NMS 0.7, 2000 kept
+# in training, 300 at test; 3D RoI pooling to 1x4x4 (Sec. 3.3); classification subnet fc6, fc7 (ReLU) -> C + 1
+# scores and class-specific offsets on 128 RoIs per buffer, a quarter with tIoU >= 0.5 (their Faster R-CNN
+# sampler, ground truth added to the proposals), offsets divided by (0.1, 0.2); loss = softmax CE + smooth L1 for
+# each subnet (Eq. 1, lambda = 1; sigma 3 for the proposal offsets); test: per-class NMS 0.3; 512-frame buffers.
+# Ours (the thesis and PKU-MMD settings are silent): fc width 8 x trunk channels (their 4096 on C3D's 512);
+# training buffers at stride L/2 keep the segments with >= half their length inside, test buffers tile the video
+# (stride L; the tail repeats the last frame); at most 100 detections per buffer, every process tests the whole
+# split; cross-boundary anchors are kept (Faster R-CNN ignores them). Metric: ActivityNet-style mAP (above).
+RC3D_SCALES = (2, 4, 5, 6, 8, 9, 10, 12, 14, 16)  # anchor lengths in feature cells (R-C3D Sec. 4.1, THUMOS'14)
+RC3D_BUFFER, RC3D_MAX_SEGMENTS, RC3D_PER_BUFFER = 512, 64, 100
 
-    def __init__(self, paired, sequences, clip_len, key):
-        self.paired, self.clip_len, self.key, self.windows, labels = paired, clip_len, key, [], []
+
+def rc3d_anchors(cells, stride, scales=RC3D_SCALES):
+    """(cells * K, 2) anchor segments [start, end) in frames: K lengths scale * stride centred on each cell, t-major."""
+    centres = (torch.arange(cells, dtype=torch.float32) + 0.5) * stride  # (T',)
+    lengths = torch.tensor(scales, dtype=torch.float32) * stride  # (K,)
+    return torch.stack([centres[:, None] - lengths / 2, centres[:, None] + lengths / 2], -1).flatten(0, 1)  # (T'K, 2)
+
+
+def segment_iou(a, b):
+    """Pairwise tIoU of segments a (N, 2) and b (M, 2) -> (N, M)."""
+    inter = (torch.minimum(a[:, None, 1], b[None, :, 1]) - torch.maximum(a[:, None, 0], b[None, :, 0])).clamp(min=0)
+    return inter / ((a[:, 1] - a[:, 0])[:, None] + (b[:, 1] - b[:, 0])[None] - inter).clamp(min=1e-6)  # (N, M)
+
+
+def encode_segments(anchors, targets):
+    """R-C3D Eq. (2): (N, 2) segments relative to (N, 2) anchors -> (N, 2) offsets (dc, dl)."""
+    la, lt = anchors[:, 1] - anchors[:, 0], targets[:, 1] - targets[:, 0]  # (N,)
+    return torch.stack([(targets.mean(1) - anchors.mean(1)) / la, torch.log(lt / la)], 1)  # (N, 2)
+
+
+def decode_segments(anchors, offsets):
+    """Inverse of encode_segments: (N, 2) anchors, (N, 2) offsets -> (N, 2) segments."""
+    la = anchors[:, 1] - anchors[:, 0]  # (N,)
+    centre, length = anchors.mean(1) + offsets[:, 0] * la, la * offsets[:, 1].clamp(max=math.log(1000)).exp()
+    return torch.stack([centre - length / 2, centre + length / 2], 1)  # (N, 2)
+
+
+def label_anchors(anchors, gt, positive=0.7, negative=0.3):
+    """R-C3D Sec. 3.4: anchors (A, 2) vs ground truth (G, 2) -> labels (A,) 1 / 0 / -1 (ignored), matched gt (A,)."""
+    iou = segment_iou(anchors, gt)  # (A, G)
+    best, match = iou.max(1)  # (A,)
+    labels = torch.full_like(match, -1)
+    labels[best < negative] = 0
+    best_of_gt = iou.max(0).values  # (G,) an anchor with a ground truth's highest tIoU is positive too
+    labels[((iou == best_of_gt) & (best_of_gt > 0)).any(1) | (best >= positive)] = 1
+    return labels, match
+
+
+def sample(labels, total, positive_fraction):
+    """Indices of at most total * positive_fraction random positives (labels > 0) and negatives (== 0) to fill up."""
+    pos, neg = (torch.nonzero(m).flatten() for m in (labels > 0, labels == 0))
+    pos = pos[torch.randperm(len(pos), device=pos.device)[:int(total * positive_fraction)]]
+    neg = neg[torch.randperm(len(neg), device=neg.device)[:total - len(pos)]]
+    return torch.cat([pos, neg])
+
+
+def roi_pool_3d(fmap, rois, buffer_of, stride, size=(4, 4)):
+    """3D RoI pooling to 1 x size: fmap (B, C, T', H', W'), rois (R, 2) frames of buffer buffer_of (R,) ->
+    (R, C * size[0] * size[1]) maxima over the RoI's cells x each spatial bin (max is separable)."""
+    pooled = F.adaptive_max_pool3d(fmap, (fmap.shape[2], *size)).flatten(3)  # (B, C, T', h w)
+    t0 = (rois[:, 0] / stride).floor().long().clamp(0, fmap.shape[2] - 1)  # (R,)
+    t1 = torch.maximum((rois[:, 1] / stride).ceil().long(), t0 + 1).clamp(max=fmap.shape[2])  # (R,)
+    return torch.stack([pooled[b, :, a:e].amax(1).flatten() for b, a, e in
+                        zip(buffer_of.tolist(), t0.tolist(), t1.tolist())])  # (R, C h w)
+
+
+class RC3D(nn.Module):
+    """R-C3D on a video trunk (common.build_backbone, return_map=True). forward(x (B, C, L, H, W), segments
+    (B, G, 3) rows (label, start, end) in buffer frames, label -1 = padding, >= 1 row per buffer) -> loss; without segments -> per buffer
+    (proposals (R, 2), class probabilities (R, C + 1), refined segments (R, C + 1, 2)); class 0 = background."""
+
+    def __init__(self, trunk, num_classes, scales=RC3D_SCALES):
+        super().__init__()
+        c, k, width = trunk.feature_dim, len(scales), 8 * trunk.feature_dim
+        self.trunk, self.num_classes, self.scales = trunk, num_classes, scales
+        self.proposal_conv = nn.Conv3d(c, c, 3, padding=1)
+        self.proposal_out = nn.Conv1d(c, 4 * k, 1)  # per anchor: 2 objectness logits, 2 offsets
+        self.fc = nn.Sequential(nn.Linear(16 * c, width), nn.ReLU(inplace=True), nn.Linear(width, width),
+                                nn.ReLU(inplace=True))
+        self.cls, self.twin = nn.Linear(width, num_classes + 1), nn.Linear(width, 2 * (num_classes + 1))
+        for layer, std in ((self.proposal_out, 0.01), (self.cls, 0.01), (self.twin, 0.001)):  # their fillers
+            nn.init.normal_(layer.weight, 0.0, std)
+            nn.init.zeros_(layer.bias)
+
+    def forward(self, x, segments=None):
+        fmap = self.trunk(x, return_map=True)  # (B, C, T', H', W')
+        (b, _, cells), length = fmap.shape[:3], x.shape[2]
+        stride = length / cells
+        anchors = rc3d_anchors(cells, stride, self.scales).to(x.device)  # (A, 2), A = T' K
+        out = self.proposal_out(F.relu(self.proposal_conv(fmap)).amax((3, 4)))  # (B, 4K, T')
+        out = out.transpose(1, 2).reshape(b, -1, 2, 2).float()  # (B, A, [logits, offsets], 2)
+        proposals = []
+        for i in range(b):  # NMS 0.7 on the decoded, clipped anchors
+            p = decode_segments(anchors, out[i, :, 1].detach()).clamp(0, length)  # (A, 2)
+            score = out[i, :, 0].detach().softmax(-1)[:, 1]  # (A,)
+            keep = torch.nonzero(p[:, 1] - p[:, 0] >= 1).flatten()
+            keep = keep[nms_segments(p[keep], score[keep], 0.7)][:2000 if segments is not None else 300]
+            proposals.append(p[keep])
+        if segments is None:
+            return self.classify(fmap, proposals, stride)
+        loss, rois, buffer_of, labels, targets = 0.0, [], [], [], []
+        for i in range(b):
+            gt = segments[i][segments[i, :, 0] >= 0].float()  # (G, 3)
+            anchor_labels, match = label_anchors(anchors, gt[:, 1:])
+            chosen = sample(anchor_labels, 64, 0.5)  # Sec. 3.4: 1:1 batches of 64 anchors
+            loss = loss + F.cross_entropy(out[i, chosen, 0], anchor_labels[chosen])
+            pos = chosen[anchor_labels[chosen] > 0]
+            if len(pos):  # smooth L1 (sigma 3 -> beta 1/9) on positives, normalised by the sampled anchors
+                loss = loss + F.smooth_l1_loss(out[i, pos, 1], encode_segments(anchors[pos], gt[match[pos], 1:]),
+                                               beta=1 / 9, reduction="sum") / len(chosen)
+            r = torch.cat([proposals[i], gt[:, 1:]])  # (R, 2) proposals + ground truth
+            best, m = segment_iou(r, gt[:, 1:]).max(1)  # (R,) best tIoU and its ground truth
+            cls = torch.where(best >= 0.5, gt[m, 0].long() + 1, 0)  # (R,) 0 = background
+            keep = sample(cls, 128, 0.25)
+            rois.append(r[keep])
+            buffer_of.append(torch.full((len(keep),), i, device=x.device))
+            labels.append(cls[keep])
+            targets.append(encode_segments(r[keep], gt[m[keep], 1:]) / r.new_tensor([0.1, 0.2]))  # (128, 2)
+        scores, twins = self.heads(fmap, torch.cat(rois), torch.cat(buffer_of), stride)  # (R, C+1), (R, C+1, 2)
+        labels, targets = torch.cat(labels), torch.cat(targets)  # (R,), (R, 2)
+        fg = torch.nonzero(labels > 0).flatten()
+        loss = loss / b + F.cross_entropy(scores, labels)
+        return loss + F.smooth_l1_loss(twins[fg, labels[fg]], targets[fg], reduction="sum") / len(labels)
+
+    def heads(self, fmap, rois, buffer_of, stride):
+        """Classification subnet on RoIs (R, 2) -> class logits (R, C + 1), offsets (R, C + 1, 2)."""
+        h = self.fc(roi_pool_3d(fmap, rois, buffer_of, stride))  # (R, width)
+        return self.cls(h).float(), self.twin(h).float().view(len(rois), -1, 2)  # fp32: offsets scale frames
+
+    def classify(self, fmap, proposals, stride):
+        """Test: per buffer (proposals (R, 2), softmax (R, C + 1), refined segments (R, C + 1, 2))."""
+        buffer_of = torch.cat([torch.full((len(p),), i, device=fmap.device) for i, p in enumerate(proposals)])
+        scores, twins = self.heads(fmap, torch.cat(proposals), buffer_of, stride)
+        twins = twins * twins.new_tensor([0.1, 0.2])  # (R, C + 1, 2) un-normalised offsets
+        out = []
+        for i, p in enumerate(proposals):
+            m = buffer_of == i
+            refined = decode_segments(p.repeat_interleave(self.num_classes + 1, 0), twins[m].flatten(0, 1))
+            out.append((p, scores[m].softmax(-1), refined.view(len(p), -1, 2)))
+        return out
+
+
+def nms_segments(segments, scores, threshold, classes=None):
+    """Indices kept by (per-class) NMS at tIoU `threshold`, by decreasing score; segments (N, 2) as unit-height
+    boxes, whose IoU is the tIoU."""
+    boxes = torch.stack([segments[:, 0], torch.zeros_like(scores), segments[:, 1], torch.ones_like(scores)], 1)
+    return torchvision.ops.batched_nms(boxes.float(), scores.float(), torch.zeros_like(scores, dtype=torch.long)
+                                       if classes is None else classes, threshold)
+
+
+class DetectionBuffers(torch.utils.data.Dataset):
+    """L-frame buffers at stride `step` over untrimmed sequences of a PKU-MMD paired split, through its transform
+    (frames past the end repeat the last one). item: key (C, L, H, W), segments (RC3D_MAX_SEGMENTS, 3) rows (label,
+    start, end) in buffer frames, end exclusive, cut to the buffer and kept when >= half inside, label -1 = padding.
+    train=True keeps only buffers that hold a segment."""
+
+    def __init__(self, paired, sequences, length, step, key, train):
+        self.paired, self.length, self.key, self.buffers = paired, length, key, []
         for seq in sequences:
-            segments = paired.segments(seq)  # (K, 3): label, start, end (inclusive)
-            for start in range(0, max(paired.sequence_length(seq) - clip_len, 0) + 1, max(clip_len // 2, 1)):
-                cover = (np.minimum(segments[:, 2] + 1, start + clip_len) - np.maximum(segments[:, 1], start)).clip(0)
-                best = int(np.argmax(cover)) if len(segments) else 0
-                action = len(segments) and 2 * cover[best] >= clip_len
-                self.windows.append((seq, start))
-                labels.append(segments[best, 0] if action else paired.num_classes)
-        self.labels, self.indices = np.asarray(labels, dtype=np.int64), np.arange(len(self.windows))
+            n, rows = paired.sequence_length(seq), paired.segments(seq)  # rows (K, 3) inclusive ends
+            for start in range(0, max(n - length, 0) + step, step):
+                a, b = rows[:, 1] - start, rows[:, 2] + 1 - start  # (K,) buffer frames
+                a_in, b_in = a.clip(0, min(length, n - start)), b.clip(0, min(length, n - start))
+                inside = 2 * (b_in - a_in) >= b - a
+                if inside.any() or not train:
+                    self.buffers.append((seq, start, np.stack([rows[inside, 0], a_in[inside], b_in[inside]], 1)))
 
     def __len__(self):
-        return len(self.windows)
+        return len(self.buffers)
 
     def __getitem__(self, i):
-        seq, start = self.windows[i]
-        item = self.paired.read_sequence(seq, np.arange(start, start + self.clip_len), (self.key,))
-        return {self.key: self.paired.transform(item)[self.key], "label": torch.tensor(self.labels[i]),
-                "index": torch.tensor(i)}
+        seq, start, rows = self.buffers[i]
+        item = self.paired.read_sequence(seq, np.arange(start, start + self.length), (self.key,))
+        segments = torch.full((RC3D_MAX_SEGMENTS, 3), -1.0)
+        segments[:len(rows)] = torch.from_numpy(rows[:RC3D_MAX_SEGMENTS]).float()
+        return {self.key: self.paired.transform(item)[self.key], "segments": segments, "index": torch.tensor(i)}
 
 
-def group_windows(scores, windows, clip_len, background):
-    """Window scores (W, C+1) in time order per sequence -> detections [(seq, class, start, end, score)]: a run of
-    overlapping or touching windows with the same most likely action is one segment [first start, last start + L),
-    scored by the mean probability of that action over the run; background windows end a run."""
-    detections, current = [], None
-    for (seq, start), p in zip(windows, scores):
-        c = int(np.argmax(p))
-        if current and (current[0], current[1]) == (seq, c) and start <= current[3]:
-            current[3], current[4] = start + clip_len, current[4] + [float(p[c])]
-            continue
-        if current and current[1] != background:
-            detections.append((*current[:4], float(np.mean(current[4]))))
-        current = [seq, c, start, start + clip_len, [float(p[c])]]
-    if current and current[1] != background:
-        detections.append((*current[:4], float(np.mean(current[4]))))
+@torch.no_grad()
+def detect(model, buffers, args, run):
+    """Detections [(seq, class, start, end, score)] (end exclusive, clipped to the video) of `model` over the
+    buffers: per buffer, per-class NMS 0.3 on the refined segments, the RC3D_PER_BUFFER best."""
+    model.eval()
+    loader = torch.utils.data.DataLoader(buffers, batch_size=args.eval_batch_size, num_workers=args.workers or 0)
+    detections, i = [], 0
+    for batch in loader:
+        with run.autocast():
+            outputs = model(batch[buffers.key].to(run.device))
+        for proposals, probs, refined in outputs:
+            seq, start, _ = buffers.buffers[i]
+            i += 1
+            n = buffers.paired.sequence_length(seq)
+            classes = torch.arange(1, probs.shape[1], device=probs.device).repeat(len(proposals))  # (R C,)
+            scores, segments = probs[:, 1:].flatten().float(), refined[:, 1:].flatten(0, 1).float()  # (R C), (R C, 2)
+            segments = (segments + start).clamp(0, n)
+            keep = nms_segments(segments, scores, 0.3, classes)[:RC3D_PER_BUFFER]
+            detections += [(seq, int(classes[k]) - 1, float(segments[k, 0]), float(segments[k, 1]),
+                            float(scores[k])) for k in keep.tolist()]
     return detections
 
 
 def detection_task(run, args):
-    """--task detection on pku1-paired: fine-tune on the windows of --label-fraction of the training videos (thesis:
-    1/4, 1/2, all = 235, 470, 942), detect in the validation videos, mAP at tIoU 0.1-0.7 (primary 0.5)."""
+    """--task detection on pku1-paired: R-C3D fine-tuned on --label-fraction of the training videos (thesis: 1/4,
+    1/2, all = 235, 470, 942), detections in the validation videos, mAP at tIoU 0.1-0.7 (primary 0.5)."""
     backbone, source = build_encoder(args)
     key, train_paired, test_paired = args.protocol["modality"], build_split(args, "train", True), build_split(
         args, "test", False)
@@ -1260,24 +1426,28 @@ def detection_task(run, args):
         rng = np.random.default_rng(args.seed if args.subset_seed is None else args.subset_seed)
         sequences = [sequences[i] for i in sorted(rng.permutation(len(sequences))[:round(args.label_fraction *
                                                                                           len(sequences))])]
-    train_set, test_set = (DetectionWindows(p, s, args.frames, key) for p, s in ((train_paired, sequences),
-                                                                                 (test_paired, test_paired.sequences)))
+    train_set = DetectionBuffers(train_paired, sequences, args.frames, max(args.frames // 2, 1), key, True)
+    test_set = DetectionBuffers(test_paired, test_paired.sequences, args.frames, args.frames, key, False)
     num_classes = train_paired.num_classes
-    protocol = (f"protocol: --task detection on {args.data}: sliding-window detector (NOT R-C3D), {args.arch} "
-                f"{key} backbone + {num_classes + 1}-way fc, weights: {source}\n  windows of {args.frames} frames at "
-                f"stride {max(args.frames // 2, 1)}: train {len(train_set)} from {len(sequences)} videos, test "
-                f"{len(test_set)} from {len(test_paired.sequences)} videos; runs of one argmax action merged\n  "
-                f"optimisation: {args.optimizer} lr {args.lr} wd {args.wd}, batch {args.batch_size}, {args.epochs} "
-                f"epochs, lr x{args.lr_gamma} at {args.milestones}; the last epoch is tested\n  metric: mAP at tIoU "
-                f"0.1-0.7, ActivityNet-style one-to-one matching, classes with ground truth averaged; "
-                f"pku_mAP_action@0.5: PKU-MMD's own evaluation (no one-to-one matching, / 52 label slots)")
+    protocol = (f"protocol: --task detection on {args.data}: R-C3D, {args.arch} {key} trunk, weights: {source}\n  "
+                f"buffers of {args.frames} frames: train {len(train_set)} (stride {max(args.frames // 2, 1)}) from "
+                f"{len(sequences)} videos, test {len(test_set)} from {len(test_paired.sequences)} videos\n  anchors "
+                f"{list(RC3D_SCALES)} cells, proposals NMS 0.7, RoI pool 1x4x4, {num_classes + 1}-way classifier, "
+                f"per-class NMS 0.3\n  optimisation: {args.optimizer} lr {args.lr} wd {args.wd}, batch "
+                f"{args.batch_size}, {args.epochs} epochs, lr x{args.lr_gamma} at {args.milestones}; the last epoch "
+                f"is tested\n  metric: mAP at tIoU 0.1-0.7, ActivityNet-style one-to-one matching, classes with "
+                f"ground truth averaged; pku_mAP_action@0.5: PKU-MMD's own evaluation (no one-to-one matching, / 52 "
+                f"label slots)")
     run.print(protocol)
-    model = Classifier(backbone, num_classes + 1, frozen=False)
+    model = RC3D(backbone, num_classes)
     args.eval_every = args.epochs  # nothing to select on: one training chunk
-    selection = train_and_select(run, args, model, train_set, None, num_classes + 1)
-    scores = predict(model, test_set, args, run)["scores"]  # (W, C + 1) softmax per window
-    check_finite(scores, "window scores")
-    detections = group_windows(scores.numpy(), test_set.windows, args.frames, num_classes)
+
+    def loss_fn(net, batch):
+        with run.autocast():
+            return net(batch[key], batch["segments"]).float()
+
+    selection = train_and_select(run, args, model, train_set, None, None, loss_fn=loss_fn)
+    detections = detect(model, test_set, args, run)
     truth = [(s, int(c), int(a), int(b) + 1) for s in test_paired.sequences for c, a, b in test_paired.segments(s)]
     metrics = {f"mAP@{t:.1f}": 100 * v for t, v in detection_map(detections, truth).items()}
     metrics["pku_mAP_action@0.5"] = 100 * pku_mmd_map_action([(*d[:3], d[3] - 1, d[4]) for d in detections],
@@ -1703,7 +1873,10 @@ def apply_protocol(args):
                                f"(untrimmed videos with labelled segments), found {args.data}")
     task_key = PROTOCOL_TASK.get(args.task, "finetune")
     p = args.protocol
-    if args.protocol_name == "ch2":  # thesis Sec. 2.4.3: fc + last block, SGD 0.1 (momentum 0.9), wd 1e-3, 100 epochs
+    ch2_skeleton = args.protocol_name == "ch2" and p["modality"] == "skeleton"
+    if ch2_skeleton:  # Sec. 2.4.3 skeleton student: all layers, SGD 0.1 (momentum 0.9), wd 1e-5, batch 100, 70 epochs
+        spec = _opt("sgd", 100, 0.1, 70, [], wd=1e-5)
+    elif args.protocol_name == "ch2":  # Sec. 2.4.3 depth: fc + last block, SGD 0.1 (momentum 0.9), wd 1e-3, 100 epochs
         spec = _opt("sgd", 128, 0.1, 100, [], wd=1e-3)
     elif args.protocol_name == "coclr":  # CoCLR / ViCC main_classifier.py: SGD 0.1, wd 1e-3, batch 32
         spec = (_opt("sgd", 32, 0.1, 100, [60, 80], wd=1e-3) if args.task == "linear" else
@@ -1737,12 +1910,16 @@ def apply_protocol(args):
                   milestones=spec["milestones"], frames=p["frames"], test_clips=p["test_clips"])
     if args.task == "arrow-of-time":
         values.update(frames=8, test_clips=1)  # App. B.2.4: 8 frames, one clip at test
+    if ch2_skeleton:  # whole sequences, zero-padded to 300 frames as the student saw them (ST-GCN's input)
+        values.update(frames=300)
+    if args.task == "detection":
+        values.update(frames=RC3D_BUFFER)  # R-C3D's buffer of frames (their THUMOS'14 LENGTH)
     for name, value in values.items():
         setattr(args, name, args.overrides.get(name, value))
     args.optimizer, args.momentum = spec["optimizer"], spec["momentum"]
     args.eval_every = args.overrides.get("eval_every") or max(1, args.epochs // 10)
     args.eval_batch_size = max(1, 2 * args.batch_size // args.test_clips)
-    if args.protocol_name == "ch2":
+    if args.protocol_name == "ch2" and not ch2_skeleton:
         last_block(args.arch)  # an encoder without a last ResNet block: refused before anything is written
     if args.task == "repcount" and protocol_for(args.data).get("metric") != "mae":
         raise ValueError(f"evaluate.py: --task repcount needs a UCFRep-layout dataset (ucfrep, toy-ucfrep); "
@@ -1906,10 +2083,12 @@ def describe_protocol(args, source, sizes, num_classes):
     features_only = args.task in ("knn", "clusters")
     if p["modality"] == "skeleton":
         skelemotion = args.arch == "skelemotion_cnn"
-        inputs = (("" if args.no_center else "centred on body 0's spine joint; ") +
+        inputs = (("" if args.no_center else "centred on body 0's spine joint; ") + (
+                  f"whole sequences, the first {args.frames} frames, zero-padded, no augmentation" if
+                  args.protocol_name == "ch2" else
                   f"crops resampled to {args.frames + 1 if skelemotion else args.frames} frames: " +
                   ("" if features_only else "random, ratio U(0.5, 1) (train); ") + "centred, ratio 0.95 (test)" +
-                  (f"; body 0 as a SkeleMotion image (6, {args.frames}, 49), tau 1" if skelemotion else ""))
+                  (f"; body 0 as a SkeleMotion image (6, {args.frames}, 49), tau 1" if skelemotion else "")))
     elif features_only:
         inputs = (f"{p['modality']} clips of {args.frames} frames at stride {p['stride']}: {args.test_clips} "
                   f"uniformly spaced clips per video, short side {p['short_side']} + centre crop {p['crop']}")
@@ -1951,6 +2130,8 @@ def describe_protocol(args, source, sizes, num_classes):
         lines.append(f"  labels: {budget}, subset seed {args.subset_seed}")
     head = ("frozen backbone in eval mode + new linear classifier" + (" on L2-normalised features + BN (--protocol "
             "coclr)" if args.protocol_name == "coclr" else "") if args.task == "linear" else
+            "whole network and a new linear head trained (--protocol ch2, skeleton student, thesis Sec. 2.4.3)"
+            if args.protocol_name == "ch2" and p["modality"] == "skeleton" else
             f"only the new linear head and the backbone's last block ({last_block(args.arch)[0]}) trained, the rest "
             f"frozen in eval mode (--protocol ch2, thesis Sec. 2.4.3)" if args.protocol_name == "ch2" else
             f"whole network trained, new " + ("dropout-ReLU-linear" if args.protocol_name == "phlvc" else "linear")

@@ -601,7 +601,7 @@ def test_ch2_fewshot_trains_only_the_head_and_the_last_block(tmp_path, one_threa
     assert changed == {"layer4", "fc"}  # weights and BN statistics of the frozen blocks untouched
     for argv, message in ((["--task", "linear"], "use it with --task fewshot"),
                           (["--task", "severe"], "not --task severe"),
-                          (["--task", "fewshot", "--data", "toy-skeleton", "--arch", "bigru"], "bigru has none")):
+                          (["--task", "fewshot", "--arch", "s3d"], "s3d has none")):  # skeletons: all layers
         with pytest.raises(common.UserError, match=message):
             ev.main(["--protocol", "ch2", "--workers", "0", "--out-dir", str(tmp_path / "x"), *argv])
     assert not (tmp_path / "x").exists()
