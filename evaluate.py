@@ -221,7 +221,8 @@ def get_parser():
     g.add_argument("--eval-every", type=int, default=None, help="epochs between validation scores "
                    "(default: about 10 evaluations per run)")
     g.add_argument("--test-clips", type=int, default=None, help="clips per video at test (protocol: 10 for video)")
-    g.add_argument("--frames", type=int, default=None, help="frames per clip (protocol: 32 video, 64 skeleton)")
+    g.add_argument("--frames", type=int, default=None, help="frames per clip (protocol: 32 video, 64 skeleton; "
+                   "--task detection: the R-C3D buffer, 768)")
     g.add_argument("--no-center", action="store_true", help="skeletons: do not subtract body 0's spine joint per "
                    "frame (skeleton_contrast.py centres before pretraining; use the same setting here)")
     g.add_argument("--save-logits", action="store_true", help="also write logits.pth (train and test logits, "
