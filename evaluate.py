@@ -224,7 +224,8 @@ def get_parser():
     g.add_argument("--eval-every", type=int, default=None, help="epochs between validation scores "
                    "(default: about 10 evaluations per run)")
     g.add_argument("--test-clips", type=int, default=None, help="clips per video at test (protocol: 10 for video)")
-    g.add_argument("--frames", type=int, default=None, help="frames per clip (protocol: 32 video, 64 skeleton)")
+    g.add_argument("--frames", type=int, default=None, help="frames per clip (protocol: 32 video, 64 skeleton; "
+                   "--task detection: the R-C3D buffer, 768)")
     g.add_argument("--no-center", action="store_true", help="skeletons: do not subtract body 0's spine joint per "
                    "frame (skeleton_contrast.py centres before pretraining; use the same setting here)")
     g.add_argument("--save-logits", action="store_true", help="also write logits.pth (train and test logits, "
@@ -751,9 +752,10 @@ def phlvc_test_crop(x, crop, p_centre, side, min_area):
 def skeleton_transform(item, train, frames, center, skelemotion=False, whole=False):
     """Centre, then crop (App. A.1) to (C, frames, V, M); whole=True (--protocol ch2, thesis Sec. 2.4.3 "whole
     3D-skeleton sequences", no augmentation): the first `frames` frames, zero-padded. skelemotion=True (--arch
-    skelemotion_cnn): body 0 of the crop as a SkeleMotion image (6, frames, 49) (`common.skelemotion_image`, tau = 1, NTU-25 chaining), the input
-    of P-HLVC's SkeleMotion CNN. P-HLVC forwards every present body separately; we keep body 0, as the crop and the
-    centring are anchored on it (the second person of two-person actions is dropped)."""
+    skelemotion_cnn): body 0 of the crop as a SkeleMotion image (6, frames, 49) (`common.skelemotion_image`, tau =
+    1, NTU-25 chaining), the input of P-HLVC's SkeleMotion CNN. P-HLVC forwards every present body separately; we
+    keep body 0, as the crop and the centring are anchored on it (the second person of two-person actions is
+    dropped)."""
     x = item["skeleton"].float()  # (C, T, V, M), zero-padded after item["length"] frames
     x = common.center_on_spine(x) if center else x
     if whole:
@@ -1208,21 +1210,22 @@ def fusion_task(run, args):
 # ---------------------------------------------------------------------------------------------- temporal detection
 # R-C3D (Xu et al., "R-C3D: Region Convolutional 3D Network for Temporal Activity Detection", ICCV 2017), thesis
 # Table 2.6, with the student's 3D conv trunk as the shared feature map (C, L/s, H', W') in place of C3D's conv5b
-# (s = the trunk's temporal stride: 16 for resnet3d_18, 8 for C3D). From the paper and the authors' code
-# (VisionLearningGroup/R-C3D): K anchor segments at each temporal position, THUMOS'14 scales in feature cells
-# (Sec. 3.2 / 4.1); proposal subnet = 3x3x3 conv + ReLU, max-pool over H', W', 1x1 objectness (2-way softmax) and
-# offsets; anchors positive at tIoU >= 0.7 or the best one of a ground truth, negative < 0.3, 64 per buffer, at most
-# half positive (Sec. 3.4); offsets (dc, dl) = ((c* - c) / l, log(l* / l)) (Eq. 2); proposals: NMS 0.7, 2000 kept
-# in training, 300 at test; 3D RoI pooling to 1x4x4 (Sec. 3.3); classification subnet fc6, fc7 (ReLU) -> C + 1
-# scores and class-specific offsets on 128 RoIs per buffer, a quarter with tIoU >= 0.5 (their Faster R-CNN
-# sampler, ground truth added to the proposals), offsets divided by (0.1, 0.2); loss = softmax CE + smooth L1 for
-# each subnet (Eq. 1, lambda = 1; sigma 3 for the proposal offsets); test: per-class NMS 0.3; 512-frame buffers.
-# Ours (the thesis and PKU-MMD settings are silent): fc width 8 x trunk channels (their 4096 on C3D's 512);
-# training buffers at stride L/2 keep the segments with >= half their length inside, test buffers tile the video
-# (stride L; the tail repeats the last frame); at most 100 detections per buffer, every process tests the whole
-# split; cross-boundary anchors are kept (Faster R-CNN ignores them). Metric: ActivityNet-style mAP (above).
+# (s = the trunk's temporal stride: 16 for resnet3d_18, 8 for C3D). From the paper (Sec. 3-4) and the authors' code
+# (VisionLearningGroup/R-C3D): 768-frame buffers; K anchor segments at each temporal position, THUMOS'14 scales in
+# feature cells; proposal subnet = 3x3x3 conv + ReLU, max-pool over H', W', 1x1 convs to objectness (2-way softmax)
+# and offsets (one conv here: the same weights side by side); anchors positive at tIoU > 0.7 or the best one of a
+# ground truth, negative < 0.3, balanced 1:1 (64 per buffer: their RPN_BATCHSIZE); offsets (dc, dl) = ((c* - c) / l,
+# log(l* / l)); proposals: NMS 0.7, 2000 kept in training / 300 at test (their config); 3D RoI pooling to 1x4x4;
+# classification subnet fc6, fc7 (ReLU) -> C + 1 scores and class-specific offsets on 128 RoIs per buffer, positive
+# at tIoU >= 0.5, 1:3 (ground truth added to the proposals and offsets divided by (0.1, 0.2), as their code); loss =
+# softmax CE + smooth L1 for each subnet, lambda = 1 (sigma 3 for proposal offsets, as their code); test: NMS per
+# class at the evaluation tIoU - 0.1 (0.4 for the primary mAP@0.5), frames past the end repeat the last one.
+# Ours (the thesis and R-C3D are silent for PKU-MMD): fc width 8 x trunk channels (their 4096 on C3D's 512);
+# training buffers at stride L/2 (theirs slide end to end, "two-way"), keeping segments with >= half their length
+# inside; test buffers tile the video; at most 100 detections per buffer; every process tests the whole split;
+# cross-boundary anchors are kept (Faster R-CNN ignores them). Metric: ActivityNet-style mAP (above).
 RC3D_SCALES = (2, 4, 5, 6, 8, 9, 10, 12, 14, 16)  # anchor lengths in feature cells (R-C3D Sec. 4.1, THUMOS'14)
-RC3D_BUFFER, RC3D_MAX_SEGMENTS, RC3D_PER_BUFFER = 512, 64, 100
+RC3D_BUFFER, RC3D_MAX_SEGMENTS, RC3D_PER_BUFFER, RC3D_TEST_NMS = 768, 64, 100, 0.4
 
 
 def rc3d_anchors(cells, stride, scales=RC3D_SCALES):
@@ -1239,7 +1242,7 @@ def segment_iou(a, b):
 
 
 def encode_segments(anchors, targets):
-    """R-C3D Eq. (2): (N, 2) segments relative to (N, 2) anchors -> (N, 2) offsets (dc, dl)."""
+    """R-C3D Sec. 3.4: (N, 2) segments relative to (N, 2) anchors -> (N, 2) offsets (dc, dl)."""
     la, lt = anchors[:, 1] - anchors[:, 0], targets[:, 1] - targets[:, 0]  # (N,)
     return torch.stack([(targets.mean(1) - anchors.mean(1)) / la, torch.log(lt / la)], 1)  # (N, 2)
 
@@ -1252,7 +1255,7 @@ def decode_segments(anchors, offsets):
 
 
 def label_anchors(anchors, gt, positive=0.7, negative=0.3):
-    """R-C3D Sec. 3.4: anchors (A, 2) vs ground truth (G, 2) -> labels (A,) 1 / 0 / -1 (ignored), matched gt (A,)."""
+    """R-C3D Sec. 3.2: anchors (A, 2) vs ground truth (G, 2) -> labels (A,) 1 / 0 / -1 (ignored), matched gt (A,)."""
     iou = segment_iou(anchors, gt)  # (A, G)
     best, match = iou.max(1)  # (A,)
     labels = torch.full_like(match, -1)
@@ -1282,8 +1285,9 @@ def roi_pool_3d(fmap, rois, buffer_of, stride, size=(4, 4)):
 
 class RC3D(nn.Module):
     """R-C3D on a video trunk (common.build_backbone, return_map=True). forward(x (B, C, L, H, W), segments
-    (B, G, 3) rows (label, start, end) in buffer frames, label -1 = padding, >= 1 row per buffer) -> loss; without segments -> per buffer
-    (proposals (R, 2), class probabilities (R, C + 1), refined segments (R, C + 1, 2)); class 0 = background."""
+    (B, G, 3) rows (label, start, end) in buffer frames, label -1 = padding, >= 1 row per buffer) -> loss (Eq. 1
+    of both subnets); without segments -> per buffer (proposals (R, 2), class probabilities (R, C + 1), refined
+    segments (R, C + 1, 2)); class 0 = background."""
 
     def __init__(self, trunk, num_classes, scales=RC3D_SCALES):
         super().__init__()
@@ -1318,7 +1322,7 @@ class RC3D(nn.Module):
         for i in range(b):
             gt = segments[i][segments[i, :, 0] >= 0].float()  # (G, 3)
             anchor_labels, match = label_anchors(anchors, gt[:, 1:])
-            chosen = sample(anchor_labels, 64, 0.5)  # Sec. 3.4: 1:1 batches of 64 anchors
+            chosen = sample(anchor_labels, 64, 0.5)  # balanced 1:1, 64 anchors
             loss = loss + F.cross_entropy(out[i, chosen, 0], anchor_labels[chosen])
             pos = chosen[anchor_labels[chosen] > 0]
             if len(pos):  # smooth L1 (sigma 3 -> beta 1/9) on positives, normalised by the sampled anchors
@@ -1395,7 +1399,7 @@ class DetectionBuffers(torch.utils.data.Dataset):
 @torch.no_grad()
 def detect(model, buffers, args, run):
     """Detections [(seq, class, start, end, score)] (end exclusive, clipped to the video) of `model` over the
-    buffers: per buffer, per-class NMS 0.3 on the refined segments, the RC3D_PER_BUFFER best."""
+    buffers: per buffer, per-class NMS (RC3D_TEST_NMS) on the refined segments, the RC3D_PER_BUFFER best."""
     model.eval()
     loader = torch.utils.data.DataLoader(buffers, batch_size=args.eval_batch_size, num_workers=args.workers or 0)
     detections, i = [], 0
@@ -1409,7 +1413,7 @@ def detect(model, buffers, args, run):
             classes = torch.arange(1, probs.shape[1], device=probs.device).repeat(len(proposals))  # (R C,)
             scores, segments = probs[:, 1:].flatten().float(), refined[:, 1:].flatten(0, 1).float()  # (R C), (R C, 2)
             segments = (segments + start).clamp(0, n)
-            keep = nms_segments(segments, scores, 0.3, classes)[:RC3D_PER_BUFFER]
+            keep = nms_segments(segments, scores, RC3D_TEST_NMS, classes)[:RC3D_PER_BUFFER]
             detections += [(seq, int(classes[k]) - 1, float(segments[k, 0]), float(segments[k, 1]),
                             float(scores[k])) for k in keep.tolist()]
     return detections
@@ -1433,7 +1437,7 @@ def detection_task(run, args):
                 f"buffers of {args.frames} frames: train {len(train_set)} (stride {max(args.frames // 2, 1)}) from "
                 f"{len(sequences)} videos, test {len(test_set)} from {len(test_paired.sequences)} videos\n  anchors "
                 f"{list(RC3D_SCALES)} cells, proposals NMS 0.7, RoI pool 1x4x4, {num_classes + 1}-way classifier, "
-                f"per-class NMS 0.3\n  optimisation: {args.optimizer} lr {args.lr} wd {args.wd}, batch "
+                f"per-class NMS {RC3D_TEST_NMS}\n  optimisation: {args.optimizer} lr {args.lr} wd {args.wd}, batch "
                 f"{args.batch_size}, {args.epochs} epochs, lr x{args.lr_gamma} at {args.milestones}; the last epoch "
                 f"is tested\n  metric: mAP at tIoU 0.1-0.7, ActivityNet-style one-to-one matching, classes with "
                 f"ground truth averaged; pku_mAP_action@0.5: PKU-MMD's own evaluation (no one-to-one matching, / 52 "
@@ -1913,7 +1917,7 @@ def apply_protocol(args):
     if ch2_skeleton:  # whole sequences, zero-padded to 300 frames as the student saw them (ST-GCN's input)
         values.update(frames=300)
     if args.task == "detection":
-        values.update(frames=RC3D_BUFFER)  # R-C3D's buffer of frames (their THUMOS'14 LENGTH)
+        values.update(frames=RC3D_BUFFER)  # R-C3D's input buffer (Sec. 4.1)
     for name, value in values.items():
         setattr(args, name, args.overrides.get(name, value))
     args.optimizer, args.momentum = spec["optimizer"], spec["momentum"]
