@@ -3904,15 +3904,15 @@ def convert_alphapose(src, dst, width=None, height=None, videos=None):
                        if n.endswith(".json") or os.path.isfile(os.path.join(src, n, "alphapose-results.json")))
         jobs = [(os.path.join(src, n + ".json") if os.path.isfile(os.path.join(src, n + ".json")) else
                  os.path.join(src, n, "alphapose-results.json"), os.path.join(dst, n + ".json"), n) for n in names]
-    elif os.path.isfile(src):
-        jobs = [(src, dst, None)]
     else:
+        jobs = [(src, dst, None)] if os.path.isfile(src) else []
+    if not jobs:
         raise UserError(f"convert-alphapose --src {src}: expected an AlphaPose results JSON or a folder of them, "
                         f"found nothing")
-    sizes = []
+    sizes, listing = [], sorted(os.listdir(videos)) if videos and os.path.isdir(videos) else []
     for path, _, name in jobs:
-        video = videos if name is None or videos is None else next(
-            (os.path.join(videos, v) for v in sorted(os.listdir(videos)) if os.path.splitext(v)[0] == name), None)
+        video = videos if name is None else next(
+            (os.path.join(videos, v) for v in listing if os.path.splitext(v)[0] == name), None)
         if width is None and (video is None or not os.path.exists(video)):
             raise UserError(f"convert-alphapose {path}: expected --width and --height, or --videos holding its "
                             f"video, found {video or 'neither'}")
@@ -4864,7 +4864,7 @@ if __name__ == "__main__":
                                 f"{cli_args.width} --height {cli_args.height}")
             count = convert_alphapose(cli_args.src, cli_args.dst, cli_args.width, cli_args.height, cli_args.videos)
             print(f"wrote {count} COCO-18 pose JSON file(s) to {cli_args.dst}")
-        except UserError as e:
+        except (UserError, VideoReadError) as e:
             sys.exit(f"error: {e}")
         sys.exit(0)
     print("usage: python common.py check-data --data NAME [--data-root DIR] [--decoder auto|decord|pyav|torchcodec]\n"
