@@ -1003,19 +1003,6 @@ def classification_task(run, args, arrow=False):
             "protocol": protocol}
 
 
-class Relabelled(torch.utils.data.Dataset):
-    """`dataset` with item i labelled labels[i] (--calibrate's pseudo-labels)."""
-
-    def __init__(self, dataset, labels):
-        self.dataset, self.labels = dataset, labels
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        return dict(self.dataset[i], label=self.labels[i])
-
-
 def calibrate(run, args, model, test_set, num_classes):
     """--calibrate N (--task crossdomain). P-HLVC supp. Sec. 7.6 names a "domain calibration" on Toyota Smarthome
     with Sinkhorn eps 0.05 and no more (the authors' transfer.py has a "teacher" mode, sinkhorn_epsilon 0.05, whose
@@ -1031,7 +1018,8 @@ def calibrate(run, args, model, test_set, num_classes):
     calib.epochs, calib.milestones, calib.eval_every = args.calibrate, [], args.calibrate
     calib.out_dir = os.path.join(args.out_dir, "calibrate")
     os.makedirs(calib.out_dir, exist_ok=True)
-    target = Relabelled(build_split(args, "test", train=True), pseudo)
+    target = build_split(args, "test", train=True)  # a VideoDataset: (path, label) samples, relabelled
+    target.samples = [(path, int(y)) for (path, _), y in zip(target.samples, pseudo)]
     train_and_select(common.Run(calib, run.device, calib.out_dir), calib, model, target, None, num_classes)
     return {f"uncalibrated_{k}": v for k, v in classification_metrics(scores, num_classes, False).items()}
 

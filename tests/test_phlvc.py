@@ -592,10 +592,10 @@ def test_calibrate_balances_the_pseudo_labels_with_sinkhorn(tmp_path, monkeypatc
     scores = {"scores": torch.stack([p0, 1 - p0], 1), "labels": torch.tensor([0, 0, 1, 1]), "index": torch.arange(4)}
     seen = {}
     monkeypatch.setattr(ev, "predict", lambda *a, **k: scores)
-    monkeypatch.setattr(ev, "build_split", lambda *a, **k: [{"video": None} for _ in range(4)])
+    monkeypatch.setattr(ev, "build_split", lambda *a, **k: types.SimpleNamespace(samples=[(i, 1) for i in range(4)]))
     monkeypatch.setattr(common, "Run", lambda *a: None)
     monkeypatch.setattr(ev, "train_and_select", lambda run, args, model, target, *rest: seen.update(
-        labels=[int(target[i]["label"]) for i in range(len(target))], epochs=args.epochs, out=args.out_dir))
+        labels=[y for _, y in target.samples], epochs=args.epochs, out=args.out_dir))
     args = types.SimpleNamespace(calibrate=3, out_dir=str(tmp_path), milestones=[60], eval_every=10, epochs=100)
     before = ev.calibrate(types.SimpleNamespace(device="cpu"), args, None, None, 2)
     assert before["uncalibrated_top1"] == 50.0 and (seen["epochs"], seen["out"]) == (3, str(tmp_path / "calibrate"))
