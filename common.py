@@ -2310,7 +2310,8 @@ def _parse_video_set(name, root, split, options):
     if name == "sims4action":
         return parse_sims4action(root, split)
     if name.startswith("toyota-smarthome"):  # -cs, -cv1, -cv2: Toyota's own protocols
-        return parse_toyota_smarthome(root, split, options.get("class_map", "sims4action"), name[17:] or None)
+        return parse_toyota_smarthome(root, split, options.get("class_map", "sims4action"),
+                                      name[len("toyota-smarthome-"):] or None)
     raise ValueError(f"--data: unknown dataset {name!r}")
 
 
@@ -3790,9 +3791,10 @@ def parse_sims4action(root, split):
     return samples, classes
 
 
-# Toyota Smarthome's own protocols (Das et al., ICCV 2019; as the P-HLVC code's ADL dataset and the official
-# smarthome_gendata.py): its 31 actions (0-based ids, alphabetical); cross-subject trains on 11 subjects and tests on
-# the other 7; cross-view uses 19 actions, cameras train 1 (CV1) or 1, 3, 4, 6, 7 (CV2), val 5, test 2.
+# Toyota Smarthome's own protocols ("Toyota Smarthome: Real-World Activities of Daily Living", ICCV 2019) as the
+# P-HLVC code's ADL dataset and 2s-AGCN-For-Daily-Living's smarthome_gendata.py list them: 31 actions (0-based ids,
+# alphabetical); cross-subject trains on 11 subjects, tests on the other 7; cross-view uses 19 actions, cameras
+# train 1 (CV1) or 1, 3, 4, 6, 7 (CV2), val 5, test 2.
 TOYOTA_CLASSES = ("Cook.Cleandishes", "Cook.Cleanup", "Cook.Cut", "Cook.Stir", "Cook.Usestove", "Cutbread",
                   "Drink.Frombottle", "Drink.Fromcan", "Drink.Fromcup", "Drink.Fromglass", "Eat.Attable", "Eat.Snack",
                   "Enter", "Getup", "Laydown", "Leave", "Makecoffee.Pourgrains", "Makecoffee.Pourwater",
