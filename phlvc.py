@@ -8,6 +8,7 @@ agreement-accentuating cross-entropy (AXent) of Eq. (5); the prototypes grow fro
     python phlvc.py                                   # toy-paired (depth + COCO-18 2-D poses), tiny3d, ~1.6 CPU min
     python phlvc.py --data k400-pose --gpus 4                  # paper: S3D 32x128², batch 80, K 3,000 -> 10,000
     python phlvc.py --data k400-pose --arch r2d3d_18 --gpus 4  # R2D3D 30x128², batch 56, K_v 2, K_s <= 2
+    python phlvc.py --data sims4action --gpus 4                # Sec. 7.2: Sims4Action + its AlphaPose poses
 
 k400-pose = data/k400-pose in the Kinetics-400 layout of `common.parse_kinetics` (annotations/{train,val}.csv,
 {split}/<label>/<youtube_id>_<start>_<end>.mp4) + kinetics-skeleton/kinetics_{train,val}/<youtube_id>.json
