@@ -2233,11 +2233,12 @@ def _build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides
                               f"kinetics_{_split_name(split)}")  # <youtube_id>.json for <youtube_id>_<start>_<end>.mp4
         ds = VideoPoseDataset(samples, classes, lambda p: os.path.join(folder, os.path.basename(p).rsplit("_", 2)[0]
                                                                        + ".json"), f"k400-pose {split}",
-                              clip_len=clip_len, decoder=decoder, **skel_kwargs)
+                              clip_len=clip_len, decoder=decoder, num_clips=num_clips, sampling=sampling, **skel_kwargs)
     elif name.startswith(("sims4action", "toyota-smarthome")) and "pose2d" in (modalities or ()):  # AlphaPose
         samples, classes = _parse_video_set(name, root, split, dataset_options)
         ds = VideoPoseDataset(samples, classes, lambda p: os.path.join(root, "pose2d", os.path.splitext(
-            os.path.basename(p))[0] + ".json"), f"{name} {split}", clip_len=clip_len, decoder=decoder, **skel_kwargs)
+            os.path.basename(p))[0] + ".json"), f"{name} {split}", clip_len=clip_len, decoder=decoder,
+                              num_clips=num_clips, sampling=sampling, **skel_kwargs)
     elif name in ("toy-paired", "paired") + tuple(TOY_PAIRED_HALVES):
         if name.startswith("toy-paired"):
             make_toy_paired(root, seed=dataset_options.get("toy_seed", 0))
@@ -2309,7 +2310,8 @@ def _parse_video_set(name, root, split, options):
     if name == "sims4action":
         return parse_sims4action(root, split)
     if name.startswith("toyota-smarthome"):  # -cs, -cv1, -cv2: Toyota's own protocols
-        return parse_toyota_smarthome(root, split, options.get("class_map", "sims4action"), name[17:] or None)
+        return parse_toyota_smarthome(root, split, options.get("class_map", "sims4action"),
+                                      name[len("toyota-smarthome-"):] or None)
     raise ValueError(f"--data: unknown dataset {name!r}")
 
 
@@ -2863,10 +2865,10 @@ class VideoPoseDataset(torch.utils.data.Dataset):
     (`python common.py convert-alphapose`). Video frame t is read with pose frame t; pose_path(video) names the
     JSON; videos without one are left out (printed as `what`; P-HLVC supp.: 144,085 k400-pose train videos).
     Items: "video" uint8 (C, T, H, W), "pose2d" float32 (3, T, 18, people) as read_kinetics_skeleton_json,
-    "label", "index", "frame_indices"."""
+    "label", "index", "frame_indices"; with num_clips > 1 or a multi-clip sampling (K, ...) per clip."""
 
     def __init__(self, samples, class_names, pose_path, what, clip_len=16, transform=None, decoder="auto",
-                 people=5, strict=False, bad_files_path=None):
+                 people=5, strict=False, bad_files_path=None, num_clips=1, sampling="random"):
         folder = _need(os.path.dirname(pose_path(samples[0][0])) if samples else ".", "the pose JSON folder")
         have = set(os.listdir(folder))
         self.samples = [(p, y, pose_path(p)) for p, y in samples if os.path.basename(pose_path(p)) in have]
@@ -2874,6 +2876,7 @@ class VideoPoseDataset(torch.utils.data.Dataset):
         self.class_names, self.num_classes = list(class_names), len(class_names)
         self.clip_len, self.transform, self.decoder, self.people = clip_len, transform, decoder, people
         self.strict, self.bad_files_path, self.bad_files = strict, bad_files_path, {}
+        self.num_clips, self.sampling = num_clips, sampling
 
     def __len__(self):
         return len(self.samples)
@@ -2886,18 +2889,19 @@ class VideoPoseDataset(torch.utils.data.Dataset):
         store = {}
 
         def index_fn(n):
-            store["idx"] = sample_clip_indices(n, self.clip_len, (1,), 1, "random", _seed_rng())[0]
-            return store["idx"]
-        frames = _read_frames(path, index_fn, self.decoder)
-        idx = store["idx"]
+            store["idx"] = sample_clip_indices(n, self.clip_len, (1,), self.num_clips, self.sampling, _seed_rng())
+            return store["idx"].reshape(-1)
+        frames = _read_frames(path, index_fn, self.decoder)  # (K * L, H, W, C)
+        k = 0 if self.sampling in SINGLE_CLIP_SAMPLINGS and self.num_clips == 1 else slice(None)  # one clip: no K
+        idx = store["idx"]  # (K, L)
         pose, _ = read_kinetics_skeleton_json(pose_path, max_frames=int(idx.max()) + 1, people_in=self.people,
                                               people_out=self.people)
-        item = {"video": torch.from_numpy(frames).permute(3, 0, 1, 2),
-                "pose2d": torch.from_numpy(np.ascontiguousarray(pose[:, idx]))}
+        item = {"video": torch.from_numpy(frames).view(*idx.shape, *frames.shape[1:]).permute(0, 4, 1, 2, 3)[k],
+                "pose2d": torch.from_numpy(np.ascontiguousarray(pose[:, idx].swapaxes(0, 1)))[k]}  # (K, 3, L, V, M)
         if self.transform is not None:
             item = self.transform(item)
         item.update(label=torch.tensor(label), index=torch.tensor(i, dtype=torch.int64),
-                    frame_indices=torch.from_numpy(idx))
+                    frame_indices=torch.from_numpy(idx)[k])
         return item
 
     def __getitem__(self, index):
@@ -3787,9 +3791,10 @@ def parse_sims4action(root, split):
     return samples, classes
 
 
-# Toyota Smarthome's own protocols (Das et al., ICCV 2019; as the P-HLVC code's ADL dataset and the official
-# smarthome_gendata.py): its 31 actions (0-based ids, alphabetical); cross-subject trains on 11 subjects and tests on
-# the other 7; cross-view uses 19 actions, cameras train 1 (CV1) or 1, 3, 4, 6, 7 (CV2), val 5, test 2.
+# Toyota Smarthome's own protocols ("Toyota Smarthome: Real-World Activities of Daily Living", ICCV 2019) as the
+# P-HLVC code's ADL dataset and 2s-AGCN-For-Daily-Living's smarthome_gendata.py list them: 31 actions (0-based ids,
+# alphabetical); cross-subject trains on 11 subjects, tests on the other 7; cross-view uses 19 actions, cameras
+# train 1 (CV1) or 1, 3, 4, 6, 7 (CV2), val 5, test 2.
 TOYOTA_CLASSES = ("Cook.Cleandishes", "Cook.Cleanup", "Cook.Cut", "Cook.Stir", "Cook.Usestove", "Cutbread",
                   "Drink.Frombottle", "Drink.Fromcan", "Drink.Fromcup", "Drink.Fromglass", "Eat.Attable", "Eat.Snack",
                   "Enter", "Getup", "Laydown", "Leave", "Makecoffee.Pourgrains", "Makecoffee.Pourwater",
@@ -3904,15 +3909,15 @@ def convert_alphapose(src, dst, width=None, height=None, videos=None):
                        if n.endswith(".json") or os.path.isfile(os.path.join(src, n, "alphapose-results.json")))
         jobs = [(os.path.join(src, n + ".json") if os.path.isfile(os.path.join(src, n + ".json")) else
                  os.path.join(src, n, "alphapose-results.json"), os.path.join(dst, n + ".json"), n) for n in names]
-    elif os.path.isfile(src):
-        jobs = [(src, dst, None)]
     else:
+        jobs = [(src, dst, None)] if os.path.isfile(src) else []
+    if not jobs:
         raise UserError(f"convert-alphapose --src {src}: expected an AlphaPose results JSON or a folder of them, "
                         f"found nothing")
-    sizes = []
+    sizes, listing = [], sorted(os.listdir(videos)) if videos and os.path.isdir(videos) else []
     for path, _, name in jobs:
-        video = videos if name is None or videos is None else next(
-            (os.path.join(videos, v) for v in sorted(os.listdir(videos)) if os.path.splitext(v)[0] == name), None)
+        video = videos if name is None else next(
+            (os.path.join(videos, v) for v in listing if os.path.splitext(v)[0] == name), None)
         if width is None and (video is None or not os.path.exists(video)):
             raise UserError(f"convert-alphapose {path}: expected --width and --height, or --videos holding its "
                             f"video, found {video or 'neither'}")
@@ -4864,7 +4869,7 @@ if __name__ == "__main__":
                                 f"{cli_args.width} --height {cli_args.height}")
             count = convert_alphapose(cli_args.src, cli_args.dst, cli_args.width, cli_args.height, cli_args.videos)
             print(f"wrote {count} COCO-18 pose JSON file(s) to {cli_args.dst}")
-        except UserError as e:
+        except (UserError, VideoReadError) as e:
             sys.exit(f"error: {e}")
         sys.exit(0)
     print("usage: python common.py check-data --data NAME [--data-root DIR] [--decoder auto|decord|pyav|torchcodec]\n"

@@ -71,6 +71,7 @@ TASKS = ("finetune", "linear", "knn", "fewshot", "transfer", "multilabel", "arro
 SKELETON_ARCHS = common.SKELETON_ARCHS  # bigru, hcn, agcn, stgcn on (C, T, V, M); skelemotion_cnn on images
 RETRIEVAL_KS = (1, 5, 10, 20, 50)  # CoCLR / ViCC video retrieval R@k (their retrieval code)
 KNN_K, KNN_T = 200, 0.1  # weighted kNN (InstDisc; skeleton-contrast's and CoCLR's kNN monitor) beside the 1-NN
+POSE_VIDEO_SETS = ("sims4action", "toyota-smarthome")  # videos + pose2d/<name>.json (common.py convert-alphapose)
 
 
 # ==================================================================================================== FLAGS
@@ -630,9 +631,10 @@ class Classifier(nn.Module):
             self.backbone.get_submodule(self.trainable).train(mode)
         return self
 
-    def forward(self, x):
+    def forward(self, *x):
+        """x: the input_keys(args) tensors; a single encoder reads the last (P-HLVC pose alone: the pose)."""
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.frozen):
-            features = self.backbone(x)  # (N, D)
+            features = self.backbone(*x) if isinstance(self.backbone, ConcatEncoder) else self.backbone(x[-1])  # (N, D)
         if self.bn is not None:
             features = self.bn(F.normalize(features, dim=1))  # (N, D)
         features = F.relu(features) if self.relu else features  # --protocol phlvc: dropout-ReLU-linear (P-HLVC
@@ -641,15 +643,16 @@ class Classifier(nn.Module):
 
 
 class ConcatEncoder(nn.Module):
-    """Two skeleton encoders on the same input, features concatenated (thesis App. A.4, e.g. X^SEQ + X^STG)."""
+    """Two skeleton encoders on the same input, features concatenated (thesis App. A.4, e.g. X^SEQ + X^STG); with
+    two inputs (video, pose) the first reads the video, the second the pose (P-HLVC supp. Sec. 7.3)."""
 
     def __init__(self, first, second):
         super().__init__()
         self.first, self.second = first, second
         self.feature_dim = first.feature_dim + second.feature_dim
 
-    def forward(self, x):
-        return torch.cat([self.first(x), self.second(x)], dim=1)  # (N, D1 + D2)
+    def forward(self, *x):
+        return torch.cat([self.first(x[0]), self.second(x[-1])], dim=1)  # (N, D1 + D2)
 
 
 def last_block(arch):
@@ -749,6 +752,27 @@ def phlvc_test_crop(x, crop, p_centre, side, min_area):
     return torch.stack(out).reshape(*x.shape[:-2], crop, crop)
 
 
+def input_keys(args):
+    """The batch keys the model reads: the protocol's modality, or ("video", "pose") for P-HLVC's pose stream on
+    videos with converted AlphaPose poses (--arch skelemotion_cnn: the pose alone; --concat skelemotion_cnn)."""
+    pose = "skelemotion_cnn" in (args.arch, args.concat) and args.protocol["modality"] == "video"
+    return ("video", "pose") if pose else (args.protocol["modality"],)
+
+
+def pose_transform(item, video_transform, frames, scale):
+    """P-HLVC's pose stream (supp. Sec. 7.3, 7.5): clips read with frames + 1 poses; the video keeps the first
+    `frames` (then video_transform); the track with the highest summed score becomes item["pose"], a SkeleMotion
+    image (6, frames, 49) of (x, y) x scale (pretraining's --pose-scale), COCO-18 chaining, unaugmented (as in
+    pretraining). Reading: one track, as skeleton_transform keeps body 0. (K, ...) clips alike."""
+    pose = item.pop("pose2d")  # (3, frames + 1, 18, M) or (K, 3, frames + 1, 18, M)
+    clips = pose.reshape(-1, *pose.shape[-4:])  # (K, 3, frames + 1, 18, M)
+    best = clips[:, 2].sum(dim=(1, 2)).argmax(dim=1).tolist()  # K track indices
+    images = [common.skelemotion_image(c[:2, :, :, m] * scale, "coco18")[:, :frames] for c, m in zip(clips, best)]
+    item["pose"] = torch.stack(images).reshape(*pose.shape[:-4], 6, frames, 49)  # (K, 6, frames, 49) or one
+    item["video"] = item["video"][..., :frames, :, :]  # (..., C, frames, H, W)
+    return video_transform(item)
+
+
 def skeleton_transform(item, train, frames, center, skelemotion=False, whole=False):
     """Centre, then crop (App. A.1) to (C, frames, V, M); whole=True (--protocol ch2, thesis Sec. 2.4.3 "whole
     3D-skeleton sequences", no augmentation): the first `frames` frames, zero-padded. skelemotion=True (--arch
@@ -802,10 +826,16 @@ def build_split(args, split, train, augment=True):
     sampling = (("spread" if train else "spread-centre") if args.task == "arrow-of-time" and not paired else
                 "random" if train or p.get("test_crop") else "uniform")  # App. B.2.4; P-HLVC: random test clips
     target = args.task == "crossdomain" and split == "test"  # the other domain's videos, mapped classes
+    pose = input_keys(args) == ("video", "pose")
+    if pose:
+        scale = checkpoint_meta(args.weights if args.arch == "skelemotion_cnn" else args.concat_weights,
+                                args.trust_checkpoint).get("pose_scale", 1.0)
+        transform = functools.partial(pose_transform, video_transform=transform, frames=args.frames, scale=scale)
     ds = common.build_dataset(args.target if target else args.data, args.target_root if target else args.data_root,
-                              split, clip_len=args.frames, frame_strides=(p["stride"],),
+                              split, clip_len=args.frames + pose, frame_strides=(p["stride"],),
                               num_clips=1 if train else args.test_clips, sampling=sampling, transform=transform,
-                              decoder=args.decoder, modalities=(p["modality"],), class_map=args.class_map, **checks)
+                              decoder=args.decoder, modalities=("video", "pose2d") if pose else (p["modality"],),
+                              class_map=args.class_map, **checks)
     return AllClips(ds, args.frames, p["modality"]) if paired and args.protocol_name == "ch2" and not train else ds
 
 
@@ -835,7 +865,7 @@ def predict(model, dataset, args, run, multilabel=False, arrow=False):
     Clip outputs are combined as the protocols do: softmax averaged over clips (App. B.2.1), sigmoid max-pooled for
     multi-label (SlowFast, App. B.2.4). arrow=True scores every video forward (label 0) and reversed (label 1).
     Returns dict(scores (N, C), outputs (N, C): raw outputs averaged over clips, labels, index)."""
-    key = args.protocol["modality"]
+    keys = input_keys(args)
     all_clips = any(isinstance(d, AllClips) for d in (dataset, getattr(dataset, "dataset", None)))  # or a Subset
     loader = common.build_loader(dataset, args, run, train=False, batch_size=run.world_size if all_clips else
                                  args.eval_batch_size)  # AllClips: N varies per video, one video per process
@@ -844,16 +874,16 @@ def predict(model, dataset, args, run, multilabel=False, arrow=False):
     scores, outputs, labels, indices = [], [], [], []
     for batch in loader:
         batch = common.to_device(batch, run.device)
-        x, y, index = batch[key], batch["label"], batch["index"]
-        if x.dim() == 5 or key == "skeleton":  # one clip: (B, C, T, H, W), (B, C, T, V, M) or (B, 6, T, 49)
-            x = x[:, None]
+        x, y, index = [batch[k] for k in keys], batch["label"], batch["index"]
+        if x[0].dim() == 5 or keys == ("skeleton",):  # one clip: (B, C, T, H, W), (B, C, T, V, M) or (B, 6, T, 49)
+            x = [t[:, None] for t in x]
         if arrow:  # App. B.2.4: both versions of every video; time is dim -3 of (C, T, H, W) and (C, T, V, M)
-            x = torch.cat([x, x.flip(-3)])
+            x = [torch.cat([x[0], x[0].flip(-3)])]
             y = torch.cat([torch.zeros_like(index), torch.ones_like(index)])
             index = torch.cat([2 * index, 2 * index + 1])
-        b, k = x.shape[:2]
+        b, k = x[0].shape[:2]
         with run.autocast():
-            out = model(x.flatten(0, 1)).float().view(b, k, -1)  # (B, K clips, C)
+            out = model(*(t.flatten(0, 1) for t in x)).float().view(b, k, -1)  # (B, K clips, C)
         scores.append(torch.sigmoid(out).amax(dim=1) if multilabel else out.softmax(dim=-1).mean(dim=1))
         outputs.append(out.mean(dim=1))
         labels.append(y)
@@ -887,13 +917,13 @@ def classification_metrics(prediction, num_classes, multilabel):
 def classification_loss(net, batch, args, run, multilabel=False, arrow=False):
     """Cross-entropy (BCE for multi-label) of net(batch[modality]) (B, C) against batch["label"]; arrow=True plays
     each clip forward (label 0) or backward (label 1) with probability 1/2 (App. B.2.4)."""
-    x, y = batch[args.protocol["modality"]], batch["label"]
+    x, y = [batch[k] for k in input_keys(args)], batch["label"]
     if arrow:  # time is dim -3 of (B, C, T, H, W) and (B, C, T, V, M)
-        reverse = torch.rand(x.shape[0], device=x.device) < 0.5
-        x = torch.where(reverse.view(-1, *[1] * (x.dim() - 1)), x.flip(-3), x)
+        reverse = torch.rand(x[0].shape[0], device=y.device) < 0.5
+        x = [torch.where(reverse.view(-1, *[1] * (x[0].dim() - 1)), x[0].flip(-3), x[0])]
         y = reverse.long()
     with run.autocast():
-        logits = net(x).float()  # (B, C)
+        logits = net(*x).float()  # (B, C)
     return F.binary_cross_entropy_with_logits(logits, y.float()) if multilabel else F.cross_entropy(logits, y)
 
 
@@ -1012,19 +1042,6 @@ def classification_task(run, args, arrow=False):
             "protocol": protocol}
 
 
-class Relabelled(torch.utils.data.Dataset):
-    """`dataset` with item i labelled labels[i] (--calibrate's pseudo-labels)."""
-
-    def __init__(self, dataset, labels):
-        self.dataset, self.labels = dataset, labels
-
-    def __len__(self):
-        return len(self.dataset)
-
-    def __getitem__(self, i):
-        return dict(self.dataset[i], label=self.labels[i])
-
-
 def calibrate(run, args, model, test_set, num_classes):
     """--calibrate N (--task crossdomain). P-HLVC supp. Sec. 7.6 names a "domain calibration" on Toyota Smarthome
     with Sinkhorn eps 0.05 and no more (the authors' transfer.py has a "teacher" mode, sinkhorn_epsilon 0.05, whose
@@ -1040,7 +1057,8 @@ def calibrate(run, args, model, test_set, num_classes):
     calib.epochs, calib.milestones, calib.eval_every = args.calibrate, [], args.calibrate
     calib.out_dir = os.path.join(args.out_dir, "calibrate")
     os.makedirs(calib.out_dir, exist_ok=True)
-    target = Relabelled(build_split(args, "test", train=True), pseudo)
+    target = build_split(args, "test", train=True)  # (path, label, ...) samples, relabelled
+    target.samples = [(s[0], int(y), *s[2:]) for s, y in zip(target.samples, pseudo)]
     train_and_select(common.Run(calib, run.device, calib.out_dir), calib, model, target, None, num_classes)
     return {f"uncalibrated_{k}": v for k, v in classification_metrics(scores, num_classes, False).items()}
 
@@ -1967,12 +1985,13 @@ def resolve_args(args):
         args.arch = "tiny3d" if args.data in ("toy-motion", "toy-ucfrep") else "bigru" if skeleton else "r2plus1d_18"
     args.options = encoder_options(args.arch, args.arch_options, meta, args.data)
     check_modality(args, meta)
-    if args.concat and args.arch not in SKELETON_ARCHS:
-        raise ValueError("evaluate.py: --concat combines two skeleton encoders (App. A.4); --arch is "
-                         f"{args.arch}")
-    if args.concat and "skelemotion_cnn" in (args.arch, args.concat):
+    video_pose = args.concat == "skelemotion_cnn" and args.data.startswith(POSE_VIDEO_SETS)  # P-HLVC Sec. 7.3
+    if args.concat and args.arch not in SKELETON_ARCHS and not video_pose:
+        raise ValueError("evaluate.py: --concat combines two skeleton encoders (App. A.4), or a video encoder and "
+                         f"skelemotion_cnn on {' / '.join(POSE_VIDEO_SETS)} poses; --arch is {args.arch}")
+    if args.concat and "skelemotion_cnn" in (args.arch, args.concat) and not video_pose:
         raise ValueError("evaluate.py: --concat feeds both encoders the same (C, T, V, M) skeletons; skelemotion_cnn "
-                         "takes SkeleMotion images and cannot be concatenated (yet)")
+                         "takes SkeleMotion images (concatenated only beside a video encoder on video + pose data)")
     args.seeds = args.seeds or [args.seed]
     if args.out_dir is None:  # one folder per weights FILE: two files of one run folder must not share results
         args.out_dir = os.path.join("runs", f"evaluate-{args.task}-{args.data}-{weights_tag(args.weights)}")
@@ -1986,8 +2005,14 @@ def resolve_args(args):
     else:  # each column applies its own protocol; the batch size here only satisfies common.setup's check
         args.protocol, args.bad_files = protocol_for(args.data), os.path.join(args.out_dir, "bad_files.txt")
         args.batch_size = args.batch_size or 32
-    if args.arch == "skelemotion_cnn":  # its linear1 is sized for `frames` image columns: the crop follows the CNN
-        expected = args.options.get("frames", inspect.signature(common.SkeleMotionCNN).parameters["frames"].default)
+    if input_keys(args) == ("video", "pose") and args.task not in ("finetune", "linear", "fewshot", "crossdomain"):
+        raise common.UserError(f"evaluate.py: the P-HLVC pose stream (skelemotion_cnn on {args.data}) feeds a "
+                               f"classifier: expected --task finetune, linear, fewshot or crossdomain, found "
+                               f"{args.task}")
+    if "skelemotion_cnn" in (args.arch, args.concat):  # its linear1 is sized for `frames` image columns: the crop
+        options = args.options if args.arch == "skelemotion_cnn" else encoder_options(  # follows the CNN
+            args.concat, args.concat_options, checkpoint_meta(args.concat_weights, args.trust_checkpoint), args.data)
+        expected = options.get("frames", inspect.signature(common.SkeleMotionCNN).parameters["frames"].default)
         if args.overrides.get("frames", expected) != expected:
             raise ValueError(f"evaluate.py: --arch skelemotion_cnn expects SkeleMotion images of {expected} frames "
                              f"(its 'frames' option, from --arch-options or the checkpoint's meta; P-HLVC: 32) but "
@@ -2000,7 +2025,8 @@ def resolve_args(args):
 def check_modality(args, meta):
     """Video encoders on video data, skeleton encoders on skeleton data: by --arch and by the modality the
     weights were pretrained on (meta['modality'] of our backbone.pth: rgb / flow / depth / skeleton)."""
-    data = "skeleton" if protocol_for(args.data)["modality"] == "skeleton" else "video"  # depth, flow: 3-D CNNs too
+    pose = args.arch == "skelemotion_cnn" and args.data.startswith(POSE_VIDEO_SETS)  # P-HLVC's pose stream alone
+    data = "skeleton" if pose or protocol_for(args.data)["modality"] == "skeleton" else "video"  # depth, flow: 3-D
     arch = "skeleton" if args.arch in SKELETON_ARCHS else "video"
     if arch != data:
         raise common.UserError(f"evaluate.py: --arch {args.arch} is a {arch} encoder but --data {args.data} is "
@@ -2118,6 +2144,10 @@ def describe_protocol(args, source, sizes, num_classes):
     lines = [f"protocol: --task {args.task} on {args.data} ({num_classes} classes), backbone {args.arch} "
              f"{args.options or ''}" + (f" + {args.concat}" if args.concat else ""), f"  weights: {source}",
              f"  input: {inputs}"]
+    if input_keys(args) == ("video", "pose"):
+        alone = ", the classifier's only input" if args.arch == "skelemotion_cnn" else ", features concatenated"
+        lines.append(f"  pose: per clip the best-scored track of {args.frames + 1} converted AlphaPose poses as a "
+                     f"SkeleMotion image (6, {args.frames}, 49), unaugmented{alone}")
     if features_only:
         lines += [f"  samples: gallery (train) {sizes['train']} / queries (test) {sizes['test']}"
                   if args.task == "knn" else f"  samples: test {sizes['test']}",

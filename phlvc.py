@@ -8,6 +8,7 @@ agreement-accentuating cross-entropy (AXent) of Eq. (5); the prototypes grow fro
     python phlvc.py                                   # toy-paired (depth + COCO-18 2-D poses), tiny3d, ~1.6 CPU min
     python phlvc.py --data k400-pose --gpus 4                  # paper: S3D 32x128², batch 80, K 3,000 -> 10,000
     python phlvc.py --data k400-pose --arch r2d3d_18 --gpus 4  # R2D3D 30x128², batch 56, K_v 2, K_s <= 2
+    python phlvc.py --data sims4action --gpus 4                # Sec. 7.2: Sims4Action + its AlphaPose poses
 
 k400-pose = data/k400-pose in the Kinetics-400 layout of `common.parse_kinetics` (annotations/{train,val}.csv,
 {split}/<label>/<youtube_id>_<start>_<end>.mp4) + kinetics-skeleton/kinetics_{train,val}/<youtube_id>.json
@@ -62,15 +63,17 @@ Cross-domain (Sec. 7.2): `common.py` parses sims4action (official split CSV) and
 classes mapped to Sims4Action, --class-map sims4action | phlvc-code; toyota-smarthome-cs / -cv1 / -cv2: its own
 protocols and classes, for finetuning); `evaluate.py --task crossdomain --data sims4action --target
 toyota-smarthome` finetunes on Sims4Action (selects on its val split S7) and reports top-1 and mean class accuracy
-on Toyota, video features only; --calibrate N: our reading of the undefined "domain calibration" (eps 0.05): N
-epochs on Sinkhorn-balanced pseudo-labels of the Toyota videos (transductive). `evaluate.py --task finetune
---protocol phlvc` = Sec. 7.6's finetuning (Table 6 augmentation, 10 random test clips and crops, dropout-ReLU-linear
-head; optimiser: the authors' transfer.py CLI defaults, unverified). `python common.py convert-alphapose` turns
-AlphaPose results (COCO-17, --pose_track ids) into COCO-18 ST-GCN JSON (neck = shoulder midpoint, / frame size, "id"
-kept: the JSON reader then keeps each track in one slot); pretraining on Sims4Action (`--data sims4action`, Sec.
-7.2) reads videos/<name>.avi with those pose2d/<name>.json (pose frame t = video frame t). Not implemented yet: pose
-and concatenated features in the cross-domain test, the 'enough posed frames' filter of k400-pose (videos without a
-JSON are dropped; a clip without poses gives no pair), pose JSON cached as npy.
+on Toyota; features (Sec. 7.3): video (backbone.pth), pose (--arch skelemotion_cnn --weights pose_backbone.pth: per
+clip a SkeleMotion image of the best-scored converted AlphaPose track) or both concatenated (--concat
+skelemotion_cnn --concat-weights pose_backbone.pth); --calibrate N: our reading of the undefined "domain
+calibration" (eps 0.05): N epochs on Sinkhorn-balanced pseudo-labels of the Toyota videos (transductive).
+`evaluate.py --task finetune --protocol phlvc` = Sec. 7.6's finetuning (Table 6 augmentation, 10 random test clips
+and crops, dropout-ReLU-linear head; optimiser: the authors' transfer.py CLI defaults, unverified). `python
+common.py convert-alphapose` turns AlphaPose results (COCO-17, --pose_track ids) into COCO-18 ST-GCN JSON (neck =
+shoulder midpoint, / frame size, "id" kept: the JSON reader then keeps each track in one slot); pretraining on
+Sims4Action (`--data sims4action`, Sec. 7.2) reads videos/<name>.avi with those pose2d/<name>.json (pose frame t =
+video frame t). Not implemented yet: the 'enough posed frames' filter of k400-pose (videos without a JSON are
+dropped; a clip without poses gives no pair), pose JSON cached as npy.
 toy-paired keeps 2 people per frame (its JSON reader's default); k400-pose keeps 5.
 """
 import argparse
@@ -559,8 +562,8 @@ def main_worker(args):
                         knn=(model.video, input_fn, *knn_loaders) if args.knn_every else None)
     if run.is_main:
         common.save_backbone(model.pose, os.path.join(run.out_dir, "pose_backbone.pth"),
-                             {"arch": "skelemotion_cnn", "modality": "skeleton", "method": "phlvc",
-                              "options": {"frames": args.clip_len, "hidden": args.hidden}})
+                             {"arch": "skelemotion_cnn", "modality": "skeleton", "method": "phlvc", "pose_scale":
+                              args.pose_scale, "options": {"frames": args.clip_len, "hidden": args.hidden}})
     if run.world_size > 1:  # prototypes and queues must be identical on every process
         state = torch.cat([model.prototypes.detach().flatten(), model.queue.flatten()])[None]
         diff = (common.all_gather_nograd(state) - state).abs().max().item()

@@ -592,10 +592,10 @@ def test_calibrate_balances_the_pseudo_labels_with_sinkhorn(tmp_path, monkeypatc
     scores = {"scores": torch.stack([p0, 1 - p0], 1), "labels": torch.tensor([0, 0, 1, 1]), "index": torch.arange(4)}
     seen = {}
     monkeypatch.setattr(ev, "predict", lambda *a, **k: scores)
-    monkeypatch.setattr(ev, "build_split", lambda *a, **k: [{"video": None} for _ in range(4)])
+    monkeypatch.setattr(ev, "build_split", lambda *a, **k: types.SimpleNamespace(samples=[(i, 1) for i in range(4)]))
     monkeypatch.setattr(common, "Run", lambda *a: None)
     monkeypatch.setattr(ev, "train_and_select", lambda run, args, model, target, *rest: seen.update(
-        labels=[int(target[i]["label"]) for i in range(len(target))], epochs=args.epochs, out=args.out_dir))
+        labels=[y for _, y in target.samples], epochs=args.epochs, out=args.out_dir))
     args = types.SimpleNamespace(calibrate=3, out_dir=str(tmp_path), milestones=[60], eval_every=10, epochs=100)
     before = ev.calibrate(types.SimpleNamespace(device="cpu"), args, None, None, 2)
     assert before["uncalibrated_top1"] == 50.0 and (seen["epochs"], seen["out"]) == (3, str(tmp_path / "calibrate"))
@@ -622,3 +622,49 @@ def test_sims4action_pretraining_on_converted_alphapose_poses(tmp_path):
                      "--prototypes-final", 4, "--batch-size", 2, "--max-steps", 2, "--workers", 0, "--log-every", 1)
     assert "sims4action train: 3 of 4 videos have a pose JSON" in out
     assert all(math.isfinite(l) for _, l, _ in losses(tmp_path / "run"))
+
+
+def write_crossdomain_poses(sims, toyota, frames=20):
+    """AlphaPose results (two tracks, track 2 scored higher) for every fixture video -> pose2d/<name>.json."""
+    for root, videos in ((sims, sims / "videos"), (toyota, toyota / "mp4")):
+        os.makedirs(root / "ap")
+        for video in os.listdir(videos):
+            people = [dict(alphapose_person(f"{t}.jpg", i, dx=t * i)) for t in range(frames) for i in (1, 2)]
+            for p in people:
+                p["keypoints"][2::3] = [0.3 * p["idx"]] * 17
+            (root / "ap" / (os.path.splitext(video)[0] + ".json")).write_text(json.dumps(people))
+        common.convert_alphapose(str(root / "ap"), str(root / "pose2d"), videos=str(videos))
+
+
+def test_evaluate_pose_stream_alone_and_concatenated_with_the_video(tmp_path, capsys):
+    """Sec. 7.3: a SkeleMotion CNN on the converted poses alone (--arch skelemotion_cnn), or beside the video encoder
+    (--concat skelemotion_cnn); the pose image is the best-scored track's, for every test clip."""
+    import evaluate as ev
+    sims, toyota = write_crossdomain(tmp_path)
+    write_crossdomain_poses(sims, toyota)
+    common_argv = ["--task", "crossdomain", "--data", "sims4action", "--data-root", str(sims), "--target",
+                   "toyota-smarthome", "--target-root", str(toyota), "--weights", "none", "--epochs", "1",
+                   "--batch-size", "2", "--test-clips", "2", "--workers", "0"]
+    both = ev.main([*common_argv, "--arch", "tiny3d", "--concat", "skelemotion_cnn", "--concat-options",
+                    '{"frames": 19}', "--out-dir", str(tmp_path / "both")])
+    assert "SkeleMotion image (6, 19, 49), unaugmented, features concatenated" in both["protocol"]
+    pose = ev.main([*common_argv, "--arch", "skelemotion_cnn", "--arch-options", '{"frames": 19}', "--out-dir",
+                    str(tmp_path / "pose")])
+    assert "the classifier's only input" in pose["protocol"] and pose["sizes"] == both["sizes"]
+    args = ev.resolve_args(ev.get_parser().parse_args([*common_argv, "--arch", "skelemotion_cnn", "--arch-options",
+                                                       '{"frames": 19}', "--out-dir", str(tmp_path / "x")]))
+    item = ev.build_split(args, "test", train=False)[0]  # 2 clips of 20 poses: track 2 (score 0.6) is the best
+    raw = common.build_dataset("toyota-smarthome", str(toyota), "test", clip_len=20, num_clips=2, sampling="uniform",
+                               modalities=("video", "pose2d"))[0]["pose2d"]  # (2, 3, 20, 18, M)
+    assert item["video"].shape == (2, 3, 19, 112, 112) and item["pose"].shape == (2, 6, 19, 49)
+    for k in range(2):
+        expected = common.skelemotion_image(raw[k, :2, :, :, 0], "coco18")[:, :19]
+        assert raw[k, 2, :, :, 0].mean() == pytest.approx(0.6) and torch.equal(item["pose"][k], expected)
+    one = torch.rand(3, 5, 18, 2)  # (3, T + 1, V, M) one clip; slot 1 scores higher than slot 0
+    one[2, :, :, 0], one[2, :, :, 1] = 0.2, 0.7
+    out = ev.pose_transform({"video": torch.zeros(3, 5, 8, 8), "pose2d": one}, lambda i: i, frames=4, scale=2.0)
+    assert out["video"].shape == (3, 4, 8, 8) and "pose2d" not in out
+    assert torch.equal(out["pose"], common.skelemotion_image(one[:2, :, :, 1] * 2.0, "coco18")[:, :4])
+    with pytest.raises(common.UserError, match="the P-HLVC pose stream .* expected --task finetune"):
+        ev.resolve_args(ev.get_parser().parse_args(["--task", "knn", "--data", "sims4action", "--data-root",
+                                                    str(sims), "--arch", "skelemotion_cnn", "--out-dir", "y"]))
