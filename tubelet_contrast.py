@@ -54,6 +54,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -249,44 +250,56 @@ def paste_tubelets(clip_1, clip_2, tubelets, side=None):
     return paste_fixed_windows(clip_1, clip_2, tubelets, side)
 
 
-def render_tubelets(source, tubelets, origin, width, height, shape=None, soft=None):
+def window_coefficients(tubelets, origin, height, width):
+    """(..., T, 3, 4) offset, per-column and per-row coefficients of four planes, each affine in the window pixel
+    (j, i): x, y of the grid_sample position of the patch pixel and x, y of u / (size / 2) (1 on the patch border).
+
+    tubelets: (..., ...) tensors; origin (..., T, 2) float, x, y of each window's top-left pixel; height, width of
+    the frame. Pixel x covers [x, x + 1), its centre is x + 0.5: at window pixel (j, i), p = origin + (j, i) + 0.5
+    and u = A_t^-1 (p - c_t) = u_0 + j A^-1[:, 0] + i A^-1[:, 1] with u_0 = A^-1 (origin + 0.5 - c_t)."""
+    # A^-1 in closed form, [[d, -b], [-c, a]] / (ad - bc): torch.linalg.inv would check for errors on the host
+    a00, a01, a10, a11 = tubelets["matrix"].flatten(-2).unbind(-1)  # each (..., T)
+    inverse = torch.stack([a11, -a01, -a10, a00], -1).unflatten(-1, (2, 2)) / (a00 * a11 - a01 * a10)[..., None, None]
+    u0 = (inverse @ (origin + 0.5 - tubelets["centres"])[..., None])[..., 0]  # (..., T, 2)
+    u = torch.stack([u0, inverse[..., 0], inverse[..., 1]], -2)  # (..., T, 3, 2) u = u0 + j col_0 + i col_1
+    to_source = 2 / torch.tensor([width, height], dtype=torch.float, device=origin.device)  # pixels -> [-1, 1]
+    scale = torch.cat([to_source.expand_as(tubelets["size"]), 2 / tubelets["size"]], -1)  # (..., 4)
+    coef = torch.cat([u, u], -1) * scale[..., None, None, :]  # (..., T, 3, 4)
+    coef[..., 0, :2] += tubelets["source_centre"][..., None, :] * to_source - 1  # align_corners=False convention
+    return coef
+
+
+def render_tubelets(source, coef, opacity, width, height, shape, soft):
     """Patch pixels and alpha of n tubelets in per-frame windows of width x height pixels (Eq. 5.3, Eq. 5.7).
 
-    source (n, C, H, W): the frame of clip 1 each patch is cut from; tubelets: (n, ...) tensors; origin (n, T, 2):
-    x, y of each window's top-left pixel. Returns patch (n, C, T, height, width), alpha (n, T, height, width).
+    source (n, C, H, W): the frame of clip 1 each patch is cut from; coef (n, T, 3, 4): window_coefficients;
+    opacity (n, T) or None (opaque). Returns patch (n, C, T, height, width), alpha (n, T, height, width).
     Each window pixel p is mapped back into the patch, u = A_t^-1 (p - c_t), and read from clip 1 at
     source_centre + u with one grid_sample for all tubelets and frames; alpha is the tubelet's shape at u.
-    shape, soft: Python numbers shared by the n tubelets (the CPU path: one distance, no torch.where), or None:
-    each tubelet's own, picked by torch.where (no host sync)."""
-    n, c, h, w = source.shape
-    t, device = origin.shape[1], source.device
-    # A^-1 in closed form, [[d, -b], [-c, a]] / (ad - bc): torch.linalg.inv would check for errors on the host
-    a00, a01, a10, a11 = tubelets["matrix"].flatten(-2).unbind(-1)  # each (n, T)
-    inverse = torch.stack([a11, -a01, -a10, a00], -1).view(n, t, 1, 1, 2, 2) / (a00 * a11 - a01 * a10).view(
-        n, t, 1, 1, 1, 1)  # (n, T, 1, 1, 2, 2)
-    # pixel x covers [x, x + 1), its centre is x + 0.5: at window pixel (j, i), p = origin + (j, i) + 0.5 and
-    # u = u_0 + j A^-1[:, 0] + i A^-1[:, 1] with u_0 = A^-1 (origin + 0.5 - c)
-    u0 = (inverse[:, :, 0, 0] @ (origin + 0.5 - tubelets["centres"])[..., None])[..., None, None, :, 0]  # (n,T,1,1,2)
-    cols = torch.arange(width, dtype=torch.float, device=device).view(width, 1)  # j
-    rows = torch.arange(height, dtype=torch.float, device=device).view(height, 1, 1)  # i
-    u = torch.addcmul(torch.addcmul(u0, cols, inverse[..., 0]), rows, inverse[..., 1])  # (n, T, height, width, 2)
-    to_source = 2 / torch.tensor([w, h], dtype=torch.float, device=device)  # pixels -> grid_sample's [-1, 1]
-    grid = (u + tubelets["source_centre"][:, None, None, None]) * to_source - 1  # align_corners=False convention
-    patch = F.grid_sample(source, grid.view(n, t * height, width, 2), align_corners=False)  # (n, C, T*h, w)
-    rx, ry = (u * (2 / tubelets["size"])[:, None, None, None]).abs_().unbind(-1)  # (n, T, h, w), 1 on the border
+    shape, soft: Python numbers shared by the n tubelets (the CPU path: one distance, no torch.where), or (n,)
+    tensors: each tubelet's own, picked by torch.where (no host sync)."""
+    n, c, t = source.shape[0], source.shape[1], coef.shape[1]
+    coef = coef.permute(2, 3, 0, 1).contiguous()[..., None, None]  # (3, 4, n, T, 1, 1): offset, per j, per i
+    cols = torch.arange(width, dtype=torch.float, device=source.device)  # j
+    rows = torch.arange(height, dtype=torch.float, device=source.device).view(height, 1)  # i
+    planes = torch.addcmul(coef[0], coef[2], rows) + coef[1] * cols  # (4, n, T, height, width)
+    grid = planes[:2].view(2, n, t * height, width).permute(1, 2, 3, 0)  # (n, T*height, width, 2), a view
+    patch = F.grid_sample(source, grid, align_corners=False)  # (n, C, T*height, width)
+    rx, ry = planes[2].abs_(), planes[3].abs_()  # (n, T, height, width)
     # distance from the centre of the shape: rectangle L_inf, ellipse L2, rhombus L1
-    if shape is not None:
+    if not torch.is_tensor(shape):
         dist = (torch.maximum, torch.hypot, torch.add)[shape](rx, ry)  # (n, T, h, w)
     else:
-        shape = tubelets["shape"].view(n, 1, 1, 1)
+        shape = shape.view(n, 1, 1, 1)
         dist = torch.where(shape == 0, torch.maximum(rx, ry), torch.where(shape == 1, torch.hypot(rx, ry), rx + ry))
     # soft 1: hard edge; s < 1: alpha falls linearly from d = s to d = 1
-    if soft is not None:
-        alpha = ((1 - dist) / (1 - soft)).clamp_(0, 1) if soft < 1 else (dist < 1).float()
+    if not torch.is_tensor(soft):
+        alpha = dist.sub_(1).div_(soft - 1).clamp_(0, 1) if soft < 1 else (dist < 1).float()
     else:
-        soft = tubelets["soft"].view(n, 1, 1, 1)
+        soft = soft.view(n, 1, 1, 1)
         alpha = torch.where(soft < 1, ((1 - dist) / (1 - soft).clamp_min(1e-6)).clamp(0, 1), (dist < 1).float())
-    return patch.view(n, c, t, height, width), alpha * tubelets["opacity"][:, :, None, None]
+    alpha = alpha if opacity is None else alpha * opacity[:, :, None, None]
+    return patch.view(n, c, t, height, width), alpha
 
 
 def window_sides(tubelets):
@@ -296,40 +309,47 @@ def window_sides(tubelets):
 
 
 def paste_exact_windows(clip_1, clip_2, tubelets):
-    """CPU path of paste_tubelets: the plain loop over samples and tubelets, each in a window of its own size
-    (window_sides, at most the frame's), rendered once for all frames and both clips. Each frame's window is moved
-    into the frame (alpha is exact at every pixel, so any window that holds the tubelet gives the same result), and
-    only the transformed patch's bounding box is blended, through slices; the rest stays in the input's dtype."""
+    """CPU path of paste_tubelets: the plain loop over samples and tubelets. Each tubelet is rendered once for all
+    frames and both clips, in a window as large as its largest per-frame box (the transformed patch's bounding box
+    clipped to the frame), moved into the frame: alpha is exact at every pixel, so any window that holds the box
+    gives the same result. Only each frame's box is blended, through numpy slices of the clips; a hard-edged
+    opaque tubelet (alpha 0 or 1: v (1 - α) + patch α = patch where α = 1) is copied where alpha is 1."""
     b, c, t, h, w = clip_1.shape
     # two outputs, not one stacked (2, B, ...) buffer: a fresh block over 32 MB costs page faults on every call
     out_1, out_2 = clip_1.clone(), clip_2.clone()  # (B, C, T, H, W) each, the input's dtype
-    sides = window_sides(tubelets)  # (B, M)
     frame = torch.tensor([w, h])
-    window = torch.minimum(sides[..., None], frame)  # (B, M, 2) window width, height
-    origin = tubelets["centres"].floor().long() - (sides // 2)[..., None, None]  # (B, M, T, 2) top-left pixel
-    origin = torch.minimum(origin.clamp(min=0), (frame - window)[:, :, None])  # moved into the frame
-    # per frame, the bounding box of the transformed patch (alpha is 0 outside it) in window coordinates
-    extent = (tubelets["matrix"].abs() @ (tubelets["size"] / 2)[:, :, None, :, None])[..., 0]  # (B, M, T, 2)
-    box_lo = ((tubelets["centres"] - extent).floor().long() - 1 - origin).clamp(min=0)  # (B, M, T, 2)
-    box_hi = torch.minimum((tubelets["centres"] + extent).ceil().long() + 1 - origin, window[:, :, None])
+    extent = (tubelets["matrix"].abs() @ (tubelets["size"] / 2)[:, :, None, :, None])[..., 0]  # (B, M, T, 2) half
+    lo = ((tubelets["centres"] - extent).floor().long() - 1).clamp(min=0)  # (B, M, T, 2) box, x, y in the frame
+    hi = torch.minimum((tubelets["centres"] + extent).ceil().long() + 1, frame)  # (B, M, T, 2) box end
+    window = (hi - lo).amax(2).clamp(min=1)  # (B, M, 2) window width, height: the largest box of the tubelet
+    origin = torch.minimum(lo, frame - window[:, :, None])  # (B, M, T, 2) window's top-left pixel, inside the frame
+    coef = window_coefficients(tubelets, origin.float(), h, w)  # (B, M, T, 3, 4)
+    opaque = (tubelets["opacity"] == 1).all(-1)  # (B, M)
     rounding = 0.5 if out_1.dtype == torch.uint8 else 0.0  # uint8: x + 0.5 truncated on assignment = x rounded
-    host = zip(window.tolist(), torch.cat([origin, box_lo, box_hi], -1).tolist(), tubelets["source_frame"].tolist(),
-               tubelets["shape"].tolist(), tubelets["soft"].tolist())
+    host = zip(window.tolist(), torch.cat([lo, hi, lo - origin], -1).tolist(), tubelets["source_frame"].tolist(),
+               tubelets["shape"].tolist(), tubelets["soft"].tolist(), opaque.tolist())
     outs = (out_1.numpy(), out_2.numpy())  # the same memory; numpy slices cost a fraction of torch's per call
-    keys = ("matrix", "centres", "source_centre", "size", "opacity")
-    for i, (window_i, boxes_i, frames_i, shapes_i, softs_i) in enumerate(host):
-        for j, (sx, sy) in enumerate(window_i):  # tubelet j is pasted over tubelets 0 .. j - 1
-            tube = {k: tubelets[k][i, j, None] for k in keys}  # (1, ...)
-            source = clip_1[i, None, :, frames_i[j]].float()  # (1, C, H, W): the frame of the unpasted clip 1
-            # patch (1, C, T, Sy, Sx), alpha (1, T, Sy, Sx)
-            patch, alpha = render_tubelets(source, tube, origin[i, j, None], sx, sy, shapes_i[j], softs_i[j])
-            keep, add = (1 - alpha[0]).numpy(), (patch[0] * alpha[0]).add_(rounding).numpy()  # (T, ..), (C, T, ..)
-            for f, (x0, y0, x1, y1, x2, y2) in enumerate(boxes_i[j]):  # window origin, box in the window
+    for i, host_i in enumerate(host):
+        for j, ((sx, sy), boxes, source_frame, shape, soft, opaque_ij) in enumerate(zip(*host_i)):
+            source = clip_1[i, None, :, source_frame].float()  # (1, C, H, W): the frame of the unpasted clip 1
+            opacity = None if opaque_ij else tubelets["opacity"][i, j, None]  # (1, T)
+            # patch (1, C, T, Sy, Sx), alpha (1, T, Sy, Sx); tubelet j is pasted over tubelets 0 .. j - 1
+            patch, alpha = render_tubelets(source, coef[i, j, None], opacity, sx, sy, shape, soft)
+            copy = soft == 1 and opaque_ij
+            if copy:  # where α = 1: the patch (rounded), elsewhere the clip
+                keep, add = (alpha[0] > 0).numpy(), (patch[0] + rounding).to(out_1.dtype).numpy()
+            else:
+                keep, add = (1 - alpha[0]).numpy(), (patch[0] * alpha[0]).add_(rounding).numpy()  # (T,..), (C,T,..)
+            for f, (x1, y1, x2, y2, wx, wy) in enumerate(boxes):  # box in the frame, its corner in the window
                 if x1 < x2 and y1 < y2:
-                    keep_f, add_f = keep[f, y1:y2, x1:x2], add[:, f, y1:y2, x1:x2]  # (h', w'), (C, h', w')
+                    keep_f = keep[f, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (h', w')
+                    add_f = add[:, f, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (C, h', w')
                     for out in outs:
-                        region = out[i, :, f, y0 + y1:y0 + y2, x0 + x1:x0 + x2]  # (C, h', w') view
-                        region[...] = region * keep_f + add_f  # v (1 - α) + patch α (+ 0.5: rounding)
+                        region = out[i, :, f, y1:y2, x1:x2]  # (C, h', w') view
+                        if copy:
+                            np.copyto(region, add_f, where=keep_f)
+                        else:
+                            region[...] = region * keep_f + add_f  # v (1 - α) + patch α (+ 0.5: rounding)
     return out_1, out_2
 
 
@@ -355,7 +375,8 @@ def paste_fixed_windows(clip_1, clip_2, tubelets, side=None):
         tube = {k: v[:, j] for k, v in tubelets.items()}  # (B, ...)
         source = clip_1[samples, :, tube["source_frame"]].float()  # (B, C, H, W): the frame of the unpasted clip 1
         origin = tube["centres"].floor().long() - side // 2  # (B, T, 2) window's top-left pixel
-        patch, alpha = render_tubelets(source, tube, origin, side, side)  # (B, C, T, S, S), (B, T, S, S)
+        coef = window_coefficients(tube, origin.float(), h, w)  # (B, T, 3, 4)
+        patch, alpha = render_tubelets(source, coef, tube["opacity"], side, side, tube["shape"], tube["soft"])
         y = origin[..., 1, None, None] + grid[:, None]  # (B, T, S, 1) frame row of each window row
         x = origin[..., 0, None, None] + grid[None, :]  # (B, T, 1, S) frame column of each window column
         inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)  # (B, T, S, S)
