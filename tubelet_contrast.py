@@ -54,7 +54,6 @@ import math
 import os
 import sys
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -229,14 +228,15 @@ def tubelet_pairs(video, args, generator=None):
         raise ValueError(f"tubelet_contrast.py: tubelet pairs need clips of >= 2 videos per batch, got {video.shape}")
     b, _, t, h, w = video.shape
     tubelets = sample_tubelets(b, t, h, w, args, video.device, generator)
-    clip_1, clip_2 = paste_tubelets(video, video.roll(-1, dims=0), tubelets, max_window_side(args, h, w))
+    clip_1, clip_2 = paste_tubelets(video, None, tubelets, max_window_side(args, h, w))  # clip 2: video rolled by -1
     return clip_1, clip_2, tubelets
 
 
 def paste_tubelets(clip_1, clip_2, tubelets, side=None):
     """Eq. (5.4): v̂_i = v_i ⊙ {Tubelet_p1 .. Tubelet_pM}, the same patches, paths, masks and transforms on both.
 
-    clip_1, clip_2 (B, C, T, H, W) uint8 or float; the patches are cut from clip_1. Returns two clips of the input's
+    clip_1, clip_2 (B, C, T, H, W) uint8 or float; the patches are cut from clip_1; clip_2 None: clip_1 rolled
+    by -1 along the batch (tubelet_pairs), copied straight into the output. Returns two clips of the input's
     dtype and value range (uint8: the blend is rounded, as the authors' uint8 images are). side: the window side S
     of the GPU pass, max_window_side(args, H, W) (tubelet_pairs passes it; None: the exact largest).
 
@@ -312,45 +312,44 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
     """CPU path of paste_tubelets: the plain loop over samples and tubelets. Each tubelet is rendered once for all
     frames and both clips, in a window as large as its largest per-frame box (the transformed patch's bounding box
     clipped to the frame), moved into the frame: alpha is exact at every pixel, so any window that holds the box
-    gives the same result. Only each frame's box is blended, through numpy slices of the clips; a hard-edged
-    opaque tubelet (alpha 0 or 1: v (1 - α) + patch α = patch where α = 1) is copied where alpha is 1."""
+    gives the same result. Only each frame's box is blended, in both clips at once, through numpy slices of one
+    (2, B, C, T, H, W) buffer."""
     b, c, t, h, w = clip_1.shape
-    # two outputs, not one stacked (2, B, ...) buffer: a fresh block over 32 MB costs page faults on every call
-    out_1, out_2 = clip_1.clone(), clip_2.clone()  # (B, C, T, H, W) each, the input's dtype
+    # both clips in one buffer, each sample copied in just before its tubelets are pasted (the blends then find it
+    # in the cache); clip_2 None: clip_1 rolled by -1 along the batch, no separate copy
+    pair = torch.empty((2, b, c, t, h, w), dtype=clip_1.dtype)
+    sources = clip_1[torch.arange(b)[:, None], :, tubelets["source_frame"]]  # (B, M, C, H, W), the unpasted clip 1
     frame = torch.tensor([w, h])
-    extent = (tubelets["matrix"].abs() @ (tubelets["size"] / 2)[:, :, None, :, None])[..., 0]  # (B, M, T, 2) half
-    lo = ((tubelets["centres"] - extent).floor().long() - 1).clamp(min=0)  # (B, M, T, 2) box, x, y in the frame
-    hi = torch.minimum((tubelets["centres"] + extent).ceil().long() + 1, frame)  # (B, M, T, 2) box end
+    # per frame, the half extent along x and y of the transformed shape A {u: d(u / (size / 2)) < 1}: the dual norm
+    # of (|a_k0| size_0, |a_k1| size_1) / 2, rectangle (L_inf ball) L1, ellipse L2, rhombus (L1 ball) L_inf
+    axes = tubelets["matrix"].abs() * (tubelets["size"] / 2)[:, :, None, None, :]  # (B, M, T, 2, 2)
+    shape = tubelets["shape"][:, :, None, None]  # (B, M, 1, 1)
+    extent = torch.where(shape == 0, axes.sum(-1), torch.where(shape == 1, axes.norm(dim=-1), axes.amax(-1)))
+    # the box of pixels p whose centre p + 0.5 can lie inside c ± extent (those left out are >= 1 px outside)
+    lo = (tubelets["centres"] - extent - 0.5).floor().long().clamp(min=0)  # (B, M, T, 2) box, x, y in the frame
+    hi = torch.minimum((tubelets["centres"] + extent + 0.5).floor().long() + 1, frame)  # (B, M, T, 2) box end
     window = (hi - lo).amax(2).clamp(min=1)  # (B, M, 2) window width, height: the largest box of the tubelet
     origin = torch.minimum(lo, frame - window[:, :, None])  # (B, M, T, 2) window's top-left pixel, inside the frame
     coef = window_coefficients(tubelets, origin.float(), h, w)  # (B, M, T, 3, 4)
     opaque = (tubelets["opacity"] == 1).all(-1)  # (B, M)
-    rounding = 0.5 if out_1.dtype == torch.uint8 else 0.0  # uint8: x + 0.5 truncated on assignment = x rounded
-    host = zip(window.tolist(), torch.cat([lo, hi, lo - origin], -1).tolist(), tubelets["source_frame"].tolist(),
-               tubelets["shape"].tolist(), tubelets["soft"].tolist(), opaque.tolist())
-    outs = (out_1.numpy(), out_2.numpy())  # the same memory; numpy slices cost a fraction of torch's per call
+    rounding = 0.5 if pair.dtype == torch.uint8 else 0.0  # uint8: x + 0.5 truncated on assignment = x rounded
+    host = zip(window.tolist(), torch.cat([lo, hi, lo - origin], -1).tolist(), tubelets["shape"].tolist(),
+               tubelets["soft"].tolist(), opaque.tolist())
+    both = pair.numpy()  # (2, B, C, T, H, W), the same memory; numpy slices cost a fraction of torch's per call
     for i, host_i in enumerate(host):
-        for j, ((sx, sy), boxes, source_frame, shape, soft, opaque_ij) in enumerate(zip(*host_i)):
-            source = clip_1[i, None, :, source_frame].float()  # (1, C, H, W): the frame of the unpasted clip 1
+        pair[0, i], pair[1, i] = clip_1[i], clip_1[(i + 1) % b] if clip_2 is None else clip_2[i]
+        for j, ((sx, sy), boxes, shape, soft, opaque_ij) in enumerate(zip(*host_i)):
             opacity = None if opaque_ij else tubelets["opacity"][i, j, None]  # (1, T)
             # patch (1, C, T, Sy, Sx), alpha (1, T, Sy, Sx); tubelet j is pasted over tubelets 0 .. j - 1
-            patch, alpha = render_tubelets(source, coef[i, j, None], opacity, sx, sy, shape, soft)
-            copy = soft == 1 and opaque_ij
-            if copy:  # where α = 1: the patch (rounded), elsewhere the clip
-                keep, add = (alpha[0] > 0).numpy(), (patch[0] + rounding).to(out_1.dtype).numpy()
-            else:
-                keep, add = (1 - alpha[0]).numpy(), (patch[0] * alpha[0]).add_(rounding).numpy()  # (T,..), (C,T,..)
+            patch, alpha = render_tubelets(sources[i, j, None].float(), coef[i, j, None], opacity, sx, sy, shape, soft)
+            keep, add = (1 - alpha[0]).numpy(), (patch[0] * alpha[0]).add_(rounding).numpy()  # (T, ..), (C, T, ..)
             for f, (x1, y1, x2, y2, wx, wy) in enumerate(boxes):  # box in the frame, its corner in the window
                 if x1 < x2 and y1 < y2:
                     keep_f = keep[f, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (h', w')
                     add_f = add[:, f, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (C, h', w')
-                    for out in outs:
-                        region = out[i, :, f, y1:y2, x1:x2]  # (C, h', w') view
-                        if copy:
-                            np.copyto(region, add_f, where=keep_f)
-                        else:
-                            region[...] = region * keep_f + add_f  # v (1 - α) + patch α (+ 0.5: rounding)
-    return out_1, out_2
+                    region = both[:, i, :, f, y1:y2, x1:x2]  # (2, C, h', w') view: both clips
+                    region[...] = region * keep_f + add_f  # v (1 - α) + patch α (+ 0.5: rounding)
+    return pair[0], pair[1]
 
 
 def paste_fixed_windows(clip_1, clip_2, tubelets, side=None):
@@ -364,7 +363,7 @@ def paste_fixed_windows(clip_1, clip_2, tubelets, side=None):
     # both output clips in one buffer (2, B + 1, C, T, H, W): the extra clip B is scratch space where the pixels
     # of a window that fall outside the frame are sent, so every pass has the same shape (B windows of S x S)
     buffer = torch.empty((2, b + 1, c, t, h, w), dtype=clip_1.dtype, device=clip_1.device)
-    buffer[0, :b], buffer[1, :b] = clip_1, clip_2  # only the windows are touched below, in the input's dtype
+    buffer[0, :b], buffer[1, :b] = clip_1, clip_1.roll(-1, 0) if clip_2 is None else clip_2  # only the windows are touched below, in the input's dtype
     flat = buffer.view(2, -1)
     samples = torch.arange(b, device=clip_1.device)
     grid = torch.arange(side, device=clip_1.device)
