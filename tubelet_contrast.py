@@ -54,6 +54,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -251,7 +252,7 @@ def paste_tubelets(clip_1, clip_2, tubelets, side=None):
 
 
 def window_coefficients(tubelets, origin, height, width):
-    """(..., T, 3, 4) offset, per-column and per-row coefficients of four planes, each affine in the window pixel
+    """(..., 3, 4, T) offset, per-column and per-row coefficients of four planes, each affine in the window pixel
     (j, i): x, y of the grid_sample position of the patch pixel and x, y of u / (size / 2) (1 on the patch border).
 
     tubelets: (..., ...) tensors; origin (..., T, 2) float, x, y of each window's top-left pixel; height, width of
@@ -266,20 +267,20 @@ def window_coefficients(tubelets, origin, height, width):
     scale = torch.cat([to_source.expand_as(tubelets["size"]), 2 / tubelets["size"]], -1)  # (..., 4)
     coef = torch.cat([u, u], -1) * scale[..., None, None, :]  # (..., T, 3, 4)
     coef[..., 0, :2] += tubelets["source_centre"][..., None, :] * to_source - 1  # align_corners=False convention
-    return coef
+    return coef.movedim(-3, -1).contiguous()  # (..., 3, 4, T)
 
 
 def render_tubelets(source, coef, opacity, width, height, shape, soft):
     """Patch pixels and alpha of n tubelets in per-frame windows of width x height pixels (Eq. 5.3, Eq. 5.7).
 
-    source (n, C, H, W): the frame of clip 1 each patch is cut from; coef (n, T, 3, 4): window_coefficients;
+    source (n, C, H, W): the frame of clip 1 each patch is cut from; coef (n, 3, 4, T): window_coefficients;
     opacity (n, T) or None (opaque). Returns patch (n, C, T, height, width), alpha (n, T, height, width).
     Each window pixel p is mapped back into the patch, u = A_t^-1 (p - c_t), and read from clip 1 at
     source_centre + u with one grid_sample for all tubelets and frames; alpha is the tubelet's shape at u.
     shape, soft: Python numbers shared by the n tubelets (the CPU path: one distance, no torch.where), or (n,)
     tensors: each tubelet's own, picked by torch.where (no host sync)."""
-    n, c, t = source.shape[0], source.shape[1], coef.shape[1]
-    coef = coef.permute(2, 3, 0, 1).contiguous()[..., None, None]  # (3, 4, n, T, 1, 1): offset, per j, per i
+    n, c, t = source.shape[0], source.shape[1], coef.shape[-1]
+    coef = coef.permute(1, 2, 0, 3).contiguous()[..., None, None]  # (3, 4, n, T, 1, 1): offset, per j, per i
     cols = torch.arange(width, dtype=torch.float, device=source.device)  # j
     rows = torch.arange(height, dtype=torch.float, device=source.device).view(height, 1)  # i
     planes = torch.addcmul(coef[0], coef[2], rows) + coef[1] * cols  # (4, n, T, height, width)
@@ -316,8 +317,9 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
     (2, B, C, T, H, W) buffer."""
     b, c, t, h, w = clip_1.shape
     # both clips in one buffer, each sample copied in just before its tubelets are pasted (the blends then find it
-    # in the cache); clip_2 None: clip_1 rolled by -1 along the batch, no separate copy
-    pair = torch.empty((2, b, c, t, h, w), dtype=clip_1.dtype)
+    # in the cache); clip_2 None: clip_1 rolled by -1 along the batch, no separate copy. numpy allocates large
+    # blocks on transparent huge pages where the kernel allows it: 38 MB then cost a few page faults, not 9000
+    pair = torch.from_numpy(np.empty((2, b, c, t, h, w), dtype=clip_1.numpy().dtype))
     sources = clip_1[torch.arange(b)[:, None], :, tubelets["source_frame"]]  # (B, M, C, H, W), the unpasted clip 1
     frame = torch.tensor([w, h])
     # per frame, the half extent along x and y of the transformed shape A {u: d(u / (size / 2)) < 1}: the dual norm
@@ -330,9 +332,11 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
     hi = torch.minimum((tubelets["centres"] + extent + 0.5).floor().long() + 1, frame)  # (B, M, T, 2) box end
     window = (hi - lo).amax(2).clamp(min=1)  # (B, M, 2) window width, height: the largest box of the tubelet
     origin = torch.minimum(lo, frame - window[:, :, None])  # (B, M, T, 2) window's top-left pixel, inside the frame
-    coef = window_coefficients(tubelets, origin.float(), h, w)  # (B, M, T, 3, 4)
+    coef = window_coefficients(tubelets, origin.float(), h, w)  # (B, M, 3, 4, T)
     opaque = (tubelets["opacity"] == 1).all(-1)  # (B, M)
-    rounding = 0.5 if pair.dtype == torch.uint8 else 0.0  # uint8: x + 0.5 truncated on assignment = x rounded
+    # uint8: alpha in steps of 1/256, a = round(256 α); v (1 - α) + patch α rounded = (v (256 - a) + round(patch a)
+    # + 128) >> 8 in uint16 (at most 255 * 256 + 128): exact where α is 0 or 1, within 1 level at soft edges
+    integer, half = pair.dtype == torch.uint8, torch.tensor(128.5)
     host = zip(window.tolist(), torch.cat([lo, hi, lo - origin], -1).tolist(), tubelets["shape"].tolist(),
                tubelets["soft"].tolist(), opaque.tolist())
     both = pair.numpy()  # (2, B, C, T, H, W), the same memory; numpy slices cost a fraction of torch's per call
@@ -342,13 +346,19 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
             opacity = None if opaque_ij else tubelets["opacity"][i, j, None]  # (1, T)
             # patch (1, C, T, Sy, Sx), alpha (1, T, Sy, Sx); tubelet j is pasted over tubelets 0 .. j - 1
             patch, alpha = render_tubelets(sources[i, j, None].float(), coef[i, j, None], opacity, sx, sy, shape, soft)
-            keep, add = (1 - alpha[0]).numpy(), (patch[0] * alpha[0]).add_(rounding).numpy()  # (T, ..), (C, T, ..)
+            if integer:
+                a = alpha[0].mul_(256).round_()  # (T, Sy, Sx)
+                keep, add = (256 - a).to(torch.uint16), torch.addcmul(half, patch[0], a).to(torch.uint16)  # (C, T, ..)
+            else:
+                keep, add = 1 - alpha[0], patch[0] * alpha[0]  # (T, Sy, Sx), (C, T, Sy, Sx)
+            keep, add = keep.numpy(), add.numpy()
             for f, (x1, y1, x2, y2, wx, wy) in enumerate(boxes):  # box in the frame, its corner in the window
                 if x1 < x2 and y1 < y2:
                     keep_f = keep[f, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (h', w')
                     add_f = add[:, f, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (C, h', w')
                     region = both[:, i, :, f, y1:y2, x1:x2]  # (2, C, h', w') view: both clips
-                    region[...] = region * keep_f + add_f  # v (1 - α) + patch α (+ 0.5: rounding)
+                    blend = region * keep_f + add_f  # v (1 - α) + patch α, scaled by 256 when integer
+                    region[...] = blend >> 8 if integer else blend
     return pair[0], pair[1]
 
 
@@ -374,7 +384,7 @@ def paste_fixed_windows(clip_1, clip_2, tubelets, side=None):
         tube = {k: v[:, j] for k, v in tubelets.items()}  # (B, ...)
         source = clip_1[samples, :, tube["source_frame"]].float()  # (B, C, H, W): the frame of the unpasted clip 1
         origin = tube["centres"].floor().long() - side // 2  # (B, T, 2) window's top-left pixel
-        coef = window_coefficients(tube, origin.float(), h, w)  # (B, T, 3, 4)
+        coef = window_coefficients(tube, origin.float(), h, w)  # (B, 3, 4, T)
         patch, alpha = render_tubelets(source, coef, tube["opacity"], side, side, tube["shape"], tube["soft"])
         y = origin[..., 1, None, None] + grid[:, None]  # (B, T, S, 1) frame row of each window row
         x = origin[..., 0, None, None] + grid[None, :]  # (B, T, 1, S) frame column of each window column
