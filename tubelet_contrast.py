@@ -252,22 +252,23 @@ def paste_tubelets(clip_1, clip_2, tubelets, side=None):
     return paste_fixed_windows(clip_1, clip_2, tubelets, side)
 
 
-def window_coefficients(tubelets, origin, height, width):
+def window_coefficients(tubelets, origin, source_origin, source_size):
     """(..., 3, 4, T) offset, per-column and per-row coefficients of four planes, each affine in the window pixel
     (j, i): x, y of the grid_sample position of the patch pixel and x, y of u / (size / 2) (1 on the patch border).
 
-    tubelets: (..., ...) tensors; origin (..., T, 2) float, x, y of each window's top-left pixel; height, width of
-    the frame. Pixel x covers [x, x + 1), its centre is x + 0.5: at window pixel (j, i), p = origin + (j, i) + 0.5
+    tubelets: (..., ...) tensors; origin (..., T, 2) float, x, y of each window's top-left pixel; source_origin,
+    source_size (..., 2) or (2,): x, y and width, height of the part of the frame grid_sample reads. Pixel x covers [x, x + 1), its centre is x + 0.5: at window pixel (j, i), p = origin + (j, i) + 0.5
     and u = A_t^-1 (p - c_t) = u_0 + j A^-1[:, 0] + i A^-1[:, 1] with u_0 = A^-1 (origin + 0.5 - c_t)."""
     # A^-1 in closed form, [[d, -b], [-c, a]] / (ad - bc): torch.linalg.inv would check for errors on the host
     a00, a01, a10, a11 = tubelets["matrix"].flatten(-2).unbind(-1)  # each (..., T)
     inverse = torch.stack([a11, -a01, -a10, a00], -1).unflatten(-1, (2, 2)) / (a00 * a11 - a01 * a10)[..., None, None]
     u0 = (inverse @ (origin + 0.5 - tubelets["centres"])[..., None])[..., 0]  # (..., T, 2)
     u = torch.stack([u0, inverse[..., 0], inverse[..., 1]], -2)  # (..., T, 3, 2) u = u0 + j col_0 + i col_1
-    to_source = 2 / torch.tensor([width, height], dtype=torch.float, device=origin.device)  # pixels -> [-1, 1]
-    scale = torch.cat([to_source.expand_as(tubelets["size"]), 2 / tubelets["size"]], -1)  # (..., 4)
+    to_source = 2 / source_size.expand_as(tubelets["size"])  # (..., 2) pixels -> grid_sample's [-1, 1]
+    scale = torch.cat([to_source, 2 / tubelets["size"]], -1)  # (..., 4)
     coef = torch.cat([u, u], -1) * scale[..., None, None, :]  # (..., T, 3, 4)
-    coef[..., 0, :2] += tubelets["source_centre"][..., None, :] * to_source - 1  # align_corners=False convention
+    # align_corners=False convention
+    coef[..., 0, :2] += ((tubelets["source_centre"] - source_origin) * to_source - 1)[..., None, :]
     return coef.movedim(-3, -1).contiguous()  # (..., 3, 4, T)
 
 
@@ -321,8 +322,12 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
     # separate roll). numpy allocates large blocks on transparent huge pages where the kernel allows it: 38 MB then
     # cost a few page faults, not 9000 (measured: 10 ms instead of 18 for the filled buffer)
     pair = torch.from_numpy(np.empty((2, b, c, t, h, w), dtype=clip_1.numpy().dtype))
-    sources = clip_1[torch.arange(b)[:, None], :, tubelets["source_frame"]]  # (B, M, C, H, W), the unpasted clip 1
     frame = torch.tensor([w, h])
+    # the part of clip 1 each patch is read from: its box and the pixels bilinear reads reach beyond it (where
+    # grid_sample reads zeros past this part, alpha is 0)
+    half_size = tubelets["size"] / 2  # (B, M, 2)
+    source_lo = (tubelets["source_centre"] - half_size - 0.5).floor().long().clamp(min=0)  # (B, M, 2)
+    source_hi = torch.minimum((tubelets["source_centre"] + half_size - 0.5).floor().long() + 2, frame)  # (B, M, 2)
     # per frame, the half extent along x and y of the transformed shape A {u: d(u / (size / 2)) < 1}: the dual norm
     # of (|a_k0| size_0, |a_k1| size_1) / 2, rectangle (L_inf ball) L1, ellipse L2, rhombus (L1 ball) L_inf
     axes = tubelets["matrix"].abs() * (tubelets["size"] / 2)[:, :, None, None, :]  # (B, M, T, 2, 2)
@@ -333,20 +338,22 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
     hi = torch.minimum((tubelets["centres"] + extent + 0.5).floor().long() + 1, frame)  # (B, M, T, 2) box end
     window = (hi - lo).amax(2).clamp(min=1)  # (B, M, 2) window width, height: the largest box of the tubelet
     origin = torch.minimum(lo, frame - window[:, :, None])  # (B, M, T, 2) window's top-left pixel, inside the frame
-    coef = window_coefficients(tubelets, origin.float(), h, w)  # (B, M, 3, 4, T)
+    coef = window_coefficients(tubelets, origin.float(), source_lo, (source_hi - source_lo).float())  # (B,M,3,4,T)
     opaque = (tubelets["opacity"] == 1).all(-1)  # (B, M)
     # uint8: alpha in steps of 1/256, a = round(256 α); v (1 - α) + patch α rounded = (v (256 - a) + round(patch a)
     # + 128) >> 8 in uint16 (at most 255 * 256 + 128): exact where α is 0 or 1, within 1 level at soft edges
     integer, half = pair.dtype == torch.uint8, torch.tensor(128.5)
     host = zip(window.tolist(), torch.cat([lo, hi, lo - origin], -1).tolist(), tubelets["shape"].tolist(),
-               tubelets["soft"].tolist(), opaque.tolist())
+               tubelets["soft"].tolist(), opaque.tolist(), tubelets["source_frame"].tolist(),
+               torch.cat([source_lo, source_hi], -1).tolist())
     both = pair.numpy()  # (2, B, C, T, H, W), the same memory; numpy slices cost a fraction of torch's per call
     for i, host_i in enumerate(host):
         pair[0, i], pair[1, i] = clip_1[i], clip_1[(i + 1) % b] if clip_2 is None else clip_2[i]
-        for j, ((sx, sy), boxes, shape, soft, opaque_ij) in enumerate(zip(*host_i)):
+        for j, ((sx, sy), boxes, shape, soft, opaque_ij, f, (x0, y0, x1, y1)) in enumerate(zip(*host_i)):
             opacity = None if opaque_ij else tubelets["opacity"][i, j, None]  # (1, T)
+            source = clip_1[i, None, :, f, y0:y1, x0:x1].float()  # (1, C, h', w'): unpasted clip 1 (not written)
             # patch (1, C, T, Sy, Sx), alpha (1, T, Sy, Sx); tubelet j is pasted over tubelets 0 .. j - 1
-            patch, alpha = render_tubelets(sources[i, j, None].float(), coef[i, j, None], opacity, sx, sy, shape, soft)
+            patch, alpha = render_tubelets(source, coef[i, j, None], opacity, sx, sy, shape, soft)
             if integer:
                 a = alpha[0].mul_(256).round_()  # (T, Sy, Sx)
                 keep, add = (256 - a).to(torch.uint16), torch.addcmul(half, patch[0], a).to(torch.uint16)  # (C, T, ..)
@@ -386,7 +393,7 @@ def paste_fixed_windows(clip_1, clip_2, tubelets, side=None):
         tube = {k: v[:, j] for k, v in tubelets.items()}  # (B, ...)
         source = clip_1[samples, :, tube["source_frame"]].float()  # (B, C, H, W): the frame of the unpasted clip 1
         origin = tube["centres"].floor().long() - side // 2  # (B, T, 2) window's top-left pixel
-        coef = window_coefficients(tube, origin.float(), h, w)  # (B, 3, 4, T)
+        coef = window_coefficients(tube, origin.float(), 0, torch.tensor([w, h], device=clip_1.device))  # (B,3,4,T)
         patch, alpha = render_tubelets(source, coef, tube["opacity"], side, side, tube["shape"], tube["soft"])
         y = origin[..., 1, None, None] + grid[:, None]  # (B, T, S, 1) frame row of each window row
         x = origin[..., 0, None, None] + grid[None, :]  # (B, T, 1, S) frame column of each window column
