@@ -257,8 +257,9 @@ def window_coefficients(tubelets, origin, source_origin, source_size):
     (j, i): x, y of the grid_sample position of the patch pixel and x, y of u / (size / 2) (1 on the patch border).
 
     tubelets: (..., ...) tensors; origin (..., T, 2) float, x, y of each window's top-left pixel; source_origin,
-    source_size (..., 2) or (2,): x, y and width, height of the part of the frame grid_sample reads. Pixel x covers [x, x + 1), its centre is x + 0.5: at window pixel (j, i), p = origin + (j, i) + 0.5
-    and u = A_t^-1 (p - c_t) = u_0 + j A^-1[:, 0] + i A^-1[:, 1] with u_0 = A^-1 (origin + 0.5 - c_t)."""
+    source_size (..., 2) or (2,): x, y and width, height of the part of the frame grid_sample reads. Pixel x covers
+    [x, x + 1), its centre is x + 0.5: at window pixel (j, i), p = origin + (j, i) + 0.5 and
+    u = A_t^-1 (p - c_t) = u_0 + j A^-1[:, 0] + i A^-1[:, 1] with u_0 = A^-1 (origin + 0.5 - c_t)."""
     # A^-1 in closed form, [[d, -b], [-c, a]] / (ad - bc): torch.linalg.inv would check for errors on the host
     a00, a01, a10, a11 = tubelets["matrix"].flatten(-2).unbind(-1)  # each (..., T)
     inverse = torch.stack([a11, -a01, -a10, a00], -1).unflatten(-1, (2, 2)) / (a00 * a11 - a01 * a10)[..., None, None]
