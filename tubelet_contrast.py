@@ -25,8 +25,9 @@ Implementation details
 - paste_tubelets maps the pixels of a window around each centre back into the patch (u = A_t^-1 (p - c_t)),
   samples them with grid_sample and alpha-composites them into both clips. On a GPU: one fixed-shape window per
   tubelet index (sized from the flags), no host syncs, the same launches at any batch size; it runs inside the train
-  step (`--tubelet-device gpu`, the default) or in the loader workers. On a CPU: an exact window per tubelet, moved
-  into the frame, blended frame by frame through slices of the uint8 clips (the fewest pixels touched).
+  step (`--tubelet-device gpu`, the default) or in the loader workers. On a CPU: per tubelet one window as large as
+  the bounding box of its transformed shape, blended frame by frame into both clips through numpy slices (the fewest
+  pixels touched); uint8 with alpha in steps of 1/256 in uint16 (within 1 level of the float blend per tubelet).
 - MoCo: query = backbone + MLP to 128-d, key encoder = EMA (m 0.999, torch._foreach_lerp_) updated before the keys
   are computed; keys of all processes are gathered before enqueueing; the loss (Eq. 5.1, fp32) uses the queue as it
   was before the current keys were added. `--baseline temporal`: two clips of the same video, no tubelets.
@@ -54,6 +55,7 @@ import math
 import os
 import sys
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -228,14 +230,15 @@ def tubelet_pairs(video, args, generator=None):
         raise ValueError(f"tubelet_contrast.py: tubelet pairs need clips of >= 2 videos per batch, got {video.shape}")
     b, _, t, h, w = video.shape
     tubelets = sample_tubelets(b, t, h, w, args, video.device, generator)
-    clip_1, clip_2 = paste_tubelets(video, video.roll(-1, dims=0), tubelets, max_window_side(args, h, w))
+    clip_1, clip_2 = paste_tubelets(video, None, tubelets, max_window_side(args, h, w))  # clip 2: video rolled by -1
     return clip_1, clip_2, tubelets
 
 
 def paste_tubelets(clip_1, clip_2, tubelets, side=None):
     """Eq. (5.4): v̂_i = v_i ⊙ {Tubelet_p1 .. Tubelet_pM}, the same patches, paths, masks and transforms on both.
 
-    clip_1, clip_2 (B, C, T, H, W) uint8 or float; the patches are cut from clip_1. Returns two clips of the input's
+    clip_1, clip_2 (B, C, T, H, W) uint8 or float; the patches are cut from clip_1; clip_2 None: clip_1 rolled
+    by -1 along the batch (tubelet_pairs), copied straight into the output. Returns two clips of the input's
     dtype and value range (uint8: the blend is rounded, as the authors' uint8 images are). side: the window side S
     of the GPU pass, max_window_side(args, H, W) (tubelet_pairs passes it; None: the exact largest).
 
@@ -249,44 +252,58 @@ def paste_tubelets(clip_1, clip_2, tubelets, side=None):
     return paste_fixed_windows(clip_1, clip_2, tubelets, side)
 
 
-def render_tubelets(source, tubelets, origin, width, height, shape=None, soft=None):
+def window_coefficients(tubelets, origin, source_origin, source_size):
+    """(..., 3, 4, T) offset, per-column and per-row coefficients of four planes, each affine in the window pixel
+    (j, i): x, y of the grid_sample position of the patch pixel and x, y of u / (size / 2) (1 on the patch border).
+
+    tubelets: (..., ...) tensors; origin (..., T, 2) float, x, y of each window's top-left pixel; source_origin,
+    source_size (..., 2) or (2,): x, y and width, height of the part of the frame grid_sample reads. Pixel x covers
+    [x, x + 1), its centre is x + 0.5: at window pixel (j, i), p = origin + (j, i) + 0.5 and
+    u = A_t^-1 (p - c_t) = u_0 + j A^-1[:, 0] + i A^-1[:, 1] with u_0 = A^-1 (origin + 0.5 - c_t)."""
+    # A^-1 in closed form, [[d, -b], [-c, a]] / (ad - bc): torch.linalg.inv would check for errors on the host
+    a00, a01, a10, a11 = tubelets["matrix"].flatten(-2).unbind(-1)  # each (..., T)
+    inverse = torch.stack([a11, -a01, -a10, a00], -1).unflatten(-1, (2, 2)) / (a00 * a11 - a01 * a10)[..., None, None]
+    u0 = (inverse @ (origin + 0.5 - tubelets["centres"])[..., None])[..., 0]  # (..., T, 2)
+    u = torch.stack([u0, inverse[..., 0], inverse[..., 1]], -2)  # (..., T, 3, 2) u = u0 + j col_0 + i col_1
+    to_source = 2 / source_size.expand_as(tubelets["size"])  # (..., 2) pixels -> grid_sample's [-1, 1]
+    scale = torch.cat([to_source, 2 / tubelets["size"]], -1)  # (..., 4)
+    coef = torch.cat([u, u], -1) * scale[..., None, None, :]  # (..., T, 3, 4)
+    # align_corners=False convention
+    coef[..., 0, :2] += ((tubelets["source_centre"] - source_origin) * to_source - 1)[..., None, :]
+    return coef.movedim(-3, -1).contiguous()  # (..., 3, 4, T)
+
+
+def render_tubelets(source, coef, opacity, width, height, shape, soft):
     """Patch pixels and alpha of n tubelets in per-frame windows of width x height pixels (Eq. 5.3, Eq. 5.7).
 
-    source (n, C, H, W): the frame of clip 1 each patch is cut from; tubelets: (n, ...) tensors; origin (n, T, 2):
-    x, y of each window's top-left pixel. Returns patch (n, C, T, height, width), alpha (n, T, height, width).
+    source (n, C, H', W'): the part of clip 1's frame each patch is read from; coef (n, 3, 4, T): its
+    window_coefficients; opacity (n, T) or None (opaque). Returns patch (n, C, T, height, width), alpha (n, T, height, width).
     Each window pixel p is mapped back into the patch, u = A_t^-1 (p - c_t), and read from clip 1 at
     source_centre + u with one grid_sample for all tubelets and frames; alpha is the tubelet's shape at u.
-    shape, soft: Python numbers shared by the n tubelets (the CPU path: one distance, no torch.where), or None:
-    each tubelet's own, picked by torch.where (no host sync)."""
-    n, c, h, w = source.shape
-    t, device = origin.shape[1], source.device
-    # A^-1 in closed form, [[d, -b], [-c, a]] / (ad - bc): torch.linalg.inv would check for errors on the host
-    a00, a01, a10, a11 = tubelets["matrix"].flatten(-2).unbind(-1)  # each (n, T)
-    inverse = torch.stack([a11, -a01, -a10, a00], -1).view(n, t, 1, 1, 2, 2) / (a00 * a11 - a01 * a10).view(
-        n, t, 1, 1, 1, 1)  # (n, T, 1, 1, 2, 2)
-    # pixel x covers [x, x + 1), its centre is x + 0.5: at window pixel (j, i), p = origin + (j, i) + 0.5 and
-    # u = u_0 + j A^-1[:, 0] + i A^-1[:, 1] with u_0 = A^-1 (origin + 0.5 - c)
-    u0 = (inverse[:, :, 0, 0] @ (origin + 0.5 - tubelets["centres"])[..., None])[..., None, None, :, 0]  # (n,T,1,1,2)
-    cols = torch.arange(width, dtype=torch.float, device=device).view(width, 1)  # j
-    rows = torch.arange(height, dtype=torch.float, device=device).view(height, 1, 1)  # i
-    u = torch.addcmul(torch.addcmul(u0, cols, inverse[..., 0]), rows, inverse[..., 1])  # (n, T, height, width, 2)
-    to_source = 2 / torch.tensor([w, h], dtype=torch.float, device=device)  # pixels -> grid_sample's [-1, 1]
-    grid = (u + tubelets["source_centre"][:, None, None, None]) * to_source - 1  # align_corners=False convention
-    patch = F.grid_sample(source, grid.view(n, t * height, width, 2), align_corners=False)  # (n, C, T*h, w)
-    rx, ry = (u * (2 / tubelets["size"])[:, None, None, None]).abs_().unbind(-1)  # (n, T, h, w), 1 on the border
+    shape, soft: Python numbers shared by the n tubelets (the CPU path: one distance, no torch.where), or (n,)
+    tensors: each tubelet's own, picked by torch.where (no host sync)."""
+    n, c, t = source.shape[0], source.shape[1], coef.shape[-1]
+    coef = coef.permute(1, 2, 0, 3).contiguous()[..., None, None]  # (3, 4, n, T, 1, 1): offset, per j, per i
+    cols = torch.arange(width, dtype=torch.float, device=source.device)  # j
+    rows = torch.arange(height, dtype=torch.float, device=source.device).view(height, 1)  # i
+    planes = torch.addcmul(coef[0], coef[2], rows) + coef[1] * cols  # (4, n, T, height, width)
+    grid = planes[:2].view(2, n, t * height, width).permute(1, 2, 3, 0)  # (n, T*height, width, 2), a view
+    patch = F.grid_sample(source, grid, align_corners=False)  # (n, C, T*height, width)
+    rx, ry = planes[2].abs_(), planes[3].abs_()  # (n, T, height, width)
     # distance from the centre of the shape: rectangle L_inf, ellipse L2, rhombus L1
-    if shape is not None:
+    if not torch.is_tensor(shape):
         dist = (torch.maximum, torch.hypot, torch.add)[shape](rx, ry)  # (n, T, h, w)
     else:
-        shape = tubelets["shape"].view(n, 1, 1, 1)
+        shape = shape.view(n, 1, 1, 1)
         dist = torch.where(shape == 0, torch.maximum(rx, ry), torch.where(shape == 1, torch.hypot(rx, ry), rx + ry))
     # soft 1: hard edge; s < 1: alpha falls linearly from d = s to d = 1
-    if soft is not None:
-        alpha = ((1 - dist) / (1 - soft)).clamp_(0, 1) if soft < 1 else (dist < 1).float()
+    if not torch.is_tensor(soft):
+        alpha = dist.sub_(1).div_(soft - 1).clamp_(0, 1) if soft < 1 else (dist < 1).float()
     else:
-        soft = tubelets["soft"].view(n, 1, 1, 1)
+        soft = soft.view(n, 1, 1, 1)
         alpha = torch.where(soft < 1, ((1 - dist) / (1 - soft).clamp_min(1e-6)).clamp(0, 1), (dist < 1).float())
-    return patch.view(n, c, t, height, width), alpha * tubelets["opacity"][:, :, None, None]
+    alpha = alpha if opacity is None else alpha * opacity[:, :, None, None]
+    return patch.view(n, c, t, height, width), alpha
 
 
 def window_sides(tubelets):
@@ -296,41 +313,62 @@ def window_sides(tubelets):
 
 
 def paste_exact_windows(clip_1, clip_2, tubelets):
-    """CPU path of paste_tubelets: the plain loop over samples and tubelets, each in a window of its own size
-    (window_sides, at most the frame's), rendered once for all frames and both clips. Each frame's window is moved
-    into the frame (alpha is exact at every pixel, so any window that holds the tubelet gives the same result), and
-    only the transformed patch's bounding box is blended, through slices; the rest stays in the input's dtype."""
+    """CPU path of paste_tubelets: the plain loop over samples and tubelets. Each tubelet is rendered once for all
+    frames and both clips, in a window as large as its largest per-frame box (the bounding box of the transformed
+    shape, clipped to the frame), moved into the frame: alpha is exact at every pixel, so any window that holds the
+    box gives the same result. Only each frame's box is blended, in both clips at once, through numpy slices of one
+    (2, B, C, T, H, W) buffer (a small numpy op costs ~1.5 us, torch ~6). Returns two (B, C, T, H, W) views of it."""
     b, c, t, h, w = clip_1.shape
-    # two outputs, not one stacked (2, B, ...) buffer: a fresh block over 32 MB costs page faults on every call
-    out_1, out_2 = clip_1.clone(), clip_2.clone()  # (B, C, T, H, W) each, the input's dtype
-    sides = window_sides(tubelets)  # (B, M)
+    # both clips in one buffer, filled sample by sample (clip_2 None: clip_1 rolled by -1 along the batch, with no
+    # separate roll). numpy allocates large blocks on transparent huge pages where the kernel allows it: 38 MB then
+    # cost a few page faults, not 9000 (measured: 10 ms instead of 18 for the filled buffer)
+    pair = torch.from_numpy(np.empty((2, b, c, t, h, w), dtype=clip_1.numpy().dtype))
     frame = torch.tensor([w, h])
-    window = torch.minimum(sides[..., None], frame)  # (B, M, 2) window width, height
-    origin = tubelets["centres"].floor().long() - (sides // 2)[..., None, None]  # (B, M, T, 2) top-left pixel
-    origin = torch.minimum(origin.clamp(min=0), (frame - window)[:, :, None])  # moved into the frame
-    # per frame, the bounding box of the transformed patch (alpha is 0 outside it) in window coordinates
-    extent = (tubelets["matrix"].abs() @ (tubelets["size"] / 2)[:, :, None, :, None])[..., 0]  # (B, M, T, 2)
-    box_lo = ((tubelets["centres"] - extent).floor().long() - 1 - origin).clamp(min=0)  # (B, M, T, 2)
-    box_hi = torch.minimum((tubelets["centres"] + extent).ceil().long() + 1 - origin, window[:, :, None])
-    rounding = 0.5 if out_1.dtype == torch.uint8 else 0.0  # uint8: x + 0.5 truncated on assignment = x rounded
-    host = zip(window.tolist(), torch.cat([origin, box_lo, box_hi], -1).tolist(), tubelets["source_frame"].tolist(),
-               tubelets["shape"].tolist(), tubelets["soft"].tolist())
-    outs = (out_1.numpy(), out_2.numpy())  # the same memory; numpy slices cost a fraction of torch's per call
-    keys = ("matrix", "centres", "source_centre", "size", "opacity")
-    for i, (window_i, boxes_i, frames_i, shapes_i, softs_i) in enumerate(host):
-        for j, (sx, sy) in enumerate(window_i):  # tubelet j is pasted over tubelets 0 .. j - 1
-            tube = {k: tubelets[k][i, j, None] for k in keys}  # (1, ...)
-            source = clip_1[i, None, :, frames_i[j]].float()  # (1, C, H, W): the frame of the unpasted clip 1
-            # patch (1, C, T, Sy, Sx), alpha (1, T, Sy, Sx)
-            patch, alpha = render_tubelets(source, tube, origin[i, j, None], sx, sy, shapes_i[j], softs_i[j])
-            keep, add = (1 - alpha[0]).numpy(), (patch[0] * alpha[0]).add_(rounding).numpy()  # (T, ..), (C, T, ..)
-            for f, (x0, y0, x1, y1, x2, y2) in enumerate(boxes_i[j]):  # window origin, box in the window
+    # the part of clip 1 each patch is read from: its box and the pixels bilinear reads reach beyond it (where
+    # grid_sample reads zeros past this part, alpha is 0)
+    half_size = tubelets["size"] / 2  # (B, M, 2)
+    source_lo = (tubelets["source_centre"] - half_size - 0.5).floor().long().clamp(min=0)  # (B, M, 2)
+    source_hi = torch.minimum((tubelets["source_centre"] + half_size - 0.5).floor().long() + 2, frame)  # (B, M, 2)
+    # per frame, the half extent along x and y of the transformed shape A {u: d(u / (size / 2)) < 1}: the dual norm
+    # of (|a_k0| size_0, |a_k1| size_1) / 2, rectangle (L_inf ball) L1, ellipse L2, rhombus (L1 ball) L_inf
+    axes = tubelets["matrix"].abs() * (tubelets["size"] / 2)[:, :, None, None, :]  # (B, M, T, 2, 2)
+    shape = tubelets["shape"][:, :, None, None]  # (B, M, 1, 1)
+    extent = torch.where(shape == 0, axes.sum(-1), torch.where(shape == 1, axes.norm(dim=-1), axes.amax(-1)))
+    # the box of pixels p whose centre p + 0.5 can lie inside c ± extent (those left out are >= 1 px outside)
+    lo = (tubelets["centres"] - extent - 0.5).floor().long().clamp(min=0)  # (B, M, T, 2) box, x, y in the frame
+    hi = torch.minimum((tubelets["centres"] + extent + 0.5).floor().long() + 1, frame)  # (B, M, T, 2) box end
+    window = (hi - lo).amax(2).clamp(min=1)  # (B, M, 2) window width, height: the largest box of the tubelet
+    origin = torch.minimum(lo, frame - window[:, :, None])  # (B, M, T, 2) window's top-left pixel, inside the frame
+    coef = window_coefficients(tubelets, origin.float(), source_lo, (source_hi - source_lo).float())  # (B,M,3,4,T)
+    opaque = (tubelets["opacity"] == 1).all(-1)  # (B, M)
+    # uint8: alpha in steps of 1/256, a = round(256 α); v (1 - α) + patch α rounded = (v (256 - a) + round(patch a)
+    # + 128) >> 8 in uint16 (at most 255 * 256 + 128): exact where α is 0 or 1, within 1 level at soft edges
+    integer, half = pair.dtype == torch.uint8, torch.tensor(128.5)
+    host = zip(window.tolist(), torch.cat([lo, hi, lo - origin], -1).tolist(), tubelets["shape"].tolist(),
+               tubelets["soft"].tolist(), opaque.tolist(), tubelets["source_frame"].tolist(),
+               torch.cat([source_lo, source_hi], -1).tolist())
+    both = pair.numpy()  # (2, B, C, T, H, W), the same memory; numpy slices cost a fraction of torch's per call
+    for i, host_i in enumerate(host):
+        pair[0, i], pair[1, i] = clip_1[i], clip_1[(i + 1) % b] if clip_2 is None else clip_2[i]
+        for j, ((sx, sy), boxes, shape, soft, opaque_ij, f, (x0, y0, x1, y1)) in enumerate(zip(*host_i)):
+            opacity = None if opaque_ij else tubelets["opacity"][i, j, None]  # (1, T)
+            source = clip_1[i, None, :, f, y0:y1, x0:x1].float()  # (1, C, h', w'): unpasted clip 1 (not written)
+            # patch (1, C, T, Sy, Sx), alpha (1, T, Sy, Sx); tubelet j is pasted over tubelets 0 .. j - 1
+            patch, alpha = render_tubelets(source, coef[i, j, None], opacity, sx, sy, shape, soft)
+            if integer:
+                a = alpha[0].mul_(256).round_()  # (T, Sy, Sx)
+                keep, add = (256 - a).to(torch.uint16), torch.addcmul(half, patch[0], a).to(torch.uint16)  # (C, T, ..)
+            else:
+                keep, add = 1 - alpha[0], patch[0] * alpha[0]  # (T, Sy, Sx), (C, T, Sy, Sx)
+            keep, add = keep.numpy(), add.numpy()
+            for f, (x1, y1, x2, y2, wx, wy) in enumerate(boxes):  # box in the frame, its corner in the window
                 if x1 < x2 and y1 < y2:
-                    keep_f, add_f = keep[f, y1:y2, x1:x2], add[:, f, y1:y2, x1:x2]  # (h', w'), (C, h', w')
-                    for out in outs:
-                        region = out[i, :, f, y0 + y1:y0 + y2, x0 + x1:x0 + x2]  # (C, h', w') view
-                        region[...] = region * keep_f + add_f  # v (1 - α) + patch α (+ 0.5: rounding)
-    return out_1, out_2
+                    keep_f = keep[f, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (h', w')
+                    add_f = add[:, f, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (C, h', w')
+                    region = both[:, i, :, f, y1:y2, x1:x2]  # (2, C, h', w') view: both clips
+                    blend = region * keep_f + add_f  # v (1 - α) + patch α, scaled by 256 when integer
+                    region[...] = blend >> 8 if integer else blend
+    return pair[0], pair[1]
 
 
 def paste_fixed_windows(clip_1, clip_2, tubelets, side=None):
@@ -344,7 +382,8 @@ def paste_fixed_windows(clip_1, clip_2, tubelets, side=None):
     # both output clips in one buffer (2, B + 1, C, T, H, W): the extra clip B is scratch space where the pixels
     # of a window that fall outside the frame are sent, so every pass has the same shape (B windows of S x S)
     buffer = torch.empty((2, b + 1, c, t, h, w), dtype=clip_1.dtype, device=clip_1.device)
-    buffer[0, :b], buffer[1, :b] = clip_1, clip_2  # only the windows are touched below, in the input's dtype
+    buffer[0, :b] = clip_1  # only the windows are touched below, in the input's dtype
+    buffer[1, :b] = clip_1.roll(-1, 0) if clip_2 is None else clip_2
     flat = buffer.view(2, -1)
     samples = torch.arange(b, device=clip_1.device)
     grid = torch.arange(side, device=clip_1.device)
@@ -355,7 +394,8 @@ def paste_fixed_windows(clip_1, clip_2, tubelets, side=None):
         tube = {k: v[:, j] for k, v in tubelets.items()}  # (B, ...)
         source = clip_1[samples, :, tube["source_frame"]].float()  # (B, C, H, W): the frame of the unpasted clip 1
         origin = tube["centres"].floor().long() - side // 2  # (B, T, 2) window's top-left pixel
-        patch, alpha = render_tubelets(source, tube, origin, side, side)  # (B, C, T, S, S), (B, T, S, S)
+        coef = window_coefficients(tube, origin.float(), 0, torch.tensor([w, h], device=clip_1.device))  # (B,3,4,T)
+        patch, alpha = render_tubelets(source, coef, tube["opacity"], side, side, tube["shape"], tube["soft"])
         y = origin[..., 1, None, None] + grid[:, None]  # (B, T, S, 1) frame row of each window row
         x = origin[..., 0, None, None] + grid[None, :]  # (B, T, 1, S) frame column of each window column
         inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)  # (B, T, S, S)
