@@ -1114,31 +1114,30 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
         phlvc_video: trunk ("s3d" | "r2d3d_18" | "tiny3d"), hidden (512), tap ("fc2" | "fc1"), width (tiny3d).
     """
     c = 3 if in_channels is None else in_channels
-    eps = {} if bn_eps is None else {"bn_eps": bn_eps}
     if arch in ("r2plus1d_18", "r3d_18", "mc3_18"):
         if c != 3:
             raise ValueError(f"common.py: {arch} expects in_channels=3 (torchvision stem), got {c}")
-        model = VideoResNet(arch, **eps, **options)
+        model = VideoResNet(arch, **options)
     elif arch == "s3d":
         if pretrained == "kinetics400":  # torchvision's S3D was trained with eps 1e-3, momentum 1e-3
             options = {"bn_momentum": 1e-3, **options}
-            eps = eps or {"bn_eps": 1e-3}
-        model = S3D(**eps, **options)
+            bn_eps = 1e-3 if bn_eps is None else bn_eps
+        model = S3D(**options)
     elif arch == "i3d":
-        model = I3D(c, **eps, **options)
+        model = I3D(c, **options)
     elif arch == "tiny3d":
-        model = Tiny3D(c, **eps, **options)
+        model = Tiny3D(c, **options)
     elif arch == "r2plus1d_10":
         model = R2Plus1D10(c, **options)
     elif arch == "resnet3d_18":
-        model = ResNet3D(BasicBlock3D, (2, 2, 2, 2), c, **eps, **options)
+        model = ResNet3D(BasicBlock3D, (2, 2, 2, 2), c, **options)
     elif arch == "resnext3d_101":
         model = ResNet3D(ResNeXtBottleneck3D, (3, 4, 23, 3), c, widths=(128, 256, 512, 1024), cardinality=32,
-                         **eps, **options)
+                         **options)
     elif arch == "r2d3d_18":
         model = ResNet3D(BasicBlock3D, (2, 2, 2, 2), c, stem_kernel=(1, 7, 7),
                          widths=(64, 128, 256, 256), block_kernels=((1, 3, 3), (1, 3, 3), 3, 3),
-                         temporal_strides=(1, 1, 2, 2), final_relu=False, **eps, **options)
+                         temporal_strides=(1, 1, 2, 2), final_relu=False, **options)
     elif arch == "phlvc_video":
         if c != 3:
             raise ValueError(f"common.py: phlvc_video expects in_channels=3, got {c}")
@@ -1155,25 +1154,20 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
         model = SkeleMotionCNN(6 if in_channels is None else in_channels, **options)
     else:
         raise ValueError(f"common.py: unknown backbone '{arch}'; expected one of {VIDEO_ARCHS + SKELETON_ARCHS}")
-    if bn_eps is not None:  # skeleton nets take it here too (their constructors keep PyTorch's default)
+    if bn_eps is not None:  # every constructor keeps PyTorch's default (1e-5)
         set_bn_eps(model, bn_eps)
     model.arch = arch
     if pretrained == "kinetics400":
         if arch not in TORCHVISION_VIDEO_WEIGHTS:
             raise ValueError(f"common.py: no torchvision Kinetics-400 weights for '{arch}'; "
-                             f"available for {sorted(TORCHVISION_VIDEO_WEIGHTS)}; pass a file path instead")
+                             f"available for {list(TORCHVISION_VIDEO_WEIGHTS)}; pass a file path instead")
         load_backbone_weights(model, _torchvision_kinetics_state_dict(arch))
     elif pretrained:
         load_backbone_weights(model, pretrained)
     return model
 
 
-TORCHVISION_VIDEO_WEIGHTS = {  # arch -> (torchvision weights enum name, file name in the torch hub cache)
-    "r2plus1d_18": ("R2Plus1D_18_Weights", "r2plus1d_18-91a641e6.pth"),
-    "r3d_18": ("R3D_18_Weights", "r3d_18-b3b3357e.pth"),
-    "mc3_18": ("MC3_18_Weights", "mc3_18-a90a0ba3.pth"),
-    "s3d": ("S3D_Weights", "s3d-d76dad2f.pth"),
-}
+TORCHVISION_VIDEO_WEIGHTS = ("mc3_18", "r2plus1d_18", "r3d_18", "s3d")  # torchvision's Kinetics-400 weights
 
 
 def set_bn_eps(model, eps):
@@ -1190,11 +1184,11 @@ def _pool_video_map(x):
 
 def _torchvision_kinetics_state_dict(arch):
     """Download (or read from the torch hub cache) torchvision's Kinetics-400 weights for `arch`."""
-    enum_name, file_name = TORCHVISION_VIDEO_WEIGHTS[arch]
-    weights = getattr(torchvision.models.video, enum_name).KINETICS400_V1
+    weights = torchvision.models.get_model_weights(arch).KINETICS400_V1
     try:
         return weights.get_state_dict(progress=False)
     except Exception as e:  # no internet: urllib.error.URLError, socket errors, ...
+        file_name = os.path.basename(weights.url)
         cache = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
         raise RuntimeError(
             f"common.py: cannot download torchvision Kinetics-400 weights for {arch} from {weights.url} ({e}). "
@@ -1205,17 +1199,16 @@ def _torchvision_kinetics_state_dict(arch):
 class VideoResNet(nn.Module):
     """torchvision's R(2+1)D-18 / R3D-18 / MC3-18 without the fc; keys stem.*, layer1..4.* as in torchvision.
 
-    Tubelet-contrast (CtP code) builds the same topology; its BN eps is 1e-3 (pass bn_eps=1e-3).
+    Tubelet-contrast (CtP code) builds the same topology; its BN eps is 1e-3 (build_backbone(..., bn_eps=1e-3)).
     16x112x112 input -> map (512, 2, 7, 7).
     """
 
-    def __init__(self, arch="r2plus1d_18", bn_eps=1e-5):
+    def __init__(self, arch="r2plus1d_18"):
         super().__init__()
         net = getattr(torchvision.models.video, arch)(weights=None)
         self.stem, self.layer1, self.layer2, self.layer3, self.layer4 = (
             net.stem, net.layer1, net.layer2, net.layer3, net.layer4)
         self.feature_dim = 512
-        set_bn_eps(self, bn_eps)
 
     def forward(self, x, return_map=False):
         x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))  # (N, 512, T/8, H/16, W/16)
@@ -1227,13 +1220,13 @@ class S3D(nn.Module):
 
     torchvision's S3D pools with a fixed AvgPool3d(2, 7, 7) and fails below 224 px; we average the map
     adaptively, so 32x128x128 works (map 1024 x 4 x 4 x 4). BN eps: CoCLR/ViCC use PyTorch's default (1e-5),
-    torchvision and P-HLVC (kylemin S3D) 1e-3 with momentum 1e-3 (`bn_eps`, `bn_momentum`).
+    torchvision and P-HLVC (kylemin S3D) 1e-3 with momentum 1e-3 (build_backbone's `bn_eps`, `bn_momentum`).
     CoCLR checkpoints name the same layers `base.N.conv_s/bn_s/conv_t/bn_t/conv/bn` (renamed on loading).
     """
 
-    def __init__(self, bn_eps=1e-5, bn_momentum=0.1):
+    def __init__(self, bn_momentum=0.1):
         super().__init__()
-        net = torchvision.models.video.S3D(norm_layer=lambda c: nn.BatchNorm3d(c, eps=bn_eps, momentum=bn_momentum))
+        net = torchvision.models.video.S3D(norm_layer=lambda c: nn.BatchNorm3d(c, momentum=bn_momentum))
         self.features = net.features
         self.feature_dim = 1024
         for m in self.modules():  # CoCLR backbone/s3dg.py: conv weights N(0, 0.01)
@@ -1245,22 +1238,18 @@ class S3D(nn.Module):
         return x if return_map else _pool_video_map(x)
 
 
-def _conv3d_bn_relu(cin, cout, kernel, stride=1, padding=0, bn_eps=1e-3):
-    return nn.Sequential(nn.Conv3d(cin, cout, kernel, stride, padding, bias=False),
-                         nn.BatchNorm3d(cout, eps=bn_eps), nn.ReLU(inplace=True))
+_conv3d_bn_relu = torchvision.ops.Conv3dNormActivation  # (cin, cout, k, stride): Conv3d (pad k // 2, no bias), BN, ReLU
 
 
 class InceptionBlock3D(nn.Module):
     """I3D Inception block (full 3x3x3 convs); branch names as torchvision's SepInceptionBlock3D."""
 
-    def __init__(self, cin, b0, b1a, b1b, b2a, b2b, b3, bn_eps=1e-3):
+    def __init__(self, cin, b0, b1a, b1b, b2a, b2b, b3):
         super().__init__()
-        self.branch0 = _conv3d_bn_relu(cin, b0, 1, bn_eps=bn_eps)
-        self.branch1 = nn.Sequential(_conv3d_bn_relu(cin, b1a, 1, bn_eps=bn_eps),
-                                     _conv3d_bn_relu(b1a, b1b, 3, padding=1, bn_eps=bn_eps))
-        self.branch2 = nn.Sequential(_conv3d_bn_relu(cin, b2a, 1, bn_eps=bn_eps),
-                                     _conv3d_bn_relu(b2a, b2b, 3, padding=1, bn_eps=bn_eps))
-        self.branch3 = nn.Sequential(nn.MaxPool3d(3, stride=1, padding=1), _conv3d_bn_relu(cin, b3, 1, bn_eps=bn_eps))
+        self.branch0 = _conv3d_bn_relu(cin, b0, 1)
+        self.branch1 = nn.Sequential(_conv3d_bn_relu(cin, b1a, 1), _conv3d_bn_relu(b1a, b1b, 3))
+        self.branch2 = nn.Sequential(_conv3d_bn_relu(cin, b2a, 1), _conv3d_bn_relu(b2a, b2b, 3))
+        self.branch3 = nn.Sequential(nn.MaxPool3d(3, stride=1, padding=1), _conv3d_bn_relu(cin, b3, 1))
 
     def forward(self, x):
         return torch.cat([self.branch0(x), self.branch1(x), self.branch2(x), self.branch3(x)], dim=1)
@@ -1276,26 +1265,25 @@ class I3D(nn.Module):
     features shifted by one position). 16x224x224 -> map 1024 x 2 x 7 x 7.
     """
 
-    def __init__(self, in_channels=3, bn_eps=1e-5):
+    def __init__(self, in_channels=3):
         super().__init__()
-        e = dict(bn_eps=bn_eps)
         self.features = nn.Sequential(
-            _conv3d_bn_relu(in_channels, 64, 7, stride=2, padding=3, **e),
+            _conv3d_bn_relu(in_channels, 64, 7, stride=2),
             nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
-            _conv3d_bn_relu(64, 64, 1, **e),
-            _conv3d_bn_relu(64, 192, 3, padding=1, **e),
+            _conv3d_bn_relu(64, 64, 1),
+            _conv3d_bn_relu(64, 192, 3),
             nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
-            InceptionBlock3D(192, 64, 96, 128, 16, 32, 32, **e),
-            InceptionBlock3D(256, 128, 128, 192, 32, 96, 64, **e),
+            InceptionBlock3D(192, 64, 96, 128, 16, 32, 32),
+            InceptionBlock3D(256, 128, 128, 192, 32, 96, 64),
             nn.MaxPool3d(3, stride=2, padding=1),
-            InceptionBlock3D(480, 192, 96, 208, 16, 48, 64, **e),
-            InceptionBlock3D(512, 160, 112, 224, 24, 64, 64, **e),
-            InceptionBlock3D(512, 128, 128, 256, 24, 64, 64, **e),
-            InceptionBlock3D(512, 112, 144, 288, 32, 64, 64, **e),
-            InceptionBlock3D(528, 256, 160, 320, 32, 128, 128, **e),
+            InceptionBlock3D(480, 192, 96, 208, 16, 48, 64),
+            InceptionBlock3D(512, 160, 112, 224, 24, 64, 64),
+            InceptionBlock3D(512, 128, 128, 256, 24, 64, 64),
+            InceptionBlock3D(512, 112, 144, 288, 32, 64, 64),
+            InceptionBlock3D(528, 256, 160, 320, 32, 128, 128),
             nn.MaxPool3d(2, stride=2),
-            InceptionBlock3D(832, 256, 160, 320, 32, 128, 128, **e),
-            InceptionBlock3D(832, 384, 192, 384, 48, 128, 128, **e),
+            InceptionBlock3D(832, 256, 160, 320, 32, 128, 128),
+            InceptionBlock3D(832, 384, 192, 384, 48, 128, 128),
         )
         self.feature_dim = 1024
 
@@ -1308,13 +1296,13 @@ class BasicBlock3D(nn.Module):
     """ResNet basic block with a given conv kernel ((1,3,3) = 2D block of R2D3D, 3 = 3D block); names conv1/bn1."""
     expansion = 1
 
-    def __init__(self, cin, planes, stride=1, downsample=None, kernel=3, cardinality=1, bn_eps=1e-5):
+    def __init__(self, cin, planes, stride=1, downsample=None, kernel=3, cardinality=1):
         super().__init__()
         pad = tuple(k // 2 for k in kernel) if isinstance(kernel, tuple) else kernel // 2
         self.conv1 = nn.Conv3d(cin, planes, kernel, stride, pad, bias=False)
-        self.bn1 = nn.BatchNorm3d(planes, eps=bn_eps)
+        self.bn1 = nn.BatchNorm3d(planes)
         self.conv2 = nn.Conv3d(planes, planes, kernel, 1, pad, bias=False)
-        self.bn2 = nn.BatchNorm3d(planes, eps=bn_eps)
+        self.bn2 = nn.BatchNorm3d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.final_relu = True
@@ -1330,15 +1318,15 @@ class ResNeXtBottleneck3D(nn.Module):
     """Hara et al.'s ResNeXt bottleneck (expansion 2, grouped 3x3x3 conv, mid = cardinality * planes / 32)."""
     expansion = 2
 
-    def __init__(self, cin, planes, stride=1, downsample=None, kernel=3, cardinality=32, bn_eps=1e-5):
+    def __init__(self, cin, planes, stride=1, downsample=None, kernel=3, cardinality=32):
         super().__init__()
         mid = cardinality * (planes // 32)
         self.conv1 = nn.Conv3d(cin, mid, 1, bias=False)
-        self.bn1 = nn.BatchNorm3d(mid, eps=bn_eps)
+        self.bn1 = nn.BatchNorm3d(mid)
         self.conv2 = nn.Conv3d(mid, mid, 3, stride, 1, groups=cardinality, bias=False)
-        self.bn2 = nn.BatchNorm3d(mid, eps=bn_eps)
+        self.bn2 = nn.BatchNorm3d(mid)
         self.conv3 = nn.Conv3d(mid, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm3d(planes * self.expansion, eps=bn_eps)
+        self.bn3 = nn.BatchNorm3d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.final_relu = True
@@ -1361,12 +1349,11 @@ class ResNet3D(nn.Module):
     """
 
     def __init__(self, block, layers, in_channels=3, widths=(64, 128, 256, 512), cardinality=1,
-                 stem_kernel=(7, 7, 7), block_kernels=(3, 3, 3, 3), temporal_strides=(1, 2, 2, 2), final_relu=True,
-                 bn_eps=1e-5):
+                 stem_kernel=(7, 7, 7), block_kernels=(3, 3, 3, 3), temporal_strides=(1, 2, 2, 2), final_relu=True):
         super().__init__()
         self.conv1 = nn.Conv3d(in_channels, 64, stem_kernel, (1, 2, 2), tuple(k // 2 for k in stem_kernel),
                                bias=False)
-        self.bn1 = nn.BatchNorm3d(64, eps=bn_eps)
+        self.bn1 = nn.BatchNorm3d(64)
         self.relu = nn.ReLU(inplace=True)
         pool_t = 3 if stem_kernel[0] > 1 else 1
         self.maxpool = nn.MaxPool3d((pool_t, 3, 3), (2 if pool_t > 1 else 1, 2, 2), (pool_t // 2, 1, 1))
@@ -1376,10 +1363,10 @@ class ResNet3D(nn.Module):
             downsample = None
             if stride != (1, 1, 1) or cin != planes * block.expansion:
                 downsample = nn.Sequential(nn.Conv3d(cin, planes * block.expansion, 1, stride, bias=False),
-                                           nn.BatchNorm3d(planes * block.expansion, eps=bn_eps))
-            blocks = [block(cin, planes, stride, downsample, block_kernels[i], cardinality, bn_eps)]
+                                           nn.BatchNorm3d(planes * block.expansion))
+            blocks = [block(cin, planes, stride, downsample, block_kernels[i], cardinality)]
             cin = planes * block.expansion
-            blocks += [block(cin, planes, 1, None, block_kernels[i], cardinality, bn_eps) for _ in range(n - 1)]
+            blocks += [block(cin, planes, 1, None, block_kernels[i], cardinality) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         blocks[-1].final_relu = final_relu
         self.feature_dim = cin
@@ -1443,14 +1430,12 @@ class Tiny3D(nn.Module):
     16x64x64 -> map (8*width, 4, 4, 4); 16x112x112 -> (8*width, 4, 7, 7).
     """
 
-    def __init__(self, in_channels=3, width=16, bn_eps=1e-5):
+    def __init__(self, in_channels=3, width=16):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            _conv3d_bn_relu(in_channels, w, 3, stride=(1, 2, 2), padding=1, bn_eps=bn_eps),
-            _conv3d_bn_relu(w, 2 * w, 3, stride=2, padding=1, bn_eps=bn_eps),
-            _conv3d_bn_relu(2 * w, 4 * w, 3, stride=2, padding=1, bn_eps=bn_eps),
-            _conv3d_bn_relu(4 * w, 8 * w, 3, stride=(1, 2, 2), padding=1, bn_eps=bn_eps),
+            _conv3d_bn_relu(in_channels, w, 3, stride=(1, 2, 2)), _conv3d_bn_relu(w, 2 * w, 3, stride=2),
+            _conv3d_bn_relu(2 * w, 4 * w, 3, stride=2), _conv3d_bn_relu(4 * w, 8 * w, 3, stride=(1, 2, 2)),
         )
         self.feature_dim = 8 * w
 
