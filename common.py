@@ -555,8 +555,8 @@ def build_loader(dataset, args, run, train=True, batch_size=None, collate_fn=Non
     its workers and has 4 batches per worker in flight (video decoding times vary a lot from clip to clip)."""
     global_batch = batch_size or args.batch_size
     per_process = max(global_batch // run.world_size, 1)
-    sampler = ResumableDistributedSampler(dataset, per_process, with_epoch=True, num_replicas=run.world_size,
-                                          rank=run.rank, shuffle=train, seed=args.seed, drop_last=train)
+    sampler = ResumableDistributedSampler(dataset, per_process, num_replicas=run.world_size, rank=run.rank,
+                                          shuffle=train, seed=args.seed, drop_last=train)
     workers = args.workers or 0
     return torch.utils.data.DataLoader(
         SeededItems(dataset, args.seed, run.rank), batch_size=per_process, sampler=sampler,
@@ -567,12 +567,12 @@ def build_loader(dataset, args, run, train=True, batch_size=None, collate_fn=Non
 
 class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler (the identity split at world size 1) that can start an epoch at a given batch,
-    so an automatic resume continues with exactly the samples an uninterrupted run would see. With
-    `with_epoch`, it yields (epoch, index) pairs for `SeededItems`."""
+    so an automatic resume continues with exactly the samples an uninterrupted run would see. Yields
+    (epoch, index) pairs for `SeededItems`."""
 
-    def __init__(self, dataset, batch_size, with_epoch=False, **kwargs):
+    def __init__(self, dataset, batch_size, **kwargs):
         super().__init__(dataset, **kwargs)
-        self.batch_size, self.start_batch, self.with_epoch = batch_size, 0, with_epoch
+        self.batch_size, self.start_batch = batch_size, 0
 
     def set_epoch(self, epoch, start_batch=0):
         super().set_epoch(epoch)
@@ -580,7 +580,7 @@ class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
 
     def __iter__(self):
         indices = list(super().__iter__())[self.start_batch * self.batch_size:]
-        return iter([(self.epoch, i) for i in indices] if self.with_epoch else indices)
+        return iter([(self.epoch, i) for i in indices])
 
     def __len__(self):
         return max(self.num_samples - self.start_batch * self.batch_size, 0)
@@ -593,9 +593,8 @@ def _seed_worker(worker_id):
     worker_seed = torch.initial_seed() % 2**32  # distinct per worker, set by the DataLoader from its generator
     np.random.seed(worker_seed)
     random.seed(worker_seed)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in _StopFlag.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def to_device(batch, device):
@@ -663,7 +662,8 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
     def backbone_file(epoch):  # backbone.pth's content, with the step of the checkpoint written beside it
         return backbone_record(backbone, dict(backbone_meta or {}, step=step, epoch=epoch, args=vars(args)))
 
-    resume_path = find_resume_checkpoint(args)
+    # --resume: auto = the run folder's checkpoint if there is one, none = start afresh, else the file it names
+    resume_path = {"auto": ckpt_path if os.path.exists(ckpt_path) else None, "none": None}.get(args.resume, args.resume)
     if resume_path:
         ckpt = load_checkpoint_file(resume_path, trust=getattr(args, "trust_checkpoint", False), flag="--resume")
         model.load_state_dict(ckpt["model"])
@@ -708,7 +708,7 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
     metrics_file = open(os.path.join(run.out_dir, "metrics.jsonl"), "a") if run.is_main else None
     keys, window_sum = None, None  # metric names, (M,) sums on the device since the last sync
     first_bad = torch.full((2,), -1.0, device=run.device)  # (step, loss) of the first non-finite loss, on device
-    window_steps, window_samples, window_data, window_step_time = 0, 0, 0.0, 0.0
+    window_steps, window_data, window_step_time = 0, 0.0, 0.0
     interrupted = False
     try:
         with _StopFlag() as stop:
@@ -737,7 +737,6 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
                                                                   values[keys.index("loss")]]), first_bad)
                     step += 1
                     window_steps += 1
-                    window_samples += args.batch_size
                     window_data += data_time
                     end_of_epoch = step % steps_per_epoch == 0
                     log_due = step % args.log_every == 0 or step == last_step
@@ -769,13 +768,13 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
                             f"--amp off or --clip-grad.")
                     if log_due:
                         record = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(keys, averaged)),
-                                  "samples_per_s": window_samples / window_step_time,
+                                  "samples_per_s": window_steps * args.batch_size / window_step_time,
                                   "data_time": window_data / window_steps,
                                   "step_time": window_step_time / window_steps,
                                   "data_share": window_data / window_step_time}
                         _write_record(run, record, metrics_file, writer, bar)
                         window_sum.zero_()
-                        window_steps, window_samples, window_data, window_step_time = 0, 0, 0.0, 0.0
+                        window_steps, window_data, window_step_time = 0, 0.0, 0.0
                     if bar is not None:
                         bar.update(1)
                     if interrupted or save_due:
@@ -872,15 +871,6 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def find_resume_checkpoint(args):
-    """The file --resume names: auto = <out-dir>/checkpoint.pth if it exists, none = None (checked by validate_args;
-    load_checkpoint_file names a file that went missing since)."""
-    if args.resume == "auto":
-        path = os.path.join(args.out_dir, "checkpoint.pth")
-        return path if os.path.exists(path) else None
-    return None if args.resume == "none" else args.resume
 
 
 def save_atomic(obj, path):
