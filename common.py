@@ -145,15 +145,13 @@ def fill_defaults(args, defaults):
 
 def validate_args(args, world_size):
     """UserError for a flag that cannot work, before anything is written. `world_size`: processes of the run."""
-    batch_size, lr, epochs = (getattr(args, k, None) for k in ("batch_size", "lr", "epochs"))
+    batch_size, lr = getattr(args, "batch_size", None), getattr(args, "lr", None)
     if batch_size is not None and (batch_size < 1 or batch_size % world_size):
         raise UserError(f"--batch-size: expected a positive multiple of the {world_size} processes (it is global), "
                         f"found {batch_size}")
     if lr is not None and not lr > 0:
         raise UserError(f"--lr: expected a learning rate > 0, found {lr}")
-    if epochs is not None and epochs < 1:
-        raise UserError(f"--epochs: expected at least 1, found {epochs}")
-    for flag in ("max_steps", "log_every", "ckpt_every"):
+    for flag in ("epochs", "max_steps", "log_every", "ckpt_every"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')}: expected at least 1, found {value}")
@@ -266,18 +264,6 @@ def _spawned_worker(local_rank, main_worker, args, world_size, port, message_fil
         _exit_user_error(e, args, local_rank, message_file)
 
 
-def _finish_distributed(result):
-    """Wait for every process, then tear the process group down before the interpreter exits: a gloo group left to
-    exit-time destructors can abort a process that finished early ("terminate called without an active
-    exception"), which fails the whole spawn. Also writes args.json of a run that never reached `fit`."""
-    while _PENDING_ARGS:
-        _PENDING_ARGS.pop().write_args()
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
-
-
 def setup(args, script_name):
     """Per-process setup: flags validated, process group (torchrun or spawned env), device, seeds, run folder.
 
@@ -294,12 +280,10 @@ def setup(args, script_name):
         args.workers = min(max(len(os.sched_getaffinity(0)) // max(local, 1) - 1, 0), 10)
     if _launched_by_torchrun() and not is_distributed():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method="env://")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cpu")
     if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     seed_everything(args.seed + get_rank(), args.deterministic)
     if not os.path.isdir(args.out_dir):
         try:
@@ -508,13 +492,21 @@ class RunInterrupted(SystemExit):
 
 
 def _run_worker(main_worker, args):
+    """main_worker(args), then args.json of a run that never reached `fit`; then, after every process is done, the
+    process group torn down before the interpreter exits: a gloo group left to exit-time destructors can abort a
+    process that finished early ("terminate called without an active exception"), which fails the whole spawn."""
     try:
         result = main_worker(args)
     except RunInterrupted:
-        if dist.is_available() and dist.is_initialized():
+        if is_distributed():
             dist.destroy_process_group()  # every process saw the same flag and left fit together
         raise
-    return _finish_distributed(result)
+    while _PENDING_ARGS:
+        _PENDING_ARGS.pop().write_args()
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 def _exit_user_error(error, args, rank, message_file=None):
