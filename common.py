@@ -1832,9 +1832,10 @@ class SkeleMotionCNN(nn.Module):
 
 
 # ==================================================================================================== CHECKPOINT I/O
-# load_backbone_weights reads our backbone.pth ({"state_dict", "meta"}), our checkpoint.pth,
-# torchvision state dicts and the authors' layouts (prefixes stripped, known renames applied); save_backbone writes
-# backbone.pth. Anything the model needs and the file lacks raises.
+# load_backbone_weights reads our backbone.pth ({"state_dict", "meta"}), our checkpoint.pth, torchvision state dicts
+# and the authors' layouts: keys matched by suffix after a detected prefix ("module.", "encoder_q.", "backbone.", ...),
+# the CtP, CoCLR S3D, tubelet-contrast I3D, RSPNet and P-HLVC names renamed to ours; heads, queues and key encoders
+# skipped by name. Anything the model needs and the file lacks raises. save_backbone writes backbone.pth.
 
 
 def load_backbone_weights(model, path_or_state_dict, prefix=None, trust=False):
@@ -1927,14 +1928,6 @@ def read_checkpoint(path_or_state_dict, trust=False):
     return {k: v for k, v in obj.items() if torch.is_tensor(v)}
 
 
-# One loader for our backbone.pth ({"state_dict", "meta"}), our checkpoint.pth ({"model": ...}), torchvision
-# state dicts and the authors' layouts. Keys are matched by suffix after an automatically found prefix
-# ("module.", "encoder_q.", "encoder_q.0.", "backbone.", "encoder.", "model.", "module.encoder_q.", ...), with
-# the CtP R(2+1)D/R3D, CoCLR S3D and tubelet-contrast I3D names renamed to ours. Every backbone key must be
-# found: anything missing (other than BN's num_batches_tracked counters) raises. Heads, queues and key encoders
-# are skipped by name.
-
-
 # Key-path components of encoders that are never the one to load: MoCo key encoders (encoder_k,
 # skeleton-contrast's encoder_l for the second representation), EMA / momentum / target copies and teachers.
 # CoCLR's stage 2 keeps the frozen other-view encoder as `sampler` (it mines positives; it is not the model trained).
@@ -2019,28 +2012,24 @@ def load_checkpoint_file(path, trust=False, flag="--weights"):
     """torch.load(path) on the CPU with weights_only=True (tensors, containers, numpy values, argparse.Namespace).
     trust=True (--trust-checkpoint) also unpickles arbitrary Python objects, which can execute code in the file.
     A folder, a missing, truncated or non-PyTorch file, or (untrusted) other pickled objects: UserError naming it."""
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path}: expected a checkpoint file, found a folder")
     if not os.path.isfile(path):
-        raise UserError(f"{flag} {path}: expected a checkpoint file, found nothing at that path")
-    try:
-        with torch.serialization.safe_globals(_safe_checkpoint_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if unsafe is None:
-            reason = str(e).strip().splitlines()[-1:] or [type(e).__name__]
-            raise UserError(f"{flag} {path}: expected a PyTorch checkpoint (torch.save), found an unreadable file "
-                            f"(truncated, corrupted or another format: {type(e).__name__}: {reason[0][:200]})") from e
-        if not trust:
-            raise UserError(f"{flag} {path}: the checkpoint pickles Python objects ({unsafe[1]}) whose loading "
-                            f"can execute code from the file; if you trust its source, rerun with --trust-checkpoint"
-                            ) from e
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)  # --trust-checkpoint: the user vouches for it
-    except Exception as e:
-        raise UserError(f"{flag} {path}: expected a PyTorch checkpoint, found an unreadable file ({type(e).__name__}: "
-                        f"{str(e)[:200]})") from e
+        raise UserError(f"{flag} {path}: expected a checkpoint file, found "
+                        f"{'a folder' if os.path.isdir(path) else 'nothing at that path'}")
+    for weights_only in (True, False):  # False only with --trust-checkpoint: the user vouches for the file
+        try:
+            with torch.serialization.safe_globals(_safe_checkpoint_globals()):
+                return torch.load(path, map_location="cpu", weights_only=weights_only)
+        except Exception as e:
+            unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e)) if weights_only else None
+            if unsafe is None:
+                reason = str(e).strip().splitlines()[-1:] or [type(e).__name__]
+                raise UserError(f"{flag} {path}: expected a PyTorch checkpoint (torch.save), found an unreadable file "
+                                f"(truncated, corrupted or another format: {type(e).__name__}: {reason[0][:200]})"
+                                ) from e
+            if not trust:
+                raise UserError(f"{flag} {path}: the checkpoint pickles Python objects ({unsafe[1]}) whose loading "
+                                f"can execute code from the file; if you trust its source, rerun with "
+                                f"--trust-checkpoint") from e
 
 
 def _describe(src):
