@@ -696,6 +696,7 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
     if step >= last_step:
         run.print(f"the run in {run.out_dir} is already complete at step {step}: nothing to train "
                   f"(raise --epochs or --max-steps to continue, or --resume none to start afresh)")
+    from tqdm import tqdm
     writer = _tensorboard_writer(run)
     metrics_file = open(os.path.join(run.out_dir, "metrics.jsonl"), "a") if run.is_main else None
     keys, window_sum = None, None  # metric names, (M,) sums on the device since the last sync
@@ -708,7 +709,8 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
                 epoch, start_batch = divmod(step, steps_per_epoch)
                 loader.sampler.set_epoch(epoch, start_batch)
                 model.train()
-                bar = _progress_bar(run, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch}")
+                bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch}", dynamic_ncols=True,
+                           disable=not (run.is_main and sys.stderr.isatty()))  # off: the loop prints its log lines
                 tick = time.perf_counter()
                 for batch in loader:
                     data_time = time.perf_counter() - tick
@@ -736,8 +738,7 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
                     local_stop = stop.requested and run.world_size == 1  # a plain bool: no collective needed
                     if not (log_due or save_due or local_stop):
                         window_step_time += time.perf_counter() - tick
-                        if bar is not None:
-                            bar.update(1)
+                        bar.update(1)
                         tick = time.perf_counter()
                         continue
                     # ---- the one host sync of this --log-every window (and before a save): metrics, NaN, stop
@@ -767,15 +768,13 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
                         _write_record(run, record, metrics_file, writer, bar)
                         window_sum.zero_()
                         window_steps, window_data, window_step_time = 0, 0.0, 0.0
-                    if bar is not None:
-                        bar.update(1)
+                    bar.update(1)
                     if interrupted or save_due:
                         save(step // steps_per_epoch)
                     if interrupted or step == last_step:
                         break
                     tick = time.perf_counter()
-                if bar is not None:
-                    bar.close()
+                bar.close()
                 if interrupted:
                     saver.wait()
                     if is_distributed():
@@ -805,14 +804,6 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
         if writer is not None:
             writer.close()
     return {"step": step, "epoch": step // steps_per_epoch, "knn": knn_result}
-
-
-def _progress_bar(run, total, initial, desc):
-    """tqdm on rank 0 when stderr is a terminal; otherwise None and the loop prints its log lines."""
-    if not run.is_main or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
 
 def _tensorboard_writer(run):
@@ -1013,7 +1004,7 @@ def _write_record(run, record, metrics_file, writer, bar):
     if writer is not None:
         for k, v in record.items():
             writer.add_scalar(f"train/{k}", v, record["step"])
-    if bar is None:
+    if bar.disable:
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
     else:
         bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}",
