@@ -1435,7 +1435,7 @@ class PHLVCVideo(nn.Module):
         self.trunk = build_backbone(trunk, **options)
         self.fc = nn.Sequential(nn.Conv3d(self.trunk.feature_dim, hidden, 1))
         self.vid_fc2 = nn.Sequential(nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, hidden))
-        self.feature_dim, self.tap, self.trunk_name = hidden, tap, trunk
+        self.feature_dim, self.tap = hidden, tap
         for m in self.vid_fc2.modules():  # authors' _initialize_weights: orthogonal weights, zero biases
             if isinstance(m, nn.Linear):
                 nn.init.orthogonal_(m.weight)
@@ -1450,12 +1450,11 @@ class PHLVCVideo(nn.Module):
         return fc1 if (tap or self.tap) == "fc1" else self.vid_fc2(fc1)  # (N, hidden)
 
 
-# NTU RGB+D 25 joints (1-based pairs child -> parent toward the spine), 2s-AGCN graph/ntu_rgb_d.py, ST-GCN.
-NTU25_INWARD = [(1, 2), (2, 21), (3, 21), (4, 3), (5, 21), (6, 5), (7, 6), (8, 7), (9, 21), (10, 9), (11, 10),
-                (12, 11), (13, 1), (14, 13), (15, 14), (16, 15), (17, 1), (18, 17), (19, 18), (20, 19),
-                (22, 23), (23, 8), (24, 25), (25, 12)]
-
-NTU25_INWARD = [(i - 1, j - 1) for i, j in NTU25_INWARD]
+# NTU RGB+D 25 joints (pairs child -> parent toward the spine, 1-based as in 2s-AGCN graph/ntu_rgb_d.py, ST-GCN),
+# stored 0-based.
+NTU25_INWARD = [(i - 1, j - 1) for i, j in [
+    (1, 2), (2, 21), (3, 21), (4, 3), (5, 21), (6, 5), (7, 6), (8, 7), (9, 21), (10, 9), (11, 10), (12, 11), (13, 1),
+    (14, 13), (15, 14), (16, 15), (17, 1), (18, 17), (19, 18), (20, 19), (22, 23), (23, 8), (24, 25), (25, 12)]]
 
 # OpenPose COCO-18 (0-based), 2s-AGCN graph/kinetics.py, ST-GCN 'openpose' layout.
 COCO18_INWARD = [(4, 3), (3, 2), (7, 6), (6, 5), (13, 12), (12, 11), (10, 9), (9, 8), (11, 5), (8, 2), (5, 1),
@@ -1566,7 +1565,7 @@ class BiGRU(nn.Module):
     def __init__(self, input_dim=150, hidden=1024, layers=3, stepwise=False):
         super().__init__()
         self.gru = nn.GRU(input_dim, hidden, num_layers=layers, bidirectional=True, batch_first=True)
-        self.hidden, self.layers, self.stepwise = hidden, layers, stepwise
+        self.stepwise = stepwise
         self.feature_dim = 2 * hidden
         for p in self.gru.parameters():  # xavier-uniform on 2-D weights (Skeleton-Contrast code, moco/GRU.py)
             if p.dim() == 2:
