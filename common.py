@@ -1450,8 +1450,7 @@ class PHLVCVideo(nn.Module):
         return fc1 if (tap or self.tap) == "fc1" else self.vid_fc2(fc1)  # (N, hidden)
 
 
-# NTU RGB+D 25 joints (pairs child -> parent toward the spine, 1-based as in 2s-AGCN graph/ntu_rgb_d.py, ST-GCN),
-# stored 0-based.
+# NTU RGB+D 25 joints, child -> parent toward the spine (2s-AGCN graph/ntu_rgb_d.py, ST-GCN: listed 1-based).
 NTU25_INWARD = [(i - 1, j - 1) for i, j in [
     (1, 2), (2, 21), (3, 21), (4, 3), (5, 21), (6, 5), (7, 6), (8, 7), (9, 21), (10, 9), (11, 10), (12, 11), (13, 1),
     (14, 13), (15, 14), (16, 15), (17, 1), (18, 17), (19, 18), (20, 19), (22, 23), (23, 8), (24, 25), (25, 12)]]
@@ -1843,9 +1842,8 @@ def load_backbone_weights(model, path_or_state_dict, prefix=None, trust=False):
     target = model.state_dict()
     model_keys = set(target)
     best = None
-    for renames in (None, CTP_RENAMES, COCLR_S3D_RENAMES, I3D_RENAMES, BASE_NETWORK_RENAMES, PHLVC_RENAMES):
-        names = {k: k for k in state} if renames is None else _rename_keys(state, renames)
-        renamed = {new: old for old, new in names.items()}
+    for renames in ((), CTP_RENAMES, COCLR_S3D_RENAMES, I3D_RENAMES, BASE_NETWORK_RENAMES, PHLVC_RENAMES):
+        renamed = _rename_keys(state, renames)  # {our name: checkpoint key}
         if prefix is None:
             p, match, candidates = _match_prefix(list(renamed), model_keys)
         else:
@@ -1980,12 +1978,13 @@ I3D_RENAMES = [
 
 
 def _rename_keys(keys, renames):
+    """{renamed key: key}, each key rewritten by every (pattern, replacement) of `renames` in order."""
     out = {}
     for k in keys:
         new = k
         for pattern, repl in renames:
             new = re.sub(pattern, repl, new)
-        out[k] = new
+        out[new] = k
     return out
 
 
