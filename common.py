@@ -408,16 +408,12 @@ def seed_everything(seed, deterministic=False):
 
 def git_commit():
     """The project's git commit hash (+ "-dirty" with uncommitted changes), or "unknown"."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5)
+    try:  # the full hash (no tag names), "-dirty" for changes to tracked files
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"], timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    if sha.returncode != 0:
-        return "unknown"
-    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
 def is_distributed():
