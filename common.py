@@ -145,15 +145,13 @@ def fill_defaults(args, defaults):
 
 def validate_args(args, world_size):
     """UserError for a flag that cannot work, before anything is written. `world_size`: processes of the run."""
-    batch_size, lr, epochs = (getattr(args, k, None) for k in ("batch_size", "lr", "epochs"))
+    batch_size, lr = getattr(args, "batch_size", None), getattr(args, "lr", None)
     if batch_size is not None and (batch_size < 1 or batch_size % world_size):
         raise UserError(f"--batch-size: expected a positive multiple of the {world_size} processes (it is global), "
                         f"found {batch_size}")
     if lr is not None and not lr > 0:
         raise UserError(f"--lr: expected a learning rate > 0, found {lr}")
-    if epochs is not None and epochs < 1:
-        raise UserError(f"--epochs: expected at least 1, found {epochs}")
-    for flag in ("max_steps", "log_every", "ckpt_every"):
+    for flag in ("epochs", "max_steps", "log_every", "ckpt_every"):
         value = getattr(args, flag, None)
         if value is not None and value < 1:
             raise UserError(f"--{flag.replace('_', '-')}: expected at least 1, found {value}")
@@ -266,18 +264,6 @@ def _spawned_worker(local_rank, main_worker, args, world_size, port, message_fil
         _exit_user_error(e, args, local_rank, message_file)
 
 
-def _finish_distributed(result):
-    """Wait for every process, then tear the process group down before the interpreter exits: a gloo group left to
-    exit-time destructors can abort a process that finished early ("terminate called without an active
-    exception"), which fails the whole spawn. Also writes args.json of a run that never reached `fit`."""
-    while _PENDING_ARGS:
-        _PENDING_ARGS.pop().write_args()
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
-
-
 def setup(args, script_name):
     """Per-process setup: flags validated, process group (torchrun or spawned env), device, seeds, run folder.
 
@@ -294,12 +280,10 @@ def setup(args, script_name):
         args.workers = min(max(len(os.sched_getaffinity(0)) // max(local, 1) - 1, 0), 10)
     if _launched_by_torchrun() and not is_distributed():
         dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method="env://")
-    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cpu")
     if device_type == "cuda":
-        torch.cuda.set_device(local_rank)
-        device = torch.device("cuda", local_rank)
-    else:
-        device = torch.device("cpu")
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        torch.cuda.set_device(device)
     seed_everything(args.seed + get_rank(), args.deterministic)
     if not os.path.isdir(args.out_dir):
         try:
@@ -424,16 +408,12 @@ def seed_everything(seed, deterministic=False):
 
 def git_commit():
     """The project's git commit hash (+ "-dirty" with uncommitted changes), or "unknown"."""
-    here = os.path.dirname(os.path.abspath(__file__))
-    try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=5)
+    try:  # the full hash (no tag names), "-dirty" for changes to tracked files
+        out = subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"], timeout=5,
+                             cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True)
     except (OSError, subprocess.TimeoutExpired):
         return "unknown"
-    if sha.returncode != 0:
-        return "unknown"
-    return sha.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+    return out.stdout.strip() if out.returncode == 0 else "unknown"
 
 
 def is_distributed():
@@ -508,13 +488,21 @@ class RunInterrupted(SystemExit):
 
 
 def _run_worker(main_worker, args):
+    """main_worker(args), then args.json of a run that never reached `fit`; then, after every process is done, the
+    process group torn down before the interpreter exits: a gloo group left to exit-time destructors can abort a
+    process that finished early ("terminate called without an active exception"), which fails the whole spawn."""
     try:
         result = main_worker(args)
     except RunInterrupted:
-        if dist.is_available() and dist.is_initialized():
+        if is_distributed():
             dist.destroy_process_group()  # every process saw the same flag and left fit together
         raise
-    return _finish_distributed(result)
+    while _PENDING_ARGS:
+        _PENDING_ARGS.pop().write_args()
+    if is_distributed():
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 def _exit_user_error(error, args, rank, message_file=None):
@@ -555,8 +543,8 @@ def build_loader(dataset, args, run, train=True, batch_size=None, collate_fn=Non
     its workers and has 4 batches per worker in flight (video decoding times vary a lot from clip to clip)."""
     global_batch = batch_size or args.batch_size
     per_process = max(global_batch // run.world_size, 1)
-    sampler = ResumableDistributedSampler(dataset, per_process, with_epoch=True, num_replicas=run.world_size,
-                                          rank=run.rank, shuffle=train, seed=args.seed, drop_last=train)
+    sampler = ResumableDistributedSampler(dataset, per_process, num_replicas=run.world_size, rank=run.rank,
+                                          shuffle=train, seed=args.seed, drop_last=train)
     workers = args.workers or 0
     if workers:  # batches reach this process by shared-memory file name, not by one fd sent over a socket per
         # tensor (~0.5 ms less per small tensor of a batch; torch_shm_manager removes the files of dead processes)
@@ -570,12 +558,12 @@ def build_loader(dataset, args, run, train=True, batch_size=None, collate_fn=Non
 
 class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
     """DistributedSampler (the identity split at world size 1) that can start an epoch at a given batch,
-    so an automatic resume continues with exactly the samples an uninterrupted run would see. With
-    `with_epoch`, it yields (epoch, index) pairs for `SeededItems`."""
+    so an automatic resume continues with exactly the samples an uninterrupted run would see. Yields
+    (epoch, index) pairs for `SeededItems`."""
 
-    def __init__(self, dataset, batch_size, with_epoch=False, **kwargs):
+    def __init__(self, dataset, batch_size, **kwargs):
         super().__init__(dataset, **kwargs)
-        self.batch_size, self.start_batch, self.with_epoch = batch_size, 0, with_epoch
+        self.batch_size, self.start_batch = batch_size, 0
 
     def set_epoch(self, epoch, start_batch=0):
         super().set_epoch(epoch)
@@ -583,7 +571,7 @@ class ResumableDistributedSampler(torch.utils.data.DistributedSampler):
 
     def __iter__(self):
         indices = list(super().__iter__())[self.start_batch * self.batch_size:]
-        return iter([(self.epoch, i) for i in indices] if self.with_epoch else indices)
+        return iter([(self.epoch, i) for i in indices])
 
     def __len__(self):
         return max(self.num_samples - self.start_batch * self.batch_size, 0)
@@ -596,9 +584,8 @@ def _seed_worker(worker_id):
     worker_seed = torch.initial_seed() % 2**32  # distinct per worker, set by the DataLoader from its generator
     np.random.seed(worker_seed)
     random.seed(worker_seed)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for sig in _StopFlag.SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def to_device(batch, device):
@@ -666,7 +653,8 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
     def backbone_file(epoch):  # backbone.pth's content, with the step of the checkpoint written beside it
         return backbone_record(backbone, dict(backbone_meta or {}, step=step, epoch=epoch, args=vars(args)))
 
-    resume_path = find_resume_checkpoint(args)
+    # --resume: auto = the run folder's checkpoint if there is one, none = start afresh, else the file it names
+    resume_path = {"auto": ckpt_path if os.path.exists(ckpt_path) else None, "none": None}.get(args.resume, args.resume)
     if resume_path:
         ckpt = load_checkpoint_file(resume_path, trust=getattr(args, "trust_checkpoint", False), flag="--resume")
         model.load_state_dict(ckpt["model"])
@@ -707,11 +695,12 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
     if step >= last_step:
         run.print(f"the run in {run.out_dir} is already complete at step {step}: nothing to train "
                   f"(raise --epochs or --max-steps to continue, or --resume none to start afresh)")
+    from tqdm import tqdm
     writer = _tensorboard_writer(run)
     metrics_file = open(os.path.join(run.out_dir, "metrics.jsonl"), "a") if run.is_main else None
     keys, window_sum = None, None  # metric names, (M,) sums on the device since the last sync
     first_bad = torch.full((2,), -1.0, device=run.device)  # (step, loss) of the first non-finite loss, on device
-    window_steps, window_samples, window_data, window_step_time = 0, 0, 0.0, 0.0
+    window_steps, window_data, window_step_time = 0, 0.0, 0.0
     interrupted = False
     try:
         with _StopFlag() as stop:
@@ -719,7 +708,8 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
                 epoch, start_batch = divmod(step, steps_per_epoch)
                 loader.sampler.set_epoch(epoch, start_batch)
                 model.train()
-                bar = _progress_bar(run, total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch}")
+                bar = tqdm(total=steps_per_epoch, initial=start_batch, desc=f"epoch {epoch}", dynamic_ncols=True,
+                           disable=not (run.is_main and sys.stderr.isatty()))  # off: the loop prints its log lines
                 tick = time.perf_counter()
                 for batch in loader:
                     data_time = time.perf_counter() - tick
@@ -740,7 +730,6 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
                                                                   values[keys.index("loss")]]), first_bad)
                     step += 1
                     window_steps += 1
-                    window_samples += args.batch_size
                     window_data += data_time
                     end_of_epoch = step % steps_per_epoch == 0
                     log_due = step % args.log_every == 0 or step == last_step
@@ -748,8 +737,7 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
                     local_stop = stop.requested and run.world_size == 1  # a plain bool: no collective needed
                     if not (log_due or save_due or local_stop):
                         window_step_time += time.perf_counter() - tick
-                        if bar is not None:
-                            bar.update(1)
+                        bar.update(1)
                         tick = time.perf_counter()
                         continue
                     # ---- the one host sync of this --log-every window (and before a save): metrics, NaN, stop
@@ -772,22 +760,20 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
                             f"--amp off or --clip-grad.")
                     if log_due:
                         record = {"step": step, "epoch": epoch, "lr": lr, **dict(zip(keys, averaged)),
-                                  "samples_per_s": window_samples / window_step_time,
+                                  "samples_per_s": window_steps * args.batch_size / window_step_time,
                                   "data_time": window_data / window_steps,
                                   "step_time": window_step_time / window_steps,
                                   "data_share": window_data / window_step_time}
                         _write_record(run, record, metrics_file, writer, bar)
                         window_sum.zero_()
-                        window_steps, window_samples, window_data, window_step_time = 0, 0, 0.0, 0.0
-                    if bar is not None:
-                        bar.update(1)
+                        window_steps, window_data, window_step_time = 0, 0.0, 0.0
+                    bar.update(1)
                     if interrupted or save_due:
                         save(step // steps_per_epoch)
                     if interrupted or step == last_step:
                         break
                     tick = time.perf_counter()
-                if bar is not None:
-                    bar.close()
+                bar.close()
                 if interrupted:
                     saver.wait()
                     if is_distributed():
@@ -817,14 +803,6 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
         if writer is not None:
             writer.close()
     return {"step": step, "epoch": step // steps_per_epoch, "knn": knn_result}
-
-
-def _progress_bar(run, total, initial, desc):
-    """tqdm on rank 0 when stderr is a terminal; otherwise None and the loop prints its log lines."""
-    if not run.is_main or not sys.stderr.isatty():
-        return None
-    from tqdm import tqdm
-    return tqdm(total=total, initial=initial, desc=desc, dynamic_ncols=True)
 
 
 def _tensorboard_writer(run):
@@ -875,15 +853,6 @@ class _StopFlag:
     def __exit__(self, *exc):
         for sig, handler in self.previous.items():
             signal.signal(sig, handler)
-
-
-def find_resume_checkpoint(args):
-    """The file --resume names: auto = <out-dir>/checkpoint.pth if it exists, none = None (checked by validate_args;
-    load_checkpoint_file names a file that went missing since)."""
-    if args.resume == "auto":
-        path = os.path.join(args.out_dir, "checkpoint.pth")
-        return path if os.path.exists(path) else None
-    return None if args.resume == "none" else args.resume
 
 
 def save_atomic(obj, path):
@@ -1034,7 +1003,7 @@ def _write_record(run, record, metrics_file, writer, bar):
     if writer is not None:
         for k, v in record.items():
             writer.add_scalar(f"train/{k}", v, record["step"])
-    if bar is None:
+    if bar.disable:
         print(" ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()), flush=True)
     else:
         bar.set_postfix(loss=f"{record['loss']:.4f}", sps=f"{record['samples_per_s']:.1f}",
@@ -1117,31 +1086,30 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
         phlvc_video: trunk ("s3d" | "r2d3d_18" | "tiny3d"), hidden (512), tap ("fc2" | "fc1"), width (tiny3d).
     """
     c = 3 if in_channels is None else in_channels
-    eps = {} if bn_eps is None else {"bn_eps": bn_eps}
     if arch in ("r2plus1d_18", "r3d_18", "mc3_18"):
         if c != 3:
             raise ValueError(f"common.py: {arch} expects in_channels=3 (torchvision stem), got {c}")
-        model = VideoResNet(arch, **eps, **options)
+        model = VideoResNet(arch, **options)
     elif arch == "s3d":
         if pretrained == "kinetics400":  # torchvision's S3D was trained with eps 1e-3, momentum 1e-3
             options = {"bn_momentum": 1e-3, **options}
-            eps = eps or {"bn_eps": 1e-3}
-        model = S3D(**eps, **options)
+            bn_eps = 1e-3 if bn_eps is None else bn_eps
+        model = S3D(**options)
     elif arch == "i3d":
-        model = I3D(c, **eps, **options)
+        model = I3D(c, **options)
     elif arch == "tiny3d":
-        model = Tiny3D(c, **eps, **options)
+        model = Tiny3D(c, **options)
     elif arch == "r2plus1d_10":
         model = R2Plus1D10(c, **options)
     elif arch == "resnet3d_18":
-        model = ResNet3D(BasicBlock3D, (2, 2, 2, 2), c, **eps, **options)
+        model = ResNet3D(BasicBlock3D, (2, 2, 2, 2), c, **options)
     elif arch == "resnext3d_101":
         model = ResNet3D(ResNeXtBottleneck3D, (3, 4, 23, 3), c, widths=(128, 256, 512, 1024), cardinality=32,
-                         **eps, **options)
+                         **options)
     elif arch == "r2d3d_18":
         model = ResNet3D(BasicBlock3D, (2, 2, 2, 2), c, stem_kernel=(1, 7, 7),
                          widths=(64, 128, 256, 256), block_kernels=((1, 3, 3), (1, 3, 3), 3, 3),
-                         temporal_strides=(1, 1, 2, 2), final_relu=False, **eps, **options)
+                         temporal_strides=(1, 1, 2, 2), final_relu=False, **options)
     elif arch == "phlvc_video":
         if c != 3:
             raise ValueError(f"common.py: phlvc_video expects in_channels=3, got {c}")
@@ -1158,25 +1126,20 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
         model = SkeleMotionCNN(6 if in_channels is None else in_channels, **options)
     else:
         raise ValueError(f"common.py: unknown backbone '{arch}'; expected one of {VIDEO_ARCHS + SKELETON_ARCHS}")
-    if bn_eps is not None:  # skeleton nets take it here too (their constructors keep PyTorch's default)
+    if bn_eps is not None:  # every constructor keeps PyTorch's default (1e-5)
         set_bn_eps(model, bn_eps)
     model.arch = arch
     if pretrained == "kinetics400":
         if arch not in TORCHVISION_VIDEO_WEIGHTS:
             raise ValueError(f"common.py: no torchvision Kinetics-400 weights for '{arch}'; "
-                             f"available for {sorted(TORCHVISION_VIDEO_WEIGHTS)}; pass a file path instead")
+                             f"available for {list(TORCHVISION_VIDEO_WEIGHTS)}; pass a file path instead")
         load_backbone_weights(model, _torchvision_kinetics_state_dict(arch))
     elif pretrained:
         load_backbone_weights(model, pretrained)
     return model
 
 
-TORCHVISION_VIDEO_WEIGHTS = {  # arch -> (torchvision weights enum name, file name in the torch hub cache)
-    "r2plus1d_18": ("R2Plus1D_18_Weights", "r2plus1d_18-91a641e6.pth"),
-    "r3d_18": ("R3D_18_Weights", "r3d_18-b3b3357e.pth"),
-    "mc3_18": ("MC3_18_Weights", "mc3_18-a90a0ba3.pth"),
-    "s3d": ("S3D_Weights", "s3d-d76dad2f.pth"),
-}
+TORCHVISION_VIDEO_WEIGHTS = ("mc3_18", "r2plus1d_18", "r3d_18", "s3d")  # torchvision's Kinetics-400 weights
 
 
 def set_bn_eps(model, eps):
@@ -1193,11 +1156,11 @@ def _pool_video_map(x):
 
 def _torchvision_kinetics_state_dict(arch):
     """Download (or read from the torch hub cache) torchvision's Kinetics-400 weights for `arch`."""
-    enum_name, file_name = TORCHVISION_VIDEO_WEIGHTS[arch]
-    weights = getattr(torchvision.models.video, enum_name).KINETICS400_V1
+    weights = torchvision.models.get_model_weights(arch).KINETICS400_V1
     try:
         return weights.get_state_dict(progress=False)
     except Exception as e:  # no internet: urllib.error.URLError, socket errors, ...
+        file_name = os.path.basename(weights.url)
         cache = os.path.join(torch.hub.get_dir(), "checkpoints", file_name)
         raise RuntimeError(
             f"common.py: cannot download torchvision Kinetics-400 weights for {arch} from {weights.url} ({e}). "
@@ -1208,17 +1171,16 @@ def _torchvision_kinetics_state_dict(arch):
 class VideoResNet(nn.Module):
     """torchvision's R(2+1)D-18 / R3D-18 / MC3-18 without the fc; keys stem.*, layer1..4.* as in torchvision.
 
-    Tubelet-contrast (CtP code) builds the same topology; its BN eps is 1e-3 (pass bn_eps=1e-3).
+    Tubelet-contrast (CtP code) builds the same topology; its BN eps is 1e-3 (build_backbone(..., bn_eps=1e-3)).
     16x112x112 input -> map (512, 2, 7, 7).
     """
 
-    def __init__(self, arch="r2plus1d_18", bn_eps=1e-5):
+    def __init__(self, arch="r2plus1d_18"):
         super().__init__()
         net = getattr(torchvision.models.video, arch)(weights=None)
         self.stem, self.layer1, self.layer2, self.layer3, self.layer4 = (
             net.stem, net.layer1, net.layer2, net.layer3, net.layer4)
         self.feature_dim = 512
-        set_bn_eps(self, bn_eps)
 
     def forward(self, x, return_map=False):
         x = self.layer4(self.layer3(self.layer2(self.layer1(self.stem(x)))))  # (N, 512, T/8, H/16, W/16)
@@ -1230,13 +1192,13 @@ class S3D(nn.Module):
 
     torchvision's S3D pools with a fixed AvgPool3d(2, 7, 7) and fails below 224 px; we average the map
     adaptively, so 32x128x128 works (map 1024 x 4 x 4 x 4). BN eps: CoCLR/ViCC use PyTorch's default (1e-5),
-    torchvision and P-HLVC (kylemin S3D) 1e-3 with momentum 1e-3 (`bn_eps`, `bn_momentum`).
+    torchvision and P-HLVC (kylemin S3D) 1e-3 with momentum 1e-3 (build_backbone's `bn_eps`, `bn_momentum`).
     CoCLR checkpoints name the same layers `base.N.conv_s/bn_s/conv_t/bn_t/conv/bn` (renamed on loading).
     """
 
-    def __init__(self, bn_eps=1e-5, bn_momentum=0.1):
+    def __init__(self, bn_momentum=0.1):
         super().__init__()
-        net = torchvision.models.video.S3D(norm_layer=lambda c: nn.BatchNorm3d(c, eps=bn_eps, momentum=bn_momentum))
+        net = torchvision.models.video.S3D(norm_layer=lambda c: nn.BatchNorm3d(c, momentum=bn_momentum))
         self.features = net.features
         self.feature_dim = 1024
         for m in self.modules():  # CoCLR backbone/s3dg.py: conv weights N(0, 0.01)
@@ -1248,22 +1210,18 @@ class S3D(nn.Module):
         return x if return_map else _pool_video_map(x)
 
 
-def _conv3d_bn_relu(cin, cout, kernel, stride=1, padding=0, bn_eps=1e-3):
-    return nn.Sequential(nn.Conv3d(cin, cout, kernel, stride, padding, bias=False),
-                         nn.BatchNorm3d(cout, eps=bn_eps), nn.ReLU(inplace=True))
+_conv3d_bn_relu = torchvision.ops.Conv3dNormActivation  # (cin, cout, k, stride): Conv3d (pad k // 2, no bias), BN, ReLU
 
 
 class InceptionBlock3D(nn.Module):
     """I3D Inception block (full 3x3x3 convs); branch names as torchvision's SepInceptionBlock3D."""
 
-    def __init__(self, cin, b0, b1a, b1b, b2a, b2b, b3, bn_eps=1e-3):
+    def __init__(self, cin, b0, b1a, b1b, b2a, b2b, b3):
         super().__init__()
-        self.branch0 = _conv3d_bn_relu(cin, b0, 1, bn_eps=bn_eps)
-        self.branch1 = nn.Sequential(_conv3d_bn_relu(cin, b1a, 1, bn_eps=bn_eps),
-                                     _conv3d_bn_relu(b1a, b1b, 3, padding=1, bn_eps=bn_eps))
-        self.branch2 = nn.Sequential(_conv3d_bn_relu(cin, b2a, 1, bn_eps=bn_eps),
-                                     _conv3d_bn_relu(b2a, b2b, 3, padding=1, bn_eps=bn_eps))
-        self.branch3 = nn.Sequential(nn.MaxPool3d(3, stride=1, padding=1), _conv3d_bn_relu(cin, b3, 1, bn_eps=bn_eps))
+        self.branch0 = _conv3d_bn_relu(cin, b0, 1)
+        self.branch1 = nn.Sequential(_conv3d_bn_relu(cin, b1a, 1), _conv3d_bn_relu(b1a, b1b, 3))
+        self.branch2 = nn.Sequential(_conv3d_bn_relu(cin, b2a, 1), _conv3d_bn_relu(b2a, b2b, 3))
+        self.branch3 = nn.Sequential(nn.MaxPool3d(3, stride=1, padding=1), _conv3d_bn_relu(cin, b3, 1))
 
     def forward(self, x):
         return torch.cat([self.branch0(x), self.branch1(x), self.branch2(x), self.branch3(x)], dim=1)
@@ -1279,26 +1237,25 @@ class I3D(nn.Module):
     features shifted by one position). 16x224x224 -> map 1024 x 2 x 7 x 7.
     """
 
-    def __init__(self, in_channels=3, bn_eps=1e-5):
+    def __init__(self, in_channels=3):
         super().__init__()
-        e = dict(bn_eps=bn_eps)
         self.features = nn.Sequential(
-            _conv3d_bn_relu(in_channels, 64, 7, stride=2, padding=3, **e),
+            _conv3d_bn_relu(in_channels, 64, 7, stride=2),
             nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
-            _conv3d_bn_relu(64, 64, 1, **e),
-            _conv3d_bn_relu(64, 192, 3, padding=1, **e),
+            _conv3d_bn_relu(64, 64, 1),
+            _conv3d_bn_relu(64, 192, 3),
             nn.MaxPool3d((1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1)),
-            InceptionBlock3D(192, 64, 96, 128, 16, 32, 32, **e),
-            InceptionBlock3D(256, 128, 128, 192, 32, 96, 64, **e),
+            InceptionBlock3D(192, 64, 96, 128, 16, 32, 32),
+            InceptionBlock3D(256, 128, 128, 192, 32, 96, 64),
             nn.MaxPool3d(3, stride=2, padding=1),
-            InceptionBlock3D(480, 192, 96, 208, 16, 48, 64, **e),
-            InceptionBlock3D(512, 160, 112, 224, 24, 64, 64, **e),
-            InceptionBlock3D(512, 128, 128, 256, 24, 64, 64, **e),
-            InceptionBlock3D(512, 112, 144, 288, 32, 64, 64, **e),
-            InceptionBlock3D(528, 256, 160, 320, 32, 128, 128, **e),
+            InceptionBlock3D(480, 192, 96, 208, 16, 48, 64),
+            InceptionBlock3D(512, 160, 112, 224, 24, 64, 64),
+            InceptionBlock3D(512, 128, 128, 256, 24, 64, 64),
+            InceptionBlock3D(512, 112, 144, 288, 32, 64, 64),
+            InceptionBlock3D(528, 256, 160, 320, 32, 128, 128),
             nn.MaxPool3d(2, stride=2),
-            InceptionBlock3D(832, 256, 160, 320, 32, 128, 128, **e),
-            InceptionBlock3D(832, 384, 192, 384, 48, 128, 128, **e),
+            InceptionBlock3D(832, 256, 160, 320, 32, 128, 128),
+            InceptionBlock3D(832, 384, 192, 384, 48, 128, 128),
         )
         self.feature_dim = 1024
 
@@ -1311,13 +1268,13 @@ class BasicBlock3D(nn.Module):
     """ResNet basic block with a given conv kernel ((1,3,3) = 2D block of R2D3D, 3 = 3D block); names conv1/bn1."""
     expansion = 1
 
-    def __init__(self, cin, planes, stride=1, downsample=None, kernel=3, cardinality=1, bn_eps=1e-5):
+    def __init__(self, cin, planes, stride=1, downsample=None, kernel=3, cardinality=1):
         super().__init__()
         pad = tuple(k // 2 for k in kernel) if isinstance(kernel, tuple) else kernel // 2
         self.conv1 = nn.Conv3d(cin, planes, kernel, stride, pad, bias=False)
-        self.bn1 = nn.BatchNorm3d(planes, eps=bn_eps)
+        self.bn1 = nn.BatchNorm3d(planes)
         self.conv2 = nn.Conv3d(planes, planes, kernel, 1, pad, bias=False)
-        self.bn2 = nn.BatchNorm3d(planes, eps=bn_eps)
+        self.bn2 = nn.BatchNorm3d(planes)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.final_relu = True
@@ -1333,15 +1290,15 @@ class ResNeXtBottleneck3D(nn.Module):
     """Hara et al.'s ResNeXt bottleneck (expansion 2, grouped 3x3x3 conv, mid = cardinality * planes / 32)."""
     expansion = 2
 
-    def __init__(self, cin, planes, stride=1, downsample=None, kernel=3, cardinality=32, bn_eps=1e-5):
+    def __init__(self, cin, planes, stride=1, downsample=None, kernel=3, cardinality=32):
         super().__init__()
         mid = cardinality * (planes // 32)
         self.conv1 = nn.Conv3d(cin, mid, 1, bias=False)
-        self.bn1 = nn.BatchNorm3d(mid, eps=bn_eps)
+        self.bn1 = nn.BatchNorm3d(mid)
         self.conv2 = nn.Conv3d(mid, mid, 3, stride, 1, groups=cardinality, bias=False)
-        self.bn2 = nn.BatchNorm3d(mid, eps=bn_eps)
+        self.bn2 = nn.BatchNorm3d(mid)
         self.conv3 = nn.Conv3d(mid, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm3d(planes * self.expansion, eps=bn_eps)
+        self.bn3 = nn.BatchNorm3d(planes * self.expansion)
         self.relu = nn.ReLU(inplace=True)
         self.downsample = downsample
         self.final_relu = True
@@ -1364,12 +1321,11 @@ class ResNet3D(nn.Module):
     """
 
     def __init__(self, block, layers, in_channels=3, widths=(64, 128, 256, 512), cardinality=1,
-                 stem_kernel=(7, 7, 7), block_kernels=(3, 3, 3, 3), temporal_strides=(1, 2, 2, 2), final_relu=True,
-                 bn_eps=1e-5):
+                 stem_kernel=(7, 7, 7), block_kernels=(3, 3, 3, 3), temporal_strides=(1, 2, 2, 2), final_relu=True):
         super().__init__()
         self.conv1 = nn.Conv3d(in_channels, 64, stem_kernel, (1, 2, 2), tuple(k // 2 for k in stem_kernel),
                                bias=False)
-        self.bn1 = nn.BatchNorm3d(64, eps=bn_eps)
+        self.bn1 = nn.BatchNorm3d(64)
         self.relu = nn.ReLU(inplace=True)
         pool_t = 3 if stem_kernel[0] > 1 else 1
         self.maxpool = nn.MaxPool3d((pool_t, 3, 3), (2 if pool_t > 1 else 1, 2, 2), (pool_t // 2, 1, 1))
@@ -1379,10 +1335,10 @@ class ResNet3D(nn.Module):
             downsample = None
             if stride != (1, 1, 1) or cin != planes * block.expansion:
                 downsample = nn.Sequential(nn.Conv3d(cin, planes * block.expansion, 1, stride, bias=False),
-                                           nn.BatchNorm3d(planes * block.expansion, eps=bn_eps))
-            blocks = [block(cin, planes, stride, downsample, block_kernels[i], cardinality, bn_eps)]
+                                           nn.BatchNorm3d(planes * block.expansion))
+            blocks = [block(cin, planes, stride, downsample, block_kernels[i], cardinality)]
             cin = planes * block.expansion
-            blocks += [block(cin, planes, 1, None, block_kernels[i], cardinality, bn_eps) for _ in range(n - 1)]
+            blocks += [block(cin, planes, 1, None, block_kernels[i], cardinality) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         blocks[-1].final_relu = final_relu
         self.feature_dim = cin
@@ -1446,14 +1402,12 @@ class Tiny3D(nn.Module):
     16x64x64 -> map (8*width, 4, 4, 4); 16x112x112 -> (8*width, 4, 7, 7).
     """
 
-    def __init__(self, in_channels=3, width=16, bn_eps=1e-5):
+    def __init__(self, in_channels=3, width=16):
         super().__init__()
         w = width
         self.features = nn.Sequential(
-            _conv3d_bn_relu(in_channels, w, 3, stride=(1, 2, 2), padding=1, bn_eps=bn_eps),
-            _conv3d_bn_relu(w, 2 * w, 3, stride=2, padding=1, bn_eps=bn_eps),
-            _conv3d_bn_relu(2 * w, 4 * w, 3, stride=2, padding=1, bn_eps=bn_eps),
-            _conv3d_bn_relu(4 * w, 8 * w, 3, stride=(1, 2, 2), padding=1, bn_eps=bn_eps),
+            _conv3d_bn_relu(in_channels, w, 3, stride=(1, 2, 2)), _conv3d_bn_relu(w, 2 * w, 3, stride=2),
+            _conv3d_bn_relu(2 * w, 4 * w, 3, stride=2), _conv3d_bn_relu(4 * w, 8 * w, 3, stride=(1, 2, 2)),
         )
         self.feature_dim = 8 * w
 
@@ -1480,7 +1434,7 @@ class PHLVCVideo(nn.Module):
         self.trunk = build_backbone(trunk, **options)
         self.fc = nn.Sequential(nn.Conv3d(self.trunk.feature_dim, hidden, 1))
         self.vid_fc2 = nn.Sequential(nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, hidden))
-        self.feature_dim, self.tap, self.trunk_name = hidden, tap, trunk
+        self.feature_dim, self.tap = hidden, tap
         for m in self.vid_fc2.modules():  # authors' _initialize_weights: orthogonal weights, zero biases
             if isinstance(m, nn.Linear):
                 nn.init.orthogonal_(m.weight)
@@ -1495,12 +1449,10 @@ class PHLVCVideo(nn.Module):
         return fc1 if (tap or self.tap) == "fc1" else self.vid_fc2(fc1)  # (N, hidden)
 
 
-# NTU RGB+D 25 joints (1-based pairs child -> parent toward the spine), 2s-AGCN graph/ntu_rgb_d.py, ST-GCN.
-NTU25_INWARD = [(1, 2), (2, 21), (3, 21), (4, 3), (5, 21), (6, 5), (7, 6), (8, 7), (9, 21), (10, 9), (11, 10),
-                (12, 11), (13, 1), (14, 13), (15, 14), (16, 15), (17, 1), (18, 17), (19, 18), (20, 19),
-                (22, 23), (23, 8), (24, 25), (25, 12)]
-
-NTU25_INWARD = [(i - 1, j - 1) for i, j in NTU25_INWARD]
+# NTU RGB+D 25 joints, child -> parent toward the spine (2s-AGCN graph/ntu_rgb_d.py, ST-GCN: listed 1-based).
+NTU25_INWARD = [(i - 1, j - 1) for i, j in [
+    (1, 2), (2, 21), (3, 21), (4, 3), (5, 21), (6, 5), (7, 6), (8, 7), (9, 21), (10, 9), (11, 10), (12, 11), (13, 1),
+    (14, 13), (15, 14), (16, 15), (17, 1), (18, 17), (19, 18), (20, 19), (22, 23), (23, 8), (24, 25), (25, 12)]]
 
 # OpenPose COCO-18 (0-based), 2s-AGCN graph/kinetics.py, ST-GCN 'openpose' layout.
 COCO18_INWARD = [(4, 3), (3, 2), (7, 6), (6, 5), (13, 12), (12, 11), (10, 9), (9, 8), (11, 5), (8, 2), (5, 1),
@@ -1611,7 +1563,7 @@ class BiGRU(nn.Module):
     def __init__(self, input_dim=150, hidden=1024, layers=3, stepwise=False):
         super().__init__()
         self.gru = nn.GRU(input_dim, hidden, num_layers=layers, bidirectional=True, batch_first=True)
-        self.hidden, self.layers, self.stepwise = hidden, layers, stepwise
+        self.stepwise = stepwise
         self.feature_dim = 2 * hidden
         for p in self.gru.parameters():  # xavier-uniform on 2-D weights (Skeleton-Contrast code, moco/GRU.py)
             if p.dim() == 2:
@@ -1868,9 +1820,10 @@ class SkeleMotionCNN(nn.Module):
 
 
 # ==================================================================================================== CHECKPOINT I/O
-# load_backbone_weights reads our backbone.pth ({"state_dict", "meta"}), our checkpoint.pth,
-# torchvision state dicts and the authors' layouts (prefixes stripped, known renames applied); save_backbone writes
-# backbone.pth. Anything the model needs and the file lacks raises.
+# load_backbone_weights reads our backbone.pth ({"state_dict", "meta"}), our checkpoint.pth, torchvision state dicts
+# and the authors' layouts: keys matched by suffix after a detected prefix ("module.", "encoder_q.", "backbone.", ...),
+# the CtP, CoCLR S3D, tubelet-contrast I3D, RSPNet and P-HLVC names renamed to ours; heads, queues and key encoders
+# skipped by name. Anything the model needs and the file lacks raises. save_backbone writes backbone.pth.
 
 
 def load_backbone_weights(model, path_or_state_dict, prefix=None, trust=False):
@@ -1888,9 +1841,8 @@ def load_backbone_weights(model, path_or_state_dict, prefix=None, trust=False):
     target = model.state_dict()
     model_keys = set(target)
     best = None
-    for renames in (None, CTP_RENAMES, COCLR_S3D_RENAMES, I3D_RENAMES, BASE_NETWORK_RENAMES, PHLVC_RENAMES):
-        names = {k: k for k in state} if renames is None else _rename_keys(state, renames)
-        renamed = {new: old for old, new in names.items()}
+    for renames in ((), CTP_RENAMES, COCLR_S3D_RENAMES, I3D_RENAMES, BASE_NETWORK_RENAMES, PHLVC_RENAMES):
+        renamed = _rename_keys(state, renames)  # {our name: checkpoint key}
         if prefix is None:
             p, match, candidates = _match_prefix(list(renamed), model_keys)
         else:
@@ -1963,14 +1915,6 @@ def read_checkpoint(path_or_state_dict, trust=False):
     return {k: v for k, v in obj.items() if torch.is_tensor(v)}
 
 
-# One loader for our backbone.pth ({"state_dict", "meta"}), our checkpoint.pth ({"model": ...}), torchvision
-# state dicts and the authors' layouts. Keys are matched by suffix after an automatically found prefix
-# ("module.", "encoder_q.", "encoder_q.0.", "backbone.", "encoder.", "model.", "module.encoder_q.", ...), with
-# the CtP R(2+1)D/R3D, CoCLR S3D and tubelet-contrast I3D names renamed to ours. Every backbone key must be
-# found: anything missing (other than BN's num_batches_tracked counters) raises. Heads, queues and key encoders
-# are skipped by name.
-
-
 # Key-path components of encoders that are never the one to load: MoCo key encoders (encoder_k,
 # skeleton-contrast's encoder_l for the second representation), EMA / momentum / target copies and teachers.
 # CoCLR's stage 2 keeps the frozen other-view encoder as `sampler` (it mines positives; it is not the model trained).
@@ -2033,12 +1977,13 @@ I3D_RENAMES = [
 
 
 def _rename_keys(keys, renames):
+    """{renamed key: key}, each key rewritten by every (pattern, replacement) of `renames` in order."""
     out = {}
     for k in keys:
         new = k
         for pattern, repl in renames:
             new = re.sub(pattern, repl, new)
-        out[k] = new
+        out[new] = k
     return out
 
 
@@ -2055,28 +2000,24 @@ def load_checkpoint_file(path, trust=False, flag="--weights"):
     """torch.load(path) on the CPU with weights_only=True (tensors, containers, numpy values, argparse.Namespace).
     trust=True (--trust-checkpoint) also unpickles arbitrary Python objects, which can execute code in the file.
     A folder, a missing, truncated or non-PyTorch file, or (untrusted) other pickled objects: UserError naming it."""
-    if os.path.isdir(path):
-        raise UserError(f"{flag} {path}: expected a checkpoint file, found a folder")
     if not os.path.isfile(path):
-        raise UserError(f"{flag} {path}: expected a checkpoint file, found nothing at that path")
-    try:
-        with torch.serialization.safe_globals(_safe_checkpoint_globals()):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e))
-        if unsafe is None:
-            reason = str(e).strip().splitlines()[-1:] or [type(e).__name__]
-            raise UserError(f"{flag} {path}: expected a PyTorch checkpoint (torch.save), found an unreadable file "
-                            f"(truncated, corrupted or another format: {type(e).__name__}: {reason[0][:200]})") from e
-        if not trust:
-            raise UserError(f"{flag} {path}: the checkpoint pickles Python objects ({unsafe[1]}) whose loading "
-                            f"can execute code from the file; if you trust its source, rerun with --trust-checkpoint"
-                            ) from e
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)  # --trust-checkpoint: the user vouches for it
-    except Exception as e:
-        raise UserError(f"{flag} {path}: expected a PyTorch checkpoint, found an unreadable file ({type(e).__name__}: "
-                        f"{str(e)[:200]})") from e
+        raise UserError(f"{flag} {path}: expected a checkpoint file, found "
+                        f"{'a folder' if os.path.isdir(path) else 'nothing at that path'}")
+    for weights_only in (True, False):  # False only with --trust-checkpoint: the user vouches for the file
+        try:
+            with torch.serialization.safe_globals(_safe_checkpoint_globals()):
+                return torch.load(path, map_location="cpu", weights_only=weights_only)
+        except Exception as e:
+            unsafe = re.search(r"Unsupported global: GLOBAL (\S+)", str(e)) if weights_only else None
+            if unsafe is None:
+                reason = str(e).strip().splitlines()[-1:] or [type(e).__name__]
+                raise UserError(f"{flag} {path}: expected a PyTorch checkpoint (torch.save), found an unreadable file "
+                                f"(truncated, corrupted or another format: {type(e).__name__}: {reason[0][:200]})"
+                                ) from e
+            if not trust:
+                raise UserError(f"{flag} {path}: the checkpoint pickles Python objects ({unsafe[1]}) whose loading "
+                                f"can execute code from the file; if you trust its source, rerun with "
+                                f"--trust-checkpoint") from e
 
 
 def _describe(src):
