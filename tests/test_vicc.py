@@ -4,6 +4,7 @@ import argparse
 import json
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -295,6 +296,44 @@ def test_video_and_flow_clips_share_frames_with_one_flow_frame_fewer(tmp_path):
         item = ds[i]
         assert item["video"].shape == (2, 3, 15, 64, 64) and item["flow"].shape == (2, 2, 15, 64, 64)
         assert item["frame_indices"].max() <= 14  # drawn from the 15 frames both modalities have
+
+
+def _constant_flow(prev, nxt):
+    """A stand-in for TV-L1: u = 3 px, v = -25 px (beyond the +-20 px range) everywhere."""
+    return np.broadcast_to(np.float32([3.0, -25.0]), prev.shape[:2] + (2,))
+
+
+def test_extract_flow_layout_quantisation_and_resume(tmp_path, monkeypatch):
+    root = tmp_path / "toy-motion"
+    common.make_toy_motion(str(root), train_per_class=1, val_per_class=1)  # 16 videos, 16-40 frames, 8 sizes
+    result = common.extract_flow("toy-motion", str(root), flow_fn=_constant_flow, out=lambda line: None)
+    assert result == {"done": 16, "skipped": 0, "bad": []}
+    video = root / "train" / "right" / "right_0000.mp4"
+    folder, n = video.with_suffix(""), common.count_frames(str(video))
+    assert len(list(folder.glob("flow_*.jpg"))) == n - 1  # CoCLR layout: one flow frame fewer than RGB
+    flow = common.read_flow_frames(str(folder), [0, n - 2])  # (2, H, W, 2) pixels
+    step = 40 / 255  # 256 levels over +-20 px; JPEG (quality 100) may move a level by one
+    np.testing.assert_allclose(flow[..., 0], 3.0, atol=step / 2 + step)
+    np.testing.assert_allclose(flow[..., 1], -20.0, atol=step)  # clipped at -20 px
+    (folder / common.FLOW_DONE).unlink()  # as if killed while writing this video
+    assert common.extract_flow("toy-motion", str(root), flow_fn=_constant_flow, out=lambda line: None) == \
+        {"done": 1, "skipped": 15, "bad": []}  # the flow folders beside the videos are no samples
+    ds = common.build_dataset("toy-motion", str(root), "train", clip_len=4, modalities=("video", "flow"))
+    assert len(ds) == 8 and ds[0]["flow"].shape[:2] == (2, 4)
+    monkeypatch.setitem(sys.modules, "cv2", None)  # OpenCV not installed
+    with pytest.raises(common.UserError, match="opencv-contrib-python-headless"):
+        common.extract_flow("toy-motion", str(root), out=lambda line: None)
+
+
+def test_tvl1_flow_finds_the_true_motion():
+    cv2 = pytest.importorskip("cv2")
+    if not hasattr(cv2, "optflow"):
+        pytest.skip("OpenCV without its contrib modules (opencv-contrib-python-headless)")
+    frames = common.render_toy_motion(np.random.default_rng([0, False, 0, 3]), 0, 64, 2)  # class "right"
+    truth = common.toy_motion_flow(frames)[0]  # (H, W, 2)
+    moving = np.abs(truth).sum(-1) > 0
+    flow = common.tvl1_flow(frames[0], frames[1])  # (H, W, 2)
+    np.testing.assert_allclose(np.median(flow[moving], axis=0), truth[moving][0], atol=0.5)
 
 
 # ------------------------------------------------------------------------------------------- two processes
