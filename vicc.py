@@ -89,7 +89,7 @@ def add_method_args(parser):
                    "is the single-stream stages' (paper 300)")
     g.add_argument("--cross-batch-size", type=int, default=None, help="global batch of cross stages (code 96)")
     g.add_argument("--prototypes", type=int, default=None, help="K prototypes (paper 300; 101 for supp. Table 1)")
-    g.add_argument("--proj-dim", type=int, default=128, help="embedding dimension D (paper 128)")
+    g.add_argument("--proj-dim", type=int, default=None, help="embedding dimension D (paper 128)")
     g.add_argument("--temperature", type=float, default=0.1, help="tau of p = softmax(scores / tau) (0.1)")
     g.add_argument("--epsilon", type=float, default=0.05, help="Sinkhorn regularisation eps (0.05)")
     g.add_argument("--sinkhorn-iterations", type=int, default=3, help="Sinkhorn-Knopp iterations (3)")
@@ -113,13 +113,13 @@ def add_method_args(parser):
 
 
 PAPER_DEFAULTS = dict(arch="s3d", clip_len=32, crop_size=128, epochs=300, cross_epochs=100, batch_size=192,
-                      cross_batch_size=96, prototypes=300, queue_size=1920, queue_start_rgb=150, queue_start_flow=200,
+                      cross_batch_size=96, prototypes=300, proj_dim=128, queue_size=1920, queue_start_rgb=150, queue_start_flow=200,
                       queue_start_cross=25, freeze_prototypes_epochs=100, crop_scale_min=0.2, lr=0.6, final_lr=6e-4,
                       wd=1e-6, knn_every=0, workers=8)
 # Toy: 192 videos, batch 32 = 6 steps per epoch; K, the queue and its start scaled to the set; lr 4.8 (SwAV's
 # ImageNet base lr): at 0.6 the 120 toy steps of LARS barely move the loss from ln K.
 TOY_DEFAULTS = dict(arch="tiny3d", clip_len=8, crop_size=48, epochs=20, cross_epochs=5, batch_size=32,
-                    cross_batch_size=32, prototypes=30, queue_size=96, queue_start_rgb=10, queue_start_flow=10,
+                    cross_batch_size=32, prototypes=30, proj_dim=16, queue_size=96, queue_start_rgb=10, queue_start_flow=10,
                     queue_start_cross=2, freeze_prototypes_epochs=5, crop_scale_min=0.5, lr=4.8, final_lr=6e-4,
                     wd=1e-6, knn_every=0, workers=1)
 
@@ -477,8 +477,9 @@ def run_stage(args, run, name, train, init, frozen, stage_dir):
     run.print(f"==== stage {name}: train {train}" + (f", frozen {frozen}" if frozen else "") +
               (f", init {init}" if init else "") + f" -> {stage_dir}")
     meta = {"arch": args.arch, "modality": "flow" if train == "flow" else "rgb", "method": "vicc", "stage": name,
-            "input": "coclr-flow-image" if train == "flow" else "rgb"}
-    result = common.fit(stage_run, a, model, optimizer, loader, step, backbone=stream.backbone, backbone_meta=meta)
+            "input": "coclr-flow-image" if train == "flow" else "rgb", "feature_dim": stream.backbone.feature_dim}
+    # backbone.pth holds the whole stream: backbone.*, head.* and prototypes.weight (evaluate.py --task clusters)
+    result = common.fit(stage_run, a, model, optimizer, loader, step, backbone=stream, backbone_meta=meta)
     return stream, result
 
 

@@ -441,6 +441,29 @@ def test_evaluate_reads_flow_streams_as_vicc_trains_them(tmp_path, monkeypatch):
                                                            common.KINETICS_STD[0]))
 
 
+def test_clusters_assign_the_head_output_to_the_nearest_prototype(tmp_path, monkeypatch):
+    import evaluate as ev
+
+    root, out = tmp_path / "toy-motion-flow", tmp_path / "rgb-1"
+    common.make_toy_motion_flow(str(root), train_per_class=2, val_per_class=1)
+    vicc.main(["--stage", "rgb-1", "--data-root", str(root), "--batch-size", "8", "--epochs", "1", "--workers", "0",
+               "--out-dir", str(out)])
+    seen = {}
+    features = ev.encoder_features
+    monkeypatch.setattr(ev, "encoder_features", lambda *a: seen.setdefault("f", features(*a)))
+    metrics = ev.cluster_metrics
+    monkeypatch.setattr(ev, "cluster_metrics", lambda c, y: seen.setdefault("c", c) is c and metrics(c, y))
+    result = ev.main(["--task", "clusters", "--cluster-source", "prototypes", "--data", "toy-motion-flow",
+                      "--data-root", str(root), "--weights", str(out / "backbone.pth"), "--workers", "0",
+                      "--out-dir", str(tmp_path / "eval")])
+    assert result["assignments"] == "prototypes" and 0 <= result["metrics"]["nmi"] <= 100
+    stream = vicc.Stream("tiny3d", 16, 30)
+    vicc.load_stream(stream, str(out))
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(stream.head(seen["f"][0]), dim=1)  # (8, D) test clips after the head
+    np.testing.assert_array_equal(seen["c"], (z @ stream.prototypes.weight.t()).argmax(dim=1).numpy())
+
+
 def test_authors_checkpoint_layout_loads(tmp_path):
     torch.manual_seed(0)
     ours = vicc.Stream("tiny3d", 16, 4)
