@@ -102,6 +102,8 @@ def add_method_args(parser):
     g.add_argument("--queue-start-cross", type=int, default=None, help="epoch the queue starts in a cross stage (25)")
     g.add_argument("--crop-scale-min", type=float, default=None, help="smallest crop area fraction (CoCLR 0.2)")
     g.add_argument("--lars-trust", type=float, default=0.001, help="LARS trust coefficient (apex LARC, 0.001)")
+    g.add_argument("--visualize", type=int, default=0, help="N: after each stage, prototypes.png with the top val "
+                   "clips of N random prototypes (supp. Fig. 1; a finished stage is only visualised)")
     g.add_argument("--authors-code", action="store_true", help="all --authors-code-* behaviours below")
     g.add_argument("--authors-code-schedule", action="store_true", help="single-stream cosine laid out for 5/3 x "
                    "--epochs (code: 500-epoch cosine, stage stopped at 300)")
@@ -493,6 +495,40 @@ def knn_of(stream, modality, args, run):
                               run=run)
 
 
+@torch.no_grad()
+def visualize(stream, modality, args, run, path, clips=4):
+    """Supp. Fig. 1: --visualize N random prototypes, one row each: its `clips` top-scoring val clips (middle frame and
+    the flow colour wheel of the same instant), captioned with prototype, score z.c and label -> one PNG at path."""
+    from PIL import Image, ImageDraw
+    from torchvision.utils import flow_to_image, make_grid
+    ds = common.build_dataset(args.dataset_name, args.data_root, "val", clip_len=args.clip_len, sampling="uniform",
+                              modalities=("video", "flow"), transform=make_eval_transform(args), decoder=args.decoder)
+    stream.to(run.device).eval()
+    z, index = [], []
+    for b in common.build_loader(ds, args, run, train=False):
+        z.append(stream.embed(common.normalize(b[modality].to(run.device))).float())  # (B, D)
+        index.append(b["index"].to(run.device))
+    index, z = common.gather_in_sample_order(torch.cat(index), torch.cat(z))  # (N,), (N, D)
+    scores = (z @ stream.prototypes.weight.float().t()).cpu()  # (N, K)
+    chosen = torch.randperm(scores.shape[1], generator=torch.Generator().manual_seed(args.seed))[:args.visualize]
+    tiles, captions = [], []
+    for k in chosen.tolist():
+        for score, i in zip(*scores[:, k].topk(min(clips, len(index)))):
+            item = ds[int(index[i])]
+            t = item["video"].shape[1] // 2
+            flow = item["flow"][:2, t].float() * (2 * common.FLOW_BOUND / 255) - common.FLOW_BOUND  # (2, H, W) px
+            tiles += [item["video"][:, t], flow_to_image(flow)]  # 2 x uint8 (3, H, W)
+            captions.append(f"C{k} {score:.2f} {ds.class_names[item['label']]}")
+    if run.is_main:
+        grid = make_grid(tiles, nrow=2 * clips, padding=2)  # uint8 (3, rows (H + 2), 2 clips (W + 2))
+        image, (h, w) = Image.fromarray(grid.permute(1, 2, 0).cpu().numpy()), tiles[0].shape[1:]
+        draw = ImageDraw.Draw(image)
+        for j, text in enumerate(captions):
+            draw.text(((j % clips) * 2 * (w + 2) + 4, (j // clips) * (h + 2) + 4), text, fill=(255, 255, 255))
+        image.save(path)
+        run.print(f"visualize: {len(chosen)} prototypes x {clips} top clips -> {path}")
+
+
 # ==================================================================================================== MAIN
 
 
@@ -505,6 +541,8 @@ def main_worker(args):
             init, frozen = (os.path.join(args.out_dir, n) if n else None for n in (init, frozen))
         stream, result = run_stage(args, run, name, train, init, frozen, stage_dir)
         streams[name] = (stream, "video" if train == "rgb" else "flow")
+        if args.visualize:
+            visualize(stream, streams[name][1], args, run, os.path.join(stage_dir, "prototypes.png"))
     if args.dataset_name.startswith("toy") or args.knn_every:
         common.seed_everything(args.seed + run.rank)
         random_streams = {m: Stream(args.arch, args.proj_dim, args.prototypes) for m in ("video", "flow")}

@@ -441,7 +441,7 @@ def test_evaluate_reads_flow_streams_as_vicc_trains_them(tmp_path, monkeypatch):
                                                            common.KINETICS_STD[0]))
 
 
-def test_clusters_assign_the_head_output_to_the_nearest_prototype(tmp_path, monkeypatch):
+def test_clusters_after_the_head_and_visualize_prototypes(tmp_path, monkeypatch):
     import evaluate as ev
 
     root, out = tmp_path / "toy-motion-flow", tmp_path / "rgb-1"
@@ -457,6 +457,10 @@ def test_clusters_assign_the_head_output_to_the_nearest_prototype(tmp_path, monk
                       "--data-root", str(root), "--weights", str(out / "backbone.pth"), "--workers", "0",
                       "--out-dir", str(tmp_path / "eval")])
     assert result["assignments"] == "prototypes" and 0 <= result["metrics"]["nmi"] <= 100
+    vicc.main(["--stage", "rgb-1", "--data-root", str(root), "--batch-size", "8", "--epochs", "1", "--workers", "0",
+               "--out-dir", str(out), "--visualize", "3"])  # the finished stage: only visualised
+    from PIL import Image
+    assert Image.open(out / "prototypes.png").size == (4 * 2 * (48 + 2) + 2, 3 * (48 + 2) + 2)  # 3 rows of 4 clips
     stream = vicc.Stream("tiny3d", 16, 30)
     vicc.load_stream(stream, str(out))
     with torch.no_grad():
