@@ -389,7 +389,7 @@ def test_queue_kept_on_resume_and_a_finished_stage_is_skipped(tmp_path):
     _, result = vicc.run_stage(args, run, "rgb-1", "rgb", None, None, str(stage))  # complete: nothing to train
     assert result["step"] == 2 and os.path.getmtime(stage / "checkpoint.pth") == mtime
     # a cross stage starts from it: encoder, head and prototypes loaded, the frozen stream without prototypes
-    stream = vicc.Stream("tiny3d", 128, 6)
+    stream = vicc.Stream("tiny3d", 16, 6)  # toy D 16
     vicc.load_stream(stream, str(stage))
     torch.testing.assert_close(stream.prototypes.weight, second["stream.prototypes.weight"])
     with pytest.raises(common.UserError, match="checkpoint.pth"):
@@ -447,7 +447,7 @@ def test_clusters_after_the_head_and_visualize_prototypes(tmp_path, monkeypatch)
     root, out = tmp_path / "toy-motion-flow", tmp_path / "rgb-1"
     common.make_toy_motion_flow(str(root), train_per_class=2, val_per_class=1)
     vicc.main(["--stage", "rgb-1", "--data-root", str(root), "--batch-size", "8", "--epochs", "1", "--workers", "0",
-               "--out-dir", str(out)])
+               "--knn-every", "0", "--out-dir", str(out)])
     seen = {}
     features = ev.encoder_features
     monkeypatch.setattr(ev, "encoder_features", lambda *a: seen.setdefault("f", features(*a)))
@@ -458,7 +458,7 @@ def test_clusters_after_the_head_and_visualize_prototypes(tmp_path, monkeypatch)
                       "--out-dir", str(tmp_path / "eval")])
     assert result["assignments"] == "prototypes" and 0 <= result["metrics"]["nmi"] <= 100
     vicc.main(["--stage", "rgb-1", "--data-root", str(root), "--batch-size", "8", "--epochs", "1", "--workers", "0",
-               "--out-dir", str(out), "--visualize", "3"])  # the finished stage: only visualised
+               "--knn-every", "0", "--out-dir", str(out), "--visualize", "3"])  # the finished stage: only visualised
     from PIL import Image
     assert Image.open(out / "prototypes.png").size == (4 * 2 * (48 + 2) + 2, 3 * (48 + 2) + 2)  # 3 rows of 4 clips
     stream = vicc.Stream("tiny3d", 16, 30)
