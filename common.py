@@ -3897,8 +3897,6 @@ def ntu_body_energy(body):
 
 
 TOY_MOTION_CLASSES = ["right", "left", "down", "up", "circle_cw", "circle_ccw", "zigzag", "shake_vertical"]
-TOY_CUE_COLOURS = np.array([(230, 30, 30), (30, 200, 30), (40, 40, 230), (230, 230, 30), (220, 40, 220),
-                            (30, 220, 220), (245, 245, 245), (20, 20, 20)], dtype=np.float32)  # one per class
 
 TOY_SKELETON_ACTIONS = ["wave_right", "wave_left", "raise_both_hands", "kick_right", "squat", "jump", "bow",
                         "clap", "punch_right", "touch_head", "handshake", "high_five"]
@@ -3956,13 +3954,11 @@ def toy_motion_format(rng):
     return dict(size=size, num_frames=num_frames, fps=fps, gop=TOY_MOTION_GOPS[int(rng.integers(len(TOY_MOTION_GOPS)))])
 
 
-def render_toy_motion(rng, label, size=64, num_frames=16, cue=0.0):
+def render_toy_motion(rng, label, size=64, num_frames=16):
     """uint8 (T, H, W, 3): one object moving with pattern TOY_MOTION_CLASSES[label] on a static textured
     background; size = H = W or (H, W). Positions wrap around the frame (a torus) and start uniformly at random,
     so in every single frame the object position, like its shape, size and colour, has the same distribution for
-    every class. Speeds are in pixels per frame (the frame rate of the file does not change them).
-    cue > 0: with probability cue the object instead takes its class's shape and colour (TOY_CUE_COLOURS, +-20
-    per channel), as real classes correlate with appearance; the draws for it come last (cue 0: same videos)."""
+    every class. Speeds are in pixels per frame (the frame rate of the file does not change them)."""
     height, width = (size, size) if np.isscalar(size) else size
     bg = _toy_background(rng, height, width)
     colour = rng.uniform(0, 255, 3).astype(np.float32)
@@ -3985,9 +3981,6 @@ def render_toy_motion(rng, label, size=64, num_frames=16, cue=0.0):
     else:  # shake_vertical: fast up-down oscillation in place
         amp, period, phase = rng.uniform(6, 10), rng.uniform(4, 6), rng.uniform(0, 2 * np.pi)
         x, y = p0[0] + 0 * t, p0[1] + amp * np.sin(2 * np.pi * t / period + phase)
-    if cue > 0 and rng.uniform() < cue:
-        colour = np.clip(TOY_CUE_COLOURS[label] + rng.uniform(-20, 20, 3), 0, 255).astype(np.float32)
-        shape = label % 3
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
     for k in range(num_frames):
         dx = (np.arange(width)[None, :] - x[k] + width / 2) % width - width / 2  # wrapped offsets (1, W)
@@ -4047,27 +4040,22 @@ def toy_motion_flow(frames):
     return flow
 
 
-def make_toy_motion_flow(root, seed=0, size=64, num_frames=16, train_per_class=24, val_per_class=8, cue=0.75):
-    """The toy-motion videos (same seeds, the appearance cue of render_toy_motion added) as CoCLR-layout frame
-    folders with their true flow: root/{train,val}/<class>/<class>_<k:04d>/{image_%05d.jpg (T frames),
-    flow_%05d.jpg (T - 1 frames, +-20 px)}. Flow carries the motion alone; RGB the motion and the noisy cue."""
+def make_toy_motion_flow(root, seed=0, size=64, num_frames=16, train_per_class=24, val_per_class=8):
+    """The toy-motion videos (same seeds) as CoCLR-layout frame folders with their true flow:
+    root/{train,val}/<class>/<class>_<k:04d>/{image_%05d.jpg (T frames), flow_%05d.jpg (T - 1 frames, +-20 px)}."""
     from PIL import Image
-    if os.path.exists(os.path.join(root, ".complete")) and _read_text(os.path.join(root, ".format")) != str(cue):
-        shutil.rmtree(root)  # made with another cue (older sets: none)
 
     def make(tmp):
         for split, count in (("train", train_per_class), ("val", val_per_class)):
             for label, name in enumerate(TOY_MOTION_CLASSES):
                 for k in range(count):
                     rng = np.random.default_rng([seed, split == "val", label, k])  # as make_toy_motion
-                    frames = render_toy_motion(rng, label, size, num_frames, cue)
+                    frames = render_toy_motion(rng, label, size, num_frames)
                     folder = os.path.join(tmp, split, name, f"{name}_{k:04d}")
                     os.makedirs(folder)
                     for i, img in enumerate(frames):
                         Image.fromarray(img).save(os.path.join(folder, f"image_{i + 1:05d}.jpg"), quality=95)
                     write_flow_frames(toy_motion_flow(frames), folder)
-        with open(os.path.join(tmp, ".format"), "w") as f:
-            f.write(str(cue))
     return _build_once(root, make)
 
 
@@ -4591,8 +4579,8 @@ def _prepare_one(job):
 # ---------------------------------------------------------------------------------------------------- extract-flow
 # TV-L1 flow for vicc.py as CoCLR/ViCC's extract_ff.py: OpenCV's DualTVL1OpticalFlow (default settings) between
 # consecutive grey frames, written beside each video as <video without extension>/flow_%05d.jpg (write_flow_frames:
-# +-20 px -> 0..255, one frame fewer than the video). Measured 1.6 s per 320x240 pair per core: ~1,100 core-hours
-# for UCF101 (13,320 videos). OpenCV is optional: `pip install opencv-contrib-python-headless`.
+# +-20 px -> 0..255, one frame fewer than the video). Slow: about 1.6 s per 320x240 pair per core, ~1,100
+# core-hours for UCF101 (13,320 videos). OpenCV is optional: `pip install opencv-contrib-python-headless`.
 FLOW_DONE = ".flow-done"  # written into a video's flow folder after its last flow frame: resume skips it
 
 

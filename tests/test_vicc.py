@@ -389,7 +389,7 @@ def test_queue_kept_on_resume_and_a_finished_stage_is_skipped(tmp_path):
     _, result = vicc.run_stage(args, run, "rgb-1", "rgb", None, None, str(stage))  # complete: nothing to train
     assert result["step"] == 2 and os.path.getmtime(stage / "checkpoint.pth") == mtime
     # a cross stage starts from it: encoder, head and prototypes loaded, the frozen stream without prototypes
-    stream = vicc.Stream("tiny3d", 16, 6)  # toy D 16
+    stream = vicc.Stream("tiny3d", 128, 6)
     vicc.load_stream(stream, str(stage))
     torch.testing.assert_close(stream.prototypes.weight, second["stream.prototypes.weight"])
     with pytest.raises(common.UserError, match="checkpoint.pth"):
@@ -461,7 +461,7 @@ def test_clusters_after_the_head_and_visualize_prototypes(tmp_path, monkeypatch)
                "--knn-every", "0", "--out-dir", str(out), "--visualize", "3"])  # the finished stage: only visualised
     from PIL import Image
     assert Image.open(out / "prototypes.png").size == (4 * 2 * (48 + 2) + 2, 3 * (48 + 2) + 2)  # 3 rows of 4 clips
-    stream = vicc.Stream("tiny3d", 16, 30)
+    stream = vicc.Stream("tiny3d", 128, 30)
     vicc.load_stream(stream, str(out))
     with torch.no_grad():
         z = torch.nn.functional.normalize(stream.head(seen["f"][0]), dim=1)  # (8, D) test clips after the head
