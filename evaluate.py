@@ -1076,7 +1076,7 @@ def clusters_task(run, args):
     features, labels = encoder_features(encoder.to(run.device), test_set, args, run)
     prototypes = checkpoint_prototypes(args.weights, args.trust_checkpoint) if args.cluster_source != "kmeans" else None
     head = checkpoint_head(args.weights, args.trust_checkpoint) if prototypes is not None else None
-    if head is not None and prototypes.shape[1] != features.shape[1]:
+    if head is not None:  # saved with the prototypes: they live after it (whatever the dimensions)
         with torch.no_grad():
             features = head(features.float().cpu())  # (N, D): the space the prototypes live in
     features = F.normalize(features, dim=1)
