@@ -2372,7 +2372,7 @@ class VideoDataset(torch.utils.data.Dataset):
     def _load(self, i):
         path, label = self.samples[i]
         item, store = {}, {}
-        flow_dir = path if os.path.isdir(path) else os.path.splitext(path)[0]
+        flow_dir = _flow_folder(path)
         if "video" in self.modalities:
             # with flow (one frame fewer, CoCLR layout) the clip is drawn from the frames both modalities have
             n_flow = len(_frame_files(flow_dir, "flow")) if "flow" in self.modalities else None
