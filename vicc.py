@@ -531,7 +531,8 @@ def visualize(stream, modality, args, run, path, clips=4):
         image, (h, w) = Image.fromarray(grid.permute(1, 2, 0).cpu().numpy()), tiles[0].shape[1:]
         draw = ImageDraw.Draw(image)
         for j, text in enumerate(captions):
-            draw.text(((j % clips) * 2 * (w + 2) + 4, (j // clips) * (h + 2) + 4), text, fill=(255, 255, 255))
+            draw.text(((j % clips) * 2 * (w + 2) + 4, (j // clips) * (h + 2) + 4), text, fill=(255, 255, 255),
+                      stroke_width=1, stroke_fill=(0, 0, 0))
         image.save(path)
         run.print(f"visualize: {len(chosen)} prototypes x {clips} top clips -> {path}")
 
