@@ -1,5 +1,6 @@
 """vicc.py: Sinkhorn against SwAV's / ViCC's code transcribed to NumPy and by hand, the swapped-prediction losses by
-hand, the frozen stream, prototypes, queue, LARS, the stage driver, flow flips, two gloo processes, learning."""
+hand, the frozen stream, prototypes, queue, LARS, the stage driver, flow flips, two gloo processes, extract-flow,
+clusters after the head, --visualize, learning."""
 import argparse
 import math
 import os
