@@ -14,7 +14,8 @@ Sections, in the order a script meets them (search for the banners):
     DATA             `build_dataset`, the dataset classes, clip sampling, transforms, decoding
     DATASET FORMATS  one parser per official layout
     TOY DATA         real files in real formats, written once under --data-root
-    DATA PREPARATION `python common.py check-data | prepare-videos`, raw skeleton conversion
+    DATA PREPARATION `python common.py check-data | prepare-videos | extract-flow | convert-alphapose`,
+                     raw skeleton conversion
 """
 
 import argparse
@@ -2326,7 +2327,7 @@ class VideoDataset(torch.utils.data.Dataset):
     def _load(self, i):
         path, label = self.samples[i]
         item, store = {}, {}
-        flow_dir = path if os.path.isdir(path) else os.path.splitext(path)[0]
+        flow_dir = _flow_folder(path)
         if "video" in self.modalities:
             # with flow (one frame fewer, CoCLR layout) the clip is drawn from the frames both modalities have
             n_flow = len(_frame_files(flow_dir, "flow")) if "flow" in self.modalities else None
@@ -3666,10 +3667,12 @@ def parse_videofolder(root, split):
     classes = sorted(d for d in os.listdir(folder) if os.path.isdir(os.path.join(folder, d)))
     samples = []
     for label, c in enumerate(classes):
-        for f in sorted(os.listdir(os.path.join(folder, c))):
+        names = sorted(os.listdir(os.path.join(folder, c)))
+        videos = {os.path.splitext(f)[0] for f in names if os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS}
+        for f in names:
             path = os.path.join(folder, c, f)
-            if os.path.isdir(path) or os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS:
-                samples.append((path, label))
+            if (os.path.isdir(path) and f not in videos) or os.path.splitext(f)[1].lower() in VIDEO_EXTENSIONS:
+                samples.append((path, label))  # a folder named as a video beside it holds that video's flow
     return samples, classes
 
 
@@ -4625,6 +4628,68 @@ def _prepare_one(job):
         return source, f"{type(e).__name__}: {str(e).replace(source + ': ', '')}".replace("\n", " ").replace("\t", " ")
 
 
+# ---------------------------------------------------------------------------------------------------- extract-flow
+# TV-L1 flow for vicc.py as CoCLR/ViCC's extract_ff.py: OpenCV's DualTVL1OpticalFlow (default settings) between
+# consecutive grey frames, written beside each video as <video without extension>/flow_%05d.jpg (write_flow_frames:
+# +-20 px -> 0..255, one frame fewer than the video). Slow: about 1.6 s per 320x240 pair per core, ~1,100
+# core-hours for UCF101 (13,320 videos). OpenCV is optional: `pip install opencv-contrib-python-headless`.
+FLOW_DONE = ".flow-done"  # written into a video's flow folder after its last flow frame: resume skips it
+
+
+def tvl1_flow(prev, nxt):
+    """uint8 RGB frames (H, W, 3) x 2 -> TV-L1 flow float32 (H, W, 2) in pixels (OpenCV's default settings)."""
+    import cv2
+    grey = [cv2.cvtColor(np.ascontiguousarray(f), cv2.COLOR_RGB2GRAY) for f in (prev, nxt)]
+    return cv2.optflow.DualTVL1OpticalFlow_create().calc(grey[0], grey[1], None)
+
+
+def extract_flow(name, root=None, workers=1, decoder="auto", flow_fn=tvl1_flow, out=print):
+    """Flow of every video of both splits of a dataset -> <video without extension>/flow_%05d.jpg. Resumable (a
+    folder with FLOW_DONE is skipped), parallel over videos; unreadable videos go to <root>/bad_files.txt.
+    -> {"done", "skipped", "bad"}."""
+    if flow_fn is tvl1_flow:
+        try:
+            import cv2
+            cv2.optflow.DualTVL1OpticalFlow_create
+        except (ImportError, AttributeError):
+            raise UserError("extract-flow: expected OpenCV with its contrib modules (cv2.optflow), found none: "
+                            "pip install opencv-contrib-python-headless") from None
+    root = root or os.path.join("data", name)
+    paths = sorted({ds.sample_path(i) for split in ("train", "val") for ds in [build_dataset(name, root, split)]
+                    for i in range(len(ds))})
+    jobs = [(p, decoder, flow_fn) for p in paths if not os.path.exists(os.path.join(_flow_folder(p), FLOW_DONE))]
+    out(f"extract-flow: {len(jobs)} videos to do, {len(paths) - len(jobs)} already done, {workers} worker(s)")
+    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        bad = [r for r in (pool.imap_unordered(_extract_flow_one, jobs) if pool else map(_extract_flow_one, jobs))
+               if r is not None]
+    finally:
+        if pool:
+            pool.terminate()
+    if bad:
+        append_bad_files(os.path.join(root, "bad_files.txt"), bad)
+        out(f"extract-flow: {len(bad)} unreadable video(s) skipped, listed in {os.path.join(root, 'bad_files.txt')}")
+    return {"done": len(jobs) - len(bad), "skipped": len(paths) - len(jobs), "bad": bad}
+
+
+def _flow_folder(path):
+    """Where VideoDataset reads a sample's flow: the frame folder itself, or the video path without extension."""
+    return path if os.path.isdir(path) else os.path.splitext(path)[0]
+
+
+def _extract_flow_one(job):
+    """One video (see extract_flow) -> None, or (path, reason) when it cannot be read."""
+    path, decoder, flow_fn = job
+    try:
+        frames = _read_frames(path, np.arange, decoder)  # (T, H, W, 3), every frame
+        flow = np.stack([flow_fn(a, b) for a, b in zip(frames[:-1], frames[1:])])  # (T - 1, H, W, 2)
+    except (VideoReadError, ValueError) as e:
+        return path, str(e)
+    write_flow_frames(flow, _flow_folder(path))
+    open(os.path.join(_flow_folder(path), FLOW_DONE), "w").close()
+    return None
+
+
 def _rotation_about(axis, theta):
     """2s-AGCN `rotation_matrix`: counter-clockwise rotation by theta about axis; identity when either is ~0."""
     axis = np.asarray(axis, dtype=np.float64)
@@ -4816,6 +4881,22 @@ if __name__ == "__main__":
         except (UserError, VideoReadError) as e:
             sys.exit(f"error: {e}")
         sys.exit(0)
+    if len(sys.argv) > 1 and sys.argv[1] == "extract-flow":
+        cli = argparse.ArgumentParser(prog="common.py extract-flow", description=extract_flow.__doc__)
+        cli.add_argument("command")
+        cli.add_argument("--data", required=True, help="dataset name, as --data of the scripts (e.g. ucf101)")
+        cli.add_argument("--data-root", default=None, help="default data/<name>")
+        cli.add_argument("--decoder", default="auto", choices=["auto", "decord", "pyav", "torchcodec"])
+        cli.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+        cli_args = cli.parse_args()
+        try:
+            result = extract_flow(cli_args.data, cli_args.data_root, cli_args.workers, cli_args.decoder)
+        except UserError as e:
+            sys.exit(f"error: {e}")
+        sys.exit(1 if result["bad"] else 0)
     print("usage: python common.py check-data --data NAME [--data-root DIR] [--decoder auto|decord|pyav|torchcodec]\n"
           "       python common.py prepare-videos --src DIR --dst DIR [--short-side 128] [--gop 16] [--fps N] "
-          "[--workers N]")
+          "[--workers N]\n"
+          "       python common.py extract-flow --data NAME [--data-root DIR] [--workers N]\n"
+          "       python common.py convert-alphapose --src FILE|DIR --dst FILE|DIR [--width W --height H] "
+          "[--videos DIR]")

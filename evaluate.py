@@ -255,8 +255,8 @@ def get_parser():
     g.add_argument("--num-clusters", type=int, default=None, help="K for k-means (default: number of classes, as "
                    "ViCC supp. Sec. 3.1.2)")
     g.add_argument("--cluster-source", default="auto", choices=["auto", "kmeans", "prototypes"],
-                   help="auto = the checkpoint's prototypes when they live in the backbone feature space, else "
-                   "k-means on features")
+                   help="auto = the checkpoint's prototypes when they live in the backbone feature space or after "
+                   "the projection head saved with them (vicc.py), else k-means on features")
     g = parser.add_argument_group("fusion (JMRN supp. Sec. 3)")
     g.add_argument("--logits", nargs="+", default=None, help="logits.pth files, one per modality (--save-logits)")
     g.add_argument("--fusion-weights", default="auto", choices=["auto", "modality", "class"],
@@ -1137,18 +1137,35 @@ def checkpoint_prototypes(path, trust=False):
                  (k.endswith("prototypes.weight") or k.endswith("prototypes"))), None)
 
 
+def checkpoint_head(path, trust=False):
+    """The projection head saved beside the backbone as head.<i>.weight/bias Linear layers with ReLU between
+    (vicc.py's backbone.pth) -> nn.Sequential (d -> D), or None."""
+    state = common.read_checkpoint(path, trust) if path not in ("none", "kinetics400") else {}
+    layers = []
+    for i in sorted({int(k.split(".")[1]) for k in state if k.startswith("head.") and k.endswith(".weight")}):
+        linear = nn.Linear(*state[f"head.{i}.weight"].shape[::-1], bias=f"head.{i}.bias" in state)
+        linear.load_state_dict({k: state[f"head.{i}.{k}"] for k in linear.state_dict()})
+        layers += [linear, nn.ReLU()]
+    return nn.Sequential(*layers[:-1]) if layers else None
+
+
 def clusters_task(run, args):
-    """ViCC supp. Sec. 3.1.2 / Table 1: hard cluster assignments of the test split (the checkpoint's prototypes when
-    they live in the backbone feature space, else k-means with K = number of classes on L2-normalised features)
-    scored with Hungarian accuracy, NMI, ARI, mean entropy per cluster and mean max purity."""
+    """ViCC supp. Sec. 3.1.2 / Table 1: hard cluster assignments of the test split (the checkpoint's prototypes:
+    in the backbone feature space, or after the projection head saved with them, then z = normalize(head(f)) goes
+    to its most similar prototype; else k-means with K = number of classes on L2-normalised features) scored with
+    Hungarian accuracy, NMI, ARI, mean entropy per cluster and mean max purity."""
     encoder, source = build_encoder(args)
     test_set = build_split(args, "test", train=False)
     sizes = {"train": 0, "val": 0, "test": len(test_set)}
     protocol = describe_protocol(args, source, sizes, test_set.num_classes)
     run.print(protocol)
     features, labels = encoder_features(encoder.to(run.device), test_set, args, run)
-    features = F.normalize(features, dim=1)
     prototypes = checkpoint_prototypes(args.weights, args.trust_checkpoint) if args.cluster_source != "kmeans" else None
+    head = checkpoint_head(args.weights, args.trust_checkpoint) if prototypes is not None else None
+    if head is not None:  # saved with the prototypes: they live after it (whatever the dimensions)
+        with torch.no_grad():
+            features = head(features.float().cpu())  # (N, D): the space the prototypes live in
+    features = F.normalize(features, dim=1)
     if prototypes is not None and prototypes.shape[1] != features.shape[1]:
         if args.cluster_source == "prototypes":
             raise ValueError(f"evaluate.py: --weights {args.weights}: prototypes are {tuple(prototypes.shape)} "

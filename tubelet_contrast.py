@@ -277,7 +277,8 @@ def render_tubelets(source, coef, opacity, width, height, shape, soft):
     """Patch pixels and alpha of n tubelets in per-frame windows of width x height pixels (Eq. 5.3, Eq. 5.7).
 
     source (n, C, H', W'): the part of clip 1's frame each patch is read from; coef (n, 3, 4, T): its
-    window_coefficients; opacity (n, T) or None (opaque). Returns patch (n, C, T, height, width), alpha (n, T, height, width).
+    window_coefficients; opacity (n, T) or None (opaque). Returns patch (n, C, T, height, width), alpha
+    (n, T, height, width).
     Each window pixel p is mapped back into the patch, u = A_t^-1 (p - c_t), and read from clip 1 at
     source_centre + u with one grid_sample for all tubelets and frames; alpha is the tubelet's shape at u.
     shape, soft: Python numbers shared by the n tubelets (the CPU path: one distance, no torch.where), or (n,)

@@ -1,9 +1,10 @@
 """vicc.py: Sinkhorn against SwAV's / ViCC's code transcribed to NumPy and by hand, the swapped-prediction losses by
-hand, the frozen stream, prototypes, queue, LARS, the stage driver, flow flips, two gloo processes, learning."""
+hand, the frozen stream, prototypes, queue, LARS, the stage driver, flow flips, two gloo processes, extract-flow,
+clusters after the head, --visualize, learning."""
 import argparse
-import json
 import math
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -297,6 +298,44 @@ def test_video_and_flow_clips_share_frames_with_one_flow_frame_fewer(tmp_path):
         assert item["frame_indices"].max() <= 14  # drawn from the 15 frames both modalities have
 
 
+def _constant_flow(prev, nxt):
+    """A stand-in for TV-L1: u = 3 px, v = -25 px (beyond the +-20 px range) everywhere."""
+    return np.broadcast_to(np.float32([3.0, -25.0]), prev.shape[:2] + (2,))
+
+
+def test_extract_flow_layout_quantisation_and_resume(tmp_path, monkeypatch):
+    root = tmp_path / "toy-motion"
+    common.make_toy_motion(str(root), train_per_class=1, val_per_class=1)  # 16 videos, 16-40 frames, 8 sizes
+    result = common.extract_flow("toy-motion", str(root), flow_fn=_constant_flow, out=lambda line: None)
+    assert result == {"done": 16, "skipped": 0, "bad": []}
+    video = root / "train" / "right" / "right_0000.mp4"
+    folder, n = video.with_suffix(""), common.count_frames(str(video))
+    assert len(list(folder.glob("flow_*.jpg"))) == n - 1  # CoCLR layout: one flow frame fewer than RGB
+    flow = common.read_flow_frames(str(folder), [0, n - 2])  # (2, H, W, 2) pixels
+    step = 40 / 255  # 256 levels over +-20 px; JPEG (quality 100) may move a level by one
+    np.testing.assert_allclose(flow[..., 0], 3.0, atol=step / 2 + step)
+    np.testing.assert_allclose(flow[..., 1], -20.0, atol=step)  # clipped at -20 px
+    (folder / common.FLOW_DONE).unlink()  # as if killed while writing this video
+    assert common.extract_flow("toy-motion", str(root), flow_fn=_constant_flow, out=lambda line: None) == \
+        {"done": 1, "skipped": 15, "bad": []}  # the flow folders beside the videos are no samples
+    ds = common.build_dataset("toy-motion", str(root), "train", clip_len=4, modalities=("video", "flow"))
+    assert len(ds) == 8 and ds[0]["flow"].shape[:2] == (2, 4)
+    monkeypatch.setitem(sys.modules, "cv2", None)  # OpenCV not installed
+    with pytest.raises(common.UserError, match="opencv-contrib-python-headless"):
+        common.extract_flow("toy-motion", str(root), out=lambda line: None)
+
+
+def test_tvl1_flow_finds_the_true_motion():
+    cv2 = pytest.importorskip("cv2")
+    if not hasattr(cv2, "optflow"):
+        pytest.skip("OpenCV without its contrib modules (opencv-contrib-python-headless)")
+    frames = common.render_toy_motion(np.random.default_rng([0, False, 0, 3]), 0, 64, 2)  # class "right"
+    truth = common.toy_motion_flow(frames)[0]  # (H, W, 2)
+    moving = np.abs(truth).sum(-1) > 0
+    flow = common.tvl1_flow(frames[0], frames[1])  # (H, W, 2)
+    np.testing.assert_allclose(np.median(flow[moving], axis=0), truth[moving][0], atol=0.5)
+
+
 # ------------------------------------------------------------------------------------------- two processes
 def _distributed_worker(rank, port, scores, z, results):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -359,16 +398,21 @@ def test_queue_kept_on_resume_and_a_finished_stage_is_skipped(tmp_path):
 
 @pytest.mark.slow
 def test_learning_flow_1_beats_random_init_on_toy(tmp_path):
-    """LEARNING TEST: `python vicc.py --stage flow-1` with the toy defaults (tiny3d 8x48², 120 steps of batch 32),
-    then the weighted kNN (k 200) on toy-motion-flow val from the flow backbone vs the same network at random init.
-    Measured (0 workers, as here): seed 0 43.8 vs 25.0 %, seed 1 45.3 vs 14.1 % (1 worker: 39.1 vs 25.0, 45.3 vs
-    14.1); 116 s at 1 thread. 1-NN gains little (57.8 vs 50.0, 50.0 vs 50.0). RGB-1 / RGB-2 stay at chance on the
-    toy (its classes are motion alone; the cross stage's near-uniform codes, see vicc.py's docstring): not asserted;
+    """LEARNING TEST: `python vicc.py --stage flow-1 --epochs 10` (tiny3d 8x48², 60 steps of batch 32), then
+    evaluate.py --task knn: 1-NN on the held-out toy-motion-flow val clips (gallery: train) of its backbone vs the
+    same network at random init. Measured (0 workers, as here): seed 0 53.1 vs 42.2 %, seed 1 50.0 vs 45.3 %.
+    RGB-1 and RGB-2 do not beat random init on the toy (1-NN, seed 0 / 1, 10 + 10 + 3 epochs at epsilon 0.02:
+    RGB-1 17.2 / 18.8, RGB-2 9.4 / 14.1, random 14.1 / 17.2; vicc.py's docstring has the diagnosis): not asserted;
     the teaching path is tested by test_frozen_stream_gets_no_gradient_and_keeps_its_statistics."""
+    import evaluate as ev
+
     out = tmp_path / "flow-1"
-    vicc.main(["--stage", "flow-1", "--seed", "0", "--workers", "0", "--log-every", "1000", "--out-dir", str(out)])
-    report = json.load(open(out / "knn.json"))
-    assert report["flow-1"]["knn_top1"] >= report["random-flow"]["knn_top1"] + 8, report
+    vicc.main(["--stage", "flow-1", "--epochs", "10", "--seed", "0", "--workers", "0", "--knn-every", "0",
+               "--log-every", "1000", "--out-dir", str(out)])
+    nn1 = [ev.main(["--task", "knn", "--data", "toy-motion-flow", "--arch", "tiny3d", "--modality", "flow",
+                    "--weights", weights, "--seed", "0", "--workers", "0", "--out-dir", str(tmp_path / f"eval{i}")]
+                   )["metrics"]["nn1_acc"] for i, weights in enumerate((str(out / "backbone.pth"), "none"))]
+    assert nn1[0] >= nn1[1] + 6.25, nn1  # 4 of the 64 val clips
 
 
 def test_r2plus1d_10_is_the_papers_14_4m_network():
@@ -400,6 +444,33 @@ def test_evaluate_reads_flow_streams_as_vicc_trains_them(tmp_path, monkeypatch):
     assert item["flow"].shape == (3, 8, 56, 56)  # u, v at +20 px -> byte 255 -> (1 - mean) / std
     torch.testing.assert_close(item["flow"][0], torch.full((8, 56, 56), (1 - common.KINETICS_MEAN[0]) /
                                                            common.KINETICS_STD[0]))
+
+
+def test_clusters_after_the_head_and_visualize_prototypes(tmp_path, monkeypatch):
+    import evaluate as ev
+
+    root, out = tmp_path / "toy-motion-flow", tmp_path / "rgb-1"
+    common.make_toy_motion_flow(str(root), train_per_class=2, val_per_class=1)
+    vicc.main(["--stage", "rgb-1", "--data-root", str(root), "--batch-size", "8", "--epochs", "1", "--workers", "0",
+               "--knn-every", "0", "--out-dir", str(out)])
+    seen = {}
+    features = ev.encoder_features
+    monkeypatch.setattr(ev, "encoder_features", lambda *a: seen.setdefault("f", features(*a)))
+    metrics = ev.cluster_metrics
+    monkeypatch.setattr(ev, "cluster_metrics", lambda c, y: seen.setdefault("c", c) is c and metrics(c, y))
+    result = ev.main(["--task", "clusters", "--cluster-source", "prototypes", "--data", "toy-motion-flow",
+                      "--data-root", str(root), "--weights", str(out / "backbone.pth"), "--workers", "0",
+                      "--out-dir", str(tmp_path / "eval")])
+    assert result["assignments"] == "prototypes" and 0 <= result["metrics"]["nmi"] <= 100
+    vicc.main(["--stage", "rgb-1", "--data-root", str(root), "--batch-size", "8", "--epochs", "1", "--workers", "0",
+               "--knn-every", "0", "--out-dir", str(out), "--visualize", "3"])  # the finished stage: only visualised
+    from PIL import Image
+    assert Image.open(out / "prototypes.png").size == (4 * 2 * (48 + 2) + 2, 3 * (48 + 2) + 2)  # 3 rows of 4 clips
+    stream = vicc.Stream("tiny3d", 128, 30)
+    vicc.load_stream(stream, str(out))
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(stream.head(seen["f"][0]), dim=1)  # (8, D) test clips after the head
+    np.testing.assert_array_equal(seen["c"], (z @ stream.prototypes.weight.t()).argmax(dim=1).numpy())
 
 
 def test_authors_checkpoint_layout_loads(tmp_path):
