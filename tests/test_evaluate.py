@@ -810,15 +810,11 @@ def test_unreadable_weights_are_one_line_errors_naming_the_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_linear_probe_and_knn_on_a_skeleton_contrast_backbone_beat_random_init(tmp_path):
+def test_linear_probe_and_knn_on_a_skeleton_contrast_backbone_beat_random_init(tmp_path, skeleton_toy_run):
     """LEARNING TEST: skeleton_contrast.py's toy default (intra-skeleton MoCo, small BiGRU, 420 steps) then
     evaluate.py's linear probe and 1-NN on its backbone.pth against the same encoder at random initialisation.
     Measured (seed 0, 108 val sequences): linear 74.1 vs 48.1, 1-NN 82.4 vs 76.9."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, os.path.join(root, "skeleton_contrast.py"), "--workers", "0", "--out-dir",
-                    str(tmp_path / "pretrain")], check=True, env=env, capture_output=True, timeout=900, cwd=root)
-    weights = str(tmp_path / "pretrain" / "backbone.pth")
+    weights = str(skeleton_toy_run / "backbone.pth")  # the run is shared with test_skeleton_contrast.py
     options = json.dumps(torch.load(weights, weights_only=False)["meta"]["options"])
     scores = {}
     for name, w in (("pretrained", weights), ("random", "none")):
