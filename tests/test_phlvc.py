@@ -287,8 +287,8 @@ def write_k400_pose(root, frames=26):
                 continue
             data = []
             for t in range(frames):
-                people = [] if t == 4 else [{"pose": [0.01 * t + 0.1 + 0.2 * m, 0.5] * 18, "score": [0.9 - 0.3 * m] * 18}
-                                            for m in range(3 if t % 5 == 0 else 1)]
+                people = [] if t == 4 else [{"pose": [0.01 * t + 0.1 + 0.2 * m, 0.5] * 18,
+                                             "score": [0.9 - 0.3 * m] * 18} for m in range(3 if t % 5 == 0 else 1)]
                 data.append({"frame_index": t, "skeleton": people})
             folder = root / "kinetics-skeleton" / f"kinetics_{split}"
             os.makedirs(folder, exist_ok=True)
