@@ -547,9 +547,6 @@ def build_loader(dataset, args, run, train=True, batch_size=None, collate_fn=Non
     sampler = ResumableDistributedSampler(dataset, per_process, num_replicas=run.world_size, rank=run.rank,
                                           shuffle=train, seed=args.seed, drop_last=train)
     workers = args.workers or 0
-    if workers:  # batches reach this process by shared-memory file name, not by one fd sent over a socket per
-        # tensor (~0.5 ms less per small tensor of a batch; torch_shm_manager removes the files of dead processes)
-        torch.multiprocessing.set_sharing_strategy("file_system")
     return torch.utils.data.DataLoader(
         SeededItems(dataset, args.seed, run.rank), batch_size=per_process, sampler=sampler,
         num_workers=workers, collate_fn=collate_fn, pin_memory=run.device.type == "cuda", drop_last=train,
