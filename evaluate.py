@@ -334,8 +334,7 @@ def repetition_count_errors(predicted, true):
 
 def temporal_iou(segment, segments):
     """tIoU of one [start, end) with (K, 2) segments -> (K,) (ActivityNet's segment_iou: continuous times)."""
-    inter = (np.minimum(segment[1], segments[:, 1]) - np.maximum(segment[0], segments[:, 0])).clip(0)
-    return inter / ((segments[:, 1] - segments[:, 0]) + (segment[1] - segment[0]) - inter)
+    return segment_iou(torch.tensor([segment], dtype=torch.float64), torch.from_numpy(segments))[0].numpy()  # (K,)
 
 
 def detection_average_precision(detections, ground_truth, tiou):
