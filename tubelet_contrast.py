@@ -351,9 +351,11 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
     both = pair.numpy()  # (2, B, C, T, H, W), the same memory; numpy slices cost a fraction of torch's per call
     for i, host_i in enumerate(host):
         pair[0, i], pair[1, i] = clip_1[i], clip_1[(i + 1) % b] if clip_2 is None else clip_2[i]
-        for j, ((sx, sy), boxes, shape, soft, opaque_ij, f, (x0, y0, x1, y1)) in enumerate(zip(*host_i)):
+        for j, ((sx, sy), boxes, shape, soft, opaque_ij, src_f, (src_x0, src_y0, src_x1, src_y1)) in enumerate(
+                zip(*host_i)):
             opacity = None if opaque_ij else tubelets["opacity"][i, j, None]  # (1, T)
-            source = clip_1[i, None, :, f, y0:y1, x0:x1].float()  # (1, C, h', w'): unpasted clip 1 (not written)
+            # (1, C, h', w'): the source frame's part of unpasted clip 1 (clip 1 is never written)
+            source = clip_1[i, None, :, src_f, src_y0:src_y1, src_x0:src_x1].float()
             # patch (1, C, T, Sy, Sx), alpha (1, T, Sy, Sx); tubelet j is pasted over tubelets 0 .. j - 1
             patch, alpha = render_tubelets(source, coef[i, j, None], opacity, sx, sy, shape, soft)
             if integer:
@@ -362,11 +364,11 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
             else:
                 keep, add = 1 - alpha[0], patch[0] * alpha[0]  # (T, Sy, Sx), (C, T, Sy, Sx)
             keep, add = keep.numpy(), add.numpy()
-            for f, (x1, y1, x2, y2, wx, wy) in enumerate(boxes):  # box in the frame, its corner in the window
+            for k, (x1, y1, x2, y2, wx, wy) in enumerate(boxes):  # frame k's box, its corner in the window
                 if x1 < x2 and y1 < y2:
-                    keep_f = keep[f, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (h', w')
-                    add_f = add[:, f, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (C, h', w')
-                    region = both[:, i, :, f, y1:y2, x1:x2]  # (2, C, h', w') view: both clips
+                    keep_f = keep[k, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (h', w')
+                    add_f = add[:, k, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (C, h', w')
+                    region = both[:, i, :, k, y1:y2, x1:x2]  # (2, C, h', w') view: both clips
                     blend = region * keep_f + add_f  # v (1 - α) + patch α, scaled by 256 when integer
                     region[...] = blend >> 8 if integer else blend
     return pair[0], pair[1]
