@@ -525,7 +525,8 @@ def visualize(stream, modality, args, run, path, clips=4):
         for score, i in zip(*scores[:, k].topk(min(clips, len(index)))):
             item = ds[int(index[i])]
             t = item["video"].shape[1] // 2
-            flow = item["flow"][:2, t].float() * (2 * common.FLOW_BOUND / 255) - common.FLOW_BOUND  # (2, H, W) px
+            flow = torch.from_numpy(common.uint8_to_flow(item["flow"][:, t].permute(1, 2, 0).numpy()))  # (H, W, 2) px
+            flow = flow.permute(2, 0, 1)  # (2, H, W)
             tiles += [item["video"][:, t], flow_to_image(flow)]  # 2 x uint8 (3, H, W)
             captions.append(f"C{k} {score:.2f} {ds.class_names[item['label']]}")
     if run.is_main:
