@@ -676,8 +676,8 @@ def test_learning_pretraining_beats_random_init_on_toy_motion(tmp_path, seed=0):
     one grey level on 1e-5 of the pixels) seed 0 pairs 87.5 %, 1-NN +7.8, seed 1 pairs 85.9 %, 1-NN -4.7. 480 steps,
     CPU / GPU paste path: seed 0 pairs 85.9 / 89.1 %, 1-NN +4.7 / +6.25; seed 1 pairs 90.6 / 70.3 %, 1-NN +3.1 /
     +7.8. So the 1-NN margin moves by several clips with any change of rounding (the earlier +25.0 / +10.9 vs
-    +12.5 / +7.8 of the two paths was such noise; with 1 thread this run repeats exactly); the pair margin stays
-    far above 40."""
+    +12.5 / +7.8 of the two paths was such noise; two CI runs of the same seed gave different margins); the pair
+    margin stays far above 40."""
     import evaluate as ev
 
     # the limit catches a hang, not load (on 2 cores shared by ~8 jobs the run is many times slower)
