@@ -149,9 +149,6 @@ PROTOCOLS = {
 # skeleton_contrast.py --encoder-size small): the paper's 3 x 1024 BiGRU takes minutes per toy epoch on a CPU.
 TOY_ENCODER_OPTIONS = {"bigru": {"hidden": 64, "layers": 2}, "hcn": {"hidden": 16}, "agcn": {"hidden": 16},
                        "stgcn": {"hidden": 16}}
-PROTOCOL_TASK = {"finetune": "finetune", "linear": "linear", "fewshot": "fewshot", "transfer": "transfer",
-                 "multilabel": "multilabel", "arrow-of-time": "arrow", "repcount": "repcount",
-                 "detection": "detection"}
 
 # The SEVERE benchmark, thesis Table 4.4 / 5.8: (column, --data, task, total examples for the 10^3 settings).
 SEVERE_COLUMNS = [("SSv2", "ssv2", "finetune", None), ("Gym99", "gym99", "finetune", None),
@@ -565,10 +562,8 @@ def fit_late_fusion(logits, labels, multilabel, per_class, epochs=100, lr=1e-3, 
     for _ in range(epochs):
         for batch in torch.randperm(logits.shape[1], generator=generator).split(batch_size):
             combined = fusion(logits[:, batch])  # (B, C)
-            if multilabel:
-                loss = F.binary_cross_entropy_with_logits(combined, labels[batch].float())
-            else:
-                loss = F.cross_entropy(combined, labels[batch])
+            loss = (F.binary_cross_entropy_with_logits(combined, labels[batch].float()) if multilabel else
+                    F.cross_entropy(combined, labels[batch]))
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -939,10 +934,8 @@ def train_and_select(run, args, model, train_set, select_set, num_classes, multi
                                                                 num_classes, multilabel)[metric])
     loader = common.build_loader(train_set, args, run, train=True)
     params = [p for p in model.parameters() if p.requires_grad]
-    if args.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=args.lr, weight_decay=args.wd)
-    else:
-        optimizer = torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd)
+    optimizer = (torch.optim.Adam(params, lr=args.lr, weight_decay=args.wd) if args.optimizer == "adam" else
+                 torch.optim.SGD(params, lr=args.lr, momentum=args.momentum, weight_decay=args.wd))
     net = run.prepare(model)
 
     def train_step(batch):
@@ -988,6 +981,14 @@ def train_and_select(run, args, model, train_set, select_set, num_classes, multi
     if best_state is not None:
         model.load_state_dict(best_state)
     return selection
+
+
+def sub_run(args, run, folder, **changes):
+    """A copy of args with `changes` and --out-dir <out-dir>/<folder> (created), and its common.Run."""
+    sub = copy.copy(args)
+    vars(sub).update(changes, out_dir=os.path.join(args.out_dir, folder))
+    os.makedirs(sub.out_dir, exist_ok=True)
+    return sub, common.Run(sub, run.device, sub.out_dir)
 
 
 def classification_task(run, args, arrow=False):
@@ -1052,13 +1053,10 @@ def calibrate(run, args, model, test_set, num_classes):
     from phlvc import sinkhorn  # the method's Sinkhorn-Knopp (method logic stays in the method script)
     scores = predict(model, test_set, args, run)  # (N, C) in sample order
     pseudo = sinkhorn(scores["scores"], eps=0.05, iters=3).argmax(dim=1)  # (N,)
-    calib = copy.copy(args)
-    calib.epochs, calib.milestones, calib.eval_every = args.calibrate, [], args.calibrate
-    calib.out_dir = os.path.join(args.out_dir, "calibrate")
-    os.makedirs(calib.out_dir, exist_ok=True)
+    calib, calib_run = sub_run(args, run, "calibrate", epochs=args.calibrate, milestones=[], eval_every=args.calibrate)
     target = build_split(args, "test", train=True)  # (path, label, ...) samples, relabelled
     target.samples = [(s[0], int(y), *s[2:]) for s, y in zip(target.samples, pseudo)]
-    train_and_select(common.Run(calib, run.device, calib.out_dir), calib, model, target, None, num_classes)
+    train_and_select(calib_run, calib, model, target, None, num_classes)
     return {f"uncalibrated_{k}": v for k, v in classification_metrics(scores, num_classes, False).items()}
 
 
@@ -1067,22 +1065,14 @@ def fewshot_task(run, args):
     label fractions; SEVERE: ceil(1000 / C) per class). Each seed runs in <out-dir>/seed_<s>."""
     runs = []
     for seed in args.seeds:
-        seed_args = copy.copy(args)
-        seed_args.seed = seed
-        seed_args.subset_seed = seed if args.subset_seed is None else args.subset_seed
-        seed_args.out_dir = os.path.join(args.out_dir, f"seed_{seed}")
-        seed_run = common.Run(seed_args, run.device, seed_args.out_dir)
-        os.makedirs(seed_args.out_dir, exist_ok=True)
+        seed_args, seed_run = sub_run(args, run, f"seed_{seed}", seed=seed,
+                                      subset_seed=seed if args.subset_seed is None else args.subset_seed)
         common.seed_everything(seed + run.rank, args.deterministic)
         runs.append(classification_task(seed_run, seed_args))
-    metrics = {}
-    for name in runs[0]["metrics"]:
-        values = np.array([r["metrics"][name] for r in runs])
-        metrics[name] = float(values.mean())
-        metrics[f"{name}_std"] = float(values.std())
-    return {"metrics": metrics, "primary": args.protocol["metric"], "seeds": args.seeds,
-            "per_seed": [r["metrics"] for r in runs], "sizes": runs[0]["sizes"], "protocol": runs[0]["protocol"],
-            "weights_source": runs[0]["weights_source"], "num_classes": runs[0]["num_classes"]}
+    values = {name: np.array([r["metrics"][name] for r in runs]) for name in runs[0]["metrics"]}  # per seed
+    metrics = {k: float(f(v)) for name, v in values.items() for k, f in ((name, np.mean), (f"{name}_std", np.std))}
+    return {"metrics": metrics, "primary": args.protocol["metric"], "seeds": args.seeds, "per_seed": [r["metrics"]
+            for r in runs], **{k: runs[0][k] for k in ("sizes", "protocol", "weights_source", "num_classes")}}
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -1909,7 +1899,7 @@ def apply_protocol(args):
     if args.task == "detection" and args.data not in common.PKU_PAIRED_SETS:
         raise common.UserError(f"evaluate.py: --task detection expected --data in {list(common.PKU_PAIRED_SETS)} "
                                f"(untrimmed videos with labelled segments), found {args.data}")
-    task_key = PROTOCOL_TASK.get(args.task, "finetune")
+    task_key = {"arrow-of-time": "arrow", "crossdomain": "finetune"}.get(args.task, args.task)  # the PROTOCOLS key
     p = args.protocol
     ch2_skeleton = args.protocol_name == "ch2" and p["modality"] == "skeleton"
     if ch2_skeleton:  # Sec. 2.4.3 skeleton student: all layers, SGD 0.1 (momentum 0.9), wd 1e-5, batch 100, 70 epochs
@@ -2063,15 +2053,6 @@ def weights_tag(weights):
     return f"{re.sub(r'[^A-Za-z0-9_.-]+', '-', name)}-{hashlib.sha1(path.encode()).hexdigest()[:6]}"
 
 
-def file_sha256(path):
-    """Hex SHA-256 of a file's content, read in 4 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 # What makes two evaluations the same (a rerun may resume or reuse the other's results); --max-steps, hardware and
 # logging flags may change between a run and its resume. Few-shot seeds run in their own seed_<s> folders.
 IDENTITY_FLAGS = ("arch", "options", "weights_prefix", "concat", "concat_options", "concat_prefix", "frames",
@@ -2087,7 +2068,8 @@ def run_identity(args):
     for flag in ("weights", "concat_weights"):
         path = getattr(args, flag, "none")
         if path not in ("none", "kinetics400", None) and os.path.isfile(path):
-            weights[flag] = {"path": os.path.abspath(path), "sha256": file_sha256(path)}
+            with open(path, "rb") as f:
+                weights[flag] = {"path": os.path.abspath(path), "sha256": hashlib.file_digest(f, "sha256").hexdigest()}
         elif path not in ("none", None):
             weights[flag] = {"path": path}
     protocol = {k: getattr(args, k, None) for k in IDENTITY_FLAGS if not (k == "seed" and args.task == "fewshot")}
@@ -2237,22 +2219,9 @@ def main_worker(args):
     run = common.setup(args, "evaluate")
     if run.is_main and args.task != "fusion":
         common.write_json_atomic(os.path.join(args.out_dir, "identity.json"), args.identity)
-    if args.task == "fusion":
-        result = fusion_task(run, args)
-    elif args.task == "knn":
-        result = knn_task(run, args)
-    elif args.task == "clusters":
-        result = clusters_task(run, args)
-    elif args.task == "fewshot":
-        result = fewshot_task(run, args)
-    elif args.task == "repcount":
-        result = repcount_task(run, args)
-    elif args.task == "detection":
-        result = detection_task(run, args)
-    elif args.task == "severe":
-        result = severe_task(run, args)
-    else:
-        result = classification_task(run, args, arrow=args.task == "arrow-of-time")
+    task = {"fusion": fusion_task, "knn": knn_task, "clusters": clusters_task, "fewshot": fewshot_task,
+            "repcount": repcount_task, "detection": detection_task, "severe": severe_task}.get(args.task)
+    result = task(run, args) if task else classification_task(run, args, arrow=args.task == "arrow-of-time")
     if run.is_main:
         print(write_result(args, result), flush=True)
     return result

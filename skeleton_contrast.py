@@ -52,7 +52,6 @@ import common
 
 
 # ================================================================================================================ FLAGS
-
 # Skeleton representation -> backbone architecture of common.build_backbone (Sec. 3.4.2). Every backbone takes
 # the raw (N, C, T, V, M) sequence and builds its own input representation, so no converter lives here.
 REPRESENTATIONS = {"seq": "bigru", "image": "hcn", "graph": "agcn"}  # X^SEQ, X^IMG, X^STG
@@ -154,17 +153,14 @@ def encoder_options(representation, args, shape=(3, 25, 2)):
 
 def default_queue_size(data_name):
     """|N| of Sec. 3.4.2 for a --data name (other real sets: the NTU value)."""
-    if data_name.startswith("toy"):
-        return TOY_QUEUE_SIZE
-    return PAPER_QUEUE_SIZE.get(data_name[:4], PAPER_QUEUE_SIZE["ntu"])
+    return TOY_QUEUE_SIZE if data_name.startswith("toy") else PAPER_QUEUE_SIZE.get(data_name[:4],
+                                                                                    PAPER_QUEUE_SIZE["ntu"])
 
 
 # =========================================================================================== AUGMENTATIONS (Sec. 3.3.1)
 # Batched on (N, C, T, V, M) = (sequences, xyz, frames, joints, persons), on whatever device x lives on. Every
 # augmentation is drawn independently per sequence. The paper writes a sequence as X in R^{T x J x 3} with joints
 # as row vectors, so "X . S" maps every joint p (a row) to p S.
-
-
 def shear_matrix(n, c, device, dtype=torch.float32):
     """S of Eq. (3.1): ones on the diagonal, off-diagonals r ~ U[-1, 1]; (N, C, C), one per sequence."""
     s = torch.empty(n, c, c, device=device, dtype=dtype).uniform_(-1.0, 1.0)  # (N, 3, 3)
@@ -174,10 +170,8 @@ def shear_matrix(n, c, device, dtype=torch.float32):
 
 def jitter_matrix_and_joints(n, c, v, num_joints, authors, device, dtype=torch.float32):
     """R and the joint subset j of Eq. (3.2): R entries ~ U[0, 1], |j| joints drawn without replacement.
-
     authors=True follows the authors' `joint_courruption`: with p = 0.5 R = 0 (the |j| joints are set to zero),
-    otherwise R has entries in U[-1, 1]. Returns R (N, C, C) and the joint mask (N, V).
-    """
+    otherwise R has entries in U[-1, 1]. Returns R (N, C, C) and the joint mask (N, V)."""
     chosen = torch.rand(n, v, device=device).argsort(dim=1)[:, :num_joints]  # (N, |j|)
     mask = torch.zeros(n, v, dtype=torch.bool, device=device).scatter_(1, chosen, True)  # (N, V)
     r = torch.empty(n, c, c, device=device, dtype=dtype).uniform_(-1.0 if authors else 0.0, 1.0)  # (N, 3, 3)
@@ -239,8 +233,6 @@ def augment_from_args(x, length, args):
 
 
 # ========================================================================== ENCODERS AND MOCO (Sec. 3.3.2-3.3.3, 3.4.2)
-
-
 def projection_head(in_dim, out_dim):
     """Projection MLP appended to every encoder (Sec. 3.4.2), as the authors' `--mlp`: Linear(d, d), ReLU,
     Linear(d, 128). Its output is L2-normalised by the caller."""
@@ -356,8 +348,6 @@ class SkeletonContrast(nn.Module):
 # ================================================================================================= LOSSES (Eq. 3.5-3.8)
 # Notation of Sec. 3.3: Z_q query embedding, Z_k positive key, N queue of negatives, tau temperature; all
 # embeddings L2-normalised, so Z_q . Z_k is the cosine similarity.
-
-
 def info_nce_logits(z_q, z_k, negatives, temperature):
     """Logits of Eq. (3.5); the positive is column 0."""
     l_pos = (z_q * z_k).sum(dim=1, keepdim=True)  # (N, 1)   Z_q . Z_k
@@ -373,40 +363,31 @@ def info_nce(logits):
 
 def intra_skeleton_loss(z_q, z_k, negatives, temperature):
     """Eq. (3.5) for every representation r with its own key Z_k^r and queue N^r (Sec. 3.3.2).
-
     z_q, z_k: {r: (N, D)}; negatives: {r: (K, D)}. Returns (loss, {name: logits (N, 1 + K)}).
-    With several representations this is independent MoCo runs summed (Table A.4 "Intra" rows).
-    """
+    With several representations this is independent MoCo runs summed (Table A.4 "Intra" rows)."""
     logits = {r: info_nce_logits(z_q[r], z_k[r], negatives[r], temperature) for r in z_q}
     return sum(info_nce(l) for l in logits.values()), logits
 
 
 def inter_skeleton_loss(z_q, z_k, negatives, temperature):
     """Eq. (3.6)-(3.8): the query of representation a is contrasted with the key Z_k^b and the queue N^b of
-    every OTHER representation b (Sec. 3.3.3).
-
-    For two representations this is exactly L(X^SEQ, X^STG) = L(X^SEQ) + L(X^STG). For three (Table 3.6 last row;
-    the authors' code has no such option) we sum Eq. (3.7) over all six ordered pairs (a, b), a != b.
-    z_q, z_k: {r: (N, D)}; negatives: {r: (K, D)}. Returns (loss, {"a<-b": logits (N, 1 + K)}).
-    """
+    every OTHER representation b (Sec. 3.3.3). For two representations this is exactly L(X^SEQ, X^STG) =
+    L(X^SEQ) + L(X^STG). For three (Table 3.6 last row; the authors' code has no such option) we sum Eq. (3.7)
+    over all six ordered pairs (a, b), a != b.
+    z_q, z_k: {r: (N, D)}; negatives: {r: (K, D)}. Returns (loss, {"a<-b": logits (N, 1 + K)})."""
     logits = {f"{a}<-{b}": info_nce_logits(z_q[a], z_k[b], negatives[b], temperature)  # Eq. (3.7) / (3.8)
               for a in z_q for b in z_q if a != b}
     return sum(info_nce(l) for l in logits.values()), logits  # Eq. (3.6)
 
 
 # =========================================================================================================== TRAIN STEP
-
-
 def make_train_step(model, optimizer, run, args):
     """train_step(batch) for common.fit: augments on run.device, one SGD step, key/queue updates in forward.
-
     batch["skeleton"]: (N, C, T, V, M) float, zero-padded after batch["length"] (N,) valid frames (the key
-    common.SkeletonDataset writes); crops never reach into the padding.
-    """
+    common.SkeletonDataset writes); crops never reach into the padding."""
 
     def train_step(batch):
-        x = batch["skeleton"]  # (N, C, T, V, M)
-        length = batch["length"]  # (N,)
+        x, length = batch["skeleton"], batch["length"]  # (N, C, T, V, M), (N,)
         with torch.no_grad():  # two independent views X_q, X_k of every sequence (Sec. 3.3.2)
             x_q = augment_from_args(x, length, args)  # (N, C, T_out, V, M)
             x_k = augment_from_args(x, length, args)
@@ -419,8 +400,6 @@ def make_train_step(model, optimizer, run, args):
 
 
 # ============================================================================================================ VISUALIZE
-
-
 def draw_skeleton_rows(rows, path, columns=8, cell=96):
     """rows: list of (title, sequence (C, T, V, M)) -> a PNG with `columns` evenly spaced frames of each row as
     stick figures (x-y plane, NTU-25 bones, else dots); one scale per row, so shear shows. Pillow only."""
@@ -470,8 +449,6 @@ def save_augmentation_figures(skeletons, out_dir, args, length=None):
 
 
 # ================================================================================================================= MAIN
-
-
 def center_item(item):
     """Dataset transform: common.center_on_spine on item["skeleton"] (C, T, V, M) (2s-AGCN's translation step)."""
     return dict(item, skeleton=common.center_on_spine(item["skeleton"]))
@@ -502,12 +479,10 @@ def main_worker(args):
             print("wrote", path)
         return
 
-    def build_encoder(r):
-        return common.build_backbone(REPRESENTATIONS[r], **encoder_options(r, args, (c, v, m)))
-
-    model = SkeletonContrast(build_encoder, args.representations, args.contrast, args.queue_size, args.proj_dim,
-                             args.moco_momentum, args.temperature, gather_fn=common.all_gather_nograd,
-                             key_dropout=not args.no_key_dropout, shuffle_bn=not args.no_shuffle_bn)
+    model = SkeletonContrast(
+        lambda r: common.build_backbone(REPRESENTATIONS[r], **encoder_options(r, args, (c, v, m))),
+        args.representations, args.contrast, args.queue_size, args.proj_dim, args.moco_momentum, args.temperature,
+        gather_fn=common.all_gather_nograd, key_dropout=not args.no_key_dropout, shuffle_bn=not args.no_shuffle_bn)
     evaluated = args.representations[0]  # the encoder evaluate.py uses: the sequence one by default
     ddp_model = run.prepare(model)  # DDP broadcasts rank 0's initial weights (and queues) to every process
     random_init = copy.deepcopy(model.encoder_q[evaluated])  # the weights the pretraining starts from
@@ -564,8 +539,7 @@ def parse_args(argv=None):
                         representations=None, contrast=None, frames=None, batch_size=None, epochs=None,
                         knn_every=None, moco_momentum=None, temporal_crop_min_frames=None)
     args = parser.parse_args(argv)
-    if args.data == "toy":
-        args.data = "toy-skeleton"
+    args.data = "toy-skeleton" if args.data == "toy" else args.data
     toy = args.data.startswith("toy")
     paper = dict(PAPER_DEFAULTS, epochs=600 if args.data.startswith("pku") else 450,
                  queue_size=default_queue_size(args.data))
