@@ -190,40 +190,35 @@ def get_parser():
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     g = parser.add_argument_group("evaluation")
     g.add_argument("--task", default="linear", choices=TASKS)
-    g.add_argument("--target", default=None, help="--task crossdomain (P-HLVC supp. Sec. 7.2): finetune on --data "
-                   "(select on its val split), test on this set's mapped classes: toyota-smarthome")
-    g.add_argument("--target-root", default=None, help="root of --target (default data/<target>)")
+    g.add_argument("--target", help="--task crossdomain (P-HLVC supp. Sec. 7.2): finetune on --data (select on its "
+                   "val split), test on this set's mapped classes: toyota-smarthome")
+    g.add_argument("--target-root", help="root of --target (default data/<target>)")
     g.add_argument("--class-map", default="sims4action", choices=["sims4action", "phlvc-code"], help="Toyota -> "
                    "Sims4Action classes: sims4action's correspondence CSV (16 -> 10) or the P-HLVC code's (+3)")
     g.add_argument("--calibrate", type=int, default=0, metavar="EPOCHS", help="--task crossdomain: then finetune "
-                   "this many epochs on Sinkhorn-balanced pseudo-labels of the target videos (our reading of P-HLVC's "
+                   "EPOCHS on Sinkhorn-balanced pseudo-labels of the target videos (our reading of P-HLVC's "
                    "undefined 'domain calibration', eps 0.05)")
-    g.add_argument("--arch", default=None, help="backbone (common.build_backbone); default: the checkpoint's "
-                   "meta['arch'], else tiny3d on toy-motion, bigru on skeletons, r2plus1d_18 on real video")
-    g.add_argument("--arch-options", default=None, help="JSON kwargs of build_backbone, e.g. '{\"hidden\": 64}'; "
-                   "default: the checkpoint's meta['options']")
-    g.add_argument("--weights", default="none", help="backbone weights: none (random init), kinetics400 "
-                   "(torchvision), or any file load_backbone_weights reads (our backbone.pth / checkpoint.pth, "
-                   "the authors' formats)")
-    g.add_argument("--weights-prefix", default=None, help="force the key prefix in --weights (e.g. encoder_q.)")
-    g.add_argument("--concat", default=None, metavar="ARCH", help="a second skeleton encoder whose features are "
-                   "concatenated with the first (App. A.4: X^SEQ + X^STG), e.g. agcn")
+    g.add_argument("--arch", help="backbone (common.build_backbone); default: the checkpoint's meta['arch'], else "
+                   "tiny3d on toy-motion, bigru on skeletons, r2plus1d_18 on real video")
+    g.add_argument("--arch-options", help="JSON kwargs of build_backbone, e.g. '{\"hidden\": 64}'; default: the "
+                   "checkpoint's meta['options']")
+    g.add_argument("--weights", default="none", help="none (random init), kinetics400 (torchvision), or any file "
+                   "load_backbone_weights reads (our backbone.pth / checkpoint.pth, the authors' formats)")
+    g.add_argument("--weights-prefix", help="force the key prefix in --weights (e.g. encoder_q.)")
+    g.add_argument("--concat", metavar="ARCH", help="a second skeleton encoder whose features are concatenated with "
+                   "the first (App. A.4: X^SEQ + X^STG), e.g. agcn")
     g.add_argument("--concat-weights", default="none", help="weights of the --concat encoder (as --weights)")
-    g.add_argument("--concat-options", default=None, help="JSON kwargs of the --concat encoder (default: its "
-                   "checkpoint's meta['options'])")
-    g.add_argument("--concat-prefix", default=None, help="key prefix of the --concat encoder in its file, e.g. "
-                   "encoder_r. for the graph encoder of a skeleton-contrast checkpoint")
+    g.add_argument("--concat-options", help="JSON kwargs of the --concat encoder (default: its meta['options'])")
+    g.add_argument("--concat-prefix", help="key prefix of the --concat encoder in its file, e.g. encoder_r. for the "
+                   "graph encoder of a skeleton-contrast checkpoint")
     g.add_argument("--select-on-test", action="store_true", help="select the checkpoint on the TEST split, as the "
-                   "SEVERE and skeleton-contrast code do (reproduces their tables; optimistic). Default: a "
-                   "validation split carved from the training set")
-    g.add_argument("--val-fraction", type=float, default=None, help="stratified share of the training set held out "
-                   "for checkpoint selection (default 0.1; 0 for fewshot, whose label budget it would break); "
-                   "0 = no selection, the last epoch is tested")
-    g.add_argument("--eval-every", type=int, default=None, help="epochs between validation scores "
-                   "(default: about 10 evaluations per run)")
-    g.add_argument("--test-clips", type=int, default=None, help="clips per video at test (protocol: 10 for video)")
-    g.add_argument("--frames", type=int, default=None, help="frames per clip (protocol: 32 video, 64 skeleton; "
-                   "--task detection: the R-C3D buffer, 768)")
+                   "SEVERE and skeleton-contrast code (their tables; optimistic); default: a split of the training set")
+    g.add_argument("--val-fraction", type=float, help="stratified share of the training set held out for selection "
+                   "(default 0.1; fewshot 0: it would break the label budget); 0 = the last epoch is tested")
+    g.add_argument("--eval-every", type=int, help="epochs between validation scores (default: ~10 per run)")
+    g.add_argument("--test-clips", type=int, help="clips per video at test (protocol: 10 for video)")
+    g.add_argument("--frames", type=int, help="frames per clip (protocol: 32 video, 64 skeleton; --task detection: "
+                   "the R-C3D buffer, 768)")
     g.add_argument("--no-center", action="store_true", help="skeletons: do not subtract body 0's spine joint per "
                    "frame (skeleton_contrast.py centres before pretraining; use the same setting here)")
     g.add_argument("--save-logits", action="store_true", help="also write logits.pth (train and test logits, "
@@ -235,37 +230,36 @@ def get_parser():
                    "100 epochs; skeletons: all layers, wd 1e-5, batch 100, 70 epochs, whole sequences; coclr = "
                    "CoCLR / ViCC linear (L2 + BN + linear) and finetune (dropout 0.9) at 32x128²; phlvc = P-HLVC "
                    "supp. Sec. 7.6 finetune (Table 6 augmentation, 10 random test crops, dropout-ReLU-linear head)")
-    g.add_argument("--per-class", type=int, default=None, help="N labelled examples per class (thesis Ch. 2: 20, 50, "
-                   "100 with --protocol ch2)")
-    g.add_argument("--label-fraction", type=float, default=None, help="stratified fraction of labels (Ch. 3: 0.01, "
-                   "0.05, 0.1, 0.2); --task detection: random share of the training videos (Table 2.6: 0.25, 0.5)")
-    g.add_argument("--num-examples", type=int, default=None, help="SEVERE's '10^3 examples': ceil(N / C) per class")
-    g.add_argument("--seeds", type=int, nargs="+", default=None, help="repeat over these seeds and report "
-                   "mean +- std (Ch. 2/3: 5 seeds); default: --seed")
-    g.add_argument("--subset-seed", type=int, default=None, help="seed of the labelled subset; default: each run's "
-                   "seed (a new subset per seed, Ch. 2/3). SEVERE uses one fixed subset for every model")
+    g.add_argument("--per-class", type=int, help="N labelled examples per class (thesis Ch. 2: 20, 50, 100)")
+    g.add_argument("--label-fraction", type=float, help="stratified fraction of labels (Ch. 3: 0.01, 0.05, 0.1, "
+                   "0.2); --task detection: random share of the training videos (Table 2.6: 0.25, 0.5)")
+    g.add_argument("--num-examples", type=int, help="SEVERE's '10^3 examples': ceil(N / C) per class")
+    g.add_argument("--seeds", type=int, nargs="+", help="repeat over these seeds and report mean +- std (Ch. 2/3: "
+                   "5 seeds); default: --seed")
+    g.add_argument("--subset-seed", type=int, help="seed of the labelled subset; default: each run's seed (a new "
+                   "subset per seed, Ch. 2/3). SEVERE uses one fixed subset for every model")
     g = parser.add_argument_group("retrieval and clusters")
     g.add_argument("--center-features", action="store_true", help="subtract each set's own feature mean before "
                    "L2 normalisation (CoCLR / ViCC retrieval code)")
-    g.add_argument("--modality", default=None, choices=["video", "flow"], help="input of a video encoder; flow = "
-                   "the CoCLR / ViCC flow image of <video>/flow_%%05d.jpg (default: the checkpoint meta's, else video)")
-    g.add_argument("--num-clusters", type=int, default=None, help="K for k-means (default: number of classes, as "
-                   "ViCC supp. Sec. 3.1.2)")
+    g.add_argument("--modality", choices=["video", "flow"], help="input of a video encoder; flow = the CoCLR / "
+                   "ViCC flow image of <video>/flow_%%05d.jpg (default: the checkpoint meta's, else video)")
+    g.add_argument("--num-clusters", type=int, help="K for k-means (default: number of classes, as ViCC supp. "
+                   "Sec. 3.1.2)")
     g.add_argument("--cluster-source", default="auto", choices=["auto", "kmeans", "prototypes"],
                    help="auto = the checkpoint's prototypes when they live in the backbone feature space or after "
                    "the projection head saved with them (vicc.py), else k-means on features")
     g = parser.add_argument_group("fusion (JMRN supp. Sec. 3)")
-    g.add_argument("--logits", nargs="+", default=None, help="logits.pth files, one per modality (--save-logits)")
+    g.add_argument("--logits", nargs="+", help="logits.pth files, one per modality (--save-logits)")
     g.add_argument("--fusion-weights", default="auto", choices=["auto", "modality", "class"],
                    help="one alpha per modality (single-label) or M x C (multi-label); auto picks by label type")
     g.add_argument("--fusion-l2", action="store_true", help="L2-normalise logits first (JMRN: JHMDB, HMDB)")
     g = parser.add_argument_group("repetition counting (Zhang et al. CVPR 2020, SEVERE 'UCF-RC')")
-    g.add_argument("--rc-sample-duration", type=int, default=None, help="longest training sub-segment in frames "
-                   "(paper: sample_duration 300; toy 64); test videos are counted whole")
+    g.add_argument("--rc-sample-duration", type=int, help="longest training sub-segment in frames (paper: "
+                   "sample_duration 300; toy 64); test videos are counted whole")
     g.add_argument("--rc-states", type=int, default=4, help="cycle-length states drawn per training video and step "
                    "(ours; Zhang et al. roll out up to 11 model-driven states per loaded batch instead)")
     g = parser.add_argument_group("severe")
-    g.add_argument("--severe-columns", nargs="+", default=None, help="run only these columns (e.g. SSv2 FX-S1)")
+    g.add_argument("--severe-columns", nargs="+", help="run only these columns (e.g. SSv2 FX-S1)")
     parser.set_defaults(epochs=None, lr=None, batch_size=None, wd=None, milestones=None, schedule="multistep",
                         lr_gamma=0.1, workers=4, knn_every=0, log_every=20)
     return parser
@@ -944,13 +938,12 @@ def train_and_select(run, args, model, train_set, select_set, num_classes, multi
         return {"loss": loss.detach()}
 
     selection_path, best_path = (os.path.join(run.out_dir, name) for name in ("selection.json", "best.pth"))
+    selection, best_state = {"scores": {}, "best_step": None, "best": None, "metric": metric}, None
     if args.resume == "none":
         for path in (selection_path, best_path):
             if run.is_main and os.path.exists(path):
                 os.remove(path)
-    selection = {"scores": {}, "best_step": None, "best": None, "metric": metric}
-    best_state = None
-    if args.resume != "none" and os.path.exists(selection_path):
+    elif os.path.exists(selection_path):  # a resumed run continues its selection
         with open(selection_path) as f:
             selection = json.load(f)
         if selection["best"] is not None:

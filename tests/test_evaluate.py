@@ -464,6 +464,9 @@ def test_fewshot_repeats_over_seeds_with_stratified_budget(tmp_path, one_thread)
                           "--arch-options", SMALL_BIGRU, "--per-class", "3", "--seeds", "0", "1", "--max-steps", "1")
     assert result["sizes"] == {"train": 36, "val": 0, "test": 108}  # 3 x 12 classes, no selection split
     assert len(result["per_seed"]) == 2 and "top1_std" in result["metrics"]
+    per_seed = [seed["top1"] for seed in result["per_seed"]]  # mean and population std over the seeds
+    assert result["metrics"]["top1"] == pytest.approx(sum(per_seed) / 2)
+    assert result["metrics"]["top1_std"] == pytest.approx(abs(per_seed[0] - per_seed[1]) / 2)
     assert (tmp_path / "seed_1" / "checkpoint.pth").exists()
     assert not (tmp_path / "seed_1" / "best.pth").exists()  # no selection: the last state is tested
 
