@@ -1069,9 +1069,11 @@ def fewshot_task(run, args):
 
 
 # ---------------------------------------------------------------------------------------------- features
-def encoder_features(encoder, dataset, args, run):
-    """Backbone features averaged over the test clips, in eval mode without augmentation -> (N, D), labels."""
+def encoder_features(encoder, dataset, args, run, what="features"):
+    """Backbone features averaged over the test clips, in eval mode without augmentation -> (N, D), labels (N,);
+    a NaN / inf feature raises (check_finite)."""
     out = predict(encoder, dataset, args, run)
+    check_finite(out["outputs"], what)
     return out["outputs"], out["labels"]
 
 
@@ -1085,10 +1087,8 @@ def knn_task(run, args):
     protocol = describe_protocol(args, source, sizes, gallery_set.num_classes)
     run.print(protocol)
     encoder = encoder.to(run.device)
-    gallery, gallery_labels = encoder_features(encoder, gallery_set, args, run)
-    queries, query_labels = encoder_features(encoder, query_set, args, run)
-    check_finite(gallery, "gallery features")
-    check_finite(queries, "query features")
+    gallery, gallery_labels = encoder_features(encoder, gallery_set, args, run, "gallery features")
+    queries, query_labels = encoder_features(encoder, query_set, args, run, "query features")
     if args.center_features:
         gallery, queries = gallery - gallery.mean(dim=0), queries - queries.mean(dim=0)
     gallery, queries = F.normalize(gallery, dim=1), F.normalize(queries, dim=1)
@@ -1561,14 +1561,11 @@ class RepetitionVideos(torch.utils.data.Dataset):
         x = common.resized_center_crop(x, self.short_side, self.crop)
         if self.train and self.flip:
             x = common.horizontal_flip(x, p=0.5)
-        x = common.normalize(x)  # (C, T, crop, crop)
         length = end - begin + 1
-        size = self.sample_duration if self.train else length
-        video = torch.zeros(x.shape[0], size, *x.shape[2:])  # zero = the mean colour after normalisation
-        video[:, :length] = x
-        labels = torch.full((2, size), -1.0)
-        labels[0, :length] = torch.from_numpy(previous[begin - t[0]:end - t[0] + 1])
-        labels[1, :length] = torch.from_numpy(following[begin - t[0]:end - t[0] + 1])
+        pad = (self.sample_duration if self.train else length) - length
+        video = F.pad(common.normalize(x), (0, 0, 0, 0, 0, pad))  # (C, S, crop, crop); 0 = the mean colour
+        labels = F.pad(torch.from_numpy(np.stack([previous, following])[:, begin - t[0]:end - t[0] + 1]).float(),
+                       (0, pad), value=-1.0)  # (2, S)
         return {"video": video, "previous": labels[0], "following": labels[1], "length": torch.tensor(length),
                 "label": torch.tensor(float(count)), "index": torch.tensor(i)}
 
@@ -1849,12 +1846,11 @@ def severe_task(run, args):
             if run.is_main:
                 write_result(column, result)
         ours[name] = result["metrics"][result["primary"]]
-    names = [name for name, *_ in SEVERE_COLUMNS if name in ours]
-    columns = [i for i, (name, *_) in enumerate(SEVERE_COLUMNS) if name in ours]
-    rows = {ref: [values[i] for i in columns] for ref, values in SEVERE_REFERENCE.items()}
-    rows["this checkpoint"] = [ours[name] for name in names]
-    errors = [k for k, i in enumerate(columns) if SEVERE_COLUMNS[i][0] == "UCF-RC"]
-    summary = severe_mean_and_rank(rows, errors) if names else {}
+    columns = [i for i, (name, *_) in enumerate(SEVERE_COLUMNS) if name in ours]  # the columns we have, in order
+    names = [SEVERE_COLUMNS[i][0] for i in columns]
+    rows = {**{ref: [values[i] for i in columns] for ref, values in SEVERE_REFERENCE.items()},
+            "this checkpoint": [ours[name] for name in names]}
+    summary = severe_mean_and_rank(rows, [k for k, name in enumerate(names) if name == "UCF-RC"]) if names else {}
     table = ["pretraining".ljust(28) + "".join(n.rjust(12) for n in names) + "mean".rjust(8) + "rank".rjust(7)]
     for row_name, values in rows.items():
         mean, rank = summary.get(row_name, (float("nan"), float("nan")))
@@ -1969,10 +1965,9 @@ def resolve_args(args):
                                                              "frames", "test_clips", "eval_every")
                       if getattr(args, name) is not None}
     if args.task == "fusion":
-        args.lr, args.epochs = args.lr or 1e-3, args.epochs or 100
-        args.batch_size, args.wd, args.milestones = args.batch_size or 256, 0.0, []
-        args.out_dir = args.out_dir or os.path.join("runs", "evaluate-fusion")
-        args.data = "saved logits"
+        vars(args).update(lr=args.lr or 1e-3, epochs=args.epochs or 100, batch_size=args.batch_size or 256, wd=0.0,
+                          milestones=[], out_dir=args.out_dir or os.path.join("runs", "evaluate-fusion"),
+                          data="saved logits")
         return args
     meta = checkpoint_meta(args.weights, args.trust_checkpoint)
     args.arch = args.arch or meta.get("arch")
@@ -2121,9 +2116,8 @@ def describe_protocol(args, source, sizes, num_classes):
         train_aug = (f"RandomResizedCrop (scale {p['crop_scale'][0]}-{p['crop_scale'][1]}"
                      + (", square)" if p.get("ratio") == (1.0, 1.0) else ")") + (" + flip" if p["flip"] else "")
                      + (f" + colour jitter {p['jitter']}" if p["jitter"] else ""))
-        inputs = (f"{p['modality']} clips of {args.frames} frames at stride {p['stride']}, "
-                  f"{p['crop']}x{p['crop']} crops; "
-                  f"train: 1 random clip, {train_aug}; test: " + (
+        inputs = (f"{p['modality']} clips of {args.frames} frames at stride {p['stride']}, {p['crop']}x{p['crop']} "
+                  f"crops; train: 1 random clip, {train_aug}; test: " + (
                       f"{args.test_clips} clips at random positions, per clip a centre square of 130/224 of the short "
                       f"side (p 0.4) or a random square of >= 60% of the area -> {p['crop']}²" if p.get("test_crop")
                       else (
