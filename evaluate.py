@@ -882,7 +882,7 @@ def predict(model, dataset, args, run, multilabel=False, arrow=False):
 
 
 def check_finite(values, what):
-    """A NaN / inf score or feature has no accuracy: raise instead of reporting a number computed from it."""
+    """values (N, D) with a NaN / inf row have no accuracy: raise instead of reporting a number computed from them."""
     bad = int((~torch.isfinite(values)).any(dim=-1).sum()) if values.numel() else 0
     if bad:
         raise RuntimeError(f"evaluate.py: {bad} of {len(values)} {what} contain NaN or inf (the model diverged or "
@@ -1664,7 +1664,7 @@ def sample_training_states(batch, per_video, generator=None):
 
 
 def repcount_loss(net, batch, args, run):
-    """One training step of the counter: states, their two-stream inputs, anchor targets, loss."""
+    """A training step's loss: batch (RepetitionVideos) -> states, two-stream inputs (N, C, frames, H, W) -> scalar."""
     video_of, m, l, r = sample_training_states(batch, args.rc_states)
     device = batch["video"].device
     video_of, m, l, r = video_of.to(device), m.to(device), l.to(device), r.to(device)
