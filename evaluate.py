@@ -230,7 +230,8 @@ def get_parser():
                    "100 epochs; skeletons: all layers, wd 1e-5, batch 100, 70 epochs, whole sequences; coclr = "
                    "CoCLR / ViCC linear (L2 + BN + linear) and finetune (dropout 0.9) at 32x128²; phlvc = P-HLVC "
                    "supp. Sec. 7.6 finetune (Table 6 augmentation, 10 random test crops, dropout-ReLU-linear head)")
-    g.add_argument("--per-class", type=int, help="N labelled examples per class (thesis Ch. 2: 20, 50, 100)")
+    g.add_argument("--per-class", type=int, help="N labelled examples per class (thesis Ch. 2: 20, 50, 100 with "
+                   "--protocol ch2)")
     g.add_argument("--label-fraction", type=float, help="stratified fraction of labels (Ch. 3: 0.01, 0.05, 0.1, "
                    "0.2); --task detection: random share of the training videos (Table 2.6: 0.25, 0.5)")
     g.add_argument("--num-examples", type=int, help="SEVERE's '10^3 examples': ceil(N / C) per class")
