@@ -18,7 +18,7 @@ then the real-data command (W = a backbone.pth, checkpoint.pth or an authors' ch
                    python evaluate.py --task knn --data ucf101 --arch s3d --weights W --center-features
     fewshot        python evaluate.py --task fewshot --per-class 4 --seeds 0 1
                    python evaluate.py --task fewshot --data ucf101 --num-examples 1000 --weights W
-                   python evaluate.py --task fewshot --protocol ch2 --per-class 20 --seeds 0 1 2 3 4 --data ucf101 \
+                   python evaluate.py --task fewshot --protocol ch2 --per-class 20 --seeds 0 1 2 3 4 --data ucf101 \\
                        --arch r2plus1d_18 --weights W   (thesis Ch. 2 protocol: only fc + last block trained)
     transfer       python evaluate.py --task transfer --data toy-skeleton --weights runs/<skeleton run>/backbone.pth
                    python evaluate.py --task transfer --data pku2 --arch bigru --weights W_pretrained_on_ntu60
