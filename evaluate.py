@@ -1,4 +1,4 @@
-"""Every downstream protocol of the thesis and the ViCC / JMRN supplements, for any backbone and checkpoint.
+r"""Every downstream protocol of the thesis and the ViCC / JMRN supplements, for any backbone and checkpoint.
 
 F. M. Thoker, *Video-Efficient Foundation Models* (thesis, UvA 2023): Ch. 2 Sec. 2.5 (label-efficient finetuning),
 Ch. 3 Sec. 3.4.3 + App. A.1 (skeleton linear / retrieval / semi-supervised / transfer), Ch. 4 + App. B.2 (SEVERE),
@@ -18,7 +18,7 @@ then the real-data command (W = a backbone.pth, checkpoint.pth or an authors' ch
                    python evaluate.py --task knn --data ucf101 --arch s3d --weights W --center-features
     fewshot        python evaluate.py --task fewshot --per-class 4 --seeds 0 1
                    python evaluate.py --task fewshot --data ucf101 --num-examples 1000 --weights W
-                   python evaluate.py --task fewshot --protocol ch2 --per-class 20 --seeds 0 1 2 3 4 --data ucf101 \\
+                   python evaluate.py --task fewshot --protocol ch2 --per-class 20 --seeds 0 1 2 3 4 --data ucf101 \
                        --arch r2plus1d_18 --weights W   (thesis Ch. 2 protocol: only fc + last block trained)
     transfer       python evaluate.py --task transfer --data toy-skeleton --weights runs/<skeleton run>/backbone.pth
                    python evaluate.py --task transfer --data pku2 --arch bigru --weights W_pretrained_on_ntu60
