@@ -136,6 +136,10 @@ def add_method_args(parser):
                    "(paper); depth (toy-paired's masked depth, 3 channels: toy default, see the header)")
     g.add_argument("--crop-area-min", type=float, default=None, help="smallest crop area: 0.05 (Table 6 MCA, our "
                    "reading for pretraining); toy 0.8 (its bodies are small)")
+    g.add_argument("--min-pose-frames", type=int, default=None, help="k400-pose: drop videos with fewer posed frames "
+                   "(supp. Sec. 7.2; reading: default T + 1, the poses of one clip); 0 keeps all")
+    g.add_argument("--pose-cache", default=None, help="folder of the parsed pose JSON as .npy (default "
+                   "<data-root>/pose_cache; '' parses the JSON every time)")
     g.add_argument("--visualize", type=int, default=0, metavar="N", help="write visualize_<i>.png for N training "
                    "samples (a frame with every track drawn, then each track's 6 SkeleMotion channels) and exit")
     g.add_argument("--show-prototypes", type=int, default=0, metavar="K", help="after training, write prototypes.png: "
@@ -166,6 +170,8 @@ def finalize_method_args(args):
     r2d3d = args.arch == "r2d3d_18"
     common.fill_defaults(args, dict(clip_len=30 if r2d3d else 32, video_views=2 if r2d3d else 1,
                                     max_tracks=2 if r2d3d else 5, batch_size=56 if r2d3d else 80))
+    common.fill_defaults(args, dict(min_pose_frames=args.clip_len + 1, pose_cache=os.path.join(args.data_root,
+                                                                                               "pose_cache")))
     args.final_lr = args.lr if args.final_lr is None else args.final_lr  # constant after the warm-up
     checks = [(args.clip_len >= 19, "--clip-len >= 19 (the SkeleMotion CNN's smallest input)", args.clip_len),
               (0 < args.prototypes <= args.prototypes_final, "0 < --prototypes <= --prototypes-final",
@@ -438,8 +444,8 @@ def build_sets(args, run):
         item["video"] = common.resized_center_crop(item["video"][:, :t], crop, crop)
         return item
 
-    kw = dict(clip_len=t + 1, decoder=args.decoder, strict=args.strict_data,
-              bad_files_path=os.path.join(run.out_dir, "bad_files.txt"))
+    kw = dict(clip_len=t + 1, decoder=args.decoder, strict=args.strict_data, pose_cache=args.pose_cache,
+              min_pose_frames=args.min_pose_frames, bad_files_path=os.path.join(run.out_dir, "bad_files.txt"))
     stream = "depth" if depth else "video"
     train = common.build_dataset(args.dataset_name, args.data_root, "train", modalities=(stream, "pose2d"),
                                  transform=train_transform, fraction=args.data_fraction, seed=args.seed, **kw)
