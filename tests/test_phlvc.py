@@ -200,6 +200,51 @@ def test_multi_body_loss_with_0_1_3_tracks_equals_a_per_sample_loop():
     assert phlvc.multi_body_loss(pairs, torch.zeros(b, m, dtype=torch.bool)) == 0
 
 
+# ------------------------------------------------------------------------------------------- encoders, train step
+def script_args(monkeypatch, *argv):
+    """phlvc.main's arguments after its defaults and finalize_method_args, without running anything."""
+    monkeypatch.setattr(common, "launch", lambda worker, args, finalize: finalize(args))
+    return phlvc.main(list(map(str, argv)))
+
+
+def test_paper_encoders_have_listing_1_parameter_counts(monkeypatch):
+    """Sec. 7.3, Listing 1 (the authors' model_3d.py): S3D + Conv3d 1024 -> 512 8,434,848; FC2 263,680; each Rep
+    131,328; SkeleMotion CNN 1,351,152; prototypes 10,000 x 256 allocated, 3,000 active."""
+    model = phlvc.PHLVC(script_args(monkeypatch, "--data", "k400-pose"))
+    n = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert n(model.video.trunk) + n(model.video.fc) == 8_434_848 and n(model.video.vid_fc2) == 263_680
+    assert n(model.vid_fc_rep) == n(model.sk_fc_rep) == 131_328 and n(model.pose) == 1_351_152
+    assert model.prototypes.shape == (10000, 256) and int(model.active) == 3000
+
+
+def test_train_step_freezes_prototypes_and_uses_one_track_first(monkeypatch):
+    """Sec. 7.6: the prototypes do not move (no gradient, no weight decay) for --freeze-prototypes-iters, then do;
+    one track per sample for --single-track-iters, then up to --max-tracks; the assignment counts add up every
+    video view and every used track."""
+    import contextlib
+    import types
+    args = script_args(monkeypatch, "--hidden", 16, "--rep-dim", 8, "--prototypes", 6, "--prototypes-final", 6,
+                       "--clip-len", 19, "--crop-size", 32, "--video-input", "rgb", "--freeze-prototypes-iters", 2,
+                       "--single-track-iters", 1, "--max-tracks", 2)
+    torch.manual_seed(0)
+    model = phlvc.PHLVC(args)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=args.wd)
+    run = types.SimpleNamespace(autocast=contextlib.nullcontext, backward=lambda loss: loss.backward(),
+                                optimizer_step=lambda opt: opt.step())
+    step = phlvc.make_train_step(model, model, optimizer, run, args, steps_per_epoch=100)
+    batch = {"video": torch.randint(0, 256, (4, 1, 3, 19, 32, 32), dtype=torch.uint8),
+             "pose2d": kinetics_like_pose(n=4, frames=20, tracks=3)}
+    unit = torch.nn.functional.normalize(model.prototypes.detach().clone(), dim=1)
+    tracks = []
+    for _ in range(2):
+        tracks.append(float(step(batch)["tracks"]))
+        assert torch.equal(model.prototypes.detach(), unit)
+    tracks.append(float(step(batch)["tracks"]))
+    assert not torch.allclose(model.prototypes.detach(), unit)
+    assert tracks == [1.0, 2.0, 2.0] and int(model.iteration) == 3
+    assert model.counts.sum() == (4 + 4) + 2 * (4 + 8)  # video rows + tracks used, over 3 steps
+
+
 # ------------------------------------------------------------------------------------------- the script
 def run_script(out_dir, *extra, timeout=600):
     cmd = [sys.executable, os.path.join(ROOT, "phlvc.py"), "--gpus", "0", "--out-dir", str(out_dir),
