@@ -217,6 +217,12 @@ def test_paper_encoders_have_listing_1_parameter_counts(monkeypatch):
     assert model.prototypes.shape == (10000, 256) and int(model.active) == 3000
 
 
+def test_pose_data_defaults(monkeypatch):
+    """k400-pose keeps videos with the T + 1 posed frames of one clip; the cache lives under the data root."""
+    args = script_args(monkeypatch, "--data", "k400-pose", "--arch", "r2d3d_18", "--data-root", "/d/k400")
+    assert (args.min_pose_frames, args.pose_cache) == (31, "/d/k400/pose_cache")
+
+
 def test_train_step_freezes_prototypes_and_uses_one_track_first(monkeypatch):
     """Sec. 7.6: the prototypes do not move (no gradient, no weight decay) for --freeze-prototypes-iters, then do;
     one track per sample for --single-track-iters, then up to --max-tracks; the assignment counts add up every
@@ -409,10 +415,11 @@ def test_k400_pose_pretraining_step(tmp_path):
     add_k400_pose_videos(tmp_path)
     out = run_script(tmp_path / "run", "--data", "k400-pose", "--data-root", tmp_path, "--arch", "tiny3d",
                      "--clip-len", 20, "--crop-size", 32, "--hidden", 32, "--rep-dim", 16, "--prototypes", 4,
-                     "--prototypes-final", 4, "--batch-size", 2, "--max-steps", 2, "--workers", 0, "--log-every", 1)
-    assert ("k400-pose train: 3 of 8 videos kept (supp.: 144,085) (1 without a pose JSON, 3 with fewer than 21 "
-            "posed frames, 1 unreadable)") in out  # --min-pose-frames default: T + 1 = 21
-    assert len(os.listdir(tmp_path / "pose_cache")) == 6  # every readable JSON parsed once into the cache
+                     "--prototypes-final", 4, "--batch-size", 2, "--max-steps", 2, "--workers", 0, "--log-every", 1,
+                     "--min-pose-frames", 20, "--pose-cache", tmp_path / "cache")
+    assert ("k400-pose train: 4 of 8 videos kept (supp.: 144,085) (1 without a pose JSON, 2 with fewer than 20 "
+            "posed frames, 1 unreadable)") in out
+    assert len(os.listdir(tmp_path / "cache")) == 6  # every readable JSON parsed once into the cache
     assert all(math.isfinite(l) for _, l, _ in losses(tmp_path / "run"))
 
 
