@@ -223,13 +223,14 @@ def test_pose_data_defaults(monkeypatch):
     assert (args.min_pose_frames, args.pose_cache) == (31, "/d/k400/pose_cache")
 
 
-def test_train_step_freezes_prototypes_and_uses_one_track_first(monkeypatch):
+def test_train_step_freezes_prototypes_uses_one_track_first_and_grows(monkeypatch):
     """Sec. 7.6: the prototypes do not move (no gradient, no weight decay) for --freeze-prototypes-iters, then do;
     one track per sample for --single-track-iters, then up to --max-tracks; the assignment counts add up every
-    video view and every used track."""
+    video view and every used track. Sec. 7.8: a growth step splits the most-assigned prototypes into the next
+    rows with fresh Adam moments, old rows and their moments untouched, counts restarted."""
     import contextlib
     import types
-    args = script_args(monkeypatch, "--hidden", 16, "--rep-dim", 8, "--prototypes", 6, "--prototypes-final", 6,
+    args = script_args(monkeypatch, "--hidden", 16, "--rep-dim", 8, "--prototypes", 6, "--prototypes-final", 8,
                        "--clip-len", 19, "--crop-size", 32, "--video-input", "rgb", "--freeze-prototypes-iters", 2,
                        "--single-track-iters", 1, "--max-tracks", 2)
     torch.manual_seed(0)
@@ -249,6 +250,15 @@ def test_train_step_freezes_prototypes_and_uses_one_track_first(monkeypatch):
     assert not torch.allclose(model.prototypes.detach(), unit)
     assert tracks == [1.0, 2.0, 2.0] and int(model.iteration) == 3
     assert model.counts.sum() == (4 + 4) + 2 * (4 + 8)  # video rows + tracks used, over 3 steps
+    state = {k: v.clone() for k, v in optimizer.state[model.prototypes].items()}
+    old, parents = model.prototypes.detach().clone(), model.counts[:6].topk(2).indices
+    assert state["exp_avg"][6:].abs().sum() > 0  # weight decay moved the inactive rows' moments
+    phlvc.maybe_grow(model, optimizer, args.grow_start_epoch, args)
+    assert int(model.active) == 8 and model.counts.sum() == 0 and torch.equal(model.prototypes[:6], old[:6])
+    assert (model.prototypes[6:] * torch.nn.functional.normalize(old[parents], dim=1)).sum(1).min() > 0.99
+    for key in ("exp_avg", "exp_avg_sq"):
+        moments = optimizer.state[model.prototypes][key]
+        assert torch.equal(moments[:6], state[key][:6]) and moments[6:].abs().sum() == 0
 
 
 # ------------------------------------------------------------------------------------------- the script
