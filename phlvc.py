@@ -15,8 +15,8 @@ k400-pose = data/k400-pose in the Kinetics-400 layout of `common.parse_kinetics`
 (ST-GCN's Kinetics-Skeleton, OpenPose COCO-18, 30 fps; dataset option pose_root). Dropped: videos without a JSON
 or with fewer than --min-pose-frames posed frames (a person scored > 0; supp. Sec. 7.2: "not a sufficient length",
 144,085 remain, ours printed; reading: T + 1, one clip's poses, as the authors' anonymous code drops pose sequences
-shorter than a clip). Every JSON is parsed once into --pose-cache (.npy; measured 0.2 vs 12-19 CPU ms a read, 300
-frames x 2 people). --data paired reads toy-paired's layout (rgb/*.mp4, pose2d/kinetics_{split}/*.json, skeleton/).
+shorter than a clip; sims4action alike). Every JSON is parsed once into --pose-cache (.npy; measured 0.2 vs 12-19
+CPU ms a read, 300 frames x 2 people). --data paired reads toy-paired's layout (rgb/*.mp4, pose2d/, skeleton/).
 
 The file reads like the supplement: flags -> encoders (Sec. 7.3) -> SkeleMotion on the device (Sec. 7.5) ->
 prototypes, Sinkhorn, cluster growing, queue (Sec. 7.6, 7.8) -> losses Eq. (4), (5) (Sec. 7.9) -> multi-body pairs
@@ -137,8 +137,8 @@ def add_method_args(parser):
                    "(paper); depth (toy-paired's masked depth, 3 channels: toy default, see the header)")
     g.add_argument("--crop-area-min", type=float, default=None, help="smallest crop area: 0.05 (Table 6 MCA, our "
                    "reading for pretraining); toy 0.8 (its bodies are small)")
-    g.add_argument("--min-pose-frames", type=int, default=None, help="k400-pose: drop videos with fewer posed frames "
-                   "(supp. Sec. 7.2; reading: default T + 1, the poses of one clip); 0 keeps all")
+    g.add_argument("--min-pose-frames", type=int, default=None, help="drop training videos with fewer posed frames "
+                   "(supp. Sec. 7.2, k400-pose; reading: default T + 1, one clip's poses; also sims4action); 0: none")
     g.add_argument("--pose-cache", default=None, help="folder of the parsed pose JSON as .npy (default "
                    "<data-root>/pose_cache; '' parses the JSON every time)")
     g.add_argument("--visualize", type=int, default=0, metavar="N", help="write visualize_<i>.png for N training "

@@ -803,7 +803,8 @@ def test_sims4action_pretraining_on_converted_alphapose_poses(tmp_path):
     out = run_script(tmp_path / "run", "--data", "sims4action", "--data-root", sims, "--arch", "tiny3d",
                      "--clip-len", 19, "--crop-size", 32, "--hidden", 32, "--rep-dim", 16, "--prototypes", 4,
                      "--prototypes-final", 4, "--batch-size", 2, "--max-steps", 2, "--workers", 0, "--log-every", 1)
-    assert "sims4action train: 3 of 4 videos kept (1 without a pose JSON)" in out
+    assert ("sims4action train: 3 of 4 videos kept (1 without a pose JSON, 0 with fewer than 20 posed frames, 0 "
+            "unreadable)") in out  # --min-pose-frames T + 1 = 20: the 20 posed frames suffice
     assert all(math.isfinite(l) for _, l, _ in losses(tmp_path / "run"))
 
 
