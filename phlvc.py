@@ -153,7 +153,7 @@ PAPER_DEFAULTS = dict(arch="s3d", crop_size=128, hidden=512, rep_dim=256, protot
                       single_track_iters=6000, queue_size=1000, queue_start_epoch=200, epochs=230, lr=1e-4,
                       warmup_epochs=10, knn_every=0, pose_scale=1.0,
                       crop_area_min=0.05, color_jitter="table6", video_input="rgb")
-# Toy: tiny3d at 48² x 20 frames, 120 steps (about 2.5 CPU minutes), K 24 -> 48, short freezes; see the header.
+# Toy: tiny3d at 48² x 20 frames, 240 steps (1.7 CPU minutes measured), K 24 -> 48, short freezes; see the header.
 TOY_DEFAULTS = dict(arch="tiny3d", clip_len=20, crop_size=48, hidden=128, rep_dim=64, prototypes=24,
                     prototypes_final=48, grow_start_epoch=14, grow_per_epoch=8, freeze_prototypes_iters=30,
                     single_track_iters=30, queue_size=64, queue_start_epoch=30, epochs=40, lr=1e-3,

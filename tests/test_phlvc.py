@@ -471,23 +471,41 @@ def test_pose_json_cache_hit_invalidation_and_dataset_items(tmp_path, monkeypatc
 
 
 def _rewrite_cache_entry(path, cache, times):
+    """(In a forked writer) delete and re-write the entry `times` times, np.save writing in 4 pieces 2 ms apart."""
+    import contextlib
+    import io
+    import time
+    import numpy as np
+    save = np.save
+
+    def slow_save(f, array):
+        buf = io.BytesIO()
+        save(buf, array)
+        data = buf.getvalue()
+        for i in range(0, len(data), len(data) // 4 + 1):
+            f.write(data[i:i + len(data) // 4 + 1])
+            f.flush()
+            time.sleep(0.002)
+    np.save = slow_save
     for _ in range(times):
         for name in os.listdir(cache):
-            if name.endswith(".npy"):
-                os.remove(os.path.join(cache, name))
+            with contextlib.suppress(FileNotFoundError):  # the other writer may have removed it already
+                if name.endswith(".npy"):
+                    os.remove(os.path.join(cache, name))
         common.read_pose_json_cached(path, cache)
 
 
 def test_pose_json_cache_writes_whole_files_only(tmp_path):
-    """Two processes keep deleting and re-writing the entry while this one watches it: every .npy file seen has its
-    full size (written under a temporary name, then renamed), every read equals the parse; no temporary file left."""
+    """Two processes keep deleting and slowly re-writing the entry while this one watches it: every .npy file seen
+    has its full size (written under a temporary name, then renamed), every read equals the parse; no temporary
+    file left."""
     import numpy as np
     path, cache = tmp_path / "vid.json", str(tmp_path / "cache")
     write_stgcn_json(path, range(300))
     expected = common.read_pose_json_cached(str(path), cache)
     size = os.path.getsize(os.path.join(cache, os.listdir(cache)[0]))
     ctx = mp.get_context("fork")
-    writers = [ctx.Process(target=_rewrite_cache_entry, args=(str(path), cache, 40)) for _ in range(2)]
+    writers = [ctx.Process(target=_rewrite_cache_entry, args=(str(path), cache, 20)) for _ in range(2)]
     for w in writers:
         w.start()
     seen = set()
