@@ -223,24 +223,33 @@ def test_pose_data_defaults(monkeypatch):
     assert (args.min_pose_frames, args.pose_cache) == (31, "/d/k400/pose_cache")
 
 
+TINY = ("--hidden", 16, "--rep-dim", 8, "--prototypes", 6, "--clip-len", 19, "--crop-size", 32, "--video-input",
+        "rgb", "--single-track-iters", 1, "--max-tracks", 2)
+
+
+def tiny_model_and_step(monkeypatch, *argv, steps_per_epoch=100, wd=0.0):
+    """A tiny3d PHLVC, Adam, its train step (no DDP, fp32) and a batch of 4 RGB clips with 3 pose tracks each."""
+    import contextlib
+    import types
+    args = script_args(monkeypatch, *TINY, *argv)
+    torch.manual_seed(0)
+    model = phlvc.PHLVC(args)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=wd)
+    run = types.SimpleNamespace(autocast=contextlib.nullcontext, backward=lambda loss: loss.backward(),
+                                optimizer_step=lambda opt: opt.step())
+    batch = {"video": torch.randint(0, 256, (4, 1, 3, 19, 32, 32), dtype=torch.uint8),
+             "pose2d": kinetics_like_pose(n=4, frames=20, tracks=3)}
+    return args, model, optimizer, lambda m, o: phlvc.make_train_step(m, m, o, run, args, steps_per_epoch), batch
+
+
 def test_train_step_freezes_prototypes_uses_one_track_first_and_grows(monkeypatch):
     """Sec. 7.6: the prototypes do not move (no gradient, no weight decay) for --freeze-prototypes-iters, then do;
     one track per sample for --single-track-iters, then up to --max-tracks; the assignment counts add up every
     video view and every used track. Sec. 7.8: a growth step splits the most-assigned prototypes into the next
     rows with fresh Adam moments, old rows and their moments untouched, counts restarted."""
-    import contextlib
-    import types
-    args = script_args(monkeypatch, "--hidden", 16, "--rep-dim", 8, "--prototypes", 6, "--prototypes-final", 8,
-                       "--clip-len", 19, "--crop-size", 32, "--video-input", "rgb", "--freeze-prototypes-iters", 2,
-                       "--single-track-iters", 1, "--max-tracks", 2)
-    torch.manual_seed(0)
-    model = phlvc.PHLVC(args)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=args.wd)
-    run = types.SimpleNamespace(autocast=contextlib.nullcontext, backward=lambda loss: loss.backward(),
-                                optimizer_step=lambda opt: opt.step())
-    step = phlvc.make_train_step(model, model, optimizer, run, args, steps_per_epoch=100)
-    batch = {"video": torch.randint(0, 256, (4, 1, 3, 19, 32, 32), dtype=torch.uint8),
-             "pose2d": kinetics_like_pose(n=4, frames=20, tracks=3)}
+    args, model, optimizer, make_step, batch = tiny_model_and_step(
+        monkeypatch, "--prototypes-final", 8, "--freeze-prototypes-iters", 2, wd=1e-4)
+    step = make_step(model, optimizer)
     unit = torch.nn.functional.normalize(model.prototypes.detach().clone(), dim=1)
     tracks = []
     for _ in range(2):
@@ -259,6 +268,23 @@ def test_train_step_freezes_prototypes_uses_one_track_first_and_grows(monkeypatc
     for key in ("exp_avg", "exp_avg_sq"):
         moments = optimizer.state[model.prototypes][key]
         assert torch.equal(moments[:6], state[key][:6]) and moments[6:].abs().sum() == 0
+
+
+def test_train_step_queue_fills_the_epoch_before_and_joins_sinkhorn(monkeypatch):
+    """Sec. 7.6: the queue fills during the epoch before --queue-start-epoch with every video row and only the used
+    pose tracks (unit rows, newest first, capped); from that epoch its rows change the Sinkhorn targets."""
+    import copy
+    _, model, optimizer, make_step, batch = tiny_model_and_step(
+        monkeypatch, "--prototypes-final", 6, "--queue-start-epoch", 1, "--queue-size", 10, steps_per_epoch=2)
+    make_step(model, optimizer)(batch)  # epoch 0, one track
+    assert model.queue_len.tolist() == [4, 4]
+    make_step(model, optimizer)(batch)  # two tracks each
+    assert model.queue_len.tolist() == [8, 10]  # 4 + 8 pose rows, capped at 10
+    torch.testing.assert_close(model.queue[1].norm(dim=1), torch.ones(10))  # no absent (zero) track queued
+    without = copy.deepcopy((model, optimizer))
+    without[0].queue_len.zero_()
+    losses = [float(make_step(m, o)(batch)["loss"]) for m, o in ((model, optimizer), without)]  # epoch 1: queue used
+    assert losses[0] != pytest.approx(losses[1], rel=1e-6)
 
 
 # ------------------------------------------------------------------------------------------- the script
