@@ -19,6 +19,9 @@ Sections, in the order a script meets them (search for the banners):
 """
 
 import argparse
+import functools
+import hashlib
+import inspect
 import itertools
 import json
 import math
@@ -2142,7 +2145,9 @@ def _build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides
     "skeleton", ...) before "label", "index" and "frame_indices" are added. dataset_options: fold (UCF101, HMDB51),
     ext (SSv2), list_file (videolist), size, jitter, step (VideoDataset), check_exists (drop listed but missing
     videos, default True), pre_normalize (NTU raw), toy_seed (toy sets), pose_root (k400-pose; default
-    root/kinetics-skeleton), class_map (toyota-smarthome: "sims4action" or "phlvc-code")."""
+    root/kinetics-skeleton), pose_cache (VideoPoseDataset's .npy cache; default root/pose_cache, "" = none),
+    min_pose_frames (k400-pose: default clip_len; others 0), class_map (toyota-smarthome: "sims4action" or
+    "phlvc-code")."""
     root = root or os.path.join("data", "toy-paired" if name in TOY_PAIRED_HALVES else name)
     skel_kwargs = dict(transform=transform, strict=strict, bad_files_path=bad_files_path)
     if name == "toy-skeleton":
@@ -2175,12 +2180,17 @@ def _build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides
                               f"kinetics_{_split_name(split)}")  # <youtube_id>.json for <youtube_id>_<start>_<end>.mp4
         ds = VideoPoseDataset(samples, classes, lambda p: os.path.join(folder, os.path.basename(p).rsplit("_", 2)[0]
                                                                        + ".json"), f"k400-pose {split}",
-                              clip_len=clip_len, decoder=decoder, num_clips=num_clips, sampling=sampling, **skel_kwargs)
+                              clip_len=clip_len, decoder=decoder, num_clips=num_clips, sampling=sampling,
+                              cache_dir=dataset_options.get("pose_cache", os.path.join(root, "pose_cache")) or None,
+                              min_pose_frames=dataset_options.get("min_pose_frames", clip_len),
+                              reference=" (supp.: 144,085)" if split == "train" else "", **skel_kwargs)
     elif name.startswith(("sims4action", "toyota-smarthome")) and "pose2d" in (modalities or ()):  # AlphaPose
         samples, classes = _parse_video_set(name, root, split, dataset_options)
         ds = VideoPoseDataset(samples, classes, lambda p: os.path.join(root, "pose2d", os.path.splitext(
             os.path.basename(p))[0] + ".json"), f"{name} {split}", clip_len=clip_len, decoder=decoder,
-                              num_clips=num_clips, sampling=sampling, **skel_kwargs)
+                              num_clips=num_clips, sampling=sampling,
+                              cache_dir=dataset_options.get("pose_cache", os.path.join(root, "pose_cache")) or None,
+                              min_pose_frames=dataset_options.get("min_pose_frames", 0), **skel_kwargs)
     elif name in ("toy-paired", "paired") + tuple(TOY_PAIRED_HALVES):
         if name.startswith("toy-paired"):
             make_toy_paired(root, seed=dataset_options.get("toy_seed", 0))
@@ -2805,20 +2815,38 @@ class VideoPoseDataset(torch.utils.data.Dataset):
     (pose_root/kinetics_{train,val}/<youtube_id>.json, OpenPose, 30 fps; reading: the ST-GCN preprocessing resampled
     the videos to 30 fps); "sims4action" / "toyota-smarthome" with "pose2d" = root/pose2d/<video name>.json
     (`python common.py convert-alphapose`). Video frame t is read with pose frame t; pose_path(video) names the
-    JSON; videos without one are left out (printed as `what`; P-HLVC supp.: 144,085 k400-pose train videos).
+    JSON. Left out: videos without one, and with min_pose_frames > 0 those with fewer posed frames (a person with a
+    positive score) or an unreadable JSON (P-HLVC supp. Sec. 7.2 keeps 144,085 Kinetics videos; printed with `what`).
+    The JSON files are read through `read_pose_json_cached` (cache_dir None: parsed every time).
     Items: "video" uint8 (C, T, H, W), "pose2d" float32 (3, T, 18, people) as read_kinetics_skeleton_json,
     "label", "index", "frame_indices"; with num_clips > 1 or a multi-clip sampling (K, ...) per clip."""
 
     def __init__(self, samples, class_names, pose_path, what, clip_len=16, transform=None, decoder="auto",
-                 people=5, strict=False, bad_files_path=None, num_clips=1, sampling="random"):
+                 people=5, strict=False, bad_files_path=None, num_clips=1, sampling="random", cache_dir=None,
+                 min_pose_frames=0, reference=""):
         folder = _need(os.path.dirname(pose_path(samples[0][0])) if samples else ".", "the pose JSON folder")
         have = set(os.listdir(folder))
         self.samples = [(p, y, pose_path(p)) for p, y in samples if os.path.basename(pose_path(p)) in have]
-        print(f"{what}: {len(self.samples)} of {len(samples)} videos have a pose JSON", flush=True)
         self.class_names, self.num_classes = list(class_names), len(class_names)
         self.clip_len, self.transform, self.decoder, self.people = clip_len, transform, decoder, people
         self.strict, self.bad_files_path, self.bad_files = strict, bad_files_path, {}
-        self.num_clips, self.sampling = num_clips, sampling
+        self.num_clips, self.sampling, self.cache_dir = num_clips, sampling, cache_dir
+        found, short = len(self.samples), ""
+        if min_pose_frames > 0:
+            print(f"{what}: counting the posed frames of {found} pose JSON files (cache {cache_dir}: ~15 ms a file "
+                  f"parsed, 0.2 ms cached)", flush=True)
+            posed = {}
+            for j in np.random.default_rng().permutation(found):  # concurrent processes share the uncached JSON
+                try:
+                    pose = read_pose_json_cached(self.samples[j][2], cache_dir, people)  # (3, T, 18, M)
+                    posed[j] = int((pose[2].sum(axis=(1, 2)) > 0).sum())
+                except (VideoReadError, OSError) as e:
+                    _report_bad(self, self.samples[j][2], str(e).replace(f"{self.samples[j][2]}: ", ""))
+            self.samples = [s for j, s in enumerate(self.samples) if posed.get(j, -1) >= min_pose_frames]
+            short = (f", {sum(0 <= n < min_pose_frames for n in posed.values())} with fewer than {min_pose_frames} "
+                     f"posed frames, {found - len(posed)} unreadable")
+        print(f"{what}: {len(self.samples)} of {len(samples)} videos kept{reference} ({len(samples) - found} without "
+              f"a pose JSON{short})", flush=True)
 
     def __len__(self):
         return len(self.samples)
@@ -2836,10 +2864,12 @@ class VideoPoseDataset(torch.utils.data.Dataset):
         frames = _read_frames(path, index_fn, self.decoder)  # (K * L, H, W, C)
         k = 0 if self.sampling in SINGLE_CLIP_SAMPLINGS and self.num_clips == 1 else slice(None)  # one clip: no K
         idx = store["idx"]  # (K, L)
-        pose, _ = read_kinetics_skeleton_json(pose_path, max_frames=int(idx.max()) + 1, people_in=self.people,
-                                              people_out=self.people)
+        pose = read_pose_json_cached(pose_path, self.cache_dir, self.people)  # (3, T_json, 18, M <= people)
+        clip = np.zeros((3, *idx.shape, 18, self.people), dtype=np.float32)  # (3, K, L, V, people): zero after T_json
+        inside = idx < pose.shape[1]  # (K, L)
+        clip[:, inside, :, :pose.shape[3]] = pose[:, idx[inside]]
         item = {"video": torch.from_numpy(frames).view(*idx.shape, *frames.shape[1:]).permute(0, 4, 1, 2, 3)[k],
-                "pose2d": torch.from_numpy(np.ascontiguousarray(pose[:, idx].swapaxes(0, 1)))[k]}  # (K, 3, L, V, M)
+                "pose2d": torch.from_numpy(np.ascontiguousarray(clip.swapaxes(0, 1)))[k]}  # (K, 3, L, V, people)
         if self.transform is not None:
             item = self.transform(item)
         item.update(label=torch.tensor(label), index=torch.tensor(i, dtype=torch.int64),
@@ -3784,10 +3814,13 @@ def read_kinetics_skeleton_json(path, max_frames=300, people_in=5, people_out=2)
     """ST-GCN Kinetics-Skeleton JSON -> (float32 (3, T, 18, people_out) = (x - 0.5, y - 0.5, score), label_index).
     As st-gcn's Feeder_kinetics: up to people_in people per frame, coordinates zeroed where score == 0, people
     sorted per frame by total score, the first people_out kept. If every person has an "id" (convert-alphapose of
-    AlphaPose --pose_track results), slot m holds one track throughout: tracks ranked by their summed score."""
+    AlphaPose --pose_track results), slot m holds one track throughout: tracks ranked by their summed score.
+    max_frames None: T = the JSON's last frame_index + 1."""
     try:
         with open(path) as f:
             video = json.load(f)
+        if max_frames is None:
+            max_frames = max((int(frame["frame_index"]) + 1 for frame in video["data"]), default=0)
         data = np.zeros((3, max_frames, 18, people_in), dtype=np.float32)
         people = [p for frame in video["data"] for p in frame["skeleton"]]
         total = {}
@@ -3815,6 +3848,56 @@ def read_kinetics_skeleton_json(path, max_frames=300, people_in=5, people_out=2)
     for t in range(max_frames if not slot else 0):
         data[:, t] = data[:, t][:, :, order[t]]
     return data[:, :, :, :people_out], label
+
+
+def read_pose_json_cached(path, cache_dir, people=5):
+    """`read_kinetics_skeleton_json(path, None, people, people)` through an .npy cache in cache_dir (None: parse
+    every time) -> float32 (3, T_json, 18, M <= people); person slots empty in every frame are not stored. The file
+    name hashes the JSON's real path, mtime, size, `people` and the reader's source code, so an edited JSON or
+    reader is parsed again (old entries stay on disk, unread); written to a temporary file and renamed, so
+    concurrent readers and writers see a whole file or none. A cache folder that cannot be written warns once."""
+    if not cache_dir:
+        return _trim_people(read_kinetics_skeleton_json(path, None, people, people)[0])
+    st = os.stat(path)
+    key = f"{os.path.realpath(path)}|{st.st_mtime_ns}|{st.st_size}|{people}|{_pose_reader_hash()}"
+    cached = os.path.join(cache_dir, f"{os.path.splitext(os.path.basename(path))[0]}-"
+                                     f"{hashlib.sha1(key.encode()).hexdigest()[:16]}.npy")
+    try:
+        return np.load(cached)
+    except (OSError, ValueError, EOFError):  # not cached yet (a damaged file is parsed again and replaced)
+        pass
+    pose = _trim_people(read_kinetics_skeleton_json(path, None, people, people)[0])
+    tmp = None
+    try:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".npy.tmp")
+        os.fchmod(fd, 0o644)
+        with os.fdopen(fd, "wb") as f:
+            np.save(f, pose)
+        os.replace(tmp, cached)
+    except OSError as e:
+        if tmp and os.path.exists(tmp):
+            os.remove(tmp)
+        if cache_dir not in _POSE_CACHE_FAILED:
+            _POSE_CACHE_FAILED.add(cache_dir)
+            warnings.warn(f"{cache_dir}: pose JSON cache not written ({e}); parsing the JSON files every time")
+    return pose
+
+
+_POSE_CACHE_FAILED = set()
+
+
+def _trim_people(pose):
+    """(3, T, 18, M) -> (3, T, 18, M') without the trailing person slots that are empty in every frame."""
+    used = np.flatnonzero(np.abs(pose).sum(axis=(0, 1, 2)) > 0)
+    return np.ascontiguousarray(pose[..., :used[-1] + 1 if len(used) else 0])
+
+
+@functools.lru_cache(maxsize=1)
+def _pose_reader_hash():
+    """A hash of the JSON reader's source: a changed reader never reads an old cache entry."""
+    return hashlib.sha1((inspect.getsource(read_kinetics_skeleton_json) + inspect.getsource(_trim_people))
+                        .encode()).hexdigest()[:16]
 
 
 # AlphaPose (COCO-17) -> OpenPose COCO-18 order; None = the neck, which COCO-17 lacks (AlphaPose's own "--format

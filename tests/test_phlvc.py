@@ -200,6 +200,93 @@ def test_multi_body_loss_with_0_1_3_tracks_equals_a_per_sample_loop():
     assert phlvc.multi_body_loss(pairs, torch.zeros(b, m, dtype=torch.bool)) == 0
 
 
+# ------------------------------------------------------------------------------------------- encoders, train step
+def script_args(monkeypatch, *argv):
+    """phlvc.main's arguments after its defaults and finalize_method_args, without running anything."""
+    monkeypatch.setattr(common, "launch", lambda worker, args, finalize: finalize(args))
+    return phlvc.main(list(map(str, argv)))
+
+
+def test_paper_encoders_have_listing_1_parameter_counts(monkeypatch):
+    """Sec. 7.3, Listing 1 (the authors' model_3d.py): S3D + Conv3d 1024 -> 512 8,434,848; FC2 263,680; each Rep
+    131,328; SkeleMotion CNN 1,351,152; prototypes 10,000 x 256 allocated, 3,000 active."""
+    model = phlvc.PHLVC(script_args(monkeypatch, "--data", "k400-pose"))
+    n = lambda module: sum(p.numel() for p in module.parameters())  # noqa: E731
+    assert n(model.video.trunk) + n(model.video.fc) == 8_434_848 and n(model.video.vid_fc2) == 263_680
+    assert n(model.vid_fc_rep) == n(model.sk_fc_rep) == 131_328 and n(model.pose) == 1_351_152
+    assert model.prototypes.shape == (10000, 256) and int(model.active) == 3000
+
+
+def test_pose_data_defaults(monkeypatch):
+    """k400-pose keeps videos with the T + 1 posed frames of one clip; the cache lives under the data root."""
+    args = script_args(monkeypatch, "--data", "k400-pose", "--arch", "r2d3d_18", "--data-root", "/d/k400")
+    assert (args.min_pose_frames, args.pose_cache) == (31, "/d/k400/pose_cache")
+
+
+TINY = ("--hidden", 16, "--rep-dim", 8, "--prototypes", 6, "--clip-len", 19, "--crop-size", 32, "--video-input",
+        "rgb", "--single-track-iters", 1, "--max-tracks", 2)
+
+
+def tiny_model_and_step(monkeypatch, *argv, steps_per_epoch=100, wd=0.0):
+    """A tiny3d PHLVC, Adam, its train step (no DDP, fp32) and a batch of 4 RGB clips with 3 pose tracks each."""
+    import contextlib
+    import types
+    args = script_args(monkeypatch, *TINY, *argv)
+    torch.manual_seed(0)
+    model = phlvc.PHLVC(args)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2, weight_decay=wd)
+    run = types.SimpleNamespace(autocast=contextlib.nullcontext, backward=lambda loss: loss.backward(),
+                                optimizer_step=lambda opt: opt.step())
+    batch = {"video": torch.randint(0, 256, (4, 1, 3, 19, 32, 32), dtype=torch.uint8),
+             "pose2d": kinetics_like_pose(n=4, frames=20, tracks=3)}
+    return args, model, optimizer, lambda m, o: phlvc.make_train_step(m, m, o, run, args, steps_per_epoch), batch
+
+
+def test_train_step_freezes_prototypes_uses_one_track_first_and_grows(monkeypatch):
+    """Sec. 7.6: the prototypes do not move (no gradient, no weight decay) for --freeze-prototypes-iters, then do;
+    one track per sample for --single-track-iters, then up to --max-tracks; the assignment counts add up every
+    video view and every used track. Sec. 7.8: a growth step splits the most-assigned prototypes into the next
+    rows with fresh Adam moments, old rows and their moments untouched, counts restarted."""
+    args, model, optimizer, make_step, batch = tiny_model_and_step(
+        monkeypatch, "--prototypes-final", 8, "--freeze-prototypes-iters", 2, wd=1e-4)
+    step = make_step(model, optimizer)
+    unit = torch.nn.functional.normalize(model.prototypes.detach().clone(), dim=1)
+    tracks = []
+    for _ in range(2):
+        tracks.append(float(step(batch)["tracks"]))
+        assert torch.equal(model.prototypes.detach(), unit)
+    tracks.append(float(step(batch)["tracks"]))
+    assert not torch.allclose(model.prototypes.detach(), unit)
+    assert tracks == [1.0, 2.0, 2.0] and int(model.iteration) == 3
+    assert model.counts.sum() == (4 + 4) + 2 * (4 + 8)  # video rows + tracks used, over 3 steps
+    state = {k: v.clone() for k, v in optimizer.state[model.prototypes].items()}
+    old, parents = model.prototypes.detach().clone(), model.counts[:6].topk(2).indices
+    assert state["exp_avg"][6:].abs().sum() > 0  # weight decay moved the inactive rows' moments
+    phlvc.maybe_grow(model, optimizer, args.grow_start_epoch, args)
+    assert int(model.active) == 8 and model.counts.sum() == 0 and torch.equal(model.prototypes[:6], old[:6])
+    assert (model.prototypes[6:] * torch.nn.functional.normalize(old[parents], dim=1)).sum(1).min() > 0.99
+    for key in ("exp_avg", "exp_avg_sq"):
+        moments = optimizer.state[model.prototypes][key]
+        assert torch.equal(moments[:6], state[key][:6]) and moments[6:].abs().sum() == 0
+
+
+def test_train_step_queue_fills_the_epoch_before_and_joins_sinkhorn(monkeypatch):
+    """Sec. 7.6: the queue fills during the epoch before --queue-start-epoch with every video row and only the used
+    pose tracks (unit rows, newest first, capped); from that epoch its rows change the Sinkhorn targets."""
+    import copy
+    _, model, optimizer, make_step, batch = tiny_model_and_step(
+        monkeypatch, "--prototypes-final", 6, "--queue-start-epoch", 1, "--queue-size", 10, steps_per_epoch=2)
+    make_step(model, optimizer)(batch)  # epoch 0, one track
+    assert model.queue_len.tolist() == [4, 4]
+    make_step(model, optimizer)(batch)  # two tracks each
+    assert model.queue_len.tolist() == [8, 10]  # 4 + 8 pose rows, capped at 10
+    torch.testing.assert_close(model.queue[1].norm(dim=1), torch.ones(10))  # no absent (zero) track queued
+    without = copy.deepcopy((model, optimizer))
+    without[0].queue_len.zero_()
+    losses = [float(make_step(m, o)(batch)["loss"]) for m, o in ((model, optimizer), without)]  # epoch 1: queue used
+    assert losses[0] != pytest.approx(losses[1], rel=1e-6)
+
+
 # ------------------------------------------------------------------------------------------- the script
 def run_script(out_dir, *extra, timeout=600):
     cmd = [sys.executable, os.path.join(ROOT, "phlvc.py"), "--gpus", "0", "--out-dir", str(out_dir),
@@ -311,13 +398,153 @@ def test_k400_pose_pairs_video_and_pose_frames(tmp_path):
     assert present.sum() == 3  # the two extra people of every fifth frame count as (weak) tracks
 
 
+def write_stgcn_json(path, posed, frames=300, bodies=2, seed=0):
+    """A JSON as ST-GCN's Kinetics-Skeleton release has it: frame_index from 1, per person "pose" = 18 (x, y) and
+    "score" = 18 values, 3 decimals; frames t not in `posed` have an empty "skeleton" list."""
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    data = [{"frame_index": t + 1, "skeleton": [{"pose": np.round(rng.random(36), 3).tolist(), "score": np.round(
+        rng.uniform(0.05, 1, 18), 3).tolist()} for _ in range(bodies)] if t in posed else []} for t in range(frames)]
+    path.write_text(json.dumps({"data": data, "label": "abseiling", "label_index": 0}))
+
+
+def add_k400_pose_videos(root, frames=26):
+    """To write_k400_pose's train split: 21 posed frames (scattered), 20 (and 6 with a person scored 0 everywhere),
+    no person in any frame, "data": [] (ST-GCN's has_skeleton false), a truncated JSON."""
+    folder = root / "kinetics-skeleton" / "kinetics_train"
+    write_stgcn_json(folder / "just_enough.json", range(0, 2 * 21, 2), frames=2 * 21)
+    write_stgcn_json(folder / "few_posed.json", range(20), frames=frames)
+    few = json.loads((folder / "few_posed.json").read_text())
+    for frame in few["data"][20:]:
+        frame["skeleton"] = [{"pose": [0.5] * 36, "score": [0.0] * 18}]
+    (folder / "few_posed.json").write_text(json.dumps(few))
+    write_stgcn_json(folder / "empty_skeletons.json", (), frames=frames)
+    (folder / "no_data.json").write_text(json.dumps({"data": [], "label": "waving", "label_index": 1}))
+    (folder / "broken.json").write_text('{"data": [{"frame_index": 1, "skeleton": [{"pose": [0.1, ')
+    import numpy as np
+    with open(root / "annotations" / "train.csv", "a") as f:
+        for vid in ("just_enough", "few_posed", "empty_skeletons", "no_data", "broken"):
+            f.write(f"waving,{vid},3,13,train\n")
+            common.write_video(str(root / "train" / "waving" / f"{vid}_000003_000013.mp4"),
+                               np.zeros((frames, 36, 52, 3), dtype=np.uint8))
+
+
+def test_k400_pose_drops_videos_without_enough_posed_frames(tmp_path):
+    """Supp. Sec. 7.2 (our reading): a video is kept with >= min_pose_frames frames holding a person with a positive
+    score (default: the clip's frames); missing, unreadable (-> bad_files.txt), empty JSON are dropped."""
+    write_k400_pose(tmp_path)
+    add_k400_pose_videos(tmp_path)
+    bad = tmp_path / "bad_files.txt"
+    with pytest.warns(UserWarning, match="broken.json"):
+        ds = common.build_dataset("k400-pose", str(tmp_path), "train", clip_len=21, bad_files_path=str(bad))
+    names = sorted(os.path.basename(p).rsplit("_", 2)[0] for p, _, _ in ds.samples)
+    assert names == ["abc_def-123", "just_enough", "zz-yy_xx_01"]
+    assert "broken.json" in bad.read_text()
+    ds = common.build_dataset("k400-pose", str(tmp_path), "train", clip_len=21, min_pose_frames=22, pose_cache="")
+    assert len(ds) == 2  # 25, 25 posed frames kept; 21 not
+    ds = common.build_dataset("k400-pose", str(tmp_path), "train", clip_len=21, min_pose_frames=0)
+    assert len(ds) == 7  # only the video without a JSON left out
+
+
 def test_k400_pose_pretraining_step(tmp_path):
     write_k400_pose(tmp_path)
+    add_k400_pose_videos(tmp_path)
     out = run_script(tmp_path / "run", "--data", "k400-pose", "--data-root", tmp_path, "--arch", "tiny3d",
                      "--clip-len", 20, "--crop-size", 32, "--hidden", 32, "--rep-dim", 16, "--prototypes", 4,
-                     "--prototypes-final", 4, "--batch-size", 2, "--max-steps", 2, "--workers", 0, "--log-every", 1)
-    assert "k400-pose train: 2 of 3 videos" in out
+                     "--prototypes-final", 4, "--batch-size", 2, "--max-steps", 2, "--workers", 0, "--log-every", 1,
+                     "--min-pose-frames", 20, "--pose-cache", tmp_path / "cache")
+    assert ("k400-pose train: 4 of 8 videos kept (supp.: 144,085) (1 without a pose JSON, 2 with fewer than 20 "
+            "posed frames, 1 unreadable)") in out
+    assert len(os.listdir(tmp_path / "cache")) == 6  # every readable JSON parsed once into the cache
     assert all(math.isfinite(l) for _, l, _ in losses(tmp_path / "run"))
+
+
+def test_pose_json_cache_hit_invalidation_and_dataset_items(tmp_path, monkeypatch):
+    """read_pose_json_cached: the parse of read_kinetics_skeleton_json (all frames; empty person slots dropped); a hit
+    parses nothing; an edited JSON, another `people`, a damaged entry are parsed again; an unwritable folder warns."""
+    import numpy as np
+    path, cache = tmp_path / "vid.json", str(tmp_path / "cache")
+    write_stgcn_json(path, range(0, 300, 3))
+    full, _ = common.read_kinetics_skeleton_json(str(path), 301, 5, 5)  # frame_index 1..300
+    first = common.read_pose_json_cached(str(path), cache)
+    assert first.shape == (3, 301, 18, 2) and np.array_equal(first, full[..., :2]) and not full[..., 2:].any()
+    parse = common.read_kinetics_skeleton_json
+    monkeypatch.setattr(common, "read_kinetics_skeleton_json", lambda *a: pytest.fail("parsed on a cache hit"))
+    assert np.array_equal(common.read_pose_json_cached(str(path), cache), first)
+    monkeypatch.setattr(common, "read_kinetics_skeleton_json", parse)
+    assert common.read_pose_json_cached(str(path), cache, people=1).shape == (3, 301, 18, 1)
+    write_stgcn_json(path, range(0, 300, 3), seed=1)  # same size, new poses
+    os.utime(path, ns=(os.stat(path).st_atime_ns, os.stat(path).st_mtime_ns + 10 ** 9))
+    edited = common.read_pose_json_cached(str(path), cache)
+    assert np.array_equal(edited, common.read_kinetics_skeleton_json(str(path), 301, 5, 2)[0])
+    assert not np.array_equal(edited, first) and len(os.listdir(cache)) == 3
+    newest = max(os.listdir(cache), key=lambda n: os.stat(os.path.join(cache, n)).st_mtime_ns)
+    with open(os.path.join(cache, newest), "r+b") as f:
+        f.truncate(1000)  # a damaged entry: parsed again and replaced
+    assert np.array_equal(common.read_pose_json_cached(str(path), cache), edited)
+    assert os.path.getsize(os.path.join(cache, newest)) > 1000
+    (tmp_path / "not_a_folder").write_text("")
+    with pytest.warns(UserWarning, match="pose JSON cache not written"):
+        assert np.array_equal(common.read_pose_json_cached(str(path), str(tmp_path / "not_a_folder")), edited)
+    # through the dataset a run reads: cached and uncached items are equal
+    root = tmp_path / "k400"
+    write_k400_pose(root)
+    build = lambda **kw: common.build_dataset("k400-pose", str(root), "train", clip_len=21, sampling="uniform",  # noqa
+                                              **kw)[1]["pose2d"]
+    items = [build(pose_cache=""), build(), build()]  # parsed; parsed into root/pose_cache (default); read from it
+    assert len(os.listdir(root / "pose_cache")) == 2 and items[0].shape == (3, 21, 18, 5)
+    assert torch.equal(items[0], items[1]) and torch.equal(items[0], items[2]) and items[0][2].sum() > 0
+
+
+def _rewrite_cache_entry(path, cache, times):
+    """(In a forked writer) delete and re-write the entry `times` times, np.save writing in 4 pieces 2 ms apart."""
+    import contextlib
+    import io
+    import time
+    import numpy as np
+    save = np.save
+
+    def slow_save(f, array):
+        buf = io.BytesIO()
+        save(buf, array)
+        data = buf.getvalue()
+        for i in range(0, len(data), len(data) // 4 + 1):
+            f.write(data[i:i + len(data) // 4 + 1])
+            f.flush()
+            time.sleep(0.002)
+    np.save = slow_save
+    for _ in range(times):
+        for name in os.listdir(cache):
+            with contextlib.suppress(FileNotFoundError):  # the other writer may have removed it already
+                if name.endswith(".npy"):
+                    os.remove(os.path.join(cache, name))
+        common.read_pose_json_cached(path, cache)
+
+
+def test_pose_json_cache_writes_whole_files_only(tmp_path):
+    """Two processes keep deleting and slowly re-writing the entry while this one watches it: every .npy file seen
+    has its full size (written under a temporary name, then renamed), every read equals the parse; no temporary
+    file left."""
+    import numpy as np
+    path, cache = tmp_path / "vid.json", str(tmp_path / "cache")
+    write_stgcn_json(path, range(300))
+    expected = common.read_pose_json_cached(str(path), cache)
+    size = os.path.getsize(os.path.join(cache, os.listdir(cache)[0]))
+    ctx = mp.get_context("fork")
+    writers = [ctx.Process(target=_rewrite_cache_entry, args=(str(path), cache, 20)) for _ in range(2)]
+    for w in writers:
+        w.start()
+    seen = set()
+    while any(w.is_alive() for w in writers):
+        for name in os.listdir(cache):
+            try:
+                if name.endswith(".npy"):
+                    seen.add(os.path.getsize(os.path.join(cache, name)))
+            except FileNotFoundError:
+                pass
+        assert np.array_equal(common.read_pose_json_cached(str(path), cache), expected)
+    assert all(w.join() is None and w.exitcode == 0 for w in writers)
+    assert seen <= {size} and [n for n in os.listdir(cache) if not n.endswith(".npy")] == []
 
 
 def test_phlvc_video_loads_the_authors_layout():
@@ -620,7 +847,8 @@ def test_sims4action_pretraining_on_converted_alphapose_poses(tmp_path):
     out = run_script(tmp_path / "run", "--data", "sims4action", "--data-root", sims, "--arch", "tiny3d",
                      "--clip-len", 19, "--crop-size", 32, "--hidden", 32, "--rep-dim", 16, "--prototypes", 4,
                      "--prototypes-final", 4, "--batch-size", 2, "--max-steps", 2, "--workers", 0, "--log-every", 1)
-    assert "sims4action train: 3 of 4 videos have a pose JSON" in out
+    assert ("sims4action train: 3 of 4 videos kept (1 without a pose JSON, 0 with fewer than 20 posed frames, 0 "
+            "unreadable)") in out  # --min-pose-frames T + 1 = 20: the 20 posed frames suffice
     assert all(math.isfinite(l) for _, l, _ in losses(tmp_path / "run"))
 
 
