@@ -1100,12 +1100,11 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
     elif arch == "r2plus1d_10":
         model = R2Plus1D10(c, **options)
     elif arch == "resnet3d_18":
-        model = ResNet3D(BasicBlock3D, (2, 2, 2, 2), c, **options)
+        model = ResNet3D((2, 2, 2, 2), c, **options)
     elif arch == "resnext3d_101":
-        model = ResNet3D(ResNeXtBottleneck3D, (3, 4, 23, 3), c, widths=(128, 256, 512, 1024), cardinality=32,
-                         **options)
+        model = ResNet3D((3, 4, 23, 3), c, widths=(128, 256, 512, 1024), cardinality=32, **options)
     elif arch == "r2d3d_18":
-        model = ResNet3D(BasicBlock3D, (2, 2, 2, 2), c, stem_kernel=(1, 7, 7),
+        model = ResNet3D((2, 2, 2, 2), c, stem_kernel=(1, 7, 7),
                          widths=(64, 128, 256, 256), block_kernels=((1, 3, 3), (1, 3, 3), 3, 3),
                          temporal_strides=(1, 1, 2, 2), final_relu=False, **options)
     elif arch == "phlvc_video":
@@ -1262,50 +1261,32 @@ class I3D(nn.Module):
         return x if return_map else _pool_video_map(x)
 
 
-class BasicBlock3D(nn.Module):
-    """ResNet basic block with a given conv kernel ((1,3,3) = 2D block of R2D3D, 3 = 3D block); names conv1/bn1."""
-    expansion = 1
+class Block3D(nn.Module):
+    """A 3D-ResNet block with Hara et al.'s names (conv1/bn1, ..., downsample): basic (cardinality None: two convs
+    of `kernel`; (1, 3, 3) = R2D3D's 2D block) or ResNeXt bottleneck (1x1x1 -> grouped 3x3x3 with
+    cardinality * planes / 32 channels -> 1x1x1 to 2 * planes). (N, cin, T, H, W) -> (N, planes * expansion, ...)."""
 
-    def __init__(self, cin, planes, stride=1, downsample=None, kernel=3, cardinality=1):
+    def __init__(self, cin, planes, stride=1, downsample=None, kernel=3, cardinality=None):
         super().__init__()
-        pad = tuple(k // 2 for k in kernel) if isinstance(kernel, tuple) else kernel // 2
-        self.conv1 = nn.Conv3d(cin, planes, kernel, stride, pad, bias=False)
-        self.bn1 = nn.BatchNorm3d(planes)
-        self.conv2 = nn.Conv3d(planes, planes, kernel, 1, pad, bias=False)
-        self.bn2 = nn.BatchNorm3d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.final_relu = True
+        if cardinality is None:  # (cin, cout, kernel, stride, groups) per conv
+            convs = [(cin, planes, kernel, stride, 1), (planes, planes, kernel, 1, 1)]
+        else:
+            mid = cardinality * (planes // 32)
+            convs = [(cin, mid, 1, 1, 1), (mid, mid, 3, stride, cardinality), (mid, 2 * planes, 1, 1, 1)]
+        for i, (a, b, k, s, g) in enumerate(convs, 1):
+            pad = tuple(n // 2 for n in k) if isinstance(k, tuple) else k // 2
+            setattr(self, f"conv{i}", nn.Conv3d(a, b, k, s, pad, groups=g, bias=False))
+            setattr(self, f"bn{i}", nn.BatchNorm3d(b))
+        self.num_convs = len(convs)
+        self.relu, self.downsample, self.final_relu = nn.ReLU(inplace=True), downsample, True
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out)) + identity
-        return self.relu(out) if self.final_relu else out
-
-
-class ResNeXtBottleneck3D(nn.Module):
-    """Hara et al.'s ResNeXt bottleneck (expansion 2, grouped 3x3x3 conv, mid = cardinality * planes / 32)."""
-    expansion = 2
-
-    def __init__(self, cin, planes, stride=1, downsample=None, kernel=3, cardinality=32):
-        super().__init__()
-        mid = cardinality * (planes // 32)
-        self.conv1 = nn.Conv3d(cin, mid, 1, bias=False)
-        self.bn1 = nn.BatchNorm3d(mid)
-        self.conv2 = nn.Conv3d(mid, mid, 3, stride, 1, groups=cardinality, bias=False)
-        self.bn2 = nn.BatchNorm3d(mid)
-        self.conv3 = nn.Conv3d(mid, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm3d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.final_relu = True
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out)) + identity
+        out = x
+        for i in range(1, self.num_convs + 1):
+            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))  # (N, C_i, T', H', W')
+            if i < self.num_convs:
+                out = self.relu(out)
+        out = out + (x if self.downsample is None else self.downsample(x))  # (N, planes * expansion, T', H', W')
         return self.relu(out) if self.final_relu else out
 
 
@@ -1318,7 +1299,7 @@ class ResNet3D(nn.Module):
     3D blocks in layer3-4, layer4 narrowed to 256 channels and no ReLU after its last block).
     """
 
-    def __init__(self, block, layers, in_channels=3, widths=(64, 128, 256, 512), cardinality=1,
+    def __init__(self, layers, in_channels=3, widths=(64, 128, 256, 512), cardinality=None,
                  stem_kernel=(7, 7, 7), block_kernels=(3, 3, 3, 3), temporal_strides=(1, 2, 2, 2), final_relu=True):
         super().__init__()
         self.conv1 = nn.Conv3d(in_channels, 64, stem_kernel, (1, 2, 2), tuple(k // 2 for k in stem_kernel),
@@ -1327,16 +1308,16 @@ class ResNet3D(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         pool_t = 3 if stem_kernel[0] > 1 else 1
         self.maxpool = nn.MaxPool3d((pool_t, 3, 3), (2 if pool_t > 1 else 1, 2, 2), (pool_t // 2, 1, 1))
-        cin = 64
+        cin, expansion = 64, 1 if cardinality is None else 2
         for i, (planes, n) in enumerate(zip(widths, layers)):
             stride = (temporal_strides[i], 1 if i == 0 else 2, 1 if i == 0 else 2)
             downsample = None
-            if stride != (1, 1, 1) or cin != planes * block.expansion:
-                downsample = nn.Sequential(nn.Conv3d(cin, planes * block.expansion, 1, stride, bias=False),
-                                           nn.BatchNorm3d(planes * block.expansion))
-            blocks = [block(cin, planes, stride, downsample, block_kernels[i], cardinality)]
-            cin = planes * block.expansion
-            blocks += [block(cin, planes, 1, None, block_kernels[i], cardinality) for _ in range(n - 1)]
+            if stride != (1, 1, 1) or cin != planes * expansion:
+                downsample = nn.Sequential(nn.Conv3d(cin, planes * expansion, 1, stride, bias=False),
+                                           nn.BatchNorm3d(planes * expansion))
+            blocks = [Block3D(cin, planes, stride, downsample, block_kernels[i], cardinality)]
+            cin = planes * expansion
+            blocks += [Block3D(cin, planes, 1, None, block_kernels[i], cardinality) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         blocks[-1].final_relu = final_relu
         self.feature_dim = cin
@@ -4034,20 +4015,20 @@ def render_toy_motion(rng, label, size=64, num_frames=16):
     else:  # shake_vertical: fast up-down oscillation in place
         amp, period, phase = rng.uniform(6, 10), rng.uniform(4, 6), rng.uniform(0, 2 * np.pi)
         x, y = p0[0] + 0 * t, p0[1] + amp * np.sin(2 * np.pi * t / period + phase)
-    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
-    for k in range(num_frames):
-        dx = (np.arange(width)[None, :] - x[k] + width / 2) % width - width / 2  # wrapped offsets (1, W)
-        dy = (np.arange(height)[:, None] - y[k] + height / 2) % height - height / 2  # (H, 1)
-        if shape == 0:
-            mask = dx ** 2 + dy ** 2 <= radius ** 2
-        elif shape == 1:
-            mask = (np.abs(dx) <= radius * 0.85) & (np.abs(dy) <= radius * 0.85)
-        else:
-            mask = np.abs(dx) + np.abs(dy) <= radius * 1.2
-        img = bg.copy()
-        img[mask] = colour
-        frames[k] = np.clip(img, 0, 255).astype(np.uint8)
-    return frames
+    dx = (np.arange(width)[None, None, :] - x[:, None, None] + width / 2) % width - width / 2  # wrapped (T, 1, W)
+    dy = (np.arange(height)[None, :, None] - y[:, None, None] + height / 2) % height - height / 2  # (T, H, 1)
+    if shape == 0:
+        mask = dx ** 2 + dy ** 2 <= radius ** 2  # (T, H, W)
+    elif shape == 1:
+        mask = (np.abs(dx) <= radius * 0.85) & (np.abs(dy) <= radius * 0.85)
+    else:
+        mask = np.abs(dx) + np.abs(dy) <= radius * 1.2
+    return _paint(bg, colour, mask)
+
+
+def _paint(bg, colour, mask):
+    """One colour where mask (T, H, W) is set, the background float (H, W, 3) elsewhere -> uint8 (T, H, W, 3)."""
+    return np.clip(np.where(mask[..., None], colour, bg), 0, 255).astype(np.uint8)
 
 
 def make_toy_motion(root, seed=0, train_per_class=24, val_per_class=8):
@@ -4138,13 +4119,8 @@ def render_toy_repetitions(rng, count, size=64):
     swing = amp * np.sin(2 * np.pi * t / period)  # (T,) one full back-and-forth per cycle
     x, y = centre[0] + swing * np.cos(direction), centre[1] + swing * np.sin(direction)
     grid = np.arange(size, dtype=np.float64)
-    frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
-    for k in range(num_frames):
-        mask = (grid[None, :] - x[k]) ** 2 + (grid[:, None] - y[k]) ** 2 <= radius ** 2  # (H, W)
-        img = bg.copy()
-        img[mask] = colour
-        frames[k] = np.clip(img, 0, 255).astype(np.uint8)
-    return frames, bounds
+    mask = (grid[None, None, :] - x[:, None, None]) ** 2 + (grid[None, :, None] - y[:, None, None]) ** 2 <= radius ** 2
+    return _paint(bg, colour, mask), bounds  # mask (T, H, W)
 
 
 def make_toy_ucfrep(root, seed=0, size=64, num_train=48, num_val=16, counts=(2, 8)):
@@ -4554,33 +4530,29 @@ def prepare_videos(src, dst, short_side=128, gop=16, fps=None, workers=1, crf=23
                 shutil.copy2(source, target + ".part")
                 os.replace(target + ".part", target)
     out(f"prepare-videos: {len(jobs)} videos to encode, {skipped} files already done, {workers} worker(s)")
-    bad = []
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=len(jobs), desc="prepare-videos", unit="video")
-    except ImportError:
-        bar = None
-    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
-    results = pool.imap_unordered(_prepare_one, jobs) if pool else map(_prepare_one, jobs)
-    try:
-        for source, reason in results:
-            if reason is not None:
-                bad.append((source, reason))
-            if bar is not None:
-                bar.update()
-    finally:
-        if pool:
-            pool.terminate()
-        if bar is not None:
-            bar.close()
-    if bad:
-        append_bad_files(os.path.join(dst, "bad_files.txt"), bad)
-        out(f"prepare-videos: {len(bad)} unreadable input(s) skipped, listed in {os.path.join(dst, 'bad_files.txt')}")
+    bad = _run_jobs(_prepare_one, jobs, workers, "prepare-videos", os.path.join(dst, "bad_files.txt"), out)
     return {"done": len(jobs) - len(bad), "skipped": skipped, "bad": bad}
 
 
+def _run_jobs(fn, jobs, workers, command, bad_files_path, out):
+    """fn(job) -> None or (path, reason) for every job, on `workers` spawned processes (1: this one), with a progress
+    bar; the unreadable ones are appended to bad_files_path and returned as [(path, reason)]."""
+    from tqdm import tqdm
+    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap_unordered(fn, jobs) if pool else map(fn, jobs)
+        bad = [r for r in tqdm(results, total=len(jobs), desc=command, unit="video") if r is not None]
+    finally:
+        if pool:
+            pool.terminate()
+    if bad:
+        append_bad_files(bad_files_path, bad)
+        out(f"{command}: {len(bad)} unreadable input(s) skipped, listed in {bad_files_path}")
+    return bad
+
+
 def _prepare_one(job):
-    """Encode one video (see prepare_videos) -> (source, None) or (source, reason it could not be read)."""
+    """Encode one video (see prepare_videos) -> None, or (source, reason) when it cannot be read."""
     import av
     source, target, short_side, gop, fps, crf = job
     folder, name = os.path.split(target)
@@ -4622,7 +4594,7 @@ def _prepare_one(job):
             if written == 0:
                 raise VideoReadError(f"{source}: no frame could be decoded")
         os.replace(temporary, target)
-        return source, None
+        return None
     except Exception as e:  # any decoder error: the file is listed in bad_files.txt and skipped
         if os.path.exists(temporary):
             os.remove(temporary)
@@ -4660,16 +4632,7 @@ def extract_flow(name, root=None, workers=1, decoder="auto", flow_fn=tvl1_flow, 
                     for i in range(len(ds))})
     jobs = [(p, decoder, flow_fn) for p in paths if not os.path.exists(os.path.join(_flow_folder(p), FLOW_DONE))]
     out(f"extract-flow: {len(jobs)} videos to do, {len(paths) - len(jobs)} already done, {workers} worker(s)")
-    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
-    try:
-        bad = [r for r in (pool.imap_unordered(_extract_flow_one, jobs) if pool else map(_extract_flow_one, jobs))
-               if r is not None]
-    finally:
-        if pool:
-            pool.terminate()
-    if bad:
-        append_bad_files(os.path.join(root, "bad_files.txt"), bad)
-        out(f"extract-flow: {len(bad)} unreadable video(s) skipped, listed in {os.path.join(root, 'bad_files.txt')}")
+    bad = _run_jobs(_extract_flow_one, jobs, workers, "extract-flow", os.path.join(root, "bad_files.txt"), out)
     return {"done": len(jobs) - len(bad), "skipped": len(paths) - len(jobs), "bad": bad}
 
 
@@ -4833,71 +4796,53 @@ def convert_pku_mmd(root, out_dir, benchmark="xsub", max_frames=300):
     return counts
 
 
+def main(argv=None):
+    """`python common.py check-data | prepare-videos | extract-flow | convert-alphapose`: exit status 1 when a file
+    could not be read, a one-line error (status 1) for a user mistake."""
+    cli = argparse.ArgumentParser(prog="common.py", description="Dataset tools; `python common.py COMMAND --help`.")
+    commands = cli.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check-data", description="Open every sample of a dataset and list the unreadable "
+                                "ones.")
+    flow = commands.add_parser("extract-flow", description=extract_flow.__doc__)
+    for c in (check, flow):
+        c.add_argument("--data", required=True, help="dataset name, as --data of the scripts (e.g. ucf101)")
+        c.add_argument("--data-root", default=None, help="default data/<name>")
+        c.add_argument("--decoder", default="auto", choices=["auto", "decord", "pyav", "torchcodec"])
+    check.add_argument("--split", default=None, choices=["train", "val"], help="default: both")
+    flow.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    prepare = commands.add_parser("prepare-videos", description=prepare_videos.__doc__)
+    prepare.add_argument("--src", required=True, help="dataset tree to read (any layout; names are kept)")
+    prepare.add_argument("--dst", required=True, help="output tree; point --data-root here")
+    prepare.add_argument("--short-side", type=int, default=128, help="128 for 112² crops, 256 for I3D's 224²")
+    prepare.add_argument("--gop", type=int, default=16, help="keyframe every N frames (short: fast random clips)")
+    prepare.add_argument("--fps", type=float, default=None, help="constant output frame rate (default: keep)")
+    prepare.add_argument("--crf", type=int, default=23, help="x264 quality (lower = better, larger)")
+    prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    pose = commands.add_parser("convert-alphapose", description=convert_alphapose.__doc__)
+    pose.add_argument("--src", required=True, help="alphapose-results.json, or a folder of <name>.json / "
+                      "<name>/alphapose-results.json")
+    pose.add_argument("--dst", required=True, help="pose2d/<name>.json, or the pose2d folder (folder --src)")
+    pose.add_argument("--width", type=int, default=None, help="frame width in pixels (with --height)")
+    pose.add_argument("--height", type=int, default=None)
+    pose.add_argument("--videos", default=None, help="else: the video (folder --src: its folder) for the size")
+    a = cli.parse_args(argv)
+    try:
+        if a.command == "check-data":
+            result = check_data(a.data, a.data_root, a.decoder, (a.split,) if a.split else ("train", "val"))
+            return 1 if any(r["bad"] for r in result.values()) else 0
+        if a.command == "prepare-videos":
+            return 1 if prepare_videos(a.src, a.dst, a.short_side, a.gop, a.fps, a.workers, a.crf)["bad"] else 0
+        if a.command == "extract-flow":
+            return 1 if extract_flow(a.data, a.data_root, a.workers, a.decoder)["bad"] else 0
+        if (a.width is None) != (a.height is None):
+            raise UserError(f"convert-alphapose: expected --width and --height together, found --width {a.width} "
+                            f"--height {a.height}")
+        count = convert_alphapose(a.src, a.dst, a.width, a.height, a.videos)
+        print(f"wrote {count} COCO-18 pose JSON file(s) to {a.dst}")
+        return 0
+    except (UserError, VideoReadError) as e:
+        sys.exit(f"error: {e}")
+
+
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "check-data":
-        cli = argparse.ArgumentParser(prog="common.py check-data",
-                                      description="Open every sample of a dataset and list the unreadable ones.")
-        cli.add_argument("command")
-        cli.add_argument("--data", required=True, help="dataset name, as --data of the scripts")
-        cli.add_argument("--data-root", default=None, help="default data/<name>")
-        cli.add_argument("--decoder", default="auto", choices=["auto", "decord", "pyav", "torchcodec"])
-        cli.add_argument("--split", default=None, choices=["train", "val"], help="default: both")
-        cli_args = cli.parse_args()
-        result = check_data(cli_args.data, cli_args.data_root, cli_args.decoder,
-                            (cli_args.split,) if cli_args.split else ("train", "val"))
-        sys.exit(1 if any(r["bad"] for r in result.values()) else 0)
-    if len(sys.argv) > 1 and sys.argv[1] == "prepare-videos":
-        cli = argparse.ArgumentParser(prog="common.py prepare-videos", description=prepare_videos.__doc__)
-        cli.add_argument("command")
-        cli.add_argument("--src", required=True, help="dataset tree to read (any layout; names are kept)")
-        cli.add_argument("--dst", required=True, help="output tree; point --data-root here")
-        cli.add_argument("--short-side", type=int, default=128, help="128 for 112² crops, 256 for I3D's 224²")
-        cli.add_argument("--gop", type=int, default=16, help="keyframe every N frames (short: fast random clips)")
-        cli.add_argument("--fps", type=float, default=None, help="constant output frame rate (default: keep)")
-        cli.add_argument("--crf", type=int, default=23, help="x264 quality (lower = better, larger)")
-        cli.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-        cli_args = cli.parse_args()
-        try:
-            result = prepare_videos(cli_args.src, cli_args.dst, cli_args.short_side, cli_args.gop, cli_args.fps,
-                                    cli_args.workers, cli_args.crf)
-        except UserError as e:
-            sys.exit(f"error: {e}")
-        sys.exit(1 if result["bad"] else 0)
-    if len(sys.argv) > 1 and sys.argv[1] == "convert-alphapose":
-        cli = argparse.ArgumentParser(prog="common.py convert-alphapose", description=convert_alphapose.__doc__)
-        cli.add_argument("command")
-        cli.add_argument("--src", required=True, help="alphapose-results.json, or a folder of <name>.json / "
-                         "<name>/alphapose-results.json")
-        cli.add_argument("--dst", required=True, help="pose2d/<name>.json, or the pose2d folder (folder --src)")
-        cli.add_argument("--width", type=int, default=None, help="frame width in pixels (with --height)")
-        cli.add_argument("--height", type=int, default=None)
-        cli.add_argument("--videos", default=None, help="else: the video (folder --src: its folder) for the size")
-        cli_args = cli.parse_args()
-        try:
-            if (cli_args.width is None) != (cli_args.height is None):
-                raise UserError(f"convert-alphapose: expected --width and --height together, found --width "
-                                f"{cli_args.width} --height {cli_args.height}")
-            count = convert_alphapose(cli_args.src, cli_args.dst, cli_args.width, cli_args.height, cli_args.videos)
-            print(f"wrote {count} COCO-18 pose JSON file(s) to {cli_args.dst}")
-        except (UserError, VideoReadError) as e:
-            sys.exit(f"error: {e}")
-        sys.exit(0)
-    if len(sys.argv) > 1 and sys.argv[1] == "extract-flow":
-        cli = argparse.ArgumentParser(prog="common.py extract-flow", description=extract_flow.__doc__)
-        cli.add_argument("command")
-        cli.add_argument("--data", required=True, help="dataset name, as --data of the scripts (e.g. ucf101)")
-        cli.add_argument("--data-root", default=None, help="default data/<name>")
-        cli.add_argument("--decoder", default="auto", choices=["auto", "decord", "pyav", "torchcodec"])
-        cli.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-        cli_args = cli.parse_args()
-        try:
-            result = extract_flow(cli_args.data, cli_args.data_root, cli_args.workers, cli_args.decoder)
-        except UserError as e:
-            sys.exit(f"error: {e}")
-        sys.exit(1 if result["bad"] else 0)
-    print("usage: python common.py check-data --data NAME [--data-root DIR] [--decoder auto|decord|pyav|torchcodec]\n"
-          "       python common.py prepare-videos --src DIR --dst DIR [--short-side 128] [--gop 16] [--fps N] "
-          "[--workers N]\n"
-          "       python common.py extract-flow --data NAME [--data-root DIR] [--workers N]\n"
-          "       python common.py convert-alphapose --src FILE|DIR --dst FILE|DIR [--width W --height H] "
-          "[--videos DIR]")
+    sys.exit(main())
