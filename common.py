@@ -2688,12 +2688,10 @@ class PKUPairedDataset(NTUPairedDataset):
         split = _split_name(split)
         self.root, self.split, self.decoder = root, split, decoder
         self.modalities = tuple(modalities or ("video", "depth", "skeleton"))
-        self.skeleton_dir = _first_existing(root, ["PKU_Skeleton_Renew", "skeleton"], "per-sequence skeleton .txt")
-        self.label_dir = _first_existing(root, ["Train_Label_PKU_final", "label"], "per-sequence label .txt files")
-        split_dir = _first_existing(root, ["Split", "split"], "cross-subject.txt / cross-view.txt")
-        self.sequences = _pku_split_lists(os.path.join(split_dir, PKU_PAIRED_SETS[name]))[split]
+        self.skeleton_dir, self.label_dir, split_file, lists = pku_layout(root, PKU_PAIRED_SETS[name])
+        self.sequences = lists[split]
         if not self.sequences:
-            raise VideoReadError(f"{os.path.join(split_dir, PKU_PAIRED_SETS[name])}: no {split} videos listed")
+            raise VideoReadError(f"{split_file}: no {split} videos listed")
         self._segments, names, labels, self.instances = {}, [], [], {}
         for seq in self.sequences:
             for label, start, end in self.segments(seq):
@@ -2709,9 +2707,7 @@ class PKUPairedDataset(NTUPairedDataset):
     def segments(self, seq):
         """(K, 3) int64 rows (label from 0, start, end) of the labelled actions of sequence `seq`, frames inclusive."""
         if seq not in self._segments:
-            rows = [[int(float(v)) for v in row.split(",")[:3]] for row in
-                    _read_lines(os.path.join(self.label_dir, f"{seq}.txt"), "'label,start,end,confidence' rows")]
-            self._segments[seq] = np.asarray(rows, dtype=np.int64).reshape(-1, 3) - [1, 0, 0]
+            self._segments[seq] = read_pku_labels(os.path.join(self.label_dir, f"{seq}.txt"))
         return self._segments[seq]
 
     def _path(self, seq, modality):
@@ -2764,8 +2760,7 @@ class PKUPairedDataset(NTUPairedDataset):
             path, n = self._path(seq, modality), self.num_frames(seq, modality)
             at = np.minimum(t * n // length, n - 1)  # (T,) frames of this modality at the same times
             if modality == "skeleton":
-                raw = np.loadtxt(path, dtype=np.float32, ndmin=2)  # (n, 150)
-                x = torch.from_numpy(np.ascontiguousarray(raw[at].reshape(-1, 2, 25, 3).transpose(3, 0, 2, 1)))
+                x = torch.from_numpy(np.ascontiguousarray(read_pku_skeleton(path)[:, at]))  # (3, T, 25, 2)
             elif modality == "depth" and os.path.isdir(path):
                 x = torch.from_numpy(read_depth_frames(path, at))[None]  # (1, T, H, W) metres
             elif modality == "depth":  # 8-bit depth video: grey level g -> g / 255 * DEPTH_MAX metres (assumed)
@@ -3468,6 +3463,13 @@ def _need(path, what):
     return path
 
 
+def _first_existing(root, names, what):
+    for n in names:
+        if os.path.exists(os.path.join(root, n)):
+            return os.path.join(root, n)
+    raise VideoReadError(f"{os.path.join(root, names[0])}: missing; expected {what}")
+
+
 def _read_lines(path, what):
     with open(_need(path, what)) as f:
         return [line.strip() for line in f if line.strip()]
@@ -3922,6 +3924,40 @@ def ntu_body_energy(body):
     body = np.asarray(body, dtype=np.float64)
     valid = body[body.sum(axis=(1, 2)) != 0]  # (T', 25, 3)
     return float(sum(valid[:, :, axis].std() for axis in range(3))) if len(valid) else 0.0
+
+
+def pku_layout(root, split_file):
+    """PKU-MMD (I or II) -> (skeleton folder, label folder, path of Split/<split_file>, {"train": [seq, ...], "val":
+    [...]}) from its 'Training videos:' / 'Validation videos:' blocks of comma-separated sequence names."""
+    skeleton_dir = _first_existing(root, ["PKU_Skeleton_Renew", "skeleton"], "per-sequence skeleton .txt files")
+    label_dir = _first_existing(root, ["Train_Label_PKU_final", "label"], "per-sequence label .txt files")
+    path = os.path.join(_first_existing(root, ["Split", "split"], "cross-subject.txt / cross-view.txt"), split_file)
+    lists, current = {"train": [], "val": []}, None
+    for line in _read_lines(path, "'Training videos:' / 'Validation videos:' blocks"):
+        low = line.lower()
+        if low.startswith("training"):
+            current = "train"
+        elif low.startswith("validat") or low.startswith("testing"):
+            current = "val"
+        elif current:
+            lists[current] += [s.strip() for s in line.split(",") if s.strip()]
+    return skeleton_dir, label_dir, path, lists
+
+
+def read_pku_labels(path):
+    """PKU-MMD label file ('label,start,end,confidence' rows, 1-based labels) -> (K, 3) int64 rows (label from 0,
+    start, end), frames inclusive."""
+    rows = [[int(float(v)) for v in row.split(",")[:3]] for row in
+            _read_lines(path, "'label,start,end,confidence' rows")]
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 3) - [1, 0, 0]
+
+
+def read_pku_skeleton(path):
+    """PKU-MMD skeleton file (one row of 150 floats per frame: 2 bodies x 25 joints x xyz) -> float32 (3, T, 25, 2)."""
+    raw = np.loadtxt(_need(path, "150 floats per frame"), dtype=np.float32, ndmin=2)  # (T, 150)
+    if raw.shape[1] != 150:
+        raise VideoReadError(f"{path}: expected 150 floats per row, got {raw.shape[1]}")
+    return raw.reshape(-1, 2, 25, 3).transpose(3, 0, 2, 1)
 
 
 # ==================================================================================================== TOY DATA
@@ -4746,49 +4782,20 @@ def convert_ntu_skeletons(raw_dir, out_dir, benchmark="ntu60-xsub", max_frames=3
     return {split: len(v[0]) for split, v in out.items()}
 
 
-def _first_existing(root, names, what):
-    for n in names:
-        if os.path.exists(os.path.join(root, n)):
-            return os.path.join(root, n)
-    raise VideoReadError(f"{os.path.join(root, names[0])}: missing; expected {what}")
-
-
-def _pku_split_lists(path):
-    """PKU-MMD Split/cross-subject.txt or cross-view.txt -> {"train": [seq, ...], "val": [...]}."""
-    lists, current = {"train": [], "val": []}, None
-    for line in _read_lines(path, "'Training videos:' / 'Validation videos:' blocks"):
-        low = line.lower()
-        if low.startswith("training"):
-            current = "train"
-        elif low.startswith("validat") or low.startswith("testing"):
-            current = "val"
-        elif current:
-            lists[current] += [s.strip() for s in line.split(",") if s.strip()]
-    return lists
-
-
 def convert_pku_mmd(root, out_dir, benchmark="xsub", max_frames=300):
     """PKU-MMD (I or II): root/PKU_Skeleton_Renew/<seq>.txt (one row of 150 floats per frame: 2 bodies x 25 joints
     x xyz), root/Train_Label_PKU_final/<seq>.txt ('label,start,end,confidence', 1-based labels),
     root/Split/cross-subject.txt or cross-view.txt ('Training videos:' line, list, 'Validation videos:' line,
     list) -> the NTU layout in out_dir, one sample per labelled instance."""
-    skel_dir = _first_existing(root, ["PKU_Skeleton_Renew", "skeleton"], "per-sequence skeleton .txt files")
-    label_dir = _first_existing(root, ["Train_Label_PKU_final", "label"], "per-sequence label .txt files")
-    split_dir = _first_existing(root, ["Split", "split"], "cross-subject.txt / cross-view.txt")
-    lists = _pku_split_lists(os.path.join(split_dir, "cross-subject.txt" if benchmark == "xsub" else "cross-view.txt"))
+    skel_dir, label_dir, _, lists = pku_layout(root, "cross-subject.txt" if benchmark == "xsub" else "cross-view.txt")
     counts = {}
     for split, seqs in lists.items():
         arrays, names, labels, lengths = [], [], [], []
         for seq in seqs:
-            path = os.path.join(skel_dir, f"{seq}.txt")
-            raw = np.loadtxt(path, dtype=np.float32, ndmin=2)
-            if raw.shape[1] != 150:
-                raise VideoReadError(f"{path}: expected 150 floats per row, got {raw.shape[1]}")
-            seq_x = raw.reshape(-1, 2, 25, 3).transpose(3, 0, 2, 1)  # (3, T, 25, 2)
-            for row in _read_lines(os.path.join(label_dir, f"{seq}.txt"), "'label,start,end,confidence' rows"):
-                label, start, end = (int(float(v)) for v in row.split(",")[:3])
+            seq_x = read_pku_skeleton(os.path.join(skel_dir, f"{seq}.txt"))  # (3, T, 25, 2)
+            for label, start, end in read_pku_labels(os.path.join(label_dir, f"{seq}.txt")).tolist():
                 x, length = _fit_frames(seq_x[:, start:end + 1], max_frames)
-                arrays.append(x), names.append(f"{seq}_{start}_{end}"), labels.append(label - 1)
+                arrays.append(x), names.append(f"{seq}_{start}_{end}"), labels.append(label)
                 lengths.append(length)
         if arrays:
             _write_ntu_layout(out_dir, split, arrays, names, labels, lengths)
