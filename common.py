@@ -2126,17 +2126,15 @@ def _build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides
     root/kinetics-skeleton), class_map (toyota-smarthome: "sims4action" or "phlvc-code")."""
     root = root or os.path.join("data", "toy-paired" if name in TOY_PAIRED_HALVES else name)
     skel_kwargs = dict(transform=transform, strict=strict, bad_files_path=bad_files_path)
+    paired_kwargs = dict(clip_len=clip_len, frame_strides=frame_strides, sampling=sampling, modalities=modalities,
+                         decoder=decoder, jitter=dataset_options.get("jitter", False), **skel_kwargs)
     if name == "toy-skeleton":
         make_toy_skeleton(root, seed=dataset_options.get("toy_seed", 0))
         ds = _skeleton_set(root, split, None, class_names=TOY_SKELETON_ACTIONS, **skel_kwargs)
     elif name in NTU_PAIRED_SETS:
-        ds = NTUPairedDataset(root, split, name, clip_len=clip_len, frame_strides=frame_strides, sampling=sampling,
-                              modalities=modalities, decoder=decoder, jitter=dataset_options.get("jitter", False),
-                              **skel_kwargs)
+        ds = NTUPairedDataset(root, split, name, **paired_kwargs)
     elif name in PKU_PAIRED_SETS:
-        ds = PKUPairedDataset(root, split, name, clip_len=clip_len, frame_strides=frame_strides, sampling=sampling,
-                              modalities=modalities, decoder=decoder, jitter=dataset_options.get("jitter", False),
-                              **skel_kwargs)
+        ds = PKUPairedDataset(root, split, name, **paired_kwargs)
     elif name.startswith("ntu"):
         if name not in ("ntu60-xsub", "ntu60-xview", "ntu120-xsub", "ntu120-xset"):
             raise ValueError(f"unknown NTU benchmark {name!r}")
@@ -2165,9 +2163,7 @@ def _build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides
     elif name in ("toy-paired", "paired") + tuple(TOY_PAIRED_HALVES):
         if name.startswith("toy-paired"):
             make_toy_paired(root, seed=dataset_options.get("toy_seed", 0))
-        ds = PairedDataset(root, split, clip_len=clip_len, frame_strides=frame_strides, sampling=sampling,
-                           modalities=modalities, decoder=decoder, jitter=dataset_options.get("jitter", False),
-                           classes=TOY_PAIRED_HALVES.get(name), **skel_kwargs)
+        ds = PairedDataset(root, split, classes=TOY_PAIRED_HALVES.get(name), **paired_kwargs)
     else:
         samples, classes = _parse_video_set(name, root, split, dataset_options)
         if dataset_options.get("check_exists", True):
@@ -4446,8 +4442,7 @@ def make_toy_paired(root, seed=0, size=64, num_frames=24, subjects=7, train_subj
 
     def make(tmp):
         focal = size * 1.25
-        out = {"train": ([], [], [], []), "val": ([], [], [], [])}
-        labels_json = {"train": {}, "val": {}}
+        out, labels_json = {"train": [], "val": []}, {"train": {}, "val": {}}
         for subject in range(1, subjects + 1):
             for action, rep in itertools.product(range(len(TOY_SKELETON_ACTIONS)), range(per_subject)):
                 x, name, length = toy_skeleton_sample(seed, subject, action, rep, num_frames, min_frames=16)
@@ -4480,10 +4475,9 @@ def make_toy_paired(root, seed=0, size=64, num_frames=24, subjects=7, train_subj
                     json.dump({"data": frames, "label": TOY_SKELETON_ACTIONS[action], "label_index": action}, f)
                 labels_json[split][name] = {"has_skeleton": True, "label": TOY_SKELETON_ACTIONS[action],
                                             "label_index": action}
-                for lst, value in zip(out[split], (x, name, action, length)):
-                    lst.append(value)
-        for split, (arrays, names, labels, lengths) in out.items():
-            _write_ntu_layout(os.path.join(tmp, "skeleton"), split, arrays, names, labels, lengths)
+                out[split].append((x, name, action, length))
+        for split, samples in out.items():
+            _write_ntu_layout(os.path.join(tmp, "skeleton"), split, samples)
             with open(os.path.join(tmp, "pose2d", f"kinetics_{split}_label.json"), "w") as f:
                 json.dump(labels_json[split], f)
     return _build_once(root, make)
@@ -4731,8 +4725,11 @@ def ntu_pre_normalize(x):
     return s.transpose(3, 1, 2, 0).astype(np.float32)
 
 
-def _write_ntu_layout(out_dir, split, arrays, names, labels, lengths):
+def _write_ntu_layout(out_dir, split, samples):
+    """samples [(x (3, T, V, M), name, label, valid length)] -> out_dir/{split}_data_joint.npy, _label.pkl,
+    _num_frame.npy (the NTU layout SkeletonDataset reads)."""
     import pickle
+    arrays, names, labels, lengths = zip(*samples)
     os.makedirs(out_dir, exist_ok=True)
     np.save(os.path.join(out_dir, f"{split}_data_joint.npy"), np.stack(arrays).astype(np.float32))
     with open(os.path.join(out_dir, f"{split}_label.pkl"), "wb") as f:
@@ -4757,7 +4754,7 @@ def convert_ntu_skeletons(raw_dir, out_dir, benchmark="ntu60-xsub", max_frames=3
     skip = set(_read_lines(missing_file, "sample names")) if missing_file else set()
     files = sorted(f for f in os.listdir(_need(raw_dir, "a folder of .skeleton files")) if f.endswith(".skeleton"))
     pattern = re.compile(r"S(\d{3})C(\d{3})P(\d{3})R(\d{3})A(\d{3})")
-    out = {"train": ([], [], [], []), "val": ([], [], [], [])}
+    out = {"train": [], "val": []}
     for f in files:
         name = f[:-len(".skeleton")]
         match = pattern.match(name)
@@ -4773,13 +4770,11 @@ def convert_ntu_skeletons(raw_dir, out_dir, benchmark="ntu60-xsub", max_frames=3
             x = ntu_pre_normalize(x)
         x, _ = _fit_frames(x, max_frames)
         length = _last_nonzero_frame(x)  # frames after the last tracked body are padding, as the stored zeros
-        lists = out["train" if train else "val"]
-        for lst, value in zip(lists, (x, name, action - 1, length)):
-            lst.append(value)
-    for split, (arrays, names, labels, lengths) in out.items():
-        if arrays:
-            _write_ntu_layout(out_dir, split, arrays, names, labels, lengths)
-    return {split: len(v[0]) for split, v in out.items()}
+        out["train" if train else "val"].append((x, name, action - 1, length))
+    for split, samples in out.items():
+        if samples:
+            _write_ntu_layout(out_dir, split, samples)
+    return {split: len(samples) for split, samples in out.items()}
 
 
 def convert_pku_mmd(root, out_dir, benchmark="xsub", max_frames=300):
@@ -4790,16 +4785,15 @@ def convert_pku_mmd(root, out_dir, benchmark="xsub", max_frames=300):
     skel_dir, label_dir, _, lists = pku_layout(root, "cross-subject.txt" if benchmark == "xsub" else "cross-view.txt")
     counts = {}
     for split, seqs in lists.items():
-        arrays, names, labels, lengths = [], [], [], []
+        samples = []
         for seq in seqs:
             seq_x = read_pku_skeleton(os.path.join(skel_dir, f"{seq}.txt"))  # (3, T, 25, 2)
             for label, start, end in read_pku_labels(os.path.join(label_dir, f"{seq}.txt")).tolist():
                 x, length = _fit_frames(seq_x[:, start:end + 1], max_frames)
-                arrays.append(x), names.append(f"{seq}_{start}_{end}"), labels.append(label)
-                lengths.append(length)
-        if arrays:
-            _write_ntu_layout(out_dir, split, arrays, names, labels, lengths)
-        counts[split] = len(arrays)
+                samples.append((x, f"{seq}_{start}_{end}", label, length))
+        if samples:
+            _write_ntu_layout(out_dir, split, samples)
+        counts[split] = len(samples)
     return counts
 
 
