@@ -247,16 +247,19 @@ def resolve_device_and_processes(args):
 
 
 def _launched_by_torchrun():
+    """True when torchrun (or a scheduler that sets the same variables) started this process."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def _find_free_port():
+    """A TCP port on 127.0.0.1 that is free now (the spawned workers' MASTER_PORT)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def _spawned_worker(local_rank, main_worker, args, world_size, port, message_file):
+    """One `launch`ed local process: torchrun's environment variables, then main_worker(args)."""
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
@@ -804,6 +807,7 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
 
 
 def _tensorboard_writer(run):
+    """A SummaryWriter on <out-dir>/tb on rank 0 where tensorboard is installed, else None."""
     if not run.is_main:
         return None
     try:
@@ -814,6 +818,7 @@ def _tensorboard_writer(run):
 
 
 def _report_bad_files(run, epoch):
+    """Rank 0 prints how many samples bad_files.txt lists after an epoch (nothing when none)."""
     path = os.path.join(run.out_dir, "bad_files.txt")
     if run.is_main and os.path.exists(path):
         with open(path) as f:
@@ -1148,7 +1153,8 @@ def set_bn_eps(model, eps):
 
 
 def _pool_video_map(x):
-    return x.mean(dim=(2, 3, 4))  # (N, C, T, H, W) -> (N, C)
+    """Global average pool of a video feature map: (N, C, T, H, W) -> (N, C)."""
+    return x.mean(dim=(2, 3, 4))
 
 
 def _torchvision_kinetics_state_dict(arch):
@@ -1441,6 +1447,7 @@ SKELETON_GRAPHS = {"ntu25": (25, NTU25_INWARD, 20), "coco18": (18, COCO18_INWARD
 
 
 def _normalize_digraph(a):
+    """Adjacency (V, V) -> A D^-1 (each column divided by its in-degree; empty columns stay 0), as 2s-AGCN."""
     deg = a.sum(0)
     return a @ np.diag(np.where(deg > 0, 1.0 / np.maximum(deg, 1e-12), 0.0))  # column-normalised
 
@@ -1678,6 +1685,7 @@ class AGCNBlock(nn.Module):
 
 
 def _graph_widths(hidden):
+    """The 10 blocks of AGCN / ST-GCN: [(in channels (None = input), out channels, temporal stride, residual)]."""
     h = hidden
     return [(None, h, 1, False), (h, h, 1, True), (h, h, 1, True), (h, h, 1, True), (h, 2 * h, 2, True),
             (2 * h, 2 * h, 1, True), (2 * h, 2 * h, 1, True), (2 * h, 4 * h, 2, True), (4 * h, 4 * h, 1, True),
@@ -2000,6 +2008,7 @@ def load_checkpoint_file(path, trust=False, flag="--weights"):
 
 
 def _describe(src):
+    """A checkpoint source for messages: the path, or "state dict"."""
     return str(src) if isinstance(src, (str, os.PathLike)) else "state dict"
 
 
@@ -2197,6 +2206,7 @@ def _build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides
 
 
 def _parse_video_set(name, root, split, options):
+    """The parser of video dataset `name` -> ([(path, label)], class names); toy sets are written first."""
     if name == "toy-motion":
         make_toy_motion(root, seed=options.get("toy_seed", 0))
         return parse_videofolder(root, split)
@@ -2235,6 +2245,7 @@ def _parse_video_set(name, root, split, options):
 
 
 def _skeleton_set(root, split, convert, **kwargs):
+    """SkeletonDataset of root/{split}_data_joint.npy, _label.pkl, _num_frame.npy; convert() first if missing."""
     split = _split_name(split)
     data = os.path.join(root, f"{split}_data_joint.npy")
     if not os.path.exists(data) and convert is not None:
@@ -2522,6 +2533,7 @@ def _seed_rng():
 
 
 def _report_bad(dataset, path, reason):
+    """An unreadable sample: raise with --strict-data, else warn once and append it to bad_files.txt."""
     if dataset.strict:
         raise VideoReadError(f"{path}: {reason} (--strict-data)")
     if path not in dataset.bad_files:
@@ -3454,12 +3466,14 @@ NTU120_XSUB_TRAIN = NTU_XSUB_TRAIN + (45, 46, 47, 49, 50, 52, 53, 54, 55, 56, 57
 
 
 def _need(path, what):
+    """`path` if it exists, else a VideoReadError naming it and `what` was expected there."""
     if not os.path.exists(path):
         raise VideoReadError(f"{path}: missing; expected {what}")
     return path
 
 
 def _first_existing(root, names, what):
+    """root/<the first of names that exists>, else a VideoReadError naming root/names[0] and `what`."""
     for n in names:
         if os.path.exists(os.path.join(root, n)):
             return os.path.join(root, n)
@@ -3467,6 +3481,7 @@ def _first_existing(root, names, what):
 
 
 def _read_lines(path, what):
+    """The non-empty lines of a text file, stripped (a missing file: VideoReadError naming `what`)."""
     with open(_need(path, what)) as f:
         return [line.strip() for line in f if line.strip()]
 
@@ -3477,6 +3492,7 @@ def normalize_label(name):
 
 
 def _split_name(split, val="val"):
+    """train -> "train"; val / test / validation -> `val` (the name a layout gives its evaluation split)."""
     if split in ("val", "test", "validation"):
         return val
     if split != "train":
@@ -3545,10 +3561,8 @@ def parse_ssv2(root, split, ext="webm"):
     labels_path = _need(os.path.join(root, "labels", "something-something-v2-labels.json"), "template -> index JSON")
     with open(labels_path) as f:
         index = {k: int(v) for k, v in json.load(f).items()}
-    classes = [None] * len(index)
-    for k, v in index.items():
-        classes[v] = k
-    name = "train" if _split_name(split) == "train" else "validation"
+    classes = sorted(index, key=index.get)  # template names in label order
+    name = _split_name(split, "validation")
     with open(_need(os.path.join(root, "labels", f"something-something-v2-{name}.json"), "SSv2 list JSON")) as f:
         items = json.load(f)
     samples = [(os.path.join(root, "videos", f"{it['id']}.{ext}"),
@@ -3579,7 +3593,7 @@ def parse_diving48(root, split):
     """root/Diving48_V2_{train,test}.json ([{vid_name, label, ...}]) + Diving48_vocab.json + root/rgb/<vid>.mp4."""
     with open(_need(os.path.join(root, "Diving48_vocab.json"), "the 48 label tuples")) as f:
         classes = ["-".join(v) if isinstance(v, list) else str(v) for v in json.load(f)]
-    name = "train" if _split_name(split) == "train" else "test"
+    name = _split_name(split, "test")
     with open(_need(os.path.join(root, f"Diving48_V2_{name}.json"), "Diving48 list JSON")) as f:
         items = json.load(f)
     return [(os.path.join(root, "rgb", f"{it['vid_name']}.mp4"), int(it["label"])) for it in items], classes
@@ -3591,7 +3605,7 @@ def parse_charades(root, split):
     import csv
     classes = [line.split(" ", 1)[1] for line in
                _read_lines(os.path.join(root, "Charades_v1_classes.txt"), "'c000 <name>' lines")]
-    name = "train" if _split_name(split) == "train" else "test"
+    name = _split_name(split, "test")
     path = _need(os.path.join(root, f"Charades_v1_{name}.csv"), "Charades annotation CSV")
     samples = []
     with open(path, newline="") as f:
@@ -4196,6 +4210,7 @@ def _limb_dir(elev, azim, side):
 
 
 def _set_arm(P, side, upper, fore):
+    """Place one arm of poses P (T, 25, 3) from the shoulder: upper arm and forearm along unit vectors (T, 3)."""
     s, e, w, h, tip, thumb = (4, 5, 6, 7, 21, 22) if side > 0 else (8, 9, 10, 11, 23, 24)
     P[:, e] = P[:, s] + 0.27 * upper
     P[:, w] = P[:, e] + 0.24 * fore
@@ -4204,6 +4219,7 @@ def _set_arm(P, side, upper, fore):
 
 
 def _set_leg(P, side, thigh, shin):
+    """Place one leg of poses P (T, 25, 3) from the hip: thigh and shin along unit vectors (T, 3)."""
     hip, knee, ankle, foot = (12, 13, 14, 15) if side > 0 else (16, 17, 18, 19)
     P[:, knee] = P[:, hip] + 0.43 * thigh
     P[:, ankle] = P[:, knee] + 0.44 * shin
