@@ -3486,6 +3486,17 @@ def _read_lines(path, what):
         return [line.strip() for line in f if line.strip()]
 
 
+def _read_csv(path, columns, what, delimiter=","):
+    """The rows of a CSV file with a header line as dicts; VideoReadError naming the file if a column is missing."""
+    import csv
+    with open(_need(path, what), newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        missing = set(columns) - set(reader.fieldnames or [])
+        if missing:
+            raise VideoReadError(f"{path}: missing column(s) {sorted(missing)}; header is {reader.fieldnames}")
+        return list(reader)
+
+
 def normalize_label(name):
     """torchvision's Kinetics folder names: spaces -> '_', quotes and parentheses removed."""
     return name.replace(" ", "_").replace("'", "").replace("(", "").replace(")", "").strip()
@@ -3503,17 +3514,11 @@ def _split_name(split, val="val"):
 def parse_kinetics(root, split):
     """root/annotations/{train,val}.csv (label,youtube_id,time_start,time_end,split) +
     root/{train,val}/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4; classes = sorted train labels."""
-    import csv
     split = _split_name(split)
 
-    def rows(s):
-        path = _need(os.path.join(root, "annotations", f"{s}.csv"), "the Kinetics annotation CSV")
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"label", "youtube_id", "time_start", "time_end"} - set(reader.fieldnames or [])
-            if missing:
-                raise VideoReadError(f"{path}: missing column(s) {sorted(missing)}; header is {reader.fieldnames}")
-            return list(reader)
+    def rows(s):  # annotations/<s>.csv as dicts
+        path = os.path.join(root, "annotations", f"{s}.csv")
+        return _read_csv(path, ("label", "youtube_id", "time_start", "time_end"), "the Kinetics annotation CSV")
     classes = sorted({normalize_label(r["label"]) for r in rows("train")})
     index = {c: i for i, c in enumerate(classes)}
     samples = []
@@ -3602,21 +3607,15 @@ def parse_diving48(root, split):
 def parse_charades(root, split):
     """root/Charades_v1_{train,test}.csv (id,...,actions='c092 11.90 21.20;...') + Charades_v1_classes.txt +
     root/Charades_v1_480/<id>.mp4; label = multi-hot float32 (157,); action times kept in `segments`."""
-    import csv
     classes = [line.split(" ", 1)[1] for line in
                _read_lines(os.path.join(root, "Charades_v1_classes.txt"), "'c000 <name>' lines")]
-    name = _split_name(split, "test")
-    path = _need(os.path.join(root, f"Charades_v1_{name}.csv"), "Charades annotation CSV")
     samples = []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not {"id", "actions"} <= set(reader.fieldnames or []):
-            raise VideoReadError(f"{path}: expected columns id and actions; header is {reader.fieldnames}")
-        for r in reader:
-            y = np.zeros(len(classes), dtype=np.float32)
-            for act in filter(None, r["actions"].split(";")):
-                y[int(act.split()[0][1:])] = 1.0
-            samples.append((os.path.join(root, "Charades_v1_480", f"{r['id']}.mp4"), y))
+    for r in _read_csv(os.path.join(root, f"Charades_v1_{_split_name(split, 'test')}.csv"), ("id", "actions"),
+                       "Charades annotation CSV"):
+        y = np.zeros(len(classes), dtype=np.float32)
+        for act in filter(None, r["actions"].split(";")):
+            y[int(act.split()[0][1:])] = 1.0
+        samples.append((os.path.join(root, "Charades_v1_480", f"{r['id']}.mp4"), y))
     return samples, classes
 
 
@@ -3713,12 +3712,10 @@ TOYOTA_TO_SIMS_PHLVC_CODE = dict(TOYOTA_TO_SIMS, **{"Cook.Cleandishes": "Cook", 
 def parse_sims4action(root, split):
     """root/SimsSplitsCompleteVideos.csv (';'-separated: VideoName;Subject;...;Split, split train = S1-3, S5-6,
     val = S7, test = S4, S8) + root/videos/<VideoName>.avi; the label from the name's prefix."""
-    import csv
     if split not in ("train", "val", "test"):
         raise ValueError(f"sims4action: split expected train, val or test, got {split!r}")
-    path = _need(os.path.join(root, "SimsSplitsCompleteVideos.csv"), "the official Sims4Action split file")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter=";"))
+    path = os.path.join(root, "SimsSplitsCompleteVideos.csv")
+    rows = _read_csv(path, ("VideoName", "Split"), "the official Sims4Action split file", delimiter=";")
     classes = list(SIMS4ACTION_CLASSES.values())
     samples = []
     for n, row in enumerate(rows):
