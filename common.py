@@ -19,6 +19,7 @@ Sections, in the order a script meets them (search for the banners):
 """
 
 import argparse
+import concurrent.futures
 import itertools
 import json
 import math
@@ -34,7 +35,6 @@ import tempfile
 import threading
 import time
 import warnings
-from collections import defaultdict
 from fractions import Fraction
 import numpy as np
 import torch
@@ -44,7 +44,6 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-import torchvision.transforms.v2.functional as TF
 
 
 # ==================================================================================================== FLAGS
@@ -797,8 +796,7 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
                             metrics_file.flush()
         saver.wait()
     finally:
-        if saver.thread is not None:
-            saver.thread.join()
+        saver.pool.shutdown()  # a save still in flight (an exception left fit) completes
         if metrics_file is not None:
             metrics_file.close()
         if writer is not None:
@@ -1037,28 +1035,18 @@ class BackgroundSaver:
     training step) and goes on; the next `submit`, `wait` or the end of `fit` joins it and re-raises its error."""
 
     def __init__(self):
-        self.thread, self.error = None, None
+        self.pool, self.pending = concurrent.futures.ThreadPoolExecutor(1, "checkpoint-save"), None
 
     def submit(self, writes):
         """writes: [(obj, path)] saved with save_atomic in this order."""
         self.wait()
-
-        def work():
-            try:
-                for obj, path in writes:
-                    save_atomic(obj, path)
-            except BaseException as e:  # noqa: B902 - re-raised by wait() in the training thread
-                self.error = e
-        self.thread = threading.Thread(target=work, name="checkpoint-save", daemon=False)
-        self.thread.start()
+        self.pending = self.pool.submit(lambda: [save_atomic(obj, path) for obj, path in writes])
 
     def wait(self):
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+        """Join the save in flight; its error is raised here, in the training thread."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
 
 
 # ==================================================================================================== BACKBONES
