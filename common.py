@@ -4485,10 +4485,58 @@ def make_toy_paired(root, seed=0, size=64, num_frames=24, subjects=7, train_subj
 
 
 # ==================================================================================================== DATA PREPARATION
-# Command-line tools (`python common.py <command> --help`): check-data, prepare-videos (re-encode a
-# dataset tree for fast random access) and the conversions of raw skeleton releases into the skeleton arrays.
+# Command-line tools (`main`; `python common.py <command> --help`): check-data, prepare-videos (re-encode a
+# dataset tree for fast random access), extract-flow, convert-alphapose; the conversions of raw skeleton releases.
 # prepare-videos keeps names, layout and every non-video file, re-encoded small with short keyframe intervals (a
 # seek lands on a keyframe close to the clip), so a script's --data-root simply points to --dst.
+
+
+def main(argv=None):
+    """`python common.py check-data | prepare-videos | extract-flow | convert-alphapose`: exit status 1 when a file
+    could not be read, a one-line error (status 1) for a user mistake."""
+    cli = argparse.ArgumentParser(prog="common.py", description="Dataset tools; `python common.py COMMAND --help`.")
+    commands = cli.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check-data", description="Open every sample of a dataset and list the unreadable "
+                                "ones.")
+    flow = commands.add_parser("extract-flow", description=extract_flow.__doc__)
+    for c in (check, flow):
+        c.add_argument("--data", required=True, help="dataset name, as --data of the scripts (e.g. ucf101)")
+        c.add_argument("--data-root", default=None, help="default data/<name>")
+        c.add_argument("--decoder", default="auto", choices=["auto", "decord", "pyav", "torchcodec"])
+    check.add_argument("--split", default=None, choices=["train", "val"], help="default: both")
+    flow.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    prepare = commands.add_parser("prepare-videos", description=prepare_videos.__doc__)
+    prepare.add_argument("--src", required=True, help="dataset tree to read (any layout; names are kept)")
+    prepare.add_argument("--dst", required=True, help="output tree; point --data-root here")
+    prepare.add_argument("--short-side", type=int, default=128, help="128 for 112² crops, 256 for I3D's 224²")
+    prepare.add_argument("--gop", type=int, default=16, help="keyframe every N frames (short: fast random clips)")
+    prepare.add_argument("--fps", type=float, default=None, help="constant output frame rate (default: keep)")
+    prepare.add_argument("--crf", type=int, default=23, help="x264 quality (lower = better, larger)")
+    prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    pose = commands.add_parser("convert-alphapose", description=convert_alphapose.__doc__)
+    pose.add_argument("--src", required=True, help="alphapose-results.json, or a folder of <name>.json / "
+                      "<name>/alphapose-results.json")
+    pose.add_argument("--dst", required=True, help="pose2d/<name>.json, or the pose2d folder (folder --src)")
+    pose.add_argument("--width", type=int, default=None, help="frame width in pixels (with --height)")
+    pose.add_argument("--height", type=int, default=None)
+    pose.add_argument("--videos", default=None, help="else: the video (folder --src: its folder) for the size")
+    a = cli.parse_args(argv)
+    try:
+        if a.command == "check-data":
+            result = check_data(a.data, a.data_root, a.decoder, (a.split,) if a.split else ("train", "val"))
+            return 1 if any(r["bad"] for r in result.values()) else 0
+        if a.command == "prepare-videos":
+            return 1 if prepare_videos(a.src, a.dst, a.short_side, a.gop, a.fps, a.workers, a.crf)["bad"] else 0
+        if a.command == "extract-flow":
+            return 1 if extract_flow(a.data, a.data_root, a.workers, a.decoder)["bad"] else 0
+        if (a.width is None) != (a.height is None):
+            raise UserError(f"convert-alphapose: expected --width and --height together, found --width {a.width} "
+                            f"--height {a.height}")
+        count = convert_alphapose(a.src, a.dst, a.width, a.height, a.videos)
+        print(f"wrote {count} COCO-18 pose JSON file(s) to {a.dst}")
+        return 0
+    except (UserError, VideoReadError) as e:
+        sys.exit(f"error: {e}")
 
 
 def check_data(name, root=None, decoder="auto", splits=("train", "val"), out=print, **options):
@@ -4796,54 +4844,6 @@ def convert_pku_mmd(root, out_dir, benchmark="xsub", max_frames=300):
             _write_ntu_layout(out_dir, split, samples)
         counts[split] = len(samples)
     return counts
-
-
-def main(argv=None):
-    """`python common.py check-data | prepare-videos | extract-flow | convert-alphapose`: exit status 1 when a file
-    could not be read, a one-line error (status 1) for a user mistake."""
-    cli = argparse.ArgumentParser(prog="common.py", description="Dataset tools; `python common.py COMMAND --help`.")
-    commands = cli.add_subparsers(dest="command", required=True)
-    check = commands.add_parser("check-data", description="Open every sample of a dataset and list the unreadable "
-                                "ones.")
-    flow = commands.add_parser("extract-flow", description=extract_flow.__doc__)
-    for c in (check, flow):
-        c.add_argument("--data", required=True, help="dataset name, as --data of the scripts (e.g. ucf101)")
-        c.add_argument("--data-root", default=None, help="default data/<name>")
-        c.add_argument("--decoder", default="auto", choices=["auto", "decord", "pyav", "torchcodec"])
-    check.add_argument("--split", default=None, choices=["train", "val"], help="default: both")
-    flow.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    prepare = commands.add_parser("prepare-videos", description=prepare_videos.__doc__)
-    prepare.add_argument("--src", required=True, help="dataset tree to read (any layout; names are kept)")
-    prepare.add_argument("--dst", required=True, help="output tree; point --data-root here")
-    prepare.add_argument("--short-side", type=int, default=128, help="128 for 112² crops, 256 for I3D's 224²")
-    prepare.add_argument("--gop", type=int, default=16, help="keyframe every N frames (short: fast random clips)")
-    prepare.add_argument("--fps", type=float, default=None, help="constant output frame rate (default: keep)")
-    prepare.add_argument("--crf", type=int, default=23, help="x264 quality (lower = better, larger)")
-    prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-    pose = commands.add_parser("convert-alphapose", description=convert_alphapose.__doc__)
-    pose.add_argument("--src", required=True, help="alphapose-results.json, or a folder of <name>.json / "
-                      "<name>/alphapose-results.json")
-    pose.add_argument("--dst", required=True, help="pose2d/<name>.json, or the pose2d folder (folder --src)")
-    pose.add_argument("--width", type=int, default=None, help="frame width in pixels (with --height)")
-    pose.add_argument("--height", type=int, default=None)
-    pose.add_argument("--videos", default=None, help="else: the video (folder --src: its folder) for the size")
-    a = cli.parse_args(argv)
-    try:
-        if a.command == "check-data":
-            result = check_data(a.data, a.data_root, a.decoder, (a.split,) if a.split else ("train", "val"))
-            return 1 if any(r["bad"] for r in result.values()) else 0
-        if a.command == "prepare-videos":
-            return 1 if prepare_videos(a.src, a.dst, a.short_side, a.gop, a.fps, a.workers, a.crf)["bad"] else 0
-        if a.command == "extract-flow":
-            return 1 if extract_flow(a.data, a.data_root, a.workers, a.decoder)["bad"] else 0
-        if (a.width is None) != (a.height is None):
-            raise UserError(f"convert-alphapose: expected --width and --height together, found --width {a.width} "
-                            f"--height {a.height}")
-        count = convert_alphapose(a.src, a.dst, a.width, a.height, a.videos)
-        print(f"wrote {count} COCO-18 pose JSON file(s) to {a.dst}")
-        return 0
-    except (UserError, VideoReadError) as e:
-        sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
