@@ -2071,12 +2071,18 @@ GYM_SUBSETS = {"gym-vault": range(0, 6), "gym-floor": range(6, 41), "fx-s1": ran
 # (as NTU-120-minus-60), the student is distilled and evaluated on the disjoint "target" half (as NTU RGB+D 60).
 TOY_PAIRED_HALVES = {"toy-paired-source": range(0, 6), "toy-paired-target": range(6, 12)}
 
-NTU_PAIRED_SETS = {  # name -> (actions kept (1-based), split rule on (setup, camera, subject) -> train?)
-    "ntu60-paired-xview": (range(1, 61), lambda setup, camera, subject: camera in (2, 3)),  # 37,920 / 18,960
-    "ntu60-paired-xsub": (range(1, 61), lambda setup, camera, subject: subject in NTU_XSUB_TRAIN),
+NTU_BENCHMARKS = {  # NTU RGB+D 60 / 120 protocols: name -> (setup, camera, subject) -> in the training split?
+    "ntu60-xsub": lambda setup, camera, subject: subject in NTU_XSUB_TRAIN,
+    "ntu60-xview": lambda setup, camera, subject: camera in (2, 3),  # 37,920 / 18,960
+    "ntu120-xsub": lambda setup, camera, subject: subject in NTU120_XSUB_TRAIN,
+    "ntu120-xset": lambda setup, camera, subject: setup % 2 == 0,
+}
+NTU_PAIRED_SETS = {  # name -> (actions kept (1-based), split rule)
+    "ntu60-paired-xview": (range(1, 61), NTU_BENCHMARKS["ntu60-xview"]),
+    "ntu60-paired-xsub": (range(1, 61), NTU_BENCHMARKS["ntu60-xsub"]),
     # thesis Sec. 2.4.2 NTU-120-minus-60: the actions NTU RGB+D 60 lacks (A061-A120), the teacher's source set;
     # its train/val split is not stated: we use NTU-120's cross-subject split
-    "ntu120-minus-60": (range(61, 121), lambda setup, camera, subject: subject in NTU120_XSUB_TRAIN),
+    "ntu120-minus-60": (range(61, 121), NTU_BENCHMARKS["ntu120-xsub"]),
 }
 # PKU-MMD (Part I) with RGB, depth, skeletons and flow: name -> split file (thesis Sec. 2.4.2: cross-subject, 942 /
 # 132 videos; Table 2.6 detects actions in these)
@@ -2133,7 +2139,7 @@ def _build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides
     elif name in PKU_PAIRED_SETS:
         ds = PKUPairedDataset(root, split, name, **paired_kwargs)
     elif name.startswith("ntu"):
-        if name not in ("ntu60-xsub", "ntu60-xview", "ntu120-xsub", "ntu120-xset"):
+        if name not in NTU_BENCHMARKS:
             raise ValueError(f"unknown NTU benchmark {name!r}")
         raw = os.path.join(root, "nturgb+d_skeletons")
         convert = (lambda: convert_ntu_skeletons(raw, root, name, pre_normalize=dataset_options.get(
@@ -4812,8 +4818,7 @@ def convert_ntu_skeletons(raw_dir, out_dir, benchmark="ntu60-xsub", max_frames=3
         setup, camera, subject, _, action = (int(g) for g in match.groups())
         if benchmark.startswith("ntu60") and (setup > 17 or action > 60):
             continue
-        train = {"ntu60-xsub": subject in NTU_XSUB_TRAIN, "ntu60-xview": camera in (2, 3),
-                 "ntu120-xsub": subject in NTU120_XSUB_TRAIN, "ntu120-xset": setup % 2 == 0}[benchmark]
+        train = NTU_BENCHMARKS[benchmark](setup, camera, subject)
         x = read_ntu_skeleton(os.path.join(raw_dir, f))
         if pre_normalize:
             x = ntu_pre_normalize(x)
