@@ -19,6 +19,7 @@ Sections, in the order a script meets them (search for the banners):
 """
 
 import argparse
+import concurrent.futures
 import functools
 import hashlib
 import inspect
@@ -37,7 +38,6 @@ import tempfile
 import threading
 import time
 import warnings
-from collections import defaultdict
 from fractions import Fraction
 import numpy as np
 import torch
@@ -47,7 +47,6 @@ import torch.multiprocessing as mp
 import torch.nn as nn
 import torch.nn.functional as F
 import torchvision
-import torchvision.transforms.v2.functional as TF
 
 
 # ==================================================================================================== FLAGS
@@ -250,16 +249,19 @@ def resolve_device_and_processes(args):
 
 
 def _launched_by_torchrun():
+    """True when torchrun (or a scheduler that sets the same variables) started this process."""
     return all(k in os.environ for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
 
 
 def _find_free_port():
+    """A TCP port on 127.0.0.1 that is free now (the spawned workers' MASTER_PORT)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
 def _spawned_worker(local_rank, main_worker, args, world_size, port, message_file):
+    """One `launch`ed local process: torchrun's environment variables, then main_worker(args)."""
     os.environ.update(RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world_size),
                       LOCAL_WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     try:
@@ -797,8 +799,7 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
                             metrics_file.flush()
         saver.wait()
     finally:
-        if saver.thread is not None:
-            saver.thread.join()
+        saver.pool.shutdown()  # a save still in flight (an exception left fit) completes
         if metrics_file is not None:
             metrics_file.close()
         if writer is not None:
@@ -807,6 +808,7 @@ def fit(run, args, model, optimizer, loader, train_step, backbone=None, backbone
 
 
 def _tensorboard_writer(run):
+    """A SummaryWriter on <out-dir>/tb on rank 0 where tensorboard is installed, else None."""
     if not run.is_main:
         return None
     try:
@@ -817,6 +819,7 @@ def _tensorboard_writer(run):
 
 
 def _report_bad_files(run, epoch):
+    """Rank 0 prints how many samples bad_files.txt lists after an epoch (nothing when none)."""
     path = os.path.join(run.out_dir, "bad_files.txt")
     if run.is_main and os.path.exists(path):
         with open(path) as f:
@@ -1035,28 +1038,18 @@ class BackgroundSaver:
     training step) and goes on; the next `submit`, `wait` or the end of `fit` joins it and re-raises its error."""
 
     def __init__(self):
-        self.thread, self.error = None, None
+        self.pool, self.pending = concurrent.futures.ThreadPoolExecutor(1, "checkpoint-save"), None
 
     def submit(self, writes):
         """writes: [(obj, path)] saved with save_atomic in this order."""
         self.wait()
-
-        def work():
-            try:
-                for obj, path in writes:
-                    save_atomic(obj, path)
-            except BaseException as e:  # noqa: B902 - re-raised by wait() in the training thread
-                self.error = e
-        self.thread = threading.Thread(target=work, name="checkpoint-save", daemon=False)
-        self.thread.start()
+        self.pending = self.pool.submit(lambda: [save_atomic(obj, path) for obj, path in writes])
 
     def wait(self):
-        if self.thread is not None:
-            self.thread.join()
-            self.thread = None
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
+        """Join the save in flight; its error is raised here, in the training thread."""
+        pending, self.pending = self.pending, None
+        if pending is not None:
+            pending.result()
 
 
 # ==================================================================================================== BACKBONES
@@ -1103,12 +1096,11 @@ def build_backbone(arch, pretrained=None, bn_eps=None, in_channels=None, **optio
     elif arch == "r2plus1d_10":
         model = R2Plus1D10(c, **options)
     elif arch == "resnet3d_18":
-        model = ResNet3D(BasicBlock3D, (2, 2, 2, 2), c, **options)
+        model = ResNet3D((2, 2, 2, 2), c, **options)
     elif arch == "resnext3d_101":
-        model = ResNet3D(ResNeXtBottleneck3D, (3, 4, 23, 3), c, widths=(128, 256, 512, 1024), cardinality=32,
-                         **options)
+        model = ResNet3D((3, 4, 23, 3), c, widths=(128, 256, 512, 1024), cardinality=32, **options)
     elif arch == "r2d3d_18":
-        model = ResNet3D(BasicBlock3D, (2, 2, 2, 2), c, stem_kernel=(1, 7, 7),
+        model = ResNet3D((2, 2, 2, 2), c, stem_kernel=(1, 7, 7),
                          widths=(64, 128, 256, 256), block_kernels=((1, 3, 3), (1, 3, 3), 3, 3),
                          temporal_strides=(1, 1, 2, 2), final_relu=False, **options)
     elif arch == "phlvc_video":
@@ -1152,7 +1144,8 @@ def set_bn_eps(model, eps):
 
 
 def _pool_video_map(x):
-    return x.mean(dim=(2, 3, 4))  # (N, C, T, H, W) -> (N, C)
+    """Global average pool of a video feature map: (N, C, T, H, W) -> (N, C)."""
+    return x.mean(dim=(2, 3, 4))
 
 
 def _torchvision_kinetics_state_dict(arch):
@@ -1265,50 +1258,32 @@ class I3D(nn.Module):
         return x if return_map else _pool_video_map(x)
 
 
-class BasicBlock3D(nn.Module):
-    """ResNet basic block with a given conv kernel ((1,3,3) = 2D block of R2D3D, 3 = 3D block); names conv1/bn1."""
-    expansion = 1
+class Block3D(nn.Module):
+    """A 3D-ResNet block with Hara et al.'s names (conv1/bn1, ..., downsample): basic (cardinality None: two convs
+    of `kernel`; (1, 3, 3) = R2D3D's 2D block) or ResNeXt bottleneck (1x1x1 -> grouped 3x3x3 with
+    cardinality * planes / 32 channels -> 1x1x1 to 2 * planes). (N, cin, T, H, W) -> (N, planes * expansion, ...)."""
 
-    def __init__(self, cin, planes, stride=1, downsample=None, kernel=3, cardinality=1):
+    def __init__(self, cin, planes, stride=1, downsample=None, kernel=3, cardinality=None):
         super().__init__()
-        pad = tuple(k // 2 for k in kernel) if isinstance(kernel, tuple) else kernel // 2
-        self.conv1 = nn.Conv3d(cin, planes, kernel, stride, pad, bias=False)
-        self.bn1 = nn.BatchNorm3d(planes)
-        self.conv2 = nn.Conv3d(planes, planes, kernel, 1, pad, bias=False)
-        self.bn2 = nn.BatchNorm3d(planes)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.final_relu = True
+        if cardinality is None:  # (cin, cout, kernel, stride, groups) per conv
+            convs = [(cin, planes, kernel, stride, 1), (planes, planes, kernel, 1, 1)]
+        else:
+            mid = cardinality * (planes // 32)
+            convs = [(cin, mid, 1, 1, 1), (mid, mid, 3, stride, cardinality), (mid, 2 * planes, 1, 1, 1)]
+        for i, (a, b, k, s, g) in enumerate(convs, 1):
+            pad = tuple(n // 2 for n in k) if isinstance(k, tuple) else k // 2
+            setattr(self, f"conv{i}", nn.Conv3d(a, b, k, s, pad, groups=g, bias=False))
+            setattr(self, f"bn{i}", nn.BatchNorm3d(b))
+        self.num_convs = len(convs)
+        self.relu, self.downsample, self.final_relu = nn.ReLU(inplace=True), downsample, True
 
     def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out)) + identity
-        return self.relu(out) if self.final_relu else out
-
-
-class ResNeXtBottleneck3D(nn.Module):
-    """Hara et al.'s ResNeXt bottleneck (expansion 2, grouped 3x3x3 conv, mid = cardinality * planes / 32)."""
-    expansion = 2
-
-    def __init__(self, cin, planes, stride=1, downsample=None, kernel=3, cardinality=32):
-        super().__init__()
-        mid = cardinality * (planes // 32)
-        self.conv1 = nn.Conv3d(cin, mid, 1, bias=False)
-        self.bn1 = nn.BatchNorm3d(mid)
-        self.conv2 = nn.Conv3d(mid, mid, 3, stride, 1, groups=cardinality, bias=False)
-        self.bn2 = nn.BatchNorm3d(mid)
-        self.conv3 = nn.Conv3d(mid, planes * self.expansion, 1, bias=False)
-        self.bn3 = nn.BatchNorm3d(planes * self.expansion)
-        self.relu = nn.ReLU(inplace=True)
-        self.downsample = downsample
-        self.final_relu = True
-
-    def forward(self, x):
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.relu(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(out)) + identity
+        out = x
+        for i in range(1, self.num_convs + 1):
+            out = getattr(self, f"bn{i}")(getattr(self, f"conv{i}")(out))  # (N, C_i, T', H', W')
+            if i < self.num_convs:
+                out = self.relu(out)
+        out = out + (x if self.downsample is None else self.downsample(x))  # (N, planes * expansion, T', H', W')
         return self.relu(out) if self.final_relu else out
 
 
@@ -1321,7 +1296,7 @@ class ResNet3D(nn.Module):
     3D blocks in layer3-4, layer4 narrowed to 256 channels and no ReLU after its last block).
     """
 
-    def __init__(self, block, layers, in_channels=3, widths=(64, 128, 256, 512), cardinality=1,
+    def __init__(self, layers, in_channels=3, widths=(64, 128, 256, 512), cardinality=None,
                  stem_kernel=(7, 7, 7), block_kernels=(3, 3, 3, 3), temporal_strides=(1, 2, 2, 2), final_relu=True):
         super().__init__()
         self.conv1 = nn.Conv3d(in_channels, 64, stem_kernel, (1, 2, 2), tuple(k // 2 for k in stem_kernel),
@@ -1330,16 +1305,16 @@ class ResNet3D(nn.Module):
         self.relu = nn.ReLU(inplace=True)
         pool_t = 3 if stem_kernel[0] > 1 else 1
         self.maxpool = nn.MaxPool3d((pool_t, 3, 3), (2 if pool_t > 1 else 1, 2, 2), (pool_t // 2, 1, 1))
-        cin = 64
+        cin, expansion = 64, 1 if cardinality is None else 2
         for i, (planes, n) in enumerate(zip(widths, layers)):
             stride = (temporal_strides[i], 1 if i == 0 else 2, 1 if i == 0 else 2)
             downsample = None
-            if stride != (1, 1, 1) or cin != planes * block.expansion:
-                downsample = nn.Sequential(nn.Conv3d(cin, planes * block.expansion, 1, stride, bias=False),
-                                           nn.BatchNorm3d(planes * block.expansion))
-            blocks = [block(cin, planes, stride, downsample, block_kernels[i], cardinality)]
-            cin = planes * block.expansion
-            blocks += [block(cin, planes, 1, None, block_kernels[i], cardinality) for _ in range(n - 1)]
+            if stride != (1, 1, 1) or cin != planes * expansion:
+                downsample = nn.Sequential(nn.Conv3d(cin, planes * expansion, 1, stride, bias=False),
+                                           nn.BatchNorm3d(planes * expansion))
+            blocks = [Block3D(cin, planes, stride, downsample, block_kernels[i], cardinality)]
+            cin = planes * expansion
+            blocks += [Block3D(cin, planes, 1, None, block_kernels[i], cardinality) for _ in range(n - 1)]
             setattr(self, f"layer{i + 1}", nn.Sequential(*blocks))
         blocks[-1].final_relu = final_relu
         self.feature_dim = cin
@@ -1463,6 +1438,7 @@ SKELETON_GRAPHS = {"ntu25": (25, NTU25_INWARD, 20), "coco18": (18, COCO18_INWARD
 
 
 def _normalize_digraph(a):
+    """Adjacency (V, V) -> A D^-1 (each column divided by its in-degree; empty columns stay 0), as 2s-AGCN."""
     deg = a.sum(0)
     return a @ np.diag(np.where(deg > 0, 1.0 / np.maximum(deg, 1e-12), 0.0))  # column-normalised
 
@@ -1700,6 +1676,7 @@ class AGCNBlock(nn.Module):
 
 
 def _graph_widths(hidden):
+    """The 10 blocks of AGCN / ST-GCN: [(in channels (None = input), out channels, temporal stride, residual)]."""
     h = hidden
     return [(None, h, 1, False), (h, h, 1, True), (h, h, 1, True), (h, h, 1, True), (h, 2 * h, 2, True),
             (2 * h, 2 * h, 1, True), (2 * h, 2 * h, 1, True), (2 * h, 4 * h, 2, True), (4 * h, 4 * h, 1, True),
@@ -2022,6 +1999,7 @@ def load_checkpoint_file(path, trust=False, flag="--weights"):
 
 
 def _describe(src):
+    """A checkpoint source for messages: the path, or "state dict"."""
     return str(src) if isinstance(src, (str, os.PathLike)) else "state dict"
 
 
@@ -2096,12 +2074,18 @@ GYM_SUBSETS = {"gym-vault": range(0, 6), "gym-floor": range(6, 41), "fx-s1": ran
 # (as NTU-120-minus-60), the student is distilled and evaluated on the disjoint "target" half (as NTU RGB+D 60).
 TOY_PAIRED_HALVES = {"toy-paired-source": range(0, 6), "toy-paired-target": range(6, 12)}
 
-NTU_PAIRED_SETS = {  # name -> (actions kept (1-based), split rule on (setup, camera, subject) -> train?)
-    "ntu60-paired-xview": (range(1, 61), lambda setup, camera, subject: camera in (2, 3)),  # 37,920 / 18,960
-    "ntu60-paired-xsub": (range(1, 61), lambda setup, camera, subject: subject in NTU_XSUB_TRAIN),
+NTU_BENCHMARKS = {  # NTU RGB+D 60 / 120 protocols: name -> (setup, camera, subject) -> in the training split?
+    "ntu60-xsub": lambda setup, camera, subject: subject in NTU_XSUB_TRAIN,
+    "ntu60-xview": lambda setup, camera, subject: camera in (2, 3),  # 37,920 / 18,960
+    "ntu120-xsub": lambda setup, camera, subject: subject in NTU120_XSUB_TRAIN,
+    "ntu120-xset": lambda setup, camera, subject: setup % 2 == 0,
+}
+NTU_PAIRED_SETS = {  # name -> (actions kept (1-based), split rule)
+    "ntu60-paired-xview": (range(1, 61), NTU_BENCHMARKS["ntu60-xview"]),
+    "ntu60-paired-xsub": (range(1, 61), NTU_BENCHMARKS["ntu60-xsub"]),
     # thesis Sec. 2.4.2 NTU-120-minus-60: the actions NTU RGB+D 60 lacks (A061-A120), the teacher's source set;
     # its train/val split is not stated: we use NTU-120's cross-subject split
-    "ntu120-minus-60": (range(61, 121), lambda setup, camera, subject: subject in NTU120_XSUB_TRAIN),
+    "ntu120-minus-60": (range(61, 121), NTU_BENCHMARKS["ntu120-xsub"]),
 }
 # PKU-MMD (Part I) with RGB, depth, skeletons and flow: name -> split file (thesis Sec. 2.4.2: cross-subject, 942 /
 # 132 videos; Table 2.6 detects actions in these)
@@ -2150,19 +2134,17 @@ def _build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides
     "phlvc-code")."""
     root = root or os.path.join("data", "toy-paired" if name in TOY_PAIRED_HALVES else name)
     skel_kwargs = dict(transform=transform, strict=strict, bad_files_path=bad_files_path)
+    paired_kwargs = dict(clip_len=clip_len, frame_strides=frame_strides, sampling=sampling, modalities=modalities,
+                         decoder=decoder, jitter=dataset_options.get("jitter", False), **skel_kwargs)
     if name == "toy-skeleton":
         make_toy_skeleton(root, seed=dataset_options.get("toy_seed", 0))
         ds = _skeleton_set(root, split, None, class_names=TOY_SKELETON_ACTIONS, **skel_kwargs)
     elif name in NTU_PAIRED_SETS:
-        ds = NTUPairedDataset(root, split, name, clip_len=clip_len, frame_strides=frame_strides, sampling=sampling,
-                              modalities=modalities, decoder=decoder, jitter=dataset_options.get("jitter", False),
-                              **skel_kwargs)
+        ds = NTUPairedDataset(root, split, name, **paired_kwargs)
     elif name in PKU_PAIRED_SETS:
-        ds = PKUPairedDataset(root, split, name, clip_len=clip_len, frame_strides=frame_strides, sampling=sampling,
-                              modalities=modalities, decoder=decoder, jitter=dataset_options.get("jitter", False),
-                              **skel_kwargs)
+        ds = PKUPairedDataset(root, split, name, **paired_kwargs)
     elif name.startswith("ntu"):
-        if name not in ("ntu60-xsub", "ntu60-xview", "ntu120-xsub", "ntu120-xset"):
+        if name not in NTU_BENCHMARKS:
             raise ValueError(f"unknown NTU benchmark {name!r}")
         raw = os.path.join(root, "nturgb+d_skeletons")
         convert = (lambda: convert_ntu_skeletons(raw, root, name, pre_normalize=dataset_options.get(
@@ -2194,9 +2176,7 @@ def _build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides
     elif name in ("toy-paired", "paired") + tuple(TOY_PAIRED_HALVES):
         if name.startswith("toy-paired"):
             make_toy_paired(root, seed=dataset_options.get("toy_seed", 0))
-        ds = PairedDataset(root, split, clip_len=clip_len, frame_strides=frame_strides, sampling=sampling,
-                           modalities=modalities, decoder=decoder, jitter=dataset_options.get("jitter", False),
-                           classes=TOY_PAIRED_HALVES.get(name), **skel_kwargs)
+        ds = PairedDataset(root, split, classes=TOY_PAIRED_HALVES.get(name), **paired_kwargs)
     else:
         samples, classes = _parse_video_set(name, root, split, dataset_options)
         if dataset_options.get("check_exists", True):
@@ -2230,6 +2210,7 @@ def _build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides
 
 
 def _parse_video_set(name, root, split, options):
+    """The parser of video dataset `name` -> ([(path, label)], class names); toy sets are written first."""
     if name == "toy-motion":
         make_toy_motion(root, seed=options.get("toy_seed", 0))
         return parse_videofolder(root, split)
@@ -2268,6 +2249,7 @@ def _parse_video_set(name, root, split, options):
 
 
 def _skeleton_set(root, split, convert, **kwargs):
+    """SkeletonDataset of root/{split}_data_joint.npy, _label.pkl, _num_frame.npy; convert() first if missing."""
     split = _split_name(split)
     data = os.path.join(root, f"{split}_data_joint.npy")
     if not os.path.exists(data) and convert is not None:
@@ -2555,6 +2537,7 @@ def _seed_rng():
 
 
 def _report_bad(dataset, path, reason):
+    """An unreadable sample: raise with --strict-data, else warn once and append it to bad_files.txt."""
     if dataset.strict:
         raise VideoReadError(f"{path}: {reason} (--strict-data)")
     if path not in dataset.bad_files:
@@ -2717,12 +2700,10 @@ class PKUPairedDataset(NTUPairedDataset):
         split = _split_name(split)
         self.root, self.split, self.decoder = root, split, decoder
         self.modalities = tuple(modalities or ("video", "depth", "skeleton"))
-        self.skeleton_dir = _first_existing(root, ["PKU_Skeleton_Renew", "skeleton"], "per-sequence skeleton .txt")
-        self.label_dir = _first_existing(root, ["Train_Label_PKU_final", "label"], "per-sequence label .txt files")
-        split_dir = _first_existing(root, ["Split", "split"], "cross-subject.txt / cross-view.txt")
-        self.sequences = _pku_split_lists(os.path.join(split_dir, PKU_PAIRED_SETS[name]))[split]
+        self.skeleton_dir, self.label_dir, split_file, lists = pku_layout(root, PKU_PAIRED_SETS[name])
+        self.sequences = lists[split]
         if not self.sequences:
-            raise VideoReadError(f"{os.path.join(split_dir, PKU_PAIRED_SETS[name])}: no {split} videos listed")
+            raise VideoReadError(f"{split_file}: no {split} videos listed")
         self._segments, names, labels, self.instances = {}, [], [], {}
         for seq in self.sequences:
             for label, start, end in self.segments(seq):
@@ -2738,9 +2719,7 @@ class PKUPairedDataset(NTUPairedDataset):
     def segments(self, seq):
         """(K, 3) int64 rows (label from 0, start, end) of the labelled actions of sequence `seq`, frames inclusive."""
         if seq not in self._segments:
-            rows = [[int(float(v)) for v in row.split(",")[:3]] for row in
-                    _read_lines(os.path.join(self.label_dir, f"{seq}.txt"), "'label,start,end,confidence' rows")]
-            self._segments[seq] = np.asarray(rows, dtype=np.int64).reshape(-1, 3) - [1, 0, 0]
+            self._segments[seq] = read_pku_labels(os.path.join(self.label_dir, f"{seq}.txt"))
         return self._segments[seq]
 
     def _path(self, seq, modality):
@@ -2793,8 +2772,7 @@ class PKUPairedDataset(NTUPairedDataset):
             path, n = self._path(seq, modality), self.num_frames(seq, modality)
             at = np.minimum(t * n // length, n - 1)  # (T,) frames of this modality at the same times
             if modality == "skeleton":
-                raw = np.loadtxt(path, dtype=np.float32, ndmin=2)  # (n, 150)
-                x = torch.from_numpy(np.ascontiguousarray(raw[at].reshape(-1, 2, 25, 3).transpose(3, 0, 2, 1)))
+                x = torch.from_numpy(np.ascontiguousarray(read_pku_skeleton(path)[:, at]))  # (3, T, 25, 2)
             elif modality == "depth" and os.path.isdir(path):
                 x = torch.from_numpy(read_depth_frames(path, at))[None]  # (1, T, H, W) metres
             elif modality == "depth":  # 8-bit depth video: grey level g -> g / 255 * DEPTH_MAX metres (assumed)
@@ -3512,14 +3490,35 @@ NTU120_XSUB_TRAIN = NTU_XSUB_TRAIN + (45, 46, 47, 49, 50, 52, 53, 54, 55, 56, 57
 
 
 def _need(path, what):
+    """`path` if it exists, else a VideoReadError naming it and `what` was expected there."""
     if not os.path.exists(path):
         raise VideoReadError(f"{path}: missing; expected {what}")
     return path
 
 
+def _first_existing(root, names, what):
+    """root/<the first of names that exists>, else a VideoReadError naming root/names[0] and `what`."""
+    for n in names:
+        if os.path.exists(os.path.join(root, n)):
+            return os.path.join(root, n)
+    raise VideoReadError(f"{os.path.join(root, names[0])}: missing; expected {what}")
+
+
 def _read_lines(path, what):
+    """The non-empty lines of a text file, stripped (a missing file: VideoReadError naming `what`)."""
     with open(_need(path, what)) as f:
         return [line.strip() for line in f if line.strip()]
+
+
+def _read_csv(path, columns, what, delimiter=","):
+    """The rows of a CSV file with a header line as dicts; VideoReadError naming the file if a column is missing."""
+    import csv
+    with open(_need(path, what), newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        missing = set(columns) - set(reader.fieldnames or [])
+        if missing:
+            raise VideoReadError(f"{path}: missing column(s) {sorted(missing)}; header is {reader.fieldnames}")
+        return list(reader)
 
 
 def normalize_label(name):
@@ -3528,6 +3527,7 @@ def normalize_label(name):
 
 
 def _split_name(split, val="val"):
+    """train -> "train"; val / test / validation -> `val` (the name a layout gives its evaluation split)."""
     if split in ("val", "test", "validation"):
         return val
     if split != "train":
@@ -3538,17 +3538,11 @@ def _split_name(split, val="val"):
 def parse_kinetics(root, split):
     """root/annotations/{train,val}.csv (label,youtube_id,time_start,time_end,split) +
     root/{train,val}/<label>/<youtube_id>_<start:06d>_<end:06d>.mp4; classes = sorted train labels."""
-    import csv
     split = _split_name(split)
 
-    def rows(s):
-        path = _need(os.path.join(root, "annotations", f"{s}.csv"), "the Kinetics annotation CSV")
-        with open(path, newline="") as f:
-            reader = csv.DictReader(f)
-            missing = {"label", "youtube_id", "time_start", "time_end"} - set(reader.fieldnames or [])
-            if missing:
-                raise VideoReadError(f"{path}: missing column(s) {sorted(missing)}; header is {reader.fieldnames}")
-            return list(reader)
+    def rows(s):  # annotations/<s>.csv as dicts
+        path = os.path.join(root, "annotations", f"{s}.csv")
+        return _read_csv(path, ("label", "youtube_id", "time_start", "time_end"), "the Kinetics annotation CSV")
     classes = sorted({normalize_label(r["label"]) for r in rows("train")})
     index = {c: i for i, c in enumerate(classes)}
     samples = []
@@ -3596,10 +3590,8 @@ def parse_ssv2(root, split, ext="webm"):
     labels_path = _need(os.path.join(root, "labels", "something-something-v2-labels.json"), "template -> index JSON")
     with open(labels_path) as f:
         index = {k: int(v) for k, v in json.load(f).items()}
-    classes = [None] * len(index)
-    for k, v in index.items():
-        classes[v] = k
-    name = "train" if _split_name(split) == "train" else "validation"
+    classes = sorted(index, key=index.get)  # template names in label order
+    name = _split_name(split, "validation")
     with open(_need(os.path.join(root, "labels", f"something-something-v2-{name}.json"), "SSv2 list JSON")) as f:
         items = json.load(f)
     samples = [(os.path.join(root, "videos", f"{it['id']}.{ext}"),
@@ -3630,7 +3622,7 @@ def parse_diving48(root, split):
     """root/Diving48_V2_{train,test}.json ([{vid_name, label, ...}]) + Diving48_vocab.json + root/rgb/<vid>.mp4."""
     with open(_need(os.path.join(root, "Diving48_vocab.json"), "the 48 label tuples")) as f:
         classes = ["-".join(v) if isinstance(v, list) else str(v) for v in json.load(f)]
-    name = "train" if _split_name(split) == "train" else "test"
+    name = _split_name(split, "test")
     with open(_need(os.path.join(root, f"Diving48_V2_{name}.json"), "Diving48 list JSON")) as f:
         items = json.load(f)
     return [(os.path.join(root, "rgb", f"{it['vid_name']}.mp4"), int(it["label"])) for it in items], classes
@@ -3639,21 +3631,15 @@ def parse_diving48(root, split):
 def parse_charades(root, split):
     """root/Charades_v1_{train,test}.csv (id,...,actions='c092 11.90 21.20;...') + Charades_v1_classes.txt +
     root/Charades_v1_480/<id>.mp4; label = multi-hot float32 (157,); action times kept in `segments`."""
-    import csv
     classes = [line.split(" ", 1)[1] for line in
                _read_lines(os.path.join(root, "Charades_v1_classes.txt"), "'c000 <name>' lines")]
-    name = "train" if _split_name(split) == "train" else "test"
-    path = _need(os.path.join(root, f"Charades_v1_{name}.csv"), "Charades annotation CSV")
     samples = []
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if not {"id", "actions"} <= set(reader.fieldnames or []):
-            raise VideoReadError(f"{path}: expected columns id and actions; header is {reader.fieldnames}")
-        for r in reader:
-            y = np.zeros(len(classes), dtype=np.float32)
-            for act in filter(None, r["actions"].split(";")):
-                y[int(act.split()[0][1:])] = 1.0
-            samples.append((os.path.join(root, "Charades_v1_480", f"{r['id']}.mp4"), y))
+    for r in _read_csv(os.path.join(root, f"Charades_v1_{_split_name(split, 'test')}.csv"), ("id", "actions"),
+                       "Charades annotation CSV"):
+        y = np.zeros(len(classes), dtype=np.float32)
+        for act in filter(None, r["actions"].split(";")):
+            y[int(act.split()[0][1:])] = 1.0
+        samples.append((os.path.join(root, "Charades_v1_480", f"{r['id']}.mp4"), y))
     return samples, classes
 
 
@@ -3750,12 +3736,10 @@ TOYOTA_TO_SIMS_PHLVC_CODE = dict(TOYOTA_TO_SIMS, **{"Cook.Cleandishes": "Cook", 
 def parse_sims4action(root, split):
     """root/SimsSplitsCompleteVideos.csv (';'-separated: VideoName;Subject;...;Split, split train = S1-3, S5-6,
     val = S7, test = S4, S8) + root/videos/<VideoName>.avi; the label from the name's prefix."""
-    import csv
     if split not in ("train", "val", "test"):
         raise ValueError(f"sims4action: split expected train, val or test, got {split!r}")
-    path = _need(os.path.join(root, "SimsSplitsCompleteVideos.csv"), "the official Sims4Action split file")
-    with open(path, newline="") as f:
-        rows = list(csv.DictReader(f, delimiter=";"))
+    path = os.path.join(root, "SimsSplitsCompleteVideos.csv")
+    rows = _read_csv(path, ("VideoName", "Split"), "the official Sims4Action split file", delimiter=";")
     classes = list(SIMS4ACTION_CLASSES.values())
     samples = []
     for n, row in enumerate(rows):
@@ -4026,6 +4010,40 @@ def ntu_body_energy(body):
     return float(sum(valid[:, :, axis].std() for axis in range(3))) if len(valid) else 0.0
 
 
+def pku_layout(root, split_file):
+    """PKU-MMD (I or II) -> (skeleton folder, label folder, path of Split/<split_file>, {"train": [seq, ...], "val":
+    [...]}) from its 'Training videos:' / 'Validation videos:' blocks of comma-separated sequence names."""
+    skeleton_dir = _first_existing(root, ["PKU_Skeleton_Renew", "skeleton"], "per-sequence skeleton .txt files")
+    label_dir = _first_existing(root, ["Train_Label_PKU_final", "label"], "per-sequence label .txt files")
+    path = os.path.join(_first_existing(root, ["Split", "split"], "cross-subject.txt / cross-view.txt"), split_file)
+    lists, current = {"train": [], "val": []}, None
+    for line in _read_lines(path, "'Training videos:' / 'Validation videos:' blocks"):
+        low = line.lower()
+        if low.startswith("training"):
+            current = "train"
+        elif low.startswith("validat") or low.startswith("testing"):
+            current = "val"
+        elif current:
+            lists[current] += [s.strip() for s in line.split(",") if s.strip()]
+    return skeleton_dir, label_dir, path, lists
+
+
+def read_pku_labels(path):
+    """PKU-MMD label file ('label,start,end,confidence' rows, 1-based labels) -> (K, 3) int64 rows (label from 0,
+    start, end), frames inclusive."""
+    rows = [[int(float(v)) for v in row.split(",")[:3]] for row in
+            _read_lines(path, "'label,start,end,confidence' rows")]
+    return np.asarray(rows, dtype=np.int64).reshape(-1, 3) - [1, 0, 0]
+
+
+def read_pku_skeleton(path):
+    """PKU-MMD skeleton file (one row of 150 floats per frame: 2 bodies x 25 joints x xyz) -> float32 (3, T, 25, 2)."""
+    raw = np.loadtxt(_need(path, "150 floats per frame"), dtype=np.float32, ndmin=2)  # (T, 150)
+    if raw.shape[1] != 150:
+        raise VideoReadError(f"{path}: expected 150 floats per row, got {raw.shape[1]}")
+    return raw.reshape(-1, 2, 25, 3).transpose(3, 0, 2, 1)
+
+
 # ==================================================================================================== TOY DATA
 # Real files in the real formats, written once under --data-root (in a temporary folder renamed into
 # place, so concurrent ranks agree) and read by the same code as the real datasets. Every random draw comes from
@@ -4117,20 +4135,20 @@ def render_toy_motion(rng, label, size=64, num_frames=16):
     else:  # shake_vertical: fast up-down oscillation in place
         amp, period, phase = rng.uniform(6, 10), rng.uniform(4, 6), rng.uniform(0, 2 * np.pi)
         x, y = p0[0] + 0 * t, p0[1] + amp * np.sin(2 * np.pi * t / period + phase)
-    frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
-    for k in range(num_frames):
-        dx = (np.arange(width)[None, :] - x[k] + width / 2) % width - width / 2  # wrapped offsets (1, W)
-        dy = (np.arange(height)[:, None] - y[k] + height / 2) % height - height / 2  # (H, 1)
-        if shape == 0:
-            mask = dx ** 2 + dy ** 2 <= radius ** 2
-        elif shape == 1:
-            mask = (np.abs(dx) <= radius * 0.85) & (np.abs(dy) <= radius * 0.85)
-        else:
-            mask = np.abs(dx) + np.abs(dy) <= radius * 1.2
-        img = bg.copy()
-        img[mask] = colour
-        frames[k] = np.clip(img, 0, 255).astype(np.uint8)
-    return frames
+    dx = (np.arange(width)[None, None, :] - x[:, None, None] + width / 2) % width - width / 2  # wrapped (T, 1, W)
+    dy = (np.arange(height)[None, :, None] - y[:, None, None] + height / 2) % height - height / 2  # (T, H, 1)
+    if shape == 0:
+        mask = dx ** 2 + dy ** 2 <= radius ** 2  # (T, H, W)
+    elif shape == 1:
+        mask = (np.abs(dx) <= radius * 0.85) & (np.abs(dy) <= radius * 0.85)
+    else:
+        mask = np.abs(dx) + np.abs(dy) <= radius * 1.2
+    return _paint(bg, colour, mask)
+
+
+def _paint(bg, colour, mask):
+    """One colour where mask (T, H, W) is set, the background float (H, W, 3) elsewhere -> uint8 (T, H, W, 3)."""
+    return np.clip(np.where(mask[..., None], colour, bg), 0, 255).astype(np.uint8)
 
 
 def make_toy_motion(root, seed=0, train_per_class=24, val_per_class=8):
@@ -4221,13 +4239,8 @@ def render_toy_repetitions(rng, count, size=64):
     swing = amp * np.sin(2 * np.pi * t / period)  # (T,) one full back-and-forth per cycle
     x, y = centre[0] + swing * np.cos(direction), centre[1] + swing * np.sin(direction)
     grid = np.arange(size, dtype=np.float64)
-    frames = np.empty((num_frames, size, size, 3), dtype=np.uint8)
-    for k in range(num_frames):
-        mask = (grid[None, :] - x[k]) ** 2 + (grid[:, None] - y[k]) ** 2 <= radius ** 2  # (H, W)
-        img = bg.copy()
-        img[mask] = colour
-        frames[k] = np.clip(img, 0, 255).astype(np.uint8)
-    return frames, bounds
+    mask = (grid[None, None, :] - x[:, None, None]) ** 2 + (grid[None, :, None] - y[:, None, None]) ** 2 <= radius ** 2
+    return _paint(bg, colour, mask), bounds  # mask (T, H, W)
 
 
 def make_toy_ucfrep(root, seed=0, size=64, num_train=48, num_val=16, counts=(2, 8)):
@@ -4271,6 +4284,7 @@ def _limb_dir(elev, azim, side):
 
 
 def _set_arm(P, side, upper, fore):
+    """Place one arm of poses P (T, 25, 3) from the shoulder: upper arm and forearm along unit vectors (T, 3)."""
     s, e, w, h, tip, thumb = (4, 5, 6, 7, 21, 22) if side > 0 else (8, 9, 10, 11, 23, 24)
     P[:, e] = P[:, s] + 0.27 * upper
     P[:, w] = P[:, e] + 0.24 * fore
@@ -4279,6 +4293,7 @@ def _set_arm(P, side, upper, fore):
 
 
 def _set_leg(P, side, thigh, shin):
+    """Place one leg of poses P (T, 25, 3) from the hip: thigh and shin along unit vectors (T, 3)."""
     hip, knee, ankle, foot = (12, 13, 14, 15) if side > 0 else (16, 17, 18, 19)
     P[:, knee] = P[:, hip] + 0.43 * thigh
     P[:, ankle] = P[:, knee] + 0.44 * shin
@@ -4517,8 +4532,7 @@ def make_toy_paired(root, seed=0, size=64, num_frames=24, subjects=7, train_subj
 
     def make(tmp):
         focal = size * 1.25
-        out = {"train": ([], [], [], []), "val": ([], [], [], [])}
-        labels_json = {"train": {}, "val": {}}
+        out, labels_json = {"train": [], "val": []}, {"train": {}, "val": {}}
         for subject in range(1, subjects + 1):
             for action, rep in itertools.product(range(len(TOY_SKELETON_ACTIONS)), range(per_subject)):
                 x, name, length = toy_skeleton_sample(seed, subject, action, rep, num_frames, min_frames=16)
@@ -4551,20 +4565,67 @@ def make_toy_paired(root, seed=0, size=64, num_frames=24, subjects=7, train_subj
                     json.dump({"data": frames, "label": TOY_SKELETON_ACTIONS[action], "label_index": action}, f)
                 labels_json[split][name] = {"has_skeleton": True, "label": TOY_SKELETON_ACTIONS[action],
                                             "label_index": action}
-                for lst, value in zip(out[split], (x, name, action, length)):
-                    lst.append(value)
-        for split, (arrays, names, labels, lengths) in out.items():
-            _write_ntu_layout(os.path.join(tmp, "skeleton"), split, arrays, names, labels, lengths)
+                out[split].append((x, name, action, length))
+        for split, samples in out.items():
+            _write_ntu_layout(os.path.join(tmp, "skeleton"), split, samples)
             with open(os.path.join(tmp, "pose2d", f"kinetics_{split}_label.json"), "w") as f:
                 json.dump(labels_json[split], f)
     return _build_once(root, make)
 
 
 # ==================================================================================================== DATA PREPARATION
-# Command-line tools (`python common.py <command> --help`): check-data, prepare-videos (re-encode a
-# dataset tree for fast random access) and the conversions of raw skeleton releases into the skeleton arrays.
+# Command-line tools (`main`; `python common.py <command> --help`): check-data, prepare-videos (re-encode a
+# dataset tree for fast random access), extract-flow, convert-alphapose; the conversions of raw skeleton releases.
 # prepare-videos keeps names, layout and every non-video file, re-encoded small with short keyframe intervals (a
 # seek lands on a keyframe close to the clip), so a script's --data-root simply points to --dst.
+
+
+def main(argv=None):
+    """`python common.py check-data | prepare-videos | extract-flow | convert-alphapose`: exit status 1 when a file
+    could not be read, a one-line error (status 1) for a user mistake."""
+    cli = argparse.ArgumentParser(prog="common.py", description="Dataset tools; `python common.py COMMAND --help`.")
+    commands = cli.add_subparsers(dest="command", required=True)
+    check = commands.add_parser("check-data", description="Open every sample of a dataset and list the unreadable "
+                                "ones.")
+    flow = commands.add_parser("extract-flow", description=extract_flow.__doc__)
+    for c in (check, flow):
+        c.add_argument("--data", required=True, help="dataset name, as --data of the scripts (e.g. ucf101)")
+        c.add_argument("--data-root", default=None, help="default data/<name>")
+        c.add_argument("--decoder", default="auto", choices=["auto", "decord", "pyav", "torchcodec"])
+    check.add_argument("--split", default=None, choices=["train", "val"], help="default: both")
+    flow.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    prepare = commands.add_parser("prepare-videos", description=prepare_videos.__doc__)
+    prepare.add_argument("--src", required=True, help="dataset tree to read (any layout; names are kept)")
+    prepare.add_argument("--dst", required=True, help="output tree; point --data-root here")
+    prepare.add_argument("--short-side", type=int, default=128, help="128 for 112² crops, 256 for I3D's 224²")
+    prepare.add_argument("--gop", type=int, default=16, help="keyframe every N frames (short: fast random clips)")
+    prepare.add_argument("--fps", type=float, default=None, help="constant output frame rate (default: keep)")
+    prepare.add_argument("--crf", type=int, default=23, help="x264 quality (lower = better, larger)")
+    prepare.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    pose = commands.add_parser("convert-alphapose", description=convert_alphapose.__doc__)
+    pose.add_argument("--src", required=True, help="alphapose-results.json, or a folder of <name>.json / "
+                      "<name>/alphapose-results.json")
+    pose.add_argument("--dst", required=True, help="pose2d/<name>.json, or the pose2d folder (folder --src)")
+    pose.add_argument("--width", type=int, default=None, help="frame width in pixels (with --height)")
+    pose.add_argument("--height", type=int, default=None)
+    pose.add_argument("--videos", default=None, help="else: the video (folder --src: its folder) for the size")
+    a = cli.parse_args(argv)
+    try:
+        if a.command == "check-data":
+            result = check_data(a.data, a.data_root, a.decoder, (a.split,) if a.split else ("train", "val"))
+            return 1 if any(r["bad"] for r in result.values()) else 0
+        if a.command == "prepare-videos":
+            return 1 if prepare_videos(a.src, a.dst, a.short_side, a.gop, a.fps, a.workers, a.crf)["bad"] else 0
+        if a.command == "extract-flow":
+            return 1 if extract_flow(a.data, a.data_root, a.workers, a.decoder)["bad"] else 0
+        if (a.width is None) != (a.height is None):
+            raise UserError(f"convert-alphapose: expected --width and --height together, found --width {a.width} "
+                            f"--height {a.height}")
+        count = convert_alphapose(a.src, a.dst, a.width, a.height, a.videos)
+        print(f"wrote {count} COCO-18 pose JSON file(s) to {a.dst}")
+        return 0
+    except (UserError, VideoReadError) as e:
+        sys.exit(f"error: {e}")
 
 
 def check_data(name, root=None, decoder="auto", splits=("train", "val"), out=print, **options):
@@ -4637,33 +4698,29 @@ def prepare_videos(src, dst, short_side=128, gop=16, fps=None, workers=1, crf=23
                 shutil.copy2(source, target + ".part")
                 os.replace(target + ".part", target)
     out(f"prepare-videos: {len(jobs)} videos to encode, {skipped} files already done, {workers} worker(s)")
-    bad = []
-    try:
-        from tqdm import tqdm
-        bar = tqdm(total=len(jobs), desc="prepare-videos", unit="video")
-    except ImportError:
-        bar = None
-    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
-    results = pool.imap_unordered(_prepare_one, jobs) if pool else map(_prepare_one, jobs)
-    try:
-        for source, reason in results:
-            if reason is not None:
-                bad.append((source, reason))
-            if bar is not None:
-                bar.update()
-    finally:
-        if pool:
-            pool.terminate()
-        if bar is not None:
-            bar.close()
-    if bad:
-        append_bad_files(os.path.join(dst, "bad_files.txt"), bad)
-        out(f"prepare-videos: {len(bad)} unreadable input(s) skipped, listed in {os.path.join(dst, 'bad_files.txt')}")
+    bad = _run_jobs(_prepare_one, jobs, workers, "prepare-videos", os.path.join(dst, "bad_files.txt"), out)
     return {"done": len(jobs) - len(bad), "skipped": skipped, "bad": bad}
 
 
+def _run_jobs(fn, jobs, workers, command, bad_files_path, out):
+    """fn(job) -> None or (path, reason) for every job, on `workers` spawned processes (1: this one), with a progress
+    bar; the unreadable ones are appended to bad_files_path and returned as [(path, reason)]."""
+    from tqdm import tqdm
+    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
+    try:
+        results = pool.imap_unordered(fn, jobs) if pool else map(fn, jobs)
+        bad = [r for r in tqdm(results, total=len(jobs), desc=command, unit="video") if r is not None]
+    finally:
+        if pool:
+            pool.terminate()
+    if bad:
+        append_bad_files(bad_files_path, bad)
+        out(f"{command}: {len(bad)} unreadable input(s) skipped, listed in {bad_files_path}")
+    return bad
+
+
 def _prepare_one(job):
-    """Encode one video (see prepare_videos) -> (source, None) or (source, reason it could not be read)."""
+    """Encode one video (see prepare_videos) -> None, or (source, reason) when it cannot be read."""
     import av
     source, target, short_side, gop, fps, crf = job
     folder, name = os.path.split(target)
@@ -4705,7 +4762,7 @@ def _prepare_one(job):
             if written == 0:
                 raise VideoReadError(f"{source}: no frame could be decoded")
         os.replace(temporary, target)
-        return source, None
+        return None
     except Exception as e:  # any decoder error: the file is listed in bad_files.txt and skipped
         if os.path.exists(temporary):
             os.remove(temporary)
@@ -4743,16 +4800,7 @@ def extract_flow(name, root=None, workers=1, decoder="auto", flow_fn=tvl1_flow, 
                     for i in range(len(ds))})
     jobs = [(p, decoder, flow_fn) for p in paths if not os.path.exists(os.path.join(_flow_folder(p), FLOW_DONE))]
     out(f"extract-flow: {len(jobs)} videos to do, {len(paths) - len(jobs)} already done, {workers} worker(s)")
-    pool = mp.get_context("spawn").Pool(workers) if workers > 1 else None
-    try:
-        bad = [r for r in (pool.imap_unordered(_extract_flow_one, jobs) if pool else map(_extract_flow_one, jobs))
-               if r is not None]
-    finally:
-        if pool:
-            pool.terminate()
-    if bad:
-        append_bad_files(os.path.join(root, "bad_files.txt"), bad)
-        out(f"extract-flow: {len(bad)} unreadable video(s) skipped, listed in {os.path.join(root, 'bad_files.txt')}")
+    bad = _run_jobs(_extract_flow_one, jobs, workers, "extract-flow", os.path.join(root, "bad_files.txt"), out)
     return {"done": len(jobs) - len(bad), "skipped": len(paths) - len(jobs), "bad": bad}
 
 
@@ -4815,8 +4863,11 @@ def ntu_pre_normalize(x):
     return s.transpose(3, 1, 2, 0).astype(np.float32)
 
 
-def _write_ntu_layout(out_dir, split, arrays, names, labels, lengths):
+def _write_ntu_layout(out_dir, split, samples):
+    """samples [(x (3, T, V, M), name, label, valid length)] -> out_dir/{split}_data_joint.npy, _label.pkl,
+    _num_frame.npy (the NTU layout SkeletonDataset reads)."""
     import pickle
+    arrays, names, labels, lengths = zip(*samples)
     os.makedirs(out_dir, exist_ok=True)
     np.save(os.path.join(out_dir, f"{split}_data_joint.npy"), np.stack(arrays).astype(np.float32))
     with open(os.path.join(out_dir, f"{split}_label.pkl"), "wb") as f:
@@ -4841,7 +4892,7 @@ def convert_ntu_skeletons(raw_dir, out_dir, benchmark="ntu60-xsub", max_frames=3
     skip = set(_read_lines(missing_file, "sample names")) if missing_file else set()
     files = sorted(f for f in os.listdir(_need(raw_dir, "a folder of .skeleton files")) if f.endswith(".skeleton"))
     pattern = re.compile(r"S(\d{3})C(\d{3})P(\d{3})R(\d{3})A(\d{3})")
-    out = {"train": ([], [], [], []), "val": ([], [], [], [])}
+    out = {"train": [], "val": []}
     for f in files:
         name = f[:-len(".skeleton")]
         match = pattern.match(name)
@@ -4850,41 +4901,17 @@ def convert_ntu_skeletons(raw_dir, out_dir, benchmark="ntu60-xsub", max_frames=3
         setup, camera, subject, _, action = (int(g) for g in match.groups())
         if benchmark.startswith("ntu60") and (setup > 17 or action > 60):
             continue
-        train = {"ntu60-xsub": subject in NTU_XSUB_TRAIN, "ntu60-xview": camera in (2, 3),
-                 "ntu120-xsub": subject in NTU120_XSUB_TRAIN, "ntu120-xset": setup % 2 == 0}[benchmark]
+        train = NTU_BENCHMARKS[benchmark](setup, camera, subject)
         x = read_ntu_skeleton(os.path.join(raw_dir, f))
         if pre_normalize:
             x = ntu_pre_normalize(x)
         x, _ = _fit_frames(x, max_frames)
         length = _last_nonzero_frame(x)  # frames after the last tracked body are padding, as the stored zeros
-        lists = out["train" if train else "val"]
-        for lst, value in zip(lists, (x, name, action - 1, length)):
-            lst.append(value)
-    for split, (arrays, names, labels, lengths) in out.items():
-        if arrays:
-            _write_ntu_layout(out_dir, split, arrays, names, labels, lengths)
-    return {split: len(v[0]) for split, v in out.items()}
-
-
-def _first_existing(root, names, what):
-    for n in names:
-        if os.path.exists(os.path.join(root, n)):
-            return os.path.join(root, n)
-    raise VideoReadError(f"{os.path.join(root, names[0])}: missing; expected {what}")
-
-
-def _pku_split_lists(path):
-    """PKU-MMD Split/cross-subject.txt or cross-view.txt -> {"train": [seq, ...], "val": [...]}."""
-    lists, current = {"train": [], "val": []}, None
-    for line in _read_lines(path, "'Training videos:' / 'Validation videos:' blocks"):
-        low = line.lower()
-        if low.startswith("training"):
-            current = "train"
-        elif low.startswith("validat") or low.startswith("testing"):
-            current = "val"
-        elif current:
-            lists[current] += [s.strip() for s in line.split(",") if s.strip()]
-    return lists
+        out["train" if train else "val"].append((x, name, action - 1, length))
+    for split, samples in out.items():
+        if samples:
+            _write_ntu_layout(out_dir, split, samples)
+    return {split: len(samples) for split, samples in out.items()}
 
 
 def convert_pku_mmd(root, out_dir, benchmark="xsub", max_frames=300):
@@ -4892,95 +4919,20 @@ def convert_pku_mmd(root, out_dir, benchmark="xsub", max_frames=300):
     x xyz), root/Train_Label_PKU_final/<seq>.txt ('label,start,end,confidence', 1-based labels),
     root/Split/cross-subject.txt or cross-view.txt ('Training videos:' line, list, 'Validation videos:' line,
     list) -> the NTU layout in out_dir, one sample per labelled instance."""
-    skel_dir = _first_existing(root, ["PKU_Skeleton_Renew", "skeleton"], "per-sequence skeleton .txt files")
-    label_dir = _first_existing(root, ["Train_Label_PKU_final", "label"], "per-sequence label .txt files")
-    split_dir = _first_existing(root, ["Split", "split"], "cross-subject.txt / cross-view.txt")
-    lists = _pku_split_lists(os.path.join(split_dir, "cross-subject.txt" if benchmark == "xsub" else "cross-view.txt"))
+    skel_dir, label_dir, _, lists = pku_layout(root, "cross-subject.txt" if benchmark == "xsub" else "cross-view.txt")
     counts = {}
     for split, seqs in lists.items():
-        arrays, names, labels, lengths = [], [], [], []
+        samples = []
         for seq in seqs:
-            path = os.path.join(skel_dir, f"{seq}.txt")
-            raw = np.loadtxt(path, dtype=np.float32, ndmin=2)
-            if raw.shape[1] != 150:
-                raise VideoReadError(f"{path}: expected 150 floats per row, got {raw.shape[1]}")
-            seq_x = raw.reshape(-1, 2, 25, 3).transpose(3, 0, 2, 1)  # (3, T, 25, 2)
-            for row in _read_lines(os.path.join(label_dir, f"{seq}.txt"), "'label,start,end,confidence' rows"):
-                label, start, end = (int(float(v)) for v in row.split(",")[:3])
+            seq_x = read_pku_skeleton(os.path.join(skel_dir, f"{seq}.txt"))  # (3, T, 25, 2)
+            for label, start, end in read_pku_labels(os.path.join(label_dir, f"{seq}.txt")).tolist():
                 x, length = _fit_frames(seq_x[:, start:end + 1], max_frames)
-                arrays.append(x), names.append(f"{seq}_{start}_{end}"), labels.append(label - 1)
-                lengths.append(length)
-        if arrays:
-            _write_ntu_layout(out_dir, split, arrays, names, labels, lengths)
-        counts[split] = len(arrays)
+                samples.append((x, f"{seq}_{start}_{end}", label, length))
+        if samples:
+            _write_ntu_layout(out_dir, split, samples)
+        counts[split] = len(samples)
     return counts
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "check-data":
-        cli = argparse.ArgumentParser(prog="common.py check-data",
-                                      description="Open every sample of a dataset and list the unreadable ones.")
-        cli.add_argument("command")
-        cli.add_argument("--data", required=True, help="dataset name, as --data of the scripts")
-        cli.add_argument("--data-root", default=None, help="default data/<name>")
-        cli.add_argument("--decoder", default="auto", choices=["auto", "decord", "pyav", "torchcodec"])
-        cli.add_argument("--split", default=None, choices=["train", "val"], help="default: both")
-        cli_args = cli.parse_args()
-        result = check_data(cli_args.data, cli_args.data_root, cli_args.decoder,
-                            (cli_args.split,) if cli_args.split else ("train", "val"))
-        sys.exit(1 if any(r["bad"] for r in result.values()) else 0)
-    if len(sys.argv) > 1 and sys.argv[1] == "prepare-videos":
-        cli = argparse.ArgumentParser(prog="common.py prepare-videos", description=prepare_videos.__doc__)
-        cli.add_argument("command")
-        cli.add_argument("--src", required=True, help="dataset tree to read (any layout; names are kept)")
-        cli.add_argument("--dst", required=True, help="output tree; point --data-root here")
-        cli.add_argument("--short-side", type=int, default=128, help="128 for 112² crops, 256 for I3D's 224²")
-        cli.add_argument("--gop", type=int, default=16, help="keyframe every N frames (short: fast random clips)")
-        cli.add_argument("--fps", type=float, default=None, help="constant output frame rate (default: keep)")
-        cli.add_argument("--crf", type=int, default=23, help="x264 quality (lower = better, larger)")
-        cli.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-        cli_args = cli.parse_args()
-        try:
-            result = prepare_videos(cli_args.src, cli_args.dst, cli_args.short_side, cli_args.gop, cli_args.fps,
-                                    cli_args.workers, cli_args.crf)
-        except UserError as e:
-            sys.exit(f"error: {e}")
-        sys.exit(1 if result["bad"] else 0)
-    if len(sys.argv) > 1 and sys.argv[1] == "convert-alphapose":
-        cli = argparse.ArgumentParser(prog="common.py convert-alphapose", description=convert_alphapose.__doc__)
-        cli.add_argument("command")
-        cli.add_argument("--src", required=True, help="alphapose-results.json, or a folder of <name>.json / "
-                         "<name>/alphapose-results.json")
-        cli.add_argument("--dst", required=True, help="pose2d/<name>.json, or the pose2d folder (folder --src)")
-        cli.add_argument("--width", type=int, default=None, help="frame width in pixels (with --height)")
-        cli.add_argument("--height", type=int, default=None)
-        cli.add_argument("--videos", default=None, help="else: the video (folder --src: its folder) for the size")
-        cli_args = cli.parse_args()
-        try:
-            if (cli_args.width is None) != (cli_args.height is None):
-                raise UserError(f"convert-alphapose: expected --width and --height together, found --width "
-                                f"{cli_args.width} --height {cli_args.height}")
-            count = convert_alphapose(cli_args.src, cli_args.dst, cli_args.width, cli_args.height, cli_args.videos)
-            print(f"wrote {count} COCO-18 pose JSON file(s) to {cli_args.dst}")
-        except (UserError, VideoReadError) as e:
-            sys.exit(f"error: {e}")
-        sys.exit(0)
-    if len(sys.argv) > 1 and sys.argv[1] == "extract-flow":
-        cli = argparse.ArgumentParser(prog="common.py extract-flow", description=extract_flow.__doc__)
-        cli.add_argument("command")
-        cli.add_argument("--data", required=True, help="dataset name, as --data of the scripts (e.g. ucf101)")
-        cli.add_argument("--data-root", default=None, help="default data/<name>")
-        cli.add_argument("--decoder", default="auto", choices=["auto", "decord", "pyav", "torchcodec"])
-        cli.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-        cli_args = cli.parse_args()
-        try:
-            result = extract_flow(cli_args.data, cli_args.data_root, cli_args.workers, cli_args.decoder)
-        except UserError as e:
-            sys.exit(f"error: {e}")
-        sys.exit(1 if result["bad"] else 0)
-    print("usage: python common.py check-data --data NAME [--data-root DIR] [--decoder auto|decord|pyav|torchcodec]\n"
-          "       python common.py prepare-videos --src DIR --dst DIR [--short-side 128] [--gop 16] [--fps N] "
-          "[--workers N]\n"
-          "       python common.py extract-flow --data NAME [--data-root DIR] [--workers N]\n"
-          "       python common.py convert-alphapose --src FILE|DIR --dst FILE|DIR [--width W --height H] "
-          "[--videos DIR]")
+    sys.exit(main())

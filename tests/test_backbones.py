@@ -78,6 +78,27 @@ def test_resnet3d_18_one_channel_input():
         assert model(torch.randn(1, 1, 8, 32, 32)).shape == (1, 512)
 
 
+def test_block3d_basic_and_resnext_bottleneck_match_hand_composition():
+    """Block3D is Hara et al.'s basic block (resnet3d_18, r2d3d_18 with 1x3x3 kernels) and ResNeXt bottleneck
+    (resnext3d_101): conv-BN-ReLU chains plus the shortcut, then ReLU (none after r2d3d_18's last block)."""
+    relu = torch.nn.functional.relu
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 4, 6, 6)
+    b = common.Block3D(8, 8, kernel=(1, 3, 3)).eval()
+    for bn in (b.bn1, b.bn2):  # non-trivial running statistics
+        bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2)
+    with torch.no_grad():
+        assert torch.allclose(b(x), relu(b.bn2(b.conv2(relu(b.bn1(b.conv1(x))))) + x), atol=1e-6)
+        assert b.conv1.kernel_size == (1, 3, 3) and b.conv1.padding == (0, 1, 1)
+        down = torch.nn.Sequential(torch.nn.Conv3d(8, 64, 1, (1, 2, 2), bias=False), torch.nn.BatchNorm3d(64)).eval()
+        n = common.Block3D(8, 32, (1, 2, 2), down, cardinality=32).eval()
+        residual = n.bn3(n.conv3(relu(n.bn2(n.conv2(relu(n.bn1(n.conv1(x))))))))  # (2, 64, 4, 3, 3)
+        assert n.conv2.groups == 32 and n.conv2.out_channels == 32  # cardinality * planes / 32
+        assert torch.allclose(n(x), relu(residual + down(x)), atol=1e-6)
+        n.final_relu = False
+        assert torch.allclose(n(x), residual + down(x), atol=1e-6)
+
+
 def test_s3d_runs_at_32x128x128():
     model = built("s3d")
     with torch.no_grad():

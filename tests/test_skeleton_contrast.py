@@ -288,8 +288,8 @@ def write_ntu_arrays(folder, lengths, frames=300, seed=0):
         if i % 2:
             x[:, :length, :, 1] = rng.uniform(0.5, 1.5, (3, length, 25)) + 1.0
         arrays.append(x)
-    common._write_ntu_layout(str(folder), "train", arrays, [f"S001C001P001R001A{i + 1:03d}" for i in
-                                                            range(len(lengths))], [0] * len(lengths), lengths)
+    common._write_ntu_layout(str(folder), "train", [(x, f"S001C001P001R001A{i + 1:03d}", 0, length)
+                                                    for i, (x, length) in enumerate(zip(arrays, lengths))])
     return common.SkeletonDataset(str(folder / "train_data_joint.npy"), str(folder / "train_label.pkl"),
                                   str(folder / "train_num_frame.npy"), transform=sc.center_item)
 
