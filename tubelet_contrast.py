@@ -290,7 +290,7 @@ def render_tubelets(source, coef, opacity, width, height, shape, soft):
     planes = torch.addcmul(coef[0], coef[2], rows) + coef[1] * cols  # (4, n, T, height, width)
     grid = planes[:2].view(2, n, t * height, width).permute(1, 2, 3, 0)  # (n, T*height, width, 2), a view
     patch = F.grid_sample(source, grid, align_corners=False)  # (n, C, T*height, width)
-    rx, ry = planes[2].abs_(), planes[3].abs_()  # (n, T, height, width)
+    rx, ry = planes[2:].abs_()  # (n, T, height, width) each
     # distance from the centre of the shape: rectangle L_inf, ellipse L2, rhombus L1
     if not torch.is_tensor(shape):
         dist = (torch.maximum, torch.hypot, torch.add)[shape](rx, ry)  # (n, T, h, w)
@@ -299,7 +299,7 @@ def render_tubelets(source, coef, opacity, width, height, shape, soft):
         dist = torch.where(shape == 0, torch.maximum(rx, ry), torch.where(shape == 1, torch.hypot(rx, ry), rx + ry))
     # soft 1: hard edge; s < 1: alpha falls linearly from d = s to d = 1
     if not torch.is_tensor(soft):
-        alpha = dist.sub_(1).div_(soft - 1).clamp_(0, 1) if soft < 1 else (dist < 1).float()
+        alpha = dist.sub_(1).div_(soft - 1).clamp_(0, 1) if soft < 1 else dist.lt_(1)  # lt_: 1.0 where d < 1
     else:
         soft = soft.view(n, 1, 1, 1)
         alpha = torch.where(soft < 1, ((1 - dist) / (1 - soft).clamp_min(1e-6)).clamp(0, 1), (dist < 1).float())
@@ -359,11 +359,11 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
             # patch (1, C, T, Sy, Sx), alpha (1, T, Sy, Sx); tubelet j is pasted over tubelets 0 .. j - 1
             patch, alpha = render_tubelets(source, coef[i, j, None], opacity, sx, sy, shape, soft)
             if integer:
-                a = alpha[0].mul_(256).round_()  # (T, Sy, Sx)
-                keep, add = (256 - a).to(torch.uint16), torch.addcmul(half, patch[0], a).to(torch.uint16)  # (C, T, ..)
+                a = np.round(alpha[0].numpy() * 256)  # (T, Sy, Sx); numpy: faster than torch for small arrays
+                keep = (256 - a).astype(np.uint16)  # (T, Sy, Sx)
+                add = torch.addcmul(half, patch[0], torch.from_numpy(a)).to(torch.uint16).numpy()  # (C, T, Sy, Sx)
             else:
-                keep, add = 1 - alpha[0], patch[0] * alpha[0]  # (T, Sy, Sx), (C, T, Sy, Sx)
-            keep, add = keep.numpy(), add.numpy()
+                keep, add = (1 - alpha[0]).numpy(), (patch[0] * alpha[0]).numpy()  # (T, Sy, Sx), (C, T, Sy, Sx)
             for k, (x1, y1, x2, y2, wx, wy) in enumerate(boxes):  # frame k's box, its corner in the window
                 if x1 < x2 and y1 < y2:
                     keep_f = keep[k, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (h', w')
