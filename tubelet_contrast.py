@@ -253,7 +253,7 @@ def paste_tubelets(clip_1, clip_2, tubelets, side=None):
 
 
 def window_coefficients(tubelets, origin, source_origin, source_size):
-    """(..., 3, 4, T) offset, per-column and per-row coefficients of four planes, each affine in the window pixel
+    """(3, 4, ..., T) offset, per-column and per-row coefficients of four planes, each affine in the window pixel
     (j, i): x, y of the grid_sample position of the patch pixel and x, y of u / (size / 2) (1 on the patch border).
 
     tubelets: (..., ...) tensors; origin (..., T, 2) float, x, y of each window's top-left pixel; source_origin,
@@ -270,13 +270,13 @@ def window_coefficients(tubelets, origin, source_origin, source_size):
     coef = torch.cat([u, u], -1) * scale[..., None, None, :]  # (..., T, 3, 4)
     # align_corners=False convention
     coef[..., 0, :2] += ((tubelets["source_centre"] - source_origin) * to_source - 1)[..., None, :]
-    return coef.movedim(-3, -1).contiguous()  # (..., 3, 4, T)
+    return coef.movedim((-2, -1), (0, 1)).contiguous()  # (3, 4, ..., T)
 
 
 def render_tubelets(source, coef, opacity, width, height, shape, soft):
     """Patch pixels and alpha of n tubelets in per-frame windows of width x height pixels (Eq. 5.3, Eq. 5.7).
 
-    source (n, C, H', W'): the part of clip 1's frame each patch is read from; coef (n, 3, 4, T): its
+    source (n, C, H', W'): the part of clip 1's frame each patch is read from; coef (3, 4, n, T): its
     window_coefficients; opacity (n, T) or None (opaque). Returns patch (n, C, T, height, width), alpha
     (n, T, height, width).
     Each window pixel p is mapped back into the patch, u = A_t^-1 (p - c_t), and read from clip 1 at
@@ -284,10 +284,10 @@ def render_tubelets(source, coef, opacity, width, height, shape, soft):
     shape, soft: Python numbers shared by the n tubelets (the CPU path: one distance, no torch.where), or (n,)
     tensors: each tubelet's own, picked by torch.where (no host sync)."""
     n, c, t = source.shape[0], source.shape[1], coef.shape[-1]
-    coef = coef.permute(1, 2, 0, 3).contiguous()[..., None, None]  # (3, 4, n, T, 1, 1): offset, per j, per i
+    c0, c1, c2 = coef[..., None, None]  # each (4, n, T, 1, 1): offset, per column j, per row i
     cols = torch.arange(width, dtype=torch.float, device=source.device)  # j
     rows = torch.arange(height, dtype=torch.float, device=source.device).view(height, 1)  # i
-    planes = torch.addcmul(coef[0], coef[2], rows) + coef[1] * cols  # (4, n, T, height, width)
+    planes = torch.addcmul(c0, c2, rows) + c1 * cols  # (4, n, T, height, width)
     grid = planes[:2].view(2, n, t * height, width).permute(1, 2, 3, 0)  # (n, T*height, width, 2), a view
     patch = F.grid_sample(source, grid, align_corners=False)  # (n, C, T*height, width)
     rx, ry = planes[2:].abs_()  # (n, T, height, width) each
@@ -340,7 +340,7 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
     hi = torch.minimum((tubelets["centres"] + extent + 0.5).floor().long() + 1, frame)  # (B, M, T, 2) box end
     window = (hi - lo).amax(2).clamp(min=1)  # (B, M, 2) window width, height: the largest box of the tubelet
     origin = torch.minimum(lo, frame - window[:, :, None])  # (B, M, T, 2) window's top-left pixel, inside the frame
-    coef = window_coefficients(tubelets, origin.float(), source_lo, (source_hi - source_lo).float())  # (B,M,3,4,T)
+    coef = window_coefficients(tubelets, origin.float(), source_lo, (source_hi - source_lo).float())  # (3,4,B,M,T)
     opaque = (tubelets["opacity"] == 1).all(-1)  # (B, M)
     # uint8: alpha in steps of 1/256, a = round(256 α); v (1 - α) + patch α rounded = (v (256 - a) + round(patch a)
     # + 128) >> 8 in uint16 (at most 255 * 256 + 128): exact where α is 0 or 1, within 1 level at soft edges
@@ -357,7 +357,7 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
             # (1, C, h', w'): the source frame's part of unpasted clip 1 (clip 1 is never written)
             source = clip_1[i, None, :, src_f, src_y0:src_y1, src_x0:src_x1].float()
             # patch (1, C, T, Sy, Sx), alpha (1, T, Sy, Sx); tubelet j is pasted over tubelets 0 .. j - 1
-            patch, alpha = render_tubelets(source, coef[i, j, None], opacity, sx, sy, shape, soft)
+            patch, alpha = render_tubelets(source, coef[:, :, i, j, None], opacity, sx, sy, shape, soft)
             if integer:
                 a = np.round(alpha[0].numpy() * 256)  # (T, Sy, Sx); numpy: faster than torch for small arrays
                 keep = (256 - a).astype(np.uint16)  # (T, Sy, Sx)
@@ -397,7 +397,7 @@ def paste_fixed_windows(clip_1, clip_2, tubelets, side=None):
         tube = {k: v[:, j] for k, v in tubelets.items()}  # (B, ...)
         source = clip_1[samples, :, tube["source_frame"]].float()  # (B, C, H, W): the frame of the unpasted clip 1
         origin = tube["centres"].floor().long() - side // 2  # (B, T, 2) window's top-left pixel
-        coef = window_coefficients(tube, origin.float(), 0, torch.tensor([w, h], device=clip_1.device))  # (B,3,4,T)
+        coef = window_coefficients(tube, origin.float(), 0, torch.tensor([w, h], device=clip_1.device))  # (3,4,B,T)
         patch, alpha = render_tubelets(source, coef, tube["opacity"], side, side, tube["shape"], tube["soft"])
         y = origin[..., 1, None, None] + grid[:, None]  # (B, T, S, 1) frame row of each window row
         x = origin[..., 0, None, None] + grid[None, :]  # (B, T, 1, S) frame column of each window column
