@@ -8,7 +8,6 @@ motion, not appearance.
     python tubelet_contrast.py                          # toy data, tiny3d on CPU, minutes, kNN vs random init
     python tubelet_contrast.py --data k400 --gpus 4     # the paper's configuration (R(2+1)D-18, 16x112², queue 65536)
     python tubelet_contrast.py --visualize 8            # PNG + GIF of 8 training pairs
-    python benchmarks/gpu_report.py --skip end_to_end,tubelets,skeleton_aug,s3d_step   # model-only samples/s
 
 Order of Sec. 5.3: flags -> tubelets (5.3.2) -> motion (5.3.3) -> transformations (5.3.4) -> temporal baseline
 (5.3.1) -> augmentation -> MoCo and InfoNCE (Eq. 5.1) -> train step -> main.
@@ -23,19 +22,17 @@ Implementation details
   Gaussian filter σ 8, stretched to a random extent. Transformations (Eq. 5.7): scale U(0.5, 1.5), rotation
   U(-90°, 90°), shear U(-1, 1) at keyframes, identity at frame 0, linear interpolation.
 - paste_tubelets maps the pixels of a window around each centre back into the patch (u = A_t^-1 (p - c_t)),
-  samples them with grid_sample and alpha-composites them into both clips. On a GPU: one fixed-shape window per
-  tubelet index (sized from the flags), no host syncs, the same launches at any batch size; it runs inside the train
-  step (`--tubelet-device gpu`, the default) or in the loader workers. On a CPU: per tubelet one window as large as
-  the bounding box of its transformed shape, blended frame by frame into both clips through numpy slices (the fewest
-  pixels touched); uint8 with alpha in steps of 1/256 in uint16 (within 1 level of the float blend per tubelet).
-- MoCo: query = backbone + MLP to 128-d, key encoder = EMA (m 0.999, torch._foreach_lerp_) updated before the keys
-  are computed; keys of all processes are gathered before enqueueing; the loss (Eq. 5.1, fp32) uses the queue as it
-  was before the current keys were added. `--baseline temporal`: two clips of the same video, no tubelets.
-- Multi-GPU: BatchNorm is SyncBatchNorm by default (the authors' config; `--no-sync-bn` turns it off), so queries
-  and their keys never share per-GPU batch statistics (the leak MoCo's shuffle-BN exists to prevent). PyTorch's
-  SyncBN needs CUDA: a multi-process CPU run (gloo, for tests) keeps per-process BN and says so. Keys are
-  all-gathered into the queue and SyncBN keeps the BN statistics equal, so DDP runs with broadcast_buffers=False.
-  `--compile` compiles the two backbones in place, not DDP(MoCo), whose forward updates the key encoder and queue.
+  samples them with grid_sample and alpha-composites them into both clips: on a GPU one fixed-shape window per
+  tubelet index, no host syncs (in the train step, `--tubelet-device gpu`, or in the loader workers); on a CPU per
+  tubelet a window as large as its transformed shape's box, blended frame by frame into both clips through numpy
+  slices, uint8 with alpha in steps of 1/256 (within 1 level of the float blend per tubelet).
+- MoCo: query = backbone + MLP to 128-d, key encoder = EMA (m 0.999) updated before the keys are computed; keys of
+  all processes are gathered before enqueueing; the loss (Eq. 5.1, fp32) uses the queue as it was before the
+  current keys were added. `--baseline temporal`: two clips of the same video, no tubelets.
+- Multi-GPU: SyncBatchNorm by default (the authors' config; `--no-sync-bn`), so queries and their keys never share
+  per-GPU batch statistics (the leak MoCo's shuffle-BN prevents); a multi-process CPU run (gloo, tests) keeps
+  per-process BN and says so. Keys are all-gathered and SyncBN keeps the BN statistics equal, so DDP runs with
+  broadcast_buffers=False. `--compile` compiles the two backbones, not DDP(MoCo) (its forward updates the queue).
 
 Differences from the paper
 - Non-linear paths are min-max normalised and stretched to a random extent (authors' code): Eq. (5.6) alone gives
@@ -51,6 +48,7 @@ per pair (`-shared-jitter`); a 200-epoch cosine stopped at 100 (`-schedule`); on
 """
 import argparse
 import copy
+import functools
 import math
 import os
 import sys
@@ -426,16 +424,11 @@ def max_window_side(args, height, width):
     return min(math.ceil(norm * diagonal) + 3, 2 * max(height, width) + 3)
 
 
-class TubeletCollate:
+def tubelet_collate(items, args):
     """--tubelet-device cpu: collate, then make the pairs in the loader worker ("clip_q", "clip_k")."""
-
-    def __init__(self, args):
-        self.args = args
-
-    def __call__(self, items):
-        batch = default_collate(items)
-        batch["clip_q"], batch["clip_k"], _ = tubelet_pairs(batch.pop("video"), self.args)
-        return batch
+    batch = default_collate(items)
+    batch["clip_q"], batch["clip_k"], _ = tubelet_pairs(batch.pop("video"), args)
+    return batch
 
 
 # ============================================================================ TUBELET MOTION (Sec. 5.3.3, Eq. 5.5-5.6)
@@ -791,7 +784,7 @@ def main_worker(args):
         return None
     workers_pair = args.tubelet_device == "cpu" and run.device.type != "cpu" and args.baseline == "none"
     loader = common.build_loader(train_set, args, run, train=True,
-                                 collate_fn=TubeletCollate(args) if workers_pair else None)
+                                 collate_fn=functools.partial(tubelet_collate, args=args) if workers_pair else None)
     knn = None
     if knn_sets is not None:
         knn_loaders = [common.build_loader(s, args, run, train=False) for s in knn_sets]
