@@ -765,6 +765,7 @@ def heldout_pair_accuracy(model, loader, args, run, seed=1234):
 
 def main_worker(args):
     run = common.setup(args, "tubelet_contrast")
+    common.keep_freed_memory()  # the CPU paste's per-batch buffers reuse their pages (before the workers fork)
     backbone, model = build_model(args)
     # SyncBN on multi-GPU runs (the authors' config): the queue is filled with all-gathered keys and SyncBN keeps
     # the BN statistics equal, so DDP need not broadcast buffers; --compile compiles the two backbones only (the

@@ -9,7 +9,8 @@ clipped by index at the frame border (the top-left part of the rotated patch is 
 
 OpenCV is needed for the baseline only and is not in requirements.txt: pip install opencv-python-headless.
 Both sides are timed in one process, interleaved (ours, theirs, ours, ...), median of --repeats (wall clock, and
-process CPU time as a second figure that other jobs on the machine disturb less), parameters
+process CPU time as a second figure that other jobs on the machine disturb less), both with
+common.keep_freed_memory() as tubelet_contrast.py runs (glibc keeps freed heap pages for the next batch), parameters
 sampled inside the timed region on both sides (the authors' with numpy/scipy-like smoothing, per sample). A check
 before timing: the baseline, given our sampled tubelets (rotation only), pastes the same kind of pairs: patch pixels
 identical in both clips and at the same places as ours (mask overlap). Prints one JSON line.
@@ -164,6 +165,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
+    tc.common.keep_freed_memory()  # as tubelet_contrast.py's main_worker does, for both sides of the comparison
     try:
         import cv2
     except ImportError:
