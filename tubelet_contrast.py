@@ -8,7 +8,6 @@ motion, not appearance.
     python tubelet_contrast.py                          # toy data, tiny3d on CPU, minutes, kNN vs random init
     python tubelet_contrast.py --data k400 --gpus 4     # the paper's configuration (R(2+1)D-18, 16x112², queue 65536)
     python tubelet_contrast.py --visualize 8            # PNG + GIF of 8 training pairs
-    python benchmarks/gpu_report.py --skip end_to_end,tubelets,skeleton_aug,s3d_step   # model-only samples/s
 
 Order of Sec. 5.3: flags -> tubelets (5.3.2) -> motion (5.3.3) -> transformations (5.3.4) -> temporal baseline
 (5.3.1) -> augmentation -> MoCo and InfoNCE (Eq. 5.1) -> train step -> main.
@@ -23,19 +22,17 @@ Implementation details
   Gaussian filter σ 8, stretched to a random extent. Transformations (Eq. 5.7): scale U(0.5, 1.5), rotation
   U(-90°, 90°), shear U(-1, 1) at keyframes, identity at frame 0, linear interpolation.
 - paste_tubelets maps the pixels of a window around each centre back into the patch (u = A_t^-1 (p - c_t)),
-  samples them with grid_sample and alpha-composites them into both clips. On a GPU: one fixed-shape window per
-  tubelet index (sized from the flags), no host syncs, the same launches at any batch size; it runs inside the train
-  step (`--tubelet-device gpu`, the default) or in the loader workers. On a CPU: per tubelet one window as large as
-  the bounding box of its transformed shape, blended frame by frame into both clips through numpy slices (the fewest
-  pixels touched); uint8 with alpha in steps of 1/256 in uint16 (within 1 level of the float blend per tubelet).
-- MoCo: query = backbone + MLP to 128-d, key encoder = EMA (m 0.999, torch._foreach_lerp_) updated before the keys
-  are computed; keys of all processes are gathered before enqueueing; the loss (Eq. 5.1, fp32) uses the queue as it
-  was before the current keys were added. `--baseline temporal`: two clips of the same video, no tubelets.
-- Multi-GPU: BatchNorm is SyncBatchNorm by default (the authors' config; `--no-sync-bn` turns it off), so queries
-  and their keys never share per-GPU batch statistics (the leak MoCo's shuffle-BN exists to prevent). PyTorch's
-  SyncBN needs CUDA: a multi-process CPU run (gloo, for tests) keeps per-process BN and says so. Keys are
-  all-gathered into the queue and SyncBN keeps the BN statistics equal, so DDP runs with broadcast_buffers=False.
-  `--compile` compiles the two backbones in place, not DDP(MoCo), whose forward updates the key encoder and queue.
+  samples them with grid_sample and alpha-composites them into both clips: on a GPU one fixed-shape window per
+  tubelet index, no host syncs (in the train step, `--tubelet-device gpu`, or in the loader workers); on a CPU per
+  tubelet a window as large as its transformed shape's box, blended frame by frame into both clips through numpy
+  slices, uint8 with alpha in steps of 1/256 (within 1 level of the float blend per tubelet).
+- MoCo: query = backbone + MLP to 128-d, key encoder = EMA (m 0.999) updated before the keys are computed; keys of
+  all processes are gathered before enqueueing; the loss (Eq. 5.1, fp32) uses the queue as it was before the
+  current keys were added. `--baseline temporal`: two clips of the same video, no tubelets.
+- Multi-GPU: SyncBatchNorm by default (the authors' config; `--no-sync-bn`), so queries and their keys never share
+  per-GPU batch statistics (the leak MoCo's shuffle-BN prevents); a multi-process CPU run (gloo, tests) keeps
+  per-process BN and says so. Keys are all-gathered and SyncBN keeps the BN statistics equal, so DDP runs with
+  broadcast_buffers=False. `--compile` compiles the two backbones, not DDP(MoCo) (its forward updates the queue).
 
 Differences from the paper
 - Non-linear paths are min-max normalised and stretched to a random extent (authors' code): Eq. (5.6) alone gives
@@ -51,6 +48,7 @@ per pair (`-shared-jitter`); a 200-epoch cosine stopped at 100 (`-schedule`); on
 """
 import argparse
 import copy
+import functools
 import math
 import os
 import sys
@@ -253,7 +251,7 @@ def paste_tubelets(clip_1, clip_2, tubelets, side=None):
 
 
 def window_coefficients(tubelets, origin, source_origin, source_size):
-    """(..., 3, 4, T) offset, per-column and per-row coefficients of four planes, each affine in the window pixel
+    """(3, 4, ..., T) offset, per-column and per-row coefficients of four planes, each affine in the window pixel
     (j, i): x, y of the grid_sample position of the patch pixel and x, y of u / (size / 2) (1 on the patch border).
 
     tubelets: (..., ...) tensors; origin (..., T, 2) float, x, y of each window's top-left pixel; source_origin,
@@ -270,13 +268,13 @@ def window_coefficients(tubelets, origin, source_origin, source_size):
     coef = torch.cat([u, u], -1) * scale[..., None, None, :]  # (..., T, 3, 4)
     # align_corners=False convention
     coef[..., 0, :2] += ((tubelets["source_centre"] - source_origin) * to_source - 1)[..., None, :]
-    return coef.movedim(-3, -1).contiguous()  # (..., 3, 4, T)
+    return coef.movedim((-2, -1), (0, 1)).contiguous()  # (3, 4, ..., T)
 
 
 def render_tubelets(source, coef, opacity, width, height, shape, soft):
     """Patch pixels and alpha of n tubelets in per-frame windows of width x height pixels (Eq. 5.3, Eq. 5.7).
 
-    source (n, C, H', W'): the part of clip 1's frame each patch is read from; coef (n, 3, 4, T): its
+    source (n, C, H', W'): the part of clip 1's frame each patch is read from; coef (3, 4, n, T): its
     window_coefficients; opacity (n, T) or None (opaque). Returns patch (n, C, T, height, width), alpha
     (n, T, height, width).
     Each window pixel p is mapped back into the patch, u = A_t^-1 (p - c_t), and read from clip 1 at
@@ -284,13 +282,13 @@ def render_tubelets(source, coef, opacity, width, height, shape, soft):
     shape, soft: Python numbers shared by the n tubelets (the CPU path: one distance, no torch.where), or (n,)
     tensors: each tubelet's own, picked by torch.where (no host sync)."""
     n, c, t = source.shape[0], source.shape[1], coef.shape[-1]
-    coef = coef.permute(1, 2, 0, 3).contiguous()[..., None, None]  # (3, 4, n, T, 1, 1): offset, per j, per i
+    c0, c1, c2 = coef[..., None, None]  # each (4, n, T, 1, 1): offset, per column j, per row i
     cols = torch.arange(width, dtype=torch.float, device=source.device)  # j
     rows = torch.arange(height, dtype=torch.float, device=source.device).view(height, 1)  # i
-    planes = torch.addcmul(coef[0], coef[2], rows) + coef[1] * cols  # (4, n, T, height, width)
+    planes = torch.addcmul(c0, c2, rows) + c1 * cols  # (4, n, T, height, width)
     grid = planes[:2].view(2, n, t * height, width).permute(1, 2, 3, 0)  # (n, T*height, width, 2), a view
     patch = F.grid_sample(source, grid, align_corners=False)  # (n, C, T*height, width)
-    rx, ry = planes[2].abs_(), planes[3].abs_()  # (n, T, height, width)
+    rx, ry = planes[2:].abs_()  # (n, T, height, width) each
     # distance from the centre of the shape: rectangle L_inf, ellipse L2, rhombus L1
     if not torch.is_tensor(shape):
         dist = (torch.maximum, torch.hypot, torch.add)[shape](rx, ry)  # (n, T, h, w)
@@ -299,7 +297,7 @@ def render_tubelets(source, coef, opacity, width, height, shape, soft):
         dist = torch.where(shape == 0, torch.maximum(rx, ry), torch.where(shape == 1, torch.hypot(rx, ry), rx + ry))
     # soft 1: hard edge; s < 1: alpha falls linearly from d = s to d = 1
     if not torch.is_tensor(soft):
-        alpha = dist.sub_(1).div_(soft - 1).clamp_(0, 1) if soft < 1 else (dist < 1).float()
+        alpha = dist.sub_(1).div_(soft - 1).clamp_(0, 1) if soft < 1 else dist.lt_(1)  # lt_: 1.0 where d < 1
     else:
         soft = soft.view(n, 1, 1, 1)
         alpha = torch.where(soft < 1, ((1 - dist) / (1 - soft).clamp_min(1e-6)).clamp(0, 1), (dist < 1).float())
@@ -320,9 +318,8 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
     box gives the same result. Only each frame's box is blended, in both clips at once, through numpy slices of one
     (2, B, C, T, H, W) buffer (a small numpy op costs ~1.5 us, torch ~6). Returns two (B, C, T, H, W) views of it."""
     b, c, t, h, w = clip_1.shape
-    # both clips in one buffer, filled sample by sample (clip_2 None: clip_1 rolled by -1 along the batch, with no
-    # separate roll). numpy allocates large blocks on transparent huge pages where the kernel allows it: 38 MB then
-    # cost a few page faults, not 9000 (measured: 10 ms instead of 18 for the filled buffer)
+    # both clips in one buffer, filled sample by sample (clip_2 None: clip_1 rolled by -1 along the batch); numpy
+    # puts large blocks on transparent huge pages where the kernel allows it (a few page faults, not thousands)
     pair = torch.from_numpy(np.empty((2, b, c, t, h, w), dtype=clip_1.numpy().dtype))
     frame = torch.tensor([w, h])
     # the part of clip 1 each patch is read from: its box and the pixels bilinear reads reach beyond it (where
@@ -340,30 +337,31 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
     hi = torch.minimum((tubelets["centres"] + extent + 0.5).floor().long() + 1, frame)  # (B, M, T, 2) box end
     window = (hi - lo).amax(2).clamp(min=1)  # (B, M, 2) window width, height: the largest box of the tubelet
     origin = torch.minimum(lo, frame - window[:, :, None])  # (B, M, T, 2) window's top-left pixel, inside the frame
-    coef = window_coefficients(tubelets, origin.float(), source_lo, (source_hi - source_lo).float())  # (B,M,3,4,T)
+    coef = window_coefficients(tubelets, origin.float(), source_lo, (source_hi - source_lo).float())  # (3,4,B,M,T)
     opaque = (tubelets["opacity"] == 1).all(-1)  # (B, M)
     # uint8: alpha in steps of 1/256, a = round(256 α); v (1 - α) + patch α rounded = (v (256 - a) + round(patch a)
     # + 128) >> 8 in uint16 (at most 255 * 256 + 128): exact where α is 0 or 1, within 1 level at soft edges
     integer, half = pair.dtype == torch.uint8, torch.tensor(128.5)
-    host = zip(window.tolist(), torch.cat([lo, hi, lo - origin], -1).tolist(), tubelets["shape"].tolist(),
-               tubelets["soft"].tolist(), opaque.tolist(), tubelets["source_frame"].tolist(),
-               torch.cat([source_lo, source_hi], -1).tolist())
-    both = pair.numpy()  # (2, B, C, T, H, W), the same memory; numpy slices cost a fraction of torch's per call
+    # host values sample by sample: a whole batch of nested lists (~1,200 alive at once) sets off the garbage
+    # collector about twice per batch, now and then a full pass over every Python object (~3 % of the CPU time)
+    host = zip(window, torch.cat([lo, hi, lo - origin], -1), tubelets["shape"], tubelets["soft"], opaque,
+               tubelets["source_frame"], torch.cat([source_lo, source_hi], -1))  # B rows each
+    both = pair.numpy()  # (2, B, C, T, H, W), the same memory
     for i, host_i in enumerate(host):
         pair[0, i], pair[1, i] = clip_1[i], clip_1[(i + 1) % b] if clip_2 is None else clip_2[i]
         for j, ((sx, sy), boxes, shape, soft, opaque_ij, src_f, (src_x0, src_y0, src_x1, src_y1)) in enumerate(
-                zip(*host_i)):
+                zip(*(v.tolist() for v in host_i))):
             opacity = None if opaque_ij else tubelets["opacity"][i, j, None]  # (1, T)
             # (1, C, h', w'): the source frame's part of unpasted clip 1 (clip 1 is never written)
             source = clip_1[i, None, :, src_f, src_y0:src_y1, src_x0:src_x1].float()
             # patch (1, C, T, Sy, Sx), alpha (1, T, Sy, Sx); tubelet j is pasted over tubelets 0 .. j - 1
-            patch, alpha = render_tubelets(source, coef[i, j, None], opacity, sx, sy, shape, soft)
+            patch, alpha = render_tubelets(source, coef[:, :, i, j, None], opacity, sx, sy, shape, soft)
             if integer:
-                a = alpha[0].mul_(256).round_()  # (T, Sy, Sx)
-                keep, add = (256 - a).to(torch.uint16), torch.addcmul(half, patch[0], a).to(torch.uint16)  # (C, T, ..)
+                a = np.round(alpha[0].numpy() * 256)  # (T, Sy, Sx); numpy: faster than torch for small arrays
+                keep = (256 - a).astype(np.uint16)  # (T, Sy, Sx)
+                add = torch.addcmul(half, patch[0], torch.from_numpy(a)).to(torch.uint16).numpy()  # (C, T, Sy, Sx)
             else:
-                keep, add = 1 - alpha[0], patch[0] * alpha[0]  # (T, Sy, Sx), (C, T, Sy, Sx)
-            keep, add = keep.numpy(), add.numpy()
+                keep, add = (1 - alpha[0]).numpy(), (patch[0] * alpha[0]).numpy()  # (T, Sy, Sx), (C, T, Sy, Sx)
             for k, (x1, y1, x2, y2, wx, wy) in enumerate(boxes):  # frame k's box, its corner in the window
                 if x1 < x2 and y1 < y2:
                     keep_f = keep[k, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (h', w')
@@ -397,7 +395,7 @@ def paste_fixed_windows(clip_1, clip_2, tubelets, side=None):
         tube = {k: v[:, j] for k, v in tubelets.items()}  # (B, ...)
         source = clip_1[samples, :, tube["source_frame"]].float()  # (B, C, H, W): the frame of the unpasted clip 1
         origin = tube["centres"].floor().long() - side // 2  # (B, T, 2) window's top-left pixel
-        coef = window_coefficients(tube, origin.float(), 0, torch.tensor([w, h], device=clip_1.device))  # (B,3,4,T)
+        coef = window_coefficients(tube, origin.float(), 0, torch.tensor([w, h], device=clip_1.device))  # (3,4,B,T)
         patch, alpha = render_tubelets(source, coef, tube["opacity"], side, side, tube["shape"], tube["soft"])
         y = origin[..., 1, None, None] + grid[:, None]  # (B, T, S, 1) frame row of each window row
         x = origin[..., 0, None, None] + grid[None, :]  # (B, T, 1, S) frame column of each window column
@@ -426,16 +424,11 @@ def max_window_side(args, height, width):
     return min(math.ceil(norm * diagonal) + 3, 2 * max(height, width) + 3)
 
 
-class TubeletCollate:
+def tubelet_collate(items, args):
     """--tubelet-device cpu: collate, then make the pairs in the loader worker ("clip_q", "clip_k")."""
-
-    def __init__(self, args):
-        self.args = args
-
-    def __call__(self, items):
-        batch = default_collate(items)
-        batch["clip_q"], batch["clip_k"], _ = tubelet_pairs(batch.pop("video"), self.args)
-        return batch
+    batch = default_collate(items)
+    batch["clip_q"], batch["clip_k"], _ = tubelet_pairs(batch.pop("video"), args)
+    return batch
 
 
 # ============================================================================ TUBELET MOTION (Sec. 5.3.3, Eq. 5.5-5.6)
@@ -772,6 +765,7 @@ def heldout_pair_accuracy(model, loader, args, run, seed=1234):
 
 def main_worker(args):
     run = common.setup(args, "tubelet_contrast")
+    common.keep_freed_memory()  # the CPU paste's per-batch buffers reuse their pages (before the workers fork)
     backbone, model = build_model(args)
     # SyncBN on multi-GPU runs (the authors' config): the queue is filled with all-gathered keys and SyncBN keeps
     # the BN statistics equal, so DDP need not broadcast buffers; --compile compiles the two backbones only (the
@@ -791,7 +785,7 @@ def main_worker(args):
         return None
     workers_pair = args.tubelet_device == "cpu" and run.device.type != "cpu" and args.baseline == "none"
     loader = common.build_loader(train_set, args, run, train=True,
-                                 collate_fn=TubeletCollate(args) if workers_pair else None)
+                                 collate_fn=functools.partial(tubelet_collate, args=args) if workers_pair else None)
     knn = None
     if knn_sets is not None:
         knn_loaders = [common.build_loader(s, args, run, train=False) for s in knn_sets]

@@ -1,15 +1,16 @@
 """Tubelet generation speed: tubelet_contrast.py (sample_tubelets + paste_tubelets on the CPU) against the
 authors' procedure as their code runs it (fmthoker/tubelet-contrast, `Tubelets` + `tubelet_rotation`): per sample,
-per tubelet, per frame, numpy + OpenCV: the patch and its alpha mask resized to the frame's box (cv2.resize),
-rotated onto a grown canvas (imutils' rotate_bound: cv2.warpAffine), clipped by index at the frame border (the
-top-left part of the rotated patch is kept) and blended in float, once for clip A and again for clip B.
+numpy + OpenCV: per tubelet and frame the patch and its alpha mask resized to the frame's box (cv2.resize, once for
+both clips), then per clip, frame and tubelet rotated onto a grown canvas (imutils' rotate_bound: cv2.warpAffine),
+clipped by index at the frame border (the top-left part of the rotated patch is kept) and blended in float.
 
     python benchmarks/bench_tubelets.py                       # CPU, 1 thread, batch 32 of 16x112x112 (uint8)
     python benchmarks/bench_tubelets.py --threads 2 --repeats 7
 
 OpenCV is needed for the baseline only and is not in requirements.txt: pip install opencv-python-headless.
 Both sides are timed in one process, interleaved (ours, theirs, ours, ...), median of --repeats (wall clock, and
-process CPU time as a second figure that other jobs on the machine disturb less), parameters
+process CPU time as a second figure that other jobs on the machine disturb less), both with
+common.keep_freed_memory() as tubelet_contrast.py runs (glibc keeps freed heap pages for the next batch), parameters
 sampled inside the timed region on both sides (the authors' with numpy/scipy-like smoothing, per sample). A check
 before timing: the baseline, given our sampled tubelets (rotation only), pastes the same kind of pairs: patch pixels
 identical in both clips and at the same places as ours (mask overlap). Prints one JSON line.
@@ -82,17 +83,21 @@ def authors_sample(rng, t, height, width, num_tubelets=2):
 
 
 def authors_paste(cv2, clip_a, clip_b, tubelets):
-    """clip_a, clip_b: lists of T uint8 (H, W, 3) frames, pasted in place. Per clip, tubelet and frame: resize the
-    patch and alpha to the box, rotate both (rotate_bound), clip at the border by index, blend in float."""
+    """clip_a, clip_b: lists of T uint8 (H, W, 3) frames, pasted in place. As theirs: every patch is cut from clip A
+    before any paste and resized with its alpha to each frame's box once (pick_patches / pick_alphas; clip B reuses
+    them), then per clip, frame and tubelet rotated (rotate_bound), clipped at the border by index and blended in
+    float (tubelet_rotation)."""
     height, width = clip_a[0].shape[:2]
+    resized = []  # per tubelet, per frame: (patch, alpha at the frame's opacity)
     for tub in tubelets:
         f, x0, y0, w, h = tub["source"]
-        patch_0 = clip_a[f][y0:y0 + h, x0:x0 + w].copy()  # cut before clip A is pasted
-        alpha_0 = authors_alpha(w, h, tub["shape"], tub["soft"])
-        for clip in (clip_a, clip_b):  # the authors' loop runs the whole per-frame work once per clip
-            for t, frame in enumerate(clip):
-                patch = cv2.resize(patch_0, (w, h))
-                alpha = cv2.resize(alpha_0, (w, h)) * tub["opacity"][t]
+        patch_0, alpha_0 = clip_a[f][y0:y0 + h, x0:x0 + w], authors_alpha(w, h, tub["shape"], tub["soft"])
+        resized.append([(cv2.resize(patch_0, (w, h)), cv2.resize(alpha_0, (w, h)) * tub["opacity"][t])
+                        for t in range(len(clip_a))])
+    for clip in (clip_a, clip_b):  # the authors' loop runs the per-frame work once per clip
+        for t, frame in enumerate(clip):
+            for tub, frames in zip(tubelets, resized):
+                patch, alpha = frames[t]
                 if tub["angles"][t] != 0:
                     angle = tub["angles"][t]
                     patch, alpha = rotate_bound(cv2, patch, angle), rotate_bound(cv2, alpha, angle)
@@ -108,7 +113,8 @@ def authors_paste(cv2, clip_a, clip_b, tubelets):
 
 
 def authors_batch(cv2, video_a, video_b, rng):
-    """(B, T, H, W, 3) uint8 numpy -> pasted copies, sampled and pasted one sample at a time."""
+    """(B, T, H, W, 3) uint8 numpy -> pasted copies (the authors copy every frame before pasting), sampled and
+    pasted one sample at a time."""
     out_a, out_b = video_a.copy(), video_b.copy()
     for i in range(len(video_a)):
         clip_a, clip_b = list(out_a[i]), list(out_b[i])  # views: frames pasted in place
@@ -159,6 +165,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=5)
     opts = parser.parse_args()
     torch.set_num_threads(opts.threads)
+    tc.common.keep_freed_memory()  # as tubelet_contrast.py's main_worker does, for both sides of the comparison
     try:
         import cv2
     except ImportError:
@@ -174,9 +181,10 @@ def main():
     g = torch.Generator().manual_seed(0)
     video = torch.randint(0, 256, (b, 3, 16, s, s), dtype=torch.uint8, generator=g)
     video_np = video.permute(0, 2, 3, 4, 1).numpy().copy()  # the authors' frames: (T, H, W, 3) per clip
+    video_np_b = np.roll(video_np, -1, 0)  # their clip B comes from another decoded video: made before timing
     rng = np.random.default_rng(0)
     ours = lambda: tc.tubelet_pairs(video, args, g)  # noqa: E731  sampling + pasting, uint8 in and out
-    theirs = lambda: authors_batch(cv2, video_np, np.roll(video_np, -1, 0), rng)  # noqa: E731
+    theirs = lambda: authors_batch(cv2, video_np, video_np_b, rng)  # noqa: E731
     ours(), theirs()  # warm-up
     times = {"ours": [], "authors": []}
     cpu = {"ours": [], "authors": []}  # process CPU time: less sensitive to other jobs on a shared machine

@@ -595,7 +595,7 @@ def test_train_step_runs_tubelet_and_temporal():
 def test_tubelet_collate_makes_pairs_in_workers():
     items = [{"video": torch.randint(0, 256, (3, 4, 32, 32), dtype=torch.uint8), "index": torch.tensor(i)}
              for i in range(3)]
-    batch = tc.TubeletCollate(make_args())(items)
+    batch = tc.tubelet_collate(items, make_args())
     assert batch["clip_q"].shape == batch["clip_k"].shape == (3, 3, 4, 32, 32) and "video" not in batch
 
 
