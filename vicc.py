@@ -55,9 +55,9 @@ at chance (1-NN 9.4 vs random 14.1; 120 steps: 14.1, at epsilon 0.02: 17.2). Emb
 the batch 0.024 at random init, below epsilon 0.05): the first codes are soft (largest 0.08 of K 30). A more salient
 toy (background contrast x 0.3, object radius 8-14 px) makes RGB learnable with labels (28.1 % after 120 steps) but
 not robustly by ViCC: RGB-2 after 10 + 10 + 20 epochs 26.6 vs random 20.3 (seed 0), 15.6 vs 17.2 (seed 1); RGB-1 7.8
-/ 12.5; with D 16 < K 30 (seed 0) RGB-2 14.1, with frozen prototypes 12.5. Checked against the pseudocode: the
-trained stream's prototypes score all 4 views, --init loads encoder, head and prototypes, --frozen the encoder and
-head (tested: its codes reach the trained encoder).
+/ 12.5; with D 16 < K 30 (seed 0, 10 + 10 + 5 epochs) RGB-2 14.1, with frozen prototypes 12.5. Checked against the
+pseudocode: the trained stream's prototypes score all 4 views, --init loads encoder, head and prototypes, --frozen
+the encoder and head (tested: its codes reach the trained encoder).
 Evaluation (supp. Sec. 3): evaluate.py --task knn [--modality flow] --center-features (R@k), --protocol coclr
 (linear / finetune); R+F: --task knn --save-logits for both streams, then --task fusion --logits rgb flow (sum of
 cosine similarities; classification logits: mean of softmax probabilities).
