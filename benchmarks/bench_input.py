@@ -15,11 +15,12 @@ keyframe interval (250, as downloaded), and 170x128 / 340x256 with a keyframe ev
   loader-* each of the three through common.build_loader (the training scripts' loader) with one worker, batch 8.
 Every path reads the same clips: items are seeded from (epoch, index) as common.SeededItems does, and raw / raw2
 draw their indices from the same seeds. The in-process paths run interleaved item by item (order rotated per
-item), then each loader one epoch; median over --repeats after a warm-up repeat.
+item) and each loader hands over a batch after every batch of items (its worker, one batch ahead, decodes the next
+batch meanwhile: every path runs under the same load); median over --repeats after a warm-up repeat.
 
 "per core" = clips per CPU second: the CPU time of this process and of the loader's worker (all threads, Linux's
 per-process CPU clocks), so other jobs on a shared machine slow the wall clock but hardly this figure; wall-clock
-clips/s and the load average are printed next to it. Ratios: train, eval, loader-train, loader-eval over raw;
+clips/s (in-process paths only: a loader's worker runs beside them) and the load average are printed next to it. Ratios: train, eval, loader-train, loader-eval over raw;
 twoclip and loader-twoclip over raw2; on a shared machine they move by up to +-0.1 from run to run. transform_ms:
 the CPU time of the train / eval transform alone per clip (next to raw_ms, 1000 / raw per core: the ratio the
 transform alone allows is raw_ms / (raw_ms + transform_ms)). One JSON line per format, then a table.
@@ -98,11 +99,11 @@ def transforms():
     return train, evaluation
 
 
-def cpu_seconds(pids=()):
-    """CPU time of this process plus that of processes `pids`: all threads, also those that ended (decord decodes in
-    threads it starts per file), to the nanosecond. Linux's CPU-time clock of process pid, as clock_getcpuclockid(3)
-    makes its id ((~pid << 3) | CPUCLOCK_SCHED); /proc/<pid>/stat counts 10 ms ticks, +-5 % of a 16-clip epoch."""
-    return time.process_time() + sum(time.clock_gettime((~pid << 3) | 2) for pid in pids)
+def cpu_seconds(pids):
+    """CPU time of processes `pids`: all threads, also those that ended (decord decodes in threads it starts per
+    file), to the nanosecond. Linux's CPU-time clock of process pid, whose id clock_getcpuclockid(3) makes as
+    (~pid << 3) | CPUCLOCK_SCHED; /proc/<pid>/stat counts 10 ms ticks, +-5 % of a 16-clip epoch."""
+    return sum(time.clock_gettime((~pid << 3) | 2) for pid in pids)
 
 
 def item_seed(epoch, i):
@@ -119,7 +120,7 @@ def clip_indices(epoch, i, num_frames, num_clips):
 
 def build_paths(paths, wanted, decoder):
     """{name: (fn, clips per item or per epoch, loader or None)} for the path names in `wanted`: fn(epoch, i)
-    reads item i (raw, raw2 and the datasets), fn(epoch) iterates a loader over one epoch (loader-*)."""
+    reads item i (raw, raw2 and the datasets); loader-* have a loader instead (fn None)."""
     train_tf, eval_tf = transforms()
     samples = [(p, 0) for p in paths]
     kw = dict(clip_len=16, frame_strides=STRIDES, decoder=decoder)
@@ -136,13 +137,10 @@ def build_paths(paths, wanted, decoder):
                 paths[i], lambda n: clip_indices(epoch, i, n, k).reshape(-1), decoder), clips, None)
         elif name in sets:
             out[name] = (lambda epoch, i, s=common.SeededItems(sets[name], SEED, 0): s[(epoch, i)], clips, None)
-        else:  # loader-<set>: the training loader (persistent worker, shuffled, full batches)
+        else:  # loader-<set>: the training loader (persistent worker, shuffled, full batches), stepped by measure
             loader = common.build_loader(sets[name.split("-")[1]], args, run, train=True)
-
-            def iterate(epoch, loader=loader):
-                loader.sampler.set_epoch(epoch)
-                return [b for b in loader]
-            out[name] = (iterate, len(loader) * args.batch_size * clips, loader)
+            loader.prefetch_factor = 1  # the worker decodes a batch while the in-process paths read those items
+            out[name] = (None, len(loader) * args.batch_size * clips, loader)
     return out
 
 
@@ -161,32 +159,49 @@ def worker_pids(loader):
 
 def measure(groups, repeats, items):
     """groups {label: {path: (fn, clips, loader)}} -> {label: {path: (median per-core rate, median wall rate)}}.
-    Per repeat (repeat 0 warms up and starts the workers): item by item, every in-process path reads item i in
-    an order rotated per item (all paths see the same machine load); then each loader runs one epoch."""
+    Per repeat (repeat 0 warms up and starts the workers), item by item: every in-process path reads item i, in an
+    order rotated per item, and after every batch of items each loader hands over its next batch, so the loaders'
+    workers decode while the in-process paths run and all paths see the same machine load. A loader's CPU time is
+    its worker's over the epoch plus this process's inside next(); its wall rate is not measured (None)."""
     keys = [(label, name) for label, fns in groups.items() for name in fns]
     inproc = [k for k in keys if groups[k[0]][k[1]][2] is None]
     loaders = [k for k in keys if groups[k[0]][k[1]][2] is not None]
     rates = {k: ([], []) for k in keys}
+
+    def next_batches(r, iters, cpu, drain=False):
+        for key in loaders[r % max(len(loaders), 1):] + loaders[:r % max(len(loaders), 1)]:
+            c0 = time.process_time()
+            for _ in iters[key] if drain else [next(iters[key])]:  # drain: none left (drop_last), ends the epoch
+                pass
+            cpu[key] += time.process_time() - c0
     for r in range(repeats + 1):
-        cpu, wall = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0.0)
+        cpu, wall, iters, workers = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0.0), {}, {}
+        for key in loaders:
+            loader = groups[key[0]][key[1]][2]
+            loader.sampler.set_epoch(r)
+            workers[key] = worker_pids(loader)  # persistent workers (none before the first epoch)
+            cpu[key] -= cpu_seconds(workers[key]) + time.process_time()
+            iters[key] = iter(loader)
+            cpu[key] += time.process_time()
+        batch_size = min((groups[k[0]][k[1]][2].batch_size for k in loaders), default=items)
         for i in range(items):
             for key in inproc[i % len(inproc):] + inproc[:i % len(inproc)]:
                 c0, w0 = time.process_time(), time.perf_counter()
                 groups[key[0]][key[1]][0](r, i)
                 cpu[key] += time.process_time() - c0
                 wall[key] += time.perf_counter() - w0
-        for key in loaders[r % max(len(loaders), 1):] + loaders[:r % max(len(loaders), 1)]:
-            fn, _, loader = groups[key[0]][key[1]]
-            pids = worker_pids(loader)
-            c0, w0 = cpu_seconds(pids), time.perf_counter()
-            fn(r)
-            wall[key], cpu[key] = time.perf_counter() - w0, cpu_seconds(pids) - c0
+            if (i + 1) % batch_size == 0:
+                next_batches(r, iters, cpu)
+        next_batches(r, iters, cpu, drain=True)
+        for key in loaders:
+            cpu[key] += cpu_seconds(workers[key])
         if r > 0:
             for key in keys:
                 clips = groups[key[0]][key[1]][1] * (items if key in inproc else 1)
                 rates[key][0].append(clips / cpu[key])
-                rates[key][1].append(clips / wall[key])
-    return {label: {name: tuple(round(statistics.median(v), 1) for v in rates[(label, name)]) for name in fns}
+                rates[key][1].append(clips / wall[key] if key in inproc else None)
+    return {label: {name: tuple(round(statistics.median(v), 1) if v[0] is not None else None
+                                for v in rates[(label, name)]) for name in fns}
             for label, fns in groups.items()}
 
 
@@ -206,7 +221,8 @@ def transform_ms(paths, decoder, repeats=5):
 
 
 def ratios(per, base):
-    return {name: round(per[name] / per[base.get(name, "raw")], 2) for name in per if not name.startswith("raw")}
+    return {name: round(per[name] / per[base.get(name, "raw")], 2) for name in per
+            if not name.startswith("raw") and per[name] is not None}
 
 
 def load():
@@ -233,10 +249,10 @@ def main(argv=None):
     if opts.prepared:
         src = make_videos(os.path.join(folder, "ucf-like"), "videos", 240, 320, 250, opts.videos, frames=180)
         dst_root = os.path.join(folder, "ucf-like-prepared")
-        c0, w0 = cpu_seconds(), time.perf_counter()
+        c0, w0 = time.process_time(), time.perf_counter()
         common.prepare_videos(os.path.join(folder, "ucf-like"), dst_root, short_side=128, gop=16,
                               out=lambda *a: None)
-        encode = {"cpu_s_per_video": round((cpu_seconds() - c0) / opts.videos, 3),
+        encode = {"cpu_s_per_video": round((time.process_time() - c0) / opts.videos, 3),
                   "wall_s_per_video": round((time.perf_counter() - w0) / opts.videos, 3)}
         dst = [os.path.join(dst_root, os.path.relpath(p, os.path.join(folder, "ucf-like"))) for p in src]
         start = load()
