@@ -20,10 +20,11 @@ batch meanwhile: every path runs under the same load); median over --repeats aft
 
 "per core" = clips per CPU second: the CPU time of this process and of the loader's worker (all threads, Linux's
 per-process CPU clocks), so other jobs on a shared machine slow the wall clock but hardly this figure; wall-clock
-clips/s (in-process paths only: a loader's worker runs beside them) and the load average are printed next to it. Ratios: train, eval, loader-train, loader-eval over raw;
-twoclip and loader-twoclip over raw2; on a shared machine they move by up to +-0.1 from run to run. transform_ms:
-the CPU time of the train / eval transform alone per clip (next to raw_ms, 1000 / raw per core: the ratio the
-transform alone allows is raw_ms / (raw_ms + transform_ms)). One JSON line per format, then a table.
+clips/s (in-process paths only: a loader's worker runs beside them) and the load average are printed next to it.
+Ratios: train, eval, loader-train, loader-eval over raw; twoclip and loader-twoclip over raw2; on a shared machine
+they move by up to +-0.1 from run to run. transform_ms: the CPU time of the train / eval transform alone per clip
+(next to raw_ms, 1000 / raw per core: the ratio the transform alone allows is raw_ms / (raw_ms + transform_ms)).
+One JSON line per format, then a table.
 
 --prepared: --videos UCF101-like videos (320x240, 25 fps, 7.2 s, libx264 default keyframes) are re-encoded by
 common.prepare_videos (--short-side 128 --gop 16, one worker); raw, train and loader-train are measured on both
