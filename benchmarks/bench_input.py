@@ -12,7 +12,9 @@ keyframe interval (250, as downloaded), and 170x128 / 340x256 with a keyframe ev
   train    the tubelet_contrast.py training set: random resized crop to 112 (area 0.2-1) + flip, uint8,
   twoclip  two clips per video (ViCC-style / the temporal baseline), crop + flip per clip,
   eval     resize short side to 128 + centre crop 112 (evaluate.py's clips; common.resized_center_crop),
-  loader-* each of the three through common.build_loader (the training scripts' loader) with one worker, batch 8.
+  loader-* each of the three through common.build_loader (the training scripts' loader) with one worker, batch 8,
+  loader-raw  the loader's worker decoding the same clips but handing over only their indices: what decoding in a
+           worker beside this process costs (loader-X / loader-raw is what the transform, collate and transfer cost).
 Every path reads the same clips: items are seeded from (epoch, index) as common.SeededItems does, and raw / raw2
 draw their indices from the same seeds. The in-process paths run interleaved item by item (order rotated per
 item) and each loader hands over a batch after every batch of items (its worker, one batch ahead, decodes the next
@@ -89,6 +91,12 @@ def make_videos(folder, name, height, width, gop, count, frames=96, fps=25):
     return paths
 
 
+def drop_video(item):
+    """loader-raw's transform: the decoded clip is dropped, the item's small tensors travel on."""
+    del item["video"]
+    return item
+
+
 def transforms():
     def train(item):
         item["video"] = common.horizontal_flip(common.random_resized_crop_clip(item["video"], 112, (0.2, 1.0)))
@@ -127,7 +135,8 @@ def build_paths(paths, wanted, decoder):
     kw = dict(clip_len=16, frame_strides=STRIDES, decoder=decoder)
     sets = {"train": common.VideoDataset(samples, ["x"], transform=train_tf, **kw),
             "twoclip": common.VideoDataset(samples, ["x"], transform=train_tf, num_clips=2, **kw),
-            "eval": common.VideoDataset(samples, ["x"], transform=eval_tf, **kw)}
+            "eval": common.VideoDataset(samples, ["x"], transform=eval_tf, **kw),
+            "raw": common.VideoDataset(samples, ["x"], transform=drop_video, **kw)}
     args = types.SimpleNamespace(batch_size=8, workers=1, seed=SEED)
     run = types.SimpleNamespace(world_size=1, rank=0, device=torch.device("cpu"))
     out = {}
@@ -273,7 +282,7 @@ def main(argv=None):
         for name, height, width, gop in FORMATS:
             paths = make_videos(folder, name, height, width, gop, opts.videos)
             start = load()
-            fns = build_paths(paths, ("raw", "raw2", "train", "twoclip", "eval", "loader-train",
+            fns = build_paths(paths, ("raw", "raw2", "train", "twoclip", "eval", "loader-raw", "loader-train",
                                       "loader-twoclip", "loader-eval"), opts.decoder)
             result = measure({name: fns}, opts.repeats, opts.videos)[name]
             close({name: fns})
