@@ -17,16 +17,16 @@ keyframe interval (250, as downloaded), and 170x128 / 340x256 with a keyframe ev
            worker beside this process costs (loader-X / loader-raw is what the transform, collate and transfer cost).
 Every path reads the same clips: items are seeded from (epoch, index) as common.SeededItems does, and raw / raw2
 draw their indices from the same seeds. The in-process paths run interleaved item by item (order rotated per
-item) and each loader hands over a batch after every batch of items (its worker, one batch ahead, decodes the next
-batch meanwhile: every path runs under the same load); median over --repeats after a warm-up repeat.
+item), then each loader one epoch while this process waits; median over --repeats after a warm-up repeat.
 
 "per core" = clips per CPU second: the CPU time of this process and of the loader's worker (all threads, Linux's
 per-process CPU clocks), so other jobs on a shared machine slow the wall clock but hardly this figure; wall-clock
-clips/s (in-process paths only: a loader's worker runs beside them) and the load average are printed next to it.
-Ratios: train, eval, loader-train, loader-eval over raw; twoclip and loader-twoclip over raw2; on a shared machine
-they move by up to +-0.1 from run to run. transform_ms: the CPU time of the train / eval transform alone per clip
-(next to raw_ms, 1000 / raw per core: the ratio the transform alone allows is raw_ms / (raw_ms + transform_ms)).
-One JSON line per format, then a table.
+clips/s and the load average are printed next to it. Ratios: train, eval, loader-raw, loader-train, loader-eval
+over raw; twoclip and loader-twoclip over raw2; loader_ratio_to_loader_raw: loader-train and loader-eval over
+loader-raw (both decode in a worker process, clip after clip); on a shared machine they move by up to +-0.1 from
+run to run. transform_ms: the CPU time of the train / eval transform alone per clip (next to raw_ms, 1000 / raw
+per core: the ratio the transform alone allows is raw_ms / (raw_ms + transform_ms)). One JSON line per format,
+then a table.
 
 --prepared: --videos UCF101-like videos (320x240, 25 fps, 7.2 s, libx264 default keyframes) are re-encoded by
 common.prepare_videos (--short-side 128 --gop 16, one worker); raw, train and loader-train are measured on both
@@ -147,9 +147,8 @@ def build_paths(paths, wanted, decoder):
                 paths[i], lambda n: clip_indices(epoch, i, n, k).reshape(-1), decoder), clips, None)
         elif name in sets:
             out[name] = (lambda epoch, i, s=common.SeededItems(sets[name], SEED, 0): s[(epoch, i)], clips, None)
-        else:  # loader-<set>: the training loader (persistent worker, shuffled, full batches), stepped by measure
+        else:  # loader-<set>: the training loader (persistent worker, shuffled, full batches)
             loader = common.build_loader(sets[name.split("-")[1]], args, run, train=True)
-            loader.prefetch_factor = 1  # the worker decodes a batch while the in-process paths read those items
             out[name] = (None, len(loader) * args.batch_size * clips, loader)
     return out
 
@@ -169,49 +168,37 @@ def worker_pids(loader):
 
 def measure(groups, repeats, items):
     """groups {label: {path: (fn, clips, loader)}} -> {label: {path: (median per-core rate, median wall rate)}}.
-    Per repeat (repeat 0 warms up and starts the workers), item by item: every in-process path reads item i, in an
-    order rotated per item, and after every batch of items each loader hands over its next batch, so the loaders'
-    workers decode while the in-process paths run and all paths see the same machine load. A loader's CPU time is
-    its worker's over the epoch plus this process's inside next(); its wall rate is not measured (None)."""
+    Per repeat (repeat 0 warms up and starts the workers): item by item, every in-process path reads item i in
+    an order rotated per item (all paths see the same machine load); then each loader runs one epoch while this
+    process waits, so no path decodes beside another of this benchmark's (a worker decoding beside a busy process
+    took 7-12 % more CPU per clip here)."""
     keys = [(label, name) for label, fns in groups.items() for name in fns]
     inproc = [k for k in keys if groups[k[0]][k[1]][2] is None]
     loaders = [k for k in keys if groups[k[0]][k[1]][2] is not None]
     rates = {k: ([], []) for k in keys}
-
-    def next_batches(r, iters, cpu, drain=False):
-        for key in loaders[r % max(len(loaders), 1):] + loaders[:r % max(len(loaders), 1)]:
-            c0 = time.process_time()
-            for _ in iters[key] if drain else [next(iters[key])]:  # drain: none left (drop_last), ends the epoch
-                pass
-            cpu[key] += time.process_time() - c0
     for r in range(repeats + 1):
-        cpu, wall, iters, workers = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0.0), {}, {}
-        for key in loaders:
-            loader = groups[key[0]][key[1]][2]
-            loader.sampler.set_epoch(r)
-            workers[key] = worker_pids(loader)  # persistent workers (none before the first epoch)
-            cpu[key] -= cpu_seconds(workers[key]) + time.process_time()
-            iters[key] = iter(loader)
-            cpu[key] += time.process_time()
-        batch_size = min((groups[k[0]][k[1]][2].batch_size for k in loaders), default=items)
+        cpu, wall = dict.fromkeys(keys, 0.0), dict.fromkeys(keys, 0.0)
         for i in range(items):
             for key in inproc[i % len(inproc):] + inproc[:i % len(inproc)]:
                 c0, w0 = time.process_time(), time.perf_counter()
                 groups[key[0]][key[1]][0](r, i)
                 cpu[key] += time.process_time() - c0
                 wall[key] += time.perf_counter() - w0
-            if (i + 1) % batch_size == 0:
-                next_batches(r, iters, cpu)
-        next_batches(r, iters, cpu, drain=True)
-        for key in loaders:
-            cpu[key] += cpu_seconds(workers[key])
+        for key in loaders[r % max(len(loaders), 1):] + loaders[:r % max(len(loaders), 1)]:
+            loader = groups[key[0]][key[1]][2]
+            loader.sampler.set_epoch(r)
+            pids = worker_pids(loader)  # persistent workers (none before the first epoch)
+            c0, w0 = time.process_time() + cpu_seconds(pids), time.perf_counter()
+            for _ in loader:
+                pass
+            wall[key] = time.perf_counter() - w0
+            cpu[key] = time.process_time() + cpu_seconds(pids) - c0
         if r > 0:
             for key in keys:
                 clips = groups[key[0]][key[1]][1] * (items if key in inproc else 1)
                 rates[key][0].append(clips / cpu[key])
-                rates[key][1].append(clips / wall[key] if key in inproc else None)
-    return {label: {name: tuple(round(statistics.median(v), 1) if v[0] is not None else None
-                                for v in rates[(label, name)]) for name in fns}
+                rates[key][1].append(clips / wall[key])
+    return {label: {name: tuple(round(statistics.median(v), 1) for v in rates[(label, name)]) for name in fns}
             for label, fns in groups.items()}
 
 
@@ -231,8 +218,7 @@ def transform_ms(paths, decoder, repeats=5):
 
 
 def ratios(per, base):
-    return {name: round(per[name] / per[base.get(name, "raw")], 2) for name in per
-            if not name.startswith("raw") and per[name] is not None}
+    return {name: round(per[name] / per[base.get(name, "raw")], 2) for name in per if not name.startswith("raw")}
 
 
 def load():
@@ -289,7 +275,9 @@ def main(argv=None):
             per, wall = ({k: v[i] for k, v in result.items()} for i in (0, 1))
             rows.append((name, per, wall, ratios(per, base)))
             print(json.dumps({"format": name, "per_core": per, "wall": wall, "ratio_per_core": rows[-1][3],
-                              "ratio_wall": ratios(wall, base), "raw_ms": round(1000 / per["raw"], 1),
+                              "ratio_wall": ratios(wall, base), "loader_ratio_to_loader_raw": {
+                                  n: round(per[n] / per["loader-raw"], 2) for n in ("loader-train", "loader-eval")},
+                              "raw_ms": round(1000 / per["raw"], 1),
                               "transform_ms": transform_ms(paths, opts.decoder),
                               "cpu": f"{machine}, {start} -> {load()}"}), flush=True)
     names = list(rows[0][1])
