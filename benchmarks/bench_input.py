@@ -170,8 +170,8 @@ def measure(groups, repeats, items):
     """groups {label: {path: (fn, clips, loader)}} -> {label: {path: (median per-core rate, median wall rate)}}.
     Per repeat (repeat 0 warms up and starts the workers): item by item, every in-process path reads item i in
     an order rotated per item (all paths see the same machine load); then each loader runs one epoch while this
-    process waits, so no path decodes beside another of this benchmark's (a worker decoding beside a busy process
-    took 7-12 % more CPU per clip here)."""
+    process waits, so no path decodes beside another of this benchmark's (run beside the busy benchmark process, a
+    worker took 3-12 % more CPU per clip: loader-raw 0.88-0.97 of raw in five format x run pairs)."""
     keys = [(label, name) for label, fns in groups.items() for name in fns]
     inproc = [k for k in keys if groups[k[0]][k[1]][2] is None]
     loaders = [k for k in keys if groups[k[0]][k[1]][2] is not None]
