@@ -12,17 +12,21 @@ keyframe interval (250, as downloaded), and 170x128 / 340x256 with a keyframe ev
   train    the tubelet_contrast.py training set: random resized crop to 112 (area 0.2-1) + flip, uint8,
   twoclip  two clips per video (ViCC-style / the temporal baseline), crop + flip per clip,
   eval     resize short side to 128 + centre crop 112 (evaluate.py's clips; common.resized_center_crop),
-  loader-* each of the three through common.build_loader (the training scripts' loader) with one worker, batch 8.
+  loader-* each of the three through common.build_loader (the training scripts' loader) with one worker, batch 8,
+  loader-raw  the loader's worker decoding the same clips but handing over only their indices: what decoding in a
+           worker beside this process costs (loader-X / loader-raw is what the transform, collate and transfer cost).
 Every path reads the same clips: items are seeded from (epoch, index) as common.SeededItems does, and raw / raw2
 draw their indices from the same seeds. The in-process paths run interleaved item by item (order rotated per
-item), then each loader one epoch; median over --repeats after a warm-up repeat.
+item), then each loader one epoch while this process waits; median over --repeats after a warm-up repeat.
 
-"per core" = clips per CPU second: the CPU time of this process and of the loader's worker (all threads, from
-/proc), so other jobs on a shared machine slow the wall clock but hardly this figure; wall-clock clips/s and the
-load average are printed next to it. Ratios: train, eval, loader-train, loader-eval over raw; twoclip and
-loader-twoclip over raw2; on a shared machine they move by up to +-0.1 from run to run. transform_ms: the CPU
-time of the train / eval transform alone per clip (next to raw_ms, 1000 / raw per core: the ratio the transform
-alone allows is raw_ms / (raw_ms + transform_ms)). One JSON line per format, then a table.
+"per core" = clips per CPU second: the CPU time of this process and of the loader's worker (all threads, Linux's
+per-process CPU clocks), so other jobs on a shared machine slow the wall clock but hardly this figure; wall-clock
+clips/s and the load average are printed next to it. Ratios: train, eval, loader-raw, loader-train, loader-eval
+over raw; twoclip and loader-twoclip over raw2; loader_ratio_to_loader_raw: loader-train and loader-eval over
+loader-raw (both decode in a worker process, clip after clip); on a shared machine they move by up to +-0.1 from
+run to run. transform_ms: the CPU time of the train / eval transform alone per clip (next to raw_ms, 1000 / raw
+per core: the ratio the transform alone allows is raw_ms / (raw_ms + transform_ms)). One JSON line per format,
+then a table.
 
 --prepared: --videos UCF101-like videos (320x240, 25 fps, 7.2 s, libx264 default keyframes) are re-encoded by
 common.prepare_videos (--short-side 128 --gop 16, one worker); raw, train and loader-train are measured on both
@@ -87,6 +91,12 @@ def make_videos(folder, name, height, width, gop, count, frames=96, fps=25):
     return paths
 
 
+def drop_video(item):
+    """loader-raw's transform: the decoded clip is dropped, the item's small tensors travel on."""
+    del item["video"]
+    return item
+
+
 def transforms():
     def train(item):
         item["video"] = common.horizontal_flip(common.random_resized_crop_clip(item["video"], 112, (0.2, 1.0)))
@@ -98,15 +108,11 @@ def transforms():
     return train, evaluation
 
 
-def cpu_seconds(pids=()):
-    """CPU time of this process plus that of processes `pids` (user + system, all threads, also those that ended:
-    decord decodes in threads it starts per file; Linux /proc, 10 ms ticks)."""
-    total = time.process_time()
-    for pid in pids:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime
-    return total
+def cpu_seconds(pids):
+    """CPU time of processes `pids`: all threads, also those that ended (decord decodes in threads it starts per
+    file), to the nanosecond. Linux's CPU-time clock of process pid, whose id clock_getcpuclockid(3) makes as
+    (~pid << 3) | CPUCLOCK_SCHED; /proc/<pid>/stat counts 10 ms ticks, +-5 % of a 16-clip epoch."""
+    return sum(time.clock_gettime((~pid << 3) | 2) for pid in pids)
 
 
 def item_seed(epoch, i):
@@ -123,13 +129,14 @@ def clip_indices(epoch, i, num_frames, num_clips):
 
 def build_paths(paths, wanted, decoder):
     """{name: (fn, clips per item or per epoch, loader or None)} for the path names in `wanted`: fn(epoch, i)
-    reads item i (raw, raw2 and the datasets), fn(epoch) iterates a loader over one epoch (loader-*)."""
+    reads item i (raw, raw2 and the datasets); loader-* have a loader instead (fn None)."""
     train_tf, eval_tf = transforms()
     samples = [(p, 0) for p in paths]
     kw = dict(clip_len=16, frame_strides=STRIDES, decoder=decoder)
     sets = {"train": common.VideoDataset(samples, ["x"], transform=train_tf, **kw),
             "twoclip": common.VideoDataset(samples, ["x"], transform=train_tf, num_clips=2, **kw),
-            "eval": common.VideoDataset(samples, ["x"], transform=eval_tf, **kw)}
+            "eval": common.VideoDataset(samples, ["x"], transform=eval_tf, **kw),
+            "raw": common.VideoDataset(samples, ["x"], transform=drop_video, **kw)}
     args = types.SimpleNamespace(batch_size=8, workers=1, seed=SEED)
     run = types.SimpleNamespace(world_size=1, rank=0, device=torch.device("cpu"))
     out = {}
@@ -142,11 +149,7 @@ def build_paths(paths, wanted, decoder):
             out[name] = (lambda epoch, i, s=common.SeededItems(sets[name], SEED, 0): s[(epoch, i)], clips, None)
         else:  # loader-<set>: the training loader (persistent worker, shuffled, full batches)
             loader = common.build_loader(sets[name.split("-")[1]], args, run, train=True)
-
-            def iterate(epoch, loader=loader):
-                loader.sampler.set_epoch(epoch)
-                return [b for b in loader]
-            out[name] = (iterate, len(loader) * args.batch_size * clips, loader)
+            out[name] = (None, len(loader) * args.batch_size * clips, loader)
     return out
 
 
@@ -166,7 +169,9 @@ def worker_pids(loader):
 def measure(groups, repeats, items):
     """groups {label: {path: (fn, clips, loader)}} -> {label: {path: (median per-core rate, median wall rate)}}.
     Per repeat (repeat 0 warms up and starts the workers): item by item, every in-process path reads item i in
-    an order rotated per item (all paths see the same machine load); then each loader runs one epoch."""
+    an order rotated per item (all paths see the same machine load); then each loader runs one epoch while this
+    process waits, so no path decodes beside another of this benchmark's (run beside the busy benchmark process, a
+    worker took 3-12 % more CPU per clip: loader-raw 0.88-0.97 of raw in five format x run pairs)."""
     keys = [(label, name) for label, fns in groups.items() for name in fns]
     inproc = [k for k in keys if groups[k[0]][k[1]][2] is None]
     loaders = [k for k in keys if groups[k[0]][k[1]][2] is not None]
@@ -180,11 +185,14 @@ def measure(groups, repeats, items):
                 cpu[key] += time.process_time() - c0
                 wall[key] += time.perf_counter() - w0
         for key in loaders[r % max(len(loaders), 1):] + loaders[:r % max(len(loaders), 1)]:
-            fn, _, loader = groups[key[0]][key[1]]
-            pids = worker_pids(loader)
-            c0, w0 = cpu_seconds(pids), time.perf_counter()
-            fn(r)
-            wall[key], cpu[key] = time.perf_counter() - w0, cpu_seconds(pids) - c0
+            loader = groups[key[0]][key[1]][2]
+            loader.sampler.set_epoch(r)
+            pids = worker_pids(loader)  # persistent workers (none before the first epoch)
+            c0, w0 = time.process_time() + cpu_seconds(pids), time.perf_counter()
+            for _ in loader:
+                pass
+            wall[key] = time.perf_counter() - w0
+            cpu[key] = time.process_time() + cpu_seconds(pids) - c0
         if r > 0:
             for key in keys:
                 clips = groups[key[0]][key[1]][1] * (items if key in inproc else 1)
@@ -237,10 +245,10 @@ def main(argv=None):
     if opts.prepared:
         src = make_videos(os.path.join(folder, "ucf-like"), "videos", 240, 320, 250, opts.videos, frames=180)
         dst_root = os.path.join(folder, "ucf-like-prepared")
-        c0, w0 = cpu_seconds(), time.perf_counter()
+        c0, w0 = time.process_time(), time.perf_counter()
         common.prepare_videos(os.path.join(folder, "ucf-like"), dst_root, short_side=128, gop=16,
                               out=lambda *a: None)
-        encode = {"cpu_s_per_video": round((cpu_seconds() - c0) / opts.videos, 3),
+        encode = {"cpu_s_per_video": round((time.process_time() - c0) / opts.videos, 3),
                   "wall_s_per_video": round((time.perf_counter() - w0) / opts.videos, 3)}
         dst = [os.path.join(dst_root, os.path.relpath(p, os.path.join(folder, "ucf-like"))) for p in src]
         start = load()
@@ -260,14 +268,16 @@ def main(argv=None):
         for name, height, width, gop in FORMATS:
             paths = make_videos(folder, name, height, width, gop, opts.videos)
             start = load()
-            fns = build_paths(paths, ("raw", "raw2", "train", "twoclip", "eval", "loader-train",
+            fns = build_paths(paths, ("raw", "raw2", "train", "twoclip", "eval", "loader-raw", "loader-train",
                                       "loader-twoclip", "loader-eval"), opts.decoder)
             result = measure({name: fns}, opts.repeats, opts.videos)[name]
             close({name: fns})
             per, wall = ({k: v[i] for k, v in result.items()} for i in (0, 1))
             rows.append((name, per, wall, ratios(per, base)))
             print(json.dumps({"format": name, "per_core": per, "wall": wall, "ratio_per_core": rows[-1][3],
-                              "ratio_wall": ratios(wall, base), "raw_ms": round(1000 / per["raw"], 1),
+                              "ratio_wall": ratios(wall, base), "loader_ratio_to_loader_raw": {
+                                  n: round(per[n] / per["loader-raw"], 2) for n in ("loader-train", "loader-eval")},
+                              "raw_ms": round(1000 / per["raw"], 1),
                               "transform_ms": transform_ms(paths, opts.decoder),
                               "cpu": f"{machine}, {start} -> {load()}"}), flush=True)
     names = list(rows[0][1])

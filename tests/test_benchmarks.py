@@ -1,6 +1,7 @@
 """The benchmark scripts keep working: gpu_report.py at its tiny CPU sizes writes a complete report."""
 import json
 import os
+import subprocess
 import sys
 
 import pytest
@@ -39,3 +40,18 @@ def test_bench_input_raw_decode_reads_the_clips_the_dataset_reads(tmp_path):
             assert (bench_input.clip_indices(epoch, i, 40, 2) == expected).all()
             seen.append(expected)
     assert len({a.tobytes() for a in seen}) == 4  # epochs and items draw different clips
+
+
+def test_bench_input_cpu_seconds_counts_the_ended_threads_of_another_process():
+    """A loader worker's CPU time includes the threads it has finished (decord decodes in threads per file)."""
+    import bench_input
+    code = ("import threading, time\n"
+            "def burn():\n    t = time.process_time()\n    while time.process_time() - t < 0.3:\n        pass\n"
+            "th = threading.Thread(target=burn)\nth.start()\nth.join()\nprint('done', flush=True)\ntime.sleep(60)")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "done"
+        assert 0.3 <= bench_input.cpu_seconds([proc.pid]) < 5  # the thread's 0.3 s + interpreter start-up
+    finally:
+        proc.kill()
+        proc.wait()

@@ -418,3 +418,30 @@ def test_loader_seeds_the_items_of_a_subset():
     torch.manual_seed(123)  # the global RNG state does not decide the items
     again = torch.cat([b["x"] for b in common.build_loader(subset, args, run, train=False)])
     assert torch.equal(first, again)
+
+
+class _ClipsAndIndices(torch.utils.data.Dataset):
+    """Items shaped like VideoDataset's: a 16-frame uint8 clip (over 64 KiB) and small tensors of several dtypes."""
+
+    def __len__(self):
+        return 12
+
+    def __getitem__(self, i):
+        clip = torch.randint(0, 256, (3, 4, 64, 64), dtype=torch.uint8)  # (C, T, H, W), 48 KiB x 1
+        return {"video": clip.repeat(1, 4, 1, 1), "label": torch.tensor(i % 3), "index": i,
+                "frame_indices": torch.arange(16) * 2 + i, "weight": torch.tensor([0.5, i], dtype=torch.float16)}
+
+
+def test_loader_workers_send_small_tensors_by_value_and_deliver_plain_tensors():
+    args = common.get_common_parser().parse_args(["--workers", "0", "--batch-size", "4"])
+    run = type("R", (), {"rank": 0, "world_size": 1, "device": torch.device("cpu")})()
+    in_process = list(common.build_loader(_ClipsAndIndices(), args, run, train=False))
+    args.workers = 2
+    from_workers = list(common.build_loader(_ClipsAndIndices(), args, run, train=False))
+    assert len(in_process) == len(from_workers) == 3
+    for a, b in zip(in_process, from_workers):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert type(b[key]) is torch.Tensor and b[key].dtype == a[key].dtype and b[key].equal(a[key]), key
+        assert b["video"].shape == (4, 3, 16, 64, 64) and b["video"].is_shared()  # one shared-memory handle
+        assert not b["label"].is_shared() and not b["frame_indices"].is_shared()  # pickled by value
