@@ -1063,10 +1063,13 @@ def fewshot_task(run, args):
                                       subset_seed=seed if args.subset_seed is None else args.subset_seed)
         common.seed_everything(seed + run.rank, args.deterministic)
         runs.append(classification_task(seed_run, seed_args))
-    values = {name: np.array([r["metrics"][name] for r in runs]) for name in runs[0]["metrics"]}  # per seed
-    metrics = {k: float(f(v)) for name, v in values.items() for k, f in ((name, np.mean), (f"{name}_std", np.std))}
-    return {"metrics": metrics, "primary": args.protocol["metric"], "seeds": args.seeds, "per_seed": [r["metrics"]
-            for r in runs], **{k: runs[0][k] for k in ("sizes", "protocol", "weights_source", "num_classes")}}
+    metrics = {}
+    for name in runs[0]["metrics"]:
+        values = np.array([r["metrics"][name] for r in runs])  # (seeds,)
+        metrics[name], metrics[f"{name}_std"] = float(values.mean()), float(values.std())
+    return {"metrics": metrics, "primary": args.protocol["metric"], "seeds": args.seeds,
+            "per_seed": [r["metrics"] for r in runs],
+            **{k: runs[0][k] for k in ("sizes", "protocol", "weights_source", "num_classes")}}
 
 
 # ---------------------------------------------------------------------------------------------- features
