@@ -2364,8 +2364,8 @@ class VideoDataset(torch.utils.data.Dataset):
             raise ValueError("VideoDataset: encoded=True keeps the frames' size (the device crops and resizes)")
         video_file = next((p for p, _ in samples if not os.path.isdir(p)), None) if encoded else None
         if video_file is not None and "video" in (modalities or ("video",)):
-            raise UserError(f"{video_file}: expected a frame folder (image_%05d.jpg) to decode on the device, "
-                            f"found a video file (decode videos in the loader workers)")
+            raise UserError(f"{video_file}: expected a frame folder (image_%05d.jpg) to decode on the device, found "
+                            f"a video file (videos are decoded in the loader workers: leave out --decode-on-device)")
         self.encoded = encoded
         self.samples, self.class_names = list(samples), list(class_names)
         self.num_classes = len(self.class_names)

@@ -63,8 +63,8 @@ Evaluation (supp. Sec. 3): evaluate.py --task knn [--modality flow] --center-fea
 cosine similarities; classification logits: mean of softmax probabilities).
 Flow: `python common.py extract-flow --data ucf101 --workers N` (TV-L1, optional OpenCV contrib). Clusters (supp.
 Table 1): backbone.pth holds head and prototypes; evaluate.py --task clusters --cluster-source prototypes applies the
-head. --visualize N: supp. Fig. 1. --decode-on-device (frame folders): workers only read the JPEGs and draw crops
-and flips; one batched decode_jpeg per step decodes them on the device (same clips as on CPU). Not yet: --benchmark.
+head. --visualize N: supp. Fig. 1. --decode-on-device (frame folders): workers only read JPEGs and draw crops and
+flips; each step decodes them in one decode_jpeg call on the device (CPU: same clips; GPU unmeasured). No --benchmark.
 The authors' .pth.tar loading is tested on a synthetic file only.
 """
 import argparse
