@@ -108,7 +108,7 @@ def measure(root, repeats):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--videos", type=int, default=16)
-    parser.add_argument("--frames", type=int, default=40, help="RGB frames per video (>= 33 for 32-frame clips)")
+    parser.add_argument("--frames", type=int, default=100, help="RGB frames per video (>= 33 for 32-frame clips)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--dir", default=None, help="keep the generated frame folders here (reused when present)")
     args = parser.parse_args(argv)
