@@ -3435,7 +3435,7 @@ def decode_jpeg_clips(jpeg, size, device, flow_flip_negates_u=True):
             x = torch.stack([images[p][:, i:i + h, j:j + w] for p in frames], dim=1)  # (3, T, h, w)
             if key == "flow":  # uint8_to_flow: pixels in [-20, 20]
                 x = x[:2].float() * (2 * FLOW_BOUND / 255.0) - FLOW_BOUND  # (2, T, h, w)
-            x = x if (h, w) == (size, size) else _resize_clip(x, (size, size))
+            x = x if (h, w) == (size, size) else _resize_clip(x, (size, size))  # equal size: the identity
             if flip:
                 x = x.flip(-1)
                 if key == "flow" and flow_flip_negates_u:
