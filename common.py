@@ -559,12 +559,14 @@ def build_loader(dataset, args, run, train=True, batch_size=None, collate_fn=Non
     """A DataLoader for one process: its shard of the data, batch size global / world size, pinned memory on CUDA,
     every item seeded from (seed, rank, epoch, index) (`SeededItems`). Training drops the last partial batch, keeps
     its workers and has 4 batches per worker in flight (video decoding times vary a lot from clip to clip).
-    Workers send a batch's small tensors by value (`_collate_in_worker`)."""
+    Workers send a batch's small tensors by value (`_collate_in_worker`); undecoded frames (a dataset with
+    encoded=True) are collated by `collate_jpeg`."""
     global_batch = batch_size or args.batch_size
     per_process = max(global_batch // run.world_size, 1)
     sampler = ResumableDistributedSampler(dataset, per_process, num_replicas=run.world_size, rank=run.rank,
                                           shuffle=train, seed=args.seed, drop_last=train)
     workers = args.workers or 0
+    collate_fn = collate_fn or (collate_jpeg if getattr(dataset, "encoded", False) else None)
     collate = functools.partial(_collate_in_worker, collate_fn or torch.utils.data.default_collate)
     return torch.utils.data.DataLoader(
         SeededItems(dataset, args.seed, run.rank), batch_size=per_process, sampler=sampler,
@@ -612,6 +614,31 @@ class _ByValue:
 
     def __reduce__(self):
         return torch.from_numpy, (self.tensor.numpy(),)
+
+
+def collate_jpeg(items):
+    """default_collate of items with undecoded frames (VideoDataset encoded=True) -> batch["jpeg"] a JpegBatch: all
+    files in one tensor (one shared-memory handle from a worker), positions shifted to index the batch's files."""
+    files, clips = [], []
+    for item in items:
+        jpeg = dict(item.pop("jpeg"))
+        for key in [k for k in ("video", "flow") if k in jpeg]:
+            jpeg[key] = jpeg[key] + len(files)
+        files += jpeg.pop("files")
+        clips.append(jpeg)
+    batch = torch.utils.data.default_collate(items)
+    batch["jpeg"] = JpegBatch(torch.cat(files), [len(f) for f in files],
+                              {k: v.numpy() for k, v in torch.utils.data.default_collate(clips).items()})
+    return batch
+
+
+class JpegBatch:
+    """A batch's JPEG files for decode_jpeg_clips: data uint8 (total bytes,), sizes [bytes of each file], clips
+    {"video" / "flow": positions (B, ..., T), "<key>_box": (B, ..., 4) (top, left, h, w), "<key>_flip": (B, ...)}
+    as numpy arrays. Not a tensor: to_device leaves it in host memory, where decode_jpeg reads its input."""
+
+    def __init__(self, data, sizes, clips):
+        self.data, self.sizes, self.clips = data, sizes, clips
 
 
 def _seed_worker(worker_id):
@@ -2161,7 +2188,7 @@ def _build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides
     """The one entry point (see the README "Datasets" section for every layout).
     transform(item: dict) -> dict gets the modality tensors of one sample ("video" uint8 (C, T, H, W), "flow",
     "skeleton", ...) before "label", "index" and "frame_indices" are added. dataset_options: fold (UCF101, HMDB51),
-    ext (SSv2), list_file (videolist), size, jitter, step (VideoDataset), check_exists (drop listed but missing
+    ext (SSv2), list_file (videolist), size, jitter, step, encoded (VideoDataset), check_exists (drop listed but missing
     videos, default True), pre_normalize (NTU raw), toy_seed (toy sets), pose_root (k400-pose; default
     root/kinetics-skeleton), pose_cache (VideoPoseDataset's .npy cache; default root/pose_cache, "" = none),
     min_pose_frames (k400-pose: default clip_len; others 0), class_map (toyota-smarthome: "sims4action" or
@@ -2230,7 +2257,8 @@ def _build_dataset(name, root=None, split="train", *, clip_len=16, frame_strides
         return VideoDataset(samples, classes, clip_len=clip_len, frame_strides=frame_strides, num_clips=num_clips,
                             sampling=sampling, transform=transform, modalities=modalities, decoder=decoder,
                             strict=strict, bad_files_path=bad_files_path, size=dataset_options.get("size"),
-                            jitter=dataset_options.get("jitter", False), step=dataset_options.get("step"))
+                            jitter=dataset_options.get("jitter", False), step=dataset_options.get("step"),
+                            encoded=dataset_options.get("encoded", False))
     if fraction < 1.0 or per_class is not None:
         keep = stratified_subset(sample_labels(ds), fraction, per_class, seed)
         if isinstance(ds, NTUPairedDataset):
@@ -2323,11 +2351,22 @@ class VideoDataset(torch.utils.data.Dataset):
     sampling: random (num_clips independent clips, stride drawn from frame_strides, optional temporal jitter),
     uniform (num_clips evenly spaced), sliding / consecutive (all windows; K varies per video).
     modalities: ("video",), ("flow",) or ("video", "flow") for frame folders with flow_%05d.jpg next to the
-    images: "flow" float32 (2, T, H, W) in pixels at the same indices as "video"."""
+    images: "flow" float32 (2, T, H, W) in pixels at the same indices as "video".
+    encoded: JPEG frames are read, not decoded (decode_jpeg_clips decodes a batch on the device): no "video" /
+    "flow" keys but "jpeg" = {"files": [uint8 (bytes,)] each distinct frame's file, "video" / "flow": int64 (T,) or
+    (K, T) the frames' positions in files, "video_size" / "flow_size": int64 (2,) H, W from the first frame's
+    header}; RGB must then come from frame folders. A corrupt frame is not noticed here: decoding it fails the batch."""
 
     def __init__(self, samples, class_names, clip_len=16, frame_strides=(1,), num_clips=1, sampling="random",
                  transform=None, modalities=None, decoder="auto", strict=False, bad_files_path=None, size=None,
-                 jitter=False, step=None):
+                 jitter=False, step=None, encoded=False):
+        if encoded and size is not None:
+            raise ValueError("VideoDataset: encoded=True keeps the frames' size (the device crops and resizes)")
+        video_file = next((p for p, _ in samples if not os.path.isdir(p)), None) if encoded else None
+        if video_file is not None and "video" in (modalities or ("video",)):
+            raise UserError(f"{video_file}: expected a frame folder (image_%05d.jpg) to decode on the device, found "
+                            f"a video file (videos are decoded in the loader workers: leave out --decode-on-device)")
+        self.encoded = encoded
         self.samples, self.class_names = list(samples), list(class_names)
         self.num_classes = len(self.class_names)
         self.clip_len, self.frame_strides, self.num_clips = clip_len, frame_strides, num_clips
@@ -2351,27 +2390,37 @@ class VideoDataset(torch.utils.data.Dataset):
         path, label = self.samples[i]
         item, store = {}, {}
         flow_dir = _flow_folder(path)
+        single = self.sampling in SINGLE_CLIP_SAMPLINGS and self.num_clips == 1
+        jpeg = {"files": []}
+        if self.encoded:
+            item["jpeg"] = jpeg
         if "video" in self.modalities:
             # with flow (one frame fewer, CoCLR layout) the clip is drawn from the frames both modalities have
             n_flow = len(_frame_files(flow_dir, "flow")) if "flow" in self.modalities else None
-            frames = _read_frames(path, lambda n: self._indices(min(n, n_flow or n), store), self.decoder,
-                                  self.size)
-            k = store["indices"].shape[0]
-            video = torch.from_numpy(frames).view(k, self.clip_len, *frames.shape[1:]).permute(0, 4, 1, 2, 3)
-            item["video"] = video[0] if self.sampling in SINGLE_CLIP_SAMPLINGS and self.num_clips == 1 else video
+            index_fn = lambda n: self._indices(min(n, n_flow or n), store)  # noqa: E731
+            if self.encoded:
+                _read_jpeg_files(path, "image", index_fn, jpeg, "video", self.clip_len, single)
+            else:
+                frames = _read_frames(path, index_fn, self.decoder, self.size)
+                k = store["indices"].shape[0]
+                video = torch.from_numpy(frames).view(k, self.clip_len, *frames.shape[1:]).permute(0, 4, 1, 2, 3)
+                item["video"] = video[0] if single else video
         if "flow" in self.modalities:
             if "indices" not in store:
                 self._indices(len(_frame_files(flow_dir, "flow")), store)
-            flow = read_flow_frames(flow_dir, store["indices"].reshape(-1), self.size)
-            k = store["indices"].shape[0]
-            flow = torch.from_numpy(flow).view(k, self.clip_len, *flow.shape[1:]).permute(0, 4, 1, 2, 3)
-            item["flow"] = flow[0] if self.sampling in SINGLE_CLIP_SAMPLINGS and self.num_clips == 1 else flow
+            if self.encoded:
+                _read_jpeg_files(flow_dir, "flow", lambda n: store["indices"].reshape(-1), jpeg, "flow",
+                                 self.clip_len, single)
+            else:
+                flow = read_flow_frames(flow_dir, store["indices"].reshape(-1), self.size)
+                k = store["indices"].shape[0]
+                flow = torch.from_numpy(flow).view(k, self.clip_len, *flow.shape[1:]).permute(0, 4, 1, 2, 3)
+                item["flow"] = flow[0] if single else flow
         if self.transform is not None:
             item = self.transform(item)
         item["label"] = torch.as_tensor(label, dtype=torch.float32 if np.ndim(label) or isinstance(label, float)
                                         else torch.int64)
         item["index"] = torch.tensor(i, dtype=torch.int64)
-        single = self.sampling in SINGLE_CLIP_SAMPLINGS and self.num_clips == 1
         item["frame_indices"] = torch.from_numpy(store["indices"][0] if single else store["indices"])
         return item
 
@@ -3015,9 +3064,16 @@ def _pair(size):
 def random_resized_crop_clip(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
     """torchvision RandomResizedCrop parameters (10 tries, then a centre crop), one box per clip."""
     clips, lead = _clips(x)
-    height, width = clips.shape[-2:]
-    out = []
-    for clip in clips:
+    boxes = random_resized_crop_boxes(clips.shape[0], *clips.shape[-2:], scale, ratio, generator)  # (N, 4)
+    out = [_resize_clip(clip[..., i:i + h, j:j + w], _pair(size)) for clip, (i, j, h, w) in zip(clips, boxes.tolist())]
+    return torch.stack(out).reshape(*lead, *out[0].shape)
+
+
+def random_resized_crop_boxes(n, height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
+    """The boxes of random_resized_crop_clip for n clips of height x width, drawn in its order -> int64 (n, 4) rows
+    (top, left, h, w); decode_jpeg_clips applies them to undecoded frames."""
+    boxes = []
+    for _ in range(n):
         for _ in range(10):
             area = height * width * _uniform(scale[0], scale[1], generator)
             aspect = math.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), generator))
@@ -3035,8 +3091,8 @@ def random_resized_crop_clip(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), g
             else:
                 w, h = width, height
             i, j = (height - h) // 2, (width - w) // 2
-        out.append(_resize_clip(clip[..., i:i + h, j:j + w], _pair(size)))
-    return torch.stack(out).reshape(*lead, *out[0].shape)
+        boxes.append((i, j, h, w))
+    return torch.tensor(boxes, dtype=torch.int64).view(n, 4)
 
 
 def multiscale_corner_crop(x, size, scales=(1.0, 0.875, 0.75, 0.66), generator=None):
@@ -3090,7 +3146,36 @@ def resized_center_crop(x, short_side, crop):
     the whole frame, each box edge is at most half a source pixel off and the outermost output pixels are filtered
     without the source pixels beyond the box; with no scaling (short side already short_side) it is the same slice
     (copied contiguous for uint8 CPU clips, `_contiguous`)."""
-    height, width = x.shape[-2:]
+    h, w = _pair(crop)
+    top, left, box_h, box_w = resized_center_crop_box(*x.shape[-2:], short_side, crop)
+    box = x[..., top:top + box_h, left:left + box_w]  # (..., C, T, h', w') view
+    if box.shape[-2:] == (h, w):
+        return _contiguous(box) if box.dtype == torch.uint8 and box.device.type == "cpu" else box
+    clips, lead = _clips(box)
+    out = torch.stack([_resize_clip(c, (h, w)) for c in clips])  # (N, C, T, h, w)
+    return out.reshape(*lead, *out.shape[1:])
+
+
+def draw_crop_and_flip(jpeg, key, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), p=0.5, generator=None):
+    """Undecoded clips (VideoDataset encoded=True) jpeg[key] (..., T): random_resized_crop_clip's boxes, then
+    horizontal_flip's flips, drawn as those draw them -> jpeg[key + "_box"] (..., 4), jpeg[key + "_flip"] (...)."""
+    lead = jpeg[key].shape[:-1]
+    n = int(np.prod(lead))
+    height, width = jpeg.pop(key + "_size").tolist()
+    jpeg[key + "_box"] = random_resized_crop_boxes(n, height, width, scale, ratio, generator).view(*lead, 4)
+    jpeg[key + "_flip"] = (torch.rand(n, generator=generator) < p).view(lead)
+
+
+def draw_center_crop(jpeg, key, short_side, crop):
+    """Undecoded clips jpeg[key] (..., T): resized_center_crop's box, no flip -> jpeg[key + "_box"], "_flip"."""
+    lead = jpeg[key].shape[:-1]
+    box = resized_center_crop_box(*jpeg.pop(key + "_size").tolist(), short_side, crop)
+    jpeg[key + "_box"] = torch.tensor(box).expand(*lead, 4).clone()
+    jpeg[key + "_flip"] = torch.zeros(lead, dtype=torch.bool)
+
+
+def resized_center_crop_box(height, width, short_side, crop):
+    """The source box (top, left, h', w') of a height x width frame that resized_center_crop resizes to crop."""
     h, w = _pair(crop)
     new_h, new_w = _short_side_size(height, width, short_side)
     if h > new_h or w > new_w:
@@ -3098,12 +3183,7 @@ def resized_center_crop(x, short_side, crop):
     i, j = (new_h - h) // 2, (new_w - w) // 2  # center_crop's box in the resized frame
     top, bottom = round(i * height / new_h), round((i + h) * height / new_h)  # its edges in source pixels
     left, right = round(j * width / new_w), round((j + w) * width / new_w)
-    box = x[..., top:bottom, left:right]  # (..., C, T, h', w') view
-    if box.shape[-2:] == (h, w):
-        return _contiguous(box) if box.dtype == torch.uint8 and box.device.type == "cpu" else box
-    clips, lead = _clips(box)
-    out = torch.stack([_resize_clip(c, (h, w)) for c in clips])  # (N, C, T, h, w)
-    return out.reshape(*lead, *out.shape[1:])
+    return top, left, bottom - top, right - left
 
 
 def horizontal_flip(x, p=0.5, generator=None, flow=False):
@@ -3285,12 +3365,17 @@ def _frame_files(folder, prefix):
     return sorted(n for n in names if n.startswith(prefix + "_") and n.endswith(".jpg"))
 
 
-def _read_jpegs(folder, prefix, index_fn, size, mode="RGB"):
-    from PIL import Image
+def _frame_folder_indices(folder, prefix, index_fn):
+    """index_fn(number of prefix_%05d.jpg frames in folder) clamped to them -> int64 (T,)."""
     n = len(_frame_files(folder, prefix))
     if n == 0:
         raise VideoReadError(f"{folder}: expected {prefix}_00001.jpg ... frames, found none")
-    indices = _clamp(index_fn(n), n)
+    return _clamp(index_fn(n), n)
+
+
+def _read_jpegs(folder, prefix, index_fn, size, mode="RGB"):
+    from PIL import Image
+    indices = _frame_folder_indices(folder, prefix, index_fn)
     cache, out = {}, []
     for i in indices.tolist():
         if i not in cache:
@@ -3306,6 +3391,58 @@ def _read_jpegs(folder, prefix, index_fn, size, mode="RGB"):
         out.append(cache[i])
     frames = np.stack(out)
     return _resize_frames(frames, size) if isinstance(size, int) else frames
+
+
+def _read_jpeg_files(folder, prefix, index_fn, jpeg, key, clip_len, single):
+    """VideoDataset(encoded=True): the files of frames index_fn(n) appended to jpeg["files"] (each distinct frame
+    once, uint8 (bytes,)); jpeg[key] = their positions int64 (K, T), or (T,) if single; jpeg[key + "_size"] = (H, W)."""
+    from PIL import Image
+    indices = _frame_folder_indices(folder, prefix, index_fn)
+    files, position = jpeg["files"], {}
+    for i in indices.tolist():
+        if i not in position:
+            path = os.path.join(folder, f"{prefix}_{i + 1:05d}.jpg")
+            data = torch.empty(os.path.getsize(path), dtype=torch.uint8)
+            with open(path, "rb") as f:
+                f.readinto(data.numpy())
+            position[i] = len(files)
+            files.append(data)
+    positions = torch.tensor([position[i] for i in indices.tolist()], dtype=torch.int64).view(-1, clip_len)
+    jpeg[key] = positions[0] if single else positions
+    path = os.path.join(folder, f"{prefix}_{int(indices[0]) + 1:05d}.jpg")
+    try:
+        with Image.open(path) as img:  # the header only
+            jpeg[key + "_size"] = torch.tensor([img.height, img.width])
+    except (OSError, ValueError) as e:
+        raise VideoReadError(f"{path}: cannot read the JPEG header ({e})") from None
+
+
+def decode_jpeg_clips(jpeg, size, device, flow_flip_negates_u=True):
+    """A batch's undecoded clips (JpegBatch from collate_jpeg) -> {"video" / "flow": uint8 (..., 3, T, size, size)
+    on device}: every file decoded by one batched torchvision.io.decode_jpeg call (nvjpeg on CUDA), then per clip
+    its box cropped and resized (_resize_clip) and flipped where jpeg's "<key>_flip"; flow frames go through
+    pixels as on the CPU path (read_flow_frames, horizontal_flip: u changes sign, flow_image)."""
+    with warnings.catch_warnings():  # torchvision 0.29 deprecates its image decoders in favour of TorchCodec's
+        warnings.filterwarnings("ignore", message="The image decoding and encoding capabilities of TorchVision")
+        images = torchvision.io.decode_jpeg(list(jpeg.data.split(jpeg.sizes)), mode=torchvision.io.ImageReadMode.RGB,
+                                            device=device)  # N x uint8 (3, H, W)
+    out = {}
+    for key in [k for k in ("video", "flow") if k in jpeg.clips]:
+        positions, boxes, flips = (jpeg.clips[key + s] for s in ("", "_box", "_flip"))  # (..., T), (..., 4), (...)
+        clips = []
+        for frames, (i, j, h, w), flip in zip(positions.reshape(-1, positions.shape[-1]).tolist(),
+                                              boxes.reshape(-1, 4).tolist(), flips.reshape(-1).tolist()):
+            x = torch.stack([images[p][:, i:i + h, j:j + w] for p in frames], dim=1)  # (3, T, h, w)
+            if key == "flow":  # uint8_to_flow: pixels in [-20, 20]
+                x = x[:2].float() * (2 * FLOW_BOUND / 255.0) - FLOW_BOUND  # (2, T, h, w)
+            x = x if (h, w) == (size, size) else _resize_clip(x, (size, size))  # equal size: the identity
+            if flip:
+                x = x.flip(-1)
+                if key == "flow" and flow_flip_negates_u:
+                    x[0] *= -1
+            clips.append(flow_image(x) if key == "flow" else x)  # (3, T, size, size)
+        out[key] = torch.stack(clips).view(*positions.shape[:-1], *clips[0].shape)
+    return out
 
 
 def _read_decord(path, index_fn, size):
@@ -3463,10 +3600,11 @@ def uint8_to_flow(img):
 
 
 def flow_image(flow):
-    """float flow clips (..., 2, T, H, W) in pixels -> the CoCLR / ViCC flow image uint8 (..., 3, T, H, W): u, v
-    mapped from +-20 px to 0..255 (flow_to_uint8), third channel 128; networks take it normalised like RGB."""
-    img = flow_to_uint8(flow.movedim(-4, -1).cpu().numpy())  # (..., T, H, W, 3)
-    return torch.from_numpy(img).movedim(-1, -4).contiguous()
+    """float flow clips (..., 2, T, H, W) in pixels -> the CoCLR / ViCC flow image uint8 (..., 3, T, H, W) on flow's
+    device: u, v mapped from +-20 px to 0..255 as flow_to_uint8 (the same float32 operations), third channel 128;
+    networks take it normalised like RGB."""
+    q = ((flow.clamp(-FLOW_BOUND, FLOW_BOUND) + FLOW_BOUND) * 255.0 / (2 * FLOW_BOUND)).round()
+    return torch.cat([q, torch.full_like(q.narrow(-4, 0, 1), 128)], dim=-4).to(torch.uint8)  # (..., 3, T, H, W)
 
 
 def write_flow_frames(flow, folder, start=1):

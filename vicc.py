@@ -63,7 +63,8 @@ Evaluation (supp. Sec. 3): evaluate.py --task knn [--modality flow] --center-fea
 cosine similarities; classification logits: mean of softmax probabilities).
 Flow: `python common.py extract-flow --data ucf101 --workers N` (TV-L1, optional OpenCV contrib). Clusters (supp.
 Table 1): backbone.pth holds head and prototypes; evaluate.py --task clusters --cluster-source prototypes applies the
-head. --visualize N: supp. Fig. 1. Not implemented yet: --benchmark and GPU JPEG decoding.
+head. --visualize N: supp. Fig. 1. --decode-on-device (frame folders): workers only read JPEGs and draw crops and
+flips; each step decodes them in one decode_jpeg call on the device (CPU: same clips; GPU unmeasured). No --benchmark.
 The authors' .pth.tar loading is tested on a synthetic file only.
 """
 import argparse
@@ -113,6 +114,7 @@ def add_method_args(parser):
     g.add_argument("--queue-start-cross", type=int, default=None, help="epoch the queue starts in a cross stage (25)")
     g.add_argument("--crop-scale-min", type=float, default=None, help="smallest crop area fraction (CoCLR 0.2)")
     g.add_argument("--lars-trust", type=float, default=0.001, help="LARS trust coefficient (apex LARC, 0.001)")
+    g.add_argument("--decode-on-device", action="store_true", help="frame folders: decode, crop, flip on the device")
     g.add_argument("--visualize", type=int, default=0, help="N: after each stage, prototypes.png with the top val "
                    "clips of N random prototypes (supp. Fig. 1; a finished stage is only visualised)")
     g.add_argument("--authors-code", action="store_true", help="all --authors-code-* behaviours below")
@@ -275,10 +277,14 @@ def make_train_transform(args, modalities):
         strong = torch.tensor([True, False]) if one_clip else torch.rand(2) < 0.3
         seed = int(torch.randint(0, 2 ** 62, ()))
         for m in modalities:  # the same generator seed: the same crop boxes and flips for RGB and flow
+            g = torch.Generator().manual_seed(seed)
+            if args.decode_on_device:  # frame positions (2, T): the same draws, applied by common.decode_jpeg_clips
+                item["jpeg"][m] = item["jpeg"][m][[0, 0]] if one_clip else item["jpeg"][m]
+                common.draw_crop_and_flip(item["jpeg"], m, (args.crop_scale_min, 1.0), generator=g)
+                continue
             x = item[m]  # (2, C, T, H, W)
             if one_clip:  # clip 2 := clip 1 (CoCLR's OneClipTransform)
                 x = torch.stack([x[0], x[0]])
-            g = torch.Generator().manual_seed(seed)
             x = common.random_resized_crop_clip(x, args.crop_size, scale=(args.crop_scale_min, 1.0), generator=g)
             is_flow = m == "flow" and not args.authors_code_flow_aug
             x = common.horizontal_flip(x, generator=g, flow=is_flow)  # flow: u changes sign
@@ -293,6 +299,8 @@ def make_eval_transform(args):
         for m in [k for k in ("video", "flow") if k in item]:
             x = common.resized_center_crop(item[m], args.crop_size, args.crop_size)
             item[m] = common.flow_image(x) if m == "flow" else x
+        for m in [k for k in ("video", "flow") if k in item.get("jpeg", ())]:  # --decode-on-device
+            common.draw_center_crop(item["jpeg"], m, args.crop_size, args.crop_size)
         return item
     return transform
 
@@ -367,6 +375,9 @@ def make_train_step(ddp_model, model, optimizer, run, args, steps_per_epoch, mod
 
     def train_step(batch):
         epoch = int(model.steps) // steps_per_epoch
+        if args.decode_on_device:  # uint8 clips as the workers' transform gives them
+            batch.update(common.decode_jpeg_clips(batch.pop("jpeg"), args.crop_size, run.device,
+                                                  not args.authors_code_flow_aug))
         x1, x2 = prepare_views(batch, modality, args)
         o1, o2 = prepare_views(batch, other, args) if other else (None, None)
         with run.autocast():
@@ -480,7 +491,8 @@ def run_stage(args, run, name, train, init, frozen, stage_dir):
                                      num_clips=2, sampling="random", modalities=modalities,
                                      transform=make_train_transform(args, modalities), decoder=args.decoder,
                                      strict=args.strict_data, fraction=args.data_fraction, seed=args.seed,
-                                     bad_files_path=os.path.join(stage_dir, "bad_files.txt"))
+                                     bad_files_path=os.path.join(stage_dir, "bad_files.txt"),
+                                     encoded=args.decode_on_device)
     loader = common.build_loader(train_set, a, run, train=True)
     stage_run = common.Run(a, run.device, stage_dir)
     queue_start = {"video": args.queue_start_rgb, "flow": args.queue_start_flow}[modality] if single else \
@@ -500,10 +512,13 @@ def knn_of(stream, modality, args, run):
     """kNN / 1-NN top-1 of a stream's backbone on the val set (gallery = train), centre crops."""
     sets = [common.build_dataset(args.dataset_name, args.data_root, split, clip_len=args.clip_len,
                                  sampling="uniform", modalities=(modality,), transform=make_eval_transform(args),
-                                 decoder=args.decoder) for split in ("train", "val")]
+                                 decoder=args.decoder, encoded=args.decode_on_device) for split in ("train", "val")]
     loaders = [common.build_loader(s, args, run, train=False) for s in sets]
-    return common.knn_monitor(stream.backbone.to(run.device), lambda b: common.normalize(b[modality]), *loaders,
-                              run=run)
+
+    def decode(b):  # --decode-on-device
+        return common.decode_jpeg_clips(b["jpeg"], args.crop_size, run.device) if "jpeg" in b else b
+    return common.knn_monitor(stream.backbone.to(run.device), lambda b: common.normalize(decode(b)[modality]),
+                              *loaders, run=run)
 
 
 @torch.no_grad()

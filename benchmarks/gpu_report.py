@@ -12,6 +12,9 @@ Rows (paper sizes on a GPU; --tiny: tiny3d / 8 frames / 32², fp32, a few steps)
   tubelets             tubelet_pairs clips/s on the device and on one CPU core
   skeleton_aug         Skeleton-Contrast's two views (Eq. 3.4) sequences/s, NTU shape (3, 300, 25, 2)
   s3d_step             S3D 32x128² forward + backward samples/s (ViCC / P-HLVC backbone)
+  vicc_end_to_end      `vicc.py --stage rgb-1` (S3D 32x128², bf16) on 320x240 CoCLR frame folders (synthetic,
+                       bench_decode_on_device.make_frame_folders; --tiny: tiny3d 8x32² on 64x48), samples/s and the
+                       data share, and the same with --decode-on-device (one batched decode_jpeg per step)
 FLOPs come from torch.utils.flop_counter on the real shapes; MFU = achieved / peak dense bf16 FLOPs of the device
 (table below; unknown devices get no MFU). Peak memory is torch.cuda.max_memory_allocated per row.
 """
@@ -28,6 +31,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+import bench_decode_on_device  # noqa: E402
 import common  # noqa: E402
 import skeleton_contrast as sc  # noqa: E402
 import tubelet_contrast as tc  # noqa: E402
@@ -125,6 +129,23 @@ def end_to_end(opts, device, out_dir):
             "--clip-len", str(opts.clip_len), "--crop-size", str(opts.crop), "--batch-size", str(opts.batch),
             "--max-steps", str(opts.e2e_steps), "--log-every", "1", "--knn-every", "0", "--workers",
             str(opts.workers), "--out-dir", run_dir, "--device", device.type, "--queue-size", str(opts.queue)]
+    return run_script(argv, run_dir, opts)
+
+
+def vicc_end_to_end(opts, device, out_dir, decode_on_device):
+    """vicc.py's first stage (RGB-1: 64 JPEGs per sample) on frame folders, metrics from metrics.jsonl."""
+    frames = bench_decode_on_device.make_frame_folders(os.path.join(out_dir, "frames"), *opts.vicc_frames)
+    run_dir = os.path.join(out_dir, f"vicc_{decode_on_device}")
+    arch, clip_len, crop = ("tiny3d", 8, 32) if opts.tiny else ("s3d", 32, 128)
+    argv = [sys.executable, os.path.join(ROOT, "vicc.py"), "--data", "videofolder", "--data-root", frames,
+            "--stage", "rgb-1", "--arch", arch, "--clip-len", str(clip_len), "--crop-size", str(crop),
+            "--batch-size", str(opts.batch), "--max-steps", str(opts.e2e_steps), "--log-every", "1",
+            "--knn-every", "0", "--workers", str(opts.workers), "--out-dir", run_dir, "--device", device.type]
+    return run_script(argv + ["--decode-on-device"] * decode_on_device, run_dir, opts)
+
+
+def run_script(argv, run_dir, opts):
+    """A training script's run -> its mean samples/s and data share over the second half of its steps."""
     if opts.amp is not None:
         argv += ["--amp", "bf16"]
     out = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=opts.e2e_timeout)
@@ -193,12 +214,12 @@ def main(argv=None):
     if opts.tiny:
         opts.arch, opts.clip_len, opts.crop, opts.batch, opts.queue, opts.amp = "tiny3d", 8, 32, 4, 64, None
         opts.steps, opts.warmup, opts.e2e_steps, opts.skeleton_batch, opts.s3d_batch = 2, 1, 3, 8, 2
-        opts.workers, opts.e2e_timeout = 1, 300
+        opts.workers, opts.e2e_timeout, opts.vicc_frames = 1, 300, (48, 64, 8, 12)  # H, W, videos, frames
     else:
         opts.arch, opts.clip_len, opts.crop, opts.batch, opts.queue, opts.amp = "r2plus1d_18", 16, 112, 32, 16384, \
             torch.bfloat16
         opts.steps, opts.warmup, opts.e2e_steps, opts.skeleton_batch, opts.s3d_batch = 10, 3, 60, 256, 16
-        opts.workers, opts.e2e_timeout = os.cpu_count() or 1, 600
+        opts.workers, opts.e2e_timeout, opts.vicc_frames = os.cpu_count() or 1, 600, (240, 320, 64, 40)
         torch.backends.cudnn.benchmark = True
     skip = set(opts.skip.split(",")) - {""}
     os.makedirs(opts.out_dir, exist_ok=True)
@@ -212,7 +233,9 @@ def main(argv=None):
         for name, fn in (("end_to_end", lambda: end_to_end(opts, device, tmp)),
                          ("tubelets", lambda: tubelets(opts, device)),
                          ("skeleton_aug", lambda: skeleton_aug(opts, device)),
-                         ("s3d_step", lambda: s3d_step(opts, device))):
+                         ("s3d_step", lambda: s3d_step(opts, device)),
+                         ("vicc_end_to_end", lambda: vicc_end_to_end(opts, device, tmp, False)),
+                         ("vicc_end_to_end_decode_on_device", lambda: vicc_end_to_end(opts, device, tmp, True))):
             if name not in skip:
                 rows[name] = fn()
                 print(name, rows[name], flush=True)

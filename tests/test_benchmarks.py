@@ -17,11 +17,13 @@ def test_gpu_report_runs_at_tiny_sizes_on_cpu(tmp_path, monkeypatch):
     report = gpu_report.main(["--tiny", "--out-dir", str(tmp_path)])
     rows = json.load(open(tmp_path / "gpu_report.json"))["rows"]
     assert set(rows) == {"moco_step", "moco_step_channels_last", "end_to_end", "tubelets", "skeleton_aug",
-                         "s3d_step"} and rows == json.loads(json.dumps(report["rows"]))
+                         "s3d_step", "vicc_end_to_end", "vicc_end_to_end_decode_on_device"}
+    assert rows == json.loads(json.dumps(report["rows"]))
     assert rows["moco_step"]["samples_per_s"] > 0 and rows["moco_step"]["gflops_forward_per_clip"] > 0
     assert rows["moco_step"]["mfu"] is None  # no peak FLOPs for a CPU: no MFU is claimed
-    assert "error" not in rows["end_to_end"], rows["end_to_end"]
-    assert rows["end_to_end"]["samples_per_s"] > 0 and 0 <= rows["end_to_end"]["data_share"] <= 1
+    for name in ("end_to_end", "vicc_end_to_end", "vicc_end_to_end_decode_on_device"):
+        assert "error" not in rows[name], rows[name]
+        assert rows[name]["samples_per_s"] > 0 and 0 <= rows[name]["data_share"] <= 1
     assert rows["tubelets"]["cpu_clips_per_s"] > 0 and rows["skeleton_aug"]["sequences_per_s"] > 0
     assert "| moco_step |" in (tmp_path / "gpu_report.md").read_text()
 

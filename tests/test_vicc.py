@@ -547,3 +547,102 @@ def test_evaluate_protocol_coclr_schedules_and_l2_bn_probe(tmp_path):
     torch.testing.assert_close(scaled(x), logits)  # L2-normalised before BN: the feature scale does not matter
     features = probe.bn(torch.nn.functional.normalize(probe.backbone(x), dim=1))  # (4, D): batch statistics
     torch.testing.assert_close(features.mean(0), torch.zeros(features.shape[1]), atol=1e-5, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------- --decode-on-device
+def write_frame_folders(root):
+    """videofolder layout, CoCLR frame folders: odd sizes, a 5-frame video (an 8-frame clip repeats its last frame),
+    RGB image_%05d.jpg and flow_%05d.jpg (one fewer), 4:2:0 RGB JPEGs as extracted frames are."""
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for label, (h, w, n) in enumerate([(37, 53, 12), (48, 64, 5), (61, 45, 9)]):
+            folder = os.path.join(root, split, f"class{label}", f"v_{label}")
+            os.makedirs(folder)
+            ramp = np.linspace(0, 200, w)[None, :, None] + np.linspace(0, 50, h)[:, None, None]  # (h, w, 1)
+            for t in range(n):
+                img = np.clip(ramp + rng.normal(0, 20, (h, w, 3)) + 3 * t, 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(os.path.join(folder, f"image_{t + 1:05d}.jpg"), quality=90)
+            common.write_flow_frames(rng.normal(0, 8, (n - 1, h, w, 2)).astype(np.float32), folder)
+
+
+def frame_folder_batches(tmp_path, train, epochs, *extra, decode=True):
+    """(CPU path, --decode-on-device) batches of every sample for `epochs` epochs through build_loader, the latter
+    decoded on the CPU by common.decode_jpeg_clips if decode (one worker: the batch crosses the worker queue)."""
+    root = str(tmp_path / "frames")
+    if not os.path.isdir(root):
+        write_frame_folders(root)
+    out = []
+    for on_device in (False, True):
+        args = vicc.parse_args(["--data", "videofolder", "--data-root", root, "--out-dir", str(tmp_path / "run"),
+                                "--crop-size", "24", "--clip-len", "8", "--batch-size", "3", "--workers",
+                                "1" if on_device else "0", *extra] + ["--decode-on-device"] * on_device)
+        modalities = ("video", "flow")
+        transform = vicc.make_train_transform(args, modalities) if train else vicc.make_eval_transform(args)
+        ds = common.build_dataset("videofolder", root, "train" if train else "val", clip_len=8, num_clips=2 if train
+                                  else 1, sampling="random" if train else "uniform", modalities=modalities,
+                                  transform=transform, encoded=on_device)
+        loader = common.build_loader(ds, args, common.Run(args, torch.device("cpu"), args.out_dir), train=False)
+        batches = []
+        for epoch in range(epochs):
+            loader.sampler.set_epoch(epoch)
+            for batch in loader:
+                if on_device and decode:
+                    assert "video" not in batch and isinstance(batch["jpeg"], common.JpegBatch)
+                    batch["clips"] = batch["jpeg"].clips  # positions, boxes, flips (numpy)
+                    batch.update(common.decode_jpeg_clips(batch.pop("jpeg"), 24, torch.device("cpu"),
+                                                          not args.authors_code_flow_aug))
+                batches.append(batch)
+        out.append(batches)
+    return out
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_decode_on_device_gives_the_clips_of_the_cpu_path(tmp_path, train):
+    """Same seed: the same frames, crops, flips, one-/two-clip mixing, RGB and flow, to the last uint8 level (the
+    worker's PIL and torchvision's decode_jpeg both use libjpeg-turbo's default IDCT: equal on the CPU)."""
+    cpu, device = frame_folder_batches(tmp_path, train, 6 if train else 1)
+    shape = (3, 2, 3, 8, 24, 24) if train else (3, 3, 8, 24, 24)
+    for a, b in zip(cpu, device):
+        assert a["video"].shape == b["video"].shape == a["flow"].shape == shape
+        for key in ("video", "flow", "frame_indices", "label", "index") + (("strong",) if train else ()):
+            assert torch.equal(a[key], b[key]), key
+    clips = {k: np.concatenate([b["clips"][k] for b in device]) for k in device[0]["clips"]}
+    repeats = [len(np.unique(p)) < 8 for p in clips["video"].reshape(-1, 8)]
+    assert any(repeats) and not all(repeats)  # the 5-frame video's clips repeat frames
+    if train:
+        one_clip = (clips["video"][:, 0] == clips["video"][:, 1]).all(-1)  # (N,) clip 2 := clip 1
+        assert one_clip.any() and not one_clip.all() and clips["flow_flip"].any() and not clips["flow_flip"].all()
+        assert (clips["video_box"][:, :, 2:] < [[37, 53]]).any()  # crops smaller than the frame
+
+
+def test_decode_on_device_keeps_us_sign_with_authors_code_flow_aug(tmp_path):
+    cpu, device = frame_folder_batches(tmp_path, True, 2, "--authors-code-flow-aug")
+    for a, b in zip(cpu, device):
+        assert torch.equal(a["flow"], b["flow"]) and torch.equal(a["video"], b["video"])
+
+
+def test_decode_on_device_train_step_is_the_cpu_paths(tmp_path):
+    cpu, device = frame_folder_batches(tmp_path, True, 1, decode=False)
+    losses = []
+    for batches, flag in ((cpu, []), (device, ["--decode-on-device"])):
+        args = make_args(tmp_path, "--crop-size", "24", "--clip-len", "8", *flag)
+        torch.manual_seed(0)
+        model = vicc.ViCC(vicc.Stream("tiny3d", 128, 6), vicc.Stream("tiny3d", 128, 6), queue_size=0).train()
+        step, _ = make_step(args, model, other="flow")
+        torch.manual_seed(1)  # the strong augmentation's draws
+        losses.append([step(dict(batch))["loss"].item() for batch in batches])
+    assert losses[0] == losses[1]
+
+
+def test_decode_on_device_refuses_video_files_for_rgb(tmp_path):
+    path = tmp_path / "v" / "train" / "a" / "x.mp4"
+    common.write_video(str(path), np.zeros((4, 16, 16, 3), np.uint8))
+    with pytest.raises(common.UserError, match=r"x\.mp4: expected a frame folder .* found a video file"):
+        common.build_dataset("videofolder", str(tmp_path / "v"), "train", modalities=("video",), encoded=True)
+
+
+def test_flow_image_equals_flow_to_uint8():
+    flow = torch.linspace(-25, 25, 2 * 3 * 4001).view(2, 3, 1, 4001)  # (2, T, H, W), every 1/80 px and beyond +-20
+    expected = common.flow_to_uint8(flow.movedim(0, -1).numpy())  # (T, H, W, 3)
+    assert torch.equal(common.flow_image(flow), torch.from_numpy(expected).movedim(-1, 0))
