@@ -361,32 +361,35 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
     host = zip(width, boxes, tubelets["shape"], tubelets["soft"], opaque, tubelets["source_frame"],
                torch.cat([source_lo, source_hi], -1), first[..., 0], rows.sum(-1))  # B rows each
     both = pair.numpy()  # (2, B, C, T, H, W), the same memory
-    for i, host_i in enumerate(host):
-        pair[0, i], pair[1, i] = clip_1[i], clip_1[(i + 1) % b] if clip_2 is None else clip_2[i]
-        for j, (sx, boxes_ij, shape, soft, opaque_ij, src_f, (src_x0, src_y0, src_x1, src_y1), r0, n) in enumerate(
-                zip(*(v.tolist() for v in host_i))):
-            if n == 0:  # outside the frame in every frame
-                continue
-            # (4, 1, n, Sx): the planes of the tubelet's n window rows (addcmul broadcasts slowly on a CPU)
-            planes = (slope[:, r0:r0 + n, None] * cols[:sx]).add_(base[:, r0:r0 + n, None]).unsqueeze(1)
-            # (1, C, h', w'): the source frame's part of unpasted clip 1 (clip 1 is never written)
-            source = clip_1[i, None, :, src_f, src_y0:src_y1, src_x0:src_x1].float()
-            # patch (1, C, n, Sx), alpha (1, n, Sx); tubelet j is pasted over tubelets 0 .. j - 1
-            patch, alpha = render_tubelets(source, planes, None if opaque_ij else opacity[None, r0:r0 + n, None],
-                                           shape, soft)
-            if integer:
-                a = np.round(alpha[0].numpy() * 256)  # (n, Sx); numpy: faster than torch for small arrays
-                keep = (256 - a).astype(np.uint16)  # (n, Sx)
-                add = torch.addcmul(half, patch[0], torch.from_numpy(a)).to(torch.uint16).numpy()  # (C, n, Sx)
-            else:
-                keep, add = (1 - alpha[0]).numpy(), (patch[0] * alpha[0]).numpy()  # (n, Sx), (C, n, Sx)
-            for k, (x1, y1, x2, y2, wx, wy) in enumerate(boxes_ij):  # frame k's box, its corner in the window
-                if x1 < x2 and y1 < y2:
-                    keep_f = keep[wy:wy + y2 - y1, wx:wx + x2 - x1]  # (h', w')
-                    add_f = add[:, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (C, h', w')
-                    region = both[:, i, :, k, y1:y2, x1:x2]  # (2, C, h', w') view: both clips
-                    blend = region * keep_f + add_f  # v (1 - α) + patch α, scaled by 256 when integer
-                    region[...] = blend >> 8 if integer else blend
+    # the outputs are made above; inside, no autograd bookkeeping on ~1,500 small ops per batch (~4 % of the time)
+    with torch.inference_mode():
+        for i, host_i in enumerate(host):
+            background = clip_1[(i + 1) % b] if clip_2 is None else clip_2[i]  # (C, T, H, W)
+            both[0, i], both[1, i] = clip_1[i].numpy(), background.numpy()  # numpy copies: ~25 % faster than torch's
+            for j, host_ij in enumerate(zip(*(v.tolist() for v in host_i))):
+                sx, boxes_ij, shape, soft, opaque_ij, src_f, (src_x0, src_y0, src_x1, src_y1), r0, n = host_ij
+                if n == 0:  # outside the frame in every frame
+                    continue
+                # (4, 1, n, Sx): the planes of the tubelet's n window rows (addcmul broadcasts slowly on a CPU)
+                planes = (slope[:, r0:r0 + n, None] * cols[:sx]).add_(base[:, r0:r0 + n, None]).unsqueeze(1)
+                # (1, C, h', w'): the source frame's part of unpasted clip 1 (clip 1 is never written)
+                source = clip_1[i, None, :, src_f, src_y0:src_y1, src_x0:src_x1].float()
+                # patch (1, C, n, Sx), alpha (1, n, Sx); tubelet j is pasted over tubelets 0 .. j - 1
+                opacity_ij = None if opaque_ij else opacity[None, r0:r0 + n, None]  # (1, n, 1)
+                patch, alpha = render_tubelets(source, planes, opacity_ij, shape, soft)
+                if integer:
+                    a = alpha[0].mul_(256).round_()  # (n, Sx)
+                    keep = np.subtract(256, a.numpy(), dtype=np.uint16, casting="unsafe")  # (n, Sx)
+                    add = torch.addcmul(half, patch[0], a).to(torch.uint16).numpy()  # (C, n, Sx)
+                else:
+                    keep, add = (1 - alpha[0]).numpy(), (patch[0] * alpha[0]).numpy()  # (n, Sx), (C, n, Sx)
+                for k, (x1, y1, x2, y2, wx, wy) in enumerate(boxes_ij):  # frame k's box, its corner in the window
+                    if x1 < x2 and y1 < y2:
+                        keep_f = keep[wy:wy + y2 - y1, wx:wx + x2 - x1]  # (h', w')
+                        add_f = add[:, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (C, h', w')
+                        region = both[:, i, :, k, y1:y2, x1:x2]  # (2, C, h', w') view: both clips
+                        blend = region * keep_f + add_f  # v (1 - α) + patch α, scaled by 256 when integer
+                        region[...] = blend >> 8 if integer else blend
     return pair[0], pair[1]
 
 
