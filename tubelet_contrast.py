@@ -349,13 +349,13 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
     base, slope = torch.addcmul(per_row[0], per_row[2], row), per_row[1]  # (4, R) each
     opacity = torch.from_numpy(np.repeat(tubelets["opacity"].flatten().numpy(), count))  # (R,)
     cols = torch.arange(w, dtype=torch.float)  # (W,) window column j
+    first = torch.from_numpy(first).view(b, -1, t)  # (B, M, T) first row of frame t
+    # (B, M, T, 6): each frame's box and its corner in the tubelet's window (column, row)
+    boxes = torch.cat([lo, hi, lo[..., :1] - origin[..., :1], (first - first[..., :1])[..., None]], -1)
     opaque = (tubelets["opacity"] == 1).all(-1)  # (B, M)
     # uint8: alpha in steps of 1/256, a = round(256 α); v (1 - α) + patch α rounded = (v (256 - a) + round(patch a)
     # + 128) >> 8 in uint16 (at most 255 * 256 + 128): exact where α is 0 or 1, within 1 level at soft edges
     integer, half = pair.dtype == torch.uint8, torch.tensor(128.5)
-    first = torch.from_numpy(first).view(b, -1, t)  # (B, M, T) first row of frame t
-    # (B, M, T, 6): each frame's box and its corner in the tubelet's window (column, row)
-    boxes = torch.cat([lo, hi, lo[..., :1] - origin[..., :1], (first - first[..., :1])[..., None]], -1)
     # host values sample by sample: a whole batch of nested lists (~1,200 alive at once) sets off the garbage
     # collector about twice per batch, now and then a full pass over every Python object (~3 % of the CPU time)
     host = zip(width, boxes, tubelets["shape"], tubelets["soft"], opaque, tubelets["source_frame"],
@@ -365,7 +365,7 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
     with torch.inference_mode():
         for i, host_i in enumerate(host):
             background = clip_1[(i + 1) % b] if clip_2 is None else clip_2[i]  # (C, T, H, W)
-            both[0, i], both[1, i] = clip_1[i].numpy(), background.numpy()  # numpy copies: ~25 % faster than torch's
+            both[0, i], both[1, i] = clip_1[i].numpy(), background.numpy()  # numpy copies: ~20 % faster than torch's
             for j, host_ij in enumerate(zip(*(v.tolist() for v in host_i))):
                 sx, boxes_ij, shape, soft, opaque_ij, src_f, (src_x0, src_y0, src_x1, src_y1), r0, n = host_ij
                 if n == 0:  # outside the frame in every frame
