@@ -24,8 +24,9 @@ Implementation details
 - paste_tubelets maps the pixels of a window around each centre back into the patch (u = A_t^-1 (p - c_t)),
   samples them with grid_sample and alpha-composites them into both clips: on a GPU one fixed-shape window per
   tubelet index, no host syncs (in the train step, `--tubelet-device gpu`, or in the loader workers); on a CPU per
-  tubelet a window as large as its transformed shape's box, blended frame by frame into both clips through numpy
-  slices, uint8 with alpha in steps of 1/256 (within 1 level of the float blend per tubelet).
+  tubelet and frame the rows of its transformed shape's box (as wide as the tubelet's widest box), blended frame
+  by frame into both clips through numpy slices, uint8 with alpha in steps of 1/256 (within 1 level of the float
+  blend per tubelet).
 - MoCo: query = backbone + MLP to 128-d, key encoder = EMA (m 0.999) updated before the keys are computed; keys of
   all processes are gathered before enqueueing; the loss (Eq. 5.1, fp32) uses the queue as it was before the
   current keys were added. `--baseline temporal`: two clips of the same video, no tubelets.
@@ -271,38 +272,35 @@ def window_coefficients(tubelets, origin, source_origin, source_size):
     return coef.movedim((-2, -1), (0, 1)).contiguous()  # (3, 4, ..., T)
 
 
-def render_tubelets(source, coef, opacity, width, height, shape, soft):
-    """Patch pixels and alpha of n tubelets in per-frame windows of width x height pixels (Eq. 5.3, Eq. 5.7).
+def render_tubelets(source, planes, opacity, shape, soft):
+    """Patch pixels and alpha of n tubelets at the window pixels of `planes` (Eq. 5.3, Eq. 5.7).
 
-    source (n, C, H', W'): the part of clip 1's frame each patch is read from; coef (3, 4, n, T): its
-    window_coefficients; opacity (n, T) or None (opaque). Returns patch (n, C, T, height, width), alpha
-    (n, T, height, width).
+    source (n, C, H', W'): the part of clip 1's frame each patch is read from; planes (4, n, *window): at each
+    window pixel, x, y of its grid_sample position in source and x, y of u / (size / 2) (window_coefficients;
+    window (T, S, S) on the GPU, (rows, width) on the CPU); opacity broadcastable to (n, *window), or None (opaque).
+    Returns patch (n, C, *window), alpha (n, *window).
     Each window pixel p is mapped back into the patch, u = A_t^-1 (p - c_t), and read from clip 1 at
     source_centre + u with one grid_sample for all tubelets and frames; alpha is the tubelet's shape at u.
     shape, soft: Python numbers shared by the n tubelets (the CPU path: one distance, no torch.where), or (n,)
     tensors: each tubelet's own, picked by torch.where (no host sync)."""
-    n, c, t = source.shape[0], source.shape[1], coef.shape[-1]
-    c0, c1, c2 = coef[..., None, None]  # each (4, n, T, 1, 1): offset, per column j, per row i
-    cols = torch.arange(width, dtype=torch.float, device=source.device)  # j
-    rows = torch.arange(height, dtype=torch.float, device=source.device).view(height, 1)  # i
-    planes = torch.addcmul(c0, c2, rows) + c1 * cols  # (4, n, T, height, width)
-    grid = planes[:2].view(2, n, t * height, width).permute(1, 2, 3, 0)  # (n, T*height, width, 2), a view
-    patch = F.grid_sample(source, grid, align_corners=False)  # (n, C, T*height, width)
-    rx, ry = planes[2:].abs_()  # (n, T, height, width) each
+    n, c, window = source.shape[0], source.shape[1], planes.shape[2:]
+    grid = planes[:2].view(2, n, -1, window[-1]).permute(1, 2, 3, 0)  # (n, rows, width, 2), a view
+    patch = F.grid_sample(source, grid, align_corners=False)  # (n, C, rows, width)
+    rx, ry = planes[2:].abs_()  # (n, *window) each
     # distance from the centre of the shape: rectangle L_inf, ellipse L2, rhombus L1
     if not torch.is_tensor(shape):
-        dist = (torch.maximum, torch.hypot, torch.add)[shape](rx, ry)  # (n, T, h, w)
+        dist = (torch.maximum, torch.hypot, torch.add)[shape](rx, ry)  # (n, *window)
     else:
-        shape = shape.view(n, 1, 1, 1)
+        shape = shape.view(n, *(1,) * len(window))
         dist = torch.where(shape == 0, torch.maximum(rx, ry), torch.where(shape == 1, torch.hypot(rx, ry), rx + ry))
     # soft 1: hard edge; s < 1: alpha falls linearly from d = s to d = 1
     if not torch.is_tensor(soft):
         alpha = dist.sub_(1).div_(soft - 1).clamp_(0, 1) if soft < 1 else dist.lt_(1)  # lt_: 1.0 where d < 1
     else:
-        soft = soft.view(n, 1, 1, 1)
+        soft = soft.view(n, *(1,) * len(window))
         alpha = torch.where(soft < 1, ((1 - dist) / (1 - soft).clamp_min(1e-6)).clamp(0, 1), (dist < 1).float())
-    alpha = alpha if opacity is None else alpha * opacity[:, :, None, None]
-    return patch.view(n, c, t, height, width), alpha
+    alpha = alpha if opacity is None else alpha * opacity
+    return patch.view(n, c, *window), alpha
 
 
 def window_sides(tubelets):
@@ -313,10 +311,11 @@ def window_sides(tubelets):
 
 def paste_exact_windows(clip_1, clip_2, tubelets):
     """CPU path of paste_tubelets: the plain loop over samples and tubelets. Each tubelet is rendered once for all
-    frames and both clips, in a window as large as its largest per-frame box (the bounding box of the transformed
-    shape, clipped to the frame), moved into the frame: alpha is exact at every pixel, so any window that holds the
-    box gives the same result. Only each frame's box is blended, in both clips at once, through numpy slices of one
-    (2, B, C, T, H, W) buffer (a small numpy op costs ~1.5 us, torch ~6). Returns two (B, C, T, H, W) views of it."""
+    frames and both clips, frame t in the rows of its box (the bounding box of the transformed shape, clipped to
+    the frame), all as wide as the widest box of the tubelet: alpha is exact at every pixel, so any window that
+    holds the box gives the same result. Only each frame's box is blended, in both clips at once, through numpy
+    slices of one (2, B, C, T, H, W) buffer (a small numpy op costs ~1.5 us, torch ~6). Returns two
+    (B, C, T, H, W) views of it."""
     b, c, t, h, w = clip_1.shape
     # both clips in one buffer, filled sample by sample (clip_2 None: clip_1 rolled by -1 along the batch); numpy
     # puts large blocks on transparent huge pages where the kernel allows it (a few page faults, not thousands)
@@ -335,40 +334,62 @@ def paste_exact_windows(clip_1, clip_2, tubelets):
     # the box of pixels p whose centre p + 0.5 can lie inside c ± extent (those left out are >= 1 px outside)
     lo = (tubelets["centres"] - extent - 0.5).floor().long().clamp(min=0)  # (B, M, T, 2) box, x, y in the frame
     hi = torch.minimum((tubelets["centres"] + extent + 0.5).floor().long() + 1, frame)  # (B, M, T, 2) box end
-    window = (hi - lo).amax(2).clamp(min=1)  # (B, M, 2) window width, height: the largest box of the tubelet
-    origin = torch.minimum(lo, frame - window[:, :, None])  # (B, M, T, 2) window's top-left pixel, inside the frame
+    box = (hi - lo).clamp(min=0)  # (B, M, T, 2) width, height of each frame's box
+    rows = torch.where(box.amin(-1) > 0, box[..., 1], 0)  # (B, M, T) window rows of frame t (0: outside the frame)
+    width = box[..., 0].amax(2).clamp(min=1)  # (B, M) window width: the widest box of the tubelet
+    # window row 0 of frame t is its box's top row, column 0 is left of its box, the window inside the frame
+    origin = torch.stack([torch.minimum(lo[..., 0], w - width[..., None]), lo[..., 1]], -1)  # (B, M, T, 2)
     coef = window_coefficients(tubelets, origin.float(), source_lo, (source_hi - source_lo).float())  # (3,4,B,M,T)
+    # all windows' rows one after another (tubelet by tubelet, frame by frame): at row r, each plane is affine in
+    # the column j, base + j slope; numpy repeats ~30x faster than torch's index_select here
+    count = rows.flatten().numpy()  # (B*M*T,) rows per frame
+    first = np.cumsum(count) - count  # (B*M*T,) its first row
+    row = torch.from_numpy((np.arange(count.sum()) - np.repeat(first, count)).astype(np.float32))  # (R,) row i
+    per_row = torch.from_numpy(np.repeat(coef.flatten(2).numpy(), count, axis=2))  # (3, 4, R)
+    base, slope = torch.addcmul(per_row[0], per_row[2], row), per_row[1]  # (4, R) each
+    opacity = torch.from_numpy(np.repeat(tubelets["opacity"].flatten().numpy(), count))  # (R,)
+    cols = torch.arange(w, dtype=torch.float)  # (W,) window column j
+    first = torch.from_numpy(first).view(b, -1, t)  # (B, M, T) first row of frame t
+    # (B, M, T, 6): each frame's box and its corner in the tubelet's window (column, row)
+    boxes = torch.cat([lo, hi, lo[..., :1] - origin[..., :1], (first - first[..., :1])[..., None]], -1)
     opaque = (tubelets["opacity"] == 1).all(-1)  # (B, M)
     # uint8: alpha in steps of 1/256, a = round(256 α); v (1 - α) + patch α rounded = (v (256 - a) + round(patch a)
     # + 128) >> 8 in uint16 (at most 255 * 256 + 128): exact where α is 0 or 1, within 1 level at soft edges
     integer, half = pair.dtype == torch.uint8, torch.tensor(128.5)
     # host values sample by sample: a whole batch of nested lists (~1,200 alive at once) sets off the garbage
     # collector about twice per batch, now and then a full pass over every Python object (~3 % of the CPU time)
-    host = zip(window, torch.cat([lo, hi, lo - origin], -1), tubelets["shape"], tubelets["soft"], opaque,
-               tubelets["source_frame"], torch.cat([source_lo, source_hi], -1))  # B rows each
+    host = zip(width, boxes, tubelets["shape"], tubelets["soft"], opaque, tubelets["source_frame"],
+               torch.cat([source_lo, source_hi], -1), first[..., 0], rows.sum(-1))  # B rows each
     both = pair.numpy()  # (2, B, C, T, H, W), the same memory
-    for i, host_i in enumerate(host):
-        pair[0, i], pair[1, i] = clip_1[i], clip_1[(i + 1) % b] if clip_2 is None else clip_2[i]
-        for j, ((sx, sy), boxes, shape, soft, opaque_ij, src_f, (src_x0, src_y0, src_x1, src_y1)) in enumerate(
-                zip(*(v.tolist() for v in host_i))):
-            opacity = None if opaque_ij else tubelets["opacity"][i, j, None]  # (1, T)
-            # (1, C, h', w'): the source frame's part of unpasted clip 1 (clip 1 is never written)
-            source = clip_1[i, None, :, src_f, src_y0:src_y1, src_x0:src_x1].float()
-            # patch (1, C, T, Sy, Sx), alpha (1, T, Sy, Sx); tubelet j is pasted over tubelets 0 .. j - 1
-            patch, alpha = render_tubelets(source, coef[:, :, i, j, None], opacity, sx, sy, shape, soft)
-            if integer:
-                a = np.round(alpha[0].numpy() * 256)  # (T, Sy, Sx); numpy: faster than torch for small arrays
-                keep = (256 - a).astype(np.uint16)  # (T, Sy, Sx)
-                add = torch.addcmul(half, patch[0], torch.from_numpy(a)).to(torch.uint16).numpy()  # (C, T, Sy, Sx)
-            else:
-                keep, add = (1 - alpha[0]).numpy(), (patch[0] * alpha[0]).numpy()  # (T, Sy, Sx), (C, T, Sy, Sx)
-            for k, (x1, y1, x2, y2, wx, wy) in enumerate(boxes):  # frame k's box, its corner in the window
-                if x1 < x2 and y1 < y2:
-                    keep_f = keep[k, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (h', w')
-                    add_f = add[:, k, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (C, h', w')
-                    region = both[:, i, :, k, y1:y2, x1:x2]  # (2, C, h', w') view: both clips
-                    blend = region * keep_f + add_f  # v (1 - α) + patch α, scaled by 256 when integer
-                    region[...] = blend >> 8 if integer else blend
+    # the outputs are made above; inside, no autograd bookkeeping on ~30 small ops per tubelet (~4 % of the time)
+    with torch.inference_mode():
+        for i, host_i in enumerate(host):
+            background = clip_1[(i + 1) % b] if clip_2 is None else clip_2[i]  # (C, T, H, W)
+            both[0, i], both[1, i] = clip_1[i].numpy(), background.numpy()  # numpy copies: ~20 % faster than torch's
+            for j, host_ij in enumerate(zip(*(v.tolist() for v in host_i))):
+                sx, boxes_ij, shape, soft, opaque_ij, src_f, (src_x0, src_y0, src_x1, src_y1), r0, n = host_ij
+                if n == 0:  # outside the frame in every frame
+                    continue
+                # (4, 1, n, Sx): the planes of the tubelet's n window rows (addcmul broadcasts slowly on a CPU)
+                planes = (slope[:, r0:r0 + n, None] * cols[:sx]).add_(base[:, r0:r0 + n, None]).unsqueeze(1)
+                # (1, C, h', w'): the source frame's part of unpasted clip 1 (clip 1 is never written)
+                source = clip_1[i, None, :, src_f, src_y0:src_y1, src_x0:src_x1].float()
+                # patch (1, C, n, Sx), alpha (1, n, Sx); tubelet j is pasted over tubelets 0 .. j - 1
+                opacity_ij = None if opaque_ij else opacity[None, r0:r0 + n, None]  # (1, n, 1)
+                patch, alpha = render_tubelets(source, planes, opacity_ij, shape, soft)
+                if integer:
+                    a = alpha[0].mul_(256).round_()  # (n, Sx)
+                    keep = np.subtract(256, a.numpy(), dtype=np.uint16, casting="unsafe")  # (n, Sx)
+                    add = torch.addcmul(half, patch[0], a).to(torch.uint16).numpy()  # (C, n, Sx)
+                else:
+                    keep, add = (1 - alpha[0]).numpy(), (patch[0] * alpha[0]).numpy()  # (n, Sx), (C, n, Sx)
+                for k, (x1, y1, x2, y2, wx, wy) in enumerate(boxes_ij):  # frame k's box, its corner in the window
+                    if x1 < x2 and y1 < y2:
+                        keep_f = keep[wy:wy + y2 - y1, wx:wx + x2 - x1]  # (h', w')
+                        add_f = add[:, wy:wy + y2 - y1, wx:wx + x2 - x1]  # (C, h', w')
+                        region = both[:, i, :, k, y1:y2, x1:x2]  # (2, C, h', w') view: both clips
+                        blend = region * keep_f + add_f  # v (1 - α) + patch α, scaled by 256 when integer
+                        region[...] = blend >> 8 if integer else blend
     return pair[0], pair[1]
 
 
@@ -388,6 +409,7 @@ def paste_fixed_windows(clip_1, clip_2, tubelets, side=None):
     flat = buffer.view(2, -1)
     samples = torch.arange(b, device=clip_1.device)
     grid = torch.arange(side, device=clip_1.device)
+    grid_float = grid.float()  # (S,) window column j, row i
     scratch = b * c * t * h * w  # first element of the scratch clip
     plane = (torch.arange(c, device=clip_1.device) * (t * h * w)).view(1, c, 1, 1, 1)  # (1, C, 1, 1, 1)
     frame = (torch.arange(t, device=clip_1.device) * (h * w)).view(1, t, 1, 1)  # (1, T, 1, 1) frame offsets
@@ -396,7 +418,10 @@ def paste_fixed_windows(clip_1, clip_2, tubelets, side=None):
         source = clip_1[samples, :, tube["source_frame"]].float()  # (B, C, H, W): the frame of the unpasted clip 1
         origin = tube["centres"].floor().long() - side // 2  # (B, T, 2) window's top-left pixel
         coef = window_coefficients(tube, origin.float(), 0, torch.tensor([w, h], device=clip_1.device))  # (3,4,B,T)
-        patch, alpha = render_tubelets(source, coef, tube["opacity"], side, side, tube["shape"], tube["soft"])
+        c0, c1, c2 = coef[..., None, None]  # each (4, B, T, 1, 1): offset, per column j, per row i
+        planes = torch.addcmul(c0, c2, grid_float[:, None]) + c1 * grid_float  # (4, B, T, S, S)
+        opacity = tube["opacity"][:, :, None, None]  # (B, T, 1, 1)
+        patch, alpha = render_tubelets(source, planes, opacity, tube["shape"], tube["soft"])  # (B,C,T,S,S), (B,T,S,S)
         y = origin[..., 1, None, None] + grid[:, None]  # (B, T, S, 1) frame row of each window row
         x = origin[..., 0, None, None] + grid[None, :]  # (B, T, 1, S) frame column of each window column
         inside = (y >= 0) & (y < h) & (x >= 0) & (x < w)  # (B, T, S, S)
