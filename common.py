@@ -3018,25 +3018,29 @@ def random_resized_crop_clip(x, size, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), g
     height, width = clips.shape[-2:]
     out = []
     for clip in clips:
-        for _ in range(10):
-            area = height * width * _uniform(scale[0], scale[1], generator)
-            aspect = math.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), generator))
-            w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
-            if 0 < w <= width and 0 < h <= height:
-                i = int(torch.randint(0, height - h + 1, (), generator=generator))
-                j = int(torch.randint(0, width - w + 1, (), generator=generator))
-                break
-        else:
-            aspect_in = width / height
-            if aspect_in < min(ratio):
-                w, h = width, int(round(width / min(ratio)))
-            elif aspect_in > max(ratio):
-                h, w = height, int(round(height * max(ratio)))
-            else:
-                w, h = width, height
-            i, j = (height - h) // 2, (width - w) // 2
+        i, j, h, w = random_resized_crop_box(height, width, scale, ratio, generator)
         out.append(_resize_clip(clip[..., i:i + h, j:j + w], _pair(size)))
     return torch.stack(out).reshape(*lead, *out[0].shape)
+
+
+def random_resized_crop_box(height, width, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), generator=None):
+    """One RandomResizedCrop box (top, left, h, w) in a height x width frame: torchvision's draws and fallback."""
+    for _ in range(10):
+        area = height * width * _uniform(scale[0], scale[1], generator)
+        aspect = math.exp(_uniform(math.log(ratio[0]), math.log(ratio[1]), generator))
+        w, h = int(round(math.sqrt(area * aspect))), int(round(math.sqrt(area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            i = int(torch.randint(0, height - h + 1, (), generator=generator))
+            j = int(torch.randint(0, width - w + 1, (), generator=generator))
+            return i, j, h, w
+    aspect_in = width / height
+    if aspect_in < min(ratio):
+        w, h = width, int(round(width / min(ratio)))
+    elif aspect_in > max(ratio):
+        h, w = height, int(round(height * max(ratio)))
+    else:
+        w, h = width, height
+    return (height - h) // 2, (width - w) // 2, h, w
 
 
 def multiscale_corner_crop(x, size, scales=(1.0, 0.875, 0.75, 0.66), generator=None):
