@@ -3363,6 +3363,7 @@ def _pyav_decode(container, stream, wanted, last, seek_to):
 
 def _read_pyav(path, index_fn, size):
     import av
+    from av.video.reformatter import VideoReformatter
     with av.open(path) as container:
         if not container.streams.video:
             raise VideoReadError(f"{path}: no video stream")
@@ -3389,8 +3390,11 @@ def _read_pyav(path, index_fn, size):
             raise VideoReadError(f"{path}: no frame could be decoded (expected {n})")
         if last - decoded_last > max(8, n // 10):  # a few missing frames: over-reported length; many: truncated
             raise VideoReadError(f"{path}: truncated: decoding stopped at frame {decoded_last}, expected {n} frames")
-        kwargs = {"width": size[1], "height": size[0]} if size is not None and not isinstance(size, int) else {}
-        arrays = {i: f.to_ndarray(format="rgb24", **kwargs) for i, f in frames.items()}
+        # one swscale context for all frames: frame.to_ndarray(format=) builds a new one per frame, which costs more
+        # than the conversion (16 frames at 320x240: 6.0 ms against 0.9)
+        reformatter = VideoReformatter()
+        hw = (size[0], size[1]) if size is not None and not isinstance(size, int) else (None, None)
+        arrays = {i: reformatter.reformat(f, hw[1], hw[0], "rgb24").to_ndarray() for i, f in frames.items()}
     # indices past the real end (over-reported length) repeat the last wanted frame that was decoded
     fallback = arrays[max(arrays)]
     out = np.stack([arrays.get(i, fallback) for i in indices.tolist()])

@@ -73,6 +73,18 @@ def test_decord_and_pyav_agree_on_toy_mp4(toy_motion):
     assert a.shape == (16, 64, 114, 3) and np.array_equal(a, b)  # toy-motion sizes vary (TOY_MOTION_SIZES)
 
 
+def test_pyav_reader_converts_as_to_ndarray_per_frame(toy_motion):
+    """_read_pyav's one swscale context for all frames gives frame.to_ndarray's pixels, natively and resized."""
+    import av
+    path = os.path.join(toy_motion, "train", "circle_cw", "circle_cw_0003.mp4")  # 64 x 114
+    with av.open(path) as container:
+        frames = [f for _, f in zip(range(8), container.decode(video=0))]
+    for size in (None, (37, 51)):  # odd sizes
+        kwargs = {} if size is None else {"height": size[0], "width": size[1]}
+        expected = np.stack([f.to_ndarray(format="rgb24", **kwargs) for f in frames])
+        assert np.array_equal(common.read_video_frames(path, range(8), "pyav", size=size), expected)
+
+
 def _strided_clips_read_right(path, frames, decoder, trials=40):
     """Number of random 16-frame stride-2 clips of `path` whose frames all carry their own level (frame k: grey
     frames[k])."""
