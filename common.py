@@ -3393,8 +3393,8 @@ def _read_pyav(path, index_fn, size):
         # one swscale context for all frames: frame.to_ndarray(format=) builds a new one per frame, which costs more
         # than the conversion (16 frames at 320x240: 6.0 ms against 0.9)
         reformatter = VideoReformatter()
-        hw = (size[0], size[1]) if size is not None and not isinstance(size, int) else (None, None)
-        arrays = {i: reformatter.reformat(f, hw[1], hw[0], "rgb24").to_ndarray() for i, f in frames.items()}
+        kwargs = {"width": size[1], "height": size[0]} if size is not None and not isinstance(size, int) else {}
+        arrays = {i: reformatter.reformat(f, format="rgb24", **kwargs).to_ndarray() for i, f in frames.items()}
     # indices past the real end (over-reported length) repeat the last wanted frame that was decoded
     fallback = arrays[max(arrays)]
     out = np.stack([arrays.get(i, fallback) for i in indices.tolist()])
