@@ -118,7 +118,7 @@ def paths_for(height, width):
 
 def pixel_difference(fns, items):
     """{pair: (mean, max, luma mean)} |decoder - torch| over all clips (0..255), same boxes and flips; luma: of
-    0.299 R + 0.587 G + 0.114 B (where the two differ in the chroma they interpolate, the luma hardly differs)."""
+    0.299 R + 0.587 G + 0.114 B, which leaves out how each interpolates the 4:2:0 chroma."""
     luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1, 1)
     out = {}
     for a, b in (("train-decoder", "train-torch"), ("eval-decoder", "eval-torch"), ("pyav-decoder", "pyav-torch"),
