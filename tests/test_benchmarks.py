@@ -1,4 +1,5 @@
-"""The benchmark scripts keep working: gpu_report.py at its tiny CPU sizes writes a complete report."""
+"""The benchmark scripts keep working: gpu_report.py at its tiny CPU sizes writes a complete report; bench_input.py
+and bench_decoder_resize.py measure what they say."""
 import json
 import os
 import subprocess
@@ -57,3 +58,29 @@ def test_bench_input_cpu_seconds_counts_the_ended_threads_of_another_process():
     finally:
         proc.kill()
         proc.wait()
+
+
+def test_bench_decoder_resize_scales_the_box_to_the_crop_and_every_path_gives_the_crop(tmp_path):
+    """The decoder paths decode the frame at the scale that makes the box 112 x 112 and cut it where the box went."""
+    import bench_decoder_resize as bench
+    import bench_input
+    import torch
+    assert bench.scaled_box(240, 320, (60, 80, 120, 160)) == ((224, 224), (56, 56))
+    assert bench.scaled_box(240, 320, (120, 160, 120, 160)) == ((224, 224), (112, 112))  # bottom-right corner
+    assert bench.scaled_box(128, 170, (10, 20, 64, 85)) == ((224, 224), (18, 26))  # upscaled: the frame grows
+    path = bench_input.make_videos(str(tmp_path), "fmt", 128, 170, 16, count=1, frames=40)[0]
+    fns = bench.paths_for(128, 170)
+    for name, fn in fns.items():
+        out = fn(path, list(range(0, 32, 2)), (10, 20, 64, 85))
+        if name == "raw":
+            assert out.shape == (16, 128, 170, 3)
+        elif name != "probe":
+            assert out.shape == (3, 16, 112, 112) and out.dtype == torch.uint8, name
+    assert fns["probe"](path, None, None) == (128, 170)
+    luma = torch.tensor([0.299, 0.587, 0.114]).view(3, 1, 1, 1)
+    torch_crop = {box: fns["train-torch"](path, list(range(0, 32, 2)), box).float()
+                  for box in ((10, 20, 64, 85), (10, 24, 64, 85), (14, 20, 64, 85))}  # the box, moved 4 px
+    for name in ("train-decoder", "pyav-decoder"):  # the same region: luma within a few levels (measured 4.0)
+        out = fns[name](path, list(range(0, 32, 2)), (10, 20, 64, 85)).float()
+        diff = [float(((out - x) * luma).sum(0).abs().mean()) for x in torch_crop.values()]  # moved: measured 33
+        assert diff[0] < 8 and diff[0] * 4 < min(diff[1:]), (name, diff)

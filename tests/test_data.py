@@ -73,6 +73,18 @@ def test_decord_and_pyav_agree_on_toy_mp4(toy_motion):
     assert a.shape == (16, 64, 114, 3) and np.array_equal(a, b)  # toy-motion sizes vary (TOY_MOTION_SIZES)
 
 
+def test_pyav_reader_converts_as_to_ndarray_per_frame(toy_motion):
+    """_read_pyav's one swscale context for all frames gives frame.to_ndarray's pixels, natively and resized."""
+    import av
+    path = os.path.join(toy_motion, "train", "circle_cw", "circle_cw_0003.mp4")  # 64 x 114
+    with av.open(path) as container:
+        frames = [f for _, f in zip(range(8), container.decode(video=0))]
+    for size in (None, (37, 51)):  # odd sizes
+        kwargs = {} if size is None else {"height": size[0], "width": size[1]}
+        expected = np.stack([f.to_ndarray(format="rgb24", **kwargs) for f in frames])
+        assert np.array_equal(common.read_video_frames(path, range(8), "pyav", size=size), expected)
+
+
 def _strided_clips_read_right(path, frames, decoder, trials=40):
     """Number of random 16-frame stride-2 clips of `path` whose frames all carry their own level (frame k: grey
     frames[k])."""
@@ -204,6 +216,22 @@ def test_spatial_transforms_are_clip_consistent_and_shaped():
     assert full.equal(x)  # the whole frame at its own size is the identity
 
 
+
+
+def test_random_resized_crop_box_bounds_fallback_and_same_draws_as_the_clip_crop():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(300):
+        top, left, h, w = common.random_resized_crop_box(240, 320, (0.2, 1.0), generator=g)
+        assert 0 <= top <= 240 - h and 0 <= left <= 320 - w
+        assert 0.2 * 0.98 <= h * w / (240 * 320) <= 1.0 and 3 / 4 * 0.98 <= w / h <= 4 / 3 * 1.02
+    # an impossible area: 10 tries fail, then torchvision's centre crop clamped to the ratio range
+    assert common.random_resized_crop_box(240, 320, (2.0, 2.0)) == (0, 0, 240, 320)
+    assert common.random_resized_crop_box(100, 400, (2.0, 2.0)) == (0, 133, 100, 133)  # w = round(100 * 4 / 3)
+    x = torch.randint(0, 256, (3, 2, 30, 41), dtype=torch.uint8)  # (C, T, H, W), odd width
+    top, left, h, w = common.random_resized_crop_box(30, 41, (0.2, 1.0), generator=torch.Generator().manual_seed(7))
+    expected = common._resize_clip(x[..., top:top + h, left:left + w], (16, 16))
+    assert common.random_resized_crop_clip(x, 16, (0.2, 1.0), generator=torch.Generator().manual_seed(7)).equal(
+        expected)
 def test_paired_modalities_get_identical_crops_and_flips():
     rgb = torch.arange(2 * 3 * 2 * 24 * 24, dtype=torch.float32).view(2, 3, 2, 24, 24)
     depth = rgb[:, :1].clone()
