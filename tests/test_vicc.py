@@ -275,9 +275,10 @@ def test_flip_negates_u_and_rgb_and_flow_share_crop_and_flip(tmp_path):
         assert torch.allclose(u, torch.full_like(u, 5.0), atol=0.1)
 
 
-def test_toy_motion_flow_is_the_true_motion():
+@pytest.mark.parametrize("render", [{}, common.TOY_MOTION_FLOW_RENDER], ids=["toy-motion", "toy-motion-flow"])
+def test_toy_motion_flow_is_the_true_motion(render):
     rng = np.random.default_rng([0, False, 0, 3])  # class "right"
-    frames = common.render_toy_motion(rng, 0, 64, 16)
+    frames = common.render_toy_motion(rng, 0, 64, 16, **render)
     flow = common.toy_motion_flow(frames)
     assert flow.shape == (15, 64, 64, 2)
     moving = np.abs(flow).sum(-1) > 0
