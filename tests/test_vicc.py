@@ -399,16 +399,17 @@ def test_queue_kept_on_resume_and_a_finished_stage_is_skipped(tmp_path):
 
 @pytest.mark.slow
 def test_learning_rgb_2_beats_random_init_on_toy(tmp_path):
-    """LEARNING TEST: the first three stages of `python vicc.py` (toy defaults: tiny3d 8x48², batch 32, K 30,
-    epsilon 0.02): rgb-1 and flow-1 from scratch (10 epochs, 60 steps each), then c1-rgb (5 epochs, flow-1 frozen);
+    """LEARNING TEST: the first three stages of `python vicc.py` (toy defaults: tiny3d 8x48², batch 32, K 30, epsilon
+    0.02): rgb-1 and flow-1 from scratch (10 epochs, 60 steps each), then c1-rgb (5 epochs, flow-1 frozen);
     evaluate.py --task knn: 1-NN on the 256 held-out toy-motion-flow val clips (gallery: the 192 train clips) of
     each backbone vs the same network at random init (the --seed's). Measured (0 workers, as here), seeds 0-4:
-    RGB-2 56.6 / 49.2 / 38.3 / 41.0 / 32.8 vs random 36.7 / 27.3 / 33.2 / 35.5 / 27.0 (+19.9 / +21.9 / +5.1 / +5.5 /
-    +5.8): asserted, by 4 % (10 clips). Not asserted, since they do not hold on every seed: RGB-1 51.6 / 46.1 / 26.6 /
-    25.0 / 44.9 (+14.9 / +18.8 / -6.6 / -10.5 / +17.9: on seeds 2 and 3 it learns appearance, not the motion),
-    RGB-2 - RGB-1 +5.0 / +3.1 / +11.7 / +16.0 / -12.1, Flow-1 71.5 / 74.2 / 73.4 / 71.9 / 65.6 vs random 64.5 / 66.4 /
-    70.3 / 70.7 / 67.6 (+7.0 / +7.8 / +3.1 / +1.2 / -2.0: the toy's large object makes random flow features strong).
-    Runtime: 82 s alone (74 CPU s, one thread, load ~3 on 2 cores; 5 s of it building toy-motion-flow)."""
+    RGB-2 (c1-rgb) 56.6 / 49.2 / 38.3 / 41.0 / 32.8 vs random 36.7 / 27.3 / 33.2 / 35.5 / 27.0 (+19.9 / +21.9 /
+    +5.1 / +5.5 / +5.8): asserted, by 4 % (10 clips). Not asserted, since they do not hold on every seed: RGB-1
+    51.6 / 46.1 / 26.6 / 25.0 / 44.9 (+14.9 / +18.8 / -6.6 / -10.5 / +17.9: on seeds 2 and 3 it learns
+    appearance, not the motion), RGB-2 - RGB-1 +5.0 / +3.1 / +11.7 / +16.0 / -12.1, Flow-1 71.5 / 74.2 / 73.4 /
+    71.9 / 65.6 vs random 64.5 / 66.4 / 70.3 / 70.7 / 67.6 (+7.0 / +7.8 / +3.1 / +1.2 / -2.0: the toy's large
+    object makes random flow features strong). Runtime: 82 s alone (74 CPU s, one thread, load ~3 on 2 cores;
+    5 s of it building toy-motion-flow)."""
     import evaluate as ev
 
     flags = ["--seed", "0", "--workers", "0", "--knn-every", "0", "--log-every", "1000"]
