@@ -4266,10 +4266,10 @@ def _build_once(root, make):
     return root
 
 
-def _toy_background(rng, size, width=None):
-    """Smooth random colour field (8x8 noise, bilinear) plus fine grain -> float (size, width or size, 3)."""
+def _toy_background(rng, size, width=None, levels=(0, 255)):
+    """Smooth colour field (8x8 noise uniform in levels, bilinear) plus grain -> float (size, width or size, 3)."""
     width = size if width is None else width
-    coarse = torch.from_numpy(rng.uniform(0, 255, (1, 3, 8, 8)).astype(np.float32))
+    coarse = torch.from_numpy(rng.uniform(*levels, (1, 3, 8, 8)).astype(np.float32))
     smooth = F.interpolate(coarse, size=(size, width), mode="bilinear", align_corners=False)[0].permute(1, 2, 0)
     return smooth.numpy() + rng.normal(0, 10, (size, width, 3)).astype(np.float32)
 
@@ -4283,6 +4283,11 @@ TOY_MOTION_FRAMES = (16, 40)  # frame count drawn uniformly from this range
 TOY_MOTION_FPS = (8, 12, 15, 24, 25, Fraction(30000, 1001))
 TOY_MOTION_GOPS = (1, 4, 8, 16, 32, 250)  # 1: every frame a keyframe; 250: one keyframe (libx264's default)
 TOY_MOTION_VERSION = "3"  # written to root/.format; a set of another format is rebuilt
+TOY_MOTION_FLOW_VERSION = "2"  # the same for toy-motion-flow
+# toy-motion-flow: a low-contrast background and a large, light object, as a filmed actor stands out from the scene
+# and looks alike across videos; with toy-motion's full-contrast background and any-colour object, background and
+# colour identify each video and self-supervised RGB features learn them instead of the motion.
+TOY_MOTION_FLOW_RENDER = dict(background_levels=(90, 166), object_levels=(180, 240), radius_range=(8, 14))
 
 
 def toy_motion_format(rng):
@@ -4293,15 +4298,17 @@ def toy_motion_format(rng):
     return dict(size=size, num_frames=num_frames, fps=fps, gop=TOY_MOTION_GOPS[int(rng.integers(len(TOY_MOTION_GOPS)))])
 
 
-def render_toy_motion(rng, label, size=64, num_frames=16):
+def render_toy_motion(rng, label, size=64, num_frames=16, background_levels=(0, 255), object_levels=(0, 255),
+                      radius_range=(4, 8)):
     """uint8 (T, H, W, 3): one object moving with pattern TOY_MOTION_CLASSES[label] on a static textured
     background; size = H = W or (H, W). Positions wrap around the frame (a torus) and start uniformly at random,
     so in every single frame the object position, like its shape, size and colour, has the same distribution for
-    every class. Speeds are in pixels per frame (the frame rate of the file does not change them)."""
+    every class. Speeds are in pixels per frame (the frame rate of the file does not change them). The background's
+    coarse colours are uniform in background_levels, the object's RGB in object_levels, its radius in radius_range."""
     height, width = (size, size) if np.isscalar(size) else size
-    bg = _toy_background(rng, height, width)
-    colour = rng.uniform(0, 255, 3).astype(np.float32)
-    radius, shape = rng.uniform(4, 8), int(rng.integers(3))  # disc, square, diamond
+    bg = _toy_background(rng, height, width, background_levels)
+    colour = rng.uniform(*object_levels, 3).astype(np.float32)
+    radius, shape = rng.uniform(*radius_range), int(rng.integers(3))  # disc, square, diamond
     t = np.arange(num_frames, dtype=np.float64)
     p0 = rng.uniform(0, 1, 2) * (width, height)  # (x, y)
     speed = rng.uniform(2.0, 3.5)
@@ -4379,22 +4386,28 @@ def toy_motion_flow(frames):
     return flow
 
 
-def make_toy_motion_flow(root, seed=0, size=64, num_frames=16, train_per_class=24, val_per_class=8):
-    """The toy-motion videos (same seeds) as CoCLR-layout frame folders with their true flow:
-    root/{train,val}/<class>/<class>_<k:04d>/{image_%05d.jpg (T frames), flow_%05d.jpg (T - 1 frames, +-20 px)}."""
+def make_toy_motion_flow(root, seed=0, size=64, num_frames=16, train_per_class=24, val_per_class=32):
+    """The toy-motion motions (same seeds) as CoCLR-layout frame folders with their true flow:
+    root/{train,val}/<class>/<class>_<k:04d>/{image_%05d.jpg (T frames), flow_%05d.jpg (T - 1 frames, +-20 px)}.
+    Rendered with TOY_MOTION_FLOW_RENDER so that RGB carries the motion (vicc.py's docstring has the measurements)."""
     from PIL import Image
+    marker = os.path.join(root, ".format")
+    if os.path.exists(os.path.join(root, ".complete")) and not _read_text(marker) == TOY_MOTION_FLOW_VERSION:
+        shutil.rmtree(root)  # an older toy-motion-flow format
 
     def make(tmp):
         for split, count in (("train", train_per_class), ("val", val_per_class)):
             for label, name in enumerate(TOY_MOTION_CLASSES):
                 for k in range(count):
                     rng = np.random.default_rng([seed, split == "val", label, k])  # as make_toy_motion
-                    frames = render_toy_motion(rng, label, size, num_frames)
+                    frames = render_toy_motion(rng, label, size, num_frames, **TOY_MOTION_FLOW_RENDER)
                     folder = os.path.join(tmp, split, name, f"{name}_{k:04d}")
                     os.makedirs(folder)
                     for i, img in enumerate(frames):
                         Image.fromarray(img).save(os.path.join(folder, f"image_{i + 1:05d}.jpg"), quality=95)
                     write_flow_frames(toy_motion_flow(frames), folder)
+        with open(os.path.join(tmp, ".format"), "w") as f:
+            f.write(TOY_MOTION_FLOW_VERSION)
     return _build_once(root, make)
 
 

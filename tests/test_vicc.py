@@ -275,9 +275,10 @@ def test_flip_negates_u_and_rgb_and_flow_share_crop_and_flip(tmp_path):
         assert torch.allclose(u, torch.full_like(u, 5.0), atol=0.1)
 
 
-def test_toy_motion_flow_is_the_true_motion():
+@pytest.mark.parametrize("render", [{}, common.TOY_MOTION_FLOW_RENDER], ids=["toy-motion", "toy-motion-flow"])
+def test_toy_motion_flow_is_the_true_motion(render):
     rng = np.random.default_rng([0, False, 0, 3])  # class "right"
-    frames = common.render_toy_motion(rng, 0, 64, 16)
+    frames = common.render_toy_motion(rng, 0, 64, 16, **render)
     flow = common.toy_motion_flow(frames)
     assert flow.shape == (15, 64, 64, 2)
     moving = np.abs(flow).sum(-1) > 0
@@ -397,23 +398,36 @@ def test_queue_kept_on_resume_and_a_finished_stage_is_skipped(tmp_path):
 
 
 @pytest.mark.slow
-def test_learning_flow_1_beats_random_init_on_toy(tmp_path):
-    """LEARNING TEST: `python vicc.py --stage flow-1 --epochs 10` (tiny3d 8x48², 60 steps of batch 32), then
-    evaluate.py --task knn: 1-NN on the held-out toy-motion-flow val clips (gallery: train) of its backbone vs the
-    same network at random init. Measured (0 workers, as here): seed 0 53.1 vs 42.2 %, seed 1 50.0 vs 45.3 %.
-    RGB-1 and RGB-2 do not beat random init on the toy (1-NN, seed 0 / 1, 10 + 10 + 3 epochs at epsilon 0.02:
-    RGB-1 17.2 / 18.8, RGB-2 9.4 / 14.1, random 14.1 / 17.2): not asserted, since tiny3d does not learn the toy's
-    classes from RGB even with labels (480 steps: 15.6 %, chance 12.5 %; vicc.py's docstring has the numbers);
-    the teaching path is tested by test_frozen_stream_gets_no_gradient_and_keeps_its_statistics."""
+def test_learning_rgb_2_beats_random_init_on_toy(tmp_path):
+    """LEARNING TEST: the first three stages of `python vicc.py` (toy defaults: tiny3d 8x48², batch 32, K 30, epsilon
+    0.02): rgb-1 and flow-1 from scratch (10 epochs, 60 steps each), then c1-rgb (5 epochs, flow-1 frozen);
+    evaluate.py --task knn: 1-NN on the 256 held-out toy-motion-flow val clips (gallery: the 192 train clips) of
+    each backbone vs the same network at random init (the --seed's). Measured (0 workers, as here), seeds 0-4:
+    RGB-2 (c1-rgb) 56.6 / 49.2 / 38.3 / 41.0 / 32.8 vs random 36.7 / 27.3 / 33.2 / 35.5 / 27.0 (+19.9 / +21.9 /
+    +5.1 / +5.5 / +5.8): asserted, by 4 % (10 clips). Not asserted, since they do not hold on every seed: RGB-1
+    51.6 / 46.1 / 26.6 / 25.0 / 44.9 (+14.9 / +18.8 / -6.6 / -10.5 / +17.9: bimodal, 25-27 or 45-52), RGB-2 -
+    RGB-1 +5.0 / +3.1 / +11.7 / +16.0 / -12.1, Flow-1 71.5 / 74.2 / 73.4 / 71.9 / 65.6 vs random 64.5 / 66.4 /
+    70.3 / 70.7 / 67.6 (+7.0 / +7.8 / +3.1 / +1.2 / -2.0; random flow features are strong here: 42.2 / 45.3 on
+    toy-motion's rendering). Runtime: 71 s alone (one thread, load ~1.5 on 2 cores; 75 CPU s for pytest), +5 s
+    when toy-motion-flow is (re)built."""
     import evaluate as ev
 
-    out = tmp_path / "flow-1"
-    vicc.main(["--stage", "flow-1", "--epochs", "10", "--seed", "0", "--workers", "0", "--knn-every", "0",
-               "--log-every", "1000", "--out-dir", str(out)])
-    nn1 = [ev.main(["--task", "knn", "--data", "toy-motion-flow", "--arch", "tiny3d", "--modality", "flow",
-                    "--weights", weights, "--seed", "0", "--workers", "0", "--out-dir", str(tmp_path / f"eval{i}")]
-                   )["metrics"]["nn1_acc"] for i, weights in enumerate((str(out / "backbone.pth"), "none"))]
-    assert nn1[0] >= nn1[1] + 6.25, nn1  # 4 of the 64 val clips
+    flags = ["--seed", "0", "--workers", "0", "--knn-every", "0", "--log-every", "1000"]
+    rgb1, flow1, rgb2 = (str(tmp_path / name) for name in ("rgb-1", "flow-1", "c1-rgb"))
+    vicc.main(["--stage", "rgb-1", "--out-dir", rgb1, *flags])
+    vicc.main(["--stage", "flow-1", "--out-dir", flow1, *flags])
+    vicc.main(["--stage", "cross", "--train", "rgb", "--init", rgb1, "--frozen", flow1, "--out-dir", rgb2, *flags])
+
+    def nn1(name, weights, modality):
+        return ev.main(["--task", "knn", "--data", "toy-motion-flow", "--arch", "tiny3d", "--modality", modality,
+                        "--weights", weights, "--seed", "0", "--workers", "0", "--out-dir", str(tmp_path / name)]
+                       )["metrics"]["nn1_acc"]
+
+    random = {m: nn1(f"random-{m}", "none", m) for m in ("video", "flow")}
+    trained = {name: nn1(f"eval-{name}", os.path.join(run, "backbone.pth"), m)
+               for name, run, m in (("RGB-1", rgb1, "video"), ("RGB-2", rgb2, "video"), ("Flow-1", flow1, "flow"))}
+    print(f"1-NN (%): {trained}; random init: {random}")  # RGB-1 and Flow-1 reported, not asserted (docstring)
+    assert trained["RGB-2"] >= random["video"] + 4.0, (trained, random)
 
 
 def test_r2plus1d_10_is_the_papers_14_4m_network():
