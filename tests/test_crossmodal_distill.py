@@ -13,6 +13,8 @@ import common
 import crossmodal_distill as cd
 import evaluate
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
 
 def _args(**kw):
     parser = cd.add_method_args(argparse.ArgumentParser(parents=[common.get_common_parser()]))
@@ -236,14 +238,14 @@ def _teacher_file(tmp_path):
 
 # ---------------------------------------------------------------------------------------------- learning
 @pytest.mark.slow
-def test_distilled_depth_student_beats_random_init(tmp_path):
+@pytest.mark.script_run("crossmodal_distill.py", "--data-root", os.path.join(ROOT, "data", "toy-paired"),
+                        "--teacher-cache", "{out}/teacher-cache")
+def test_distilled_depth_student_beats_random_init(script_run):
     """The toy run: a flow teacher on 6 actions, distilled into depth on the other 6 without labels; kNN (k=200) and
     1-NN on the student's actions (common.knn_monitor): distilled > random init. Measured (seeds 0, 1): kNN +22.2 /
     +30.6 points, 1-NN +22.2 / +16.6."""
-    root = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "toy-paired")
-    out = str(tmp_path / "run")
-    result = cd.main(["--data-root", root, "--out-dir", out, "--teacher-cache", str(tmp_path / "cache")])
-    knn = result["knn"]
+    with open(script_run[0] / "knn.json") as f:  # the run, by conftest.ScriptRuns while other tests ran
+        knn = json.load(f)
     assert knn["student"]["knn_top1"] > knn["random_init"]["knn_top1"] + 10, json.dumps(knn)
     assert knn["student"]["nn1_top1"] > knn["random_init"]["nn1_top1"] + 5, json.dumps(knn)
 

@@ -813,11 +813,12 @@ def test_unreadable_weights_are_one_line_errors_naming_the_file(tmp_path):
 
 
 @pytest.mark.slow
-def test_linear_probe_and_knn_on_a_skeleton_contrast_backbone_beat_random_init(tmp_path, skeleton_toy_run):
+@pytest.mark.script_run("skeleton_contrast.py", "--seed", 0)  # shared with test_skeleton_contrast.py
+def test_linear_probe_and_knn_on_a_skeleton_contrast_backbone_beat_random_init(tmp_path, script_run):
     """LEARNING TEST: skeleton_contrast.py's toy default (intra-skeleton MoCo, small BiGRU, 420 steps) then
     evaluate.py's linear probe and 1-NN on its backbone.pth against the same encoder at random initialisation.
     Measured (seed 0, 108 val sequences): linear 74.1 vs 48.1, 1-NN 82.4 vs 76.9."""
-    weights = str(skeleton_toy_run / "backbone.pth")  # the run is shared with test_skeleton_contrast.py
+    weights = str(script_run[0] / "backbone.pth")
     options = json.dumps(torch.load(weights, weights_only=False)["meta"]["options"])
     scores = {}
     for name, w in (("pretrained", weights), ("random", "none")):

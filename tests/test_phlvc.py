@@ -324,7 +324,8 @@ def test_two_gloo_processes_keep_prototypes_and_queues_identical(tmp_path):
 
 
 @pytest.mark.slow
-def test_toy_pretraining_beats_random_init_on_held_out_videos(tmp_path, seed=0):
+@pytest.mark.script_run("phlvc.py", "--gpus", 0, "--data-root", os.path.join(ROOT, "data", "toy-paired"), "--seed", 0)
+def test_toy_pretraining_beats_random_init_on_held_out_videos(tmp_path, script_run, seed=0):
     """LEARNING TEST (one seed; margins over seeds 0 and 1 measured once): the default toy run (40 epochs, 240
     steps; video encoder on toy-paired depth, the toy default), then evaluate.py --task knn on
     toy-paired (gallery: the 96 pretraining videos, queries: the 72 val videos of 3 unseen subjects; 12 actions,
@@ -332,9 +333,9 @@ def test_toy_pretraining_beats_random_init_on_held_out_videos(tmp_path, seed=0):
     Measured 1-NN (seeds 0 / 1): 77.8 / 65.3 % vs 30.6 / 33.3 % at random init (+47.2 / +31.9 points); 20 epochs
     are not enough for seed 1 (22.2 vs 33.3 %: its loss stays on a plateau until ~step 140)."""
     import evaluate as ev
-    run_script(tmp_path / "pretrain", "--seed", seed)
+    pretrain = script_run[0]  # run_script's command, run by conftest.ScriptRuns while other tests ran
     nn1 = {}
-    for name, weights in (("pretrained", str(tmp_path / "pretrain" / "backbone.pth")), ("random", "none")):
+    for name, weights in (("pretrained", str(pretrain / "backbone.pth")), ("random", "none")):
         nn1[name] = ev.main(["--task", "knn", "--data", "toy-paired", "--data-root", os.path.join(ROOT, "data",
                              "toy-paired"), "--arch", "phlvc_video", "--arch-options", json.dumps(
                              {"trunk": "tiny3d", "hidden": 128, "tap": "fc1"}), "--frames", "20", "--weights",

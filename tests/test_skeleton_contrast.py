@@ -463,13 +463,14 @@ def test_sigterm_exits_nonzero_without_a_result(tmp_path):
 
 
 @pytest.mark.slow
-def test_learning_toy_pretraining_beats_random_init(skeleton_toy_run):
+@pytest.mark.script_run("skeleton_contrast.py", "--seed", 0)  # shared with test_evaluate.py
+def test_learning_toy_pretraining_beats_random_init(script_run):
     """LEARNING TEST: the default command (intra-skeleton MoCo on the small BiGRU, 60 epochs = 420 steps on the
     NTU-like toy set: 300 stored frames, valid lengths 40-96, extra and ghost bodies) gives a sequence encoder
     whose 1-NN and kNN (k = 200) val accuracies beat the same encoder at random init. Measured (1 thread, 39 s of
     CPU): seed 0 1-NN 82.4 vs 75.0, kNN 66.7 vs 48.1; seed 1 1-NN 80.6 vs 74.1, kNN 71.3 vs 46.3. Asserted: 1-NN
     +2.5, kNN +10 points (108 val sequences, one is 0.93 points)."""
-    with open(skeleton_toy_run / "knn_vs_random_init.json") as f:  # the run is shared with test_evaluate.py
+    with open(script_run[0] / "knn_vs_random_init.json") as f:
         report = json.load(f)
     print(report)
     assert report["nn1_top1_pretrained"] - report["nn1_top1_random_init"] >= 2.5, report

@@ -663,7 +663,8 @@ LEARNING = ["--knn-every", "0", "--log-every", "600", "--epochs", "50", "--queue
 
 
 @pytest.mark.slow
-def test_learning_pretraining_beats_random_init_on_toy_motion(tmp_path, seed=0):
+@pytest.mark.script_run("tubelet_contrast.py", *LEARNING, "--seed", 0)
+def test_learning_pretraining_beats_random_init_on_toy_motion(tmp_path, script_run, seed=0):
     """LEARNING TEST (one seed; margins over seeds 0 and 1 measured once): the shortened toy run (LEARNING: tiny3d,
     48x48x8, 600 steps on toy-motion's varied files, queue 64), then (a) held-out tubelet pairs are told apart far
     above chance and far above the random-init network, (b) evaluate.py loads the pretrained backbone.pth and
@@ -680,14 +681,13 @@ def test_learning_pretraining_beats_random_init_on_toy_motion(tmp_path, seed=0):
     margin stays far above 40."""
     import evaluate as ev
 
-    # the limit catches a hang, not load (on 2 cores shared by ~8 jobs the run is many times slower)
-    run_script(*LEARNING, "--seed", str(seed), "--out-dir", str(tmp_path / "pretrain"), timeout=1800)
-    result = json.load(open(tmp_path / "pretrain" / "knn.json"))
+    pretrain = script_run[0]  # run by conftest.ScriptRuns while other tests ran
+    result = json.load(open(pretrain / "knn.json"))
     trained, random_init = result["pretrained"], result["random_init"]
     assert trained["pair_acc"] >= 5 * result["pair_chance"] and trained["pair_acc"] >= random_init["pair_acc"] + 40, \
         result
     nn1 = {}
-    for name, weights in (("pretrained", str(tmp_path / "pretrain" / "backbone.pth")), ("random", "none")):
+    for name, weights in (("pretrained", str(pretrain / "backbone.pth")), ("random", "none")):
         metrics = ev.main(["--task", "knn", "--data", "toy-motion", "--arch", "tiny3d", "--weights", weights,
                            "--seed", str(seed), "--workers", "0", "--out-dir", str(tmp_path / name)])["metrics"]
         nn1[name] = metrics["nn1_acc"]
@@ -695,23 +695,23 @@ def test_learning_pretraining_beats_random_init_on_toy_motion(tmp_path, seed=0):
 
 
 @pytest.mark.slow
-def test_script_smoke_run_with_compile_prints_knn_against_random_init(tmp_path):
+@pytest.mark.script_run("tubelet_contrast.py", *SMALL, "--compile", "--batch-size", 8, "--max-steps", 3)
+def test_script_smoke_run_with_compile_prints_knn_against_random_init(script_run):
     """A short toy run with --compile (one run serves both checks): it trains, prints and writes the kNN and
     held-out pair report against random init, and --compile compiles the backbones only, so the checkpoint keeps
     the plain keys."""
-    stdout = run_script(*SMALL, "--compile", "--out-dir", str(tmp_path), "--batch-size", "8", "--max-steps", "3",
-                        timeout=600)
+    run_dir, stdout = script_run  # run by conftest.ScriptRuns while other tests ran
     assert "kNN top-1 on toy-motion val" in stdout and "random init" in stdout, stdout[-2000:]
-    result = json.load(open(tmp_path / "knn.json"))
+    result = json.load(open(run_dir / "knn.json"))
     assert result["step"] == 3
     for key in ("pretrained", "random_init"):
         assert 0 <= result[key]["knn_top1"] <= 100 and 0 <= result[key]["pair_acc"] <= 100
-    ckpt = torch.load(tmp_path / "checkpoint.pth", map_location="cpu", weights_only=False)
+    ckpt = torch.load(run_dir / "checkpoint.pth", map_location="cpu", weights_only=False)
     assert ckpt["step"] == 3 and not [k for k in ckpt["model"] if "_orig_mod" in k]
     assert "backbone.stem.0.weight" in ckpt["model"] or any(k.startswith("backbone.") for k in ckpt["model"])
     assert ckpt["model"]["queue_ptr"].item() == 3 * 8 and ckpt["model"]["queue"].shape == (256, 128)
-    assert os.path.exists(tmp_path / "backbone.pth")
-    assert len([line for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]) == 3
+    assert os.path.exists(run_dir / "backbone.pth")
+    assert len([line for line in open(run_dir / "metrics.jsonl") if '"loss"' in line]) == 3
 
 
 def test_script_user_errors_are_one_line_before_anything_is_built(tmp_path, capsys):
