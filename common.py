@@ -4241,16 +4241,22 @@ TOY_SKELETON_ACTIONS = ["wave_right", "wave_left", "raise_both_hands", "kick_rig
                         "clap", "punch_right", "touch_head", "handshake", "high_five"]
 
 
-def _build_once(root, make):
-    """make(tmp_dir) fills a fresh folder that is then renamed to root; a no-op when root/.complete exists."""
+def _build_once(root, make, version=None):
+    """make(tmp_dir) fills a fresh folder that is then renamed to root; a no-op when root/.complete exists. With a
+    version (written to root/.format), a complete set of another or no version is deleted and made again."""
     if os.path.exists(os.path.join(root, ".complete")):
-        return root
+        if version is None or _read_text(os.path.join(root, ".format")) == version:
+            return root
+        shutil.rmtree(root)  # an older format of this toy set (the .complete marker says the folder is one)
     parent = os.path.dirname(os.path.abspath(root))
     os.makedirs(parent, exist_ok=True)
     tmp = os.path.join(parent, f".{os.path.basename(os.path.abspath(root))}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     make(tmp)
+    if version is not None:
+        with open(os.path.join(tmp, ".format"), "w") as f:
+            f.write(version)
     open(os.path.join(tmp, ".complete"), "w").close()
     if os.path.exists(os.path.join(root, ".complete")):  # another process finished first
         shutil.rmtree(tmp, ignore_errors=True)
@@ -4346,10 +4352,6 @@ def _paint(bg, colour, mask):
 def make_toy_motion(root, seed=0, train_per_class=24, val_per_class=8):
     """root/{train,val}/<class>/<class>_<k:04d>.mp4 (H.264): the videofolder layout; 8 classes. Each file's size,
     length, frame rate and GOP come from toy_motion_format (same seed, same files)."""
-    marker = os.path.join(root, ".format")
-    if os.path.exists(os.path.join(root, ".complete")) and not _read_text(marker) == TOY_MOTION_VERSION:
-        shutil.rmtree(root)  # an older toy-motion format (the .complete marker says this folder is a toy set)
-
     def make(tmp):
         for split, count in (("train", train_per_class), ("val", val_per_class)):
             for label, name in enumerate(TOY_MOTION_CLASSES):
@@ -4359,9 +4361,7 @@ def make_toy_motion(root, seed=0, train_per_class=24, val_per_class=8):
                     frames = render_toy_motion(rng, label, fmt["size"], fmt["num_frames"])
                     write_video(os.path.join(tmp, split, name, f"{name}_{k:04d}.mp4"), frames, fps=fmt["fps"],
                                 gop=fmt["gop"])
-        with open(os.path.join(tmp, ".format"), "w") as f:
-            f.write(TOY_MOTION_VERSION)
-    return _build_once(root, make)
+    return _build_once(root, make, TOY_MOTION_VERSION)
 
 
 def toy_motion_flow(frames):
@@ -4391,9 +4391,6 @@ def make_toy_motion_flow(root, seed=0, size=64, num_frames=16, train_per_class=2
     root/{train,val}/<class>/<class>_<k:04d>/{image_%05d.jpg (T frames), flow_%05d.jpg (T - 1 frames, +-20 px)}.
     Rendered with TOY_MOTION_FLOW_RENDER so that RGB carries the motion (vicc.py's docstring has the measurements)."""
     from PIL import Image
-    marker = os.path.join(root, ".format")
-    if os.path.exists(os.path.join(root, ".complete")) and not _read_text(marker) == TOY_MOTION_FLOW_VERSION:
-        shutil.rmtree(root)  # an older toy-motion-flow format
 
     def make(tmp):
         for split, count in (("train", train_per_class), ("val", val_per_class)):
@@ -4406,9 +4403,7 @@ def make_toy_motion_flow(root, seed=0, size=64, num_frames=16, train_per_class=2
                     for i, img in enumerate(frames):
                         Image.fromarray(img).save(os.path.join(folder, f"image_{i + 1:05d}.jpg"), quality=95)
                     write_flow_frames(toy_motion_flow(frames), folder)
-        with open(os.path.join(tmp, ".format"), "w") as f:
-            f.write(TOY_MOTION_FLOW_VERSION)
-    return _build_once(root, make)
+    return _build_once(root, make, TOY_MOTION_FLOW_VERSION)
 
 
 def _read_text(path):

@@ -1085,3 +1085,18 @@ def test_prepare_videos_keeps_layout_resumes_and_lists_bad_files(tmp_path):
     assert report["train"]["size"] == 3 and not report["train"]["bad"]  # check-data reads the prepared tree
     assert common.count_frames(str(tmp_path / "fps" / "train" / "ClassA" / "a.mp4")) == 15  # 30 frames at 30 fps
     assert common.count_frames(str(tmp_path / "fps" / "train" / "ClassA" / "b.avi")) == 18  # 30 at 25 fps: 1.2 s
+
+
+def test_a_toy_set_of_another_format_is_made_again(tmp_path):
+    """_build_once with a version: made once, kept while root/.format matches, made afresh when it does not."""
+    made = []
+
+    def make(tmp):
+        made.append(tmp)
+        with open(os.path.join(tmp, "data.txt"), "w") as f:
+            f.write(str(len(made)))
+    root = str(tmp_path / "toy")
+    for version in ("1", "1", "2"):
+        assert common._build_once(root, make, version) == root
+    assert len(made) == 2 and open(os.path.join(root, "data.txt")).read() == "2"
+    assert open(os.path.join(root, ".format")).read() == "2" and os.path.exists(os.path.join(root, ".complete"))
