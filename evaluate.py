@@ -1876,8 +1876,8 @@ def protocol_for(data):
         return PROTOCOLS["toy-paired"]
     if data in common.NTU_PAIRED_SETS or data in common.PKU_PAIRED_SETS:
         return PROTOCOLS["paired"]
-    if data == "toy-motion-flow":  # the toy-motion videos as frame folders with their flow
-        return PROTOCOLS["toy-motion"]
+    if data == "toy-motion-flow":  # toy-motion's videos as frame folders with their flow, at vicc.py's frame rate
+        return dict(PROTOCOLS["toy-motion"], stride=1)  # consecutive frames, as ViCC pretrains and retrieves
     if data.startswith(("ntu", "pku", "kinetics-skeleton")):
         return SKELETON
     if data.startswith("toyota-smarthome-"):  # its own protocols report mean class accuracy (Das et al., 2019)

@@ -398,17 +398,18 @@ def test_queue_kept_on_resume_and_a_finished_stage_is_skipped(tmp_path):
 
 
 @pytest.mark.slow
-def test_learning_rgb_2_beats_random_init_on_toy(tmp_path):
+def test_learning_rgb_1_and_rgb_2_beat_random_init_on_toy(tmp_path):
     """LEARNING TEST: the first three stages of `python vicc.py` (toy defaults: tiny3d 8x48², batch 32, K 30, epsilon
     0.02): rgb-1 and flow-1 from scratch (10 epochs, 60 steps each), then c1-rgb (5 epochs, flow-1 frozen);
-    evaluate.py --task knn: 1-NN on the 256 held-out toy-motion-flow val clips (gallery: the 192 train clips) of
-    each backbone vs the same network at random init (the --seed's). Measured (0 workers, as here), seeds 0-4:
-    RGB-2 (c1-rgb) 56.6 / 49.2 / 38.3 / 41.0 / 32.8 vs random 36.7 / 27.3 / 33.2 / 35.5 / 27.0 (+19.9 / +21.9 /
-    +5.1 / +5.5 / +5.8): asserted, by 4 % (10 clips). Not asserted, since they do not hold on every seed: RGB-1
-    51.6 / 46.1 / 26.6 / 25.0 / 44.9 (+14.9 / +18.8 / -6.6 / -10.5 / +17.9: bimodal, 25-27 or 45-52), RGB-2 -
-    RGB-1 +5.0 / +3.1 / +11.7 / +16.0 / -12.1, Flow-1 71.5 / 74.2 / 73.4 / 71.9 / 65.6 vs random 64.5 / 66.4 /
-    70.3 / 70.7 / 67.6 (+7.0 / +7.8 / +3.1 / +1.2 / -2.0; random flow features are strong here: 42.2 / 45.3 on
-    toy-motion's rendering). Runtime: 71 s alone (one thread, load ~1.5 on 2 cores; 75 CPU s for pytest), +5 s
+    evaluate.py --task knn --center-features (ViCC's retrieval: features centred, clips of consecutive frames as
+    pretrained): 1-NN on the 256 held-out toy-motion-flow val clips (gallery: the 192 train clips) of each
+    backbone vs the same network at random init (the --seed's). Measured (0 workers, as here), seeds 0-4:
+    random 23.8 / 18.0 / 16.0 / 21.9 / 14.8; RGB-1 48.8 / 32.8 / 19.1 / 23.8 / 37.5 (+25.0 / +14.8 / +3.1 / +2.0 /
+    +22.7): asserted by 1 point; RGB-2 (c1-rgb) 56.6 / 51.6 / 33.6 / 44.5 / 37.1 (+32.8 / +33.6 / +17.6 / +22.7 /
+    +22.3): asserted by 8; RGB-2 - RGB-1 +7.8 / +18.8 / +14.5 / +20.7 / -0.4. Flow-1, reported, not asserted: 73.0 /
+    75.8 / 76.2 / 76.6 / 70.7 vs random 76.2 / 73.4 / 74.6 / 78.1 / 75.0 (-3.1 to +2.3; uncentred +1.2 to +12.9).
+    Uncentred, RGB-1 loses to random init on seed 3 (14.8 vs 26.2); uncentred at toy-motion's stride 2 on seeds 2, 3.
+    Repeated runs differ by a few clips (seed 0 c1-rgb: 56.6, 59.0). Runtime: 87 s (load ~1.5 on 2 cores), +5 s
     when toy-motion-flow is (re)built."""
     import evaluate as ev
 
@@ -419,15 +420,16 @@ def test_learning_rgb_2_beats_random_init_on_toy(tmp_path):
     vicc.main(["--stage", "cross", "--train", "rgb", "--init", rgb1, "--frozen", flow1, "--out-dir", rgb2, *flags])
 
     def nn1(name, weights, modality):
-        return ev.main(["--task", "knn", "--data", "toy-motion-flow", "--arch", "tiny3d", "--modality", modality,
-                        "--weights", weights, "--seed", "0", "--workers", "0", "--out-dir", str(tmp_path / name)]
-                       )["metrics"]["nn1_acc"]
+        return ev.main(["--task", "knn", "--center-features", "--data", "toy-motion-flow", "--arch", "tiny3d",
+                        "--modality", modality, "--weights", weights, "--seed", "0", "--workers", "0",
+                        "--out-dir", str(tmp_path / name)])["metrics"]["nn1_acc"]
 
     random = {m: nn1(f"random-{m}", "none", m) for m in ("video", "flow")}
     trained = {name: nn1(f"eval-{name}", os.path.join(run, "backbone.pth"), m)
                for name, run, m in (("RGB-1", rgb1, "video"), ("RGB-2", rgb2, "video"), ("Flow-1", flow1, "flow"))}
-    print(f"1-NN (%): {trained}; random init: {random}")  # RGB-1 and Flow-1 reported, not asserted (docstring)
-    assert trained["RGB-2"] >= random["video"] + 4.0, (trained, random)
+    print(f"1-NN (%): {trained}; random init: {random}")  # Flow-1 reported, not asserted (docstring)
+    assert trained["RGB-1"] >= random["video"] + 1.0, (trained, random)
+    assert trained["RGB-2"] >= random["video"] + 8.0, (trained, random)
 
 
 def test_r2plus1d_10_is_the_papers_14_4m_network():
