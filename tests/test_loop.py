@@ -293,19 +293,33 @@ def test_a_mistyped_command_leaves_a_finished_run_untouched(tmp_path, capsys):
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
 def test_process_group_signal_with_workers_saves_and_exits_nonzero(tmp_path, sig):
     """A scheduler signals every process of the job, DataLoader workers included."""
-    cmd = [sys.executable, SCRIPT, "--out-dir", str(tmp_path), "--epochs", "50", "--step-sleep", "0.05",
+    cmd = [sys.executable, SCRIPT, "--out-dir", str(tmp_path / "run"), "--epochs", "50", "--step-sleep", "0.05",
            "--workers", "2"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    log = tmp_path / "output.txt"  # a file, not a pipe: a full pipe would stall the script while we wait
+    with open(log, "w") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env=dict(os.environ, PYTHONFAULTHANDLER="1"))
+    def logged():
+        try:
+            return len(losses(tmp_path / "run"))
+        except (FileNotFoundError, json.JSONDecodeError):  # not yet written; a line half written
+            return 0
+
     deadline = time.time() + 120
-    while time.time() < deadline and (not (tmp_path / "metrics.jsonl").exists() or len(losses(tmp_path)) < 5):
+    while time.time() < deadline and logged() < 5:
         time.sleep(0.2)
+    if logged() < 5:  # stalled (seen once in a full suite run): every process's stacks
+        os.killpg(proc.pid, signal.SIGABRT)
+        proc.wait(timeout=60)
+        pytest.fail(f"fewer than 5 losses after 120 s; output with faulthandler stacks:\n{log.read_text()}")
     os.killpg(proc.pid, sig)
-    out, _ = proc.communicate(timeout=120)
+    proc.wait(timeout=120)
+    out = log.read_text()
     assert proc.returncode == common.EXIT_INTERRUPTED, out
     assert "interrupted: saved step" in out and "killed by signal" not in out
-    ckpt = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
-    assert 5 <= ckpt["step"] < 200 and ckpt["step"] == losses(tmp_path)[-1][0]
-    assert torch.load(tmp_path / "backbone.pth", weights_only=False)["meta"]["step"] == ckpt["step"]
+    ckpt = torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=False)
+    assert 5 <= ckpt["step"] < 200 and ckpt["step"] == losses(tmp_path / "run")[-1][0]
+    assert torch.load(tmp_path / "run" / "backbone.pth", weights_only=False)["meta"]["step"] == ckpt["step"]
 
 
 def test_stale_temporaries_are_removed_and_backbone_step_follows_the_checkpoint(tmp_path):
