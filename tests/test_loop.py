@@ -299,6 +299,7 @@ def test_process_group_signal_with_workers_saves_and_exits_nonzero(tmp_path, sig
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
                                 env=dict(os.environ, PYTHONFAULTHANDLER="1"))
+
     def logged():
         try:
             return len(losses(tmp_path / "run"))
